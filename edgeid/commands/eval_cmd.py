@@ -1,0 +1,57 @@
+"""`edgeid eval lfw`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgeid.cli import EXIT_OK, emit
+from edgeid.paths import models_dir
+from runtime.errors import BadInputError
+from runtime.evaluation.lfw import central_index, evaluate, parse_pairs, roc_points
+from runtime.evaluation.roc_plot import write_roc_png
+from runtime.inference.image_decode import load_image
+from runtime.inference.pipeline import FacePipeline
+from runtime.inference.types import FloatArray
+
+
+def _progress(done: int, total: int) -> None:
+    if done % 100 == 0 or done == total:
+        print(f"\rembedding images: {done}/{total}", end="", file=sys.stderr, flush=True)
+        if done == total:
+            print(file=sys.stderr)
+
+
+def lfw(args: argparse.Namespace) -> int:
+    pairs = parse_pairs(Path(args.pairs))
+    images_dir = Path(args.images)
+    if not images_dir.is_dir():
+        raise BadInputError(f"{images_dir}: not a folder of LFW images")
+    pipeline = FacePipeline.load(
+        models_dir(args.home_dir), args.detector, threads=args.threads, upsample=args.upsample
+    )
+
+    def embed(path: Path) -> FloatArray | None:
+        image = load_image(path)
+        faces = pipeline.embed(image)
+        if not faces:
+            return None
+        boxes = [tuple(f.box.as_list()) for f in faces]
+        chosen = faces[central_index(boxes, image.shape[1], image.shape[0])]  # type: ignore[arg-type]
+        return chosen.embedding
+
+    report = evaluate(pairs, images_dir, embed, progress=_progress)
+    payload = report.to_json() | {"detector": args.detector, "upsample": args.upsample}
+    if args.roc:
+        write_roc_png(roc_points(report), Path(args.roc), f"LFW pairs: {Path(args.pairs).name}")
+        payload["roc_png"] = args.roc
+    text = (
+        f"accuracy {report.accuracy:.4f} ± {report.accuracy_std:.4f} over {report.pairs} pairs "
+        f"({report.mated_pairs} mated, {report.non_mated_pairs} non-mated; thresholds held out "
+        f"over {report.splits} splits)\n"
+        f"TAR@FAR=1e-3 {report.tar_at_far_1e_3:.4f}; no face in {report.no_face} of "
+        f"{report.images} images; {report.ms_per_image:.1f} ms/image"
+    )
+    emit(args, payload, text)
+    return EXIT_OK

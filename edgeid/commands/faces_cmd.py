@@ -1,0 +1,54 @@
+"""`edgeid detect` and `edgeid embed`: a technician's view of what the pipeline sees."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeid.cli import EXIT_BAD_INPUT, EXIT_OK, emit
+from edgeid.paths import models_dir
+from runtime.errors import BadInputError
+from runtime.inference.image_decode import load_image
+from runtime.inference.pipeline import FacePipeline
+
+
+def _run(args: argparse.Namespace, with_embedding: bool) -> int:
+    pipeline = FacePipeline.load(
+        models_dir(args.home_dir),
+        args.detector,
+        threads=args.threads,
+        upsample=args.upsample,
+        with_embedder=with_embedding,
+    )
+    results: list[dict[str, Any]] = []
+    lines: list[str] = []
+    bad = 0
+    for name in args.images:
+        entry: dict[str, Any] = {"image": name, "faces": []}
+        try:
+            image = load_image(Path(name))
+            faces = pipeline.embed(image) if with_embedding else pipeline.detect(image)
+            entry["faces"] = [face.to_json() for face in faces]
+            if not faces:
+                raise BadInputError(f"{name}: no face found")
+            lines.append(f"{name}: {len(faces)} face(s)")
+            for face in faces:
+                box = ", ".join(f"{v:.0f}" for v in face.box.as_list())
+                lines.append(f"  box [{box}] score {face.score:.3f}")
+        except BadInputError as exc:
+            bad += 1
+            entry["error"] = str(exc)
+            print(f"edgeid: error: {exc}", file=sys.stderr)
+        results.append(entry)
+    emit(args, results, "\n".join(lines))
+    return EXIT_BAD_INPUT if bad else EXIT_OK
+
+
+def detect(args: argparse.Namespace) -> int:
+    return _run(args, with_embedding=False)
+
+
+def embed(args: argparse.Namespace) -> int:
+    return _run(args, with_embedding=True)

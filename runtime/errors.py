@@ -1,0 +1,23 @@
+"""The error hierarchy every edgeid domain raises from.
+
+The CLI maps ``BadInputError`` to exit code 2 and any other ``EdgeidError`` to exit code 1;
+each message is one line that names the problem and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class EdgeidError(Exception):
+    """Base of every error edgeid raises on purpose."""
+
+
+class BadInputError(EdgeidError):
+    """The caller gave us something we refuse: a missing, corrupt or hostile input."""
+
+
+class ModelError(EdgeidError):
+    """A model is missing, fails its checksum, or cannot be loaded."""
+
+
+class ModelIntegrityError(ModelError):
+    """A model file's bytes do not match the sha256 recorded in its manifest."""

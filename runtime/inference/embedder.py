@@ -1,0 +1,27 @@
+"""The face embedder: aligned 150x150 RGB chips in, L2-normalised templates out."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.inference.types import FloatArray, RGBImage
+
+
+class Embedder:
+    def __init__(self, session: ort.InferenceSession, model_id: str) -> None:
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        shape = session.get_inputs()[0].shape
+        self.chip_size = int(shape[1])
+        self.model_id = model_id
+
+    def embed(self, chips: list[RGBImage]) -> FloatArray:
+        """One row per chip, unit length (cosine similarity is then a dot product)."""
+        if not chips:
+            return np.zeros((0, 0), dtype=np.float32)
+        batch = np.ascontiguousarray(np.stack(chips), dtype=np.uint8)
+        raw = np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float32)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        normalised: FloatArray = raw / np.maximum(norms, np.float32(1e-12))
+        return normalised
