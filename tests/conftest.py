@@ -42,3 +42,19 @@ def dlib_weights_dir() -> Path:
     import face_recognition_models
 
     return Path(face_recognition_models.__file__).parent / "models"
+
+
+@pytest.fixture(scope="session")
+def edgeid_home() -> Path:
+    """The state directory `make setup` built the models into."""
+    return Path(os.environ.get("EDGEID_HOME", REPO_ROOT / "var"))
+
+
+@pytest.fixture(scope="session")
+def models_dir(edgeid_home: Path) -> Path:
+    """Built models, verified against the pinned checksums (a no-op when already up to date)."""
+    from models.build import build_models
+
+    folder = edgeid_home / "models"
+    build_models(folder, edgeid_home / "wheelhouse")
+    return folder

@@ -57,7 +57,9 @@ def decode_image(
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{name}: not an image (unrecognised format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadInputError(f"{name}: refused as a decompression bomb") from exc
+        raise BadInputError(
+            f"{name}: refused as a decompression bomb (over the {max_pixels}-pixel limit)"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
         raise BadInputError(f"{name}: damaged or truncated image ({exc})") from exc
