@@ -11,7 +11,7 @@ FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.wh
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev run test bench models lint gpu-check clean
+.PHONY: setup setup-dev run test bench models lint clean
 
 setup: $(RUNTIME_STAMP) models
 
@@ -49,10 +49,7 @@ test: setup-dev lint
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
-	$(BIN)/python benchmarks/run_all.py --data $(DATA)
-
-gpu-check: setup-dev
-	$(BIN)/python firmware/gpu_check.py
+	$(BIN)/python -m benchmarks.run_all --data $(DATA)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -42,7 +42,7 @@ def _detector_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgeid.commands import eval_cmd, faces_cmd, models_cmd
+    from edgeid.commands import eval_cmd, faces_cmd, models_cmd, serve_cmd
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     lfw.add_argument("--roc", help="also write a ROC curve PNG here")
     _detector_options(lfw)
     lfw.set_defaults(handler=eval_cmd.lfw)
+    serve = sub.add_parser("serve", parents=[common], help="run the appliance service")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8080)
+    _detector_options(serve)
+    serve.set_defaults(handler=serve_cmd.run)
     return parser
 
 
