@@ -27,6 +27,10 @@ CHIP_PADDING = 0.25
 class FaceDetector(Protocol):
     def detect(self, image: RGBImage) -> list[Detection]: ...
 
+    def landmark_box(self, detection: Detection) -> Box:
+        """The box to hand the 5-point predictor, which was trained on dlib-style boxes."""
+        ...
+
 
 @dataclass(frozen=True)
 class Face:
@@ -57,15 +61,32 @@ class _MmodAdapter:
     def detect(self, image: RGBImage) -> list[Detection]:
         return self._detector.detect(image, upsample=self._upsample)
 
+    def landmark_box(self, detection: Detection) -> Box:
+        return detection.box  # MMOD draws dlib-style boxes already
+
+
+class _MtcnnAdapter:
+    def __init__(self, models_dir: Path, threads: int | None) -> None:
+        from runtime.inference.mtcnn_detector import MtcnnDetector
+
+        self._detector = MtcnnDetector.load(models_dir, threads=threads)
+
+    def detect(self, image: RGBImage) -> list[Detection]:
+        return self._detector.detect(image)
+
+    def landmark_box(self, detection: Detection) -> Box:
+        from runtime.inference.mtcnn_detector import dlib_style_box
+
+        # MTCNN boxes are taller and narrower than dlib's; the predictor needs dlib's framing.
+        return dlib_style_box(detection.box)
+
 
 def load_detector(
     models_dir: Path, name: DetectorName, threads: int | None = None, upsample: int = 0
 ) -> FaceDetector:
     if name == "mmod":
         return _MmodAdapter(models_dir, threads, upsample)
-    from runtime.inference.mtcnn_detector import MtcnnDetector
-
-    return MtcnnDetector.load(models_dir, threads=threads)
+    return _MtcnnAdapter(models_dir, threads)
 
 
 class FacePipeline:
@@ -100,7 +121,7 @@ class FacePipeline:
     def detect(self, image: RGBImage) -> list[Face]:
         faces = []
         for det in self.detector.detect(image):
-            points = self.landmarks.predict(image, det.box)
+            points = self.landmarks.predict(image, self.detector.landmark_box(det))
             faces.append(Face(box=det.box, score=det.score, landmarks=points))
         return faces
 
