@@ -13,10 +13,11 @@ convention, so they can go through dlib's mappings unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 Float32Array = npt.NDArray[np.float32]
 Float64Array = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+_ArrayT = TypeVar("_ArrayT", bound=npt.NDArray[Any])
 
 # dlib stops adding pyramid levels once a level would be shorter than this many rows.
 MIN_LEVEL_HEIGHT = 5
@@ -39,6 +41,8 @@ PYRAMID_N_OFFSET = 0.3
 # dlib's SIMD resize handles four output columns per step; the lanes' float32 rounding depends on
 # that grouping, so we reproduce it.
 SIMD_LANES = 4
+# Resampling plans depend only on sizes; a camera's frames repeat the same ~30 level sizes.
+PLAN_CACHE_SIZE = 256
 
 
 class Rect(NamedTuple):
@@ -165,6 +169,12 @@ def tiled_pyramid_layout(
 # Bilinear resampling, as dlib's resize_image(..., interpolate_bilinear) computes it
 
 
+def _frozen(array: _ArrayT) -> _ArrayT:
+    """Plans are cached and shared between calls, so make their arrays immutable."""
+    array.flags.writeable = False
+    return array
+
+
 @dataclass(frozen=True)
 class _Axis:
     """Sample positions along one axis: source indices and blend weights per output index."""
@@ -174,6 +184,7 @@ class _Axis:
     frac: Float64Array
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _row_axis(in_size: int, out_size: int) -> _Axis:
     """Rows: dlib steps a double ``y`` by the scale, so positions carry accumulated error."""
     scale = (in_size - 1) / max(out_size - 1, 1)
@@ -181,7 +192,7 @@ def _row_axis(in_size: int, out_size: int) -> _Axis:
     steps[0] = -scale
     y = np.cumsum(steps)[1:]  # sequential adds, like dlib's loop
     low = np.floor(y).astype(np.int64)
-    return _Axis(low, np.minimum(low + 1, in_size - 1), y - low)
+    return _Axis(_frozen(low), _frozen(np.minimum(low + 1, in_size - 1)), _frozen(y - low))
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ class _ColumnPlan:
     tail_frac: Float64Array
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def _column_plan(in_size: int, out_size: int) -> _ColumnPlan:
     scale = (in_size - 1) / max(out_size - 1, 1)
     start = -SIMD_LANES * scale
@@ -224,47 +236,80 @@ def _column_plan(in_size: int, out_size: int) -> _ColumnPlan:
     tail_left = np.floor(tx).astype(np.int64)
     return _ColumnPlan(
         simd=simd,
-        left=left_simd,
-        frac32=frac32,
-        tail_left=tail_left,
-        tail_right=np.minimum(tail_left + 1, in_size - 1),
-        tail_frac=tx - tail_left,
+        left=_frozen(left_simd),
+        frac32=_frozen(frac32),
+        tail_left=_frozen(tail_left),
+        tail_right=_frozen(np.minimum(tail_left + 1, in_size - 1)),
+        tail_frac=_frozen(tx - tail_left),
     )
 
 
-def resize_bilinear_planes(src: Float32Array, out_rows: int, out_cols: int) -> Float32Array:
-    """Resize float32 planes (C, H, W) as dlib's input layer resizes each tensor channel."""
+def _blend_simd(
+    tl: Float32Array,
+    tr: Float32Array,
+    bl: Float32Array,
+    br: Float32Array,
+    rows: _Axis,
+    cols: _ColumnPlan,
+) -> Float32Array:
+    """dlib's 4-lane float32 blend: the four corner weights are float32 products, summed in
+    dlib's order ((tl + tr) + bl) + br. Corner arrays are (C, out_rows, simd columns)."""
+    tb = rows.frac.astype(np.float32)[:, None]
+    inv_tb = (1.0 - rows.frac).astype(np.float32)[:, None]
+    lr = cols.frac32[None, :]
+    inv_lr = np.float32(1.0) - lr
+    out = np.multiply(inv_tb * inv_lr, tl)
+    scratch = np.multiply(inv_tb * lr, tr)
+    out += scratch
+    np.multiply(tb * inv_lr, bl, out=scratch)
+    out += scratch
+    np.multiply(tb * lr, br, out=scratch)
+    out += scratch
+    return out
+
+
+def resize_bilinear_planes(
+    src: Float32Array, out_rows: int, out_cols: int, out: Float32Array | None = None
+) -> Float32Array:
+    """Resize float32 planes (C, H, W) as dlib's input layer resizes each tensor channel.
+
+    ``out`` may be a (C, out_rows, out_cols) view to write into (e.g. a tile of the canvas).
+    """
     channels, in_rows, in_cols = src.shape
-    out = np.empty((channels, out_rows, out_cols), dtype=np.float32)
+    if out is None:
+        out = np.empty((channels, out_rows, out_cols), dtype=np.float32)
     if out.size == 0 or src.size == 0:
         return out
     rows = _row_axis(in_rows, out_rows)
     cols = _column_plan(in_cols, out_cols)
-    top, bottom = src[:, rows.low, :], src[:, rows.high, :]
-
-    if cols.simd:
-        tb = rows.frac.astype(np.float32)[:, None]
-        inv_tb = (1.0 - rows.frac).astype(np.float32)[:, None]
-        lr = cols.frac32[None, :]
-        inv_lr = np.float32(1.0) - lr
-        lft, rgt = cols.left, cols.left + 1
-        # Same float32 products and summation order as dlib's lanes.
-        out[:, :, : cols.simd] = (
-            (inv_tb * inv_lr) * top[:, :, lft]
-            + (inv_tb * lr) * top[:, :, rgt]
-            + (tb * inv_lr) * bottom[:, :, lft]
-        ) + (tb * lr) * bottom[:, :, rgt]
-    if cols.simd < out_cols:
+    n = cols.simd
+    if n:
+        # Gather columns once for all source rows, then pick whole rows: far cheaper in numpy
+        # than gathering each corner element by element.
+        lefts = np.take(src, cols.left, axis=2).reshape(channels * in_rows, n)
+        rights = np.take(src, cols.left + 1, axis=2).reshape(channels * in_rows, n)
+        plane_base = np.arange(channels)[:, None] * in_rows
+        top_rows = (plane_base + rows.low[None, :]).reshape(-1)
+        bottom_rows = (plane_base + rows.high[None, :]).reshape(-1)
+        shape = (channels, out_rows, n)
+        out[:, :, :n] = _blend_simd(
+            lefts[top_rows].reshape(shape),
+            rights[top_rows].reshape(shape),
+            lefts[bottom_rows].reshape(shape),
+            rights[bottom_rows].reshape(shape),
+            rows,
+            cols,
+        )
+    if n < out_cols:
         # Scalar tail: blend along x in float32, along y in double, then store as float32.
+        top, bottom = src[:, rows.low, :], src[:, rows.high, :]
         lr = cols.tail_frac.astype(np.float32)[None, :]
         inv_lr = np.float32(1.0) - lr
         lft, rgt = cols.tail_left, cols.tail_right
         upper = inv_lr * top[:, :, lft] + lr * top[:, :, rgt]
         lower = inv_lr * bottom[:, :, lft] + lr * bottom[:, :, rgt]
         tb64 = rows.frac[:, None]
-        out[:, :, cols.simd :] = (1.0 - tb64) * upper.astype(np.float64) + tb64 * lower.astype(
-            np.float64
-        )
+        out[:, :, n:] = (1.0 - tb64) * upper.astype(np.float64) + tb64 * lower.astype(np.float64)
     return out
 
 
@@ -280,16 +325,10 @@ def resize_bilinear_rgb(image: RGBImage, out_rows: int, out_cols: int) -> RGBIma
     top, bottom = planes[:, rows.low, :], planes[:, rows.high, :]
 
     if cols.simd:
-        tb = rows.frac.astype(np.float32)[:, None]
-        inv_tb = (1.0 - rows.frac).astype(np.float32)[:, None]
-        lr = cols.frac32[None, :]
-        inv_lr = np.float32(1.0) - lr
         lft, rgt = cols.left, cols.left + 1
-        blended = (
-            (inv_tb * inv_lr) * top[:, :, lft]
-            + (inv_tb * lr) * top[:, :, rgt]
-            + (tb * inv_lr) * bottom[:, :, lft]
-        ) + (tb * lr) * bottom[:, :, rgt]
+        blended = _blend_simd(
+            top[:, :, lft], top[:, :, rgt], bottom[:, :, lft], bottom[:, :, rgt], rows, cols
+        )
         out[:, : cols.simd, :] = np.moveaxis(blended.astype(np.int64).astype(np.uint8), 0, 2)
     if cols.simd < out_cols:
         # Scalar tail: all in double, truncated to unsigned char.
@@ -331,28 +370,25 @@ def rect_down_2(boxes: Float64Array, levels: int) -> Float64Array:
 
 
 def build_tiled_pyramid(
-    image: RGBImage,
-    layout: TiledPyramidLayout,
-    channel_means: tuple[float, float, float],
-    pixel_scale: float,
+    image: RGBImage, layout: TiledPyramidLayout, background: tuple[float, float, float]
 ) -> Float32Array:
-    """The (3, H, W) float32 canvas dlib's input layer feeds the network.
+    """The (3, H, W) float32 canvas of raw RGB values that the converted network takes.
 
-    Pixels are normalised ((value - mean) * scale) before tiling and the canvas background is 0,
-    as in dlib; each level is resampled from the previous one, not from the original image.
+    Each level is resampled from the previous one, as dlib does. dlib tiles values already
+    normalised to (pixel - mean) / 256 on a zero background; our ONNX graph normalises itself, so
+    we tile raw values on a background of the mean colour, which the graph maps to that same 0.
+    Resampling is linear, so the two orders differ only by float32 rounding (~1e-7 relative).
     """
-    canvas = np.zeros((3, layout.height, layout.width), dtype=np.float32)
+    canvas = np.empty((3, layout.height, layout.width), dtype=np.float32)
+    canvas[:] = np.array(background, dtype=np.float32)[:, None, None]
     if not layout.rects:
         return canvas
-    means = np.array(channel_means, dtype=np.float32)[:, None, None]
-    planes = (np.moveaxis(image, 2, 0).astype(np.float32) - means) * np.float32(pixel_scale)
     first = layout.rects[0]
-    canvas[:, first.top : first.bottom + 1, first.left : first.right + 1] = planes
+    canvas[:, first.top : first.bottom + 1, first.left : first.right + 1] = np.moveaxis(image, 2, 0)
     for prev, rect in zip(layout.rects, layout.rects[1:], strict=False):
         src = canvas[:, prev.top : prev.bottom + 1, prev.left : prev.right + 1]
-        canvas[:, rect.top : rect.bottom + 1, rect.left : rect.right + 1] = (
-            resize_bilinear_planes(src, rect.height, rect.width)
-        )
+        dest = canvas[:, rect.top : rect.bottom + 1, rect.left : rect.right + 1]
+        resize_bilinear_planes(src, rect.height, rect.width, out=dest)
     return canvas
 
 
@@ -362,7 +398,8 @@ def _nearest_level(layout: TiledPyramidLayout, points: IntArray) -> IntArray:
     px, py = points[:, 0:1], points[:, 1:2]
     dx = np.clip(px, rects[None, :, 0], rects[None, :, 2]) - px
     dy = np.clip(py, rects[None, :, 1], rects[None, :, 3]) - py
-    return np.argmin(dx * dx + dy * dy, axis=1).astype(np.int64)
+    nearest: IntArray = np.argmin(dx * dx + dy * dy, axis=1).astype(np.int64)
+    return nearest
 
 
 def tiled_pyramid_to_image(
@@ -377,7 +414,7 @@ def tiled_pyramid_to_image(
     )
     level = _nearest_level(layout, floor_half_up(centres))
     origins = np.array([(r.left, r.top) for r in layout.rects], dtype=np.float64)[level]
-    out = boxes - np.concatenate([origins, origins], axis=1)
+    out: Float64Array = boxes - np.concatenate([origins, origins], axis=1)
     ratio = downsampling / (downsampling - 1.0)
     for step in range(1, int(level.max()) + 1):
         rows = level >= step

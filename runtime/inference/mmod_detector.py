@@ -34,25 +34,21 @@ from runtime.inference.image_pyramid import (
     build_tiled_pyramid,
     lround,
     pyramid_up,
+    pyramid_up_size,
     rect_down_2,
-    tiled_pyramid_to_image,
     tiled_pyramid_layout,
+    tiled_pyramid_to_image,
 )
 from runtime.inference.types import Box, Detection, RGBImage
 
 logger = logging.getLogger(__name__)
 
-# Refuse inputs whose (upsampled) canvas would need more memory than an appliance should spend
-# on one frame: 64 Mpx of 3 float32 planes is ~0.8 GB before the network's activations.
-MAX_CANVAS_PIXELS = 64_000_000
-# dlib's CNN detector python API has no upper bound; each level quadruples the work, so cap it.
+# Refuse frames whose pyramid canvas would exhaust memory: peak use is ~60 bytes per canvas
+# pixel (measured: bald_guys.jpg upsampled once, a 45 Mpx canvas, peaks at 2.7 GB).
+MAX_CANVAS_PIXELS = 50_000_000
+# dlib's Python API has no bound; each level quadruples the work, and the canvas cap above is
+# reached by a 1 Mpx frame at 2 levels anyway.
 MAX_UPSAMPLE = 4
-# dlib's input_rgb_image_pyramid defaults (used when the parameters omit them).
-DEFAULT_CHANNEL_MEANS = (122.782, 117.001, 104.298)
-DEFAULT_PIXEL_SCALE = 1.0 / 256.0
-DEFAULT_PYRAMID_DOWNSAMPLING = 6
-DEFAULT_PYRAMID_PADDING = 10
-DEFAULT_PYRAMID_OUTER_PADDING = 11
 
 
 @dataclass(frozen=True)
@@ -84,11 +80,11 @@ class MmodConfig:
     nms_iou_thresh: float
     nms_percent_covered_thresh: float
     layers: tuple[ConvGeometry, ...]  # input to output order
-    channel_means: tuple[float, float, float] = DEFAULT_CHANNEL_MEANS
-    pixel_scale: float = DEFAULT_PIXEL_SCALE
-    pyramid_downsampling: int = DEFAULT_PYRAMID_DOWNSAMPLING
-    pyramid_padding: int = DEFAULT_PYRAMID_PADDING
-    pyramid_outer_padding: int = DEFAULT_PYRAMID_OUTER_PADDING
+    # The canvas background: the input layer's mean colour, which the graph normalises to 0.
+    background_rgb: tuple[float, float, float]
+    pyramid_downsampling: int  # N of pyramid_down<N>: each level is (N-1)/N of the previous
+    pyramid_padding: int  # pixels between tiles
+    pyramid_outer_padding: int  # pixels around the whole canvas
 
     @staticmethod
     def from_parameters(parameters: Mapping[str, object]) -> MmodConfig:
@@ -112,9 +108,7 @@ class MmodDetector:
     def config(self) -> MmodConfig:
         return self._config
 
-    def detect(
-        self, image: RGBImage, upsample: int = 0, threshold: float = 0.0
-    ) -> list[Detection]:
+    def detect(self, image: RGBImage, upsample: int = 0, threshold: float = 0.0) -> list[Detection]:
         """Faces in ``image`` (H, W, 3 uint8 RGB), best first.
 
         ``upsample`` doubles the image that many times first (dlib's ``upsample_num_times``) to
@@ -125,10 +119,12 @@ class MmodDetector:
         _check_image(image)
         if not 0 <= upsample <= MAX_UPSAMPLE:
             raise BadInputError(f"upsample must be 0..{MAX_UPSAMPLE}, got {upsample}")
+        layout = self._layout(image.shape[0], image.shape[1], upsample)
         for _ in range(upsample):
             image = pyramid_up(image)
-        rects, scores = self._detect_rects(image, threshold)
+        rects, scores = self._detect_rects(image, layout, threshold)
         if upsample and rects.shape[0]:
+            # As dlib's Python wrapper: map the integer rects down and round again.
             rects = lround(rect_down_2(rects.astype(np.float64), upsample))
         return [
             Detection(
@@ -138,30 +134,48 @@ class MmodDetector:
             for r, s in zip(rects, scores, strict=True)
         ]
 
-    def _detect_rects(
-        self, image: RGBImage, threshold: float
-    ) -> tuple[IntArray, npt.NDArray[np.float64]]:
-        """Integer inclusive rects (n, 4) and scores of the image as the network sees it."""
+    def _layout(self, rows: int, cols: int, upsample: int) -> TiledPyramidLayout:
+        """The canvas layout for the upsampled frame, checked before anything is allocated."""
         cfg = self._config
-        rows, cols = image.shape[:2]
+        up_rows, up_cols = rows, cols
+        for _ in range(upsample):
+            up_rows, up_cols = pyramid_up_size(up_rows, up_cols)
         layout = tiled_pyramid_layout(
-            rows, cols, cfg.pyramid_downsampling, cfg.pyramid_padding, cfg.pyramid_outer_padding
+            up_rows,
+            up_cols,
+            cfg.pyramid_downsampling,
+            cfg.pyramid_padding,
+            cfg.pyramid_outer_padding,
         )
         if layout.height * layout.width > MAX_CANVAS_PIXELS:
             raise BadInputError(
-                f"image {cols}x{rows} is too large for the MMOD detector "
+                f"image {cols}x{rows} with upsample {upsample} is too large for the MMOD detector "
                 f"(pyramid canvas {layout.width}x{layout.height}); downscale it or upsample less"
             )
+        return layout
+
+    def _detect_rects(
+        self, image: RGBImage, layout: TiledPyramidLayout, threshold: float
+    ) -> tuple[IntArray, npt.NDArray[np.float64]]:
+        """Integer inclusive rects (n, 4) and scores in ``image``'s coordinates, best first."""
+        cfg = self._config
         empty = (np.zeros((0, 4), dtype=np.int64), np.zeros(0, dtype=np.float64))
         if not _output_size(layout.height, layout.width, cfg.layers):
-            return empty  # too small for even one network output position
-        canvas = build_tiled_pyramid(image, layout, cfg.channel_means, cfg.pixel_scale)
+            # dlib throws here; a frame too small to hold one window simply has no faces.
+            return empty
+        canvas = build_tiled_pyramid(image, layout, cfg.background_rgb)
         scores = self._run(canvas)
         boxes, confidences = _decode(scores, layout, cfg, threshold)
-        if boxes.shape[0] == 0:
-            return empty
-        keep = _non_max_suppression(
-            boxes, cfg.nms_iou_thresh, cfg.nms_percent_covered_thresh
+        keep = _non_max_suppression(boxes, cfg.nms_iou_thresh, cfg.nms_percent_covered_thresh)
+        logger.debug(
+            "MMOD on %dx%d (canvas %dx%d): %d positions above %.3f, %d after NMS",
+            image.shape[1],
+            image.shape[0],
+            layout.width,
+            layout.height,
+            boxes.shape[0],
+            threshold,
+            len(keep),
         )
         return boxes[keep], confidences[keep]
 
@@ -173,7 +187,8 @@ class MmodDetector:
             raise ModelError(
                 f"MMOD model output has shape {scores.shape}, expected (1, {expected}, rows, cols)"
             )
-        return scores[0]
+        per_window: Float32Array = scores[0]
+        return per_window
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,12 +254,11 @@ def _non_max_suppression(
             outer = (np.maximum(right[k], right[i]) - np.minimum(left[k], left[i]) + 1) * (
                 np.maximum(bottom[k], bottom[i]) - np.minimum(top[k], top[i]) + 1
             )
-            with np.errstate(divide="ignore", invalid="ignore"):
-                hit = (inner > 0) & (
-                    (inner / outer > iou_thresh)
-                    | (inner / areas[k] > percent_covered_thresh)
-                    | (inner / areas[i] > percent_covered_thresh)
-                )
+            hit = (inner > 0) & (
+                (inner / outer > iou_thresh)
+                | (inner / areas[k] > percent_covered_thresh)
+                | (inner / areas[i] > percent_covered_thresh)
+            )
             if hit.any():
                 continue
         kept.append(i)
@@ -260,15 +274,73 @@ def _check_image(image: object) -> None:
         raise BadInputError(f"image must be a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise BadInputError(
-            f"image must be uint8 of shape (height, width, 3) RGB, got {image.dtype} "
-            f"{image.shape}"
+            f"image must be uint8 of shape (height, width, 3) RGB, got {image.dtype} {image.shape}"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise BadInputError(f"image is empty: {image.shape}")
 
 
 def _parse_parameters(parameters: Mapping[str, object]) -> MmodConfig:
-    raise NotImplementedError  # filled in once the converter's parameter layout is known
+    """Read the converter's parameters (models.dlib_onnx.convert_dlib_mmod) into a config."""
+    try:
+        loss = _as_mapping(parameters["loss_mmod"], "loss_mmod")
+        if loss.get("use_bounding_box_regression", False):
+            raise ModelError("MMOD model uses bounding box regression, which is not supported")
+        if int(loss.get("assume_image_pyramid", 1)) != 1:
+            raise ModelError("MMOD model does not use an image pyramid input; not supported")
+        windows = tuple(
+            DetectorWindow(int(w["width"]), int(w["height"]), str(w.get("label", "")))
+            for w in loss["detector_windows"]
+        )
+        nms = _as_mapping(loss["overlaps_nms"], "loss_mmod.overlaps_nms")
+        inp = _as_mapping(parameters["input_layer"], "input_layer")
+        if inp.get("type") != "input_rgb_image_pyramid":
+            raise ModelError(f"MMOD input layer {inp.get('type')!r} is not supported")
+        red, green, blue = (float(v) for v in inp["avg_rgb"])
+        layers = tuple(
+            ConvGeometry(
+                kernel_rows=int(layer["kernel"][0]),
+                kernel_cols=int(layer["kernel"][1]),
+                stride_y=int(layer["stride"][0]),
+                stride_x=int(layer["stride"][1]),
+                padding_y=int(layer["padding"][0]),
+                padding_x=int(layer["padding"][1]),
+            )
+            for layer in parameters["layers"]  # type: ignore[attr-defined]
+        )
+        config = MmodConfig(
+            windows=windows,
+            nms_iou_thresh=float(nms["iou_thresh"]),
+            nms_percent_covered_thresh=float(nms["percent_covered_thresh"]),
+            layers=layers,
+            background_rgb=(red, green, blue),
+            pyramid_downsampling=int(inp["pyramid_down"]),
+            pyramid_padding=int(inp["pyramid_padding"]),
+            pyramid_outer_padding=int(inp["pyramid_outer_padding"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelError(f"MMOD parameters are incomplete or malformed: {exc!r}") from exc
+    _check_config(config, parameters.get("output_to_input"))
+    return config
+
+
+def _check_config(config: MmodConfig, output_to_input: object) -> None:
+    if not config.windows or any(w.width < 1 or w.height < 1 for w in config.windows):
+        raise ModelError(f"MMOD detector windows are invalid: {config.windows}")
+    if not config.layers or any(
+        min(g.kernel_rows, g.kernel_cols, g.stride_y, g.stride_x) < 1 for g in config.layers
+    ):
+        raise ModelError("MMOD layer geometry is missing or invalid")
+    if config.pyramid_downsampling < 2:
+        raise ModelError(f"MMOD pyramid_down must be >= 2, got {config.pyramid_downsampling}")
+    if output_to_input is not None:
+        # The converter also records the composed mapping; it must agree with the layers.
+        mapping = _as_mapping(output_to_input, "output_to_input")
+        xs, ys = _output_to_canvas(np.array([0.0, 1.0]), np.array([0.0, 1.0]), config.layers)
+        ours = ([xs[1] - xs[0], ys[1] - ys[0]], [xs[0], ys[0]])
+        theirs = (list(mapping["scale_xy"]), list(mapping["offset_xy"]))
+        if ours != theirs:
+            raise ModelError(f"MMOD output_to_input {theirs} disagrees with the layers {ours}")
 
 
 def _as_mapping(value: object, what: str) -> Mapping[str, Any]:

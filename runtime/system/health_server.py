@@ -14,7 +14,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from runtime.inference.manifest import list_manifests
 from runtime.inference.pipeline import DetectorName, FacePipeline
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgeid"
-    status: dict[str, Any] = {}
+    status: ClassVar[dict[str, Any]] = {}
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
@@ -48,13 +48,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug(format, *args)
 
 
-def serve(
-    models_dir: Path, detector: DetectorName, host: str, port: int, version: str
-) -> None:
+def serve(models_dir: Path, detector: DetectorName, host: str, port: int, version: str) -> None:
     """Load and verify the models, then answer health checks until SIGINT/SIGTERM."""
     FacePipeline.load(models_dir, detector)  # refuses to start on a missing or altered model
     _Handler.status = {
