@@ -15,24 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from runtime.evaluation.lfw import LfwReport, central_index, evaluate, parse_pairs
-from runtime.inference.image_decode import load_image
+from runtime.evaluation.lfw import (
+    LfwReport,
+    central_face_embedder,
+    central_index,
+    evaluate,
+    parse_pairs,
+)
 from runtime.inference.pipeline import FacePipeline
 from runtime.inference.types import FloatArray
-
-
-def _edgeid_embedder(models_dir: Path, detector: str, upsample: int) -> Any:
-    pipeline = FacePipeline.load(models_dir, detector, upsample=upsample)  # type: ignore[arg-type]
-
-    def embed(path: Path) -> FloatArray | None:
-        image = load_image(path)
-        faces = pipeline.embed(image)
-        if not faces:
-            return None
-        boxes = [tuple(f.box.as_list()) for f in faces]
-        return faces[central_index(boxes, image.shape[1], image.shape[0])].embedding  # type: ignore[arg-type]
-
-    return embed
 
 
 def _dlib_embedder(weights: Path, upsample: int) -> Any:
@@ -68,7 +59,8 @@ def _summary(report: LfwReport) -> dict[str, object]:
 def run(data: Path, models_dir: Path, weights: Path, upsample: int = 0) -> dict[str, object]:
     pairs = parse_pairs(data / "lfw-dev" / "pairsDevTest.txt")
     images = data / "lfw-dev" / "images"
-    ours = evaluate(pairs, images, _edgeid_embedder(models_dir, "mmod", upsample))
+    pipeline = FacePipeline.load(models_dir, "mmod", upsample=upsample)
+    ours = evaluate(pairs, images, central_face_embedder(pipeline))
     reference = evaluate(pairs, images, _dlib_embedder(weights, upsample))
     return {
         "benchmark": "lfw-dev verification (pairsDevTest.txt), MMOD + sp5 + ResNet",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import face_recognition_models
 
-from benchmarks import lfw_vs_dlib
+from benchmarks import detectors, lfw_vs_dlib
 
 
 def main() -> int:
@@ -22,7 +22,10 @@ def main() -> int:
         return 2
     home = Path(os.environ.get("EDGEID_HOME", "var"))
     weights = Path(face_recognition_models.__file__).parent / "models"
-    results = {"lfw_vs_dlib": lfw_vs_dlib.run(args.data, home / "models", weights)}
+    results = {
+        "detectors": detectors.run(home / "models", args.data),
+        "lfw_vs_dlib": lfw_vs_dlib.run(args.data, home / "models", weights),
+    }
     json.dump(results, sys.stdout, indent=2)
     print()
     return 0

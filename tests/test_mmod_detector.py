@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from runtime.errors import BadInputError, ModelError
+from runtime.evaluation.detection import iou as box_iou
 from runtime.inference.image_pyramid import (
     Rect,
     lround,
@@ -105,14 +106,6 @@ class Comparison:
         )
 
 
-def _iou(a: Box, b: Box) -> float:
-    iw = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    ih = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = iw * ih
-    union = a.width * a.height + b.width * b.height - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _dlib_detect(
     pytestconfig: pytest.Config, dlib_mmod: Any, path: Path, upsample: int
 ) -> tuple[list[Detection], bool]:
@@ -159,12 +152,12 @@ def _compare(
 
         unmatched = list(range(len(ours)))
         for ref in theirs:
-            best = max(unmatched, key=lambda i: _iou(ref.box, ours[i].box), default=None)
-            iou = 0.0 if best is None else _iou(ref.box, ours[best].box)
-            result.min_iou = min(result.min_iou, iou)
-            if iou < MIN_IOU or best is None:
+            best = max(unmatched, key=lambda i: box_iou(ref.box, ours[i].box), default=None)
+            overlap = 0.0 if best is None else box_iou(ref.box, ours[best].box)
+            result.min_iou = min(result.min_iou, overlap)
+            if overlap < MIN_IOU or best is None:
                 result.missing += 1
-                problems.append(f"{path.name}: dlib box {ref} not found (best IoU {iou:.3f})")
+                problems.append(f"{path.name}: dlib box {ref} not found (best IoU {overlap:.3f})")
                 continue
             unmatched.remove(best)
             diff = abs(ours[best].score - ref.score)

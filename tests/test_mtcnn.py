@@ -11,7 +11,6 @@ import io
 import os
 import pickle
 import struct
-import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from models.mtcnn import convert_mtcnn
 from models.sources import FACENET_WHEEL
 from models.torch_weights import load_state_dict
 from runtime.errors import BadInputError, ModelError
+from runtime.evaluation.detection import MATCH_IOU, iou, read_imglab, score
 from runtime.inference.mtcnn_detector import (
     MODEL_NAMES,
     MtcnnDetector,
@@ -43,8 +43,6 @@ TORCH_STATE_DIGESTS = {
     "rnet": "02611b111e9362b04aef205c71fbac0064233e2261c5af6744b6094fc71bc46b",
     "onet": "64ff72acb5a263df98b52ad23e9a5a13f0aee117aa7898533e1796743a7c6387",
 }
-# A detection and an imglab box are the same face at this IoU (PASCAL's criterion).
-MATCH_IOU = 0.5
 # Floors on scenes/dlib-faces (43 annotated faces in 9 photos). Measured: recall 42/43 (the miss
 # is a face in half profile; the weakest face found scores 0.998), precision 42/42, raw and after
 # dlib_style_box. The floors leave one more miss and two spurious boxes for onnxruntime/BLAS
@@ -329,58 +327,19 @@ def test_dlib_style_box_is_square_and_lower() -> None:
 # --- the detector on real photos -----------------------------------------------------------
 
 
-def _iou(a: Box, b: Box) -> float:
-    inter_w = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    inter_h = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = inter_w * inter_h
-    return inter / (a.width * a.height + b.width * b.height - inter)
-
-
-def _greedy_matches(truth: list[Box], found: list[Box]) -> int:
-    pairs = sorted(
-        ((_iou(t, f), i, j) for i, t in enumerate(truth) for j, f in enumerate(found)),
-        reverse=True,
-    )
-    used_t: set[int] = set()
-    used_f: set[int] = set()
-    for iou, i, j in pairs:
-        if iou >= MATCH_IOU and i not in used_t and j not in used_f:
-            used_t.add(i)
-            used_f.add(j)
-    return len(used_t)
-
-
-def _imglab_truth(folder: Path) -> dict[str, list[Box]]:
-    truth: dict[str, list[Box]] = {}
-    for name in ("training.xml", "testing.xml"):
-        for image in ET.parse(folder / name).getroot().iter("image"):
-            truth[image.get("file", "")] = [
-                Box(
-                    float(b.get("left", 0)),
-                    float(b.get("top", 0)),
-                    float(b.get("left", 0)) + float(b.get("width", 0)),
-                    float(b.get("top", 0)) + float(b.get("height", 0)),
-                )
-                for b in image.iter("box")
-            ]
-    return truth
-
-
 def test_recall_and_precision_on_dlib_faces(detector: MtcnnDetector, scenes_dir: Path) -> None:
     folder = scenes_dir / "dlib-faces"
-    truth = _imglab_truth(folder)
+    truth = read_imglab(folder / "training.xml", folder / "testing.xml")
     found: dict[str, list[Detection]] = {f: detector.detect(_rgb(folder / f)) for f in truth}
-    faces = sum(len(t) for t in truth.values())
-    detections = sum(len(d) for d in found.values())
     for label, convert in (("raw", lambda b: b), ("dlib-style", dlib_style_box)):
-        matched = sum(_greedy_matches(truth[f], [convert(d.box) for d in found[f]]) for f in truth)
-        recall, precision = matched / faces, matched / max(detections, 1)
+        result = score(truth, {f: [convert(d.box) for d in dets] for f, dets in found.items()})
         print(
             f"MTCNN on dlib-faces ({label} boxes, IoU >= {MATCH_IOU}): recall "
-            f"{matched}/{faces} = {recall:.3f}, precision {matched}/{detections} = {precision:.3f}"
+            f"{result.matched}/{result.faces} = {result.recall:.3f}, precision "
+            f"{result.matched}/{result.detections} = {result.precision:.3f}"
         )
-        assert recall >= MIN_RECALL, label
-        assert precision >= MIN_PRECISION, label
+        assert result.recall >= MIN_RECALL, label
+        assert result.precision >= MIN_PRECISION, label
 
 
 def test_detections_are_well_formed(detector: MtcnnDetector, scenes_dir: Path) -> None:
@@ -413,7 +372,7 @@ def test_crowded_scenes_give_several_faces(
     assert len(detections) >= MIN_FACES_PER_CROWD
     boxes = [d.box for d in detections]
     # Distinct people: no two kept boxes are the same face.
-    assert all(_iou(a, b) < MATCH_IOU for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert all(iou(a, b) < MATCH_IOU for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
 def test_bad_images_are_refused(detector: MtcnnDetector) -> None:

@@ -9,11 +9,9 @@ from pathlib import Path
 from edgeid.cli import EXIT_OK, emit
 from edgeid.paths import models_dir
 from runtime.errors import BadInputError
-from runtime.evaluation.lfw import central_index, evaluate, parse_pairs, roc_points
+from runtime.evaluation.lfw import central_face_embedder, evaluate, parse_pairs, roc_points
 from runtime.evaluation.roc_plot import write_roc_png
-from runtime.inference.image_decode import load_image
 from runtime.inference.pipeline import FacePipeline
-from runtime.inference.types import FloatArray
 
 
 def _progress(done: int, total: int) -> None:
@@ -32,16 +30,7 @@ def lfw(args: argparse.Namespace) -> int:
         models_dir(args.home_dir), args.detector, threads=args.threads, upsample=args.upsample
     )
 
-    def embed(path: Path) -> FloatArray | None:
-        image = load_image(path)
-        faces = pipeline.embed(image)
-        if not faces:
-            return None
-        boxes = [tuple(f.box.as_list()) for f in faces]
-        chosen = faces[central_index(boxes, image.shape[1], image.shape[0])]  # type: ignore[arg-type]
-        return chosen.embedding
-
-    report = evaluate(pairs, images_dir, embed, progress=_progress)
+    report = evaluate(pairs, images_dir, central_face_embedder(pipeline), progress=_progress)
     payload = report.to_json() | {"detector": args.detector, "upsample": args.upsample}
     if args.roc:
         write_roc_png(roc_points(report), Path(args.roc), f"LFW pairs: {Path(args.pairs).name}")

@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import BadInputError
-from runtime.inference.types import FloatArray
+from runtime.inference.image_decode import load_image
+from runtime.inference.types import FloatArray, RGBImage
 
 # Ten parts is LFW's own protocol size; used to hold thresholds out when a file has one fold.
 SINGLE_FOLD_SPLITS = 10
@@ -207,3 +209,24 @@ def central_index(boxes: list[tuple[float, float, float, float]], width: int, he
     cx, cy = width / 2, height / 2
     distances = [((x0 + x1) / 2 - cx) ** 2 + ((y0 + y1) / 2 - cy) ** 2 for x0, y0, x1, y1 in boxes]
     return int(np.argmin(distances))
+
+
+class _Embeds(Protocol):
+    def embed(self, image: RGBImage) -> list[Any]: ...
+
+
+def central_face_embedder(pipeline: _Embeds) -> Callable[[Path], FloatArray | None]:
+    """Embed the most central face of each image (None when no face is found)."""
+
+    def embed(path: Path) -> FloatArray | None:
+        image = load_image(path)
+        faces = pipeline.embed(image)
+        if not faces:
+            return None
+        boxes = [(f.box.x0, f.box.y0, f.box.x1, f.box.y1) for f in faces]
+        embedding: FloatArray | None = faces[
+            central_index(boxes, image.shape[1], image.shape[0])
+        ].embedding
+        return embedding
+
+    return embed
