@@ -16,7 +16,7 @@ from runtime.inference.types import Box, Detection, FloatArray, RGBImage
 DetectorName = Literal["mmod", "mtcnn"]
 DETECTOR_NAMES: tuple[DetectorName, ...] = ("mmod", "mtcnn")
 # Chosen by measurement on ../shared/data (see README, "Choosing the default detector").
-DEFAULT_DETECTOR: DetectorName = "mmod"
+DEFAULT_DETECTOR: DetectorName = "mtcnn"
 EMBEDDER_MODEL = "dlib_resnet_v1"
 LANDMARK_MODEL = "dlib_sp5"
 # dlib's face-chip geometry for its ResNet embedder: 150 px chips, 25% padding around the template.
