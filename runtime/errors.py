@@ -21,3 +21,7 @@ class ModelError(EdgeidError):
 
 class ModelIntegrityError(ModelError):
     """A model file's bytes do not match the sha256 recorded in its manifest."""
+
+
+class OverloadedError(EdgeidError):
+    """The service cannot take this request now (queue full, shutting down); retry shortly."""
