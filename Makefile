@@ -11,7 +11,7 @@ FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.wh
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev run test bench models lint clean
+.PHONY: setup setup-dev run test bench models lint clean gpu-check
 
 setup: $(RUNTIME_STAMP) models
 
@@ -50,6 +50,11 @@ test: setup-dev lint
 
 bench: setup-dev
 	$(BIN)/python -m benchmarks.run_all --data $(DATA)
+
+# TensorRT engines against ONNX Runtime on the shared images; needs an NVIDIA GPU, TensorRT 10
+# and pycuda (pip install -e '.[tensorrt]'); exits 2 when they are absent.
+gpu-check: setup-dev
+	$(BIN)/python firmware/gpu_check.py --data $(DATA)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

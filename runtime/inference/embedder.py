@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
+from typing import cast
 
+import numpy as np
+
+from runtime.inference.backends.session import ModelSession
 from runtime.inference.types import FloatArray, RGBImage
 
 
 class Embedder:
-    def __init__(self, session: ort.InferenceSession, model_id: str) -> None:
+    def __init__(self, session: ModelSession, model_id: str) -> None:
         self._session = session
         self._input = session.get_inputs()[0].name
         shape = session.get_inputs()[0].shape
-        self.chip_size = int(shape[1])
+        self.chip_size = int(cast(int, shape[1]))
         self.model_id = model_id
 
     def embed(self, chips: list[RGBImage]) -> FloatArray:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime
 
 from runtime.errors import BadInputError, ModelError
+from runtime.inference.backends.session import ModelSession
 from runtime.inference.image_pyramid import (
     Float32Array,
     Float64Array,
@@ -94,9 +94,7 @@ class MmodConfig:
 class MmodDetector:
     """Face detector matching ``dlib.cnn_face_detection_model_v1`` box for box."""
 
-    def __init__(
-        self, session: onnxruntime.InferenceSession, parameters: Mapping[str, object]
-    ) -> None:
+    def __init__(self, session: ModelSession, parameters: Mapping[str, object]) -> None:
         self._session = session
         self._config = MmodConfig.from_parameters(parameters)
         inputs = session.get_inputs()

@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from runtime.errors import BadInputError, ModelError
+from runtime.inference.backends.session import ModelSession
 from runtime.inference.manifest import read_verified_model
 from runtime.inference.onnx_backend import create_cpu_session
 from runtime.inference.types import Box, Detection, FloatArray, RGBImage
@@ -169,9 +169,7 @@ def dlib_style_box(box: Box) -> Box:
     return Box(cx - half, cy - half, cx + half, cy + half)
 
 
-def _check_session(
-    session: ort.InferenceSession, stage: str, outputs: set[str], size: int | None
-) -> None:
+def _check_session(session: ModelSession, stage: str, outputs: set[str], size: int | None) -> None:
     inputs = session.get_inputs()
     names = {o.name for o in session.get_outputs()}
     if len(inputs) != 1 or inputs[0].name != _INPUT or not outputs <= names:
@@ -314,9 +312,9 @@ class MtcnnDetector:
 
     def __init__(
         self,
-        pnet: ort.InferenceSession,
-        rnet: ort.InferenceSession,
-        onet: ort.InferenceSession,
+        pnet: ModelSession,
+        rnet: ModelSession,
+        onet: ModelSession,
         parameters: MtcnnParameters | None = None,
     ) -> None:
         _check_session(pnet, "pnet", {_DELTAS, _PROBS}, None)
@@ -456,9 +454,7 @@ class MtcnnDetector:
         return self._normalise(pixels), valid
 
     @staticmethod
-    def _run_batched(
-        session: ort.InferenceSession, names: list[str], data: FloatArray
-    ) -> list[FloatArray]:
+    def _run_batched(session: ModelSession, names: list[str], data: FloatArray) -> list[FloatArray]:
         parts = [
             session.run(names, {_INPUT: data[i : i + MAX_BATCH]})
             for i in range(0, len(data), MAX_BATCH)
