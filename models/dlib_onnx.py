@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from models.conversion import ConvertedModel, TensorSpec
 from models.dlib_dnn import (
     AddPrevLayer,
     AffineLayer,
+    Architecture,
     ConLayer,
     DlibNetwork,
     FcLayer,
@@ -268,6 +270,22 @@ def _read_source(source: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def _convert_network(
+    source: Path,
+    dest: Path,
+    architecture: Architecture,
+    build: Callable[[DlibNetwork, str], onnx.ModelProto],
+) -> tuple[DlibNetwork, str]:
+    """Parse a dlib DNN ``.dat`` and write the ONNX graph ``build`` makes of it to ``dest``;
+    returns the network and the source's sha256, for the manifest."""
+    started = time.perf_counter()
+    data, sha256 = _read_source(source)
+    network = parse_network(data, architecture, source.name)
+    _write(build(network, sha256), dest)
+    logger.info("converted %s in %.2f s", source.name, time.perf_counter() - started)
+    return network, sha256
+
+
 # --------------------------------------------------------------------------------------------
 # MMOD face detector.
 
@@ -384,14 +402,11 @@ def build_mmod_model(network: DlibNetwork, source_sha256: str) -> onnx.ModelProt
 
 def convert_dlib_mmod(source: Path, dest_dir: Path) -> ConvertedModel:
     """Convert ``mmod_human_face_detector.dat`` to ``dest_dir/dlib_mmod.onnx``."""
-    started = time.perf_counter()
-    data, sha256 = _read_source(source)
-    network = parse_network(data, mmod_architecture(), source.name)
-    model = build_mmod_model(network, sha256)
-    _write(model, dest_dir / MMOD_FILENAME)
+    network, sha256 = _convert_network(
+        source, dest_dir / MMOD_FILENAME, mmod_architecture(), build_mmod_model
+    )
     parameters = _mmod_parameters(network, source, sha256)
     num_channels = parameters["num_score_channels"]
-    logger.info("converted %s in %.2f s", source.name, time.perf_counter() - started)
     return ConvertedModel(
         name="dlib_mmod",
         task="face-detection",
@@ -455,16 +470,13 @@ def _descriptor_dims(network: DlibNetwork) -> int:
 
 def convert_dlib_resnet(source: Path, dest_dir: Path) -> ConvertedModel:
     """Convert ``dlib_face_recognition_resnet_model_v1.dat`` to ``dest_dir/dlib_resnet_v1.onnx``."""
-    started = time.perf_counter()
-    data, sha256 = _read_source(source)
-    network = parse_network(data, resnet_architecture(), source.name)
-    model = build_resnet_model(network, sha256)
-    _write(model, dest_dir / RESNET_FILENAME)
+    network, sha256 = _convert_network(
+        source, dest_dir / RESNET_FILENAME, resnet_architecture(), build_resnet_model
+    )
     loss = network.loss
     assert isinstance(loss, MetricLoss)
     rows, cols = network.input.size
     dims = _descriptor_dims(network)
-    logger.info("converted %s in %.2f s", source.name, time.perf_counter() - started)
     return ConvertedModel(
         name="dlib_resnet_v1",
         task="face-embedding",

