@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import BadInputError, ModelError
-from runtime.inference.backends.session import ModelSession
+from runtime.inference.backends.session import ModelOpener, ModelSession
 from runtime.inference.manifest import read_verified_model
 from runtime.inference.onnx_backend import create_cpu_session
 from runtime.inference.types import Box, Detection, FloatArray, RGBImage
@@ -326,17 +326,27 @@ class MtcnnDetector:
         self.parameters = parameters if parameters is not None else MtcnnParameters()
 
     @classmethod
-    def load(cls, models_dir: Path, *, threads: int | None = None) -> MtcnnDetector:
+    def load(
+        cls,
+        models_dir: Path,
+        *,
+        threads: int | None = None,
+        open_model: ModelOpener | None = None,
+    ) -> MtcnnDetector:
         """The detector over the verified ``mtcnn_{pnet,rnet,onet}`` models and their manifests.
 
-        ``threads`` caps onnxruntime's intra-op threads (default: the cores this process may use).
+        ``threads`` caps onnxruntime's intra-op threads (default: the cores this process may use);
+        ``open_model`` opens each model on another backend (default: ONNX Runtime on the CPU).
         """
         manifests = []
-        sessions = []
+        sessions: list[ModelSession] = []
         for name in MODEL_NAMES:
             manifest, data = read_verified_model(models_dir, name)
             try:
-                sessions.append(create_cpu_session(data, threads))
+                if open_model is None:
+                    sessions.append(create_cpu_session(data, threads))
+                else:
+                    sessions.append(open_model(name, manifest.sha256, data))
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ModelError(
                     f"MTCNN model {name} cannot be loaded ({exc}); rebuild with "

@@ -103,3 +103,40 @@ def _degraded(model_bytes: bytes, threads: int | None, problem: str) -> OpenedSe
     reason = f"{problem}; running on the CPU (ONNX Runtime) instead"
     logger.error("%s", reason)
     return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", True, reason)
+
+
+BackendState = Literal["cpu", "tensorrt", "degraded"]
+
+
+class SessionFactory:
+    """Opens every model of a pipeline on one backend choice and remembers what each got.
+
+    The runtime reports itself ``degraded`` when any model fell back from TensorRT to the CPU.
+    """
+
+    def __init__(
+        self, backend: BackendChoice, engine_cache_dir: Path, threads: int | None = None
+    ) -> None:
+        self.backend = backend
+        self.engine_cache_dir = engine_cache_dir
+        self.threads = threads
+        self.opened: dict[str, OpenedSession] = {}
+
+    def open(self, name: str, sha256: str, model_bytes: bytes) -> ModelSession:
+        opened = open_session(
+            model_bytes,
+            sha256,
+            backend=self.backend,
+            engine_cache_dir=self.engine_cache_dir,
+            threads=self.threads,
+        )
+        self.opened[name] = opened
+        return opened.session
+
+    @property
+    def state(self) -> BackendState:
+        if any(o.degraded for o in self.opened.values()):
+            return "degraded"
+        if self.opened and all(o.backend_used == "tensorrt" for o in self.opened.values()):
+            return "tensorrt"
+        return "cpu"

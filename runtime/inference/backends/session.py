@@ -6,7 +6,7 @@ an ONNX Runtime session satisfies it as is and a TensorRT engine can stand in fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy.typing as npt
@@ -39,3 +39,7 @@ class ModelSession(Protocol):
     ) -> list[npt.NDArray[Any]]:
         """The named outputs (all, in model order, when ``None``) for one set of inputs."""
         ...
+
+
+# Opens one verified model (name, sha256, bytes) as a session on whatever backend is configured.
+ModelOpener = Callable[[str, str, bytes], ModelSession]
