@@ -1,0 +1,1 @@
+"""Galleries: encrypted, durable storage of subjects and faces, and their search."""

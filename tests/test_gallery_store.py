@@ -1,0 +1,853 @@
+"""Encrypted gallery storage: round trip, keys, durability, erasure, rotation, export/import.
+
+Everything runs on real files in tmp_path; the only fake is a writer that reports a full disk
+(and, where this machine lets us mount one, a real tiny tmpfs does the same).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import BadInputError
+from runtime.gallery.backup import export_gallery, import_gallery
+from runtime.gallery.crypto import RecordCipher, RecordKind, unwrap_key
+from runtime.gallery.errors import (
+    BackupError,
+    CorruptGalleryError,
+    DecryptionError,
+    GalleryBusyError,
+    GalleryExistsError,
+    InvalidRecordError,
+    KeyProviderError,
+    StorageFullError,
+)
+from runtime.gallery.keys import (
+    KeyFileProvider,
+    PassphraseProvider,
+    SystemdCredsProvider,
+    Tpm2Provider,
+    read_keyring,
+)
+from runtime.gallery.log import HEADER_BYTES, Entry, ScanState, encode_frame, scan_frames
+from runtime.gallery.records import NewFace, NewSubject
+from runtime.gallery.store import (
+    GALLERIES_DIR,
+    KEYRING_FILE,
+    RECORDS_LOG,
+    RETIRED_SUFFIX,
+    Gallery,
+    GalleryStore,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FAST_SCRYPT = 10  # log2(n): the minimum we accept, so tests stay fast; production uses 17
+DIM = 128
+
+
+def _face(rng: np.random.Generator, *, thumb_bytes: int = 2000) -> NewFace:
+    vector = rng.standard_normal(DIM).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    return NewFace(
+        embedding=vector,
+        quality=float(rng.uniform(0.5, 1.0)),
+        model_id="dlib_resnet_v1",
+        source_sha256=rng.bytes(32).hex(),
+        thumbnail_jpeg=b"\xff\xd8\xff\xe0" + rng.bytes(thumb_bytes),
+    )
+
+
+def _subject(name: str, **extra: object) -> NewSubject:
+    return NewSubject(
+        display_name=name,
+        legal_basis="case 2024/117, warrant 55",
+        enrolled_by="officer-7",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _store(state: Path, **kwargs: object) -> GalleryStore:
+    return GalleryStore(state, KeyFileProvider(state / "keys"), **kwargs)  # type: ignore[arg-type]
+
+
+def _log(store: GalleryStore, gallery: Gallery) -> Path:
+    return store.root / gallery.gallery_id / RECORDS_LOG
+
+
+def _frames(path: Path) -> list[tuple[int, int, tuple[Entry, ...]]]:
+    with open(path, "rb") as stream:
+        return [(f.offset, f.size, f.entries) for f in scan_frames(stream, "t", ScanState())]
+
+
+# -- round trip ------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    clock_now = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
+    with _store(tmp_path, clock=lambda: clock_now) as store:
+        gallery = store.create_gallery("missing persons", description="unit B")
+        store.create_gallery("second")
+        faces = [_face(rng), _face(rng)]
+        made = gallery.enroll(
+            _subject("Ana Lima", notes="scar left cheek", retention_until=date(2025, 1, 1)),
+            faces,
+        )
+        added = _face(rng)
+        extra = gallery.add_faces(made.subject.subject_id, [added])
+        other = gallery.enroll(_subject("Ben Okafor"))
+    with _store(tmp_path) as store:
+        assert [g.name for g in store.list_galleries()] == ["missing persons", "second"]
+        gallery = store.open_gallery("missing persons")
+        assert gallery.description == "unit B"
+        subject = gallery.subject(made.subject.subject_id)
+        assert subject == made.subject
+        assert (subject.display_name, subject.notes) == ("Ana Lima", "scar left cheek")
+        assert subject.enrolled_at == clock_now and subject.retention_until == date(2025, 1, 1)
+        assert gallery.subject(other.subject.subject_id).display_name == "Ben Okafor"
+        stored = gallery.faces(made.subject.subject_id)
+        assert [f.face_id for f in stored] == [f.face_id for f in (*made.faces, *extra)]
+        for given, face in zip([*faces, added], stored, strict=True):
+            assert face.embedding.dtype == np.float32 and not face.embedding.flags.writeable
+            assert face.embedding.tobytes() == np.asarray(given.embedding).tobytes()
+            assert gallery.thumbnail(face.face_id) == given.thumbnail_jpeg
+            assert (face.source_sha256, face.model_id) == (given.source_sha256, given.model_id)
+            assert face.quality == pytest.approx(given.quality)
+        ids, matrix = gallery.embeddings("dlib_resnet_v1")
+        assert len(ids) == 3 and matrix.shape == (3, DIM)
+        assert gallery.expired_subjects(date(2025, 6, 1)) == [subject]
+
+
+def test_invalid_input_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        size = _log(store, gallery).stat().st_size
+        good = _face(rng)
+        bad_faces = [
+            NewFace(np.array([np.nan] * DIM), 0.9, "m", good.source_sha256, good.thumbnail_jpeg),
+            NewFace(good.embedding, 0.9, "m", good.source_sha256, b"\x89PNG not a jpeg"),
+            NewFace(good.embedding, 0.9, "m", "not-a-hash", good.thumbnail_jpeg),
+        ]
+        for face in bad_faces:
+            with pytest.raises(InvalidRecordError):
+                gallery.enroll(_subject("X"), [face])
+        with pytest.raises(BadInputError):
+            gallery.enroll(_subject("   "))
+        with pytest.raises(GalleryExistsError):
+            store.create_gallery("g")
+        assert _log(store, gallery).stat().st_size == size and gallery.subjects() == []
+
+
+def test_second_process_is_refused_while_the_store_is_open(tmp_path: Path) -> None:
+    with _store(tmp_path), pytest.raises(GalleryBusyError):
+        _store(tmp_path)
+
+
+# -- keys and decryption failures ------------------------------------------------------------
+
+
+def _assert_opaque(error: DecryptionError) -> None:
+    assert str(error) == DecryptionError.MESSAGE
+    assert error.__cause__ is None and error.__context__ is None
+    assert "tag" not in repr(error).lower()
+
+
+def test_wrong_passphrase_or_key_file_is_one_opaque_error(tmp_path: Path) -> None:
+    with GalleryStore(tmp_path / "p", PassphraseProvider("correct horse", log2_n=FAST_SCRYPT)):
+        pass
+    store = GalleryStore(tmp_path / "p", PassphraseProvider("correct horse", log2_n=FAST_SCRYPT))
+    store.create_gallery("g").enroll(_subject("Ana Lima"))
+    store.close()
+    with pytest.raises(DecryptionError) as caught:
+        GalleryStore(tmp_path / "p", PassphraseProvider("wrong horse", log2_n=FAST_SCRYPT))
+    _assert_opaque(caught.value)
+
+    with _store(tmp_path / "k") as store:
+        store.create_gallery("g")
+    (key_file,) = (tmp_path / "k" / "keys").iterdir()
+    key_file.write_bytes(os.urandom(32))
+    with pytest.raises(DecryptionError) as caught:
+        _store(tmp_path / "k")
+    _assert_opaque(caught.value)
+
+    key_file.chmod(0o644)
+    with pytest.raises(KeyProviderError, match="chmod 600"):
+        _store(tmp_path / "k")
+    with pytest.raises(KeyProviderError, match="passphrase KEK"):
+        GalleryStore(tmp_path / "p", KeyFileProvider(tmp_path / "keys"))
+
+
+def test_associated_data_binds_gallery_kind_record_and_version() -> None:
+    key = os.urandom(32)
+    gallery_a, gallery_b, record, other = (os.urandom(16) for _ in range(4))
+    sealed = RecordCipher(key, gallery_a).seal(RecordKind.SUBJECT, record, 1, b"Ana Lima")
+    assert (
+        RecordCipher(key, gallery_a).open(
+            RecordKind.SUBJECT, record, 1, sealed.nonce, sealed.ciphertext
+        )
+        == b"Ana Lima"
+    )
+    moved = [
+        (gallery_b, RecordKind.SUBJECT, record, 1),
+        (gallery_a, RecordKind.FACE, record, 1),
+        (gallery_a, RecordKind.SUBJECT, other, 1),
+        (gallery_a, RecordKind.SUBJECT, record, 2),
+    ]
+    for scope, kind, rid, version in moved:
+        with pytest.raises(DecryptionError) as caught:
+            RecordCipher(key, scope).open(kind, rid, version, sealed.nonce, sealed.ciphertext)
+        _assert_opaque(caught.value)
+
+
+def test_record_moved_to_another_id_or_gallery_fails_to_open(tmp_path: Path) -> None:
+    """The frame checksums are recomputed, so only the AEAD binding can catch the move."""
+    rng = np.random.default_rng(3)
+    with _store(tmp_path) as store:
+        first, second = store.create_gallery("a"), store.create_gallery("b")
+        first.enroll(_subject("Ana Lima"), [_face(rng)])
+        second.enroll(_subject("Ben Okafor"))
+        log_a, log_b = _log(store, first), _log(store, second)
+    offset, size, entries = _frames(log_a)[-1]
+    renamed = [Entry(e.kind, os.urandom(16), e.version, e.nonce, e.ciphertext) for e in entries]
+    original = log_a.read_bytes()
+    frame = encode_frame(renamed)
+    assert len(frame) == size
+    log_a.write_bytes(original[:offset] + frame + original[offset + size :])
+    with _store(tmp_path) as store, pytest.raises(DecryptionError):
+        store.open_gallery("a")
+
+    log_a.write_bytes(original)
+    with open(log_b, "ab") as out:
+        out.write(original[offset : offset + size])  # a whole frame of gallery a, appended to b
+    with _store(tmp_path) as store, pytest.raises(DecryptionError):
+        store.open_gallery("b")
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+def test_torn_tail_is_dropped_with_a_warning_and_then_overwritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(4)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        kept = [gallery.enroll(_subject(f"person {i}"), [_face(rng)]) for i in range(2)]
+        gallery.enroll(_subject("torn one"), [_face(rng)])
+        log = _log(store, gallery)
+    offset, size, _ = _frames(log)[-1]
+    with open(log, "r+b") as out:
+        out.truncate(offset + size // 2)
+    with caplog.at_level(logging.WARNING), _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert {s.subject_id for s in gallery.subjects()} == {e.subject.subject_id for e in kept}
+        assert gallery.torn_bytes == size // 2
+        assert "torn tail" in caplog.text and "torn one" not in caplog.text
+        later = gallery.enroll(_subject("after the crash"), [_face(rng)])
+    with open(log, "ab") as out:
+        out.write(bytes(4096))  # a power cut: the file grew but its data never landed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert len(gallery.subjects()) == 3
+        assert gallery.subject(later.subject.subject_id).display_name == "after the crash"
+        assert gallery.thumbnail(later.faces[0].face_id).startswith(b"\xff\xd8")
+        assert "torn tail of 4096 bytes" in caplog.text
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from runtime.gallery.keys import KeyFileProvider
+    from runtime.gallery.store import GalleryStore, NewFace, NewSubject
+
+    state = Path(sys.argv[1])
+    store = GalleryStore(state, KeyFileProvider(state / "keys"))
+    names = [g.name for g in store.list_galleries()]
+    gallery = store.open_gallery("g") if "g" in names else store.create_gallery("g")
+    rng = np.random.default_rng(int(sys.argv[2]))
+    print("ready", flush=True)
+    while True:
+        face = NewFace(rng.standard_normal(128).astype(np.float32), 0.9, "m", "ab" * 32,
+                       b"\\xff\\xd8\\xff" + rng.bytes(int(rng.integers(100, 60000))))
+        made = gallery.enroll(NewSubject("n", "basis", "tech"), [face, face])
+        print(made.subject.subject_id, flush=True)
+    """
+)
+
+
+def test_every_acknowledged_enrolment_survives_kill_9(tmp_path: Path) -> None:
+    acknowledged: list[str] = []
+    for round_ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(tmp_path), str(round_)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 20
+        seen = 0
+        while seen < 10 + 7 * round_ and time.monotonic() < deadline:
+            line = child.stdout.readline().strip()
+            if line:
+                acknowledged.append(line)
+                seen += 1
+        time.sleep(0.003 * round_)  # land the kill at different points of the write path
+        child.send_signal(signal.SIGKILL)
+        rest, _ = child.communicate(timeout=20)
+        acknowledged += [line for line in rest.split() if line]
+        assert child.returncode == -signal.SIGKILL
+        assert seen >= 10, "the child enrolled too slowly to test anything"
+        with _store(tmp_path) as store:
+            present = {s.subject_id for s in store.open_gallery("g").subjects()}
+        missing = set(acknowledged) - present
+        assert not missing, f"round {round_}: {len(missing)} acknowledged enrolments lost"
+        assert len(present) - len(acknowledged) <= 1  # at most the one in flight at the kill
+
+
+def test_bit_flip_is_an_error_naming_the_gallery_not_its_content(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        gallery.enroll(_subject("Ana Lima"), [_face(rng)])
+        made = gallery.enroll(_subject("Ben Okafor"), [_face(rng)])
+        gid, log = gallery.gallery_id, _log(store, gallery)
+        thumbs = store.root / gid / f"thumbs-{gallery.key_id}.log"
+    original = log.read_bytes()
+    frames = _frames(log)
+    spots = {
+        "ciphertext of a middle frame": frames[1][0] + frames[1][1] - 20,
+        "ciphertext of the last frame": frames[-1][0] + frames[-1][1] - 5,
+        "length field of a frame": frames[1][0] + 6,
+        "file header": 20,
+    }
+    for what, spot in spots.items():
+        damaged = bytearray(original)
+        damaged[spot] ^= 0x10
+        log.write_bytes(bytes(damaged))
+        with pytest.raises(CorruptGalleryError) as caught, _store(tmp_path) as store:
+            store.open_gallery("g")
+        message = str(caught.value)
+        assert gid in message, what
+        assert "Ana" not in message and "Ben" not in message
+    log.write_bytes(original)
+
+    damaged = bytearray(thumbs.read_bytes())
+    damaged[-10] ^= 0x01
+    thumbs.write_bytes(bytes(damaged))
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        with pytest.raises(CorruptGalleryError, match=gid):
+            gallery.thumbnail(made.faces[0].face_id)
+
+
+class FullDisk:
+    """A FileWriter that writes part of the n-th write, then reports ENOSPC."""
+
+    def __init__(self) -> None:
+        self.fail_at: int | None = None
+        self.writes = 0
+
+    def write(self, fd: int, data: bytes) -> int:
+        self.writes += 1
+        if self.fail_at is not None and self.writes >= self.fail_at:
+            if len(data) > 1 and self.writes == self.fail_at:
+                return os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def arm(self, nth: int) -> None:
+        self.writes, self.fail_at = 0, nth
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("nth", "stage"), [(1, "thumbnail log"), (2, "records log")])
+def test_full_disk_fails_the_enrolment_and_leaves_the_gallery_as_it_was(
+    tmp_path: Path, nth: int, stage: str
+) -> None:
+    rng = np.random.default_rng(6)
+    disk = FullDisk()
+    with _store(tmp_path, writer=disk) as store:
+        gallery = store.create_gallery("g")
+        gallery.enroll(_subject("Ana Lima"), [_face(rng)])
+        before = _snapshot(store.root)
+        disk.arm(nth)
+        with pytest.raises(StorageFullError, match="disk full"):
+            gallery.enroll(_subject("Cleo Park"), [_face(rng), _face(rng)])
+        assert len(gallery.subjects()) == 1
+        assert _snapshot(store.root) == before, f"the failed {stage} write left bytes behind"
+        disk.fail_at = None  # space freed
+        later = gallery.enroll(_subject("Dan Roe"), [_face(rng)])
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert len(gallery.subjects()) == 2 and gallery.torn_bytes == 0
+        assert gallery.thumbnail(later.faces[0].face_id).startswith(b"\xff\xd8")
+
+
+@pytest.mark.parametrize(("nth", "stage"), [(1, "keyring"), (4, "rewritten logs")])
+def test_full_disk_during_compaction_keeps_the_old_gallery(
+    tmp_path: Path, nth: int, stage: str
+) -> None:
+    rng = np.random.default_rng(6)
+    disk = FullDisk()
+    with _store(tmp_path, writer=disk) as store:
+        gallery = store.create_gallery("g")
+        gone = gallery.enroll(_subject("Ana Lima"), [_face(rng)])
+        kept = gallery.enroll(_subject("Ben Okafor"), [_face(rng)])
+        gallery.delete_subject(gone.subject.subject_id, compact=False)
+        logs = {k: v for k, v in _snapshot(store.root).items() if k.endswith(".log")}
+        disk.arm(nth)
+        with pytest.raises(StorageFullError):
+            gallery.compact()
+        after = {k: v for k, v in _snapshot(store.root).items() if not k.endswith(".json")}
+        assert {k: v for k, v in after.items() if k.endswith(".log")} == logs, stage
+        assert not [k for k in after if k.endswith((".new", ".tmp", RETIRED_SUFFIX))]
+        assert [s.subject_id for s in gallery.subjects()] == [kept.subject.subject_id]
+        assert gallery.thumbnail(kept.faces[0].face_id).startswith(b"\xff\xd8")
+    with _store(tmp_path) as store:  # the disk has room again
+        gallery = store.open_gallery("g")
+        _, wrapped = read_keyring(store.root / KEYRING_FILE)
+        assert list(wrapped[gallery.gallery_id]) == [gallery.key_id]
+        gallery.compact()
+        assert [s.subject_id for s in gallery.subjects()] == [kept.subject.subject_id]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the FileWriter test covers ENOSPC")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_real_full_disk_on_a_tiny_tmpfs(tiny_tmpfs: Path) -> None:
+    rng = np.random.default_rng(7)
+    acknowledged = []
+    with _store(tiny_tmpfs) as store:
+        gallery = store.create_gallery("g")
+        with pytest.raises(StorageFullError):
+            for i in range(100):
+                made = gallery.enroll(_subject(f"p{i}"), [_face(rng, thumb_bytes=20_000)])
+                acknowledged.append(made.subject.subject_id)
+        assert len(acknowledged) >= 3
+        assert [s.subject_id for s in gallery.subjects()] == acknowledged
+    with _store(tiny_tmpfs) as store:
+        gallery = store.open_gallery("g")
+        assert [s.subject_id for s in gallery.subjects()] == acknowledged
+        assert gallery.torn_bytes == 0
+        for face in gallery.faces():
+            assert gallery.thumbnail(face.face_id).startswith(b"\xff\xd8")
+
+
+# -- erasure ---------------------------------------------------------------------------------
+
+
+def _b64_cores(data: bytes) -> list[bytes]:
+    """The parts of base64(data) that stay the same wherever ``data`` sits in a longer string:
+    one per alignment, without the characters shared with neighbouring bytes."""
+    cores = []
+    for lead in range(3):
+        encoded = base64.b64encode(bytes(lead) + data)
+        cores.append(encoded[-(-lead * 8 // 6) : -4])
+    return cores
+
+
+def _text_needles(text: str) -> dict[str, bytes]:
+    utf8 = text.encode("utf-8")
+    needles = {
+        "utf-8": utf8,
+        "utf-16-le": text.encode("utf-16-le"),
+        "utf-16-be": text.encode("utf-16-be"),
+        "json-ascii": json.dumps(text)[1:-1].encode(),
+        "hex": utf8.hex().encode(),
+    }
+    for lead, core in enumerate(_b64_cores(utf8)):
+        needles[f"base64+{lead}"] = core
+    return needles
+
+
+def _embedding_needles(vector: np.ndarray) -> dict[str, bytes]:
+    raw = vector.astype("<f4").tobytes()
+    needles = {
+        "float32-le": raw[:32],
+        "float32-le-mid": raw[200:232],
+        "float32-be": vector.astype(">f4").tobytes()[:32],
+        "float64-le": vector.astype("<f8").tobytes()[:32],
+        "hex": raw[:32].hex().encode(),
+        "json": ", ".join(repr(float(x)) for x in vector[:3]).encode(),
+        "json-compact": ",".join(repr(float(x)) for x in vector[:3]).encode(),
+    }
+    for lead, core in enumerate(_b64_cores(raw[:48])):
+        needles[f"base64+{lead}"] = core
+    return needles
+
+
+def _hits(root: Path, needles: dict[str, bytes]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{name} in {path.name}" for name, n in needles.items() if n in data]
+    return found
+
+
+def test_b64_cores_find_text_at_any_offset() -> None:
+    for lead in range(5):
+        encoded = base64.b64encode(b"x" * lead + "Žofie Canary".encode() + b"tail")
+        assert any(core in encoded for core in _b64_cores("Žofie Canary".encode()))
+
+
+def test_erasure_leaves_no_trace_of_deleted_canaries(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    canaries = {
+        "Quintessa Marrowbyte-Canary": "canary note: velvet periwinkle 4471",
+        "Žofie Ærøskøbing Kanárek": "kanárek poznámka: fialová 9902",
+    }
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        keeper = gallery.enroll(_subject("Keeper Subject"), [_face(rng)])
+        before = _snapshot(tmp_path)
+        made = []
+        for name, notes in canaries.items():
+            faces = [_face(rng, thumb_bytes=4000), _face(rng, thumb_bytes=4000)]
+            made.append(gallery.enroll(_subject(name, notes=notes), faces))
+        needles: dict[str, bytes] = {}
+        for name, notes in canaries.items():
+            needles |= {f"{name[:6]} {k}": v for k, v in _text_needles(name).items()}
+            needles |= {f"note {k}": v for k, v in _text_needles(notes).items()}
+        for enrolment in made:
+            for face in enrolment.faces:
+                needles |= {
+                    f"{face.face_id[:6]} {k}": v
+                    for k, v in _embedding_needles(face.embedding).items()
+                }
+                jpeg = gallery.thumbnail(face.face_id)
+                needles[f"{face.face_id[:6]} thumbnail"] = jpeg[100:140]
+        assert not _hits(tmp_path, needles), "plaintext biometric data on disk before deletion"
+
+        # The canaries' ciphertext as written, to prove the old bytes are gone too.
+        after = _snapshot(tmp_path)
+        for rel, data in after.items():
+            if rel.endswith(".log") and rel in before:
+                grown = data[len(before[rel]) :]
+                needles |= {
+                    f"old ciphertext {rel[-20:]}@{i}": grown[i : i + 32]
+                    for i in range(64, len(grown) - 32, 257)
+                }
+        old_key = gallery.key_id
+        for enrolment in made:
+            gallery.delete_subject(enrolment.subject.subject_id, compact=False)
+        gallery.compact()
+        assert gallery.key_id != old_key
+        hits = _hits(tmp_path, needles)
+        assert not hits, f"deleted data still on disk: {hits[:5]}"
+    _, wrapped = read_keyring(tmp_path / GALLERIES_DIR / KEYRING_FILE)
+    assert list(wrapped[gallery.gallery_id]) == [gallery.key_id]  # the old data key is erased
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert [s.subject_id for s in gallery.subjects()] == [keeper.subject.subject_id]
+        assert gallery.thumbnail(keeper.faces[0].face_id).startswith(b"\xff\xd8")
+
+
+def test_interrupted_compaction_is_tidied_on_open(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        made = gallery.enroll(_subject("Ana Lima"), [_face(rng)])
+        log = _log(store, gallery)
+        directory = log.parent
+    os.link(log, directory / (RECORDS_LOG + RETIRED_SUFFIX))  # crashed before the commit
+    (directory / (RECORDS_LOG + ".new")).write_bytes(b"half a compaction")
+    (directory / "thumbs-0123456789abcdef0123456789abcdef.log").write_bytes(b"orphan")
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert gallery.subject(made.subject.subject_id).display_name == "Ana Lima"
+        assert gallery.thumbnail(made.faces[0].face_id).startswith(b"\xff\xd8")
+        assert sorted(p.name for p in directory.iterdir()) == sorted(
+            [RECORDS_LOG, f"thumbs-{gallery.key_id}.log"]
+        )
+
+
+def test_half_done_create_and_delete_are_cleaned_and_a_lost_keyring_refused(
+    tmp_path: Path,
+) -> None:
+    with _store(tmp_path) as store:
+        kept = store.create_gallery("kept")
+        half_deleted = store.root / ("ab" * 16)
+        half_deleted.mkdir()
+        (half_deleted / RECORDS_LOG).write_bytes(b"ciphertext whose key is gone")
+        half_created = store.keyring.new_data_key("cd" * 16)
+    with _store(tmp_path) as store:
+        assert not half_deleted.exists()
+        assert store.keyring.gallery_ids() == [kept.gallery_id]
+        assert half_created[0] not in json.dumps(store.keyring.wrapped_keys(), default=str)
+    keyring = tmp_path / GALLERIES_DIR / KEYRING_FILE
+    keyring.rename(tmp_path / "elsewhere.json")
+    with pytest.raises(CorruptGalleryError, match="restore the keyring"):
+        _store(tmp_path)
+    (tmp_path / "elsewhere.json").rename(keyring)
+    with _store(tmp_path) as store:
+        assert [g.name for g in store.list_galleries()] == ["kept"]
+
+
+def test_delete_gallery_erases_its_files_and_keys(tmp_path: Path) -> None:
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        gallery.enroll(_subject("Ana Lima"), [_face(np.random.default_rng(10))])
+        store.create_gallery("other")
+        store.delete_gallery("g")
+        assert not (store.root / gallery.gallery_id).exists()
+        assert [g.name for g in store.list_galleries()] == ["other"]
+    _, wrapped = read_keyring(tmp_path / GALLERIES_DIR / KEYRING_FILE)
+    assert gallery.gallery_id not in wrapped
+
+
+# -- key rotation ----------------------------------------------------------------------------
+
+
+def _kek(state: Path, provider: PassphraseProvider | KeyFileProvider) -> tuple[str, bytes]:
+    info, _ = read_keyring(state / GALLERIES_DIR / KEYRING_FILE)
+    kek_id, params = str(info["kek_id"]), info["params"]
+    assert isinstance(params, dict)
+    return kek_id, provider.load(kek_id, params)
+
+
+def _assert_opens_nothing(state: Path, old_kek: bytes) -> None:
+    info, wrapped = read_keyring(state / GALLERIES_DIR / KEYRING_FILE)
+    assert wrapped, "nothing to test against"
+    for gid, keys in wrapped.items():
+        for key_id, blob in keys.items():
+            context = f"edgeid/keyring/v1/{info['kek_id']}/{gid}/{key_id}".encode()
+            with pytest.raises(DecryptionError):
+                unwrap_key(old_kek, bytes.fromhex(blob), context)
+
+
+def test_rotation_rewraps_every_data_key_and_the_old_kek_opens_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    old = PassphraseProvider("old passphrase", log2_n=FAST_SCRYPT)
+    new = PassphraseProvider("new passphrase", log2_n=FAST_SCRYPT)
+    with GalleryStore(tmp_path, old) as store:
+        made = [store.create_gallery(n).enroll(_subject(n), [_face(rng)]) for n in ("a", "b")]
+    old_id, old_kek = _kek(tmp_path, old)
+    with GalleryStore(tmp_path, old) as store:
+        store.rotate_kek(new)
+        assert store.open_gallery("a").subject(made[0].subject.subject_id).display_name == "a"
+    _assert_opens_nothing(tmp_path, old_kek)
+    with pytest.raises(DecryptionError):
+        GalleryStore(tmp_path, old)
+
+    new_id, new_kek = _kek(tmp_path, new)
+    keys = KeyFileProvider(tmp_path / "keys")
+    with GalleryStore(tmp_path, new) as store:
+        assert store.open_gallery("b").subject(made[1].subject.subject_id).display_name == "b"
+        store.rotate_kek(keys)
+    _assert_opens_nothing(tmp_path, new_kek)
+    key_id, _ = _kek(tmp_path, keys)
+    with _store(tmp_path) as store:
+        store.rotate_kek(KeyFileProvider(tmp_path / "keys"))
+        assert len(store.list_galleries()) == 2
+    assert not keys.path(key_id).exists()  # the retired key file is zero-filled and unlinked
+    assert len({old_id, new_id, key_id}) == 3
+
+
+# -- export / import -------------------------------------------------------------------------
+
+
+def test_export_import_round_trip_and_refusals(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    backup = tmp_path / "gallery.edgeid-export"
+    with _store(tmp_path / "box1") as store:
+        gallery = store.create_gallery("missing persons", description="unit B")
+        made = [
+            gallery.enroll(_subject(n, notes="n"), [_face(rng), _face(rng)])
+            for n in ("Ana Lima", "Ben Okafor")
+        ]
+        export_gallery(store, "missing persons", backup, "export secret", log2_n=FAST_SCRYPT)
+        with pytest.raises(BackupError, match="exists"):
+            export_gallery(store, "missing persons", backup, "x", log2_n=FAST_SCRYPT)
+        thumbs = {f.face_id: gallery.thumbnail(f.face_id) for f in gallery.faces()}
+        originals = {f.face_id: f for f in gallery.faces()}
+    assert b"Ana Lima" not in backup.read_bytes() and b"missing persons" not in backup.read_bytes()
+
+    box2 = tmp_path / "box2"
+    with GalleryStore(box2, PassphraseProvider("box2", log2_n=FAST_SCRYPT)) as store:
+        with pytest.raises(DecryptionError):
+            import_gallery(store, backup, "wrong secret")
+        assert store.list_galleries() == []
+        copy = import_gallery(store, backup, "export secret")
+        assert (copy.name, copy.description) == ("missing persons", "unit B")
+        for enrolment in made:
+            assert copy.subject(enrolment.subject.subject_id) == enrolment.subject
+        for face in copy.faces():
+            assert face.embedding.tobytes() == originals[face.face_id].embedding.tobytes()
+            assert face.enrolled_at == originals[face.face_id].enrolled_at
+            assert copy.thumbnail(face.face_id) == thumbs[face.face_id]
+        with pytest.raises(GalleryExistsError):
+            import_gallery(store, backup, "export secret")
+
+        data = backup.read_bytes()
+        damaged = tmp_path / "damaged"
+        for name, broken in {
+            "truncated": data[: len(data) - 50],
+            "bit flip": data[:-300] + bytes([data[-300] ^ 4]) + data[-299:],
+            "end dropped": data[: _export_end_offset(backup)],
+        }.items():
+            damaged.write_bytes(broken)
+            with pytest.raises(BackupError):
+                import_gallery(store, damaged, "export secret", name=name)
+            assert [g.name for g in store.list_galleries()] == ["missing persons"], name
+    with GalleryStore(box2, PassphraseProvider("box2", log2_n=FAST_SCRYPT)) as store:
+        assert len(store.open_gallery("missing persons").faces()) == 4
+
+
+def _export_end_offset(path: Path) -> int:
+    """Where the export's last frame (its end record) starts."""
+    data = path.read_bytes()
+    start = 12 + int.from_bytes(data[8:12], "big") + HEADER_BYTES
+    with open(path, "rb") as stream:
+        offsets = [f.offset for f in scan_frames(stream, "t", ScanState(), start=start)]
+    return offsets[-1]
+
+
+# -- sealed KEK providers --------------------------------------------------------------------
+
+
+def test_systemd_creds_provider(tmp_path: Path) -> None:
+    provider = SystemdCredsProvider(tmp_path / "creds")
+    if not provider.available():
+        pytest.skip("systemd-creds is missing or cannot encrypt on this machine")
+    with GalleryStore(tmp_path / "state", provider) as store:
+        made = store.create_gallery("g").enroll(_subject("Ana Lima"))
+    with GalleryStore(tmp_path / "state", SystemdCredsProvider(tmp_path / "creds")) as store:
+        assert store.open_gallery("g").subject(made.subject.subject_id).display_name == "Ana Lima"
+        (cred,) = (tmp_path / "creds").iterdir()
+        store.rotate_kek(KeyFileProvider(tmp_path / "keys"))
+    assert not cred.exists()
+    assert SystemdCredsProvider(tmp_path, binary="no-such-systemd-creds").available() is False
+
+
+def _free_port_pair() -> int:
+    """A loopback port whose successor is free too: the swtpm TCTI expects the control
+    channel on the server port + 1."""
+    for _ in range(50):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no pair of free loopback ports for swtpm")
+
+
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Iterator[str]:
+    """A software TPM on loopback; yields its TCTI string."""
+    if shutil.which("swtpm") is None or shutil.which("tpm2_createprimary") is None:
+        pytest.skip(
+            "swtpm or tpm2-tools not installed (apt-get install swtpm swtpm-tools tpm2-tools)"
+        )
+    state = tmp_path / "tpm-state"
+    state.mkdir()
+    port = _free_port_pair()
+    process = subprocess.Popen(
+        [
+            "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+            "--flags", "not-need-init,startup-clear",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            pytest.skip("swtpm did not start")
+        yield f"swtpm:host=127.0.0.1,port={port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_tpm2_provider_against_swtpm(tmp_path: Path, swtpm: str) -> None:
+    provider = Tpm2Provider(tmp_path / "tpm-keys", tcti=swtpm)
+    assert provider.available()
+    with GalleryStore(tmp_path / "state", provider) as store:
+        made = store.create_gallery("g").enroll(_subject("Ana Lima"))
+    again = Tpm2Provider(tmp_path / "tpm-keys", tcti=swtpm)
+    with GalleryStore(tmp_path / "state", again) as store:
+        assert store.open_gallery("g").subject(made.subject.subject_id).display_name == "Ana Lima"
+    blobs = sorted((tmp_path / "tpm-keys").iterdir())
+    assert [b.suffix for b in blobs] == [".priv", ".pub"]
+
+    assert Tpm2Provider(tmp_path, tcti="swtpm:host=127.0.0.1,port=1").available() is False
+
+    with GalleryStore(tmp_path / "state", again) as store:
+        store.rotate_kek(KeyFileProvider(tmp_path / "keys"))
+    assert not any(b.exists() for b in blobs)
+
+
+def test_tpm2_blobs_do_not_open_on_another_tpm(tmp_path: Path, swtpm: str) -> None:
+    with GalleryStore(tmp_path / "state", Tpm2Provider(tmp_path / "k", tcti=swtpm)) as store:
+        store.create_gallery("g")
+    # Wipe the TPM's persistent state so its owner seed (and so the sealing parent) is new.
+    tpm_state = tmp_path / "tpm-state"
+    subprocess.run(["tpm2_clear", "-c", "p"], env={**os.environ, "TPM2TOOLS_TCTI": swtpm},
+                   capture_output=True, check=True)  # fmt: skip
+    assert tpm_state.exists()
+    with pytest.raises(DecryptionError):
+        GalleryStore(tmp_path / "state", Tpm2Provider(tmp_path / "k", tcti=swtpm))
+
+
+def test_clock_drives_expiry(tmp_path: Path) -> None:
+    now = [datetime(2025, 1, 1, tzinfo=UTC)]
+    with _store(tmp_path, clock=lambda: now[0]) as store:
+        gallery = store.create_gallery("g")
+        made = gallery.enroll(_subject("Ana Lima", retention_until=date(2025, 2, 1)))
+        assert gallery.expired_subjects() == []
+        now[0] += timedelta(days=40)
+        assert gallery.expired_subjects() == [made.subject]
