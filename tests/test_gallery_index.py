@@ -1,0 +1,371 @@
+"""The gallery's search index and open-set decisions, on real LFW templates where it matters.
+
+Real templates: the product pipeline embeds 140 LFW dev images once per run: the first two
+images of 40 people who have several (first image enrolled, second held out as a mated probe)
+and 60 people with one image (30 enrolled as distractors, 30 never enrolled: non-mated probes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from runtime.errors import BadInputError
+from runtime.gallery import index as index_module
+from runtime.gallery.index import (
+    DELETE_REBUILD_FRACTION,
+    MIN_CAPACITY,
+    DuplicateFaceError,
+    GalleryIndex,
+    IndexDamagedError,
+    IndexParams,
+    ModelMismatchError,
+    UnknownFaceError,
+    load_or_rebuild,
+)
+from runtime.gallery.thresholds import (
+    CALIBRATED_FMRS,
+    CalibrationError,
+    ScoreBand,
+    load_calibration,
+    operating_fmr_for_fpir,
+    parse_calibration,
+)
+from runtime.inference.pipeline import EMBEDDER_MODEL
+
+MATED_PEOPLE = 40
+SINGLE_PEOPLE = 60
+# An index parameterised for tests of behaviour, not recall: small and quick to build.
+SMALL = IndexParams(m=8, ef_construction=64, ef_search=32, rerank=20)
+NONCE = 12
+AAD = b"edgeid-test/gallery-1/index/v1"
+
+Floats = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class RealSet:
+    gallery: Floats  # enrolled templates, label = row
+    gallery_people: list[str]
+    mated_probes: Floats  # row i is a second image of gallery row i
+    unenrolled: Floats  # people not in the gallery
+    every: Floats  # all 140 templates
+    every_people: list[str]
+
+
+@pytest.fixture(scope="module")
+def real(lfw_dir: Path, models_dir: Path) -> RealSet:
+    from runtime.evaluation.lfw import central_face_embedder
+    from runtime.inference.pipeline import FacePipeline
+
+    images = lfw_dir / "images"
+    folders = sorted(p for p in images.iterdir() if p.is_dir())
+    files = {p.name: sorted(p.glob("*.jpg")) for p in folders}
+    multi = [n for n in files if len(files[n]) >= 2][:MATED_PEOPLE]
+    single = [n for n in files if len(files[n]) == 1][:SINGLE_PEOPLE]
+    embed = central_face_embedder(FacePipeline.load(models_dir))
+
+    def vectors(paths: list[Path]) -> Floats:
+        found = [embed(p) for p in paths]
+        assert all(v is not None for v in found), "LFW dev has a face in every image"
+        return np.stack([np.asarray(v, dtype=np.float32) for v in found])
+
+    firsts = vectors([files[n][0] for n in multi])
+    seconds = vectors([files[n][1] for n in multi])
+    distractors = vectors([files[n][0] for n in single[0::2]])
+    unenrolled = vectors([files[n][0] for n in single[1::2]])
+    gallery_people = multi + single[0::2]
+    return RealSet(
+        gallery=np.concatenate([firsts, distractors]),
+        gallery_people=gallery_people,
+        mated_probes=seconds,
+        unenrolled=unenrolled,
+        every=np.concatenate([firsts, distractors, seconds, unenrolled]),
+        every_people=gallery_people + multi + single[1::2],
+    )
+
+
+def _aes_gcm(key: bytes) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    aead = AESGCM(key)
+
+    def seal(plaintext: bytes) -> bytes:
+        nonce = os.urandom(NONCE)
+        return nonce + aead.encrypt(nonce, plaintext, AAD)
+
+    def open_(sealed: bytes) -> bytes:
+        return aead.decrypt(sealed[:NONCE], sealed[NONCE:], AAD)
+
+    return seal, open_
+
+
+def _search_bench() -> ModuleType:
+    """benchmarks/ is not an installed package: import it from this checkout."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("benchmarks.search_bench")
+
+
+def _unit(rows: int, seed: int = 0, dim: int = 128) -> Floats:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((rows, dim)).astype(np.float32)
+    unit: Floats = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return unit
+
+
+# -- search on real templates --------------------------------------------------------------
+
+
+def test_held_out_image_finds_its_mate_first(real: RealSet) -> None:
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    firsts = [index.search(p, EMBEDDER_MODEL, k=5)[0].label for p in real.mated_probes]
+    rank1 = np.mean(np.asarray(firsts) == np.arange(MATED_PEOPLE))
+    # dlib's ResNet verifies LFW pairs at ~0.985; a gallery of 70 costs little rank-1.
+    assert rank1 >= 0.9, f"rank-1 hit rate {rank1:.3f} over {MATED_PEOPLE} held-out images"
+
+
+def test_scores_are_exact_cosines_best_first(real: RealSet) -> None:
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    probe = real.mated_probes[0]
+    found = index.search(probe, EMBEDDER_MODEL, k=10)
+    exact = real.gallery.astype(np.float64) @ probe.astype(np.float64)
+    assert [c.label for c in found] == list(np.argsort(-exact)[:10])
+    assert [c.score for c in found] == pytest.approx(np.sort(exact)[::-1][:10], abs=1e-6)
+    assert index.verify(probe, 0, EMBEDDER_MODEL) == pytest.approx(exact[0], abs=1e-6)
+
+
+def test_delete_removes_a_face_from_results_and_compaction_from_memory(real: RealSet) -> None:
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery, SMALL)
+    probe = real.mated_probes[3]
+    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].label == 3
+    assert index.delete([3]) is False  # 1 of 70 is below the rebuild threshold
+    assert len(index) == len(real.gallery) - 1
+    assert 3 not in [c.label for c in index.search(probe, EMBEDDER_MODEL, k=20)]
+    with pytest.raises(UnknownFaceError):
+        index.verify(probe, 3, EMBEDDER_MODEL)
+    with pytest.raises(UnknownFaceError):
+        index.delete([3])
+    index.compact()
+    assert index.deleted_count == 0
+    assert 3 not in index.labels().tolist()
+    # A deleted label may be enrolled again (e.g. a re-enrolment after a mistaken delete).
+    index.add([3], real.gallery[3:4], EMBEDDER_MODEL)
+    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].label == 3
+
+
+def test_deleting_past_the_threshold_rebuilds_without_deleted_faces() -> None:
+    vectors = _unit(500)
+    index = GalleryIndex.build("m", np.arange(500), vectors, SMALL)
+    doomed = np.arange(int(500 * DELETE_REBUILD_FRACTION))
+    assert index.delete(doomed[:-1]) is False
+    assert index.deleted_count == len(doomed) - 1
+    assert index.delete(doomed[-1:]) is True
+    assert index.deleted_count == 0
+    assert len(index) == 500 - len(doomed)
+    assert index.search(vectors[0], "m", k=1)[0].label != 0
+
+
+def test_incremental_adds_grow_the_index_and_refuse_duplicates() -> None:
+    vectors = _unit(MIN_CAPACITY + 100)
+    index = GalleryIndex("m", 128, SMALL)
+    for start in range(0, len(vectors), 300):
+        rows = np.arange(start, min(start + 300, len(vectors)))
+        index.add(rows, vectors[rows], "m")
+    assert len(index) == len(vectors)
+    assert index.search(vectors[-1], "m", k=1)[0].label == len(vectors) - 1
+    with pytest.raises(DuplicateFaceError):
+        index.add([5], vectors[5:6], "m")
+    with pytest.raises(DuplicateFaceError):
+        index.add([9000, 9000], vectors[:2], "m")
+
+
+def test_bad_templates_are_refused() -> None:
+    index = GalleryIndex("m", 128, SMALL)
+    with pytest.raises(BadInputError, match="unit length"):
+        index.add([0], 2 * _unit(1), "m")
+    with pytest.raises(BadInputError, match="dimension 128"):
+        index.add([0], _unit(1, dim=64), "m")
+    with pytest.raises(BadInputError, match="labels"):
+        index.add([-1], _unit(1), "m")
+    assert index.search(_unit(1)[0], "m") == []
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def test_probe_of_another_model_is_refused_with_a_clear_error() -> None:
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(50), _unit(50), SMALL)
+    other = "arcface_r100"
+    for call in (
+        lambda: index.search(_unit(1)[0], other),
+        lambda: index.verify(_unit(1)[0], 0, other),
+        lambda: index.add([99], _unit(1), other),
+    ):
+        with pytest.raises(ModelMismatchError) as caught:
+            call()
+        assert other in str(caught.value) and EMBEDDER_MODEL in str(caught.value)
+        assert isinstance(caught.value, BadInputError)  # the CLI answers exit code 2
+
+
+# -- persistence ---------------------------------------------------------------------------
+
+
+def test_sealed_index_round_trips(real: RealSet) -> None:
+    seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    index.delete([5])
+    sealed = index.seal_with(seal)
+    assert real.gallery[0].tobytes() not in sealed  # encrypted, not merely wrapped
+    reopened = GalleryIndex.open_sealed(
+        sealed, open_, model_id=EMBEDDER_MODEL, dim=128, open_errors=(Exception,)
+    )
+    assert len(reopened) == len(index) and reopened.deleted_count == 1
+    for probe in real.mated_probes[:10]:
+        assert reopened.search(probe, EMBEDDER_MODEL) == index.search(probe, EMBEDDER_MODEL)
+
+
+def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
+    real: RealSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flipped bit in the sealed index must never reach hnswlib's loader (a C++ parser
+    that trusts its input): authentication fails first, and the index is rebuilt."""
+    seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))
+    labels = np.arange(len(real.gallery))
+    sealed = GalleryIndex.build(EMBEDDER_MODEL, labels, real.gallery).seal_with(seal)
+    loads: list[int] = []
+    real_loader = index_module._hnsw_from_bytes
+
+    def spy(graph: memoryview | bytes, dim: int) -> object:
+        loads.append(len(graph))
+        return real_loader(graph, dim)
+
+    monkeypatch.setattr(index_module, "_hnsw_from_bytes", spy)
+    sources: list[int] = []
+
+    def source() -> tuple[npt.NDArray[np.int64], Floats]:
+        sources.append(1)
+        return labels, real.gallery
+
+    tampered = bytearray(sealed)
+    tampered[len(tampered) // 2] ^= 0x01
+    result = load_or_rebuild(bytes(tampered), open_, source, model_id=EMBEDDER_MODEL, dim=128)
+    assert loads == [] and sources == [1]
+    assert result.rebuilt and result.reason and result.reason.startswith("damaged")
+    assert result.index.search(real.mated_probes[0], EMBEDDER_MODEL, k=1)[0].label == 0
+
+    with pytest.raises(IndexDamagedError):
+        GalleryIndex.open_sealed(bytes(tampered), open_, model_id=EMBEDDER_MODEL, dim=128)
+    assert loads == []
+
+    intact = load_or_rebuild(sealed, open_, source, model_id=EMBEDDER_MODEL, dim=128)
+    assert not intact.rebuilt and len(loads) == 1 and sources == [1]
+    missing = load_or_rebuild(None, open_, source, model_id=EMBEDDER_MODEL, dim=128)
+    assert missing.rebuilt and missing.reason == "missing"
+    stale = load_or_rebuild(sealed, open_, source, model_id="other_model", dim=128)
+    assert (
+        stale.rebuilt and stale.reason == "model changed" and stale.index.model_id == "other_model"
+    )
+
+
+def test_authentic_but_malformed_plaintext_is_damage_not_a_crash() -> None:
+    """Our own sealer around bytes that are not an index (e.g. another record kind)."""
+    seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))
+    for plaintext in (b"", b"EDGEIDX\x00\xff\xff\xff\xff{}", b"not an index at all"):
+        with pytest.raises(IndexDamagedError):
+            GalleryIndex.open_sealed(seal(plaintext), open_, model_id="m", dim=128)
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd is Linux-only")
+def test_plaintext_index_bytes_go_through_memory_not_disk() -> None:
+    with index_module._scratch_file() as path:
+        assert str(path).startswith("/proc/self/fd/")
+        assert os.readlink(path).startswith("/memfd:")
+
+
+# -- recall against exact search -----------------------------------------------------------
+
+
+def test_recall_at_10_against_exact_search_on_20k_realistic_templates(real: RealSet) -> None:
+    """20,000 synthetic templates with the mean and the between- and within-person spread of
+    the real ones (not i.i.d. noise); probes are new images of enrolled and new people."""
+    bench = _search_bench()
+    model = bench.TemplateModel.fit(real.every, real.every_people, "test", shrinkage=0.5)
+    rng = np.random.default_rng(7)
+    gallery, _, centres = model.sample(20_000, rng)
+    probes = model.images(
+        np.concatenate([centres[rng.choice(len(centres), 100)], model.centres(100, rng)]), rng
+    )
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(gallery)), gallery)
+    truth = bench.exact_top(gallery, probes, 10)
+    hits = sum(
+        len({c.label for c in index.search(p, EMBEDDER_MODEL, k=10)} & set(t.tolist()))
+        for p, t in zip(probes, truth, strict=True)
+    )
+    recall = hits / truth.size
+    assert recall >= 0.99, f"recall@10 {recall:.4f} on {len(probes)} probes"
+
+
+# -- open-set decisions --------------------------------------------------------------------
+
+
+def test_shipped_calibration_is_complete() -> None:
+    calibration = load_calibration(EMBEDDER_MODEL)
+    assert calibration.data.non_mated.comparisons > 1_000_000
+    assert calibration.data.mated.comparisons > 900
+    scores = [calibration.threshold(f) for f in sorted(CALIBRATED_FMRS, reverse=True)]
+    assert scores == sorted(scores)
+    assert calibration.band(calibration.threshold(1e-4)) is ScoreBand.STRONG
+    assert calibration.band(calibration.threshold(1e-3)) is ScoreBand.MODERATE
+    assert calibration.band(calibration.threshold(1e-2)) is ScoreBand.WEAK
+    assert calibration.band(calibration.threshold(1e-2) - 1e-4) is ScoreBand.BELOW_THRESHOLD
+    with pytest.raises(CalibrationError, match=r"no threshold for fmr 0\.05"):
+        calibration.threshold(0.05)
+    with pytest.raises(CalibrationError, match="no calibrated thresholds"):
+        load_calibration("uncalibrated_model")
+
+
+def test_inconsistent_calibration_is_refused() -> None:
+    text = load_calibration(EMBEDDER_MODEL).data.model_dump_json()
+    swapped = text.replace('"fmr":0.01', '"fmr":0.5').replace('"fmr":0.0001', '"fmr":0.01')
+    with pytest.raises(CalibrationError, match="unusable"):
+        parse_calibration(swapped, "test")
+
+
+def test_calibrated_threshold_holds_its_false_match_rate_on_lfw_pairs(real: RealSet) -> None:
+    calibration = load_calibration(EMBEDDER_MODEL)
+    threshold = calibration.threshold(1e-3)
+    people = np.asarray(real.every_people)
+    upper = np.triu_indices(len(people), k=1)
+    scores = (real.every.astype(np.float64) @ real.every.T.astype(np.float64))[upper]
+    non_mated = people[upper[0]] != people[upper[1]]
+    fmr = float(np.mean(scores[non_mated] >= threshold))
+    tar = float(np.mean(scores[~non_mated] >= threshold))
+    # ~9,700 non-mated pairs, drawn from the calibration images: the rate may wander, not by 3x.
+    assert fmr <= 3e-3, f"FMR {fmr:.5f} at the 1e-3 threshold over {non_mated.sum()} pairs"
+    assert tar >= 0.85, f"TAR {tar:.3f} at the 1e-3 threshold over {(~non_mated).sum()} pairs"
+
+
+def test_unenrolled_people_get_no_match_and_enrolled_ones_a_match(real: RealSet) -> None:
+    calibration = load_calibration(EMBEDDER_MODEL)
+    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    fmr = operating_fmr_for_fpir(0.1, len(index))  # 70 faces: 1e-3 keeps FPIR below 0.1
+    assert fmr == 1e-3
+    unenrolled = [calibration.decide(index.search(p, EMBEDDER_MODEL), fmr) for p in real.unenrolled]
+    no_match = [d for d in unenrolled if d.no_match]
+    assert len(no_match) >= 0.85 * len(unenrolled), f"{len(no_match)} of {len(unenrolled)}"
+    answer = no_match[0].to_json()
+    assert answer["no_match"] is True and len(answer["candidates"]) == 10  # type: ignore[arg-type]
+    enrolled = [calibration.decide(index.search(p, EMBEDDER_MODEL), fmr) for p in real.mated_probes]
+    hits = [d for i, d in enumerate(enrolled) if not d.no_match and d.matches[0].label == i]
+    assert len(hits) >= 0.85 * MATED_PEOPLE
+    assert all(d.candidates[0].band in (ScoreBand.STRONG, ScoreBand.MODERATE) for d in hits)
