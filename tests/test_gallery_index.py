@@ -55,7 +55,7 @@ Floats = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class RealSet:
-    gallery: Floats  # enrolled templates, label = row
+    gallery: Floats  # enrolled templates, face id ids(n)[row]
     gallery_people: list[str]
     mated_probes: Floats  # row i is a second image of gallery row i
     unenrolled: Floats  # people not in the gallery
@@ -108,6 +108,11 @@ def _aes_gcm(key: bytes) -> tuple[Callable[[bytes], bytes], Callable[[bytes], by
     return seal, open_
 
 
+def ids(count: int) -> list[str]:
+    """Face ids shaped like the store's (32 hex digits); row i gets ids(n)[i]."""
+    return [f"{i:032x}" for i in range(count)]
+
+
 def _search_bench() -> ModuleType:
     """benchmarks/ is not an installed package: import it from this checkout."""
     root = str(Path(__file__).resolve().parent.parent)
@@ -127,76 +132,82 @@ def _unit(rows: int, seed: int = 0, dim: int = 128) -> Floats:
 
 
 def test_held_out_image_finds_its_mate_first(real: RealSet) -> None:
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
-    firsts = [index.search(p, EMBEDDER_MODEL, k=5)[0].label for p in real.mated_probes]
-    rank1 = np.mean(np.asarray(firsts) == np.arange(MATED_PEOPLE))
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery)
+    firsts = [index.search(p, EMBEDDER_MODEL, k=5)[0].face_id for p in real.mated_probes]
+    rank1 = np.mean(np.asarray(firsts) == np.asarray(ids(MATED_PEOPLE)))
     # dlib's ResNet verifies LFW pairs at ~0.985; a gallery of 70 costs little rank-1.
     assert rank1 >= 0.9, f"rank-1 hit rate {rank1:.3f} over {MATED_PEOPLE} held-out images"
 
 
 def test_scores_are_exact_cosines_best_first(real: RealSet) -> None:
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery)
     probe = real.mated_probes[0]
     found = index.search(probe, EMBEDDER_MODEL, k=10)
     exact = real.gallery.astype(np.float64) @ probe.astype(np.float64)
-    assert [c.label for c in found] == list(np.argsort(-exact)[:10])
+    assert [c.face_id for c in found] == [ids(70)[i] for i in np.argsort(-exact)[:10]]
     assert [c.score for c in found] == pytest.approx(np.sort(exact)[::-1][:10], abs=1e-6)
-    assert index.verify(probe, 0, EMBEDDER_MODEL) == pytest.approx(exact[0], abs=1e-6)
+    assert index.verify(probe, ids(1)[0], EMBEDDER_MODEL) == pytest.approx(exact[0], abs=1e-6)
 
 
 def test_delete_removes_a_face_from_results_and_compaction_from_memory(real: RealSet) -> None:
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery, SMALL)
-    probe = real.mated_probes[3]
-    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].label == 3
-    assert index.delete([3]) is False  # 1 of 70 is below the rebuild threshold
-    assert len(index) == len(real.gallery) - 1
-    assert 3 not in [c.label for c in index.search(probe, EMBEDDER_MODEL, k=20)]
+    face_ids = ids(len(real.gallery))
+    index = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery, SMALL)
+    probe, doomed = real.mated_probes[3], face_ids[3]
+    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].face_id == doomed
+    assert index.delete([doomed]) is False  # 1 of 70 is below the rebuild threshold
+    assert len(index) == len(real.gallery) - 1 and doomed not in index
+    assert doomed not in [c.face_id for c in index.search(probe, EMBEDDER_MODEL, k=20)]
     with pytest.raises(UnknownFaceError):
-        index.verify(probe, 3, EMBEDDER_MODEL)
+        index.verify(probe, doomed, EMBEDDER_MODEL)
     with pytest.raises(UnknownFaceError):
-        index.delete([3])
+        index.delete([doomed])
     index.compact()
-    assert index.deleted_count == 0
-    assert 3 not in index.labels().tolist()
-    # A deleted label may be enrolled again (e.g. a re-enrolment after a mistaken delete).
-    index.add([3], real.gallery[3:4], EMBEDDER_MODEL)
-    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].label == 3
+    assert index.deleted_count == 0 and len(index) == len(real.gallery) - 1
+    assert doomed not in index.face_ids()
+    # Labels were renumbered by the compaction: every other face still answers to its id.
+    assert index.search(real.mated_probes[4], EMBEDDER_MODEL, k=1)[0].face_id == face_ids[4]
+    # A deleted face may be enrolled again (e.g. a re-enrolment after a mistaken delete).
+    index.add([doomed], real.gallery[3:4], EMBEDDER_MODEL)
+    assert index.search(probe, EMBEDDER_MODEL, k=1)[0].face_id == doomed
 
 
 def test_deleting_past_the_threshold_rebuilds_without_deleted_faces() -> None:
-    vectors = _unit(500)
-    index = GalleryIndex.build("m", np.arange(500), vectors, SMALL)
-    doomed = np.arange(int(500 * DELETE_REBUILD_FRACTION))
+    vectors, face_ids = _unit(500), ids(500)
+    index = GalleryIndex.build("m", face_ids, vectors, SMALL)
+    doomed = face_ids[: int(500 * DELETE_REBUILD_FRACTION)]
     assert index.delete(doomed[:-1]) is False
     assert index.deleted_count == len(doomed) - 1
     assert index.delete(doomed[-1:]) is True
     assert index.deleted_count == 0
     assert len(index) == 500 - len(doomed)
-    assert index.search(vectors[0], "m", k=1)[0].label != 0
+    assert index.search(vectors[0], "m", k=1)[0].face_id not in doomed
+    assert index.search(vectors[-1], "m", k=1)[0].face_id == face_ids[-1]
 
 
 def test_incremental_adds_grow_the_index_and_refuse_duplicates() -> None:
-    vectors = _unit(MIN_CAPACITY + 100)
+    vectors, face_ids = _unit(MIN_CAPACITY + 100), ids(MIN_CAPACITY + 100)
     index = GalleryIndex("m", 128, SMALL)
     for start in range(0, len(vectors), 300):
-        rows = np.arange(start, min(start + 300, len(vectors)))
-        index.add(rows, vectors[rows], "m")
+        index.add(face_ids[start : start + 300], vectors[start : start + 300], "m")
     assert len(index) == len(vectors)
-    assert index.search(vectors[-1], "m", k=1)[0].label == len(vectors) - 1
+    assert index.search(vectors[-1], "m", k=1)[0].face_id == face_ids[-1]
     with pytest.raises(DuplicateFaceError):
-        index.add([5], vectors[5:6], "m")
+        index.add([face_ids[5]], vectors[5:6], "m")
     with pytest.raises(DuplicateFaceError):
-        index.add([9000, 9000], vectors[:2], "m")
+        index.add(["new", "new"], vectors[:2], "m")
+    assert len(index) == len(vectors)  # a refused add changes nothing
 
 
 def test_bad_templates_are_refused() -> None:
     index = GalleryIndex("m", 128, SMALL)
     with pytest.raises(BadInputError, match="unit length"):
-        index.add([0], 2 * _unit(1), "m")
+        index.add(["a"], 2 * _unit(1), "m")
     with pytest.raises(BadInputError, match="dimension 128"):
-        index.add([0], _unit(1, dim=64), "m")
-    with pytest.raises(BadInputError, match="labels"):
-        index.add([-1], _unit(1), "m")
+        index.add(["a"], _unit(1, dim=64), "m")
+    with pytest.raises(BadInputError, match="face ids"):
+        index.add([""], _unit(1), "m")
+    with pytest.raises(BadInputError, match="face ids"):
+        index.add("a", _unit(1), "m")
     assert index.search(_unit(1)[0], "m") == []
 
 
@@ -204,12 +215,12 @@ def test_bad_templates_are_refused() -> None:
 
 
 def test_probe_of_another_model_is_refused_with_a_clear_error() -> None:
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(50), _unit(50), SMALL)
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(50), _unit(50), SMALL)
     other = "arcface_r100"
     for call in (
         lambda: index.search(_unit(1)[0], other),
-        lambda: index.verify(_unit(1)[0], 0, other),
-        lambda: index.add([99], _unit(1), other),
+        lambda: index.verify(_unit(1)[0], ids(1)[0], other),
+        lambda: index.add(["new"], _unit(1), other),
     ):
         with pytest.raises(ModelMismatchError) as caught:
             call()
@@ -222,8 +233,8 @@ def test_probe_of_another_model_is_refused_with_a_clear_error() -> None:
 
 def test_sealed_index_round_trips(real: RealSet) -> None:
     seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
-    index.delete([5])
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery)
+    index.delete([ids(6)[5]])
     sealed = index.seal_with(seal)
     assert real.gallery[0].tobytes() not in sealed  # encrypted, not merely wrapped
     reopened = GalleryIndex.open_sealed(
@@ -240,8 +251,8 @@ def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
     """A flipped bit in the sealed index must never reach hnswlib's loader (a C++ parser
     that trusts its input): authentication fails first, and the index is rebuilt."""
     seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))
-    labels = np.arange(len(real.gallery))
-    sealed = GalleryIndex.build(EMBEDDER_MODEL, labels, real.gallery).seal_with(seal)
+    face_ids = ids(len(real.gallery))
+    sealed = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery).seal_with(seal)
     loads: list[int] = []
     real_loader = index_module._hnsw_from_bytes
 
@@ -252,16 +263,16 @@ def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
     monkeypatch.setattr(index_module, "_hnsw_from_bytes", spy)
     sources: list[int] = []
 
-    def source() -> tuple[npt.NDArray[np.int64], Floats]:
+    def source() -> tuple[list[str], Floats]:
         sources.append(1)
-        return labels, real.gallery
+        return face_ids, real.gallery
 
     tampered = bytearray(sealed)
     tampered[len(tampered) // 2] ^= 0x01
     result = load_or_rebuild(bytes(tampered), open_, source, model_id=EMBEDDER_MODEL, dim=128)
     assert loads == [] and sources == [1]
     assert result.rebuilt and result.reason and result.reason.startswith("damaged")
-    assert result.index.search(real.mated_probes[0], EMBEDDER_MODEL, k=1)[0].label == 0
+    assert result.index.search(real.mated_probes[0], EMBEDDER_MODEL, k=1)[0].face_id == ids(1)[0]
 
     with pytest.raises(IndexDamagedError):
         GalleryIndex.open_sealed(bytes(tampered), open_, model_id=EMBEDDER_MODEL, dim=128)
@@ -305,10 +316,10 @@ def test_recall_at_10_against_exact_search_on_20k_realistic_templates(real: Real
     probes = model.images(
         np.concatenate([centres[rng.choice(len(centres), 100)], model.centres(100, rng)]), rng
     )
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(gallery)), gallery)
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(gallery)), gallery)
     truth = bench.exact_top(gallery, probes, 10)
     hits = sum(
-        len({c.label for c in index.search(p, EMBEDDER_MODEL, k=10)} & set(t.tolist()))
+        len({int(c.face_id, 16) for c in index.search(p, EMBEDDER_MODEL, k=10)} & set(t.tolist()))
         for p, t in zip(probes, truth, strict=True)
     )
     recall = hits / truth.size
@@ -357,7 +368,8 @@ def test_calibrated_threshold_holds_its_false_match_rate_on_lfw_pairs(real: Real
 
 def test_unenrolled_people_get_no_match_and_enrolled_ones_a_match(real: RealSet) -> None:
     calibration = load_calibration(EMBEDDER_MODEL)
-    index = GalleryIndex.build(EMBEDDER_MODEL, np.arange(len(real.gallery)), real.gallery)
+    face_ids = ids(len(real.gallery))
+    index = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery)
     fmr = operating_fmr_for_fpir(0.1, len(index))  # 70 faces: 1e-3 keeps FPIR below 0.1
     assert fmr == 1e-3
     unenrolled = [calibration.decide(index.search(p, EMBEDDER_MODEL), fmr) for p in real.unenrolled]
@@ -366,6 +378,8 @@ def test_unenrolled_people_get_no_match_and_enrolled_ones_a_match(real: RealSet)
     answer = no_match[0].to_json()
     assert answer["no_match"] is True and len(answer["candidates"]) == 10  # type: ignore[arg-type]
     enrolled = [calibration.decide(index.search(p, EMBEDDER_MODEL), fmr) for p in real.mated_probes]
-    hits = [d for i, d in enumerate(enrolled) if not d.no_match and d.matches[0].label == i]
+    hits = [
+        d for i, d in enumerate(enrolled) if not d.no_match and d.matches[0].face_id == face_ids[i]
+    ]
     assert len(hits) >= 0.85 * MATED_PEOPLE
     assert all(d.candidates[0].band in (ScoreBand.STRONG, ScoreBand.MODERATE) for d in hits)

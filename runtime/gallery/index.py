@@ -1,8 +1,8 @@
 """The search index of one gallery and one embedding model: hnswlib, with exact re-rank.
 
 - **Space**: cosine over unit-length templates; scores are cosine similarities (1 = identical).
-- **Labels** are the store's face numbers: non-negative integers below 2**63 (hnswlib keys its
-  elements by them); a live label cannot be added twice, a deleted one may be added again.
+- **Faces** are named by the store's face ids (strings); hnswlib's integer labels stay inside.
+  A live face cannot be added twice; a deleted one may be added again.
 - **Search** asks the HNSW graph for ``max(k, rerank)`` candidates, then scores those exactly
   (float64 dot products against the stored vectors) and returns the best ``k``.
 - **Delete** marks the element deleted (hnswlib skips it in results); once deleted elements
@@ -42,10 +42,10 @@ from runtime.inference.types import FloatArray
 
 logger = logging.getLogger(__name__)
 
-LabelArray = npt.NDArray[np.int64]
 Sealer = Callable[[bytes], bytes]
 Opener = Callable[[bytes], bytes]
-VectorSource = Callable[[], tuple[LabelArray, FloatArray]]
+# The store's live faces of one model: their ids and templates (one row each).
+VectorSource = Callable[[], tuple[Sequence[str], FloatArray]]
 
 SPACE = "cosine"
 # Graph degree: face templates are hard for HNSW (every non-mated pair scores 0.75-0.92, little
@@ -67,8 +67,8 @@ DELETE_REBUILD_FRACTION = 0.2
 MIN_CAPACITY = 1024
 # Fixed level-assignment seed: the same adds in the same order build the same graph.
 RANDOM_SEED = 100
-# hnswlib labels are size_t; we keep them in int64 arrays.
-MAX_LABEL = 2**63 - 1
+# Longest face id accepted: the store's are 32 hex digits; this bounds the header's size.
+MAX_FACE_ID = 128
 # A template whose norm differs from 1 by more than this was not L2-normalised by the embedder.
 UNIT_NORM_TOLERANCE = 1e-3
 # Most candidates one search may ask for: a ranked list past this is not reviewed by anyone.
@@ -79,9 +79,9 @@ MAX_K = 1000
 _MAGIC = b"EDGEIDX\x00"
 _FORMAT = 1
 _HEADER_LENGTH = struct.Struct(">I")
-# A header longer than this is not one of ours (the deleted-label list is its only variable
-# part, bounded by DELETE_REBUILD_FRACTION).
-_MAX_HEADER_BYTES = 64 * 1024 * 1024
+# A header longer than this is not one of ours: its face ids take ~35 bytes a face, so this
+# allows some 30 million faces.
+_MAX_HEADER_BYTES = 1 << 30
 
 
 class GalleryIndexError(EdgeidError):
@@ -97,11 +97,11 @@ class IndexDamagedError(GalleryIndexError):
 
 
 class UnknownFaceError(GalleryIndexError, BadInputError):
-    """No live face with that label in the index."""
+    """No live face with that id in the index."""
 
 
 class DuplicateFaceError(GalleryIndexError, BadInputError):
-    """A label added to the index is already live in it."""
+    """A face id added to the index is already live in it."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class IndexParams:
 class Candidate:
     """A face of the gallery and its exact cosine similarity to the probe."""
 
-    label: int
+    face_id: str
     score: float
 
 
@@ -151,6 +151,10 @@ class GalleryIndex:
         self.dim = dim
         self.params = params or IndexParams()
         self._lock = threading.RLock()
+        # hnswlib's label of a face is its position here; a label's face id never changes
+        # until compaction renumbers the live faces.
+        self._ids: list[str] = []
+        self._label_of: dict[str, int] = {}
         self._deleted: set[int] = set()
         self._hnsw = self._new_hnsw(max(capacity, MIN_CAPACITY))
 
@@ -160,15 +164,15 @@ class GalleryIndex:
     def build(
         cls,
         model_id: str,
-        labels: LabelArray | Sequence[int],
+        face_ids: Sequence[str],
         vectors: FloatArray,
         params: IndexParams | None = None,
     ) -> GalleryIndex:
-        """A new index holding these templates (one row per label)."""
+        """A new index holding these templates (row i is the template of ``face_ids[i]``)."""
         matrix = np.asarray(vectors, dtype=np.float32)
         dim = matrix.shape[1] if matrix.ndim == 2 else 0
         index = cls(model_id, dim, params, capacity=len(matrix))
-        index.add(labels, matrix, model_id)
+        index.add(face_ids, matrix, model_id)
         return index
 
     def _new_hnsw(self, capacity: int) -> Any:
@@ -182,41 +186,49 @@ class GalleryIndex:
         hnsw.set_ef(max(self.params.ef_search, self.params.rerank))
         return hnsw
 
-    def add(self, labels: LabelArray | Sequence[int], vectors: FloatArray, model_id: str) -> None:
-        """Insert templates of ``model_id`` under new labels (or labels deleted earlier)."""
+    def add(self, face_ids: Sequence[str], vectors: FloatArray, model_id: str) -> None:
+        """Insert templates of ``model_id`` for new faces (or faces deleted earlier)."""
         self._check_model(model_id, "add templates of")
-        ids = _labels(labels)
+        ids = _face_ids(face_ids)
         matrix = self._templates(vectors, len(ids))
-        if len(np.unique(ids)) != len(ids):
-            raise DuplicateFaceError("the same label appears twice in one add")
-        if not len(ids):
+        if len(set(ids)) != len(ids):
+            raise DuplicateFaceError("the same face id appears twice in one add")
+        if not ids:
             return
         with self._lock:
-            if self._element_count():
-                for label in ids.tolist():
-                    if label not in self._deleted and self._has(label):
-                        raise DuplicateFaceError(f"face {label} is already in the index")
-            needed = self._element_count() + len(ids)
+            labels = np.empty(len(ids), dtype=np.int64)
+            fresh: list[str] = []
+            for row, face_id in enumerate(ids):
+                label = self._label_of.get(face_id)
+                if label is None:
+                    label = len(self._ids) + len(fresh)
+                    fresh.append(face_id)
+                elif label not in self._deleted:
+                    raise DuplicateFaceError(f"face {face_id} is already in the index")
+                labels[row] = label
+            needed = self._element_count() + len(fresh)
             capacity = int(self._hnsw.get_max_elements())
             if needed > capacity:
                 self._hnsw.resize_index(max(needed, 2 * capacity))
-            self._hnsw.add_items(matrix, ids, num_threads=self.params.build_threads)
-            self._deleted.difference_update(ids.tolist())
+            # A deleted label added again is un-deleted and its vector replaced by hnswlib.
+            self._hnsw.add_items(matrix, labels, num_threads=self.params.build_threads)
+            for face_id in fresh:
+                self._label_of[face_id] = len(self._ids)
+                self._ids.append(face_id)
+            self._deleted.difference_update(labels.tolist())
 
-    def delete(self, labels: LabelArray | Sequence[int], *, compact_when_due: bool = True) -> bool:
+    def delete(self, face_ids: Sequence[str], *, compact_when_due: bool = True) -> bool:
         """Mark faces deleted; rebuild when deleted elements pass the threshold (returns True).
 
         Until the rebuild a deleted template stays in the graph's memory (never in results):
         call ``compact()`` where it must be gone now (subject erasure)."""
-        ids = _labels(labels)
+        ids = _face_ids(face_ids)
         with self._lock:
-            for label in ids.tolist():
-                if label in self._deleted or not self._has(label):
-                    raise UnknownFaceError(f"face {label} is not in the index")
-            for label in ids.tolist():
+            labels = [self._live_label(face_id) for face_id in ids]
+            for label in labels:
                 self._hnsw.mark_deleted(label)
                 self._deleted.add(label)
-            due = len(self._deleted) >= DELETE_REBUILD_FRACTION * max(self._element_count(), 1)
+            due = len(self._deleted) >= DELETE_REBUILD_FRACTION * max(len(self._ids), 1)
             if compact_when_due and due:
                 self.compact()
                 return True
@@ -227,39 +239,50 @@ class GalleryIndex:
         with self._lock:
             if not self._deleted:
                 return
-            live = self.labels()
+            live = np.asarray(
+                [label for label in range(len(self._ids)) if label not in self._deleted],
+                dtype=np.int64,
+            )
             vectors = self._vectors(live)
-            deleted = len(self._deleted)
-            fresh = self._new_hnsw(max(len(live), MIN_CAPACITY))
-            if len(live):
-                fresh.add_items(vectors, live, num_threads=self.params.build_threads)
+            ids = [self._ids[label] for label in live.tolist()]
+            dropped = len(self._deleted)
+            fresh = self._new_hnsw(max(len(ids), MIN_CAPACITY))
+            if ids:
+                fresh.add_items(
+                    vectors,
+                    np.arange(len(ids), dtype=np.int64),
+                    num_threads=self.params.build_threads,
+                )
             self._hnsw = fresh
-            self._deleted.clear()
-            logger.info("index compacted: %s live faces, %s deleted dropped", len(live), deleted)
+            self._ids = ids
+            self._label_of = {face_id: label for label, face_id in enumerate(ids)}
+            self._deleted = set()
+            logger.info("index compacted: %s live faces, %s deleted dropped", len(ids), dropped)
 
     # -- reading -------------------------------------------------------------------------
 
     def __len__(self) -> int:
         with self._lock:
-            return self._element_count() - len(self._deleted)
+            return len(self._ids) - len(self._deleted)
+
+    def __contains__(self, face_id: object) -> bool:
+        with self._lock:
+            label = self._label_of.get(face_id) if isinstance(face_id, str) else None
+            return label is not None and label not in self._deleted
 
     @property
     def deleted_count(self) -> int:
         return len(self._deleted)
 
-    def labels(self) -> LabelArray:
-        """Every live label, ascending."""
+    def face_ids(self) -> list[str]:
+        """Every live face id, in the order they were added."""
         with self._lock:
-            every = np.asarray(self._hnsw.get_ids_list(), dtype=np.int64)
-            if self._deleted:
-                every = every[~np.isin(every, np.fromiter(self._deleted, dtype=np.int64))]
-            return np.sort(every)
+            return [f for label, f in enumerate(self._ids) if label not in self._deleted]
 
-    def vector(self, label: int) -> FloatArray:
+    def vector(self, face_id: str) -> FloatArray:
         """The stored (unit-length) template of a live face."""
         with self._lock:
-            if label in self._deleted or not self._has(label):
-                raise UnknownFaceError(f"face {label} is not in the index")
+            label = self._live_label(face_id)
             row: FloatArray = self._vectors(np.asarray([label], dtype=np.int64))[0]
             return row
 
@@ -270,7 +293,7 @@ class GalleryIndex:
             raise BadInputError(f"k must be between 1 and {MAX_K}, not {k}")
         query = self._probe(probe)
         with self._lock:
-            live = self._element_count() - len(self._deleted)
+            live = len(self._ids) - len(self._deleted)
             if live == 0:
                 return []
             wanted = min(max(k, self.params.rerank), live)
@@ -279,18 +302,21 @@ class GalleryIndex:
                 labels = np.asarray(found[0], dtype=np.int64)
             except RuntimeError:
                 # Deleted elements can cut the graph's reach below `wanted`: score all live faces.
-                labels = self.labels()
+                labels = np.asarray(
+                    [label for label in range(len(self._ids)) if label not in self._deleted],
+                    dtype=np.int64,
+                )
             scores = self._vectors(labels).astype(np.float64) @ query.astype(np.float64)
-        # Both sides are unit vectors; float32 storage can put a self-match a hair above 1.
-        scores = np.clip(scores, -1.0, 1.0)
-        order = np.lexsort((labels, -scores))[:k]
-        return [Candidate(int(labels[i]), float(scores[i])) for i in order]
+            # Both sides are unit vectors; float32 storage can put a self-match a hair above 1.
+            scores = np.clip(scores, -1.0, 1.0)
+            order = np.lexsort((labels, -scores))[:k]
+            return [Candidate(self._ids[int(labels[i])], float(scores[i])) for i in order]
 
-    def verify(self, probe: FloatArray, label: int, model_id: str) -> float:
+    def verify(self, probe: FloatArray, face_id: str, model_id: str) -> float:
         """1:1: the exact cosine similarity of the probe to one enrolled face."""
         self._check_model(model_id, "verify a probe of")
         query = self._probe(probe).astype(np.float64)
-        return float(np.clip(self.vector(label).astype(np.float64) @ query, -1.0, 1.0))
+        return float(np.clip(self.vector(face_id).astype(np.float64) @ query, -1.0, 1.0))
 
     def set_search_params(self, *, ef_search: int, rerank: int) -> None:
         """Change the query-time beam and re-rank depth (no rebuild needed)."""
@@ -312,6 +338,7 @@ class GalleryIndex:
                 "m": self.params.m,
                 "ef_construction": self.params.ef_construction,
                 "elements": self._element_count(),
+                "face_ids": self._ids,
                 "deleted": sorted(self._deleted),
             }
             with _scratch_file() as path:
@@ -363,6 +390,8 @@ class GalleryIndex:
         index._hnsw.set_ef(max(chosen.ef_search, chosen.rerank))
         if index._element_count() != header["elements"]:
             raise IndexDamagedError("index element count does not match its header")
+        index._ids = header["face_ids"]
+        index._label_of = {face_id: label for label, face_id in enumerate(index._ids)}
         index._deleted = set(header["deleted"])
         return index
 
@@ -396,14 +425,13 @@ class GalleryIndex:
     def _element_count(self) -> int:
         return int(self._hnsw.get_current_count())
 
-    def _has(self, label: int) -> bool:
-        try:
-            self._hnsw.get_items([label])
-        except RuntimeError:
-            return False
-        return True
+    def _live_label(self, face_id: str) -> int:
+        label = self._label_of.get(face_id)
+        if label is None or label in self._deleted:
+            raise UnknownFaceError(f"face {face_id} is not in the index")
+        return label
 
-    def _vectors(self, labels: LabelArray) -> FloatArray:
+    def _vectors(self, labels: npt.NDArray[np.int64]) -> FloatArray:
         if not len(labels):
             return np.zeros((0, self.dim), dtype=np.float32)
         return cast(FloatArray, np.asarray(self._hnsw.get_items(labels), dtype=np.float32))
@@ -422,7 +450,8 @@ def load_or_rebuild(
     """The persisted index if it authenticates and matches; else one rebuilt from ``source``.
 
     ``sealed`` is None when the index file is missing. ``source`` returns the store's live
-    labels and templates of ``model_id``. The caller persists a rebuilt index."""
+    face ids and templates of ``model_id`` (``Gallery.embeddings``' shape). The caller
+    persists a rebuilt index."""
     reason: str | None = "missing"
     if sealed is not None:
         try:
@@ -442,22 +471,22 @@ def load_or_rebuild(
             reason = "model changed"
         except IndexDamagedError as exc:
             reason = f"damaged: {exc}"
-    labels, vectors = source()
-    logger.warning("rebuilding search index of %s faces (%s)", len(labels), reason)
-    if len(labels):
-        index = GalleryIndex.build(model_id, labels, vectors, params)
+    face_ids, vectors = source()
+    logger.warning("rebuilding search index of %s faces (%s)", len(face_ids), reason)
+    if len(face_ids):
+        index = GalleryIndex.build(model_id, face_ids, vectors, params)
     else:
         index = GalleryIndex(model_id, dim, params)
     return LoadResult(index, rebuilt=True, reason=reason)
 
 
-def _labels(labels: LabelArray | Sequence[int]) -> LabelArray:
-    ids = np.asarray(labels)
-    if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
-        raise BadInputError("labels must be a flat sequence of integers")
-    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > MAX_LABEL):
-        raise BadInputError(f"labels must lie in [0, {MAX_LABEL}]")
-    return ids.astype(np.int64)
+def _face_ids(face_ids: Sequence[str]) -> list[str]:
+    if isinstance(face_ids, str):
+        raise BadInputError("face ids must be a sequence of strings, not one string")
+    ids = list(face_ids)
+    if not all(isinstance(f, str) and 0 < len(f) <= MAX_FACE_ID for f in ids):
+        raise BadInputError(f"face ids must be strings of 1 to {MAX_FACE_ID} characters")
+    return ids
 
 
 def _parse(plaintext: bytes) -> tuple[dict[str, Any], memoryview]:
@@ -478,8 +507,12 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], memoryview]:
             and isinstance(header.get("model_id"), str)
             and all(isinstance(header.get(k), int) for k in ("dim", "m", "ef_construction"))
             and isinstance(header.get("elements"), int)
+            and isinstance(header.get("face_ids"), list)
+            and len(header["face_ids"]) == header["elements"]
+            and all(isinstance(v, str) for v in header["face_ids"])
+            and len(set(header["face_ids"])) == header["elements"]
             and isinstance(header.get("deleted"), list)
-            and all(isinstance(v, int) for v in header["deleted"])
+            and all(isinstance(v, int) and 0 <= v < header["elements"] for v in header["deleted"])
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise IndexDamagedError("index header is not valid JSON") from exc

@@ -106,10 +106,10 @@ class CalibrationData(_Strict):
 
 
 class Scored(Protocol):
-    """What ``decide`` needs of a search candidate: its label and its cosine score."""
+    """What ``decide`` needs of a search candidate: its face id and its cosine score."""
 
     @property
-    def label(self) -> int: ...
+    def face_id(self) -> str: ...
 
     @property
     def score(self) -> float: ...
@@ -117,14 +117,14 @@ class Scored(Protocol):
 
 @dataclass(frozen=True)
 class BandedCandidate:
-    label: int
+    face_id: str
     score: float
     band: ScoreBand
     above_threshold: bool
 
     def to_json(self) -> dict[str, object]:
         return {
-            "label": self.label,
+            "face_id": self.face_id,
             "score": round(self.score, 4),
             "band": self.band.value,
             "above_threshold": self.above_threshold,
@@ -193,7 +193,7 @@ class Calibration:
         """Band every candidate (in the given order) and answer match / no match."""
         threshold = self.threshold(operating_fmr)
         banded = tuple(
-            BandedCandidate(c.label, c.score, self.band(c.score), c.score >= threshold)
+            BandedCandidate(c.face_id, c.score, self.band(c.score), c.score >= threshold)
             for c in candidates
         )
         return Decision(banded, self.model_id, operating_fmr, threshold)
