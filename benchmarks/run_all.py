@@ -10,7 +10,48 @@ from pathlib import Path
 
 import face_recognition_models
 
-from benchmarks import detectors, lfw_vs_dlib
+from benchmarks import detectors, lfw_vs_dlib, pipeline_bench
+from runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
+from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
+
+# First N LFW dev images (by path) for the pipeline speed bench: dlib's own CPU pipeline takes
+# ~0.5 s per LFW image on a 2-core box (single-threaded), so 300 keep this part to minutes.
+LFW_PIPELINE_LIMIT = 300
+
+
+def pipeline_speed(models_dir: Path, images: Path, limit: int | None) -> dict[str, object]:
+    """Ours with MMOD (dlib's detector: like for like; with flip TTA's cost) beside dlib, and
+    ours with the default detector, whose ratio is taken against that same dlib run."""
+    like_for_like = pipeline_bench.run(
+        images, models_dir, limit=limit, detector="mmod", flip_tta=True
+    )
+    default = pipeline_bench.run(
+        images, models_dir, limit=limit, detector=DEFAULT_DETECTOR, baseline=False
+    )
+    baseline = like_for_like.get("baseline")
+    if baseline and baseline["images_per_s"]:
+        default["ratio_vs_baseline"] = round(default["images_per_s"] / baseline["images_per_s"], 2)
+        default["baseline_note"] = "dlib's pipeline (MMOD): the mmod entry's baseline, same images"
+    return {"mmod": like_for_like, DEFAULT_DETECTOR: default}
+
+
+def flip_tta_accuracy(models_dir: Path, data: Path) -> dict[str, object]:
+    """LFW dev verification with the default detector, flip TTA off and on."""
+    pairs = parse_pairs(data / "lfw-dev" / "pairsDevTest.txt")
+    images = data / "lfw-dev" / "images"
+    keep = ("accuracy", "accuracy_std", "pairs", "no_face", "ms_per_image", "tar_at_far_1e-3")
+    reports: dict[bool, LfwReport] = {}
+    for flip in (False, True):
+        pipeline = FacePipeline.load(models_dir, DEFAULT_DETECTOR, flip_tta=flip)
+        reports[flip] = evaluate(pairs, images, central_face_embedder(pipeline))
+    plain, flipped = reports[False], reports[True]
+    return {
+        "detector": DEFAULT_DETECTOR,
+        "plain": {k: plain.to_json()[k] for k in keep},
+        "flip_tta": {k: flipped.to_json()[k] for k in keep},
+        "accuracy_delta": round(flipped.accuracy - plain.accuracy, 4),
+        "tar_at_far_1e-3_delta": round(flipped.tar_at_far_1e_3 - plain.tar_at_far_1e_3, 4),
+    }
 
 
 def main() -> int:
@@ -21,10 +62,17 @@ def main() -> int:
         print(f"benchmark data not found at {args.data}", file=sys.stderr)
         return 2
     home = Path(os.environ.get("EDGEID_HOME", "var"))
+    models = home / "models"
     weights = Path(face_recognition_models.__file__).parent / "models"
     results = {
-        "detectors": detectors.run(home / "models", args.data),
-        "lfw_vs_dlib": lfw_vs_dlib.run(args.data, home / "models", weights),
+        "detectors": detectors.run(models, args.data),
+        "lfw_vs_dlib": lfw_vs_dlib.run(args.data, models, weights),
+        "pipeline_lfw_dev": pipeline_speed(
+            models, args.data / "lfw-dev" / "images", LFW_PIPELINE_LIMIT
+        ),
+        # scenes/dlib-faces and scenes/group, every image: several faces each, up to 1366x768.
+        "pipeline_scenes": pipeline_speed(models, args.data / "scenes", None),
+        "lfw_flip_tta": flip_tta_accuracy(models, args.data),
     }
     json.dump(results, sys.stdout, indent=2)
     print()

@@ -41,8 +41,18 @@ def _detector_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from edgeid.commands import eval_cmd, faces_cmd, models_cmd, serve_cmd
+    from edgeid.commands import bench_cmd, eval_cmd, faces_cmd, models_cmd, serve_cmd
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -81,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     lfw.add_argument("--roc", help="also write a ROC curve PNG here")
     _detector_options(lfw)
     lfw.set_defaults(handler=eval_cmd.lfw)
+
+    bench = sub.add_parser("bench", help="measure speed beside a baseline")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bench_pipeline = bench_sub.add_parser(
+        "pipeline", parents=[common], help="images/s of decode, detect, align, embed vs dlib"
+    )
+    bench_pipeline.add_argument("--images", required=True, help="folder of .jpg/.png images")
+    bench_pipeline.add_argument(
+        "--limit", type=_positive_int, default=None, help="only the first N images (by path)"
+    )
+    _detector_options(bench_pipeline)
+    bench_pipeline.add_argument(
+        "--flip-tta", action="store_true", help="also measure flip test-time augmentation"
+    )
+    bench_pipeline.add_argument(
+        "--no-baseline", action="store_true", help="skip dlib's pipeline (ours only)"
+    )
+    bench_pipeline.set_defaults(handler=bench_cmd.pipeline)
+
     serve = sub.add_parser("serve", parents=[common], help="run the appliance service")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8080)

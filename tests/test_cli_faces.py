@@ -12,6 +12,13 @@ import numpy as np
 import pytest
 
 from edgeid.cli import main
+from runtime.inference.image_decode import load_image
+from runtime.inference.pipeline import STAGES, FacePipeline, StageTimer
+
+# Mirror-image chips are the same face, slightly re-framed (dlib's template is not exactly
+# symmetric): the flip-averaged template must stay close to the plain one.
+MIN_TTA_COSINE = 0.95
+TTA_SAMPLE = 6
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -41,6 +48,10 @@ def test_detect_json_on_a_real_photo(
     for x, y in central["landmarks"]:
         assert x0 - 5 <= x <= x1 + 5 and y0 - 5 <= y <= y1 + 5
     assert "embedding" not in central
+    quality = central["quality"]
+    assert {"overall", "size", "sharpness", "pose", "limiting", "inter_ocular_px"} <= set(quality)
+    assert all(0.0 <= quality[k] <= 1.0 for k in ("overall", "size", "sharpness", "pose"))
+    assert quality["inter_ocular_px"] > 20  # LFW: eyes ~40 px apart in a 250 px photo
 
 
 def test_embed_gives_unit_vectors(
@@ -94,3 +105,28 @@ def test_missing_models_say_how_to_build_them(
     code, _, err = _run(capsys, "detect", str(image), "--home", str(tmp_path))
     assert code == 1
     assert "run `edgeid models build`" in err
+
+
+def test_flip_tta_stays_close_to_the_plain_template(models_dir: Path, lfw_dir: Path) -> None:
+    plain = FacePipeline.load(models_dir)
+    tta = FacePipeline(plain.detector, plain.landmarks, plain.embedder, flip_tta=True)
+    assert FacePipeline.load(models_dir, flip_tta=True, with_embedder=True).flip_tta
+    paths = sorted((lfw_dir / "images").rglob("*.jpg"))
+    timer = StageTimer()
+    cosines = []
+    for path in paths[:: len(paths) // TTA_SAMPLE][:TTA_SAMPLE]:
+        image = load_image(path)
+        faces = plain.embed(image)
+        flipped = tta.embed(image, timer=timer)
+        assert len(faces) == len(flipped) > 0
+        for a, b in zip(faces, flipped, strict=True):
+            assert a.embedding is not None and b.embedding is not None
+            assert abs(np.linalg.norm(b.embedding) - 1) < 1e-4
+            assert b.quality == a.quality
+            cosines.append(float(np.dot(a.embedding, b.embedding)))
+    assert min(cosines) > MIN_TTA_COSINE
+    assert max(cosines) < 0.99999  # the mirror really went through the embedder
+    # Every pipeline stage was timed once per image (decode is the caller's to time).
+    assert set(timer.calls) == set(STAGES) - {"decode"}
+    assert timer.calls["detect"] == TTA_SAMPLE
+    assert all(ms >= 0 for ms in timer.milliseconds().values())

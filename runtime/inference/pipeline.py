@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
+
+import numpy as np
 
 from runtime.inference.alignment import face_chip
 from runtime.inference.embedder import Embedder
 from runtime.inference.landmarks import ShapePredictor
 from runtime.inference.manifest import read_verified_model
 from runtime.inference.onnx_backend import create_cpu_session
+from runtime.inference.quality import FaceQuality, assess
 from runtime.inference.types import Box, Detection, FloatArray, RGBImage
 
 DetectorName = Literal["mmod", "mtcnn"]
@@ -22,6 +28,49 @@ LANDMARK_MODEL = "dlib_sp5"
 # dlib's face-chip geometry for its ResNet embedder: 150 px chips, 25% padding around the template.
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
+# Stage names a StageTimer records, in pipeline order; "decode" is timed by the caller, which
+# owns the image bytes (the pipeline starts from pixels).
+STAGES = ("decode", "detect", "landmarks_align", "quality", "embed")
+# Floor for the norm when renormalising the flip-averaged template (as the embedder does).
+_MIN_NORM = 1e-12
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage, summed over every call it is passed to.
+
+    Pass one to ``FacePipeline.detect``/``embed`` to read where the time goes; without one the
+    pipeline times nothing. Not thread-safe: use one timer per thread.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self.add(name, self._clock() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def milliseconds(self) -> dict[str, float]:
+        """Total milliseconds per stage, in pipeline order (stages never entered are absent)."""
+        order = [name for name in STAGES if name in self.seconds]
+        order += sorted(set(self.seconds) - set(STAGES))
+        return {name: 1000 * self.seconds[name] for name in order}
+
+
+_UNTIMED: AbstractContextManager[None] = nullcontext()
+
+
+def _stage(timer: StageTimer | None, name: str) -> AbstractContextManager[None]:
+    return _UNTIMED if timer is None else timer.stage(name)
 
 
 class FaceDetector(Protocol):
@@ -38,6 +87,7 @@ class Face:
     score: float
     landmarks: FloatArray  # (5, 2), dlib's 5-point order
     embedding: FloatArray | None = None
+    quality: FaceQuality | None = None
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -45,6 +95,8 @@ class Face:
             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
             "score": round(self.score, 4),
         }
+        if self.quality is not None:
+            out["quality"] = self.quality.to_json()
         if self.embedding is not None:
             out["embedding"] = [round(float(v), 6) for v in self.embedding]
         return out
@@ -90,12 +142,24 @@ def load_detector(
 
 
 class FacePipeline:
+    """Every face of an image with its landmarks and quality, and (with an embedder) template.
+
+    ``flip_tta``: embed each chip and its mirror image in the same batch and use the
+    renormalised mean (horizontal-flip test-time augmentation; doubles the embedder's work).
+    """
+
     def __init__(
-        self, detector: FaceDetector, landmarks: ShapePredictor, embedder: Embedder | None
+        self,
+        detector: FaceDetector,
+        landmarks: ShapePredictor,
+        embedder: Embedder | None,
+        *,
+        flip_tta: bool = False,
     ) -> None:
         self.detector = detector
         self.landmarks = landmarks
         self.embedder = embedder
+        self.flip_tta = flip_tta
 
     @classmethod
     def load(
@@ -106,6 +170,7 @@ class FacePipeline:
         threads: int | None = None,
         upsample: int = 0,
         with_embedder: bool = True,
+        flip_tta: bool = False,
     ) -> FacePipeline:
         _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
         embedder = None
@@ -116,24 +181,58 @@ class FacePipeline:
             load_detector(models_dir, detector, threads, upsample),
             ShapePredictor.from_bytes(sp_bytes),
             embedder,
+            flip_tta=flip_tta,
         )
 
-    def detect(self, image: RGBImage) -> list[Face]:
-        faces = []
-        for det in self.detector.detect(image):
-            points = self.landmarks.predict(image, self.detector.landmark_box(det))
-            faces.append(Face(box=det.box, score=det.score, landmarks=points))
-        return faces
+    def detect(self, image: RGBImage, *, timer: StageTimer | None = None) -> list[Face]:
+        """Every face of the image with its landmarks and quality (no embedding)."""
+        return self._analyse(image, timer)[0]
 
     def chips(self, image: RGBImage, faces: list[Face]) -> list[RGBImage]:
         return [face_chip(image, f.landmarks, CHIP_SIZE, CHIP_PADDING) for f in faces]
 
-    def embed(self, image: RGBImage) -> list[Face]:
+    def embed(self, image: RGBImage, *, timer: StageTimer | None = None) -> list[Face]:
         """Every face of the image, embedded in one batch."""
         if self.embedder is None:
             raise RuntimeError("pipeline was loaded without an embedder")
-        faces = self.detect(image)
+        faces, chips = self._analyse(image, timer)
         if not faces:
             return []
-        vectors = self.embedder.embed(self.chips(image, faces))
+        with _stage(timer, "embed"):
+            vectors = self.embed_chips(chips)
         return [replace(face, embedding=vec) for face, vec in zip(faces, vectors, strict=True)]
+
+    def embed_chips(self, chips: Sequence[RGBImage]) -> FloatArray:
+        """Unit-length templates of aligned chips, one row each (flip-averaged under TTA)."""
+        if self.embedder is None:
+            raise RuntimeError("pipeline was loaded without an embedder")
+        if not self.flip_tta or not chips:
+            return self.embedder.embed(list(chips))
+        mirrored = [chip[:, ::-1] for chip in chips]
+        both = self.embedder.embed([*chips, *mirrored])
+        mean = both[: len(chips)] + both[len(chips) :]
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        averaged: FloatArray = mean / np.maximum(norms, np.float32(_MIN_NORM))
+        return averaged
+
+    def _analyse(
+        self, image: RGBImage, timer: StageTimer | None
+    ) -> tuple[list[Face], list[RGBImage]]:
+        """Faces with landmarks and quality, and their aligned chips (same order)."""
+        with _stage(timer, "detect"):
+            detections = self.detector.detect(image)
+        if not detections:
+            return [], []
+        with _stage(timer, "landmarks_align"):
+            boxes = [self.detector.landmark_box(det) for det in detections]
+            points = list(self.landmarks.predict_many(image, boxes))
+            chips = [face_chip(image, p, CHIP_SIZE, CHIP_PADDING) for p in points]
+        with _stage(timer, "quality"):
+            qualities = [
+                assess(p, c, padding=CHIP_PADDING) for p, c in zip(points, chips, strict=True)
+            ]
+        faces = [
+            Face(box=det.box, score=det.score, landmarks=p, quality=q)
+            for det, p, q in zip(detections, points, qualities, strict=True)
+        ]
+        return faces, chips

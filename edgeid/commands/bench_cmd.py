@@ -1,0 +1,58 @@
+"""`edgeid bench pipeline` (and, later, `edgeid bench search`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import edgeid
+from edgeid.cli import EXIT_OK, emit
+from edgeid.paths import models_dir
+from runtime.errors import EdgeidError
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>``, which lives beside the edgeid package in a source checkout."""
+    module = f"benchmarks.{name}"
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", module):
+            raise
+    # The console script does not put the checkout on sys.path; an editable install does
+    # not map benchmarks/ (not an installed package), so look next to the edgeid package.
+    checkout = Path(edgeid.__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__init__.py").is_file():
+        raise EdgeidError(
+            "edgeid bench needs the benchmarks package of a source checkout; "
+            "run it from the edgeid repository (python -m edgeid bench ...)"
+        )
+    sys.path.insert(0, str(checkout))
+    return importlib.import_module(module)
+
+
+def _progress(name: str, done: int, total: int) -> None:
+    if done % 50 == 0 or done == total:
+        print(f"\r{name}: {done}/{total} images", end="", file=sys.stderr, flush=True)
+        if done == total:
+            print(file=sys.stderr)
+
+
+def pipeline(args: argparse.Namespace) -> int:
+    bench = load_benchmark("pipeline_bench")
+    report = bench.run(
+        Path(args.images),
+        models_dir(args.home_dir),
+        limit=args.limit,
+        detector=args.detector,
+        upsample=args.upsample,
+        threads=args.threads,
+        flip_tta=args.flip_tta,
+        baseline=not args.no_baseline,
+        progress=None if args.json else _progress,
+    )
+    emit(args, report, bench.summary(report))
+    return EXIT_OK
