@@ -288,6 +288,51 @@ def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
     )
 
 
+def test_index_sealed_by_the_gallery_store_and_rebuilt_from_it(
+    real: RealSet, tmp_path: Path
+) -> None:
+    """The store's AES-GCM plugged in: its sealed blob loads; a flipped bit, or a blob left
+    from before a compaction (whose data key is erased), is rebuilt from the store's faces."""
+    from runtime.gallery.errors import DecryptionError
+    from runtime.gallery.keys import KeyFileProvider
+    from runtime.gallery.records import NewFace, NewSubject
+    from runtime.gallery.store import GalleryStore
+
+    with GalleryStore(tmp_path / "state", KeyFileProvider(tmp_path / "state" / "keys")) as store:
+        gallery = store.create_gallery("missing-persons")
+        for row, vector in enumerate(real.gallery[:20]):
+            face = NewFace(vector, 0.9, EMBEDDER_MODEL, f"{row:064x}", b"\xff\xd8\xff\xe0jpeg")
+            gallery.enroll(NewSubject(f"person {row}", "case 2024/117", "officer-7"), [face])
+
+        def source() -> tuple[list[str], Floats]:
+            return gallery.embeddings(EMBEDDER_MODEL)
+
+        def open_(blob: bytes) -> bytes:
+            return gallery.open_blob("index-" + EMBEDDER_MODEL, blob)
+
+        def load(blob: bytes | None) -> tuple[GalleryIndex, bool]:
+            result = load_or_rebuild(
+                blob,
+                open_,
+                source,
+                model_id=EMBEDDER_MODEL,
+                dim=128,
+                open_errors=(DecryptionError,),
+            )
+            return result.index, result.rebuilt
+
+        index, rebuilt = load(None)
+        assert rebuilt and len(index) == 20
+        blob = index.seal_with(lambda data: gallery.seal_blob("index-" + EMBEDDER_MODEL, data))
+        reopened, rebuilt = load(blob)
+        assert not rebuilt and sorted(reopened.face_ids()) == sorted(index.face_ids())
+        flipped = bytearray(blob)
+        flipped[-100] ^= 0x80
+        assert load(bytes(flipped))[1]
+        gallery.compact()  # new data key; the old one is erased
+        assert load(blob)[1]
+
+
 def test_authentic_but_malformed_plaintext_is_damage_not_a_crash() -> None:
     """Our own sealer around bytes that are not an index (e.g. another record kind)."""
     seal, open_ = _aes_gcm(AESGCM.generate_key(bit_length=256))

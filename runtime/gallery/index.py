@@ -37,7 +37,8 @@ import hnswlib
 import numpy as np
 import numpy.typing as npt
 
-from runtime.errors import BadInputError, EdgeidError
+from runtime.errors import BadInputError
+from runtime.gallery.errors import GalleryError
 from runtime.inference.types import FloatArray
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ _HEADER_LENGTH = struct.Struct(">I")
 _MAX_HEADER_BYTES = 1 << 30
 
 
-class GalleryIndexError(EdgeidError):
+class GalleryIndexError(GalleryError):
     """Base of the search index's errors."""
 
 
