@@ -27,6 +27,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _detector_options(parser: argparse.ArgumentParser) -> None:
+    from runtime.inference.backends.selection import BACKEND_CHOICES
     from runtime.inference.pipeline import DEFAULT_DETECTOR, DETECTOR_NAMES
 
     parser.add_argument("--detector", choices=DETECTOR_NAMES, default=DEFAULT_DETECTOR)
@@ -39,6 +40,12 @@ def _detector_options(parser: argparse.ArgumentParser) -> None:
         help="MMOD only: upsample the image N times to find smaller faces (slower)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="auto: TensorRT where a GPU answers, else ONNX Runtime on the CPU",
+    )
 
 
 def _positive_int(value: str) -> int:

@@ -27,7 +27,11 @@ def lfw(args: argparse.Namespace) -> int:
     if not images_dir.is_dir():
         raise BadInputError(f"{images_dir}: not a folder of LFW images")
     pipeline = FacePipeline.load(
-        models_dir(args.home_dir), args.detector, threads=args.threads, upsample=args.upsample
+        models_dir(args.home_dir),
+        args.detector,
+        threads=args.threads,
+        upsample=args.upsample,
+        backend=args.backend,
     )
 
     report = evaluate(pairs, images_dir, central_face_embedder(pipeline), progress=_progress)

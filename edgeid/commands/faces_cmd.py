@@ -21,6 +21,7 @@ def _run(args: argparse.Namespace, with_embedding: bool) -> int:
         threads=args.threads,
         upsample=args.upsample,
         with_embedder=with_embedding,
+        backend=args.backend,
     )
     results: list[dict[str, Any]] = []
     lines: list[str] = []

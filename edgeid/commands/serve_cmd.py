@@ -11,5 +11,5 @@ from runtime.system.health_server import serve
 
 
 def run(args: argparse.Namespace) -> int:
-    serve(models_dir(args.home_dir), args.detector, args.host, args.port, __version__)
+    serve(models_dir(args.home_dir), args.detector, args.backend, args.host, args.port, __version__)
     return EXIT_OK

@@ -12,10 +12,11 @@ from typing import Literal, Protocol
 import numpy as np
 
 from runtime.inference.alignment import face_chip
+from runtime.inference.backends.selection import BackendChoice, BackendState, SessionFactory
+from runtime.inference.backends.session import ModelOpener
 from runtime.inference.embedder import Embedder
 from runtime.inference.landmarks import ShapePredictor
 from runtime.inference.manifest import read_verified_model
-from runtime.inference.onnx_backend import create_cpu_session
 from runtime.inference.quality import FaceQuality, assess
 from runtime.inference.types import Box, Detection, FloatArray, RGBImage
 
@@ -24,6 +25,9 @@ DETECTOR_NAMES: tuple[DetectorName, ...] = ("mmod", "mtcnn")
 # Chosen by measurement on ../shared/data (see README, "Choosing the default detector").
 DEFAULT_DETECTOR: DetectorName = "mtcnn"
 EMBEDDER_MODEL = "dlib_resnet_v1"
+MMOD_MODEL = "dlib_mmod"
+# TensorRT engines live beside the models folder, keyed by model, GPU and TensorRT version.
+ENGINES_DIR = "engines"
 LANDMARK_MODEL = "dlib_sp5"
 # dlib's face-chip geometry for its ResNet embedder: 150 px chips, 25% padding around the template.
 CHIP_SIZE = 150
@@ -103,11 +107,12 @@ class Face:
 
 
 class _MmodAdapter:
-    def __init__(self, models_dir: Path, threads: int | None, upsample: int) -> None:
+    def __init__(self, models_dir: Path, open_model: ModelOpener, upsample: int) -> None:
         from runtime.inference.mmod_detector import MmodDetector
 
-        manifest, data = read_verified_model(models_dir, "dlib_mmod")
-        self._detector = MmodDetector(create_cpu_session(data, threads), manifest.parameters)
+        manifest, data = read_verified_model(models_dir, MMOD_MODEL)
+        session = open_model(MMOD_MODEL, manifest.sha256, data)
+        self._detector = MmodDetector(session, manifest.parameters)
         self._upsample = upsample
 
     def detect(self, image: RGBImage) -> list[Detection]:
@@ -118,10 +123,10 @@ class _MmodAdapter:
 
 
 class _MtcnnAdapter:
-    def __init__(self, models_dir: Path, threads: int | None) -> None:
+    def __init__(self, models_dir: Path, threads: int | None, open_model: ModelOpener) -> None:
         from runtime.inference.mtcnn_detector import MtcnnDetector
 
-        self._detector = MtcnnDetector.load(models_dir, threads=threads)
+        self._detector = MtcnnDetector.load(models_dir, threads=threads, open_model=open_model)
 
     def detect(self, image: RGBImage) -> list[Detection]:
         return self._detector.detect(image)
@@ -134,11 +139,16 @@ class _MtcnnAdapter:
 
 
 def load_detector(
-    models_dir: Path, name: DetectorName, threads: int | None = None, upsample: int = 0
+    models_dir: Path,
+    name: DetectorName,
+    threads: int | None = None,
+    upsample: int = 0,
+    open_model: ModelOpener | None = None,
 ) -> FaceDetector:
+    opener = open_model or SessionFactory("cpu", models_dir.parent / ENGINES_DIR, threads).open
     if name == "mmod":
-        return _MmodAdapter(models_dir, threads, upsample)
-    return _MtcnnAdapter(models_dir, threads)
+        return _MmodAdapter(models_dir, opener, upsample)
+    return _MtcnnAdapter(models_dir, threads, opener)
 
 
 class FacePipeline:
@@ -160,6 +170,8 @@ class FacePipeline:
         self.landmarks = landmarks
         self.embedder = embedder
         self.flip_tta = flip_tta
+        # What the models run on: "cpu", "tensorrt", or "degraded" (TensorRT expected, CPU used).
+        self.backend_state: BackendState = "cpu"
 
     @classmethod
     def load(
@@ -171,18 +183,31 @@ class FacePipeline:
         upsample: int = 0,
         with_embedder: bool = True,
         flip_tta: bool = False,
+        backend: BackendChoice = "auto",
+        engine_cache_dir: Path | None = None,
     ) -> FacePipeline:
+        """Verified models on the chosen backend (``auto``: TensorRT where a GPU answers).
+
+        TensorRT engines are cached in ``engine_cache_dir`` (default: ``engines/`` beside the
+        models folder); ``backend_state`` then says ``cpu``, ``tensorrt`` or ``degraded``.
+        """
+        sessions = SessionFactory(
+            backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads
+        )
         _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
         embedder = None
         if with_embedder:
-            _, emb_bytes = read_verified_model(models_dir, EMBEDDER_MODEL)
-            embedder = Embedder(create_cpu_session(emb_bytes, threads), EMBEDDER_MODEL)
-        return cls(
-            load_detector(models_dir, detector, threads, upsample),
+            manifest, emb_bytes = read_verified_model(models_dir, EMBEDDER_MODEL)
+            session = sessions.open(EMBEDDER_MODEL, manifest.sha256, emb_bytes)
+            embedder = Embedder(session, EMBEDDER_MODEL)
+        pipeline = cls(
+            load_detector(models_dir, detector, threads, upsample, sessions.open),
             ShapePredictor.from_bytes(sp_bytes),
             embedder,
             flip_tta=flip_tta,
         )
+        pipeline.backend_state = sessions.state
+        return pipeline
 
     def detect(self, image: RGBImage, *, timer: StageTimer | None = None) -> list[Face]:
         """Every face of the image with its landmarks and quality (no embedding)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
 
+from runtime.inference.backends.selection import BackendChoice
 from runtime.inference.manifest import list_manifests
 from runtime.inference.pipeline import DetectorName, FacePipeline
 
@@ -52,13 +53,22 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug(format, *args)
 
 
-def serve(models_dir: Path, detector: DetectorName, host: str, port: int, version: str) -> None:
+def serve(
+    models_dir: Path,
+    detector: DetectorName,
+    backend: BackendChoice,
+    host: str,
+    port: int,
+    version: str,
+) -> None:
     """Load and verify the models, then answer health checks until SIGINT/SIGTERM."""
-    FacePipeline.load(models_dir, detector)  # refuses to start on a missing or altered model
+    # Refuses to start on a missing or altered model; falls back to the CPU, degraded, when
+    # TensorRT was expected but cannot run.
+    pipeline = FacePipeline.load(models_dir, detector, backend=backend)
     _Handler.status = {
         "state": "ready",
         "version": version,
-        "backend": "cpu",
+        "backend": pipeline.backend_state,
         "detector": detector,
         "models": [m.name for m in list_manifests(models_dir)],
         "started": time.monotonic(),
