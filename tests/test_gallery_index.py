@@ -208,6 +208,8 @@ def test_bad_templates_are_refused() -> None:
         index.add([""], _unit(1), "m")
     with pytest.raises(BadInputError, match="face ids"):
         index.add("a", _unit(1), "m")
+    with pytest.raises(BadInputError, match="face ids"):
+        index.add(["a\nb"], _unit(1), "m")  # one id per line in the persisted index
     assert index.search(_unit(1)[0], "m") == []
 
 

@@ -55,9 +55,9 @@ DEFAULT_M = 32
 # Build-time beam: hnswlib's usual 200 already gives recall@10 0.999 with the values here at
 # 100k; build time grows about linearly with it, so it was not raised.
 DEFAULT_EF_CONSTRUCTION = 200
-# Query-time beam: at 100k (M=32) ef 200 gave recall@10 0.995 and 300 gave 0.999; 300 keeps
-# the margin that recall loses as the gallery grows toward 1M (benchmarks/search_bench.py).
-DEFAULT_EF_SEARCH = 300
+# Query-time beam: recall falls as the gallery grows; at 1M (M=32) ef 300 gave recall@10 0.980,
+# 400 gave 0.990 (p99 4.8 ms), 600 gave 0.997 (p99 6.4 ms); at 100k, 400 gives 0.9997.
+DEFAULT_EF_SEARCH = 400
 # Fewest candidates taken from the graph and re-scored exactly (float64): hnswlib keeps full
 # float32 vectors, so a wider re-rank only fixes rounding ties, and each candidate costs ~4 us.
 DEFAULT_RERANK = 10
@@ -75,13 +75,15 @@ UNIT_NORM_TOLERANCE = 1e-3
 # Most candidates one search may ask for: a ranked list past this is not reviewed by anyone.
 MAX_K = 1000
 
-# Serialised form (the plaintext handed to ``seal``): magic, header length, header JSON, then
-# hnswlib's own bytes. The format number changes when this layout does.
+# Serialised form (the plaintext handed to ``seal``): magic, header length, header JSON, face-id
+# section length, the face ids (UTF-8, one per line, in label order), then hnswlib's own bytes.
+# The format number changes when this layout does.
 _MAGIC = b"EDGEIDX\x00"
 _FORMAT = 1
 _HEADER_LENGTH = struct.Struct(">I")
-# A header longer than this is not one of ours: its face ids take ~35 bytes a face, so this
-# allows some 30 million faces.
+_IDS_LENGTH = struct.Struct(">Q")
+# A header longer than this is not one of ours: its one variable part, the deleted labels, is
+# bounded by DELETE_REBUILD_FRACTION (~8 bytes a deleted face).
 _MAX_HEADER_BYTES = 1 << 30
 
 
@@ -155,7 +157,7 @@ class GalleryIndex:
         # hnswlib's label of a face is its position here; a label's face id never changes
         # until compaction renumbers the live faces.
         self._ids: list[str] = []
-        self._label_of: dict[str, int] = {}
+        self._label_of: dict[str, int] | None = {}  # built on first use after a load
         self._deleted: set[int] = set()
         self._hnsw = self._new_hnsw(max(capacity, MIN_CAPACITY))
 
@@ -200,7 +202,7 @@ class GalleryIndex:
             labels = np.empty(len(ids), dtype=np.int64)
             fresh: list[str] = []
             for row, face_id in enumerate(ids):
-                label = self._label_of.get(face_id)
+                label = self._labels_by_id().get(face_id)
                 if label is None:
                     label = len(self._ids) + len(fresh)
                     fresh.append(face_id)
@@ -214,7 +216,7 @@ class GalleryIndex:
             # A deleted label added again is un-deleted and its vector replaced by hnswlib.
             self._hnsw.add_items(matrix, labels, num_threads=self.params.build_threads)
             for face_id in fresh:
-                self._label_of[face_id] = len(self._ids)
+                self._labels_by_id()[face_id] = len(self._ids)
                 self._ids.append(face_id)
             self._deleted.difference_update(labels.tolist())
 
@@ -268,7 +270,7 @@ class GalleryIndex:
 
     def __contains__(self, face_id: object) -> bool:
         with self._lock:
-            label = self._label_of.get(face_id) if isinstance(face_id, str) else None
+            label = self._labels_by_id().get(face_id) if isinstance(face_id, str) else None
             return label is not None and label not in self._deleted
 
     @property
@@ -339,14 +341,16 @@ class GalleryIndex:
                 "m": self.params.m,
                 "ef_construction": self.params.ef_construction,
                 "elements": self._element_count(),
-                "face_ids": self._ids,
                 "deleted": sorted(self._deleted),
             }
+            ids = "\n".join(self._ids).encode("utf-8")
             with _scratch_file() as path:
                 self._hnsw.save_index(str(path))
                 graph = _read_all(path)
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        plaintext = b"".join([_MAGIC, _HEADER_LENGTH.pack(len(head)), head, graph])
+        plaintext = b"".join(
+            [_MAGIC, _HEADER_LENGTH.pack(len(head)), head, _IDS_LENGTH.pack(len(ids)), ids, graph]
+        )
         return seal(plaintext)
 
     @classmethod
@@ -369,7 +373,7 @@ class GalleryIndex:
             plaintext = open_(sealed)
         except open_errors as exc:
             raise IndexDamagedError("index failed authentication") from exc
-        header, graph = _parse(plaintext)
+        header, face_ids, graph = _parse(plaintext)
         if header["model_id"] != model_id:
             raise ModelMismatchError(
                 f"persisted index holds model {header['model_id']} templates, "
@@ -391,8 +395,8 @@ class GalleryIndex:
         index._hnsw.set_ef(max(chosen.ef_search, chosen.rerank))
         if index._element_count() != header["elements"]:
             raise IndexDamagedError("index element count does not match its header")
-        index._ids = header["face_ids"]
-        index._label_of = {face_id: label for label, face_id in enumerate(index._ids)}
+        index._ids = face_ids
+        index._label_of = None
         index._deleted = set(header["deleted"])
         return index
 
@@ -426,8 +430,14 @@ class GalleryIndex:
     def _element_count(self) -> int:
         return int(self._hnsw.get_current_count())
 
+    def _labels_by_id(self) -> dict[str, int]:
+        """Face id -> hnswlib label; built lazily so that opening an index stays fast."""
+        if self._label_of is None:
+            self._label_of = {face_id: label for label, face_id in enumerate(self._ids)}
+        return self._label_of
+
     def _live_label(self, face_id: str) -> int:
-        label = self._label_of.get(face_id)
+        label = self._labels_by_id().get(face_id)
         if label is None or label in self._deleted:
             raise UnknownFaceError(f"face {face_id} is not in the index")
         return label
@@ -485,13 +495,14 @@ def _face_ids(face_ids: Sequence[str]) -> list[str]:
     if isinstance(face_ids, str):
         raise BadInputError("face ids must be a sequence of strings, not one string")
     ids = list(face_ids)
-    if not all(isinstance(f, str) and 0 < len(f) <= MAX_FACE_ID for f in ids):
-        raise BadInputError(f"face ids must be strings of 1 to {MAX_FACE_ID} characters")
+    if not all(isinstance(f, str) and 0 < len(f) <= MAX_FACE_ID and f.isprintable() for f in ids):
+        raise BadInputError(f"face ids must be printable strings of 1 to {MAX_FACE_ID} characters")
     return ids
 
 
-def _parse(plaintext: bytes) -> tuple[dict[str, Any], memoryview]:
-    """Header and graph bytes of an authenticated plaintext; IndexDamagedError when malformed."""
+def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
+    """Header, face ids and graph bytes of an authenticated plaintext; IndexDamagedError when
+    it is malformed."""
     view = memoryview(plaintext)
     start = len(_MAGIC) + _HEADER_LENGTH.size
     if len(view) < start or bytes(view[: len(_MAGIC)]) != _MAGIC:
@@ -508,10 +519,6 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], memoryview]:
             and isinstance(header.get("model_id"), str)
             and all(isinstance(header.get(k), int) for k in ("dim", "m", "ef_construction"))
             and isinstance(header.get("elements"), int)
-            and isinstance(header.get("face_ids"), list)
-            and len(header["face_ids"]) == header["elements"]
-            and all(isinstance(v, str) for v in header["face_ids"])
-            and len(set(header["face_ids"])) == header["elements"]
             and isinstance(header.get("deleted"), list)
             and all(isinstance(v, int) and 0 <= v < header["elements"] for v in header["deleted"])
         )
@@ -519,7 +526,20 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], memoryview]:
         raise IndexDamagedError("index header is not valid JSON") from exc
     if not valid:
         raise IndexDamagedError("index header is malformed or of another format")
-    return header, view[start + length :]
+    ids_start = start + length + _IDS_LENGTH.size
+    if len(view) < ids_start:
+        raise IndexDamagedError("index is truncated")
+    (ids_length,) = _IDS_LENGTH.unpack(view[start + length : ids_start])
+    if ids_length > len(view) - ids_start:
+        raise IndexDamagedError("index face-id section length is out of range")
+    try:
+        text = bytes(view[ids_start : ids_start + ids_length]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IndexDamagedError("index face ids are not UTF-8") from exc
+    face_ids = text.split("\n") if text else []
+    if len(face_ids) != header["elements"] or len(set(face_ids)) != len(face_ids):
+        raise IndexDamagedError("index face ids do not match its elements")
+    return header, face_ids, view[ids_start + ids_length :]
 
 
 def _hnsw_from_bytes(graph: memoryview | bytes, dim: int) -> Any:
