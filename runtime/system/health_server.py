@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,10 +27,12 @@ logger = logging.getLogger(__name__)
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgeid"
     status: ClassVar[dict[str, Any]] = {}
+    started: ClassVar[float] = 0.0
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
             body = json.dumps(self.status | {"uptime_s": self._uptime()}).encode()
+
             self._reply(200, "application/json", body)
         elif self.path == "/":
             lines = [f"edgeid {self.status['version']}: {self.status['state']}"]
@@ -39,7 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, "text/plain; charset=utf-8", b"not found\n")
 
     def _uptime(self) -> float:
-        return round(time.monotonic() - float(self.status["started"]), 1)
+        return round(time.monotonic() - self.started, 1)
 
     def _reply(self, code: int, content_type: str, body: bytes) -> None:
         self.send_response(code)
@@ -71,8 +74,8 @@ def serve(
         "backend": pipeline.backend_state,
         "detector": detector,
         "models": [m.name for m in list_manifests(models_dir)],
-        "started": time.monotonic(),
     }
+    _Handler.started = time.monotonic()
     server = ThreadingHTTPServer((host, port), _Handler)
     stop = threading.Event()
 
@@ -83,7 +86,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
-    logger.warning("edgeid %s ready on http://%s:%d (health: /healthz)", version, host, port)
+    # Said on stderr whatever the log level: the operator who typed `make run` needs the address.
+    print(f"edgeid {version} ready on http://{host}:{port} (health: /healthz)", file=sys.stderr)
     try:
         server.serve_forever()
     finally:
