@@ -49,14 +49,16 @@ Opener = Callable[[bytes], bytes]
 VectorSource = Callable[[], tuple[Sequence[str], FloatArray]]
 
 SPACE = "cosine"
-# Graph degree: face templates are hard for HNSW (every non-mated pair scores 0.75-0.92, little
-# contrast); at 100k, M=32 reached recall@10 0.995 at 1.1 ms where M=16 needed 1.5 ms for it.
+# Graph degree: face templates are hard for HNSW (non-mated pairs score 0.66-0.97, little
+# contrast). At 100k, M=16 needed ef 500 (1.5 ms) for the recall@10 that M=32 gets at ef 300;
+# M=48 and 64 gained little more for 130-260 more bytes a face.
 DEFAULT_M = 32
 # Build-time beam: hnswlib's usual 200 already gives recall@10 0.999 with the values here at
 # 100k; build time grows about linearly with it, so it was not raised.
 DEFAULT_EF_CONSTRUCTION = 200
-# Query-time beam: recall falls as the gallery grows; at 1M (M=32) ef 300 gave recall@10 0.980,
-# 400 gave 0.990 (p99 4.8 ms), 600 gave 0.997 (p99 6.4 ms); at 100k, 400 gives 0.9997.
+# Query-time beam: recall falls as the gallery grows. At 1M (M=32, 2 cores): ef 300 gave
+# recall@10 0.980, 400 gave 0.989-0.990 at p99 4.1-4.8 ms, 450 gave 0.992 at p99 5.5 ms, 600
+# gave 0.996 at p99 6.2 ms; 400 is the widest beam within the 5 ms p99 goal (100k: 0.9997).
 DEFAULT_EF_SEARCH = 400
 # Fewest candidates taken from the graph and re-scored exactly (float64): hnswlib keeps full
 # float32 vectors, so a wider re-rank only fixes rounding ties, and each candidate costs ~4 us.
