@@ -22,7 +22,7 @@ from runtime.evaluation.lfw import (
     evaluate,
     parse_pairs,
 )
-from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
+from runtime.inference.pipeline import FacePipeline
 from runtime.inference.types import FloatArray
 
 
@@ -62,13 +62,10 @@ def run(data: Path, models_dir: Path, weights: Path, upsample: int = 0) -> dict[
     pipeline = FacePipeline.load(models_dir, "mmod", upsample=upsample)
     ours = evaluate(pairs, images, central_face_embedder(pipeline))
     reference = evaluate(pairs, images, _dlib_embedder(weights, upsample))
-    default = FacePipeline.load(models_dir, DEFAULT_DETECTOR, upsample=upsample)
-    ours_default = evaluate(pairs, images, central_face_embedder(default))
     return {
         "benchmark": "lfw-dev verification (pairsDevTest.txt), MMOD + sp5 + ResNet",
         "edgeid": _summary(ours),
         "dlib": _summary(reference),
-        f"edgeid_default_detector_{DEFAULT_DETECTOR}": _summary(ours_default),
         "accuracy_delta": round(ours.accuracy - reference.accuracy, 4),
         "no_face_delta": ours.no_face - reference.no_face,
         "ratio_vs_baseline": round(reference.ms_per_image / ours.ms_per_image, 2),
