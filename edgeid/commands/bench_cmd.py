@@ -10,6 +10,7 @@ from types import ModuleType
 
 import edgeid
 from edgeid.cli import EXIT_OK, emit
+from edgeid.options import detector_options, positive_int
 from edgeid.paths import models_dir
 from runtime.errors import EdgeidError
 
@@ -56,3 +57,25 @@ def pipeline(args: argparse.Namespace) -> int:
     )
     emit(args, report, bench.summary(report))
     return EXIT_OK
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    bench = sub.add_parser("bench", help="measure speed beside a baseline")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    bench_pipeline = bench_sub.add_parser(
+        "pipeline", parents=[common], help="images/s of decode, detect, align, embed vs dlib"
+    )
+    bench_pipeline.add_argument("--images", required=True, help="folder of .jpg/.png images")
+    bench_pipeline.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N images (by path)"
+    )
+    detector_options(bench_pipeline)
+    bench_pipeline.add_argument(
+        "--flip-tta", action="store_true", help="also measure flip test-time augmentation"
+    )
+    bench_pipeline.add_argument(
+        "--no-baseline", action="store_true", help="skip dlib's pipeline (ours only)"
+    )
+    bench_pipeline.set_defaults(handler=pipeline)

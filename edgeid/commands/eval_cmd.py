@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
+from edgeid.options import detector_options
 from edgeid.paths import models_dir
 from runtime.errors import BadInputError
 from runtime.evaluation.lfw import central_face_embedder, evaluate, parse_pairs, roc_points
@@ -48,3 +49,16 @@ def lfw(args: argparse.Namespace) -> int:
     )
     emit(args, payload, text)
     return EXIT_OK
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    evaluate = sub.add_parser("eval", help="measure accuracy")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK")
+    lfw_cmd = eval_sub.add_parser("lfw", parents=[common], help="LFW-style verification accuracy")
+    lfw_cmd.add_argument("--pairs", required=True, help="pairs file (LFW pairs.txt format)")
+    lfw_cmd.add_argument("--images", required=True, help="folder of <Name>/<Name>_NNNN.jpg")
+    lfw_cmd.add_argument("--roc", help="also write a ROC curve PNG here")
+    detector_options(lfw_cmd)
+    lfw_cmd.set_defaults(handler=lfw)

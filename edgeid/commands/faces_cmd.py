@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeid.cli import EXIT_BAD_INPUT, EXIT_OK, emit
+from edgeid.options import detector_options
 from edgeid.paths import models_dir
 from runtime.errors import BadInputError
 from runtime.inference.image_decode import load_image
@@ -53,3 +54,17 @@ def detect(args: argparse.Namespace) -> int:
 
 def embed(args: argparse.Namespace) -> int:
     return _run(args, with_embedding=True)
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    detect_cmd = sub.add_parser("detect", parents=[common], help="find faces in images")
+    detect_cmd.add_argument("images", nargs="+", metavar="IMAGE")
+    detector_options(detect_cmd)
+    detect_cmd.set_defaults(handler=detect)
+
+    embed_cmd = sub.add_parser("embed", parents=[common], help="detect, align and embed faces")
+    embed_cmd.add_argument("images", nargs="+", metavar="IMAGE")
+    detector_options(embed_cmd)
+    embed_cmd.set_defaults(handler=embed)

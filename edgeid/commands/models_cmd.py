@@ -62,3 +62,19 @@ def verify(args: argparse.Namespace) -> int:
         raise ModelError(f"no models in {folder}; run `edgeid models build`")
     emit(args, results, "\n".join(f"{r['name']:16} {r['status']}" for r in results))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    models = sub.add_parser("models", help="build and check the ONNX models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    build_cmd = models_sub.add_parser("build", parents=[common], help="convert the shipped weights")
+    build_cmd.add_argument("--wheelhouse", help="folder holding the facenet-pytorch wheel")
+    build_cmd.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    build_cmd.add_argument("--record-checksums", action="store_true", help=argparse.SUPPRESS)
+    build_cmd.set_defaults(handler=build)
+    listing = models_sub.add_parser("list", parents=[common], help="list built models")
+    listing.set_defaults(handler=list_models)
+    verify_cmd = models_sub.add_parser("verify", parents=[common], help="check model checksums")
+    verify_cmd.set_defaults(handler=verify)
