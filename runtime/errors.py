@@ -25,3 +25,11 @@ class ModelIntegrityError(ModelError):
 
 class OverloadedError(EdgeidError):
     """The service cannot take this request now (queue full, shutting down); retry shortly."""
+
+
+class StorageWriteError(EdgeidError):
+    """A write was not made durable; nothing was acknowledged and the store is as before."""
+
+
+class DiskFullError(StorageWriteError):
+    """The disk is full (ENOSPC); the write was rolled back."""

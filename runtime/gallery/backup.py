@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from runtime.errors import StorageWriteError
 from runtime.gallery.crypto import (
     SCRYPT_DEFAULT_LOG2_N,
     Clock,
@@ -30,13 +31,6 @@ from runtime.gallery.crypto import (
     new_scrypt_params,
     system_random,
     utc_now,
-)
-from runtime.gallery.durable import (
-    PRIVATE_FILE_MODE,
-    OsFileWriter,
-    fsync_directory,
-    write_all,
-    write_error,
 )
 from runtime.gallery.errors import BackupError, CorruptGalleryError, GalleryError
 from runtime.gallery.log import (
@@ -52,6 +46,13 @@ from runtime.gallery.log import (
 )
 from runtime.gallery.records import face_from, face_head, pack, subject_from, subject_head, unpack
 from runtime.gallery.store import Gallery, GalleryStore
+from runtime.storage.durable import (
+    PRIVATE_FILE_MODE,
+    OsFileWriter,
+    fsync_directory,
+    write_all,
+    write_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _read_preamble(stream: BinaryIO, src: Path) -> tuple[bytes, ScryptParams]:
             )
         export_id = bytes.fromhex(preamble["export_id"])
         params = ScryptParams.from_json(preamble["scrypt"])
-    except (ValueError, KeyError, TypeError, GalleryError) as exc:
+    except (ValueError, KeyError, TypeError, GalleryError, StorageWriteError) as exc:
         if isinstance(exc, BackupError):
             raise
         raise BackupError(f"{src} has a malformed preamble: {exc}") from exc

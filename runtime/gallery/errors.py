@@ -7,7 +7,7 @@ message or log line becomes an oracle.
 
 from __future__ import annotations
 
-from runtime.errors import BadInputError, EdgeidError
+from runtime.errors import BadInputError, DiskFullError, EdgeidError, StorageWriteError
 
 
 class GalleryError(EdgeidError):
@@ -30,12 +30,9 @@ class CorruptGalleryError(GalleryError):
     """A gallery file fails its checksum or structure checks (a bit flip, a replayed record)."""
 
 
-class GalleryWriteError(GalleryError):
-    """A write was not made durable; nothing was acknowledged and the gallery is as before."""
-
-
-class StorageFullError(GalleryWriteError):
-    """The disk is full (ENOSPC); the write was rolled back."""
+# Writes fail the same way in every store on the box (runtime/storage/durable.py).
+GalleryWriteError = StorageWriteError
+StorageFullError = DiskFullError
 
 
 class GalleryBusyError(GalleryError):

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from runtime.errors import StorageWriteError
 from runtime.gallery.crypto import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -42,12 +43,6 @@ from runtime.gallery.crypto import (
     utc_now,
     wrap_key,
 )
-from runtime.gallery.durable import (
-    FileWriter,
-    make_private_dir,
-    shred_and_unlink,
-    write_file_atomically,
-)
 from runtime.gallery.errors import (
     CorruptGalleryError,
     DecryptionError,
@@ -55,6 +50,12 @@ from runtime.gallery.errors import (
     GalleryNotFoundError,
     KeyProviderError,
     KeyProviderUnavailableError,
+)
+from runtime.storage.durable import (
+    FileWriter,
+    make_private_dir,
+    shred_and_unlink,
+    write_file_atomically,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class PassphraseProvider:
             raise CorruptGalleryError("keyring: passphrase KEK has no scrypt parameters")
         try:
             return derive_key(self._passphrase, ScryptParams.from_json(scrypt))
-        except GalleryError as exc:
+        except (GalleryError, StorageWriteError) as exc:
             raise CorruptGalleryError(f"keyring: {exc}") from exc
 
     def destroy(self, kek_id: str) -> None:
@@ -529,7 +530,7 @@ class Keyring:
         self._wrapped.setdefault(gallery_id, {})[key_id] = wrapped.hex()
         try:
             self._save()
-        except GalleryError:
+        except (GalleryError, StorageWriteError):
             del self._wrapped[gallery_id][key_id]
             if not self._wrapped[gallery_id]:
                 del self._wrapped[gallery_id]
@@ -549,7 +550,7 @@ class Keyring:
             del self._wrapped[gallery_id]
         try:
             self._save()
-        except GalleryError:
+        except (GalleryError, StorageWriteError):
             self._wrapped[gallery_id] = before
             raise
 
@@ -578,13 +579,13 @@ class Keyring:
         self._provider, self._kek, self._kek_info, self._wrapped = new_provider, kek, info, wrapped
         try:
             self._save()
-        except GalleryError:
+        except (GalleryError, StorageWriteError):
             self._provider, self._kek, self._kek_info, self._wrapped = previous
             new_provider.destroy(kek_id)
             raise
         try:
             old_provider.destroy(old_id)
-        except (GalleryError, OSError) as exc:
+        except (GalleryError, StorageWriteError, OSError) as exc:
             logger.warning("rotated the KEK but could not erase the old one's material: %s", exc)
         logger.info("rotated the KEK: %s -> %s", old_provider.kind, new_provider.kind)
 

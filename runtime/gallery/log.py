@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from runtime.gallery.crypto import NONCE_BYTES, RecordKind
-from runtime.gallery.durable import (
+from runtime.gallery.errors import CorruptGalleryError
+from runtime.storage.durable import (
     PRIVATE_FILE_MODE,
     FileWriter,
     OsFileWriter,
@@ -37,7 +38,6 @@ from runtime.gallery.durable import (
     write_all,
     write_error,
 )
-from runtime.gallery.errors import CorruptGalleryError
 
 logger = logging.getLogger(__name__)
 

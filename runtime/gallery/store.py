@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import StorageWriteError
 from runtime.gallery.crypto import (
     NONCE_BYTES,
     Clock,
@@ -43,16 +44,6 @@ from runtime.gallery.crypto import (
     RecordKind,
     system_random,
     utc_now,
-)
-from runtime.gallery.durable import (
-    PRIVATE_FILE_MODE,
-    FileWriter,
-    OsFileWriter,
-    fsync_directory,
-    make_private_dir,
-    shred_and_unlink,
-    write_all,
-    write_error,
 )
 from runtime.gallery.errors import (
     CorruptGalleryError,
@@ -98,6 +89,16 @@ from runtime.gallery.records import (
     subject_from,
     subject_head,
     unpack,
+)
+from runtime.storage.durable import (
+    PRIVATE_FILE_MODE,
+    FileWriter,
+    OsFileWriter,
+    fsync_directory,
+    make_private_dir,
+    shred_and_unlink,
+    write_all,
+    write_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ class Gallery:
             appender.append(b"".join(thumbs))
         try:
             self._records.append(encode_frame(entries))
-        except GalleryError:
+        except (GalleryError, StorageWriteError):
             if appender:
                 appender.roll_back_to(thumbs_before)  # thumbnails no record points to
             raise
@@ -519,9 +520,9 @@ class Gallery:
                 os.link(self.directory / RECORDS_LOG, retired)
                 fsync_directory(self.directory)
                 os.replace(staged, self.directory / RECORDS_LOG)  # the commit point
-            except (OSError, GalleryError) as exc:
+            except (OSError, GalleryError, StorageWriteError) as exc:
                 self._abandon_compaction(staged, retired, thumbs_path, old_key_id)
-                if isinstance(exc, GalleryError):
+                if isinstance(exc, GalleryError | StorageWriteError):
                     raise
                 raise write_error(f"compacting {self.where}", str(self.directory), exc) from exc
             self._finish_compaction(retired, old_thumbs, key_id)
@@ -536,7 +537,7 @@ class Gallery:
             shred_and_unlink(retired)
             shred_and_unlink(old_thumbs)
             self._keyring.retain_only(self.gallery_id, [key_id])
-        except (OSError, GalleryError) as exc:
+        except (OSError, GalleryError, StorageWriteError) as exc:
             logger.warning(
                 "%s: compacted, but erasing the old files is unfinished: %s", self.where, exc
             )
@@ -550,7 +551,8 @@ class Gallery:
         shred_and_unlink(thumbs_path)
         try:
             self._keyring.retain_only(self.gallery_id, [old_key_id])
-        except GalleryError as exc:  # e.g. still no space: the next open drops the unused key
+        except (GalleryError, StorageWriteError) as exc:
+            # e.g. still no space: the next open drops the unused key
             logger.warning("%s: could not drop an unused data key yet: %s", self.where, exc)
 
     def _write_compacted(
@@ -778,7 +780,7 @@ class GalleryStore:
                 f"gallery {gid}",
                 frames=encode_frame([first]),
             )
-        except GalleryError:
+        except (GalleryError, StorageWriteError):
             if directory.exists():
                 _shred_tree(directory)
             self.keyring.retain_only(gid, [])

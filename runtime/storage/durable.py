@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from runtime.gallery.errors import GalleryWriteError, StorageFullError
+from runtime.errors import DiskFullError, StorageWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ class OsFileWriter:
         os.fsync(fd)
 
 
-def write_error(action: str, where: str, exc: OSError) -> GalleryWriteError:
+def write_error(action: str, where: str, exc: OSError) -> StorageWriteError:
     """A one-line error for a failed write; ENOSPC gets its own type and fix."""
     if exc.errno == errno.ENOSPC:
-        return StorageFullError(
+        return DiskFullError(
             f"{action} failed: disk full under {where}; nothing was written, free space and retry"
         )
-    return GalleryWriteError(f"{action} failed under {where}: {exc.strerror or exc}")
+    return StorageWriteError(f"{action} failed under {where}: {exc.strerror or exc}")
 
 
 def write_all(writer: FileWriter, fd: int, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Crash-safe file writing shared by every store on the box."""
