@@ -1,0 +1,1 @@
+"""The box's configuration file, ``<home>/edgeid.toml``: validated, with embedded defaults."""

@@ -1,0 +1,123 @@
+"""``<home>/edgeid.toml``: every setting has an embedded default, so a missing file is a valid
+box (CPU, local state directory, local telemetry sink). Unknown keys and bad values are refused
+with the key's name, so a technician's typo never silently falls back to a default.
+
+Each domain owns one section; provisioning writes the file, the service only reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.errors import BadInputError
+from runtime.storage.durable import write_file_atomically
+
+CONFIG_FILE = "edgeid.toml"
+# Device and site ids appear in MQTT topics and file names: lower-case slugs only.
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+
+
+class ConfigError(BadInputError):
+    """The configuration file is unreadable or holds a bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSettings(_Section):
+    device_id: Slug = "dev-box"
+    site: Slug = "lab"
+
+
+class KeySettings(_Section):
+    # "auto": TPM2 if one answers, then systemd-creds, then a key file (see key_providers).
+    provider: Literal["auto", "tpm2", "systemd-creds", "keyfile", "passphrase"] = "keyfile"
+    tpm_tcti: str | None = None  # e.g. "device:/dev/tpmrm0"; None = tpm2-tools' default
+
+
+class InferenceSettings(_Section):
+    detector: Literal["mtcnn", "mmod"] = "mtcnn"
+    backend: Literal["auto", "cpu", "tensorrt"] = "auto"
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+class WebSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    tls_cert: str | None = None  # PEM paths; plain HTTP is allowed on loopback only
+    tls_key: str | None = None
+    session_idle_s: int = Field(default=15 * 60, ge=60)
+    session_max_s: int = Field(default=8 * 3600, ge=300)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+
+
+class TelemetrySettings(_Section):
+    # "local": health reports go to <home>/telemetry/ (the embedded default, no broker needed);
+    # "mqtt": published to the fleet broker; "off": nothing is reported.
+    sink: Literal["local", "mqtt", "off"] = "local"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=8883, ge=1, le=65535)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    interval_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    spool_max_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+    report_enrolled_counts: bool = False  # off by default: counts of people are sensitive
+
+
+class Settings(_Section):
+    device: DeviceSettings = DeviceSettings()
+    keys: KeySettings = KeySettings()
+    inference: InferenceSettings = InferenceSettings()
+    web: WebSettings = WebSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+def config_path(home: Path) -> Path:
+    return home / CONFIG_FILE
+
+
+def load_settings(home: Path) -> Settings:
+    """The validated settings of the box at ``home``; defaults where the file is absent."""
+    path = config_path(home)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix or remove it") from exc
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: {key}: {first['msg']}; fix the value or remove it") from None
+
+
+def save_settings(home: Path, settings: Settings) -> Path:
+    """Write ``settings`` atomically (mode 0600); only values that differ from defaults."""
+    lines: list[str] = []
+    for section, values in settings.model_dump(exclude_defaults=True).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path = config_path(home)
+    os.makedirs(home, exist_ok=True)
+    write_file_atomically(path, "\n".join(lines).encode("utf-8"), action="writing the config")
+    return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
