@@ -183,6 +183,10 @@ def main() -> int:
         return 2
     embeddings = embed_lfw_dev(args.data, args.models)
     result = calibrate(embeddings, EMBEDDER_MODEL, DEFAULT_DETECTOR)
+    if args.out.exists():
+        # Age-band reliability is measured on data that does not ship here: keep it.
+        previous = json.loads(args.out.read_text(encoding="utf-8"))
+        result["age_bands"] = previous.get("age_bands", {})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info(

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import face_recognition_models
 
-from benchmarks import detectors, lfw_vs_dlib, pipeline_bench
+from benchmarks import detectors, lfw_vs_dlib, pipeline_bench, search_bench
 from runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
 from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
 
+# Gallery sizes for the search bench; 1,000,000 is the goal size (its build takes minutes).
+SEARCH_SIZES = (100_000, 1_000_000)
 # First N LFW dev images (by path) for the pipeline speed bench: dlib's own CPU pipeline takes
 # ~0.5 s per LFW image on a 2-core box (single-threaded), so 300 keep this part to minutes.
 LFW_PIPELINE_LIMIT = 300
@@ -73,6 +75,10 @@ def main() -> int:
         # scenes/dlib-faces and scenes/group, every image: several faces each, up to 1366x768.
         "pipeline_scenes": pipeline_speed(models, args.data / "scenes", None),
         "lfw_flip_tta": flip_tta_accuracy(models, args.data),
+        "search": {
+            str(size): search_bench.run(size, data=args.data, models=models)
+            for size in SEARCH_SIZES
+        },
     }
     json.dump(results, sys.stdout, indent=2)
     print()

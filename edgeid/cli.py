@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "eval_cmd",
     "bench_cmd",
     "serve_cmd",
+    "gallery_cmd",
 )
 
 

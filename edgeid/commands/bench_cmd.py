@@ -1,4 +1,4 @@
-"""`edgeid bench pipeline` (and, later, `edgeid bench search`)."""
+"""`edgeid bench pipeline` and `edgeid bench search`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def pipeline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def search(args: argparse.Namespace) -> int:
+    bench = load_benchmark("search_bench")
+    data = Path(args.data) if args.data else None
+    report = bench.run(args.size, data=data, models=models_dir(args.home_dir))
+    text = (
+        f"{report['size']} faces: recall@10 {report['recall_at_10']}, "
+        f"p50/p99 {report['p50_ms']}/{report['p99_ms']} ms, "
+        f"{report['ratio_vs_baseline']}x exact search, open {report['open_s']} s, "
+        f"{report['sealed_bytes_per_face']} bytes/face"
+    )
+    emit(args, report, text)
+    return EXIT_OK
+
+
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
@@ -79,3 +93,13 @@ def register(
         "--no-baseline", action="store_true", help="skip dlib's pipeline (ours only)"
     )
     bench_pipeline.set_defaults(handler=pipeline)
+
+    bench_search = bench_sub.add_parser(
+        "search", parents=[common], help="gallery search: recall, latency vs exact search"
+    )
+    bench_search.add_argument("--size", type=positive_int, required=True, help="faces")
+    bench_search.add_argument(
+        "--data",
+        help="folder with lfw-dev/ to fit the template generator (cached after the first run)",
+    )
+    bench_search.set_defaults(handler=search)

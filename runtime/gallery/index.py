@@ -485,7 +485,9 @@ def load_or_rebuild(
         except IndexDamagedError as exc:
             reason = f"damaged: {exc}"
     face_ids, vectors = source()
-    logger.warning("rebuilding search index of %s faces (%s)", len(face_ids), reason)
+    # A new, empty gallery has no index yet: nothing worth a warning.
+    level = logging.WARNING if len(face_ids) or reason != "missing" else logging.DEBUG
+    logger.log(level, "rebuilding search index of %s faces (%s)", len(face_ids), reason)
     if len(face_ids):
         index = GalleryIndex.build(model_id, face_ids, vectors, params)
     else:

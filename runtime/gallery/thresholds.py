@@ -82,6 +82,13 @@ class CalibratedThreshold(_Strict):
     tar: float = Field(ge=0, le=1)
 
 
+class AgeBandReliability(_Strict):
+    """How often the model accepts the same person across years, for one age band."""
+
+    verification_rate: float = Field(ge=0, le=1)
+    source: str
+
+
 class CalibrationData(_Strict):
     model_id: str
     score: str
@@ -93,6 +100,9 @@ class CalibrationData(_Strict):
     mated: ScoreDistribution
     thresholds: list[CalibratedThreshold] = Field(min_length=1)
     caveats: list[str] = Field(default_factory=list)
+    # Shown beside every search result for the probe's apparent age (children are verified
+    # far less reliably); keys: adult, teen, child. A band without an entry is "not measured".
+    age_bands: dict[str, AgeBandReliability] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _monotonic(self) -> CalibrationData:

@@ -16,6 +16,7 @@ class Embedder:
         self._input = session.get_inputs()[0].name
         shape = session.get_inputs()[0].shape
         self.chip_size = int(cast(int, shape[1]))
+        self.dim = int(cast(int, session.get_outputs()[0].shape[-1]))  # template length
         self.model_id = model_id
 
     def embed(self, chips: list[RGBImage]) -> FloatArray:

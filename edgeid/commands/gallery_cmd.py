@@ -1,0 +1,402 @@
+"""`edgeid gallery ...`: create, list, subjects, enroll, search, verify, delete, export, import,
+rotate-key, re-embed.
+
+The galleries are opened by one process at a time: stop `edgeid serve` before using these on
+the same state directory. Searches and verifications need a case number and a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+from edgeid.cli import EXIT_OK, emit
+from edgeid.options import Subparsers, positive_int
+from runtime.config.settings import load_settings
+from runtime.errors import BadInputError
+from runtime.gallery.backup import export_gallery, import_gallery
+from runtime.gallery.key_choice import best_available, make_provider, provider_for
+from runtime.gallery.records import GalleryInfo
+from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, GalleryService
+from runtime.gallery.store import GalleryStore
+from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+
+BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
+MIN_BACKUP_PASSPHRASE = 12
+
+
+@contextmanager
+def _service(args: argparse.Namespace) -> Iterator[GalleryService]:
+    with GalleryService.open(args.home_dir) as service:
+        yield service
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[GalleryStore]:
+    settings = load_settings(args.home_dir)
+    with GalleryStore(args.home_dir, provider_for(args.home_dir, settings.keys)) as store:
+        yield store
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _info_json(info: GalleryInfo) -> dict[str, object]:
+    return {
+        "name": info.name,
+        "gallery_id": info.gallery_id,
+        "description": info.description,
+        "created_at": info.created_at.isoformat(),
+        "subjects": info.subjects,
+        "faces": info.faces,
+    }
+
+
+def _backup_passphrase(args: argparse.Namespace) -> str:
+    if args.passphrase_file:
+        secret = Path(args.passphrase_file).read_text(encoding="utf-8").strip()
+    elif os.environ.get(BACKUP_PASSPHRASE_ENV):
+        secret = os.environ[BACKUP_PASSPHRASE_ENV]
+    elif sys.stdin.isatty():
+        secret = getpass.getpass("backup passphrase: ")
+    else:
+        raise BadInputError(
+            f"give the backup passphrase with --passphrase-file or ${BACKUP_PASSPHRASE_ENV}"
+        )
+    if len(secret) < MIN_BACKUP_PASSPHRASE:
+        raise BadInputError(
+            f"the backup passphrase must have at least {MIN_BACKUP_PASSPHRASE} characters"
+        )
+    return secret
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+def create(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        info = store.create_gallery(args.name, description=args.description).info()
+    emit(args, _info_json(info), f"created gallery {info.name!r}")
+    return EXIT_OK
+
+
+def list_galleries(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        infos = store.list_galleries()
+    lines = [f"{i.name:24} {i.subjects:>8} subjects {i.faces:>9} faces" for i in infos]
+    emit(args, [_info_json(i) for i in infos], "\n".join(lines) or "no galleries")
+    return EXIT_OK
+
+
+def subjects(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        gallery = store.open_gallery(args.gallery)
+        rows = [
+            {
+                "subject_id": s.subject_id,
+                "display_name": s.display_name,
+                "legal_basis": s.legal_basis,
+                "enrolled_by": s.enrolled_by,
+                "enrolled_at": s.enrolled_at.isoformat(),
+                "retention_until": s.retention_until.isoformat() if s.retention_until else None,
+                "faces": len(gallery.faces(s.subject_id)),
+            }
+            for s in gallery.subjects()
+        ]
+    text = "\n".join(f"{r['subject_id']}  {r['display_name']}" for r in rows)
+    emit(args, rows, text or "no subjects")
+    return EXIT_OK
+
+
+def enroll(args: argparse.Namespace) -> int:
+    image = _read_image(args.image)
+    with _service(args) as service:
+        done = service.enroll(
+            args.gallery,
+            display_name=args.name,
+            legal_basis=args.legal_basis,
+            enrolled_by=args.by,
+            image_bytes=image,
+            face_index=args.face,
+            notes=args.notes,
+            retention_until=args.retain_until,
+            allow_duplicate=args.allow_duplicate,
+        )
+    payload = {
+        "gallery": done.gallery,
+        "subject_id": done.subject.subject_id,
+        "face_ids": [f.face_id for f in done.faces],
+        "quality": [round(f.quality, 4) for f in done.faces],
+        "model_id": done.faces[0].model_id if done.faces else None,
+    }
+    emit(args, payload, f"enrolled subject {done.subject.subject_id} in {done.gallery!r}")
+    return EXIT_OK
+
+
+def search(args: argparse.Namespace) -> int:
+    _require_case(args)
+    image = _read_image(args.image)
+    with _service(args) as service:
+        probe = service.analyse(image, name=args.image)
+        face = _probe_face(args, len(probe.faces))
+        result = service.search(
+            probe, face, args.gallery, k=args.top, fmr=args.fmr, age_band=args.age_band
+        )
+    payload = {"case": args.case, "face": face, **result.to_json()}
+    lines = [
+        f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {c.gallery}/{c.subject_id} {c.display_name}"
+        for c in result.candidates
+    ]
+    answer = "no match" if result.no_match else f"{len(result.matches)} above threshold"
+    lines.append(f"{answer} at FMR {result.operating_fmr:g} (threshold {result.threshold:.4f})")
+    lines.append(result.reliability.note)
+    emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def verify(args: argparse.Namespace) -> int:
+    _require_case(args)
+    image = _read_image(args.image)
+    with _service(args) as service:
+        probe = service.analyse(image, name=args.image)
+        face = _probe_face(args, len(probe.faces))
+        result = service.verify(probe, face, args.gallery, args.subject, fmr=args.fmr)
+    payload = {
+        "case": args.case,
+        "score": round(result.score, 4),
+        "band": result.band.value,
+        "same_person": result.same_person,
+        "operating_fmr": result.operating_fmr,
+        "threshold": round(result.threshold, 4),
+    }
+    verdict = "same person" if result.same_person else "not shown to be the same person"
+    emit(args, payload, f"{result.score:.4f} ({result.band.value}): {verdict}")
+    return EXIT_OK
+
+
+def delete(args: argparse.Namespace) -> int:
+    if args.subject:
+        with _service(args) as service:
+            service.delete_subject(args.gallery, args.subject)
+        emit(args, {"deleted_subject": args.subject}, f"erased subject {args.subject}")
+        return EXIT_OK
+    if not args.yes:
+        raise BadInputError(
+            f"deleting gallery {args.gallery!r} erases every subject in it; add --yes"
+        )
+    with _store(args) as store:
+        store.delete_gallery(args.gallery)
+    emit(args, {"deleted_gallery": args.gallery}, f"erased gallery {args.gallery!r}")
+    return EXIT_OK
+
+
+def export(args: argparse.Namespace) -> int:
+    passphrase = _backup_passphrase(args)
+    out = Path(args.out)
+    if out.exists():
+        raise BadInputError(f"{out} exists; choose a new file name")
+    with _store(args) as store:
+        export_gallery(store, args.gallery, out, passphrase)
+    emit(args, {"gallery": args.gallery, "file": str(out)}, f"exported to {out}")
+    return EXIT_OK
+
+
+def import_(args: argparse.Namespace) -> int:
+    passphrase = _backup_passphrase(args)
+    with _store(args) as store:
+        info = import_gallery(store, Path(args.file), passphrase, name=args.name).info()
+    emit(args, _info_json(info), f"imported gallery {info.name!r} ({info.faces} faces)")
+    return EXIT_OK
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    settings = load_settings(args.home_dir)
+    kind = args.provider or settings.keys.provider
+    if kind == "auto":
+        kind = best_available(args.home_dir, settings.keys)
+    new_provider = make_provider(kind, args.home_dir, settings.keys)
+    with _store(args) as store:
+        store.rotate_kek(new_provider)
+        kek_id = store.keyring.kek_id
+    emit(
+        args,
+        {"provider": kind, "kek_id": kek_id},
+        f"data keys re-wrapped under a new {kind} key; the old key opens nothing",
+    )
+    return EXIT_OK
+
+
+def re_embed(args: argparse.Namespace) -> int:
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"\rre-embedded {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    with _service(args) as service:
+        count = service.re_embed(args.gallery, progress)
+        model = service.model_id
+    if count and not args.json:
+        print(file=sys.stderr)
+    emit(args, {"re_embedded": count, "model_id": model}, f"{count} faces now use {model}")
+    return EXIT_OK
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _require_case(args: argparse.Namespace) -> None:
+    if not args.case.strip() or not args.reason.strip():
+        raise BadInputError("every search needs a case number (--case) and a reason (--reason)")
+
+
+def _probe_face(args: argparse.Namespace, faces: int) -> int:
+    if faces == 0:
+        raise BadInputError(f"{args.image}: no face found; use a clearer, frontal photo")
+    if args.face is None:
+        if faces > 1:
+            raise BadInputError(
+                f"{args.image} has {faces} faces; choose one with --face N (see edgeid detect)"
+            )
+        return 0
+    if not 0 <= args.face < faces:
+        raise BadInputError(f"{args.image} has {faces} face(s); --face {args.face} is not one")
+    return int(args.face)
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _fmr(value: str) -> float:
+    try:
+        fmr = float(value)
+    except ValueError:
+        fmr = -1.0
+    if fmr not in CALIBRATED_FMRS:
+        choices = ", ".join(f"{f:g}" for f in sorted(CALIBRATED_FMRS))
+        raise argparse.ArgumentTypeError(f"calibrated false-match rates: {choices}")
+    return fmr
+
+
+def _passphrase_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--passphrase-file", help=f"file holding the passphrase (or ${BACKUP_PASSPHRASE_ENV})"
+    )
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("--case", required=True, help="case number (recorded with the search)")
+    parser.add_argument("--reason", required=True, help="why this search is made")
+    parser.add_argument("--face", type=int, help="which face of the photo (default: the only)")
+    parser.add_argument(
+        "--fmr",
+        type=_fmr,
+        default=DEFAULT_OPERATING_FMR,
+        help=f"false-match rate of the threshold (default {DEFAULT_OPERATING_FMR:g})",
+    )
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    gallery = sub.add_parser("gallery", help="encrypted galleries: enrol, search, erase")
+    actions = gallery.add_subparsers(dest="gallery_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser("create", parents=[common], help="a new, empty gallery")
+    p.add_argument("name")
+    p.add_argument("--description", default="")
+    p.set_defaults(handler=create)
+
+    p = actions.add_parser("list", parents=[common], help="galleries and their sizes")
+    p.set_defaults(handler=list_galleries)
+
+    p = actions.add_parser("subjects", parents=[common], help="the subjects of a gallery")
+    p.add_argument("gallery")
+    p.set_defaults(handler=subjects)
+
+    p = actions.add_parser("enroll", parents=[common], help="enrol a subject from a photo")
+    p.add_argument("gallery")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--name", required=True, help="the subject's display name")
+    p.add_argument(
+        "--legal-basis", required=True, help="the law, warrant or case that allows holding it"
+    )
+    p.add_argument("--by", default=getpass.getuser(), help="who enrols (default: you)")
+    p.add_argument("--notes", default="")
+    p.add_argument("--retain-until", type=_date, help="retention date, YYYY-MM-DD")
+    p.add_argument("--face", type=int, help="which face of the photo (default: the only)")
+    p.add_argument(
+        "--allow-duplicate",
+        action="store_true",
+        help="enrol even when the face matches an enrolled subject",
+    )
+    p.set_defaults(handler=enroll)
+
+    p = actions.add_parser("search", parents=[common], help="1:N search of a probe photo")
+    _search_options(p)
+    p.add_argument(
+        "--gallery", action="append", required=True, help="gallery to search (repeatable)"
+    )
+    p.add_argument("--top", type=positive_int, default=DEFAULT_TOP_K, help="candidates (k)")
+    p.add_argument(
+        "--age-band",
+        choices=AGE_BANDS,
+        default="unknown",
+        help="the probe's apparent age: results say how reliable the model is for it",
+    )
+    p.set_defaults(handler=search)
+
+    p = actions.add_parser("verify", parents=[common], help="1:1: probe photo vs a subject")
+    _search_options(p)
+    p.add_argument("--gallery", required=True)
+    p.add_argument("--subject", required=True, help="subject id")
+    p.set_defaults(handler=verify)
+
+    p = actions.add_parser("delete", parents=[common], help="erase a subject or a gallery")
+    p.add_argument("gallery")
+    p.add_argument("--subject", help="erase only this subject")
+    p.add_argument("--yes", action="store_true", help="confirm erasing the whole gallery")
+    p.set_defaults(handler=delete)
+
+    p = actions.add_parser("export", parents=[common], help="encrypted backup of a gallery")
+    p.add_argument("gallery")
+    p.add_argument("--out", required=True, help="backup file to write")
+    p.add_argument(
+        "--passphrase-file", help=f"file holding the passphrase (or ${BACKUP_PASSPHRASE_ENV})"
+    )
+    p.set_defaults(handler=export)
+
+    p = actions.add_parser("import", parents=[common], help="restore a gallery from a backup")
+    p.add_argument("file")
+    p.add_argument("--name", help="a new name for the gallery")
+    p.add_argument(
+        "--passphrase-file", help=f"file holding the passphrase (or ${BACKUP_PASSPHRASE_ENV})"
+    )
+    p.set_defaults(handler=import_)
+
+    p = actions.add_parser(
+        "rotate-key", parents=[common], help="new key-encryption key; data keys re-wrapped"
+    )
+    p.add_argument(
+        "--provider",
+        choices=("auto", "tpm2", "systemd-creds", "keyfile", "passphrase"),
+        help="provider of the new key (default: from edgeid.toml)",
+    )
+    p.set_defaults(handler=rotate_key)
+
+    p = actions.add_parser(
+        "re-embed", parents=[common], help="re-embed a gallery with this box's model"
+    )
+    p.add_argument("gallery")
+    p.set_defaults(handler=re_embed)
