@@ -8,6 +8,7 @@ EDGEID_HOME ?= $(CURDIR)/var
 export EDGEID_HOME
 DATA ?= $(CURDIR)/../shared/data
 FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.whl
+SELFTEST_WHEEL := $(EDGEID_HOME)/wheelhouse/scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
@@ -33,7 +34,13 @@ $(FACENET_WHEEL): | $(RUNTIME_STAMP)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: facenet-pytorch==2.6.0 \
 		-d $(EDGEID_HOME)/wheelhouse
 
-models: $(RUNTIME_STAMP) $(FACENET_WHEEL)
+# The self-test's known image (NASA's public-domain astronaut photo) ships inside this wheel;
+# only that PNG is read. One platform's wheel is pinned so every machine fetches the same file.
+$(SELFTEST_WHEEL): | $(RUNTIME_STAMP)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+		--python-version 3.11 --implementation cp scikit-image==0.25.2 -d $(EDGEID_HOME)/wheelhouse
+
+models: $(RUNTIME_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
 	$(BIN)/edgeid models build
 
 run: setup

@@ -29,7 +29,15 @@ COMMAND_MODULES = (
     "eval_cmd",
     "bench_cmd",
     "serve_cmd",
+    "audit_cmd",
     "gallery_cmd",
+    "case_cmd",
+    "telemetry_cmd",
+    "fleet_cmd",
+    "update_cmd",
+    "init_cmd",
+    "users_cmd",
+    "provision_cmd",
 )
 
 

@@ -200,6 +200,11 @@ def build_models(
                 _write_atomically(manifest_path(models_dir, manifest.name), (text + "\n").encode())
                 manifests.append(manifest)
         say(f"{prefix}: done in {time.monotonic() - started:.1f} s")
+    if only is None:
+        # The self-test's known image and expected results (models/selftest_image.py).
+        from models.selftest_image import install_selftest
+
+        install_selftest(models_dir, wheelhouse, say)
     if record_checksums:
         recorded = expected | {m.name: m.sha256 for m in manifests}
         CHECKSUMS_FILE.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")

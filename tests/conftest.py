@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# A real Mosquitto broker with TLS and ACLs (fixtures pki, broker) for the telemetry tests.
+pytest_plugins = ["mqtt_broker"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("EDGEID_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 

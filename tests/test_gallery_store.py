@@ -1,4 +1,5 @@
-"""Encrypted gallery storage: round trip, keys, durability, erasure, rotation, export/import.
+"""Encrypted gallery storage: round trip, keys, durability, erasure, rotation, export/import,
+and the batch records compaction writes.
 
 Everything runs on real files in tmp_path; the only fake is a writer that reports a full disk
 (and, where this machine lets us mount one, a real tiny tmpfs does the same).
@@ -19,7 +20,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,26 @@ from runtime.gallery.keys import (
     Tpm2Provider,
     read_keyring,
 )
-from runtime.gallery.log import HEADER_BYTES, Entry, ScanState, encode_frame, scan_frames
-from runtime.gallery.records import NewFace, NewSubject
+from runtime.gallery.log import (
+    HEADER_BYTES,
+    MAX_ENTRIES_PER_FRAME,
+    Entry,
+    LogHeader,
+    ScanState,
+    encode_frame,
+    encode_header,
+    read_header,
+    scan_frames,
+)
+from runtime.gallery.records import (
+    BatchTable,
+    Face,
+    NewFace,
+    NewSubject,
+    Subject,
+    decode_batch,
+    encode_batch,
+)
 from runtime.gallery.store import (
     GALLERIES_DIR,
     KEYRING_FILE,
@@ -851,3 +870,386 @@ def test_clock_drives_expiry(tmp_path: Path) -> None:
         assert gallery.expired_subjects() == []
         now[0] += timedelta(days=40)
         assert gallery.expired_subjects() == [made.subject]
+
+
+# -- batch records (compaction) --------------------------------------------------------------
+
+OTHER_MODEL, OTHER_DIM = "other_model_v2", 64
+BATCH_FACES = "runtime.gallery.store.BATCH_FACES"
+
+
+def _other_face(rng: np.random.Generator) -> NewFace:
+    """A face of a second embedder with another embedding size."""
+    vector = rng.standard_normal(OTHER_DIM).astype(np.float32)
+    return NewFace(vector, 0.25, OTHER_MODEL, rng.bytes(32).hex(), b"\xff\xd8\xff" + rng.bytes(99))
+
+
+def _contents(gallery: Gallery, today: date = date(2026, 1, 1)) -> dict[str, object]:
+    """Everything a caller can read from a gallery, in comparable form (times with their
+    offsets, embeddings as bytes, thumbnails decrypted)."""
+    subjects = gallery.subjects()
+    faces = gallery.faces()
+    return {
+        "info": gallery.info(),
+        "subjects": subjects,
+        "subject_times": [s.enrolled_at.isoformat() for s in subjects],
+        "faces": [
+            (
+                f.face_id,
+                f.subject_id,
+                f.embedding.dtype.str,
+                f.embedding.tobytes(),
+                f.quality,
+                f.model_id,
+                f.source_sha256,
+                f.enrolled_at.isoformat(),
+                f.version,
+            )
+            for f in faces
+        ],
+        "faces_by_subject": {
+            s.subject_id: [f.face_id for f in gallery.faces(s.subject_id)] for s in subjects
+        },
+        "thumbnails": {f.face_id: gallery.thumbnail(f.face_id) for f in faces},
+        "embeddings": {
+            model: (ids, matrix.dtype.str, matrix.shape, matrix.tobytes())
+            for model in ("dlib_resnet_v1", OTHER_MODEL, "no such model")
+            for ids, matrix in [gallery.embeddings(model)]
+        },
+        "expired": gallery.expired_subjects(today),
+    }
+
+
+def _varied_gallery(store: GalleryStore, now: list[datetime]) -> Gallery:
+    """Subjects with every kind of field: time zones and none, retention or not, long and
+    non-ASCII text, no faces, faces of two embedders of different sizes."""
+    rng = np.random.default_rng(20)
+    gallery = store.create_gallery("varied", description="unit C")
+    gallery.enroll_many(
+        [
+            (_subject("Ana Lima", notes="scar 🙂 left", retention_until=date(2025, 2, 1)),
+             [_face(rng), _other_face(rng), _face(rng)]),
+            (_subject("Žofie Ærø", notes="x" * 5000), []),
+            (_subject("Ben Okafor", retention_until=date(2027, 5, 5)), [_face(rng)]),
+        ]
+    )  # fmt: skip
+    now[0] = datetime(2025, 6, 1, 8, 0, 0, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    gallery.enroll(_subject("Cleo Park", notes=""), [_other_face(rng), _face(rng)])
+    now[0] = datetime(2001, 2, 3, 4, 5, 6, 7)  # a clock without a time zone
+    gallery.enroll(_subject("Dan Roe", retention_until=date(2001, 1, 1)), [_face(rng)])
+    for i in range(4):
+        gallery.enroll(_subject(f"person {i}"), [_face(rng) for _ in range(i % 3)])
+    return gallery
+
+
+def _frame_bytes(path: Path) -> tuple[bytes, list[bytes]]:
+    """A log's header and its frames, as bytes."""
+    data = path.read_bytes()
+    return data[:HEADER_BYTES], [data[o : o + n] for o, n, _ in _frames(path)]
+
+
+def test_compaction_writes_batches_that_open_to_the_same_gallery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BATCH_FACES, 3)  # several batches from a few faces
+    now = [datetime(2025, 3, 1, 9, 30, tzinfo=UTC)]
+    with _store(tmp_path, clock=lambda: now[0]) as store:
+        gallery = _varied_gallery(store, now)
+        before = _contents(gallery)
+        gallery.compact()
+        assert _contents(gallery) == before
+        face_id = gallery.faces()[0].face_id
+        assert gallery.face(face_id) is gallery.face(face_id) is gallery.faces()[0]
+        log = _log(store, gallery)
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("varied")
+        assert _contents(gallery) == before
+        assert all(f.version == 1 for f in gallery.faces())
+        embedding = gallery.faces()[0].embedding
+        assert not embedding.flags.writeable
+        with pytest.raises(ValueError):
+            embedding.flags.writeable = True
+
+    with open(log, "rb") as stream:
+        assert read_header(stream, "t", formats=(1, 2)).format == 2
+    frames = _frames(log)
+    kinds = [[e.kind for e in entries] for _, _, entries in frames]
+    assert kinds[0] == [RecordKind.GALLERY]
+    assert kinds[1:] == [[RecordKind.SUBJECT, RecordKind.FACE]] * (len(frames) - 1)
+    assert len(frames) - 1 >= 4  # 11 faces in batches of at most 3 faces (whole subjects)
+    assert len({entries[0].record_id for _, _, entries in frames}) == len(frames)
+    with open(log, "rb") as stream, pytest.raises(CorruptGalleryError, match="log format 2"):
+        read_header(stream, "t")  # a reader of format 1 only refuses it by its header
+
+
+def test_single_records_and_tombstones_after_the_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    now = [datetime(2025, 3, 1, 9, 30, tzinfo=UTC)]
+    with _store(tmp_path, clock=lambda: now[0]) as store:
+        gallery = _varied_gallery(store, now)
+        gallery.compact()
+        ana, _, ben, cleo, *_ = gallery.subjects()
+        later = gallery.enroll(_subject("Eve Stone"), [_face(rng)])
+        added = gallery.add_faces(ben.subject_id, [_face(rng), _other_face(rng)])
+        gallery.delete_face(gallery.faces(ana.subject_id)[1].face_id, compact=False)
+        gallery.delete_subject(cleo.subject_id, compact=False)
+        gallery.delete_face(added[0].face_id, compact=False)
+        with pytest.raises(InvalidRecordError, match="already holds"):
+            gallery.restore(ben, [])  # the id of a batch member is taken
+        expected = _contents(gallery)
+        assert [s.display_name for s in gallery.subjects()][-1] == "Eve Stone"
+        assert [f.face_id for f in gallery.faces(ben.subject_id)][-1] == added[1].face_id
+        assert len(gallery.faces(ana.subject_id)) == 2
+        assert cleo.subject_id not in expected["faces_by_subject"]  # type: ignore[operator]
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("varied")
+        assert _contents(gallery) == expected
+        gallery.compact()
+        compacted = _contents(gallery)
+        assert compacted["subjects"] == expected["subjects"]
+        assert compacted["faces_by_subject"] == expected["faces_by_subject"]
+        assert compacted["thumbnails"] == expected["thumbnails"]
+        assert gallery.thumbnail(later.faces[0].face_id).startswith(b"\xff\xd8")
+        backup = tmp_path / "varied.export"
+        export_gallery(store, "varied", backup, "secret", log2_n=FAST_SCRYPT)
+    with _store(tmp_path / "box2") as store:
+        copy = import_gallery(store, backup, "secret")
+        assert copy.subjects() == compacted["subjects"]
+        assert {f.face_id: copy.thumbnail(f.face_id) for f in copy.faces()} == compacted[
+            "thumbnails"
+        ]
+
+
+def test_batches_moved_repeated_dropped_or_altered_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frame checksums are recomputed, so only the batch's own binding can catch each one."""
+    monkeypatch.setattr(BATCH_FACES, 2)
+    rng = np.random.default_rng(22)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        gallery.enroll_many([(_subject(f"Ana {i}"), [_face(rng), _face(rng)]) for i in range(4)])
+        gallery.compact()
+        gallery.enroll(_subject("Ben Okafor"), [_face(rng)])  # a single record after them
+        gid, log = gallery.gallery_id, _log(store, gallery)
+    original = log.read_bytes()
+    header, frames = _frame_bytes(log)
+    first, b0, b1, b2, b3, single = frames
+    _, _, (columns, embeddings) = _frames(log)[2]
+    flipped = bytes([embeddings.ciphertext[0] ^ 1]) + embeddings.ciphertext[1:]
+    e = embeddings
+    altered = encode_frame([columns, Entry(e.kind, e.record_id, e.version, e.nonce, flipped)])
+    with open(log, "rb") as stream:
+        read = read_header(stream, "t", formats=(1, 2))
+    format_1 = encode_header(LogHeader(read.scope_id, read.key_id))
+    corrupt, opaque = CorruptGalleryError, DecryptionError
+    cases: dict[str, tuple[list[bytes], type[Exception], str | None]] = {
+        "swapped": ([first, b1, b0, b2, b3, single], opaque, None),
+        "repeated in place": ([first, b0, b0, b2, b3, single], corrupt, "reappears"),
+        "replayed at the end": ([first, b0, b1, b2, b3, single, b1], corrupt, "reappears"),
+        "last dropped": ([first, b0, b1, b2], corrupt, "ends before its last batch"),
+        "dropped": ([first, b0, b2, b3, single], opaque, None),
+        "cut inside": ([first, b0, b1[:40]], corrupt, "ends before its last batch"),
+        "bit flip": ([first, b0, altered, b2, b3, single], opaque, None),
+        "single record moved in": ([first, single, b0, b1, b2, b3], corrupt, "is no batch"),
+    }
+    for what, (parts, error, message) in cases.items():
+        log.write_bytes(header + b"".join(parts))
+        with pytest.raises(error, match=message) as caught, _store(tmp_path) as store:
+            store.open_gallery("g")
+        if error is CorruptGalleryError:
+            assert gid in str(caught.value), what
+        assert "Ana" not in str(caught.value), what
+    log.write_bytes(format_1 + original[HEADER_BYTES:])
+    with pytest.raises(CorruptGalleryError, match="disagree on the format"), _store(tmp_path) as s:
+        s.open_gallery("g")
+
+    log.write_bytes(original + single[: len(single) // 2])  # a torn single record stays torn
+    with caplog.at_level(logging.WARNING), _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert len(gallery.subjects()) == 5 and gallery.torn_bytes == len(single) // 2
+        assert "torn tail" in caplog.text
+
+
+def test_erasure_of_batch_members_leaves_no_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the erasure test above, for canaries that sit in batch records when deleted."""
+    monkeypatch.setattr(BATCH_FACES, 2)
+    rng = np.random.default_rng(23)
+    canaries = {"Quintessa Marrowbyte-Canary": "canary note: velvet periwinkle 4471"}
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        keeper = gallery.enroll(_subject("Keeper Subject"), [_face(rng)])
+        made = [
+            gallery.enroll(_subject(name, notes=notes), [_face(rng, thumb_bytes=4000)] * 3)
+            for name, notes in canaries.items()
+        ]
+        gallery.enroll(_subject("Later Keeper"), [_face(rng)])
+        gallery.compact()  # the canaries are now batch members, beside the keepers
+        needles: dict[str, bytes] = {}
+        for name, notes in canaries.items():
+            needles |= {f"name {k}": v for k, v in _text_needles(name).items()}
+            needles |= {f"note {k}": v for k, v in _text_needles(notes).items()}
+        for face in made[0].faces:
+            stored = gallery.face(face.face_id)
+            needles |= {
+                f"{k} {face.face_id[:6]}": v
+                for k, v in _embedding_needles(stored.embedding).items()
+            }
+            needles[f"thumbnail {face.face_id[:6]}"] = gallery.thumbnail(face.face_id)[100:140]
+        assert not _hits(tmp_path, needles), "plaintext biometric data on disk"
+        for rel, data in _snapshot(tmp_path).items():  # the batches' ciphertext as written
+            if rel.endswith(".log"):
+                needles |= {
+                    f"old {rel[-12:]}@{i}": data[i : i + 32] for i in range(64, len(data) - 32, 97)
+                }
+        old_key = gallery.key_id
+        gallery.delete_subject(made[0].subject.subject_id)
+        assert gallery.key_id != old_key
+        assert not _hits(tmp_path, needles), "deleted batch members still on disk"
+    _, wrapped = read_keyring(tmp_path / GALLERIES_DIR / KEYRING_FILE)
+    assert list(wrapped[gallery.gallery_id]) == [gallery.key_id]
+    with _store(tmp_path) as store:
+        gallery = store.open_gallery("g")
+        assert [s.display_name for s in gallery.subjects()] == ["Keeper Subject", "Later Keeper"]
+        assert gallery.thumbnail(keeper.faces[0].face_id).startswith(b"\xff\xd8")
+
+
+@pytest.mark.parametrize("nth", [5, 6, 9])
+def test_full_disk_while_compacting_batches_keeps_the_old_gallery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nth: int
+) -> None:
+    """Writes 5.. are the new logs' batches (thumbnails, then the batch frame, per batch)."""
+    monkeypatch.setattr(BATCH_FACES, 2)
+    rng = np.random.default_rng(24)
+    disk = FullDisk()
+    with _store(tmp_path, writer=disk) as store:
+        gallery = store.create_gallery("g")
+        gallery.enroll_many([(_subject(f"p{i}"), [_face(rng), _face(rng)]) for i in range(4)])
+        gallery.compact()
+        gallery.delete_subject(gallery.subjects()[1].subject_id, compact=False)
+        expected = _contents(gallery)
+        logs = {k: v for k, v in _snapshot(store.root).items() if k.endswith(".log")}
+        disk.arm(nth)
+        with pytest.raises(StorageFullError):
+            gallery.compact()
+        after = {k: v for k, v in _snapshot(store.root).items() if not k.endswith(".json")}
+        assert {k: v for k, v in after.items() if k.endswith(".log")} == logs
+        assert not [k for k in after if k.endswith((".new", ".tmp", RETIRED_SUFFIX))]
+        assert _contents(gallery) == expected
+    with _store(tmp_path) as store:
+        assert _contents(store.open_gallery("g")) == expected
+
+
+CHILD_COMPACTING = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import numpy as np
+    import runtime.gallery.store as store_module
+    from runtime.gallery.keys import KeyFileProvider
+    from runtime.gallery.store import GalleryStore, NewFace, NewSubject
+
+    store_module.BATCH_FACES = 4
+    state = Path(sys.argv[1])
+    store = GalleryStore(state, KeyFileProvider(state / "keys"))
+    gallery = store.open_gallery("g")
+    rng = np.random.default_rng(int(sys.argv[2]))
+    print("ready", flush=True)
+    while True:
+        face = NewFace(rng.standard_normal(128).astype(np.float32), 0.9, "m", "ab" * 32,
+                       b"\\xff\\xd8\\xff" + rng.bytes(int(rng.integers(100, 20000))))
+        made = gallery.enroll(NewSubject("n", "basis", "tech"), [face, face])
+        print(made.subject.subject_id, flush=True)
+        gallery.compact()
+    """
+)
+
+
+def test_every_acknowledged_enrolment_survives_kill_9_during_compactions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        made = gallery.enroll_many([(_subject(f"p{i}"), [_face(rng)] * 3) for i in range(6)])
+        acknowledged = [m.subject.subject_id for m in made]
+    for round_ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_COMPACTING, str(tmp_path), str(round_)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        for _ in range(3 + 2 * round_):
+            acknowledged.append(child.stdout.readline().strip())
+        time.sleep(0.005 * round_)  # land the kill at different points of a compaction
+        child.send_signal(signal.SIGKILL)
+        rest, _ = child.communicate(timeout=20)
+        acknowledged += [line for line in rest.split() if line]
+        with _store(tmp_path) as store:
+            gallery = store.open_gallery("g")
+            present = {s.subject_id for s in gallery.subjects()}
+            assert set(acknowledged) <= present, f"round {round_}: acknowledged enrolments lost"
+            assert len(present) - len(acknowledged) <= 1
+            for face in gallery.faces():
+                assert gallery.thumbnail(face.face_id).startswith(b"\xff\xd8")
+            assert sorted(p.name for p in gallery.directory.iterdir()) == sorted(
+                [RECORDS_LOG, f"thumbs-{gallery.key_id}.log"]
+            )
+
+
+def test_enroll_many_is_all_or_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(26)
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        made = gallery.enroll_many([(_subject("Ana Lima"), [_face(rng)]), (_subject("Ben"), [])])
+        assert [m.subject.display_name for m in made] == ["Ana Lima", "Ben"]
+        assert [len(m.faces) for m in made] == [1, 0]
+        size = _log(store, gallery).stat().st_size
+        bad = NewFace(np.array([np.nan] * DIM), 0.9, "m", "ab" * 32, b"\xff\xd8\xff")
+        with pytest.raises(InvalidRecordError):
+            gallery.enroll_many([(_subject("Cleo"), [_face(rng)]), (_subject("Dan"), [bad])])
+        one = _face(rng, thumb_bytes=10)
+        too_many = [(_subject(f"p{i}"), [one]) for i in range(MAX_ENTRIES_PER_FRAME // 2 + 1)]
+        with pytest.raises(InvalidRecordError, match="split it"):
+            gallery.enroll_many(too_many)
+        assert _log(store, gallery).stat().st_size == size
+        assert [s.display_name for s in gallery.subjects()] == ["Ana Lima", "Ben"]
+        assert len(_frames(_log(store, gallery))) == 2  # the gallery's, and one for both
+
+
+def test_batch_plaintexts_are_checked_when_decoded() -> None:
+    """A batch authenticates as a whole; these checks catch a bug of ours, not an attacker."""
+    when = datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=-3)))
+    subject = Subject("ab" * 16, "Ana", "", "basis", "tech", when, None, 1)
+    vector = np.arange(4, dtype=np.float32)
+    face = Face("cd" * 16, subject.subject_id, vector, 0.5, "m", "ef" * 32, when, 1)
+    columns, embeddings = encode_batch([subject], [[face, face]], [70, 80])
+    batch = decode_batch(columns, embeddings, "t")
+    assert batch.face_thumb_size.tolist() == [70, 80] and batch.models == ("m",)
+    table = BatchTable(1, 2)
+    table.add(batch)
+    with pytest.raises(ValueError, match="appears twice"):
+        table.finish(HEADER_BYTES)  # the same face twice
+    broken = {
+        "short": (columns[:-16], embeddings),
+        "embeddings short": (columns, embeddings[:-4]),
+        "not a batch": (columns.replace(b"edgeid-batch/1", b"edgeid-batch/9"), embeddings),
+    }
+    for what, (data, values) in broken.items():
+        with pytest.raises(CorruptGalleryError, match="malformed batch"):
+            decode_batch(data, values, "t")
+        assert what
+    table = BatchTable(1, 1)
+    table.add(decode_batch(*encode_batch([subject], [[face]], [70]), "t"))
+    table.finish(HEADER_BYTES)
+    (built,) = table.faces_at([0])
+    assert built.enrolled_at.isoformat() == when.isoformat() and built.embedding.tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    assert table.subjects_at([0]) == [subject] and table.thumb(0) == (HEADER_BYTES, 70)

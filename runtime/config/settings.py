@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runtime.errors import BadInputError
 from runtime.storage.durable import write_file_atomically
@@ -70,6 +70,36 @@ class TelemetrySettings(_Section):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     spool_max_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
     report_enrolled_counts: bool = False  # off by default: counts of people are sensitive
+    # Each of <home>/telemetry/{health,events}.jsonl (sink "local") is rotated once past this.
+    local_max_bytes: int = Field(default=1024 * 1024, ge=4096)
+    # Reconnect waits double from min to max, with jitter, so a fleet does not reconnect in step.
+    reconnect_min_s: float = Field(default=1.0, ge=0.1, le=600.0)
+    reconnect_max_s: float = Field(default=60.0, ge=0.1, le=3600.0)
+
+    @model_validator(mode="after")
+    def _mqtt_needs_tls(self) -> TelemetrySettings:
+        if self.sink == "mqtt":
+            missing = [k for k in ("ca_file", "cert_file", "key_file") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"sink mqtt needs {', '.join(missing)} (TLS with a client certificate)"
+                )
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
+
+
+class UpdateSettings(_Section):
+    # What bundles must list in "hardware" to install here; None: generic-<arch> (amd64, arm64).
+    hardware_id: Slug | None = None
+    allow_downgrade: bool = False  # a bundle older than the installed version is refused
+    # Run after switching slots, {slot} and {home} substituted; exit 0 = healthy.
+    # None: {slot}/bin/edgeid provision selftest --home {home}.
+    health_command: list[str] | None = Field(default=None, min_length=1)
+    health_timeout_s: float = Field(default=300.0, ge=1.0, le=3600.0)
+    # Restarts the service on the new slot; None: systemctl restart edgeid.service where
+    # systemd runs the box, else nothing; [] never restarts.
+    restart_command: list[str] | None = None
 
 
 class Settings(_Section):
@@ -78,6 +108,7 @@ class Settings(_Section):
     inference: InferenceSettings = InferenceSettings()
     web: WebSettings = WebSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    updates: UpdateSettings = UpdateSettings()
 
 
 def config_path(home: Path) -> Path:
@@ -119,5 +150,7 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'

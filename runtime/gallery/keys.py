@@ -72,6 +72,11 @@ def new_id(random: RandomSource = system_random) -> str:
     return random(ID_HEX_CHARS // 2).hex()
 
 
+def is_gallery_scope(scope_id: str) -> bool:
+    """Galleries have random hex ids; other scopes hold a service's keys (``audit``)."""
+    return len(scope_id) == ID_HEX_CHARS and all(c in "0123456789abcdef" for c in scope_id)
+
+
 class KekProvider(Protocol):
     """Makes, recovers and destroys a key-encryption key; stores nothing secret in the keyring."""
 
@@ -494,7 +499,8 @@ class Keyring:
         return str(self._kek_info["kek_id"])
 
     def gallery_ids(self) -> list[str]:
-        return sorted(self._wrapped)
+        """Gallery scopes only: a named scope (the audit log's ``audit``) is not a gallery."""
+        return sorted(gid for gid in self._wrapped if is_gallery_scope(gid))
 
     def key_ids(self, gallery_id: str) -> list[str]:
         return sorted(self._wrapped.get(gallery_id, {}))

@@ -11,6 +11,11 @@ Only random ids, kinds, versions and sizes are in the clear; every ciphertext is
 bound to its scope, kind, id and version. A frame is all-or-nothing: a batch of entries (a
 subject with its faces) either lands whole or is a torn tail.
 
+The header's format is 1 everywhere except in a gallery records log that starts with batch
+records (``store.py``): that one says 2, with the same layout, so that a build which does not
+know batch records refuses the file by its header instead of misreading it. ``read_header``
+accepts only format 1 unless its caller names the formats it reads.
+
 Reading tells apart the two ways a log goes wrong. A torn tail (the file ends inside a
 frame, or in zeros, as after a kill -9 or a power cut during an unacknowledged append) is
 dropped with a warning. A frame that is complete but fails a checksum (a bit flip, an edit)
@@ -44,6 +49,7 @@ logger = logging.getLogger(__name__)
 LOG_MAGIC = b"EDGEIDLG"
 FRAME_MAGIC = b"EGFR"
 LOG_FORMAT_VERSION = 1
+BATCHED_LOG_FORMAT = 2  # a records log that begins with batch records (see store.py)
 ID_BYTES = 16  # random 128-bit ids: unguessable and collision-free
 _HEADER = struct.Struct(">8sH16s16s")
 HEADER_BYTES = _HEADER.size + 4
@@ -76,10 +82,11 @@ class Frame:
 class LogHeader:
     scope_id: bytes
     key_id: bytes
+    format: int = LOG_FORMAT_VERSION
 
 
 def encode_header(header: LogHeader) -> bytes:
-    head = _HEADER.pack(LOG_MAGIC, LOG_FORMAT_VERSION, header.scope_id, header.key_id)
+    head = _HEADER.pack(LOG_MAGIC, header.format, header.scope_id, header.key_id)
     return head + struct.pack(">I", zlib.crc32(head))
 
 
@@ -117,7 +124,10 @@ def _decode_body(body: bytes, where: str) -> tuple[Entry, ...]:
     return tuple(entries)
 
 
-def read_header(stream: BinaryIO, where: str) -> LogHeader:
+def read_header(
+    stream: BinaryIO, where: str, *, formats: tuple[int, ...] = (LOG_FORMAT_VERSION,)
+) -> LogHeader:
+    """The checked header; a format outside ``formats`` is refused with a message to update."""
     raw = stream.read(HEADER_BYTES)
     if len(raw) != HEADER_BYTES:
         raise CorruptGalleryError(f"{where}: file header is truncated; restore from a backup")
@@ -125,12 +135,13 @@ def read_header(stream: BinaryIO, where: str) -> LogHeader:
     magic, version, scope_id, key_id = _HEADER.unpack_from(raw, 0)
     if magic != LOG_MAGIC or zlib.crc32(raw[: _HEADER.size]) != crc:
         raise CorruptGalleryError(f"{where}: file header fails its checksum; restore from a backup")
-    if version != LOG_FORMAT_VERSION:
+    if version not in formats:
+        readable = ", ".join(str(f) for f in formats)
         raise CorruptGalleryError(
             f"{where}: log format {version} is not supported (this build reads "
-            f"{LOG_FORMAT_VERSION}); update edgeid"
+            f"{readable}); update edgeid"
         )
-    return LogHeader(scope_id, key_id)
+    return LogHeader(scope_id, key_id, version)
 
 
 def _rest_is_zero(stream: BinaryIO) -> bool:
@@ -197,18 +208,23 @@ def scan_frames(
 def read_frame_at(path: Path, offset: int, where: str) -> Frame:
     """Read and check one frame at a known offset (a thumbnail)."""
     with open(path, "rb") as stream:
-        stream.seek(offset)
-        head = stream.read(FRAME_HEAD_BYTES)
-        if len(head) != FRAME_HEAD_BYTES:
-            raise CorruptGalleryError(f"{where}: frame at byte {offset} is missing")
-        magic, body_len, body_crc = _FRAME_HEAD.unpack_from(head, 0)
-        (head_crc,) = struct.unpack_from(">I", head, _FRAME_HEAD.size)
-        if magic != FRAME_MAGIC or zlib.crc32(head[: _FRAME_HEAD.size]) != head_crc:
-            raise CorruptGalleryError(f"{where}: frame header at byte {offset} fails its checksum")
-        body = stream.read(body_len)
-        if len(body) != body_len or zlib.crc32(body) != body_crc:
-            raise CorruptGalleryError(f"{where}: frame at byte {offset} fails its checksum")
-        return Frame(offset, FRAME_HEAD_BYTES + body_len, _decode_body(body, where))
+        return read_frame(stream, offset, where)
+
+
+def read_frame(stream: BinaryIO, offset: int, where: str) -> Frame:
+    """``read_frame_at`` on an open file: for reading many frames (a compaction)."""
+    stream.seek(offset)
+    head = stream.read(FRAME_HEAD_BYTES)
+    if len(head) != FRAME_HEAD_BYTES:
+        raise CorruptGalleryError(f"{where}: frame at byte {offset} is missing")
+    magic, body_len, body_crc = _FRAME_HEAD.unpack_from(head, 0)
+    (head_crc,) = struct.unpack_from(">I", head, _FRAME_HEAD.size)
+    if magic != FRAME_MAGIC or zlib.crc32(head[: _FRAME_HEAD.size]) != head_crc:
+        raise CorruptGalleryError(f"{where}: frame header at byte {offset} fails its checksum")
+    body = stream.read(body_len)
+    if len(body) != body_len or zlib.crc32(body) != body_crc:
+        raise CorruptGalleryError(f"{where}: frame at byte {offset} fails its checksum")
+    return Frame(offset, FRAME_HEAD_BYTES + body_len, _decode_body(body, where))
 
 
 def create_log(

@@ -1,0 +1,327 @@
+"""`edgeid case ...`: ingest a folder or archive of seized media into a case, list cases, show
+a case's clusters and leads, write its report, purge it.
+
+Like the gallery commands these open the box's data for one process: stop `edgeid serve`
+first. Every cluster search is recorded in the audit log under the case and its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date
+from types import FrameType
+
+from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
+from edgeid.options import Subparsers
+from runtime.audit import AuditLog
+from runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest, Requester
+from runtime.cases.records import CaseMeta
+from runtime.cases.report import write_report
+from runtime.cases.service import CaseService, report_html
+from runtime.cases.store import CaseStore
+from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
+from runtime.cases.views import CaseView, case_view, file_json, meta_json, run_json, view_json
+from runtime.config.settings import load_settings
+from runtime.errors import BadInputError
+from runtime.gallery.key_choice import provider_for
+from runtime.gallery.service import GalleryService
+from runtime.gallery.store import GalleryStore
+
+PROGRESS_REFRESH_S = 0.2  # terminal progress bar redraws at most this often
+PROGRESS_LINE_S = 5.0  # without a terminal (logs, pipes): one progress line this often
+BAR_WIDTH = 24
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _case_store(args: argparse.Namespace) -> Iterator[CaseStore]:
+    """The cases without the face pipeline (list, show, report, purge: quick to open)."""
+    settings = load_settings(args.home_dir)
+    with (
+        GalleryStore(args.home_dir, provider_for(args.home_dir, settings.keys)) as galleries,
+        CaseStore(args.home_dir, galleries.keyring) as store,
+    ):
+        yield store
+
+
+@contextlib.contextmanager
+def _case_service(args: argparse.Namespace) -> Iterator[CaseService]:
+    settings = load_settings(args.home_dir)
+    with (
+        GalleryService.open(args.home_dir, settings) as galleries,
+        AuditLog.open(args.home_dir, galleries.store.keyring) as audit,
+        CaseService(
+            args.home_dir, galleries, audit, detector=settings.inference.detector
+        ) as service,
+    ):
+        yield service
+
+
+# -- progress (counts only: no names, no faces) -----------------------------------------------
+
+
+class ProgressBar:
+    """Draws the ingest's counts on stderr: a bar on a terminal, a line now and then elsewhere."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, p: IngestProgress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        final = p.phase in ("done", "stopped")
+        if not final and now - self._last < (PROGRESS_REFRESH_S if self.tty else PROGRESS_LINE_S):
+            return
+        self._last = now
+        done = p.files_seen / p.files_total if p.files_total else 1.0
+        filled = round(BAR_WIDTH * done)
+        text = (
+            f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] files {p.files_seen}/{p.files_total}"
+            f"  new {p.files_new}  duplicate {p.files_duplicate}  done before "
+            f"{p.files_already_done}  failed {p.files_failed}  faces {p.faces_new}"
+            f"  video frames {p.video_frames}  {p.phase}"
+        )
+        if p.phase == "searching":
+            text += f" {p.clusters_searched}/{p.clusters}"
+        if self.tty:
+            print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
+            self._drawn = True
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._drawn:
+            print(file=sys.stderr)
+            self._drawn = False
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: the file in hand is dropped, the run marked stopped."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+def _outcome_json(outcome: IngestOutcome) -> dict[str, object]:
+    results = outcome.results
+    clusters = results.clusters if results else ()
+    return {
+        "case": outcome.case.meta.number,
+        "run": run_json(outcome.run),
+        "progress": outcome.progress.to_json(),
+        "faces": len(outcome.case.faces()),
+        "clusters": len(clusters),
+        "clusters_with_leads_above_threshold": sum(
+            1 for c in clusters if c.search and c.search.matches
+        ),
+        "failed_files": [file_json(f) for f in outcome.failed],
+    }
+
+
+def ingest(args: argparse.Namespace) -> int:
+    request = IngestRequest(
+        source=args.path,
+        case_number=args.case,
+        reason=args.reason,
+        requester=Requester(getpass.getuser()),
+        galleries=tuple(args.galleries) if args.galleries else None,
+        frame_interval_s=args.frame_interval,
+        retention_until=args.retain_until,
+    )
+    bar = ProgressBar(enabled=not args.no_progress)
+    try:
+        with _terminate_as_interrupt(), _case_service(args) as service:
+            outcome = service.ingest(request, progress=bar)
+    finally:
+        bar.close()
+    p = outcome.progress
+    payload = _outcome_json(outcome)
+    lines = [
+        f"case {outcome.case.meta.number}: run {outcome.run.number} {outcome.run.status}",
+        f"files: {p.files_seen} of {p.files_total} seen, {p.files_new} read, "
+        f"{p.files_duplicate} duplicates, {p.files_already_done} done before, "
+        f"{p.files_failed} failed",
+        f"faces: {p.faces_new} new, {payload['faces']} in the case; clusters: "
+        f"{payload['clusters']} ({payload['clusters_with_leads_above_threshold']} with a lead "
+        "above threshold)",
+    ]
+    if outcome.failed:
+        lines.append("files not read (name: reason):")
+        lines += [f"  {', '.join(f.names)}: {f.reason}" for f in outcome.failed]
+    lines.append(f"see the clusters with: edgeid case show {outcome.case.meta.number!r}")
+    emit(args, payload, "\n".join(lines))
+    return EXIT_OK if outcome.run.status == "complete" else EXIT_FAILED
+
+
+def _meta_line(meta: CaseMeta) -> str:
+    last = meta.last_run
+    s = meta.summary
+    retention = meta.retention_until.isoformat() if meta.retention_until else "-"
+    return (
+        f"{meta.number:20} {meta.created_at:%Y-%m-%d}  {s.files:>6} files {s.faces:>7} faces "
+        f"{s.clusters:>6} clusters {s.leads_above_threshold:>5} with leads  retain until "
+        f"{retention}  last run: {last.status if last else 'none'}"
+    )
+
+
+def list_cases(args: argparse.Namespace) -> int:
+    with _case_store(args) as store:
+        metas = store.list_cases()
+        expired = {m.case_id for m in store.expired()}
+    payload = [{**meta_json(m), "expired": m.case_id in expired} for m in metas]
+    lines = [_meta_line(m) + ("  EXPIRED" if m.case_id in expired else "") for m in metas]
+    emit(args, payload, "\n".join(lines) or "no cases")
+    return EXIT_OK
+
+
+def _show_text(view: CaseView) -> str:
+    meta = view.meta
+    lines = [
+        f"case {meta.number}: {len(view.files)} files, {view.faces} faces, "
+        f"{len(view.clusters)} clusters",
+    ]
+    if view.results and view.stale:
+        lines.append("faces were added after the clusters were computed: run the ingest again")
+    for c in view.clusters:
+        top = ""
+        if c.search and c.search.error:
+            top = f"; search failed: {c.search.error}"
+        elif c.search and c.search.leads:
+            lead = c.search.leads[0]
+            top = (
+                f"; top lead {lead.gallery}/{lead.subject_id} {lead.display_name} "
+                f"{lead.score:.4f} ({lead.band})"
+            )
+        elif c.search:
+            top = "; no candidates"
+        lines.append(
+            f"cluster {c.number:>4}: {len(c.faces):>4} faces in {len(c.appearances):>4} files{top}"
+        )
+    for f in view.failed + view.partial:
+        lines.append(f"{f.status}: {', '.join(f.names)}: {f.reason}")
+    return "\n".join(lines)
+
+
+def show(args: argparse.Namespace) -> int:
+    with _case_store(args) as store:
+        view = case_view(store.find(args.case))
+    emit(args, view_json(view), _show_text(view))
+    return EXIT_OK
+
+
+def report(args: argparse.Namespace) -> int:
+    with _case_store(args) as store:
+        html = report_html(store.find(args.case))
+    out = write_report(html, args.out, overwrite=args.force)
+    emit(args, {"case": args.case, "report": str(out)}, f"report written to {out} (mode 0600)")
+    return EXIT_OK
+
+
+def purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise BadInputError("purging erases the case's files, faces and leads for good; add --yes")
+    if bool(args.case) == bool(args.expired):
+        raise BadInputError("give a case number, or --expired for every case past its retention")
+    with _case_store(args) as store:
+        numbers = [m.number for m in store.expired()] if args.expired else [args.case]
+        purged = [store.purge(number).number for number in numbers]
+    text = "\n".join(f"purged case {n}" for n in purged) or "no case is past its retention date"
+    emit(args, {"purged": purged}, text)
+    return EXIT_OK
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _interval(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= MIN_FRAME_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds between sampled video frames, at least {MIN_FRAME_INTERVAL_S}"
+        )
+    return seconds
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    case = sub.add_parser(
+        "case", help="case ingest: seized media in, clustered faces and leads out"
+    )
+    actions = case.add_subparsers(dest="case_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser(
+        "ingest",
+        parents=[common],
+        help="add a folder, zip or tar of images and videos to a case (resumes a stopped run)",
+    )
+    p.add_argument("path", type=path_arg, metavar="PATH", help="folder, .zip, .tar[.gz|.bz2|.xz]")
+    p.add_argument("--case", required=True, help="case number (created on first ingest)")
+    p.add_argument("--reason", required=True, help="why this media is searched (audited)")
+    p.add_argument(
+        "--galleries",
+        nargs="+",
+        metavar="G",
+        help="galleries to search each cluster in (default: every gallery on the box)",
+    )
+    p.add_argument(
+        "--frame-interval",
+        type=_interval,
+        default=DEFAULT_FRAME_INTERVAL_S,
+        metavar="S",
+        help=f"seconds between sampled video frames (default {DEFAULT_FRAME_INTERVAL_S:g})",
+    )
+    p.add_argument("--retain-until", type=_date, help="the case's retention date, YYYY-MM-DD")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=ingest)
+
+    p = actions.add_parser("list", parents=[common], help="cases on this box, with their counts")
+    p.set_defaults(handler=list_cases)
+
+    p = actions.add_parser("show", parents=[common], help="a case's clusters, leads and files")
+    p.add_argument("case", metavar="N", help="case number")
+    p.set_defaults(handler=show)
+
+    p = actions.add_parser(
+        "report", parents=[common], help="the case report: one HTML file, printable to PDF"
+    )
+    p.add_argument("case", metavar="N", help="case number")
+    p.add_argument("--out", required=True, type=path_arg, metavar="FILE.html")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(handler=report)
+
+    p = actions.add_parser("purge", parents=[common], help="erase a case as a unit")
+    p.add_argument("case", metavar="N", nargs="?", help="case number")
+    p.add_argument("--expired", action="store_true", help="every case past its retention date")
+    p.add_argument("--yes", action="store_true", help="confirm the erasure")
+    p.set_defaults(handler=purge)

@@ -1,0 +1,99 @@
+"""`edgeid init`: make a box ready for its first sign-in.
+
+Creates what is missing and keeps what exists, so it can be re-run: the device key, the
+HTTPS certificate (written into edgeid.toml's web section), the galleries' keyring and the
+audit log, and, when the box has no user yet, the first admin with a one-time password that
+must be changed at first sign-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from edgeid.cli import EXIT_OK, emit
+from edgeid.commands.users_cmd import audited
+from edgeid.options import Subparsers
+from runtime.accounts.roles import Role
+from runtime.accounts.users import UserStore, check_username
+from runtime.audit import AuditAction
+from runtime.config.settings import load_settings, save_settings
+from runtime.identity.device_key import ensure_device_key, fingerprint
+from runtime.web.server import web_url
+from runtime.web.tls import certificate_sha256, make_certificate
+
+DEFAULT_ADMIN = "admin"
+
+
+def run(args: argparse.Namespace) -> int:
+    home = args.home_dir
+    check_username(args.admin)
+    os.makedirs(home, exist_ok=True)
+    settings = load_settings(home)
+    key = ensure_device_key(home)
+
+    web = settings.web
+    changes: dict[str, object] = {}
+    if args.host is not None:
+        changes["host"] = args.host
+    if args.port is not None:
+        changes["port"] = args.port
+    made_cert = False
+    if args.renew_cert or not (web.tls_cert and web.tls_key):
+        files = make_certificate(
+            home, device_id=settings.device.device_id, addresses=[*args.address, args.host or ""]
+        )
+        changes |= {"tls_cert": str(files.cert), "tls_key": str(files.key)}
+        made_cert = True
+    if changes:
+        settings = settings.model_copy(update={"web": web.model_copy(update=changes)})
+        save_settings(home, settings)
+    cert = Path(settings.web.tls_cert) if settings.web.tls_cert else None
+
+    password = None
+    with audited(home) as record:  # creates the keyring and the audit log on first use
+        users = UserStore(home)
+        if users.count() == 0:
+            admin, password = users.create(args.admin, Role.ADMIN)
+            record(AuditAction.USER_CREATED, f"user {admin.username}; role admin; first admin")
+    result = {
+        "home": str(home),
+        "url": web_url(settings),
+        "tls_cert": str(cert) if cert else None,
+        "tls_cert_sha256": certificate_sha256(cert) if cert else None,
+        "tls_cert_created": made_cert,
+        "device_key_fingerprint": fingerprint(key),
+        "admin": args.admin if password else None,
+        "one_time_password": password,
+    }
+    lines = [
+        f"edgeid initialised in {home}",
+        f"web UI: {result['url']} (certificate SHA-256 {result['tls_cert_sha256']})",
+    ]
+    if password:
+        lines.append(
+            f"first admin: {args.admin}, one-time password (shown once, must be changed at "
+            f"first sign-in): {password}"
+        )
+    else:
+        lines.append("users exist already: no admin created (edgeid users reset-password NAME)")
+    emit(args, result, "\n".join(lines))
+    return EXIT_OK
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    init = sub.add_parser(
+        "init", parents=[common], help="first admin, HTTPS certificate, keys and audit log"
+    )
+    init.add_argument("--admin", default=DEFAULT_ADMIN, help="the first admin's user name")
+    init.add_argument("--host", help="address the web UI listens on (saved in edgeid.toml)")
+    init.add_argument("--port", type=int, help="its port (saved in edgeid.toml)")
+    init.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        help="a name or IP the office reaches the box by, for the certificate (repeat)",
+    )
+    init.add_argument("--renew-cert", action="store_true", help="make a new HTTPS certificate")
+    init.set_defaults(handler=run)

@@ -1,0 +1,1 @@
+"""Local users, roles, password hashes, sessions, API tokens and login throttling."""

@@ -1,0 +1,686 @@
+"""Cases on disk: encrypted like galleries, under ``<home>/cases/<random id>/``.
+
+Layout of one case (the folder name is random; the case number exists only as ciphertext)::
+
+    records.log    source files and faces: the frame log of runtime/gallery/log.py
+    thumbs.log     each face's aligned chip (JPEG), read one at a time
+    case.sealed    case number, retention, ingest runs and counts (replaced atomically)
+    results.sealed the latest clusters and leads, derived from records.log (replaced atomically)
+
+Every record and blob is AES-256-GCM under the case's own data key, held in the device
+keyring (the galleries' ``keyring.json``) under the scope ``case-<id>``, and bound to the
+case, its kind, id and version. Purging a case drops that key first (crypto-erase), then
+zero-fills and unlinks the files; a crash in between is finished on the next open.
+
+A source file and its faces are written as one unit: thumbnails first, then the faces and,
+last, the file's own record; a file whose record never landed (a kill mid-write) has its
+faces ignored on load and is read again on resume. So a resumed ingest neither loses nor
+duplicates faces.
+
+Record kinds: the log format names gallery kinds; a case reuses them by analogy (the case's
+own record as GALLERY, a source file as SUBJECT, faces and thumbnails as themselves, the
+results snapshot as INDEX), and each plaintext also says ``type``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
+from runtime.cases.records import CaseFace, CaseMeta, CaseResults, SourceFile
+from runtime.errors import BadInputError, StorageWriteError
+from runtime.gallery.crypto import (
+    NONCE_BYTES,
+    Clock,
+    RandomSource,
+    RecordCipher,
+    RecordKind,
+    system_random,
+    utc_now,
+)
+from runtime.gallery.errors import CorruptGalleryError, DecryptionError, GalleryError
+from runtime.gallery.keys import Keyring
+from runtime.gallery.log import (
+    ID_BYTES,
+    Entry,
+    LogAppender,
+    LogHeader,
+    ScanState,
+    create_log,
+    encode_frame,
+    read_frame_at,
+    read_header,
+    scan_frames,
+)
+from runtime.gallery.records import ID_HEX, pack, unpack
+from runtime.inference.types import FloatArray
+from runtime.storage.durable import (
+    PRIVATE_FILE_MODE,
+    FileWriter,
+    OsFileWriter,
+    fsync_directory,
+    make_private_dir,
+    shred_and_unlink,
+    write_file_atomically,
+)
+
+logger = logging.getLogger(__name__)
+
+CASES_DIR = "cases"
+LOCK_FILE = ".lock"
+RECORDS_LOG = "records.log"
+THUMBS_LOG = "thumbs.log"
+META_FILE = "case.sealed"
+RESULTS_FILE = "results.sealed"
+KEY_SCOPE_PREFIX = "case-"  # not a gallery scope: GalleryStore's recovery leaves it alone
+# Faces per records frame: keeps a frame small (a crowded video can hold tens of thousands of
+# faces) and far below the log's 65,535 entries per frame.
+FACES_PER_FRAME = 1000
+MAX_CASE_NUMBER_CHARS = 64  # the audit log keeps case numbers of at most 64 characters
+MAX_TEXT_CHARS = 1000
+
+_FILE_KIND = RecordKind.SUBJECT
+_FACE_KIND = RecordKind.FACE
+_THUMB_KIND = RecordKind.THUMBNAIL
+_META_KIND = RecordKind.GALLERY
+_RESULTS_KIND = RecordKind.INDEX
+_RESULTS_ID = b"case-results"
+
+
+def key_scope(case_id: str) -> str:
+    return KEY_SCOPE_PREFIX + case_id
+
+
+def check_case_number(number: str) -> str:
+    """The case number trimmed, or ``BadInputError`` naming what is wrong with it."""
+    text = number.strip() if isinstance(number, str) else ""
+    if not text:
+        raise BadInputError("give the case number (--case)")
+    if len(text) > MAX_CASE_NUMBER_CHARS:
+        raise BadInputError(f"the case number is longer than {MAX_CASE_NUMBER_CHARS} characters")
+    if any(not ch.isprintable() for ch in text):
+        raise BadInputError("the case number contains control characters; remove them")
+    return text
+
+
+def check_text(value: str, what: str) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        raise BadInputError(f"give the {what}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadInputError(f"the {what} is longer than {MAX_TEXT_CHARS} characters")
+    if any(not ch.isprintable() and ch not in "\n\t" for ch in text):
+        raise BadInputError(f"the {what} contains control characters; remove them")
+    return text
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face to add with its source file: template, where it is, and its aligned chip."""
+
+    embedding: FloatArray
+    box: tuple[int, int, int, int]
+    score: float
+    quality: float
+    quality_limiting: str
+    chip_jpeg: bytes
+    frame: int | None = None
+    time_s: float | None = None
+
+
+class FileWrite:
+    """A source file being written (see ``Case.writing``)."""
+
+    def __init__(self, case: Case, file: SourceFile) -> None:
+        self._case = case
+        self.file = file
+        self.faces: dict[str, CaseFace] = {}
+
+    def add_faces(self, faces: Sequence[NewFace]) -> None:
+        for start in range(0, len(faces), FACES_PER_FRAME):
+            chunk = faces[start : start + FACES_PER_FRAME]
+            self.faces.update(self._case._write_faces(self.file, chunk))
+
+
+# -- one case --------------------------------------------------------------------------------
+
+
+class Case:
+    """One open case: files and faces decrypted in memory, thumbnails read on demand."""
+
+    def __init__(
+        self,
+        directory: Path,
+        case_id: str,
+        keyring: Keyring,
+        *,
+        clock: Clock,
+        random: RandomSource,
+        writer: FileWriter,
+    ) -> None:
+        self.directory = directory
+        self.case_id = case_id
+        self._cid = bytes.fromhex(case_id)
+        self._keyring = keyring
+        self._clock = clock
+        self._random = random
+        self._writer = writer
+        self.lock = threading.RLock()  # one ingest or change at a time per case
+        self.where = f"case {case_id}"
+        self._load()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            self._read_logs()
+        except CorruptGalleryError as exc:  # the shared log format speaks of galleries
+            message = str(exc).replace("the gallery", "the case")
+            raise CorruptCaseError(message) from None
+        self.meta = self._read_meta()
+
+    def _read_logs(self) -> None:
+        with open(self.directory / RECORDS_LOG, "rb") as stream:
+            header = read_header(stream, self.where)
+            if header.scope_id != self._cid:
+                raise CorruptCaseError(f"{self.where}: {RECORDS_LOG} belongs to another case")
+            self._key_id = header.key_id.hex()
+            try:
+                key = self._keyring.data_key(key_scope(self.case_id), self._key_id)
+            except GalleryError:
+                raise CorruptCaseError(
+                    f"{self.where}: its key is not in the keyring (purged, or the keyring is "
+                    "from another box); restore the keyring from the box's backup"
+                ) from None
+            self._cipher = RecordCipher(key, self._cid, random=self._random)
+            files: dict[str, SourceFile] = {}
+            faces: dict[str, CaseFace] = {}
+            state = ScanState()
+            for frame in scan_frames(stream, self.where, state):
+                for entry in frame.entries:
+                    self._apply(entry, files, faces)
+        self._files = files
+        self._faces = {fid: f for fid, f in faces.items() if f.file_record in files}
+        self._by_sha = {f.sha256: f for f in files.values() if f.sha256}
+        self._refused = {n for f in files.values() if f.sha256 is None for n in f.names}
+        self._records = LogAppender(
+            self.directory / RECORDS_LOG, state.valid_end, self.where, self._writer
+        )
+        # Thumbnails past the last one a face points to belong to a file that never landed.
+        thumbs_end = max((sum(f.thumb) for f in self._faces.values()), default=0)
+        with open(self.directory / THUMBS_LOG, "rb") as stream:
+            if read_header(stream, self.where).scope_id != self._cid:
+                raise CorruptCaseError(f"{self.where}: {THUMBS_LOG} belongs to another case")
+            thumbs_end = max(thumbs_end, stream.tell())
+        self._thumbs = LogAppender(
+            self.directory / THUMBS_LOG, thumbs_end, self.where, self._writer
+        )
+
+    def _open_entry(self, entry: Entry) -> tuple[dict[str, Any], bytes]:
+        try:
+            plain = self._cipher.open(
+                entry.kind, entry.record_id, entry.version, entry.nonce, entry.ciphertext
+            )
+            return unpack(plain, self.where)
+        except DecryptionError:
+            raise CorruptCaseError(
+                f"{self.where}: a record fails authentication (altered or moved); restore the "
+                "case from a backup"
+            ) from None
+        except GalleryError as exc:
+            raise CorruptCaseError(f"{self.where}: {exc}") from None
+
+    def _apply(
+        self, entry: Entry, files: dict[str, SourceFile], faces: dict[str, CaseFace]
+    ) -> None:
+        head, tail = self._open_entry(entry)
+        rid = entry.record_id.hex()
+        if entry.kind is _FILE_KIND and head.get("type") == "file":
+            known = files.get(rid)
+            if known is not None and entry.version <= known.version:
+                raise CorruptCaseError(
+                    f"{self.where}: a file record reappears with an old version (replayed)"
+                )
+            files[rid] = SourceFile.from_head(rid, entry.version, head)
+        elif entry.kind is _FACE_KIND and head.get("type") == "face":
+            faces[rid] = CaseFace.from_head(rid, head, tail)
+        else:
+            raise CorruptCaseError(f"{self.where}: unexpected record kind {entry.kind.name}")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def files(self) -> list[SourceFile]:
+        with self.lock:
+            return sorted(self._files.values(), key=lambda f: (f.names[0], f.record_id))
+
+    def file_by_sha(self, sha256: str) -> SourceFile | None:
+        with self.lock:
+            return self._by_sha.get(sha256)
+
+    def is_refused(self, name: str) -> bool:
+        """True when an entry of this name was recorded as failed before it was read."""
+        with self.lock:
+            return name in self._refused
+
+    def faces(self) -> list[CaseFace]:
+        with self.lock:
+            return list(self._faces.values())
+
+    def face(self, face_id: str) -> CaseFace:
+        with self.lock:
+            try:
+                return self._faces[face_id]
+            except KeyError:
+                raise BadInputError(f"no face {face_id} in this case") from None
+
+    def thumbnail(self, face_id: str) -> bytes:
+        """The JPEG of a face's aligned chip, read and authenticated now."""
+        face = self.face(face_id)
+        frame = read_frame_at(self.directory / THUMBS_LOG, face.thumb[0], self.where)
+        if len(frame.entries) != 1 or frame.size != face.thumb[1]:
+            raise CorruptCaseError(f"{self.where}: a thumbnail is not where it was put")
+        entry = frame.entries[0]
+        if entry.kind is not _THUMB_KIND or entry.record_id.hex() != face_id:
+            raise CorruptCaseError(f"{self.where}: a thumbnail belongs to another face")
+        return self._open_entry(entry)[1]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _new_id(self) -> bytes:
+        while True:
+            rid = self._random(ID_BYTES)
+            hexed = rid.hex()
+            if hexed not in self._files and hexed not in self._faces and rid != self._cid:
+                return rid
+
+    def _entry(self, kind: RecordKind, rid: bytes, version: int, plain: bytes) -> Entry:
+        sealed = self._cipher.seal(kind, rid, version, plain)
+        return Entry(kind, rid, version, sealed.nonce, sealed.ciphertext)
+
+    @contextlib.contextmanager
+    def writing(self, file: SourceFile) -> Iterator[FileWrite]:
+        """Write a source file: add its faces to the yielded ``FileWrite`` as they are found
+        (set ``FileWrite.file`` to the final record); the file's record is written on exit.
+
+        Until then nothing is visible; an exception (or a kill) leaves the case as before,
+        and the file is read again on resume.
+        """
+        with self.lock:
+            if file.sha256 and file.sha256 in self._by_sha:
+                raise BadInputError("this file is already in the case; add its name instead")
+            rid = self._new_id()
+            records_start, thumbs_start = self._records.valid_end, self._thumbs.valid_end
+            session = FileWrite(self, replace(file, record_id=rid.hex(), version=1))
+            try:
+                yield session
+                stored = replace(session.file, record_id=rid.hex(), faces=len(session.faces))
+                self._records.append(encode_frame([self._file_entry(stored, rid)]))
+            except BaseException:
+                self._records.roll_back_to(records_start)
+                self._thumbs.roll_back_to(thumbs_start)
+                raise
+            self._files[stored.record_id] = stored
+            if stored.sha256:
+                self._by_sha[stored.sha256] = stored
+            else:
+                self._refused.update(stored.names)
+            self._faces.update(session.faces)
+
+    def add_file(self, file: SourceFile, faces: Sequence[NewFace] = ()) -> SourceFile:
+        """Write a source file with its faces, all or nothing; returns once durable."""
+        with self.writing(file) as session:
+            session.add_faces(faces)
+        return self._files[session.file.record_id]
+
+    def _file_entry(self, file: SourceFile, rid: bytes) -> Entry:
+        head = {"type": "file", **file.to_head()}
+        return self._entry(_FILE_KIND, rid, file.version, pack(head))
+
+    def _write_faces(self, file: SourceFile, chunk: Sequence[NewFace]) -> dict[str, CaseFace]:
+        """Thumbnails, then one records frame of faces (durable; not yet visible)."""
+        offset = self._thumbs.valid_end
+        thumbs: list[bytes] = []
+        entries: list[Entry] = []
+        written: dict[str, CaseFace] = {}
+        for new in chunk:
+            fid = self._new_id()
+            while fid.hex() in written:
+                fid = self._new_id()
+            frame = encode_frame([self._entry(_THUMB_KIND, fid, 1, pack({}, new.chip_jpeg))])
+            face = CaseFace(
+                face_id=fid.hex(),
+                file_record=file.record_id,
+                file_sha256=file.sha256 or "",
+                box=new.box,
+                score=float(new.score),
+                quality=float(new.quality),
+                quality_limiting=new.quality_limiting,
+                embedding=np.asarray(new.embedding, dtype=np.float32),
+                thumb=(offset, len(frame)),
+                frame=new.frame,
+                time_s=new.time_s,
+            )
+            head = {"type": "face", **face.to_head()}
+            entries.append(self._entry(_FACE_KIND, fid, 1, pack(head, face.embedding.tobytes())))
+            written[face.face_id] = face
+            thumbs.append(frame)
+            offset += len(frame)
+        self._thumbs.append(b"".join(thumbs))
+        self._records.append(encode_frame(entries))
+        return written
+
+    def add_name(self, sha256: str, name: str) -> SourceFile:
+        """Record another name under which a file already in the case was seen."""
+        with self.lock:
+            known = self._by_sha.get(sha256)
+            if known is None:
+                raise BadInputError("no such file in this case")
+            if name in known.names:
+                return known
+            updated = replace(known, names=(*known.names, name), version=known.version + 1)
+            rid = bytes.fromhex(known.record_id)
+            self._records.append(encode_frame([self._file_entry(updated, rid)]))
+            self._files[updated.record_id] = updated
+            self._by_sha[sha256] = updated
+            return updated
+
+    # -- metadata and results (sealed blobs, replaced atomically) ---------------------------
+
+    def _seal_blob(self, kind: RecordKind, rid: bytes, head: dict[str, Any]) -> bytes:
+        sealed = self._cipher.seal(kind, rid, 1, pack(head))
+        return bytes.fromhex(self._key_id) + sealed.nonce + sealed.ciphertext
+
+    def _open_blob(self, kind: RecordKind, rid: bytes, blob: bytes) -> dict[str, Any]:
+        return _unseal(self._cipher, self._key_id, kind, rid, blob, self.where)
+
+    def _read_meta(self) -> CaseMeta:
+        try:
+            blob = (self.directory / META_FILE).read_bytes()
+        except OSError as exc:
+            raise CorruptCaseError(
+                f"{self.where}: {META_FILE} unreadable ({exc.strerror})"
+            ) from None
+        meta = CaseMeta.from_head(self._open_blob(_META_KIND, self._cid, blob))
+        if meta.case_id != self.case_id:
+            raise CorruptCaseError(f"{self.where}: {META_FILE} belongs to another case")
+        return meta
+
+    def save_meta(self, meta: CaseMeta) -> None:
+        with self.lock:
+            if meta.case_id != self.case_id:
+                raise BadInputError("metadata of another case")
+            blob = self._seal_blob(_META_KIND, self._cid, meta.to_head())
+            write_file_atomically(
+                self.directory / META_FILE, blob, writer=self._writer, action="writing the case"
+            )
+            self.meta = meta
+
+    def results(self) -> CaseResults | None:
+        path = self.directory / RESULTS_FILE
+        if not path.exists():
+            return None
+        head = self._open_blob(_RESULTS_KIND, _RESULTS_ID, path.read_bytes())
+        return CaseResults.from_head(head)
+
+    def save_results(self, results: CaseResults) -> None:
+        with self.lock:
+            blob = self._seal_blob(_RESULTS_KIND, _RESULTS_ID, results.to_head())
+            write_file_atomically(
+                self.directory / RESULTS_FILE,
+                blob,
+                writer=self._writer,
+                action="writing the case results",
+            )
+
+
+# -- every case of the box -------------------------------------------------------------------
+
+
+def _unseal(
+    cipher: RecordCipher, key_id: str, kind: RecordKind, rid: bytes, blob: bytes, where: str
+) -> dict[str, Any]:
+    """Open a sealed blob: ``key_id || nonce || ciphertext``."""
+    if blob[:ID_BYTES].hex() != key_id:
+        raise CorruptCaseError(f"{where}: a sealed file is under another key")
+    rest = blob[ID_BYTES:]
+    try:
+        plain = cipher.open(kind, rid, 1, rest[:NONCE_BYTES], rest[NONCE_BYTES:])
+        return unpack(plain, where)[0]
+    except DecryptionError:
+        raise CorruptCaseError(
+            f"{where}: a sealed file fails authentication; restore it from a backup"
+        ) from None
+    except GalleryError as exc:
+        raise CorruptCaseError(f"{where}: {exc}") from None
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CaseBusyError(
+            f"the cases under {path.parent} are open in another process (edgeid serve?); "
+            "stop it first"
+        ) from None
+    return fd
+
+
+def _shred_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            shred_and_unlink(path)
+    directory.rmdir()
+    fsync_directory(directory.parent)
+
+
+class CaseStore:
+    """Every case under ``<home>/cases``, opened by one process at a time.
+
+    ``keyring`` is the device keyring (``GalleryService.store.keyring``), whose store lock the
+    caller holds; ``clock``, ``random`` and ``writer`` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        keyring: Keyring,
+        *,
+        clock: Clock = utc_now,
+        random: RandomSource = system_random,
+        writer: FileWriter | None = None,
+    ) -> None:
+        self.root = Path(home) / CASES_DIR
+        self._keyring = keyring
+        self._clock = clock
+        self._random = random
+        self._writer = writer or OsFileWriter()
+        self._open: dict[str, Case] = {}
+        self._mutex = threading.RLock()
+        make_private_dir(self.root)
+        self._lock_fd: int | None = _lock(self.root / LOCK_FILE)
+        try:
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> CaseStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._open.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _scoped(self) -> set[str]:
+        """Case ids that hold a key in the keyring."""
+        return {
+            scope[len(KEY_SCOPE_PREFIX) :]
+            for scope in self._keyring.wrapped_keys()
+            if scope.startswith(KEY_SCOPE_PREFIX)
+        }
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: a purge (key gone, files left) or a create (key
+        or folder without all its files)."""
+        keyed = self._scoped()
+        for directory in sorted(self.root.iterdir()):
+            if not directory.is_dir() or not ID_HEX.fullmatch(directory.name):
+                continue
+            complete = all((directory / f).exists() for f in (RECORDS_LOG, THUMBS_LOG, META_FILE))
+            if directory.name not in keyed or not complete:
+                logger.warning("removing case %s: an interrupted create or purge", directory.name)
+                _shred_tree(directory)
+                continue
+            for leftover in directory.glob("*.tmp"):
+                shred_and_unlink(leftover)
+        for case_id in keyed:
+            if not (self.root / case_id).is_dir():
+                logger.warning("forgetting the key of case %s: it has no files", case_id)
+                self._keyring.retain_only(key_scope(case_id), [])
+
+    # -- cases -------------------------------------------------------------------------------
+
+    def _case(self, case_id: str) -> Case:
+        with self._mutex:
+            if case_id not in self._open:
+                self._open[case_id] = Case(
+                    self.root / case_id,
+                    case_id,
+                    self._keyring,
+                    clock=self._clock,
+                    random=self._random,
+                    writer=self._writer,
+                )
+            return self._open[case_id]
+
+    def _ids(self) -> list[str]:
+        keyed = self._scoped()
+        return sorted(
+            d.name
+            for d in self.root.iterdir()
+            if d.is_dir() and ID_HEX.fullmatch(d.name) and d.name in keyed
+        )
+
+    def list_cases(self) -> list[CaseMeta]:
+        """Every case's metadata (only the small sealed file of each is read)."""
+        metas = []
+        for case_id in self._ids():
+            with self._mutex:
+                case = self._open.get(case_id)
+            metas.append(case.meta if case else self._peek_meta(case_id))
+        return sorted(metas, key=lambda m: m.created_at)
+
+    def _peek_meta(self, case_id: str) -> CaseMeta:
+        directory = self.root / case_id
+        with open(directory / RECORDS_LOG, "rb") as stream:
+            key_id = read_header(stream, f"case {case_id}").key_id.hex()
+        try:
+            key = self._keyring.data_key(key_scope(case_id), key_id)
+        except GalleryError:
+            raise CorruptCaseError(f"case {case_id}: its key is not in the keyring") from None
+        cipher = RecordCipher(key, bytes.fromhex(case_id))
+        blob = (directory / META_FILE).read_bytes()
+        head = _unseal(cipher, key_id, _META_KIND, bytes.fromhex(case_id), blob, f"case {case_id}")
+        return CaseMeta.from_head(head)
+
+    def find(self, number: str) -> Case:
+        """The case with this number; ``CaseNotFoundError`` when there is none."""
+        wanted = check_case_number(number)
+        for meta in self.list_cases():
+            if meta.number == wanted:
+                return self._case(meta.case_id)
+        raise CaseNotFoundError(f"no case {wanted!r} on this box; list them with edgeid case list")
+
+    def exists(self, number: str) -> bool:
+        wanted = check_case_number(number)
+        return any(meta.number == wanted for meta in self.list_cases())
+
+    def create(
+        self,
+        number: str,
+        *,
+        created_by: str,
+        model_id: str,
+        retention_until: date | None = None,
+    ) -> Case:
+        """A new, empty case with its own data key."""
+        number = check_case_number(number)
+        with self._mutex:
+            if self.exists(number):
+                raise BadInputError(f"case {number!r} exists already")
+            case_id = self._random(ID_BYTES).hex()
+            key_id, key = self._keyring.new_data_key(key_scope(case_id))
+            directory = self.root / case_id
+            try:
+                make_private_dir(directory)
+                header = LogHeader(bytes.fromhex(case_id), bytes.fromhex(key_id))
+                for name in (RECORDS_LOG, THUMBS_LOG):
+                    create_log(directory / name, header, self._writer, f"case {case_id}")
+                meta = CaseMeta(
+                    case_id=case_id,
+                    number=number,
+                    created_at=self._clock(),
+                    created_by=created_by,
+                    model_id=model_id,
+                    retention_until=retention_until,
+                )
+                cipher = RecordCipher(key, bytes.fromhex(case_id), random=self._random)
+                sealed = cipher.seal(_META_KIND, bytes.fromhex(case_id), 1, pack(meta.to_head()))
+                write_file_atomically(
+                    directory / META_FILE,
+                    bytes.fromhex(key_id) + sealed.nonce + sealed.ciphertext,
+                    writer=self._writer,
+                    action="writing the case",
+                )
+            except (GalleryError, StorageWriteError, OSError):
+                if directory.exists():
+                    _shred_tree(directory)
+                self._keyring.retain_only(key_scope(case_id), [])
+                raise
+            logger.info("created case %s", case_id)
+            return self._case(case_id)
+
+    def purge(self, number: str) -> CaseMeta:
+        """Erase a case as a unit: its key leaves the keyring (crypto-erase), then its files
+        are zero-filled and unlinked."""
+        case = self.find(number)
+        with case.lock, self._mutex:
+            meta = case.meta
+            self._keyring.retain_only(key_scope(case.case_id), [])
+            self._open.pop(case.case_id, None)
+            _shred_tree(case.directory)
+        logger.info("purged case %s", case.case_id)
+        return meta
+
+    def expired(self, today: date | None = None) -> list[CaseMeta]:
+        """Cases whose retention date has passed (to review and purge)."""
+        today = today or self._clock().date()
+        return [m for m in self.list_cases() if m.retention_until and m.retention_until < today]

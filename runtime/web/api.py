@@ -1,0 +1,434 @@
+"""``/api/v1``: the pages' operations for API tokens (``Authorization: Bearer edgeid_...``).
+
+Each endpoint names the scope it needs; a token's scopes count only within its owner's
+current role and galleries. Photos are sent as the raw request body (search) or as a
+multipart form (enrolment), read into memory with the same limit as the pages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runtime.accounts.roles import Permission
+from runtime.accounts.tokens import Token
+from runtime.accounts.users import User
+from runtime.audit import AuditAction
+from runtime.errors import BadInputError
+from runtime.gallery.service import DuplicateSubjectError
+from runtime.web import admin
+from runtime.web import operations as ops
+from runtime.web.access import ApiAccess
+from runtime.web.api_models import (
+    CandidatesRequest,
+    DecisionIn,
+    DecisionOut,
+    EraseIn,
+    GalleryIn,
+    GalleryOut,
+    MeOut,
+    OneTimePassword,
+    ProbeOut,
+    SearchCreated,
+    SearchResultOut,
+    SearchStart,
+    SubjectOut,
+    TokenOut,
+    UserCreated,
+    UserIn,
+    UserOut,
+    UserPatch,
+)
+from runtime.web.audit_trail import record
+from runtime.web.errors import NotFoundError
+from runtime.web.forms import UnsupportedBodyError, read_body, read_form
+from runtime.web.images import jpeg_response
+from runtime.web.pages_audit import audit_filter, health_summary
+from runtime.web.principal import Principal
+from runtime.web.state import web_state
+
+router = APIRouter()
+
+Anyone = Annotated[Principal, Depends(ApiAccess(None))]
+Searcher = Annotated[Principal, Depends(ApiAccess(Permission.SEARCH))]
+Enroller = Annotated[Principal, Depends(ApiAccess(Permission.ENROL))]
+Reader = Annotated[Principal, Depends(ApiAccess(Permission.SUBJECTS_READ))]
+Eraser = Annotated[Principal, Depends(ApiAccess(Permission.SUBJECTS_DELETE))]
+Auditor = Annotated[Principal, Depends(ApiAccess(Permission.AUDIT_READ))]
+UserAdmin = Annotated[Principal, Depends(ApiAccess(Permission.USERS))]
+GalleryAdmin = Annotated[Principal, Depends(ApiAccess(Permission.GALLERIES))]
+Technician = Annotated[Principal, Depends(ApiAccess(Permission.HEALTH))]
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
+PHOTO_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            kind: {"schema": {"type": "string", "format": "binary"}}
+            for kind in (*IMAGE_TYPES, "application/octet-stream")
+        },
+    }
+}
+ENROL_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["display_name", "legal_basis", "photo"],
+                    "properties": {
+                        "display_name": {"type": "string"},
+                        "legal_basis": {"type": "string"},
+                        "notes": {"type": "string"},
+                        "retention_until": {"type": "string", "format": "date"},
+                        "face_index": {"type": "integer", "description": "needed for 2+ faces"},
+                        "allow_duplicate": {"type": "boolean"},
+                        "photo": {"type": "string", "format": "binary"},
+                    },
+                }
+            }
+        },
+    }
+}
+JPEG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}
+}
+
+
+@router.get("/me", response_model=MeOut, tags=["account"])
+def me(principal: Anyone) -> MeOut:
+    return MeOut(
+        username=principal.username,
+        role=principal.role.value,
+        scopes=sorted(p.value for p in principal.permissions),
+        galleries=list(principal.galleries),
+        token_id=principal.token_id,
+    )
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+@router.post("/searches", response_model=SearchCreated, status_code=201, tags=["search"])
+def search_create(request: Request, body: SearchStart, principal: Searcher) -> SearchCreated:
+    """Start a search: the case number and reason come first, before any photo."""
+    state = web_state(request)
+    context = ops.start_search(
+        state,
+        principal,
+        case=body.case,
+        reason=body.reason,
+        age_band=body.age_band,
+        galleries=body.galleries,
+    )
+    return SearchCreated(
+        search_id=context.entry_id,
+        case=context.case,
+        galleries=list(context.galleries),
+        age_band=context.age_band,
+        expires_after_idle_s=state.searches.ttl_s,
+    )
+
+
+@router.put(
+    "/searches/{search_id}/photo",
+    response_model=ProbeOut,
+    tags=["search"],
+    openapi_extra=PHOTO_BODY,
+)
+async def search_photo(request: Request, search_id: str, principal: Searcher) -> ProbeOut:
+    """Send the probe photo (raw bytes); every face comes back boxed, with its quality."""
+    state = web_state(request)
+    context = ops.load_search(state, principal, search_id)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in (*IMAGE_TYPES, "application/octet-stream"):
+        raise UnsupportedBodyError("send the photo as the body, Content-Type image/jpeg or similar")
+    data = await read_body(request, state.max_upload_bytes)
+    probe = await run_in_threadpool(ops.attach_photo, state, principal, context, data)
+    return ProbeOut.of(search_id, probe)
+
+
+@router.get("/searches/{search_id}/faces/{face_index}/chip.jpg", tags=["search"], responses=JPEG)
+def search_chip(request: Request, search_id: str, face_index: int, principal: Searcher) -> Response:
+    """The probe face aligned as the embedder saw it."""
+    context = ops.load_search(web_state(request), principal, search_id)
+    return jpeg_response(ops.require_probe(context).chip_jpeg(face_index))
+
+
+@router.post(
+    "/searches/{search_id}/faces/{face_index}/candidates",
+    response_model=SearchResultOut,
+    tags=["search"],
+)
+def search_candidates(
+    request: Request,
+    search_id: str,
+    face_index: int,
+    body: CandidatesRequest,
+    principal: Searcher,
+) -> SearchResultOut:
+    """Ranked candidates for one face; recorded in the audit log before they are returned."""
+    state = web_state(request)
+    context = ops.load_search(state, principal, search_id)
+    return SearchResultOut.of(ops.run_search(state, principal, context, face_index, k=body.k))
+
+
+@router.post(
+    "/searches/{search_id}/faces/{face_index}/decisions",
+    response_model=DecisionOut,
+    tags=["search"],
+)
+def search_decision(
+    request: Request, search_id: str, face_index: int, body: DecisionIn, principal: Searcher
+) -> DecisionOut:
+    """Mark a candidate as a confirmed lead or rejected (audited; never used for training)."""
+    state = web_state(request)
+    context = ops.load_search(state, principal, search_id)
+    candidate = ops.record_decision(
+        state, principal, context, face_index, body.face_id, body.decision
+    )
+    return DecisionOut(
+        recorded=ops.DECISIONS[body.decision], rank=candidate.rank, subject_id=candidate.subject_id
+    )
+
+
+# -- galleries and subjects ------------------------------------------------------------------
+
+
+@router.get("/galleries", response_model=list[GalleryOut], tags=["galleries"])
+def galleries(request: Request, principal: GalleryAdmin) -> list[GalleryOut]:
+    return [GalleryOut.of(g) for g in web_state(request).galleries.list_galleries()]
+
+
+@router.post("/galleries", response_model=GalleryOut, status_code=201, tags=["galleries"])
+def gallery_create(request: Request, body: GalleryIn, principal: GalleryAdmin) -> GalleryOut:
+    return GalleryOut.of(
+        admin.create_gallery(web_state(request), principal, body.name, body.description)
+    )
+
+
+@router.delete("/galleries/{gallery}", status_code=204, tags=["galleries"])
+def gallery_delete(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
+    """Erase a gallery with every subject in it."""
+    admin.delete_gallery(web_state(request), principal, gallery)
+    return Response(status_code=204)
+
+
+@router.get("/galleries/{gallery}/subjects", response_model=list[SubjectOut], tags=["subjects"])
+def subjects(request: Request, gallery: str, principal: Reader) -> list[SubjectOut]:
+    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
+    return [SubjectOut.of(gallery, s) for s in web_state(request).galleries.subjects(gallery)]
+
+
+@router.get(
+    "/galleries/{gallery}/subjects/{subject_id}", response_model=SubjectOut, tags=["subjects"]
+)
+def subject(request: Request, gallery: str, subject_id: str, principal: Reader) -> SubjectOut:
+    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
+    service = web_state(request).galleries
+    return SubjectOut.of(
+        gallery, service.subject(gallery, subject_id), service.faces(gallery, subject_id)
+    )
+
+
+@router.get("/galleries/{gallery}/faces/{face_id}/thumbnail.jpg", tags=["subjects"], responses=JPEG)
+def thumbnail(request: Request, gallery: str, face_id: str, principal: Reader) -> Response:
+    """The enrolled face, aligned, for comparison beside the probe's chip."""
+    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
+    return jpeg_response(web_state(request).galleries.thumbnail(gallery, face_id))
+
+
+@router.post(
+    "/galleries/{gallery}/subjects",
+    response_model=SubjectOut,
+    status_code=201,
+    tags=["subjects"],
+    openapi_extra=ENROL_BODY,
+    responses={409: {"description": "the face already matches an enrolled subject"}},
+)
+async def enrol(request: Request, gallery: str, principal: Enroller) -> Response:
+    """Enrol a subject from one face of a photo: quality gate, then duplicate check (409
+    with the matching subjects unless ``allow_duplicate``)."""
+    state = web_state(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedBodyError("send the enrolment as multipart/form-data with a photo")
+    form = await read_form(request, max_file_bytes=state.max_upload_bytes)
+    photo = form.files.get("photo")
+    checked = ops.check_enrolment(
+        principal,
+        gallery=gallery,
+        display_name=form.get("display_name"),
+        legal_basis=form.get("legal_basis"),
+        notes=form.get("notes"),
+        retention_until=form.get("retention_until"),
+    )
+    index_text = form.get("face_index").strip()
+    allow = form.get("allow_duplicate").strip().lower() in ("1", "true", "yes")
+
+    def work() -> Response:
+        pending = ops.prepare_enrolment(state, principal, checked, photo.data if photo else b"")
+        try:
+            face_index = ops.check_face_index(index_text) if index_text else None
+            if face_index is None:
+                if len(pending.probe.faces) > 1:
+                    raise BadInputError(
+                        f"the photo has {len(pending.probe.faces)} faces; send face_index"
+                    )
+                face_index = 0
+            try:
+                enrolled = ops.complete_enrolment(
+                    state, principal, pending, face_index, allow_duplicate=allow
+                )
+            except DuplicateSubjectError as exc:
+                return JSONResponse(
+                    {
+                        "error": str(exc),
+                        "candidates": [
+                            {
+                                "rank": c.rank,
+                                "subject_id": c.subject_id,
+                                "face_id": c.face_id,
+                                "score": round(c.score, 4),
+                                "band": c.band.value,
+                            }
+                            for c in exc.candidates
+                        ],
+                    },
+                    status_code=409,
+                )
+        finally:
+            state.enrolments.remove(pending.entry_id)
+        body = SubjectOut.of(gallery, enrolled.subject, list(enrolled.faces))
+        return JSONResponse(body.model_dump(mode="json"), status_code=201)
+
+    return await run_in_threadpool(work)
+
+
+@router.delete("/galleries/{gallery}/subjects/{subject_id}", status_code=204, tags=["subjects"])
+def erase(
+    request: Request, gallery: str, subject_id: str, body: EraseIn, principal: Eraser
+) -> Response:
+    """Erase a subject: store, search index and thumbnails (the reason goes to the audit)."""
+    ops.delete_subject(web_state(request), principal, gallery, subject_id, reason=body.reason)
+    return Response(status_code=204)
+
+
+# -- audit and health ------------------------------------------------------------------------
+
+
+@router.get("/audit", tags=["audit"])
+def audit(
+    request: Request,
+    principal: Auditor,
+    user: str = "",
+    case: str = "",
+    action: str = "",
+    since: str = "",
+    until: str = "",
+    limit: int = 100,
+    before: int | None = None,
+) -> list[dict[str, object]]:
+    """Audit records, newest first; ``since``/``until`` are whole UTC days, inclusive."""
+    state = web_state(request)
+    wanted = audit_filter(
+        {"user": user, "case": case, "action": action, "since": since, "until": until}
+    )
+    records = state.audit.query(
+        user=wanted.user,
+        case=wanted.case,
+        action=wanted.action,
+        since=wanted.since,
+        until=wanted.until,
+        limit=limit,
+        before_seq=before,
+    )
+    record(state, principal, AuditAction.AUDIT_VIEWED, detail="via the API")
+    return [r.to_json() for r in records]
+
+
+@router.get("/health", tags=["health"])
+def health(request: Request, principal: Technician) -> dict[str, Any]:
+    return health_summary(web_state(request))
+
+
+# -- users and tokens ------------------------------------------------------------------------
+
+
+def _user_out(user: User) -> UserOut:
+    return UserOut(
+        username=user.username,
+        role=user.role.value,
+        galleries=list(user.galleries),
+        disabled=user.disabled,
+        must_change_password=user.must_change_password,
+        created_at=user.created_at,
+    )
+
+
+def _token_out(token: Token) -> TokenOut:
+    return TokenOut(
+        token_id=token.token_id,
+        username=token.username,
+        name=token.name,
+        scopes=sorted(s.value for s in token.scopes),
+        created_at=token.created_at,
+        expires_at=token.expires_at,
+        revoked_at=token.revoked_at,
+    )
+
+
+@router.get("/users", response_model=list[UserOut], tags=["users"])
+def users(request: Request, principal: UserAdmin) -> list[UserOut]:
+    return [_user_out(u) for u in web_state(request).users.list()]
+
+
+@router.post("/users", response_model=UserCreated, status_code=201, tags=["users"])
+def user_create(request: Request, body: UserIn, principal: UserAdmin) -> UserCreated:
+    user, password = admin.create_user(
+        web_state(request), principal, body.username, body.role, body.galleries
+    )
+    return UserCreated(user=_user_out(user), one_time_password=password)
+
+
+@router.patch("/users/{username}", response_model=UserOut, tags=["users"])
+def user_update(request: Request, username: str, body: UserPatch, principal: UserAdmin) -> UserOut:
+    return _user_out(
+        admin.update_user(
+            web_state(request),
+            principal,
+            username,
+            role=body.role,
+            galleries=body.galleries,
+            disabled=body.disabled,
+        )
+    )
+
+
+@router.post("/users/{username}/password-reset", response_model=OneTimePassword, tags=["users"])
+def user_reset(request: Request, username: str, principal: UserAdmin) -> OneTimePassword:
+    return OneTimePassword(
+        one_time_password=admin.reset_password(web_state(request), principal, username)
+    )
+
+
+@router.get("/tokens", response_model=list[TokenOut], tags=["account"])
+def tokens(request: Request, principal: Anyone) -> list[TokenOut]:
+    """This user's tokens (every user's, for a token with the users scope)."""
+    owner = None if principal.may(Permission.USERS) else principal.username
+    return [_token_out(t) for t in web_state(request).tokens.list(owner)]
+
+
+@router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
+def token_revoke(request: Request, token_id: str, principal: Anyone) -> Response:
+    state = web_state(request)
+    token = state.tokens.get(token_id)
+    if token.username != principal.username and not principal.may(Permission.USERS):
+        raise NotFoundError(f"no API token with id {token_id!r} among yours")
+    state.tokens.revoke(token_id)
+    record(state, principal, AuditAction.TOKEN_REVOKED, detail=f"token {token_id}")
+    return Response(status_code=204)

@@ -1,0 +1,262 @@
+"""The JSON shapes of ``/api/v1`` (what OpenAPI documents). Requests forbid unknown keys."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.gallery.records import Face, GalleryInfo, Subject
+from runtime.gallery.service import Candidate, Probe, SearchResult
+
+AgeBandName = Literal["adult", "teen", "child", "unknown"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchStart(_In):
+    case: str = Field(max_length=64, description="the case number this search is for")
+    reason: str = Field(max_length=1000, description="why this photo is searched, for the audit")
+    age_band: AgeBandName = Field(
+        default="unknown", description="apparent age of the person in the photo"
+    )
+    galleries: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="galleries to search; empty: every gallery this user may search",
+    )
+
+
+class SearchCreated(BaseModel):
+    search_id: str
+    case: str
+    galleries: list[str]
+    age_band: AgeBandName
+    expires_after_idle_s: float
+
+
+class ProbeFaceOut(BaseModel):
+    index: int
+    box: list[int] = Field(description="x0, y0, x1, y1 in pixels of the upright photo")
+    score: float = Field(description="detector confidence")
+    quality: float = Field(description="face image quality, 0-1 (size, sharpness, pose)")
+    quality_limiting: str
+    enrollable: bool = Field(description="passes the enrolment quality gate")
+
+
+class ProbeOut(BaseModel):
+    search_id: str
+    image_sha256: str
+    width: int
+    height: int
+    faces: list[ProbeFaceOut]
+
+    @classmethod
+    def of(cls, search_id: str, probe: Probe) -> ProbeOut:
+        return cls(
+            search_id=search_id,
+            image_sha256=probe.image_sha256,
+            width=probe.width,
+            height=probe.height,
+            faces=[
+                ProbeFaceOut(
+                    index=f.index,
+                    box=list(f.box),
+                    score=f.score,
+                    quality=f.quality,
+                    quality_limiting=f.quality_limiting,
+                    enrollable=f.enrollable,
+                )
+                for f in probe.faces
+            ],
+        )
+
+
+class CandidatesRequest(_In):
+    k: int = Field(default=10, ge=1, le=100, description="how many candidates, in rank order")
+
+
+class CandidateOut(BaseModel):
+    rank: int
+    gallery: str
+    subject_id: str
+    display_name: str
+    face_id: str
+    score: float = Field(description="cosine similarity of the templates")
+    band: str = Field(description="strong, moderate, weak or below threshold")
+    above_threshold: bool
+
+    @classmethod
+    def of(cls, c: Candidate) -> CandidateOut:
+        return cls(
+            rank=c.rank,
+            gallery=c.gallery,
+            subject_id=c.subject_id,
+            display_name=c.display_name,
+            face_id=c.face_id,
+            score=round(c.score, 4),
+            band=c.band.value,
+            above_threshold=c.above_threshold,
+        )
+
+
+class ReliabilityOut(BaseModel):
+    age_band: AgeBandName
+    verification_rate: float | None
+    note: str
+
+
+class SearchResultOut(BaseModel):
+    model_id: str
+    galleries: list[str]
+    operating_fmr: float = Field(description="false match rate the threshold was set for")
+    threshold: float
+    no_match: bool = Field(description="no candidate scored above the threshold")
+    searched_faces: int
+    reliability: ReliabilityOut
+    candidates: list[CandidateOut] = Field(description="leads in rank order, not identifications")
+
+    @classmethod
+    def of(cls, r: SearchResult) -> SearchResultOut:
+        return cls(
+            model_id=r.model_id,
+            galleries=list(r.galleries),
+            operating_fmr=r.operating_fmr,
+            threshold=round(r.threshold, 4),
+            no_match=r.no_match,
+            searched_faces=r.searched_faces,
+            reliability=ReliabilityOut(
+                age_band=r.reliability.age_band,
+                verification_rate=r.reliability.verification_rate,
+                note=r.reliability.note,
+            ),
+            candidates=[CandidateOut.of(c) for c in r.candidates],
+        )
+
+
+class DecisionIn(_In):
+    face_id: str = Field(max_length=64, description="the candidate's face_id")
+    decision: Literal["confirmed", "rejected"]
+
+
+class DecisionOut(BaseModel):
+    recorded: str
+    rank: int
+    subject_id: str
+
+
+class GalleryIn(_In):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+
+
+class GalleryOut(BaseModel):
+    name: str
+    description: str
+    created_at: datetime
+    subjects: int
+    faces: int
+
+    @classmethod
+    def of(cls, g: GalleryInfo) -> GalleryOut:
+        return cls(
+            name=g.name,
+            description=g.description,
+            created_at=g.created_at,
+            subjects=g.subjects,
+            faces=g.faces,
+        )
+
+
+class FaceOut(BaseModel):
+    face_id: str
+    quality: float
+    model_id: str
+    enrolled_at: datetime
+
+    @classmethod
+    def of(cls, f: Face) -> FaceOut:
+        return cls(
+            face_id=f.face_id, quality=f.quality, model_id=f.model_id, enrolled_at=f.enrolled_at
+        )
+
+
+class SubjectOut(BaseModel):
+    gallery: str
+    subject_id: str
+    display_name: str
+    notes: str
+    legal_basis: str
+    enrolled_by: str
+    enrolled_at: datetime
+    retention_until: date | None
+    faces: list[FaceOut] | None = None
+
+    @classmethod
+    def of(cls, gallery: str, s: Subject, faces: list[Face] | None = None) -> SubjectOut:
+        return cls(
+            gallery=gallery,
+            subject_id=s.subject_id,
+            display_name=s.display_name,
+            notes=s.notes,
+            legal_basis=s.legal_basis,
+            enrolled_by=s.enrolled_by,
+            enrolled_at=s.enrolled_at,
+            retention_until=s.retention_until,
+            faces=[FaceOut.of(f) for f in faces] if faces is not None else None,
+        )
+
+
+class EraseIn(_In):
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class UserIn(_In):
+    username: str = Field(max_length=32)
+    role: Literal["investigator", "supervisor", "admin", "technician"]
+    galleries: list[str] = Field(default_factory=list, max_length=256)
+
+
+class UserPatch(_In):
+    role: Literal["investigator", "supervisor", "admin", "technician"] | None = None
+    galleries: list[str] | None = Field(default=None, max_length=256)
+    disabled: bool | None = None
+
+
+class UserOut(BaseModel):
+    username: str
+    role: str
+    galleries: list[str]
+    disabled: bool
+    must_change_password: bool
+    created_at: datetime
+
+
+class UserCreated(BaseModel):
+    user: UserOut
+    one_time_password: str = Field(description="shown once; must be changed at first login")
+
+
+class OneTimePassword(BaseModel):
+    one_time_password: str
+
+
+class TokenOut(BaseModel):
+    token_id: str
+    username: str
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class MeOut(BaseModel):
+    username: str
+    role: str
+    scopes: list[str]
+    galleries: list[str]
+    token_id: str | None

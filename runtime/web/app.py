@@ -1,0 +1,313 @@
+"""``create_app``: the web UI and ``/api/v1`` over one ``GalleryService`` and one audit log.
+
+Pages are server-rendered and work without JavaScript; the Content-Security-Policy allows no
+script at all and nothing from another origin. Every response is ``no-store``: pages and
+images show faces and names, which must not linger in a browser cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime.accounts.sessions import Session, SessionStore
+from runtime.accounts.throttle import LoginThrottle
+from runtime.accounts.tokens import TokenNotFoundError, TokenStore
+from runtime.accounts.users import UserExistsError, UserNotFoundError, UserStore
+from runtime.audit import AuditLog
+from runtime.config.settings import Settings
+from runtime.errors import BadInputError, EdgeidError, OverloadedError
+from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
+from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
+from runtime.system.metrics import SERVICE_METRICS
+from runtime.web import api, pages_account, pages_admin, pages_audit, pages_search, pages_subjects
+from runtime.web.errors import (
+    CsrfError,
+    ForbiddenError,
+    LoginRequiredError,
+    NotFoundError,
+    PasswordChangeRequiredError,
+    ThrottledError,
+)
+from runtime.web.forms import BodyTooLargeError, UnsupportedBodyError
+from runtime.web.rendering import STATIC_DIR, make_environment, render
+from runtime.web.state import WebState
+from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+# HTTP status for each refusal; the first matching class wins (subclasses before bases).
+STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (LoginRequiredError, 401),
+    (PasswordChangeRequiredError, 403),
+    (ForbiddenError, 403),
+    (CsrfError, 403),
+    (ThrottledError, 429),
+    (BodyTooLargeError, 413),
+    (UnsupportedBodyError, 415),
+    (NotFoundError, 404),
+    (GalleryNotFoundError, 404),
+    (UserNotFoundError, 404),
+    (TokenNotFoundError, 404),
+    (DuplicateSubjectError, 409),
+    (GalleryExistsError, 409),
+    (UserExistsError, 409),
+    (QualityGateError, 422),
+    (OverloadedError, 503),
+    (BadInputError, 400),
+    (EdgeidError, 500),
+)
+# Paths kept out of the request metrics: they are not work anyone asked the box for.
+UNMETERED_PREFIXES = ("/static/", "/healthz")
+
+
+def create_app(
+    home: Path,
+    settings: Settings,
+    *,
+    galleries: GalleryService,
+    audit: AuditLog,
+    version: str,
+    health_extra: Callable[[], dict[str, Any]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """The ASGI app. ``settings.web`` gives cookie security (TLS configured or not), session
+    lifetimes and the upload limit; ``health_extra`` adds figures to the health page."""
+    searches: Workspace[SearchContext] = Workspace(ttl_s=settings.web.session_idle_s, clock=clock)
+    enrolments: Workspace[PendingEnrolment] = Workspace(
+        ttl_s=settings.web.session_idle_s, clock=clock
+    )
+
+    def session_ended(session: Session) -> None:
+        searches.drop_owner(session.owner)
+        enrolments.drop_owner(session.owner)
+
+    state = WebState(
+        home=home,
+        settings=settings,
+        version=version,
+        galleries=galleries,
+        audit=audit,
+        users=UserStore(home),
+        tokens=TokenStore(home),
+        sessions=SessionStore(
+            idle_s=settings.web.session_idle_s,
+            max_s=settings.web.session_max_s,
+            clock=clock,
+            on_end=session_ended,
+        ),
+        throttle=LoginThrottle(clock),
+        searches=searches,
+        enrolments=enrolments,
+        templates=make_environment(),
+        secure_cookies=bool(settings.web.tls_cert and settings.web.tls_key),
+        started=clock(),
+        clock=clock,
+        health_extra=health_extra,
+    )
+    app = FastAPI(
+        title="edgeid",
+        version=version,
+        description=(
+            "Face search for victim identification, on the box. Authenticate with an API token "
+            "(`Authorization: Bearer edgeid_...`), made on the Account > API tokens page. "
+            "A search needs a case number and a reason before a photo is accepted; results "
+            "are investigative leads for a person to confirm, never identifications."
+        ),
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.web = state
+    for module in (pages_account, pages_search, pages_subjects, pages_admin, pages_audit):
+        app.include_router(module.router)
+    app.include_router(api.router, prefix=API_PREFIX)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_error_handlers(app)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body_bytes=settings.web.max_upload_bytes + 256 * 1024,
+        hsts=state.secure_cookies,
+    )
+    return app
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def status_of(exc: Exception) -> int:
+    for kind, status in STATUS_OF:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith(API_PREFIX + "/")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EdgeidError)
+    async def edgeid_error(request: Request, exc: EdgeidError) -> Response:
+        status = status_of(exc)
+        if status == 500:
+            logger.error(
+                "%s %s failed: %s", request.method, _route_path(request), type(exc).__name__
+            )
+        return _error_response(request, exc, status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        # Say which field, never echo the value (it may be a name or a reason).
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+        return _error_response(request, exc, 422, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error_response(request, exc, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.error(
+            "%s %s failed unexpectedly: %s",
+            request.method,
+            _route_path(request),
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        return _error_response(request, exc, 500, "internal error; the operator's log has details")
+
+
+def _error_response(request: Request, exc: Exception, status: int, message: str) -> Response:
+    headers: dict[str, str] = {}
+    if isinstance(exc, ThrottledError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if _is_api(request):
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    if isinstance(exc, LoginRequiredError):
+        target = "/login"
+        if request.method in ("GET", "HEAD") and request.url.path != "/":
+            target += "?next=" + quote(request.url.path, safe="/")
+        return RedirectResponse(target, status_code=303)
+    if isinstance(exc, PasswordChangeRequiredError) and request.method in ("GET", "HEAD"):
+        return RedirectResponse("/account/password", status_code=303)
+    response = render(
+        request,
+        "error.html",
+        principal=getattr(request.state, "principal", None),
+        status_code=status,
+        status=status,
+        message=message,
+    )
+    response.headers.update(headers)
+    return response
+
+
+def _route_path(request: Request) -> str:
+    """The route's template (``/search/{search_id}``), never the ids in the real path."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "?"))
+
+
+# -- the guard: body limit, security headers, metrics ----------------------------------------
+
+
+class GuardMiddleware:
+    """Refuses bodies over the limit before the app reads them, adds the security headers to
+    every response, and records each request's latency and outcome for health telemetry."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, hsts: bool) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.hsts = hsts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope.get("path", "")
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            response = JSONResponse({"error": "request body too large"}, status_code=413)
+            await response(scope, receive, self._sender(send, path))
+            _meter(path, started, 413)
+            return
+        seen = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLargeError("request body too large")
+            return message
+
+        status = 500
+        sender = self._sender(send, path)
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await sender(message)
+
+        try:
+            await self.app(scope, bounded_receive, send_and_note)
+        finally:
+            _meter(path, started, status)
+
+    def _sender(self, send: Send, path: str) -> Send:
+        static = path.startswith("/static/")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.lower() not in (b"cache-control", b"server")
+                ]
+                headers += [
+                    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"cross-origin-opener-policy", b"same-origin"),
+                    (b"cross-origin-resource-policy", b"same-origin"),
+                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+                    (b"cache-control", b"max-age=3600" if static else b"no-store"),
+                ]
+                if self.hsts:
+                    headers.append((b"strict-transport-security", b"max-age=31536000"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return with_headers
+
+
+def _meter(path: str, started: float, status: int) -> None:
+    if path.startswith(UNMETERED_PREFIXES):
+        return
+    SERVICE_METRICS.record_request(time.perf_counter() - started, error=status >= 500)

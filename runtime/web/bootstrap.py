@@ -1,0 +1,43 @@
+"""Opening what the web app stands on, for ``edgeid serve``: the galleries (with their lock and
+the face pipeline) and the audit log (on the galleries' keyring), closed in reverse order."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from runtime.audit import AuditLog
+from runtime.config.settings import Settings
+from runtime.gallery.service import GalleryService
+from runtime.inference.pipeline import FacePipeline
+from runtime.web.app import create_app
+
+
+@contextlib.contextmanager
+def open_web_app(
+    home: Path,
+    settings: Settings,
+    *,
+    version: str,
+    pipeline: FacePipeline | None = None,
+    passphrase: str | None = None,
+    health_extra: Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[FastAPI]:
+    """The app over this box's galleries and audit log; both close when the block ends."""
+    with contextlib.ExitStack() as stack:
+        galleries = stack.enter_context(
+            GalleryService.open(home, settings, pipeline=pipeline, passphrase=passphrase)
+        )
+        audit = stack.enter_context(AuditLog.open(home, galleries.store.keyring))
+        yield create_app(
+            home,
+            settings,
+            galleries=galleries,
+            audit=audit,
+            version=version,
+            health_extra=health_extra,
+        )

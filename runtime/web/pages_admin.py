@@ -1,0 +1,200 @@
+"""Admin pages: users (roles, galleries, one-time passwords, tokens), galleries, settings.
+
+Admins never see faces or names of enrolled people: the gallery page shows counts only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from runtime.errors import BadInputError
+from runtime.web import admin
+from runtime.web.access import PageAccess, posted
+from runtime.web.principal import Principal
+from runtime.web.rendering import flash, render
+from runtime.web.state import web_state
+
+router = APIRouter(include_in_schema=False)
+
+UserAdmin = Annotated[Principal, Depends(PageAccess(Permission.USERS))]
+GalleryAdmin = Annotated[Principal, Depends(PageAccess(Permission.GALLERIES))]
+SettingsReader = Annotated[Principal, Depends(PageAccess(Permission.SETTINGS))]
+
+
+def _users_page(
+    request: Request,
+    principal: Principal,
+    *,
+    error: str | None = None,
+    created: tuple[str, str] | None = None,
+    status_code: int = 200,
+) -> Response:
+    state = web_state(request)
+    return render(
+        request,
+        "admin_users.html",
+        principal=principal,
+        status_code=status_code,
+        users=state.users.list(),
+        roles=[r.value for r in Role],
+        role_permissions={
+            r.value: sorted(p.value for p in ps) for r, ps in ROLE_PERMISSIONS.items()
+        },
+        galleries=[g.name for g in state.galleries.list_galleries()],
+        error=error,
+        created=created,
+    )
+
+
+@router.get("/admin/users")
+def users_page(request: Request, principal: UserAdmin) -> Response:
+    return _users_page(request, principal)
+
+
+@router.post("/admin/users")
+def user_create(request: Request, principal: UserAdmin) -> Response:
+    form = posted(request)
+    try:
+        user, password = admin.create_user(
+            web_state(request),
+            principal,
+            form.get("username").strip().lower(),
+            form.get("role"),
+            form.all("gallery"),
+        )
+    except BadInputError as exc:
+        return _users_page(request, principal, error=str(exc), status_code=400)
+    # Shown once, on this response only; it is stored nowhere but as a hash.
+    return _users_page(request, principal, created=(user.username, password))
+
+
+def _user_page(
+    request: Request,
+    principal: Principal,
+    username: str,
+    *,
+    error: str | None = None,
+    password: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    state = web_state(request)
+    return render(
+        request,
+        "admin_user.html",
+        principal=principal,
+        status_code=status_code,
+        user=state.users.require(username),
+        roles=[r.value for r in Role],
+        galleries=[g.name for g in state.galleries.list_galleries()],
+        tokens=state.tokens.list(username),
+        error=error,
+        password=password,
+    )
+
+
+@router.get("/admin/users/{username}")
+def user_page(request: Request, username: str, principal: UserAdmin) -> Response:
+    return _user_page(request, principal, username)
+
+
+@router.post("/admin/users/{username}")
+def user_update(request: Request, username: str, principal: UserAdmin) -> Response:
+    form = posted(request)
+    try:
+        admin.update_user(
+            web_state(request),
+            principal,
+            username,
+            role=form.get("role") or None,
+            galleries=form.all("gallery"),
+            disabled=form.get("disabled") == "yes",
+        )
+    except BadInputError as exc:
+        return _user_page(request, principal, username, error=str(exc), status_code=400)
+    flash(principal, f"User {username} saved.")
+    return RedirectResponse(f"/admin/users/{username}", status_code=303)
+
+
+@router.post("/admin/users/{username}/password")
+def user_reset_password(request: Request, username: str, principal: UserAdmin) -> Response:
+    password = admin.reset_password(web_state(request), principal, username)
+    return _user_page(request, principal, username, password=password)
+
+
+# -- galleries -------------------------------------------------------------------------------
+
+
+def _galleries_page(
+    request: Request, principal: Principal, *, error: str | None = None, status_code: int = 200
+) -> Response:
+    return render(
+        request,
+        "admin_galleries.html",
+        principal=principal,
+        status_code=status_code,
+        galleries=web_state(request).galleries.list_galleries(),
+        error=error,
+    )
+
+
+@router.get("/admin/galleries")
+def galleries_page(request: Request, principal: GalleryAdmin) -> Response:
+    return _galleries_page(request, principal)
+
+
+@router.post("/admin/galleries")
+def gallery_create(request: Request, principal: GalleryAdmin) -> Response:
+    form = posted(request)
+    try:
+        info = admin.create_gallery(
+            web_state(request), principal, form.get("name"), form.get("description")
+        )
+    except BadInputError as exc:
+        return _galleries_page(request, principal, error=str(exc), status_code=400)
+    flash(principal, f"Gallery {info.name} created; give users access on the Users page.")
+    return RedirectResponse("/admin/galleries", status_code=303)
+
+
+@router.get("/admin/galleries/{gallery}/delete")
+def gallery_delete_confirm(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
+    info = web_state(request).galleries.gallery(gallery).info()
+    return render(request, "admin_gallery_delete.html", principal=principal, info=info, error=None)
+
+
+@router.post("/admin/galleries/{gallery}/delete")
+def gallery_delete(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
+    state = web_state(request)
+    if posted(request).get("confirm_name") != gallery:
+        info = state.galleries.gallery(gallery).info()
+        return render(
+            request,
+            "admin_gallery_delete.html",
+            principal=principal,
+            status_code=400,
+            info=info,
+            error="type the gallery's name exactly to confirm",
+        )
+    admin.delete_gallery(state, principal, gallery)
+    flash(principal, f"Gallery {gallery} erased.")
+    return RedirectResponse("/admin/galleries", status_code=303)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+@router.get("/admin/settings")
+def settings_page(request: Request, principal: SettingsReader) -> Response:
+    state = web_state(request)
+    sections: dict[str, Any] = state.settings.model_dump()
+    return render(
+        request,
+        "admin_settings.html",
+        principal=principal,
+        sections=sections,
+        config_file=str(state.home / "edgeid.toml"),
+    )

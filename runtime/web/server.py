@@ -1,0 +1,83 @@
+"""Serving the app: uvicorn with TLS when a certificate is configured.
+
+Plain HTTP is refused unless the address is loopback (development on the box itself): on
+the office network session cookies and photos travel only over HTTPS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from runtime.config.settings import Settings
+from runtime.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+# Idle keep-alive connections are dropped after this long: a box serves a few people.
+KEEP_ALIVE_S = 5
+# More concurrent requests than this get 503: the CPU cannot serve them anyway.
+MAX_CONCURRENT_REQUESTS = 64
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(
+    app: FastAPI, settings: Settings, *, host: str | None = None, port: int | None = None
+) -> uvicorn.Server:
+    """A uvicorn server for ``app`` on ``host:port`` (default: the settings' web section)."""
+    web = settings.web
+    host = host or web.host
+    port = web.port if port is None else port
+    tls = bool(web.tls_cert and web.tls_key)
+    if bool(web.tls_cert) != bool(web.tls_key):
+        raise BadInputError("set both web.tls_cert and web.tls_key in edgeid.toml, or neither")
+    if not tls and not is_loopback(host):
+        raise BadInputError(
+            f"refusing plain HTTP on {host}: set web.tls_cert and web.tls_key (edgeid init makes "
+            "them) or bind to 127.0.0.1 for development"
+        )
+    for path in (web.tls_cert, web.tls_key) if tls else ():
+        if path and not Path(path).is_file():
+            raise BadInputError(f"TLS file {path} does not exist; run edgeid init or fix the path")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=web.tls_cert if tls else None,
+        ssl_keyfile=web.tls_key if tls else None,
+        log_level="warning",
+        access_log=False,  # URLs hold gallery names and case filters; the audit log says who
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,  # no proxy in front: the peer address is the client's
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONCURRENT_REQUESTS,
+    )
+    return uvicorn.Server(config)
+
+
+def web_url(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
+    web = settings.web
+    scheme = "https" if web.tls_cert and web.tls_key else "http"
+    return f"{scheme}://{host or web.host}:{web.port if port is None else port}"
+
+
+def run_web(
+    app: FastAPI, settings: Settings, *, host: str | None = None, port: int | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handlers), then return."""
+    server = make_server(app, settings, host=host, port=port)
+    logger.info("web UI on %s", web_url(settings, host=host, port=port))
+    server.run()

@@ -1,0 +1,57 @@
+"""Everything a request handler needs, built once per app by ``create_app``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import jinja2
+from starlette.requests import Request
+
+from runtime.accounts.sessions import SessionStore
+from runtime.accounts.throttle import LoginThrottle
+from runtime.accounts.tokens import TokenStore
+from runtime.accounts.users import UserStore
+from runtime.audit import AuditLog
+from runtime.config.settings import Settings
+from runtime.gallery.service import GalleryService
+from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
+
+# ``__Host-`` binds the cookie to this exact origin (Secure, Path=/, no Domain); browsers only
+# accept it over HTTPS, so plain-HTTP development on loopback uses the bare name.
+SECURE_SESSION_COOKIE = "__Host-edgeid-session"
+PLAIN_SESSION_COOKIE = "edgeid-session"
+
+
+@dataclass
+class WebState:
+    home: Path
+    settings: Settings
+    version: str
+    galleries: GalleryService
+    audit: AuditLog
+    users: UserStore
+    tokens: TokenStore
+    sessions: SessionStore
+    throttle: LoginThrottle
+    searches: Workspace[SearchContext]
+    enrolments: Workspace[PendingEnrolment]
+    templates: jinja2.Environment
+    secure_cookies: bool
+    started: float
+    clock: Callable[[], float]
+    health_extra: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def cookie_name(self) -> str:
+        return SECURE_SESSION_COOKIE if self.secure_cookies else PLAIN_SESSION_COOKIE
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.settings.web.max_upload_bytes
+
+
+def web_state(request: Request) -> WebState:
+    return cast(WebState, request.app.state.web)

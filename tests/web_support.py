@@ -1,0 +1,210 @@
+"""A real box for the web tests: galleries with LFW faces enrolled through the real pipeline,
+the real audit log, users of every role with real argon2id passwords, and the app over them.
+
+Enrolled subjects get neutral display names ("Subject 1"): no real name reaches test output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from runtime.accounts.roles import Role
+from runtime.accounts.users import UserStore
+from runtime.audit import AuditLog
+from runtime.config.settings import Settings, WebSettings
+from runtime.gallery.service import GalleryService
+from runtime.inference.pipeline import FacePipeline
+from runtime.web.app import create_app
+from runtime.web.server import make_server
+from runtime.web.tls import make_certificate
+
+OFFICE = "office"  # the investigators' gallery
+OTHER = "other"  # a gallery the investigator may not use
+PASSWORD = "correct horse battery staple"
+# (LFW folder, image enrolled, image used as the probe): different photos of one person.
+PEOPLE = (
+    ("Tang_Jiaxuan", 1, 3),
+    ("Paul_Martin", 1, 2),
+    ("John_Bolton", 3, 4),
+)
+OTHER_PERSON = ("Donald_Rumsfeld", 22, 28)
+CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def lfw_image(lfw_dir: Path, person: str, number: int) -> Path:
+    return lfw_dir / "images" / person / f"{person}_{number:04d}.jpg"
+
+
+class FakeClock:
+    """Monotonic seconds the test moves forward by hand (session expiry, throttling)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Box:
+    home: Path
+    settings: Settings
+    service: GalleryService
+    audit: AuditLog
+    app: FastAPI
+    clock: FakeClock
+    users: dict[Role, str]
+    subjects: dict[str, str] = field(default_factory=dict)  # LFW folder -> subject id
+    other_subject: str = ""
+
+    def close(self) -> None:
+        self.audit.close()
+        self.service.close()
+
+
+def central_face(service: GalleryService, image: bytes) -> int:
+    """LFW centres its person; other faces may show at the edges."""
+    probe = service.analyse(image)
+    assert probe.faces, "no face in a test image"
+
+    def off_centre(index: int) -> float:
+        x0, y0, x1, y1 = probe.faces[index].box
+        return abs((x0 + x1) / 2 - probe.width / 2) + abs((y0 + y1) / 2 - probe.height / 2)
+
+    return min(range(len(probe.faces)), key=off_centre)
+
+
+def tls_settings(home: Path, **web: object) -> Settings:
+    files = make_certificate(home, device_id="test-box")
+    return Settings(
+        web=WebSettings(tls_cert=str(files.cert), tls_key=str(files.key), **web)  # type: ignore[arg-type]
+    )
+
+
+def make_user(home: Path, role: Role, galleries: tuple[str, ...] = ()) -> str:
+    """A user of ``role`` whose one-time password is already changed to PASSWORD."""
+    name = role.value
+    store = UserStore(home)
+    _, once = store.create(name, role, galleries=galleries)
+    store.change_password(name, once, PASSWORD)
+    return name
+
+
+def populate(service: GalleryService, lfw_dir: Path) -> tuple[dict[str, str], str]:
+    """Two galleries: PEOPLE in OFFICE, OTHER_PERSON in OTHER; their subject ids."""
+    service.create_gallery(OFFICE, "field office")
+    service.create_gallery(OTHER, "another unit")
+    subjects = {}
+    for number, (person, enrolled, _) in enumerate(PEOPLE, start=1):
+        image = lfw_image(lfw_dir, person, enrolled).read_bytes()
+        done = service.enroll(
+            OFFICE,
+            display_name=f"Subject {number}",
+            legal_basis="test case 0001",
+            enrolled_by="setup",
+            image_bytes=image,
+            face_index=central_face(service, image),
+        )
+        subjects[person] = done.subject.subject_id
+    image = lfw_image(lfw_dir, OTHER_PERSON[0], OTHER_PERSON[1]).read_bytes()
+    other = service.enroll(
+        OTHER,
+        display_name="Subject X",
+        legal_basis="test case 0002",
+        enrolled_by="setup",
+        image_bytes=image,
+        face_index=central_face(service, image),
+    )
+    return subjects, other.subject.subject_id
+
+
+def build_box(
+    home: Path, lfw_dir: Path, pipeline: FacePipeline, settings: Settings | None = None
+) -> Box:
+    settings = settings or tls_settings(home)
+    service = GalleryService.open(home, settings, pipeline=pipeline)
+    try:
+        subjects, other = populate(service, lfw_dir)
+        audit = AuditLog.open(home, service.store.keyring)
+    except BaseException:
+        service.close()
+        raise
+    users = {
+        role: make_user(home, role, (OFFICE,) if role is Role.INVESTIGATOR else ()) for role in Role
+    }
+    clock = FakeClock()
+    app = create_app(home, settings, galleries=service, audit=audit, version="test", clock=clock)
+    return Box(home, settings, service, audit, app, clock, users, subjects, other)
+
+
+# -- browser-like sessions through the TestClient ---------------------------------------------
+
+
+def client(box: Box) -> TestClient:
+    scheme = "https" if box.settings.web.tls_cert else "http"
+    return TestClient(box.app, base_url=f"{scheme}://testserver", follow_redirects=False)
+
+
+def csrf_of(html: str) -> str:
+    match = CSRF.search(html)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+def sign_in(box: Box, role: Role, *, password: str = PASSWORD) -> tuple[TestClient, str]:
+    """A client signed in as the box's user of ``role``, and its session's CSRF token."""
+    browser = client(box)
+    page = browser.get("/login")
+    reply = browser.post(
+        "/login",
+        data={"username": box.users[role], "password": password, "csrf_token": csrf_of(page.text)},
+    )
+    assert reply.status_code == 303, f"sign-in as {role.value} failed: {reply.status_code}"
+    token = csrf_of(browser.get("/account/tokens").text)
+    return browser, token
+
+
+# -- a real server on a free loopback port ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, settings: Settings, port: int) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (TLS as configured) in a thread; yields its base URL."""
+    server = make_server(app, settings, host="127.0.0.1", port=port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    scheme = "https" if settings.web.tls_cert else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the web server did not start"
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def get_json(url: str) -> object:
+    return httpx.get(url, verify=False, timeout=10).json()
