@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -237,8 +235,7 @@ class Broker:
 per_listener_settings false
 user {getpass.getuser()}
 allow_anonymous false
-persistence true
-persistence_location {folder}/
+persistence false
 log_dest stderr
 log_type error
 log_type warning
@@ -332,11 +329,7 @@ class Recorder:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.2, 1.0)
-        # A session the broker keeps (on disk) while we are away: what is published while we
-        # reconnect after a broker restart is queued for us, not lost to a race.
-        session = Properties(PacketTypes.CONNECT)
-        session.SessionExpiryInterval = 3600
-        self.client.connect_async("127.0.0.1", broker.port, keepalive=10, properties=session)
+        self.client.connect_async("127.0.0.1", broker.port, keepalive=10)
         self.client.loop_start()
         self.wait_subscribed(1)
 

@@ -254,9 +254,12 @@ def test_case_key_survives_the_gallery_store_and_kek_rotation(tmp_path: Path) ->
 
 
 def test_second_process_is_refused(tmp_path: Path) -> None:
-    with GalleryStore(tmp_path, KeyFileProvider(tmp_path / "keys")) as galleries:
-        with CaseStore(tmp_path, galleries.keyring), pytest.raises(CaseBusyError):
-            CaseStore(tmp_path, galleries.keyring)
+    with (
+        GalleryStore(tmp_path, KeyFileProvider(tmp_path / "keys")) as galleries,
+        CaseStore(tmp_path, galleries.keyring),
+        pytest.raises(CaseBusyError),
+    ):
+        CaseStore(tmp_path, galleries.keyring)
 
 
 def test_purge_erases_files_and_key_and_leaves_other_cases(tmp_path: Path) -> None:

@@ -327,14 +327,18 @@ def test_reports_made_while_the_broker_is_down_arrive_when_it_returns(
 ) -> None:
     """The agent keeps running through the outage and reconnects on its own (backoff)."""
     home = device_home(tmp_path, pki, broker)
-    agents(home)
+    agent = agents(home)
     recorder.wait_for(lambda ms: len(seqs(ms)) >= 2, "the first reports")
     broker.stop()
     wait_until(lambda: len(spooled(home)) >= 3, "three reports spooled during the outage")
+    # Hold the agent while the broker comes back and the observer re-subscribes: the restarted
+    # broker has no session for the observer, and would deliver to nobody until it is back.
+    agent.process.send_signal(signal.SIGSTOP)
     waiting = set(spooled(home))
     subscribed = recorder.subscriptions
     broker.start()
     recorder.wait_subscribed(subscribed + 1)
+    agent.process.send_signal(signal.SIGCONT)
     recorder.wait_for(lambda ms: waiting <= set(seqs(ms)), "every spooled report")
     got = seqs(recorder.messages)
     assert set(range(max(got) + 1)) <= set(got), "no message lost across the outage"

@@ -147,6 +147,10 @@ def test_failed_health_check_rolls_back_and_reports_it(
     assert "embedder output differs from the reference" in err  # the check's own words
     assert box.active_tree() == running
     assert os.readlink(box.slots / "good") == "b"
+    # The failed version is no rollback target: its slot counts as empty.
+    assert UpdateManager.for_home(box.home).status()["inactive"]["version"] is None
+    status, _, err = _cli(box, capsys, "update", "rollback")
+    assert status == 1 and "slot a holds no complete version to roll back to" in err
     received: list[tuple[str, dict[str, str]]] = []
     cursor = box.home / "telemetry-cursor"
     delivered = deliver_events(box.home / "updates", lambda n, f: received.append((n, f)), cursor)
@@ -400,3 +404,12 @@ def test_default_restart_and_hardware(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert (
         UpdatePolicy.from_settings(load_settings(tmp_path).updates).hardware_id == "generic-arm64"
     )
+
+
+def test_rolled_back_install_is_one_line_on_stderr(box: Box, tmp_path: Path) -> None:
+    """The CLI contract, in a real process (where logging is not captured by pytest)."""
+    assert box.cli("update", "install", str(make_bundle(tmp_path, "1.0.0")[0])).returncode == 0
+    run = box.cli("update", "install", str(make_bundle(tmp_path, "1.1.0", healthy=False)[0]))
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("edgeid: error: update not")
+    assert "rolled back to 1.0.0 on slot a: health check failed: healthcheck exited 1" in run.stderr

@@ -65,7 +65,14 @@ def served(
     with GalleryService.open(home, settings, pipeline=pipeline) as service:
         populate(service, lfw_dir)
         with AuditLog.open(home, service.store.keyring) as audit:
-            app = create_app(home, settings, galleries=service, audit=audit, version="test")
+            app = create_app(
+                home,
+                settings,
+                galleries=service,
+                audit=audit,
+                version="test",
+                models_dir=models_dir,
+            )
             with serving(app, settings, free_port()) as url:
                 yield url, report
 

@@ -48,7 +48,6 @@ from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction
 from runtime.config.settings import Settings, WebSettings
 from runtime.inference.image_decode import decode_image
-from runtime.inference.pipeline import FacePipeline
 from runtime.web.access import ApiAccess, Requirement
 from runtime.web.app import create_app
 
@@ -58,16 +57,9 @@ OPENAPI = "/api/v1/openapi.json"
 
 
 @pytest.fixture(scope="module")
-def pipeline(models_dir: Path) -> FacePipeline:
-    return FacePipeline.load(models_dir)
-
-
-@pytest.fixture(scope="module")
-def box(
-    tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, pipeline: FacePipeline
-) -> Iterator[Box]:
+def box(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, models_dir: Path) -> Iterator[Box]:
     home = tmp_path_factory.mktemp("box")
-    built = build_box(home, lfw_dir, pipeline, tls_settings(home, max_upload_bytes=MAX_UPLOAD))
+    built = build_box(home, lfw_dir, models_dir, tls_settings(home, max_upload_bytes=MAX_UPLOAD))
     yield built
     built.close()
 

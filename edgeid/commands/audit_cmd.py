@@ -29,6 +29,7 @@ from runtime.audit import (
     verify_export,
 )
 from runtime.audit.export import anchor_problem
+from runtime.audit.layout import CREATING_MARKER
 from runtime.errors import BadInputError
 from runtime.gallery.errors import GalleryError
 from runtime.identity.device_key import DeviceKeyError, fingerprint, load_device_key
@@ -85,8 +86,8 @@ def _keyring_holds_audit_key(home: Path) -> bool:
     from runtime.gallery.keys import read_keyring
 
     path = keyring_path(home)
-    if not path.exists():
-        return False
+    if not path.exists() or (audit_dir(home) / CREATING_MARKER).exists():
+        return False  # no keyring, or a crash while the first log was being made
     try:
         return bool(read_keyring(path)[1].get(AUDIT_KEY_SCOPE))
     except GalleryError:
@@ -99,7 +100,7 @@ def _verify_text(report: VerifyReport) -> str:
             report.problem or ""
         )
     text = (
-        f"audit log OK: {report.records} records, {report.checkpoints} signed checkpoints, "
+        f"audit log OK: {report.records} records, {report.checkpoints} signed checkpoint(s), "
         f"head signed through record {report.head_seq} (key {report.key_fingerprint[:16]})"
     )
     if report.torn_tail_bytes:

@@ -294,6 +294,9 @@ class UpdateManager:
     def _roll_back(self, state: UpdateState, reason: str) -> Result:
         state = self._enter(dataclasses.replace(state, phase=Phase.ROLLING_BACK, reason=reason))
         self.slots.activate(state.from_slot)
+        if state.to_slot is not None:
+            # A version that failed its trial is no rollback target; reinstall it to retry.
+            self.slots.discard(state.to_slot)
         if state.from_slot is not None:
             restart = self._restart(self.slots.path(state.from_slot))
             if not restart.ok:
@@ -311,8 +314,8 @@ class UpdateManager:
         final = self._enter(
             dataclasses.replace(state, phase=Phase.IDLE, outcome=outcome, reason=reason)
         )
-        log = logger.info if outcome is Outcome.COMMITTED else logger.warning
-        log("update %s: %s (%s)", final.update_id, outcome, reason)
+        # Info, not warning: the caller reports the outcome (the CLI's one line, the events).
+        logger.info("update %s: %s (%s)", final.update_id, outcome, reason)
         return Result(outcome, final)
 
     def _enter(self, state: UpdateState) -> UpdateState:

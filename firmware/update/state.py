@@ -7,6 +7,9 @@ it. Phases, in the order an install goes through them::
     idle ─▶ writing ─▶ switching ─▶ trial ─▶ committing ─▶ idle (committed)
                │           │          └────▶ rolling_back ─▶ idle (rolled_back)
                └───────────┴─▶ idle (aborted: never switched, the old slot still runs)
+
+After a rollback or an abort the slot that was written is discarded (its record removed), so
+it is never offered as a rollback target.
 """
 
 from __future__ import annotations

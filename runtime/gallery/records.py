@@ -368,6 +368,8 @@ def encode_batch(
     """The two plaintexts of a batch: its columns and its embeddings. ``faces`` holds each
     subject's faces; ``thumb_sizes`` the size of each face's thumbnail frame, in order."""
     members = [face for group in faces for face in group]
+    if len(thumb_sizes) != len(members) or len(faces) != len(subjects):
+        raise ValueError("a batch needs one face list per subject and one size per face")
     texts = [str(getattr(s, name)).encode("utf-8") for s in subjects for name in TEXT_FIELDS]
     models: dict[str, int] = {}
     subject_walls, subject_offsets = _moments([s.enrolled_at for s in subjects])
@@ -392,8 +394,6 @@ def encode_batch(
         "face_dim": [f.embedding.size for f in members],
         "text": text,
     }
-    if len(thumb_sizes) != len(members) or len(faces) != len(subjects):
-        raise ValueError("a batch needs one face list per subject and one size per face")
     head = {
         "format": BATCH_FORMAT,
         "subjects": len(subjects),

@@ -100,6 +100,18 @@ class ApiAccess(Requirement):
         return principal
 
 
+def requirement_of(route: object) -> Requirement | None:
+    """The access requirement a route declares (through any depth of dependencies)."""
+    dependant = getattr(route, "dependant", None)
+    stack = [dependant] if dependant is not None else []
+    while stack:
+        current = stack.pop()
+        if isinstance(current.call, Requirement):
+            return current.call
+        stack.extend(current.dependencies)
+    return None
+
+
 def session_principal(user: User, session: Session) -> Principal:
     return Principal(
         username=user.username,

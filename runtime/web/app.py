@@ -33,6 +33,7 @@ from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
 from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import api, pages_account, pages_admin, pages_audit, pages_search, pages_subjects
+from runtime.web.access import requirement_of
 from runtime.web.errors import (
     CsrfError,
     ForbiddenError,
@@ -86,10 +87,12 @@ def create_app(
     audit: AuditLog,
     version: str,
     health_extra: Callable[[], dict[str, Any]] | None = None,
+    models_dir: Path | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """The ASGI app. ``settings.web`` gives cookie security (TLS configured or not), session
-    lifetimes and the upload limit; ``health_extra`` adds figures to the health page."""
+    lifetimes and the upload limit; ``health_extra`` adds figures to the health page;
+    ``models_dir`` (default ``<home>/models``) is where the health page reads the manifests."""
     searches: Workspace[SearchContext] = Workspace(ttl_s=settings.web.session_idle_s, clock=clock)
     enrolments: Workspace[PendingEnrolment] = Workspace(
         ttl_s=settings.web.session_idle_s, clock=clock
@@ -121,6 +124,7 @@ def create_app(
         started=clock(),
         clock=clock,
         health_extra=health_extra,
+        models_dir=models_dir or home / "models",
     )
     app = FastAPI(
         title="edgeid",
@@ -136,6 +140,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.web = state
+    _document_bearer_tokens(app)
     for module in (pages_account, pages_search, pages_subjects, pages_admin, pages_audit):
         app.include_router(module.router)
     app.include_router(api.router, prefix=API_PREFIX)
@@ -147,6 +152,46 @@ def create_app(
         hsts=state.secure_cookies,
     )
     return app
+
+
+def _document_bearer_tokens(app: FastAPI) -> None:
+    """OpenAPI names the token scheme (the access checks are our own dependencies, which
+    FastAPI cannot describe) and says which scope each operation needs."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            doc.setdefault("components", {})["securitySchemes"] = {
+                "token": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "edgeid_<id>_<secret>",
+                }
+            }
+            doc["security"] = [{"token": []}]
+            for route in api.router.routes:
+                requirement = requirement_of(route)
+                for method in getattr(route, "methods", set()) - {"HEAD"}:
+                    operation = doc["paths"][API_PREFIX + getattr(route, "path", "")][
+                        method.lower()
+                    ]
+                    scope = (
+                        requirement.permission.value
+                        if requirement and requirement.permission
+                        else None
+                    )
+                    operation["x-edgeid-scope"] = scope
+                    note = f"Needs the token scope `{scope}`." if scope else "Any valid token."
+                    operation["description"] = (
+                        f"{operation.get('description', '')}\n\n{note}".strip()
+                    )
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = schema  # type: ignore[method-assign]
 
 
 # -- errors ----------------------------------------------------------------------------------

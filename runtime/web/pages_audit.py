@@ -205,7 +205,7 @@ def health_summary(state: WebState) -> dict[str, Any]:
     """What ``/healthz`` answers: no faces, names, cases or counts of people."""
     pipeline = state.galleries.pipeline
     try:
-        models = [m.name for m in list_manifests(state.home / "models")]
+        models = [m.name for m in list_manifests(state.models_dir or state.home / "models")]
     except (OSError, ValueError, BadInputError):
         models = []
     return {
@@ -226,7 +226,7 @@ def healthz(request: Request) -> Response:
 def health_page(request: Request, principal: Technician) -> Response:
     state = web_state(request)
     try:
-        manifests = list_manifests(state.home / "models")
+        manifests = list_manifests(state.models_dir or state.home / "models")
     except (OSError, ValueError, BadInputError):
         manifests = []
     disk = shutil.disk_usage(state.home)

@@ -43,6 +43,7 @@ class WebState:
     started: float
     clock: Callable[[], float]
     health_extra: Callable[[], dict[str, Any]] | None = None
+    models_dir: Path | None = None
 
     @property
     def cookie_name(self) -> str:

@@ -1,0 +1,350 @@
+"""What each role does on its pages and through the API, against the real app and box:
+enrolment with its quality gate and duplicate check, subject pages and erasure, the API
+search, the supervisor's audit filters, export and retention, and the admin's pages."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from web_support import (
+    OFFICE,
+    PEOPLE,
+    Box,
+    build_box,
+    central_face,
+    client,
+    csrf_of,
+    lfw_image,
+    sign_in,
+)
+
+from runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from runtime.accounts.tokens import TokenStore
+from runtime.accounts.users import UserStore
+from runtime.audit import AuditAction, verify_export
+from runtime.identity.device_key import load_device_key
+
+NEW_PERSON = ("Amelie_Mauresmo", 1)
+GROUP_PHOTO = "dlib-faces/2008_002079.jpg"  # several faces, some too poor to enrol
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, models_dir: Path) -> Iterator[Box]:
+    built = build_box(tmp_path_factory.mktemp("box"), lfw_dir, models_dir)
+    yield built
+    built.close()
+
+
+def api_client(box: Box, role: Role) -> TestClient:
+    held = ROLE_PERMISSIONS[role]
+    _, secret = TokenStore(box.home).create(box.users[role], "test", held, allowed=held)
+    api = client(box)
+    api.headers["Authorization"] = f"Bearer {secret}"
+    return api
+
+
+def enrol_form(csrf: str, name: str, **extra: str) -> dict[str, str]:
+    return {
+        "csrf_token": csrf,
+        "gallery": OFFICE,
+        "display_name": name,
+        "legal_basis": "warrant 17/2025",
+        **extra,
+    }
+
+
+# -- enrolment, subjects, erasure --------------------------------------------------------------
+
+
+def test_enrolment_checks_for_duplicates_and_adds_to_the_subject(box: Box, lfw_dir: Path) -> None:
+    browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    person = PEOPLE[0][0]  # enrolled as Subject 1; this is a third photo of them
+    photo = lfw_image(lfw_dir, person, 5).read_bytes()
+    subject = box.subjects[person]
+    assert len(box.service.analyse(photo).faces) == 1
+    before = len(box.service.faces(OFFICE, subject))
+    reply = browser.post(
+        "/enrol", data=enrol_form(csrf, "Subject 1 again"), files={"photo": ("a.jpg", photo)}
+    )
+    assert reply.status_code == 409
+    assert "Possible duplicates" in reply.text and subject in reply.text
+    entry = re.search(r'action="/enrol/([^"/]+)/add"', reply.text)
+    assert entry is not None
+    added = browser.post(
+        f"/enrol/{entry.group(1)}/add",
+        data={"csrf_token": csrf, "face": "0", "subject_id": subject},
+    )
+    assert added.status_code == 303
+    assert added.headers["location"] == f"/galleries/{OFFICE}/subjects/{subject}"
+    assert len(box.service.faces(OFFICE, subject)) == before + 1
+    page = browser.get(added.headers["location"])
+    assert page.text.count("thumbnail.jpg") == before + 1
+    assert len(box.service.subjects(OFFICE)) == len(PEOPLE)  # no new subject
+    assert browser.get(f"/enrol/{entry.group(1)}").status_code == 404  # the photo is gone
+
+
+def test_enrolment_quality_gate_refuses_a_poor_face(box: Box, scenes_dir: Path) -> None:
+    browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    photo = (scenes_dir / GROUP_PHOTO).read_bytes()
+    probe = box.service.analyse(photo)
+    poor = [f.index for f in probe.faces if not f.enrollable]
+    assert len(probe.faces) > 1 and poor, "the group photo should hold a face too poor to enrol"
+    reply = browser.post("/enrol", data=enrol_form(csrf, "Poor"), files={"photo": ("g.jpg", photo)})
+    assert reply.status_code == 303  # several faces: choose one
+    pick = browser.get(reply.headers["location"])
+    assert "too poor to enrol" in pick.text
+    refused = browser.post(
+        reply.headers["location"], data={"csrf_token": csrf, "face": str(poor[0])}
+    )
+    assert refused.status_code == 422 and "too poor to enrol" in refused.text
+    assert len(box.service.subjects(OFFICE)) == len(PEOPLE)
+
+
+def test_enrol_a_new_subject_then_erase_it_with_confirmation(box: Box, lfw_dir: Path) -> None:
+    browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    photo = lfw_image(lfw_dir, *NEW_PERSON).read_bytes()
+    keep = (date.today() + timedelta(days=365)).isoformat()
+    bad_date = browser.post(
+        "/enrol",
+        data=enrol_form(csrf, "Subject N", retention_until="2000-01-01"),
+        files={"photo": ("n.jpg", photo)},
+    )
+    assert bad_date.status_code == 400 and "must be in the future" in bad_date.text
+    assert 'value="Subject N"' in bad_date.text  # what was typed is kept
+    reply = browser.post(
+        "/enrol",
+        data=enrol_form(csrf, "Subject N", retention_until=keep, notes="seen at the harbour"),
+        files={"photo": ("n.jpg", photo)},
+    )
+    assert reply.status_code == 303
+    subject_url = reply.headers["location"]
+    subject = subject_url.rsplit("/", 1)[1]
+    page = browser.get(subject_url)
+    assert "Subject N" in page.text and keep in page.text and "seen at the harbour" in page.text
+    enrolled = box.audit.query(action=AuditAction.ENROLL, limit=1)[0].event
+    assert enrolled.subject_id == subject and enrolled.user == box.users[Role.INVESTIGATOR]
+    assert "Subject N" not in str(enrolled)  # no name of an enrolled person in the audit log
+
+    confirm = browser.get(f"{subject_url}/delete")
+    assert confirm.status_code == 200 and "cannot be undone" in confirm.text
+    unconfirmed = browser.post(f"{subject_url}/delete", data={"csrf_token": csrf, "reason": "x"})
+    assert unconfirmed.status_code == 400
+    assert browser.get(subject_url).status_code == 200  # still there
+    erased = browser.post(
+        f"{subject_url}/delete",
+        data={"csrf_token": csrf, "reason": "enrolled in error", "confirm": subject},
+    )
+    assert erased.status_code == 303
+    assert browser.get(subject_url).status_code == 404
+    deletion = box.audit.query(action=AuditAction.DELETE_SUBJECT, limit=1)[0].event
+    assert deletion.subject_id == subject and deletion.reason == "enrolled in error"
+
+
+# -- the API -----------------------------------------------------------------------------------
+
+
+def test_api_search_returns_ranked_leads_and_records_everything(box: Box, lfw_dir: Path) -> None:
+    api = api_client(box, Role.INVESTIGATOR)
+    assert api.post("/api/v1/searches", json={"case": "API-1", "reason": ""}).status_code == 400
+    created = api.post(
+        "/api/v1/searches",
+        json={"case": "API-1", "reason": "identify a victim in seized media", "age_band": "child"},
+    )
+    assert created.status_code == 201
+    search = created.json()["search_id"]
+    person, _, probe = PEOPLE[1]
+    photo = lfw_image(lfw_dir, person, probe).read_bytes()
+    faces = api.put(
+        f"/api/v1/searches/{search}/photo", content=photo, headers={"Content-Type": "image/jpeg"}
+    ).json()["faces"]
+    face = central_face(box.service, photo)
+    assert faces[face]["quality"] > 0
+    chip = api.get(f"/api/v1/searches/{search}/faces/{face}/chip.jpg")
+    assert chip.headers["content-type"] == "image/jpeg" and chip.content[:3] == b"\xff\xd8\xff"
+    result = api.post(f"/api/v1/searches/{search}/faces/{face}/candidates", json={"k": 3}).json()
+    assert [c["rank"] for c in result["candidates"]] == [1, 2, 3]
+    top = result["candidates"][0]
+    assert top["subject_id"] == box.subjects[person] and top["above_threshold"]
+    assert "child" in result["reliability"]["note"] and result["reliability"]["verification_rate"]
+    decision = api.post(
+        f"/api/v1/searches/{search}/faces/{face}/decisions",
+        json={"face_id": top["face_id"], "decision": "rejected"},
+    )
+    assert decision.json() == {"recorded": "rejected", "rank": 1, "subject_id": top["subject_id"]}
+    records = box.audit.query(case="API-1", limit=10)
+    assert [r.event.action for r in records] == [AuditAction.DECISION, AuditAction.SEARCH]
+    assert all("via API token" in (r.event.detail or "") for r in records)
+    assert records[1].event.candidates[0].subject_id == top["subject_id"]
+
+
+def test_the_openapi_document_names_the_scope_of_every_operation(box: Box) -> None:
+    doc = client(box).get("/api/v1/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["token"]["scheme"] == "bearer"
+    operations = [op for path in doc["paths"].values() for op in path.values()]
+    assert len(operations) > 15
+    assert all("x-edgeid-scope" in op for op in operations)
+    search = doc["paths"]["/api/v1/searches/{search_id}/faces/{face_index}/candidates"]["post"]
+    assert search["x-edgeid-scope"] == "search"
+    assert not any(path.startswith("/search") for path in doc["paths"])  # pages stay out
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+
+
+def test_audit_page_filters_by_user_case_and_date_and_exports_signed(
+    box: Box, lfw_dir: Path
+) -> None:
+    person, _, probe = PEOPLE[2]
+    photo = lfw_image(lfw_dir, person, probe).read_bytes()
+    investigator, csrf = sign_in(box, Role.INVESTIGATOR)
+    for case in ("FILTER-A", "FILTER-B"):
+        form = {"case": case, "reason": "identify a victim in seized media", "csrf_token": csrf}
+        search = investigator.post("/search", data=form).headers["location"]
+        upload = investigator.post(
+            f"{search}/photo", data={"csrf_token": csrf}, files={"photo": ("p.jpg", photo)}
+        )
+        assert upload.status_code == 303
+        assert investigator.post(f"{search}/faces/0", data={"csrf_token": csrf}).status_code == 303
+    supervisor, scsrf = sign_in(box, Role.SUPERVISOR)
+    page = supervisor.get("/audit", params={"case": "FILTER-A"})
+    assert page.status_code == 200
+    assert len(re.findall(r"<tr>\s*<td>\d+</td>", page.text)) == 1
+    assert "FILTER-B" not in page.text
+    today = date.today().isoformat()
+    mine = supervisor.get(
+        "/audit", params={"user": box.users[Role.INVESTIGATOR], "since": today, "until": today}
+    )
+    assert "FILTER-A" in mine.text and "FILTER-B" in mine.text
+    tomorrow = (date.today() + timedelta(days=1)).isoformat()
+    assert "No record matches" in supervisor.get("/audit", params={"since": tomorrow}).text
+    assert supervisor.get("/audit", params={"since": "yesterday"}).status_code == 400
+    export = supervisor.post("/audit/export", data={"csrf_token": scsrf, "case": "FILTER-A"})
+    assert export.status_code == 200
+    assert "attachment" in export.headers["content-disposition"]
+    saved = box.home / "export-test.jsonl"
+    saved.write_bytes(export.content)
+    check = verify_export(saved, public_key=load_device_key(box.home).public_key())
+    assert check.records == 1
+    assert AuditAction.AUDIT_EXPORTED in [r.event.action for r in box.audit.query(limit=5)]
+
+
+def test_retention_lists_expired_subjects_without_names_and_erases_them(
+    box: Box, lfw_dir: Path
+) -> None:
+    photo = lfw_image(lfw_dir, "Dominique_de_Villepin", 3).read_bytes()
+    expired = box.service.enroll(
+        OFFICE,
+        display_name="Subject Expired",
+        legal_basis="case closed",
+        enrolled_by="setup",
+        image_bytes=photo,
+        face_index=central_face(box.service, photo),
+        retention_until=date.today() - timedelta(days=1),
+        allow_duplicate=True,
+    ).subject.subject_id
+    supervisor, csrf = sign_in(box, Role.SUPERVISOR)
+    page = supervisor.get("/retention")
+    assert expired in page.text and "Subject Expired" not in page.text
+    fresh = box.subjects[PEOPLE[0][0]]
+    refused = supervisor.post(
+        f"/retention/{OFFICE}/{fresh}", data={"csrf_token": csrf, "confirm": fresh}
+    )
+    assert refused.status_code == 400  # not past its date
+    erased = supervisor.post(
+        f"/retention/{OFFICE}/{expired}", data={"csrf_token": csrf, "confirm": expired}
+    )
+    assert erased.status_code == 303
+    assert expired not in {s.subject_id for s in box.service.subjects(OFFICE)}
+    record = box.audit.query(action=AuditAction.DELETE_SUBJECT, limit=1)[0].event
+    assert record.subject_id == expired and record.detail == "retention period over"
+    # Supervisors hold no face permission: the subject pages stay closed to them.
+    assert supervisor.get(f"/galleries/{OFFICE}/subjects").status_code == 403
+
+
+# -- the admin ---------------------------------------------------------------------------------
+
+
+def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: Box) -> None:
+    admin, csrf = sign_in(box, Role.ADMIN)
+    reply = admin.post(
+        "/admin/users",
+        data={"csrf_token": csrf, "username": "Nina", "role": "investigator", "gallery": OFFICE},
+    )
+    assert reply.status_code == 200
+    once = re.search(r'<code class="token">([^<]+)</code>', reply.text)
+    assert once is not None
+    nina = UserStore(box.home).require("nina")
+    assert nina.galleries == (OFFICE,) and nina.must_change_password
+    assert once.group(1) not in admin.get("/admin/users").text  # shown once only
+    assert UserStore(box.home).authenticate("nina", once.group(1)) is not None
+
+    made = admin.post("/admin/galleries", data={"csrf_token": csrf, "name": "temporary"})
+    assert made.status_code == 303
+    admin.post(
+        "/admin/users/nina",
+        data={"csrf_token": csrf, "role": "investigator", "gallery": [OFFICE, "temporary"]},
+    )
+    assert UserStore(box.home).require("nina").galleries == (OFFICE, "temporary")
+    wrong = admin.post(
+        "/admin/galleries/temporary/delete", data={"csrf_token": csrf, "confirm_name": "temp"}
+    )
+    assert wrong.status_code == 400
+    gone = admin.post(
+        "/admin/galleries/temporary/delete", data={"csrf_token": csrf, "confirm_name": "temporary"}
+    )
+    assert gone.status_code == 303
+    assert "temporary" not in [g.name for g in box.service.list_galleries()]
+    assert UserStore(box.home).require("nina").galleries == (OFFICE,)  # no stale access
+    disabled = admin.post(
+        "/admin/users/nina",
+        data={"csrf_token": csrf, "role": "investigator", "gallery": OFFICE, "disabled": "yes"},
+    )
+    assert disabled.status_code == 303
+    actions = [r.event.action for r in box.audit.query(user=box.users[Role.ADMIN], limit=20)]
+    for expected in (
+        AuditAction.USER_CREATED,
+        AuditAction.GALLERY_CREATED,
+        AuditAction.GALLERY_DELETED,
+        AuditAction.ROLE_CHANGED,
+        AuditAction.USER_DELETED,
+    ):
+        assert expected in actions, expected
+
+
+def test_admins_and_technicians_see_no_faces(box: Box) -> None:
+    admin, _ = sign_in(box, Role.ADMIN)
+    galleries = admin.get("/admin/galleries").text
+    assert "Subject 1" not in galleries and "thumbnail" not in galleries
+    technician, _ = sign_in(box, Role.TECHNICIAN)
+    health = technician.get("/health")
+    assert health.status_code == 200 and "dlib_resnet_v1" in health.text
+    assert "Subject" not in health.text and OFFICE not in health.text
+
+
+def test_users_manage_their_own_tokens(box: Box) -> None:
+    browser, csrf = sign_in(box, Role.TECHNICIAN)
+    refused = browser.post(
+        "/account/tokens", data={"csrf_token": csrf, "name": "too much", "scope": "search"}
+    )
+    assert refused.status_code == 400 and "does not allow" in refused.text
+    made = browser.post(
+        "/account/tokens", data={"csrf_token": csrf, "name": "monitor", "scope": "health"}
+    )
+    secret = re.search(r'<code class="token">(edgeid_[^<]+)</code>', made.text)
+    assert secret is not None
+    api = client(box)
+    api.headers["Authorization"] = f"Bearer {secret.group(1)}"
+    assert api.get("/api/v1/health").json()["state"] == "ready"
+    token_id = secret.group(1).split("_")[1]
+    assert (
+        browser.post(f"/account/tokens/{token_id}/revoke", data={"csrf_token": csrf}).status_code
+        == 303
+    )
+    assert api.get("/api/v1/health").status_code == 401
+    assert secret.group(1) not in browser.get("/account/tokens").text
+    assert csrf_of(browser.get("/account/tokens").text) == csrf
