@@ -10,7 +10,14 @@ from pathlib import Path
 
 import face_recognition_models
 
-from benchmarks import detectors, lfw_vs_dlib, pipeline_bench, search_bench
+from benchmarks import (
+    cluster_bench,
+    detectors,
+    ingest_bench,
+    lfw_vs_dlib,
+    pipeline_bench,
+    search_bench,
+)
 from runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
 from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
 
@@ -79,6 +86,9 @@ def main() -> int:
             str(size): search_bench.run(size, data=args.data, models=models)
             for size in SEARCH_SIZES
         },
+        # Case ingest: clustering beside dlib's Chinese whispers, ingest beside the bare pipeline.
+        "clustering": cluster_bench.run(args.data, models),
+        "case_ingest": ingest_bench.run(args.data, models),
     }
     json.dump(results, sys.stdout, indent=2)
     print()

@@ -31,6 +31,7 @@ from test_case_video import FPS, write_video
 from edgeid.cli import main
 from runtime.audit import AuditAction, AuditLog
 from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
+from runtime.cases.jobs import IngestJob
 from runtime.cases.service import CaseService
 from runtime.cases.store import CASES_DIR, RECORDS_LOG, CaseStore
 from runtime.gallery.keys import KeyFileProvider
@@ -366,11 +367,17 @@ def test_video_faces_carry_timestamps_and_a_cut_short_video_is_kept_in_part(
         archive.write(clip, "DCIM/clip.mp4")
         archive.writestr("DCIM/cut.mkv", long_clip.read_bytes()[: long_clip.stat().st_size // 2])
         archive.write(photos[0], "DCIM/photo.jpg")
+        archive.write(photos[0], "../../outside.jpg")  # path traversal: listed, never read
+        archive.writestr("DCIM/bomb.bmp", bytes(32 << 20), zipfile.ZIP_DEFLATED)
     home = make_home(tmp_path, models_dir)
     with service(home, pipeline) as cases:
         outcome = cases.ingest(request(tmp_path / "phone.zip", frame_interval_s=1.0))
         view = cases.view(CASE)
     assert outcome.run.status == "complete" and outcome.progress.video_frames >= 3
+    refused = {f.names[0]: f.reason or "" for f in outcome.failed}
+    assert set(refused) == {"../../outside.jpg", "DCIM/bomb.bmp"}
+    assert "path traversal" in refused["../../outside.jpg"]
+    assert "decompression bomb" in refused["DCIM/bomb.bmp"]
     files = {f.names[0]: f for f in view.files}
     assert files["DCIM/clip.mp4"].media == "video" and files["DCIM/clip.mp4"].frames == 2
     assert files["DCIM/clip.mp4"].status == "done" and files["DCIM/clip.mp4"].faces == 2
@@ -537,3 +544,31 @@ def test_expired_cases_are_listed_and_purged_together(
     assert {c["case"]: c["expired"] for c in out} == {"OLD-1": True, "NOW-2": False}  # type: ignore[union-attr]
     code, out, _ = cli(home, capsys, "purge", "--expired", "--yes")
     assert code == 0 and out == {"purged": ["OLD-1"]}
+
+
+def test_web_job_runs_in_a_thread_reports_counts_and_stops(
+    tmp_path: Path,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    cast: tuple[dict[str, list[Path]], list[Path]],
+) -> None:
+    media = build_media(tmp_path, cast)
+    home = make_home(tmp_path, models_dir)
+    with service(home, pipeline) as cases:
+        stopped = IngestJob(cases, request(media.folder))
+        stopped.stop()  # before it starts: it ends at the first file, resumable
+        stopped.start()
+        assert stopped.wait(300)
+        finished = IngestJob(cases, request(media.folder)).start()
+        assert finished.wait(300)
+        busy = IngestJob(cases, request(media.folder))
+        with cases.store.find(CASE).ingest_exclusively():
+            busy.start()
+            assert busy.wait(300)
+    assert stopped.state == "stopped" and stopped.snapshot()["files_seen"] == 0
+    snapshot = finished.snapshot()
+    assert snapshot["state"] == "complete" and snapshot["phase"] == "done"
+    assert snapshot["files_seen"] == snapshot["files_total"] == 14
+    assert snapshot["faces_new"] == 10 and finished.outcome is not None
+    assert set(snapshot) >= {"files_failed", "files_duplicate", "clusters"}
+    assert busy.state == "failed" and "running" in (busy.error or "")

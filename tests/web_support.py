@@ -69,7 +69,8 @@ class Box:
     app: FastAPI
     clock: FakeClock
     users: dict[Role, str]
-    subjects: dict[str, str] = field(default_factory=dict)  # LFW folder -> subject id
+    # LFW folder -> subject id; kept out of repr so no real name reaches a failure report.
+    subjects: dict[str, str] = field(default_factory=dict, repr=False)
     other_subject: str = ""
 
     def close(self) -> None:

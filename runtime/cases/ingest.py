@@ -167,7 +167,7 @@ class CaseIngest:
         report = progress or (lambda _: None)
         with open_source(request.source) as source:
             case = self._case(request)
-            with case.lock:
+            with case.ingest_exclusively():
                 previous = case.meta.last_run
                 run = IngestRun(
                     number=(previous.number + 1) if previous else 1,
@@ -214,20 +214,18 @@ class CaseIngest:
         return tuple(dict.fromkeys(asked))
 
     def _case(self, request: IngestRequest) -> Case:
-        if self.store.exists(request.case_number):
-            case = self.store.find(request.case_number)
-            if case.meta.model_id != self.service.model_id:
-                raise CaseModelError(
-                    f"case {case.meta.number!r} holds faces embedded with {case.meta.model_id}; "
-                    f"this box embeds with {self.service.model_id}: start a new case"
-                )
-            return case
-        return self.store.create(
+        case = self.store.open_or_create(
             request.case_number,
             created_by=request.requester.user,
             model_id=self.service.model_id,
             retention_until=request.retention_until,
         )
+        if case.meta.model_id != self.service.model_id:
+            raise CaseModelError(
+                f"case {case.meta.number!r} holds faces embedded with {case.meta.model_id}; "
+                f"this box embeds with {self.service.model_id}: start a new case"
+            )
+        return case
 
     def _finish(self, case: Case, run: IngestRun, status: RunStatus, note: str) -> IngestRun:
         done = replace(run, status=status, finished_at=self._clock(), note=note)

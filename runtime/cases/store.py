@@ -177,7 +177,8 @@ class Case:
         self._clock = clock
         self._random = random
         self._writer = writer
-        self.lock = threading.RLock()  # one ingest or change at a time per case
+        self.lock = threading.RLock()  # guards the in-memory state; held briefly
+        self._ingesting = threading.Lock()  # one ingest (or purge) at a time per case
         self.where = f"case {case_id}"
         self._load()
 
@@ -258,6 +259,19 @@ class Case:
             faces[rid] = CaseFace.from_head(rid, head, tail)
         else:
             raise CorruptCaseError(f"{self.where}: unexpected record kind {entry.kind.name}")
+
+    @contextlib.contextmanager
+    def ingest_exclusively(self) -> Iterator[None]:
+        """Hold the case for one ingest or purge; refuse a second one at once (readers are
+        never blocked by a running ingest)."""
+        if not self._ingesting.acquire(blocking=False):
+            raise CaseBusyError(
+                "an ingest of this case is running; wait for it to finish or stop it first"
+            )
+        try:
+            yield
+        finally:
+            self._ingesting.release()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -668,11 +682,30 @@ class CaseStore:
             logger.info("created case %s", case_id)
             return self._case(case_id)
 
+    def open_or_create(
+        self,
+        number: str,
+        *,
+        created_by: str,
+        model_id: str,
+        retention_until: date | None = None,
+    ) -> Case:
+        """The case with this number, created (empty) if there is none."""
+        with self._mutex:
+            if self.exists(number):
+                return self.find(number)
+            return self.create(
+                number,
+                created_by=created_by,
+                model_id=model_id,
+                retention_until=retention_until,
+            )
+
     def purge(self, number: str) -> CaseMeta:
         """Erase a case as a unit: its key leaves the keyring (crypto-erase), then its files
         are zero-filled and unlinked."""
         case = self.find(number)
-        with case.lock, self._mutex:
+        with case.ingest_exclusively(), case.lock, self._mutex:
             meta = case.meta
             self._keyring.retain_only(key_scope(case.case_id), [])
             self._open.pop(case.case_id, None)

@@ -71,6 +71,7 @@ MAX_INFLIGHT = 10
 FLUSH_ON_STOP_S = 5.0
 # `telemetry once` measures CPU use over this window (a report measures since the last one).
 PREVIEW_CPU_WINDOW_S = 0.5
+# stop() waits this long for the thread: the flush, plus a connect attempt that may be under way.
 STOP_JOIN_S = FLUSH_ON_STOP_S + 10.0
 
 
@@ -79,6 +80,9 @@ class TelemetryAgentBusyError(EdgeidError):
 
 
 class TelemetryAgent:
+    """Reports this box's health; see the module docstring. Thread-safe: ``event`` and ``stop``
+    may be called from any thread."""
+
     def __init__(
         self,
         home: Path,
@@ -106,7 +110,7 @@ class TelemetryAgent:
         self._tls = tls_context(self.settings) if self.settings.sink == "mqtt" else None
         self._collector = HealthCollector(
             home,
-            version,
+            self._version,
             metrics=metrics,
             backend_state=backend_state or metrics_backend(metrics),
             model_ids=model_ids or (lambda: _models_of(home)),

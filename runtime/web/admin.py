@@ -3,16 +3,22 @@ recorded in the audit log (by the acting admin, naming the user changed)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from runtime.accounts.roles import Role, parse_role
 from runtime.accounts.users import User
 from runtime.audit import AuditAction
+from runtime.errors import BadInputError
 from runtime.gallery.records import GalleryInfo
 from runtime.web.audit_trail import record
 from runtime.web.errors import NotFoundError
 from runtime.web.principal import Principal
 from runtime.web.state import WebState
+
+# Gallery names appear in page paths and API URLs: no slashes or other characters that would
+# need more than percent-encoding of a space.
+GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
 
 def _known_galleries(state: WebState, names: Sequence[str]) -> list[str]:
@@ -89,7 +95,13 @@ def reset_password(state: WebState, principal: Principal, username: str) -> str:
 def create_gallery(
     state: WebState, principal: Principal, name: str, description: str
 ) -> GalleryInfo:
-    info = state.galleries.create_gallery(name.strip(), description.strip())
+    name = name.strip()
+    if not GALLERY_NAME.fullmatch(name):
+        raise BadInputError(
+            "a gallery name is 1-64 letters, digits, spaces, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    info = state.galleries.create_gallery(name, description.strip())
     record(state, principal, AuditAction.GALLERY_CREATED, gallery=info.name)
     return info
 

@@ -47,7 +47,8 @@ from runtime.web.audit_trail import record
 from runtime.web.errors import NotFoundError
 from runtime.web.forms import UnsupportedBodyError, read_body, read_form
 from runtime.web.images import jpeg_response
-from runtime.web.pages_audit import audit_filter, health_summary
+from runtime.web.pages_audit import audit_filter
+from runtime.web.pages_health import health_summary
 from runtime.web.principal import Principal
 from runtime.web.state import web_state
 

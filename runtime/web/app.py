@@ -32,7 +32,15 @@ from runtime.errors import BadInputError, EdgeidError, OverloadedError
 from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
 from runtime.system.metrics import SERVICE_METRICS
-from runtime.web import api, pages_account, pages_admin, pages_audit, pages_search, pages_subjects
+from runtime.web import (
+    api,
+    pages_account,
+    pages_admin,
+    pages_audit,
+    pages_health,
+    pages_search,
+    pages_subjects,
+)
 from runtime.web.access import requirement_of
 from runtime.web.errors import (
     CsrfError,
@@ -141,7 +149,8 @@ def create_app(
     )
     app.state.web = state
     _document_bearer_tokens(app)
-    for module in (pages_account, pages_search, pages_subjects, pages_admin, pages_audit):
+    pages = (pages_account, pages_search, pages_subjects, pages_admin, pages_audit, pages_health)
+    for module in pages:
         app.include_router(module.router)
     app.include_router(api.router, prefix=API_PREFIX)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,27 +1,22 @@
-"""Supervisor pages (the audit log, its signed export, retention) and the technician's health
-page. The health page shows the box, never a face, a name, a case or a count of people."""
+"""Supervisor pages: the audit log with its filters, its signed export, and retention."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as daytime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 
 from runtime.accounts.roles import Permission
 from runtime.audit import AuditAction, AuditRecord, RecordFilter, audit_dir, export_log
 from runtime.errors import BadInputError
 from runtime.gallery.records import Subject
 from runtime.identity.device_key import load_device_key
-from runtime.inference.manifest import list_manifests
-from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import operations as ops
 from runtime.web.access import PageAccess, posted
 from runtime.web.audit_trail import record
@@ -33,7 +28,6 @@ router = APIRouter(include_in_schema=False)
 
 Auditor = Annotated[Principal, Depends(PageAccess(Permission.AUDIT_READ))]
 RetentionOfficer = Annotated[Principal, Depends(PageAccess(Permission.RETENTION))]
-Technician = Annotated[Principal, Depends(PageAccess(Permission.HEALTH))]
 AUDIT_PAGE_SIZE = 100
 
 
@@ -196,49 +190,3 @@ def retention_erase(
     )
     flash(principal, f"Subject {subject_id} erased from {gallery}.")
     return RedirectResponse("/retention", status_code=303)
-
-
-# -- health ----------------------------------------------------------------------------------
-
-
-def health_summary(state: WebState) -> dict[str, Any]:
-    """What ``/healthz`` answers: no faces, names, cases or counts of people."""
-    pipeline = state.galleries.pipeline
-    try:
-        models = [m.name for m in list_manifests(state.models_dir or state.home / "models")]
-    except (OSError, ValueError, BadInputError):
-        models = []
-    return {
-        "state": "ready",
-        "version": state.version,
-        "backend": pipeline.backend_state,
-        "models": models,
-        "uptime_s": round(state.clock() - state.started, 1),
-    }
-
-
-@router.get("/healthz")
-def healthz(request: Request) -> Response:
-    return JSONResponse(health_summary(web_state(request)))
-
-
-@router.get("/health")
-def health_page(request: Request, principal: Technician) -> Response:
-    state = web_state(request)
-    try:
-        manifests = list_manifests(state.models_dir or state.home / "models")
-    except (OSError, ValueError, BadInputError):
-        manifests = []
-    disk = shutil.disk_usage(state.home)
-    extra = state.health_extra() if state.health_extra else {}
-    return render(
-        request,
-        "health.html",
-        principal=principal,
-        summary=health_summary(state),
-        manifests=manifests,
-        disk={"total_gb": disk.total / 1e9, "free_gb": disk.free / 1e9},
-        metrics=asdict(SERVICE_METRICS.snapshot()),
-        audit_records=state.audit.last_seq,
-        extra=extra,
-    )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -77,7 +80,28 @@ def web_url(settings: Settings, *, host: str | None = None, port: int | None = N
 def run_web(
     app: FastAPI, settings: Settings, *, host: str | None = None, port: int | None = None
 ) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's handlers), then return."""
+    """Serve until SIGINT or SIGTERM, then return normally, so that the caller's ``with``
+    blocks close the audit log (final signed checkpoint) and flush the galleries' indexes.
+
+    uvicorn shuts down gracefully on those signals and then raises the signal again for the
+    handler that was in place before it started; ours only notes it, where the default
+    handler would kill the process before any cleanup.
+    """
     server = make_server(app, settings, host=host, port=port)
     logger.info("web UI on %s", web_url(settings, host=host, port=port))
-    server.run()
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    received: list[int] = []
+
+    def note(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        logger.info("signal %d: web UI stopped", received[0])

@@ -1,0 +1,226 @@
+"""Case ingest throughput on this machine, beside the bare face pipeline on the same media.
+
+Media, built in a temporary folder from the shared data: the first ``--limit`` LFW dev images
+(250x250, one face near the centre, sometimes more at the edges), the 16 scene images (up to
+1366x768, several faces each) and one video made here from LFW photos (248x248, 25 fps, one
+photo a second, ``VIDEO_SECONDS`` long; sampled at the default one frame a second). The box
+holds one gallery of ``ENROLLED`` LFW subjects, so every cluster is really searched (and
+audited).
+
+Ingest: ``CaseService.ingest`` end to end (hashing, safe decoding, detection, quality,
+embedding, encrypted durable writes, clustering, searches, audit records). Baseline, in the
+same process on the same files: decode and the same pipeline calls only, nothing stored,
+run before and after the ingests and averaged (other jobs' load drifts; the 1-minute load
+average is reported beside the figures).
+``ratio_vs_baseline`` is ingest images/s over baseline images/s (1.0: the case machinery
+costs nothing).
+
+    python -m benchmarks.ingest_bench --data ../shared/data --models var/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from runtime.audit import AuditLog
+from runtime.cases.analysis import analyse_pixels
+from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
+from runtime.cases.service import CaseService
+from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
+from runtime.errors import BadInputError
+from runtime.gallery.service import GalleryService
+from runtime.inference.image_decode import decode_image
+from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
+
+logger = logging.getLogger(__name__)
+
+LFW_LIMIT = 200  # LFW images ingested: ~20 s at the pipeline's speed on 2 cores
+VIDEO_SECONDS = 30
+VIDEO_FPS = 25
+ENROLLED = 50  # subjects in the searched gallery
+REASON = "ingest benchmark on public research images"
+
+
+def _video(path: Path, photos: list[Path]) -> Path:
+    frames = [np.asarray(Image.open(p).convert("RGB"))[:248, :248].copy() for p in photos]
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=VIDEO_FPS)
+        assert isinstance(stream, av.VideoStream)
+        stream.width = stream.height = 248
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for _ in range(VIDEO_FPS):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def build_media(data: Path, root: Path, limit: int) -> tuple[Path, Path, list[Path]]:
+    """(images folder, video folder, photos to enrol)."""
+    lfw = sorted((data / "lfw-dev" / "images").glob("*/*.jpg"))
+    images = root / "images"
+    images.mkdir()
+    for photo in lfw[:limit]:
+        shutil.copy(photo, images / f"{photo.parent.name}-{photo.name}")
+    for scene in sorted((data / "scenes").glob("*/*.jpg")):
+        shutil.copy(scene, images / f"scene-{scene.name}")
+    videos = root / "videos"
+    videos.mkdir()
+    _video(videos / "clip.mp4", lfw[limit : limit + VIDEO_SECONDS])
+    return images, videos, lfw[limit + VIDEO_SECONDS :]
+
+
+class Phases:
+    """Seconds spent in each ingest phase, from the progress callback's phase changes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._phase: str | None = None
+        self._since = time.perf_counter()
+        self.last = IngestProgress()
+
+    def __call__(self, progress: IngestProgress) -> None:
+        now = time.perf_counter()
+        if progress.phase != self._phase:
+            if self._phase is not None:
+                self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._since
+            self._phase, self._since = progress.phase, now
+        self.last = IngestProgress(**vars(progress))
+
+
+@contextmanager
+def _service(home: Path, pipeline: FacePipeline) -> Iterator[CaseService]:
+    with (
+        GalleryService.open(home, pipeline=pipeline) as galleries,
+        AuditLog.open(home, galleries.store.keyring) as audit,
+        CaseService(home, galleries, audit, detector=DEFAULT_DETECTOR) as cases,
+    ):
+        yield cases
+
+
+def _ingest(cases: CaseService, folder: Path, number: str) -> dict[str, object]:
+    phases = Phases()
+    started = time.perf_counter()
+    request = IngestRequest(folder, number, REASON, Requester("bench"), galleries=("bench",))
+    outcome = cases.ingest(request, progress=phases)
+    total = time.perf_counter() - started
+    p = outcome.progress
+    reading = phases.seconds.get("reading", 0.0)
+    return {
+        "files": p.files_total,
+        "faces": p.faces_new,
+        "video_frames": p.video_frames,
+        "clusters": p.clusters,
+        "clusters_searched": p.clusters_searched,
+        "seconds": {k: round(v, 2) for k, v in phases.seconds.items()} | {"total": round(total, 2)},
+        "files_per_s": round(p.files_total / reading, 2) if reading else None,
+        "faces_per_s": round(p.faces_new / reading, 2) if reading else None,
+        "video_frames_per_s": round(p.video_frames / reading, 2) if reading else None,
+    }
+
+
+def _baseline(pipeline: FacePipeline, images: Path, videos: Path) -> dict[str, object]:
+    started = time.perf_counter()
+    faces = 0
+    paths = sorted(images.iterdir())
+    for path in paths:
+        faces += len(analyse_pixels(pipeline, decode_image(path.read_bytes())))
+    image_s = time.perf_counter() - started
+    started = time.perf_counter()
+    frames = 0
+    with open(videos / "clip.mp4", "rb") as stream:
+        for frame in sample_frames(stream, DEFAULT_FRAME_INTERVAL_S):
+            analyse_pixels(pipeline, frame.pixels)
+            frames += 1
+    video_s = time.perf_counter() - started
+    return {
+        "images": len(paths),
+        "faces": faces,
+        "images_per_s": round(len(paths) / image_s, 2),
+        "faces_per_s": round(faces / image_s, 2),
+        "video_frames_per_s": round(frames / video_s, 2),
+    }
+
+
+def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object]:
+    pipeline = FacePipeline.load(models, DEFAULT_DETECTOR)
+    with tempfile.TemporaryDirectory(prefix="edgeid-ingest-bench-") as tmp:
+        root = Path(tmp)
+        images, videos, enrol = build_media(data, root, limit)
+        home = root / "home"
+        home.mkdir()
+        (home / "models").symlink_to(models.resolve())
+        with _service(home, pipeline) as cases:
+            cases.galleries.create_gallery("bench")
+            enrolled = 0
+            for photo in enrol:
+                if enrolled == ENROLLED:
+                    break
+                try:
+                    cases.galleries.enroll(
+                        "bench", display_name=f"subject {enrolled}", legal_basis="benchmark",
+                        enrolled_by="bench", image_bytes=photo.read_bytes(), face_index=0,
+                        allow_duplicate=True,
+                    )  # fmt: skip
+                except BadInputError:
+                    continue  # below the enrolment quality gate: take the next photo
+                enrolled += 1
+            analyse_pixels(pipeline, decode_image(next(images.iterdir()).read_bytes()))  # warm-up
+            load_before = os.getloadavg()[0]
+            # Baseline before and after the ingests, averaged: other jobs' load drifts.
+            before = _baseline(pipeline, images, videos)
+            ingest_images = _ingest(cases, images, "BENCH-IMAGES")
+            ingest_video = _ingest(cases, videos, "BENCH-VIDEO")
+            after = _baseline(pipeline, images, videos)
+            load_after = os.getloadavg()[0]
+    baseline = {
+        key: round((float(before[key]) + float(after[key])) / 2, 2)  # type: ignore[arg-type]
+        for key in before
+    }
+    images_per_s = ingest_images["files_per_s"]
+    return {
+        "detector": DEFAULT_DETECTOR,
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+        "images": {**ingest_images, "images_per_s": images_per_s},
+        "video": ingest_video,
+        "baseline": baseline,
+        "baseline_note": "decode + the same pipeline calls on the same files, nothing stored",
+        "ratio_vs_baseline": (
+            round(float(images_per_s) / float(baseline["images_per_s"]), 3)  # type: ignore[arg-type]
+            if images_per_s
+            else None
+        ),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--models", type=Path, default=Path("var/models"))
+    parser.add_argument("--limit", type=int, default=LFW_LIMIT, help="LFW images to ingest")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    json.dump(run(args.data, args.models, limit=args.limit), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

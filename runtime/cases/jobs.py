@@ -1,0 +1,71 @@
+"""An ingest in a worker thread, for the web UI: progress to poll, a stop button, the outcome.
+
+The page polls ``IngestJob.snapshot()`` (counts only, JSON-ready) for live progress; ``stop()``
+ends the run between files (it resumes on the next ingest of the same case).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import Literal
+
+from runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
+from runtime.cases.service import CaseService
+from runtime.errors import EdgeidError
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal["pending", "running", "complete", "stopped", "failed"]
+
+
+class IngestJob:
+    def __init__(self, service: CaseService, request: IngestRequest) -> None:
+        self._service = service
+        self._request = request
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._progress = IngestProgress()
+        self._thread = threading.Thread(target=self._work, name="case-ingest", daemon=True)
+        self.state: JobState = "pending"
+        self.error: str | None = None
+        self.outcome: IngestOutcome | None = None
+
+    def start(self) -> IngestJob:
+        self.state = "running"
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the run to stop after the file in hand (that file is read again on resume)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the job has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def progress(self) -> IngestProgress:
+        with self._lock:
+            return replace(self._progress)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"state": self.state, "error": self.error, **self.progress().to_json()}
+
+    def _report(self, progress: IngestProgress) -> None:
+        with self._lock:
+            self._progress = replace(progress)
+
+    def _work(self) -> None:
+        try:
+            outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
+        except EdgeidError as exc:
+            self.error, self.state = str(exc).splitlines()[0], "failed"
+            return
+        except Exception as exc:  # a worker thread must report, not vanish
+            logger.error("case ingest job failed: %s", type(exc).__name__)
+            self.error, self.state = f"internal error ({type(exc).__name__})", "failed"
+            return
+        self.outcome = outcome
+        self.state = "complete" if outcome.run.status == "complete" else "stopped"

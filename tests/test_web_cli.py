@@ -1,0 +1,220 @@
+"""`edgeid init` and `edgeid users`, run as the technician runs them, and the server's refusal
+of plain HTTP off loopback. No face models needed."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from fastapi import FastAPI
+
+from edgeid.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from runtime.accounts.roles import Role
+from runtime.accounts.tokens import TokenStore
+from runtime.accounts.users import UserStore
+from runtime.audit import AuditAction
+from runtime.config.settings import Settings, WebSettings, load_settings
+from runtime.errors import BadInputError
+from runtime.gallery.key_choice import provider_for
+from runtime.gallery.store import GalleryStore
+from runtime.web.server import make_server
+
+
+def run(*argv: str) -> tuple[int, dict[str, object] | list[object], str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    text = out.getvalue()
+    return code, (json.loads(text) if text.strip().startswith(("{", "[")) else {}), err.getvalue()
+
+
+def audit_actions(home: Path) -> list[str]:
+    code, _, _ = run("audit", "export", "--home", str(home), "--output", str(home / "x.jsonl"))
+    assert code == EXIT_OK
+    lines = [json.loads(line) for line in (home / "x.jsonl").read_text().splitlines()]
+    (home / "x.jsonl").unlink()
+    return [str(line["action"]) for line in lines if line["type"] == "record"]
+
+
+def test_init_makes_the_first_admin_a_certificate_and_the_audit_log_once(tmp_path: Path) -> None:
+    home = tmp_path / "box"
+    code, report, _ = run("init", "--home", str(home), "--address", "10.1.2.3", "--json")
+    assert code == EXIT_OK and isinstance(report, dict)
+    once = str(report["one_time_password"])
+    admin = UserStore(home).require("admin")
+    assert admin.role is Role.ADMIN and admin.must_change_password
+    assert UserStore(home).authenticate("admin", once) is not None
+    settings = load_settings(home)
+    assert settings.web.tls_cert and settings.web.tls_key
+    cert = x509.load_pem_x509_certificate(Path(settings.web.tls_cert).read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("10.1.2.3") in names.get_values_for_type(x509.IPAddress)
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert (Path(settings.web.tls_key).stat().st_mode & 0o777) == 0o600
+    assert report["tls_cert_sha256"] == cert.fingerprint(cert.signature_hash_algorithm).hex()  # type: ignore[arg-type]
+
+    again, second, _ = run("init", "--home", str(home), "--json")
+    assert again == EXIT_OK and isinstance(second, dict)
+    assert second["one_time_password"] is None and second["tls_cert_created"] is False
+    assert second["tls_cert_sha256"] == report["tls_cert_sha256"]
+    assert UserStore(home).authenticate("admin", once) is not None  # untouched
+    assert audit_actions(home) == [AuditAction.USER_CREATED.value]
+
+
+def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path: Path) -> None:
+    home = tmp_path / "box"
+    assert run("init", "--home", str(home))[0] == EXIT_OK
+    with GalleryStore(home, provider_for(home, load_settings(home).keys)) as store:
+        store.create_gallery("office")
+    code, made, _ = run(
+        "users",
+        "add",
+        "ivy",
+        "--role",
+        "investigator",
+        "--gallery",
+        "office",
+        "--home",
+        str(home),
+        "--json",
+    )
+    assert code == EXIT_OK and isinstance(made, dict)
+    assert UserStore(home).authenticate("ivy", str(made["one_time_password"])) is not None
+    code, _, err = run(
+        "users", "add", "eve", "--role", "investigator", "--gallery", "nope", "--home", str(home)
+    )
+    assert code == EXIT_BAD_INPUT and "no gallery named 'nope'" in err
+    assert UserStore(home).get("eve") is None
+    code, token, _ = run(
+        "users",
+        "token-add",
+        "ivy",
+        "--token-name",
+        "script",
+        "--scope",
+        "search",
+        "--home",
+        str(home),
+        "--json",
+    )
+    assert code == EXIT_OK and isinstance(token, dict)
+    assert TokenStore(home).authenticate(str(token["secret"])) is not None
+    code, _, err = run(
+        "users", "token-add", "ivy", "--token-name", "x", "--scope", "users", "--home", str(home)
+    )
+    assert code == EXIT_BAD_INPUT and "does not allow" in err
+    token_id = str(token["token"]["token_id"])  # type: ignore[index]
+    assert run("users", "token-revoke", token_id, "--home", str(home))[0] == EXIT_OK
+    assert TokenStore(home).authenticate(str(token["secret"])) is None
+    assert (
+        run("users", "set", "ivy", "--role", "supervisor", "--no-galleries", "--home", str(home))[0]
+        == 0
+    )
+    assert run("users", "set", "ivy", "--disable", "--home", str(home))[0] == EXIT_OK
+    code, listed, _ = run("users", "list", "--home", str(home), "--json")
+    assert isinstance(listed, list)
+    ivy = next(u for u in listed if isinstance(u, dict) and u["username"] == "ivy")
+    assert ivy["role"] == "supervisor" and ivy["disabled"] and "password_hash" not in ivy
+    code, _, err = run("users", "set", "admin", "--disable", "--home", str(home))
+    assert code == EXIT_BAD_INPUT and "no enabled admin" in err
+    assert audit_actions(home) == [
+        "user_created",  # admin, by init
+        "user_created",
+        "token_created",
+        "token_revoked",
+        "role_changed",
+        "user_deleted",
+    ]
+
+
+def test_users_command_waits_for_the_service_to_stop(tmp_path: Path) -> None:
+    home = tmp_path / "box"
+    assert run("init", "--home", str(home))[0] == EXIT_OK
+    with GalleryStore(home, provider_for(home, load_settings(home).keys)):  # as edgeid serve does
+        code, _, err = run("users", "add", "bob", "--role", "technician", "--home", str(home))
+    assert code == EXIT_FAILED and "stop it first" in err
+    assert UserStore(home).get("bob") is None
+
+
+def test_plain_http_is_refused_off_loopback(tmp_path: Path) -> None:
+    app = FastAPI()
+    plain = Settings(web=WebSettings(host="0.0.0.0"))
+    with pytest.raises(BadInputError, match=r"refusing plain HTTP on 0\.0\.0\.0"):
+        make_server(app, plain)
+    assert make_server(app, plain, host="127.0.0.1").config.host == "127.0.0.1"
+    half = Settings(web=WebSettings(host="0.0.0.0", tls_cert=str(tmp_path / "c.pem")))
+    with pytest.raises(BadInputError, match=r"both web\.tls_cert and web\.tls_key"):
+        make_server(app, half)
+    missing = Settings(
+        web=WebSettings(
+            host="0.0.0.0", tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem")
+        )
+    )
+    with pytest.raises(BadInputError, match="does not exist"):
+        make_server(app, missing)
+
+
+SERVE_SCRIPT = """
+import sys
+from pathlib import Path
+from runtime.config.settings import load_settings
+from runtime.web.bootstrap import open_web_app
+from runtime.web.server import run_web
+home = Path(sys.argv[1])
+settings = load_settings(home)
+with open_web_app(home, settings, version="test") as app:
+    run_web(app, settings)
+"""
+
+
+def test_sigterm_stops_the_web_service_cleanly(tmp_path: Path, models_dir: Path) -> None:
+    """Regression: uvicorn raises SIGTERM again after its shutdown, which killed the process
+    before the audit log's final checkpoint and the index flush; now run_web returns."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    home = tmp_path / "box"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert run("init", "--home", str(home), "--port", str(port))[0] == EXIT_OK
+    (home / "models").symlink_to(models_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(home)], stderr=subprocess.PIPE, text=True
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, verify=False, timeout=10) as browser:
+            deadline = time.monotonic() + 120
+            while True:  # the models load first
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                try:
+                    page = browser.get("/login")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+            assert csrf is not None
+            reply = browser.post(
+                "/login", data={"username": "admin", "password": "wrong", "csrf_token": csrf[1]}
+            )
+            assert reply.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    code, report, _ = run("audit", "verify", "--home", str(home), "--json")
+    assert code == EXIT_OK and isinstance(report, dict)
+    assert report["records"] == 2  # init's user_created, the failed sign-in
+    assert report["checkpoints"] == 2  # init's close, and the service's close on SIGTERM
