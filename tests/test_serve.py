@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,15 +30,32 @@ def _get(url: str) -> dict[str, object]:
         return data
 
 
-def test_serve_answers_health_and_stops_on_sigterm(models_dir: Path) -> None:
+def test_serve_answers_health_reports_telemetry_pings_systemd_and_stops_on_sigterm(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """The whole service as systemd runs it: READY and watchdog pings on a real notify socket,
+    /healthz, a local health report, and a clean stop that flushes and checkpoints."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir)
+    (home / "edgeid.toml").write_text("[telemetry]\ninterval_s = 1.0\n")
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(1.0)
     port = _free_port()
-    env = os.environ | {"EDGEID_HOME": str(models_dir.parent)}
+    env = os.environ | {
+        "EDGEID_HOME": str(home),
+        "NOTIFY_SOCKET": str(notify_path),
+        "WATCHDOG_USEC": "2000000",  # pings every second
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeid", "serve", "--port", str(port)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
     )
+    messages: list[str] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         health = None
@@ -50,11 +68,22 @@ def test_serve_answers_health_and_stops_on_sigterm(models_dir: Path) -> None:
         assert health["state"] == "ready"
         assert health["backend"] == "cpu"  # no GPU here: `auto` picks ONNX Runtime
         assert "dlib_resnet_v1" in health["models"]  # type: ignore[operator]
+        while time.monotonic() < deadline and (
+            sum("WATCHDOG=1" in m for m in messages) < 2
+            or not (home / "telemetry" / "health.jsonl").exists()
+        ):
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify.recv(4096).decode())
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        _, err = proc.communicate(timeout=60)
+        notify.close()
+    assert proc.returncode == 0, err
     assert "Traceback" not in err
+    assert any("READY=1" in m for m in messages)
+    assert sum("WATCHDOG=1" in m for m in messages) >= 2
+    report = json.loads((home / "telemetry" / "health.jsonl").read_text().splitlines()[0])
+    assert report["inference"]["backend"] == "cpu"
 
 
 def test_serve_refuses_to_start_without_models(tmp_path: Path) -> None:

@@ -1,26 +1,79 @@
-"""`edgeid serve`: start the appliance on its embedded defaults (CPU, local state dir)."""
+"""`edgeid serve`: the appliance. Web UI and API over the galleries and the audit log, health
+telemetry, and the systemd conversation (READY, watchdog pings while inference is alive)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 from edgeid import __version__
 from edgeid.cli import EXIT_OK
-from edgeid.options import detector_options
+from edgeid.options import Subparsers
 from edgeid.paths import models_dir
-from runtime.system.health_server import serve
+
+logger = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    serve(models_dir(args.home_dir), args.detector, args.backend, args.host, args.port, __version__)
+    # Imported here: the web stack is heavy and no other command needs it.
+    from firmware.update.events import deliver_events
+    from runtime.config.settings import load_settings
+    from runtime.inference.activity import InferenceActivity
+    from runtime.inference.pipeline import FacePipeline
+    from runtime.system.journal import configure_logging
+    from runtime.system.lifecycle import service_lifecycle
+    from runtime.system.metrics import SERVICE_METRICS
+    from runtime.telemetry.agent import TelemetryAgent
+    from runtime.web.bootstrap import open_web_app
+    from runtime.web.server import run_web, web_url
+
+    home = args.home_dir
+    settings = load_settings(home)
+    configure_logging(logging.INFO)
+    with service_lifecycle() as life:
+        life.status("loading models")
+        inference = settings.inference
+        pipeline = FacePipeline.load(
+            models_dir(home),
+            inference.detector,
+            threads=inference.threads,
+            backend=inference.backend,
+        )
+        SERVICE_METRICS.set_backend_state(pipeline.backend_state)
+        activity = InferenceActivity(life.heartbeat("inference").beat)
+        agent = TelemetryAgent(
+            home, settings, __version__, backend_state=lambda: pipeline.backend_state
+        )
+        with open_web_app(
+            home, settings, version=__version__, pipeline=pipeline, activity=activity
+        ) as app:
+            agent.start()
+            activity.start()
+            try:
+                delivered = deliver_events(
+                    home / "updates",
+                    lambda kind, _fields: agent.event(kind),
+                    home / "telemetry" / "update-events.cursor",
+                )
+                if delivered:
+                    logger.info("reported %d update event(s)", delivered)
+                url = web_url(settings, host=args.host, port=args.port)
+                life.ready(f"ready on {url}: models on {pipeline.backend_state}")
+                print(f"edgeid serve: ready on {url}", file=sys.stderr, flush=True)
+                run_web(app, settings, host=args.host, port=args.port)
+            finally:
+                activity.stop()
+                agent.stop()
     return EXIT_OK
 
 
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    serve_cmd = sub.add_parser("serve", parents=[common], help="run the appliance service")
-    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    serve_cmd.add_argument("--port", type=int, default=8080)
-    detector_options(serve_cmd)
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    serve_cmd = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the appliance (detector and backend from edgeid.toml)",
+    )
+    serve_cmd.add_argument("--host", default=None, help="address to bind (default: edgeid.toml)")
+    serve_cmd.add_argument("--port", type=int, default=None, help="port (default: edgeid.toml)")
     serve_cmd.set_defaults(handler=run)

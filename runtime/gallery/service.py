@@ -40,6 +40,7 @@ from runtime.gallery.thresholds import (
     ScoreBand,
     load_calibration,
 )
+from runtime.inference.activity import InferenceActivity
 from runtime.inference.image_decode import decode_image
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from runtime.inference.types import FloatArray, RGBImage
@@ -210,10 +211,15 @@ class GalleryService:
     """Every gallery of the box, searchable; see the module docstring."""
 
     def __init__(
-        self, store: GalleryStore, pipeline: FacePipeline, calibration: Calibration
+        self,
+        store: GalleryStore,
+        pipeline: FacePipeline,
+        calibration: Calibration,
+        activity: InferenceActivity | None = None,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
+        self.activity = activity or InferenceActivity()
         self.model_id = calibration.model_id
         self.calibration = calibration
         self._indexes: dict[str, GalleryIndex] = {}  # by gallery id
@@ -228,6 +234,7 @@ class GalleryService:
         *,
         pipeline: FacePipeline | None = None,
         passphrase: str | None = None,
+        activity: InferenceActivity | None = None,
     ) -> GalleryService:
         settings = settings or load_settings(home)
         if pipeline is None:
@@ -239,7 +246,7 @@ class GalleryService:
             )
         store = GalleryStore(home, provider_for(home, settings.keys, passphrase=passphrase))
         try:
-            return cls(store, pipeline, load_calibration(EMBEDDER_MODEL))
+            return cls(store, pipeline, load_calibration(EMBEDDER_MODEL), activity)
         except BaseException:
             store.close()
             raise
@@ -291,12 +298,13 @@ class GalleryService:
 
     def analyse(self, image_bytes: bytes, *, name: str = "photo") -> Probe:
         """Decode (with size and pixel limits), detect, assess and embed every face."""
-        image = decode_image(image_bytes, name=name)
-        faces = self.pipeline.detect(image)
-        chips = self.pipeline.chips(image, faces)
-        templates = (
-            self.pipeline.embed_chips(chips) if chips else np.zeros((0, 0), dtype=np.float32)
-        )
+        with self.activity.job():
+            image = decode_image(image_bytes, name=name)
+            faces = self.pipeline.detect(image)
+            chips = self.pipeline.chips(image, faces)
+            templates = (
+                self.pipeline.embed_chips(chips) if chips else np.zeros((0, 0), dtype=np.float32)
+            )
         described = []
         for i, face in enumerate(faces):
             quality = face.quality

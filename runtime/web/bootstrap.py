@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from runtime.audit import AuditLog
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
+from runtime.inference.activity import InferenceActivity
 from runtime.inference.pipeline import FacePipeline
 from runtime.web.app import create_app
 
@@ -26,11 +27,14 @@ def open_web_app(
     pipeline: FacePipeline | None = None,
     passphrase: str | None = None,
     health_extra: Callable[[], dict[str, Any]] | None = None,
+    activity: InferenceActivity | None = None,
 ) -> Iterator[FastAPI]:
     """The app over this box's galleries and audit log; both close when the block ends."""
     with contextlib.ExitStack() as stack:
         galleries = stack.enter_context(
-            GalleryService.open(home, settings, pipeline=pipeline, passphrase=passphrase)
+            GalleryService.open(
+                home, settings, pipeline=pipeline, passphrase=passphrase, activity=activity
+            )
         )
         audit = stack.enter_context(AuditLog.open(home, galleries.store.keyring))
         yield create_app(
