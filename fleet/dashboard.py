@@ -22,7 +22,7 @@ body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}
 table{border-collapse:collapse;width:100%}
 th,td{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;vertical-align:middle}
 th{background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .online{color:#176f2c;font-weight:600}.stale{color:#a86a00;font-weight:600}
 .offline{color:#b3261e;font-weight:600}.unknown{color:#666}
 .legend{color:#666;font-size:12px}

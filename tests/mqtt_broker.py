@@ -11,7 +11,8 @@ Identity scheme: Mosquitto takes the client certificate's common name as the use
 site and device ids are slugs, ``[a-z0-9-]``). The fleet manager and the test observer have
 their own CNs with read-only rules; anything not granted is denied.
 
-Imported by the test modules, which use ``mosquitto_path``, ``Pki`` and ``Broker``.
+tests/conftest.py loads this module as a plugin (fixtures ``pki`` and ``broker``); test modules
+import ``Broker``, ``Recorder`` and the helpers from it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import getpass
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +39,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from runtime.config.settings import DeviceSettings, Settings, TelemetrySettings, save_settings
+
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SITE = "lab"
+KEEPALIVE_S = 5  # the smallest the settings accept: keeps the keepalive tests short
 FLEET_CN = "fleet-manager"
 OBSERVER_CN = "observer"
 # Generous bound for anything the tests wait on; no test asserts on how long a step took.
@@ -230,6 +238,8 @@ class Broker:
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "acl").write_text(ACL)
+        # "user": started as root, Mosquitto would switch to the "mosquitto" user, which cannot
+        # read pytest's private temporary folders; it runs as whoever runs the tests.
         (folder / "mosquitto.conf").write_text(
             f"""\
 per_listener_settings false
@@ -387,3 +397,63 @@ def client_for(
         keyfile=str(identity.key) if identity else None,
     )
     return client
+
+
+# -- a device: its settings and `edgeid telemetry run` ----------------------------------------
+
+
+def device_home(
+    folder: Path, pki: Pki, broker: Broker, device: str = "box-1", **telemetry: object
+) -> Path:
+    identity = pki.device(SITE, device)
+    home = folder / device
+    values: dict[str, object] = {
+        "sink": "mqtt",
+        "broker_host": "127.0.0.1",
+        "broker_port": broker.port,
+        "ca_file": str(pki.ca.path),
+        "cert_file": str(identity.cert),
+        "key_file": str(identity.key),
+        "interval_s": 1.0,
+        "keepalive_s": KEEPALIVE_S,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+    } | telemetry
+    save_settings(
+        home,
+        Settings(
+            device=DeviceSettings(site=SITE, device_id=device),
+            telemetry=TelemetrySettings(**values),  # type: ignore[arg-type]
+        ),
+    )
+    return home
+
+
+class Agent:
+    """`edgeid telemetry run` as a child process."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.log = (home / "agent.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgeid", "telemetry", "run", "--home", str(home)],
+            cwd=REPO_ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=WAIT_S)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    @property
+    def output(self) -> str:
+        return (self.home / "agent.log").read_text(errors="replace")

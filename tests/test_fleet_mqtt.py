@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import WAIT_S, Broker, Pki, Recorder, client_for
+from mqtt_broker import WAIT_S, Agent, Broker, Pki, Recorder, client_for, device_home
 from test_fleet import parse_exposition
-from test_telemetry_mqtt import Agent, device_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STALE_AFTER_S = 3  # three missed one-second reports

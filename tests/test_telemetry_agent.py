@@ -29,9 +29,11 @@ from runtime.config.settings import (
 )
 from runtime.system.metrics import BackendState, ServiceMetrics
 from runtime.telemetry.agent import TelemetryAgent, TelemetryAgentBusyError
+from runtime.telemetry.report import HealthCollector
 from runtime.telemetry.schema import (
     EventReport,
     HealthReport,
+    SpoolState,
     TelemetryPayloadError,
     check_payload,
 )
@@ -167,6 +169,21 @@ def test_a_failing_source_leaves_a_gap_and_the_agent_carries_on(
     assert "Jane Doe" not in caplog.text
 
 
+def test_a_backend_outside_the_enum_is_reported_unknown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = HealthCollector(
+        tmp_path,
+        "1.2.3",
+        metrics=ServiceMetrics(),
+        backend_state=lambda: "cuda",  # type: ignore[arg-type, return-value]
+        model_ids=list,
+    )
+    report = collector.collect(0, SpoolState(pending=0, dropped_total=0), reset_metrics=False)
+    assert report.inference.backend is None
+    assert "backend state is not one of" in caplog.text
+
+
 def test_enrolled_counts_only_when_switched_on(
     tmp_path: Path, running: list[TelemetryAgent]
 ) -> None:
@@ -286,3 +303,12 @@ def test_run_in_the_foreground_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert b"sink local" in err
     kinds = [json.loads(line)["kind"] for line in lines(tmp_path / "telemetry" / "events.jsonl")]
     assert kinds == ["started", "stopped"]
+
+
+def test_run_with_telemetry_off_exits_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_settings(tmp_path, settings(sink="off"))
+    assert main(["telemetry", "run", "--home", str(tmp_path)]) == 0
+    assert "nothing to run" in capsys.readouterr().err
+    assert not (tmp_path / "telemetry").exists()

@@ -8,10 +8,7 @@ duration asserted is the issue's: `offline` within 1.5x the keepalive after the 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,78 +18,21 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from mqtt_broker import (
+    KEEPALIVE_S,
+    SITE,
     WAIT_S,
+    Agent,
     Broker,
     Identity,
     Pki,
     Received,
     Recorder,
     client_for,
+    device_home,
+    issue,
 )
 
-from runtime.config.settings import DeviceSettings, Settings, TelemetrySettings, save_settings
 from runtime.telemetry.schema import EventReport, HealthReport, check_payload
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SITE = "lab"
-KEEPALIVE_S = 5  # the smallest the settings accept: keeps the keepalive tests short
-
-
-def device_home(
-    folder: Path, pki: Pki, broker: Broker, device: str = "box-1", **telemetry: object
-) -> Path:
-    identity = pki.device(SITE, device)
-    home = folder / device
-    values: dict[str, object] = {
-        "sink": "mqtt",
-        "broker_host": "127.0.0.1",
-        "broker_port": broker.port,
-        "ca_file": str(pki.ca.path),
-        "cert_file": str(identity.cert),
-        "key_file": str(identity.key),
-        "interval_s": 1.0,
-        "keepalive_s": KEEPALIVE_S,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-    } | telemetry
-    save_settings(
-        home,
-        Settings(
-            device=DeviceSettings(site=SITE, device_id=device),
-            telemetry=TelemetrySettings(**values),  # type: ignore[arg-type]
-        ),
-    )
-    return home
-
-
-class Agent:
-    """`edgeid telemetry run` as a child process."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.log = (home / "agent.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgeid", "telemetry", "run", "--home", str(home)],
-            cwd=REPO_ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=WAIT_S)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
-    @property
-    def output(self) -> str:
-        return (self.home / "agent.log").read_text(errors="replace")
 
 
 @pytest.fixture
@@ -219,6 +159,28 @@ def test_a_device_cannot_publish_under_another_devices_topic(
         box1.close()
     # The marker came after the forgeries on the same connection: had a forgery been
     # delivered, it would be here before the marker.
+    got = recorder.wait_for(lambda ms: any(m.payload == b"marker" for m in ms), "the marker")
+    assert [m.payload for m in got] == [b"marker"]
+
+
+def test_a_certificate_whose_name_holds_a_wildcard_gains_nothing(
+    broker: Broker, pki: Pki, recorder: Recorder
+) -> None:
+    """The ACL pattern substitutes the CN into edgeid/%u/#: a CN of "lab/+" must not become a
+    wildcard over every device of the site (Mosquitto refuses such user names in patterns)."""
+    for cn in ("lab/+", "lab/#", "+/+"):
+        wildcard = Connection(broker, issue(pki.ca, pki.folder, cn))
+        try:
+            assert wildcard.outcome()
+            assert wildcard.publish(topic("box-1", "health"), b"forged").is_failure, cn
+        finally:
+            wildcard.close()
+    box1 = Connection(broker, pki.device(SITE, "box-1"))
+    try:
+        assert box1.outcome()
+        assert not box1.publish(topic("box-1", "events"), b"marker").is_failure
+    finally:
+        box1.close()
     got = recorder.wait_for(lambda ms: any(m.payload == b"marker" for m in ms), "the marker")
     assert [m.payload for m in got] == [b"marker"]
 

@@ -30,6 +30,9 @@ def run_once(args: argparse.Namespace) -> int:
 
 def run_agent(args: argparse.Namespace) -> int:
     settings = load_settings(args.home_dir)
+    if settings.telemetry.sink == "off":
+        print("edgeid telemetry: off (telemetry.sink = off); nothing to run", file=sys.stderr)
+        return EXIT_OK
     agent = TelemetryAgent(args.home_dir, settings, __version__)
     stop = threading.Event()
 

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -89,6 +90,9 @@ KEY_SCOPE_PREFIX = "case-"  # not a gallery scope: GalleryStore's recovery leave
 # faces) and far below the log's 65,535 entries per frame.
 FACES_PER_FRAME = 1000
 MAX_CASE_NUMBER_CHARS = 64  # the audit log keeps case numbers of at most 64 characters
+# The same rule as the web UI's searches (runtime/web/operations.py): a case number typed in
+# either place finds the same case.
+CASE_NUMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ./_#:()-]{0,63}")
 MAX_TEXT_CHARS = 1000
 
 _FILE_KIND = RecordKind.SUBJECT
@@ -108,10 +112,11 @@ def check_case_number(number: str) -> str:
     text = number.strip() if isinstance(number, str) else ""
     if not text:
         raise BadInputError("give the case number (--case)")
-    if len(text) > MAX_CASE_NUMBER_CHARS:
-        raise BadInputError(f"the case number is longer than {MAX_CASE_NUMBER_CHARS} characters")
-    if any(not ch.isprintable() for ch in text):
-        raise BadInputError("the case number contains control characters; remove them")
+    if not CASE_NUMBER.fullmatch(text):
+        raise BadInputError(
+            "the case number may hold letters, digits, spaces and . / _ # : ( ) -, at most "
+            f"{MAX_CASE_NUMBER_CHARS} characters"
+        )
     return text
 
 
@@ -178,6 +183,7 @@ class Case:
         self._random = random
         self._writer = writer
         self.lock = threading.RLock()  # guards the in-memory state; held briefly
+        self._write_lock = threading.RLock()  # one writer of the files at a time
         self._ingesting = threading.Lock()  # one ingest (or purge) at a time per case
         self.where = f"case {case_id}"
         self._load()
@@ -331,8 +337,8 @@ class Case:
         Until then nothing is visible; an exception (or a kill) leaves the case as before,
         and the file is read again on resume.
         """
-        with self.lock:
-            if file.sha256 and file.sha256 in self._by_sha:
+        with self._write_lock:  # readers (self.lock) are not held up by a long video
+            if file.sha256 and self.file_by_sha(file.sha256):
                 raise BadInputError("this file is already in the case; add its name instead")
             rid = self._new_id()
             records_start, thumbs_start = self._records.valid_end, self._thumbs.valid_end
@@ -345,6 +351,7 @@ class Case:
                 self._records.roll_back_to(records_start)
                 self._thumbs.roll_back_to(thumbs_start)
                 raise
+        with self.lock:
             self._files[stored.record_id] = stored
             if stored.sha256:
                 self._by_sha[stored.sha256] = stored
@@ -397,8 +404,8 @@ class Case:
 
     def add_name(self, sha256: str, name: str) -> SourceFile:
         """Record another name under which a file already in the case was seen."""
-        with self.lock:
-            known = self._by_sha.get(sha256)
+        with self._write_lock:
+            known = self.file_by_sha(sha256)
             if known is None:
                 raise BadInputError("no such file in this case")
             if name in known.names:
@@ -406,6 +413,7 @@ class Case:
             updated = replace(known, names=(*known.names, name), version=known.version + 1)
             rid = bytes.fromhex(known.record_id)
             self._records.append(encode_frame([self._file_entry(updated, rid)]))
+        with self.lock:
             self._files[updated.record_id] = updated
             self._by_sha[sha256] = updated
             return updated
@@ -432,7 +440,7 @@ class Case:
         return meta
 
     def save_meta(self, meta: CaseMeta) -> None:
-        with self.lock:
+        with self._write_lock:
             if meta.case_id != self.case_id:
                 raise BadInputError("metadata of another case")
             blob = self._seal_blob(_META_KIND, self._cid, meta.to_head())
@@ -449,7 +457,7 @@ class Case:
         return CaseResults.from_head(head)
 
     def save_results(self, results: CaseResults) -> None:
-        with self.lock:
+        with self._write_lock:
             blob = self._seal_blob(_RESULTS_KIND, _RESULTS_ID, results.to_head())
             write_file_atomically(
                 self.directory / RESULTS_FILE,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from runtime.config.settings import Settings
 from runtime.errors import EdgeidError
-from runtime.storage.durable import make_private_dir
+from runtime.storage.durable import make_private_dir, write_error
 from runtime.system.metrics import SERVICE_METRICS, BackendState, ServiceMetrics
 from runtime.telemetry.backoff import Backoff
 from runtime.telemetry.host import PROC
@@ -155,8 +155,11 @@ class TelemetryAgent:
             return
         if self._thread is not None:
             raise EdgeidError("the telemetry agent is already running")
-        make_private_dir(self.directory)
-        self._lock_fd = _lock(self.directory / LOCK_FILE)
+        try:
+            make_private_dir(self.directory)
+            self._lock_fd = _lock(self.directory / LOCK_FILE)
+        except OSError as exc:
+            raise write_error("starting telemetry", str(self.directory), exc) from exc
         try:
             self._state = TelemetryState(self.directory / STATE_FILE)
             if self.settings.sink == "mqtt":
@@ -214,6 +217,9 @@ class TelemetryAgent:
                 wait = max(0.0, min(LOOP_TICK_S, next_report - self._monotonic()))
                 if not self._network(wait):
                     self._stop.wait(wait)
+            except EdgeidError as exc:  # e.g. a full disk: said in one line, tried again
+                logger.warning("telemetry round failed (%s); carrying on", exc)
+                self._stop.wait(LOOP_TICK_S)
             except Exception:
                 logger.exception("telemetry round failed; carrying on")
                 self._stop.wait(LOOP_TICK_S)

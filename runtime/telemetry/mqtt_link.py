@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.config.settings import ConfigError, TelemetrySettings
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 OFFLINE_ACK_WAIT_S = 3.0
 # TCP connect and TLS handshake limit, so an unreachable broker never blocks a stop for long.
 CONNECT_TIMEOUT_S = 5.0
+WILL_DISCONNECT = "Disconnect with will message"  # MQTT 5 reason code 0x04
 
 Delivered = Callable[[int, bool], None]  # (message id, accepted by the broker)
 Lost = Callable[[], None]  # the connection is gone: message ids start again on the next one
@@ -122,9 +124,11 @@ class MqttLink:
             while info.mid not in self._acked and self._monotonic() < deadline:
                 if client.loop(0.1) != mqtt.MQTT_ERR_SUCCESS:
                     break
-            if info.mid not in self._acked:
-                logger.warning("the broker did not acknowledge offline; its last will says it")
-            client.disconnect()
+            if info.mid in self._acked:
+                client.disconnect()
+            else:  # MQTT 5: ask the broker to publish our last will ("offline") instead
+                logger.warning("the broker did not acknowledge offline; leaving it our last will")
+                client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, WILL_DISCONNECT))
             client.loop(0.1)
         self._forget_client()
 

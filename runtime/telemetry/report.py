@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
 from runtime.system.metrics import BackendState, MetricsSnapshot, ServiceMetrics
 from runtime.telemetry.host import (
@@ -34,6 +35,7 @@ BackendSource = Callable[[], BackendState | None]
 ModelIdSource = Callable[[], Sequence[str]]
 CountSource = Callable[[], int]
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+BACKENDS: tuple[BackendState, ...] = get_args(BackendState)
 MAX_MODELS = 32  # the schema's bound
 
 
@@ -92,10 +94,14 @@ class HealthCollector:
 
     def backend(self) -> BackendState | None:
         try:
-            return self._backend_state()
+            state = self._backend_state()
         except Exception:
             logger.exception("reading the backend state failed")
             return None
+        if state is not None and state not in BACKENDS:
+            logger.warning("backend state is not one of %s; reported as unknown", BACKENDS)
+            return None
+        return state
 
     def _inference(self, figures: MetricsSnapshot) -> Inference:
         backend = self.backend() or figures.backend_state
