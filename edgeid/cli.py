@@ -21,35 +21,40 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 Handler = Callable[[argparse.Namespace], int]
 
 
-# Each module under edgeid/commands adds its own sub-commands with
-# ``register(sub, common)``; a new command group is one more name here.
-COMMAND_MODULES = (
-    "models_cmd",
-    "faces_cmd",
-    "eval_cmd",
-    "bench_cmd",
-    "serve_cmd",
-    "audit_cmd",
-    "gallery_cmd",
-    "case_cmd",
-    "telemetry_cmd",
-    "fleet_cmd",
-    "update_cmd",
-    "init_cmd",
-    "users_cmd",
-    "provision_cmd",
-)
+# Each module under edgeid/commands adds its own sub-commands with ``register(sub, common)``.
+# Command -> module: only the module of the command being run is imported, so one command's
+# heavy dependencies (the web stack, ONNX Runtime) do not slow down every other command.
+COMMAND_MODULES = {
+    "models": "models_cmd",
+    "detect": "faces_cmd",
+    "embed": "faces_cmd",
+    "eval": "eval_cmd",
+    "bench": "bench_cmd",
+    "serve": "serve_cmd",
+    "init": "init_cmd",
+    "users": "users_cmd",
+    "gallery": "gallery_cmd",
+    "audit": "audit_cmd",
+    "case": "case_cmd",
+    "telemetry": "telemetry_cmd",
+    "fleet": "fleet_cmd",
+    "provision": "provision_cmd",
+    "update": "update_cmd",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: just its command's module when it names one, else all."""
     common = common_options()
     parser = argparse.ArgumentParser(
         prog="edgeid", description="On-premise face identification appliance."
     )
     parser.add_argument("--version", action="version", version=f"edgeid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"edgeid.commands.{name}").register(sub, common)
+    words = list(sys.argv[1:] if argv is None else argv)
+    named = COMMAND_MODULES.get(words[0]) if words else None
+    for module in dict.fromkeys([named] if named else COMMAND_MODULES.values()):
+        importlib.import_module(f"edgeid.commands.{module}").register(sub, common)
     return parser
 
 
@@ -64,7 +69,7 @@ def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     args.home_dir = resolve_home(getattr(args, "home", None))
     handler: Handler = args.handler
