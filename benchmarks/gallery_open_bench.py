@@ -159,17 +159,19 @@ def run(
     cold: bool = True,
     seed: int = 0,
     model: TemplateModel | None = None,
+    data: Path | None = None,
     workdir: Path | None = None,
 ) -> dict[str, object]:
     """Build, compact and open a gallery of ``size`` faces (see the module docstring).
 
     ``baseline``: also open the gallery as single records before compacting it (at 1M this
-    takes a while). ``model``: a fitted TemplateModel, else the search bench's cached one."""
+    takes a while). ``model``: a fitted TemplateModel, else the search bench's cached one
+    (fitted from the LFW dev images under ``data`` when there is no cache yet)."""
     if size < 1:
         raise BadInputError("--size must be at least 1")
     home = Path(os.environ.get("EDGEID_HOME", "var"))
     if model is None:
-        model = template_model(None, home / "models", home / "cache" / GENERATOR_CACHE)
+        model = template_model(data, home / "models", home / "cache" / GENERATOR_CACHE)
     rng = np.random.default_rng(seed)
     vectors, people, _ = model.sample(size, rng)
     result: dict[str, object] = {"size": size, "subjects": len(np.unique(people))}
@@ -262,6 +264,7 @@ def main() -> int:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache open")
     parser.add_argument("--repeat", type=int, default=REPEAT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None, help="LFW dev, if nothing is cached")
     parser.add_argument("--workdir", type=Path, default=None, help="where the gallery is built")
     args = parser.parse_args()
     result = run(
@@ -270,6 +273,7 @@ def main() -> int:
         repeat=args.repeat,
         cold=not args.no_cold,
         seed=args.seed,
+        data=args.data,
         workdir=args.workdir,
     )
     if args.json:

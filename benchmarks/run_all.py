@@ -13,6 +13,7 @@ import face_recognition_models
 from benchmarks import (
     cluster_bench,
     detectors,
+    gallery_open_bench,
     ingest_bench,
     lfw_vs_dlib,
     pipeline_bench,
@@ -86,6 +87,8 @@ def main() -> int:
             str(size): search_bench.run(size, data=args.data, models=models)
             for size in SEARCH_SIZES
         },
+        # The encrypted store at the goal size: open before and after compaction into batches.
+        "gallery_open": gallery_open_bench.run(SEARCH_SIZES[-1], data=args.data),
         # Case ingest: clustering beside dlib's Chinese whispers, ingest beside the bare pipeline.
         "clustering": cluster_bench.run(args.data, models),
         "case_ingest": ingest_bench.run(args.data, models),
