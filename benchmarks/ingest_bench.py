@@ -13,7 +13,8 @@ same process on the same files: decode and the same pipeline calls only, nothing
 run before and after the ingests and averaged (other jobs' load drifts; the 1-minute load
 average is reported beside the figures).
 ``ratio_vs_baseline`` is ingest images/s over baseline images/s (1.0: the case machinery
-costs nothing).
+costs nothing). ``store_only`` times the case store alone (``STORE_FILES`` files of two faces
+each, sealed and written durably) to show what of any gap is storage.
 
     python -m benchmarks.ingest_bench --data ../shared/data --models var/models
 """
@@ -39,12 +40,16 @@ from PIL import Image
 from runtime.audit import AuditLog
 from runtime.cases.analysis import analyse_pixels
 from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
+from runtime.cases.records import SourceFile
 from runtime.cases.service import CaseService
+from runtime.cases.store import CaseStore, NewFace
 from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
 from runtime.errors import BadInputError
+from runtime.gallery.keys import KeyFileProvider
 from runtime.gallery.service import GalleryService
+from runtime.gallery.store import GalleryStore
 from runtime.inference.image_decode import decode_image
-from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
+from runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ LFW_LIMIT = 200  # LFW images ingested: ~20 s at the pipeline's speed on 2 cores
 VIDEO_SECONDS = 30
 VIDEO_FPS = 25
 ENROLLED = 50  # subjects in the searched gallery
+STORE_FILES = 200  # files written to a case with no pipeline: the store's own cost
 REASON = "ingest benchmark on public research images"
 
 
@@ -159,6 +165,27 @@ def _baseline(pipeline: FacePipeline, images: Path, videos: Path) -> dict[str, o
     }
 
 
+def _store_cost(home: Path, chip: bytes) -> dict[str, object]:
+    """The case store alone: ms to write one file with two faces (seal, frame, fsync)."""
+    rng = np.random.default_rng(0)
+    with (
+        GalleryStore(home, KeyFileProvider(home / "keys")) as galleries,
+        CaseStore(home, galleries.keyring) as store,
+    ):
+        case = store.create("BENCH-STORE", created_by="bench", model_id=EMBEDDER_MODEL)
+        started = time.perf_counter()
+        for i in range(STORE_FILES):
+            faces = []
+            for _ in range(2):
+                vector = rng.normal(size=128).astype(np.float32)
+                unit = vector / np.linalg.norm(vector)
+                faces.append(NewFace(unit, (0, 0, 100, 100), 1.0, 0.9, "pose", chip))
+            sha = f"{i:064x}"
+            case.add_file(SourceFile("", sha, (f"f{i}.jpg",), "image", "done", None, 0, 1), faces)
+        seconds = time.perf_counter() - started
+    return {"files": STORE_FILES, "ms_per_file": round(1000 * seconds / STORE_FILES, 2)}
+
+
 def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object]:
     pipeline = FacePipeline.load(models, DEFAULT_DETECTOR)
     with tempfile.TemporaryDirectory(prefix="edgeid-ingest-bench-") as tmp:
@@ -190,6 +217,8 @@ def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object
             ingest_video = _ingest(cases, videos, "BENCH-VIDEO")
             after = _baseline(pipeline, images, videos)
             load_after = os.getloadavg()[0]
+        chip = analyse_pixels(pipeline, decode_image(next(images.iterdir()).read_bytes()))
+        store_cost = _store_cost(root / "store-only", chip[0].chip_jpeg)
     baseline = {
         key: round((float(before[key]) + float(after[key])) / 2, 2)  # type: ignore[arg-type]
         for key in before
@@ -202,6 +231,7 @@ def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object
         "video": ingest_video,
         "baseline": baseline,
         "baseline_note": "decode + the same pipeline calls on the same files, nothing stored",
+        "store_only": store_cost,
         "ratio_vs_baseline": (
             round(float(images_per_s) / float(baseline["images_per_s"]), 3)  # type: ignore[arg-type]
             if images_per_s

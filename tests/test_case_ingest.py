@@ -463,7 +463,11 @@ def test_stop_mid_run_then_resume_finishes_without_duplicates(
 
 
 def test_resume_after_sigkill_redoes_nothing_and_duplicates_nothing(
-    tmp_path: Path, models_dir: Path, lfw_dir: Path, pipeline: FacePipeline
+    tmp_path: Path,
+    models_dir: Path,
+    lfw_dir: Path,
+    pipeline: FacePipeline,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     folder = tmp_path / "media"
     folder.mkdir()
@@ -490,13 +494,23 @@ def test_resume_after_sigkill_redoes_nothing_and_duplicates_nothing(
         _, err = child.communicate()
     assert child.returncode == -signal.SIGKILL, err
 
-    code = main(["case", "ingest", str(folder), "--home", str(home), "--case", CASE,
-                 "--reason", REASON, "--no-progress", "--json"])  # fmt: skip
-    assert code == 0
+    with (
+        GalleryStore(home, KeyFileProvider(home / "keys")) as galleries,
+        CaseStore(home, galleries.keyring) as store,
+    ):
+        done_before = len(store.find(CASE).files())  # durable when the kill came
+    assert 1 <= done_before < 20
+
+    code, out, err = cli(home, capsys, "ingest", str(folder), "--case", CASE,
+                         "--reason", REASON, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    progress = out["progress"]  # type: ignore[index]
+    assert progress["files_already_done"] == done_before  # nothing finished is read again
+    assert progress["files_new"] == 20 - done_before and progress["files_failed"] == 0
     with service(home, pipeline) as cases:
         meta = cases.store.find(CASE).meta
-        resumed = cases.ingest(request(folder, case="REFERENCE"))
-        assert resumed.run.status == "complete"
+        reference = cases.ingest(request(folder, case="REFERENCE"))
+        assert reference.run.status == "complete"
     assert [r.status for r in meta.runs] == ["running", "complete"]  # the killed run says so
     assert faces_by_sha(home, pipeline, CASE) == faces_by_sha(home, pipeline, "REFERENCE")
 
