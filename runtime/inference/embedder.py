@@ -16,8 +16,12 @@ class Embedder:
         self._input = session.get_inputs()[0].name
         shape = session.get_inputs()[0].shape
         self.chip_size = int(cast(int, shape[1]))
-        self.dim = int(cast(int, session.get_outputs()[0].shape[-1]))  # template length
         self.model_id = model_id
+
+    @property
+    def dim(self) -> int:
+        """Template length, from the model's output shape."""
+        return int(cast(int, self._session.get_outputs()[0].shape[-1]))
 
     def embed(self, chips: list[RGBImage]) -> FloatArray:
         """One row per chip, unit length (cosine similarity is then a dot product)."""
