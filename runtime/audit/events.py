@@ -42,13 +42,18 @@ class AuditAction(StrEnum):
     TOKEN_REVOKED = "token_revoked"
     AUDIT_VIEWED = "audit_viewed"
     AUDIT_EXPORTED = "audit_exported"
+    CASE_INGESTED = "case_ingested"  # a case ingest started (its cluster searches follow)
+    CASE_REPORT = "case_report"  # a case's report downloaded
     LOG_RECOVERED = "log_recovered"  # written by the log itself after a crash
 
 
 # A search without these cannot be accounted for (the regulator's finding); a decision is
-# always about some case's search results.
-CASE_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.DECISION})
-REASON_REQUIRED = frozenset({AuditAction.SEARCH})
+# always about some case's search results; a case ingest and its report name their case, and
+# an ingest (which searches every cluster) gives its reason.
+CASE_REQUIRED = frozenset(
+    {AuditAction.SEARCH, AuditAction.DECISION, AuditAction.CASE_INGESTED, AuditAction.CASE_REPORT}
+)
+REASON_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.CASE_INGESTED})
 PROBE_REQUIRED = frozenset({AuditAction.SEARCH})
 
 SYSTEM_USER = "system"  # the user and role of records the appliance writes itself

@@ -12,7 +12,6 @@ before the crash but never signed is signed.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -63,10 +62,10 @@ from runtime.gallery.keys import Keyring
 from runtime.gallery.log import LogAppender
 from runtime.identity.device_key import ensure_device_key, load_device_key
 from runtime.storage.durable import (
-    PRIVATE_FILE_MODE,
     FileWriter,
     OsFileWriter,
     fsync_directory,
+    lock_exclusively,
     make_private_dir,
     write_file_atomically,
 )
@@ -112,19 +111,6 @@ class RecordFilter:
             and (self.since is None or record.time >= self.since)
             and (self.until is None or record.time < self.until)
         )
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AuditBusyError(
-            f"the audit log under {path.parent} is already open for writing (edgeid serve?); "
-            "use that process, or stop it first"
-        ) from None
-    return fd
 
 
 def _missing_log(directory: Path) -> AuditTamperedError:
@@ -188,7 +174,13 @@ class AuditLog:
         directory = audit_dir(home)
         writer = writer or OsFileWriter()
         make_private_dir(directory)
-        lock_fd = _lock(directory / LOCK_FILE)
+        lock_fd = lock_exclusively(
+            directory / LOCK_FILE,
+            lambda: AuditBusyError(
+                f"the audit log under {directory} is already open for writing (edgeid serve?); "
+                "use that process, or stop it first"
+            ),
+        )
         try:
             if not (directory / LOG_FILE).exists():
                 if keyring.key_ids(AUDIT_KEY_SCOPE) and not (directory / CREATING_MARKER).exists():

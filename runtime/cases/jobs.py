@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -21,9 +22,18 @@ JobState = Literal["pending", "running", "complete", "stopped", "failed"]
 
 
 class IngestJob:
-    def __init__(self, service: CaseService, request: IngestRequest) -> None:
+    def __init__(
+        self,
+        service: CaseService,
+        request: IngestRequest,
+        *,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_end`` runs in the worker once the ingest is over and before ``state`` says so
+        (the web UI shreds an uploaded archive there, so "complete" means "and it is gone")."""
         self._service = service
         self._request = request
+        self._on_end = on_end
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress = IngestProgress()
@@ -58,14 +68,20 @@ class IngestJob:
             self._progress = replace(progress)
 
     def _work(self) -> None:
+        state: JobState
         try:
             outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
         except EdgeidError as exc:
-            self.error, self.state = str(exc).splitlines()[0], "failed"
-            return
+            error, state = str(exc).splitlines()[0], "failed"
         except Exception as exc:  # a worker thread must report, not vanish
             logger.error("case ingest job failed: %s", type(exc).__name__)
-            self.error, self.state = f"internal error ({type(exc).__name__})", "failed"
-            return
-        self.outcome = outcome
-        self.state = "complete" if outcome.run.status == "complete" else "stopped"
+            error, state = f"internal error ({type(exc).__name__})", "failed"
+        else:
+            self.outcome, error = outcome, None
+            state = "complete" if outcome.run.status == "complete" else "stopped"
+        if self._on_end is not None:
+            try:
+                self._on_end()
+            except Exception as exc:
+                logger.error("case ingest clean-up failed: %s", type(exc).__name__)
+        self.error, self.state = error, state

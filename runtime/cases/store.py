@@ -25,7 +25,6 @@ results snapshot as INDEX), and each plaintext also says ``type``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -68,12 +67,12 @@ from runtime.gallery.log import (
 from runtime.gallery.records import ID_HEX, pack, unpack
 from runtime.inference.types import FloatArray
 from runtime.storage.durable import (
-    PRIVATE_FILE_MODE,
     FileWriter,
     OsFileWriter,
-    fsync_directory,
+    lock_exclusively,
     make_private_dir,
     shred_and_unlink,
+    shred_tree,
     write_file_atomically,
 )
 
@@ -488,29 +487,6 @@ def _unseal(
         raise CorruptCaseError(f"{where}: {exc}") from None
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CaseBusyError(
-            f"the cases under {path.parent} are open in another process (edgeid serve?); "
-            "stop it first"
-        ) from None
-    return fd
-
-
-def _shred_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:
-            shred_and_unlink(path)
-    directory.rmdir()
-    fsync_directory(directory.parent)
-
-
 class CaseStore:
     """Every case under ``<home>/cases``, opened by one process at a time.
 
@@ -535,7 +511,13 @@ class CaseStore:
         self._open: dict[str, Case] = {}
         self._mutex = threading.RLock()
         make_private_dir(self.root)
-        self._lock_fd: int | None = _lock(self.root / LOCK_FILE)
+        self._lock_fd: int | None = lock_exclusively(
+            self.root / LOCK_FILE,
+            lambda: CaseBusyError(
+                f"the cases under {self.root} are open in another process (edgeid serve?); "
+                "stop it first"
+            ),
+        )
         try:
             self._recover()
         except BaseException:
@@ -579,7 +561,7 @@ class CaseStore:
             complete = all((directory / f).exists() for f in (RECORDS_LOG, THUMBS_LOG, META_FILE))
             if directory.name not in keyed or not complete:
                 logger.warning("removing case %s: an interrupted create or purge", directory.name)
-                _shred_tree(directory)
+                shred_tree(directory)
                 continue
             for leftover in directory.glob("*.tmp"):
                 shred_and_unlink(leftover)
@@ -684,7 +666,7 @@ class CaseStore:
                 )
             except (GalleryError, StorageWriteError, OSError):
                 if directory.exists():
-                    _shred_tree(directory)
+                    shred_tree(directory)
                 self._keyring.retain_only(key_scope(case_id), [])
                 raise
             logger.info("created case %s", case_id)
@@ -717,7 +699,7 @@ class CaseStore:
             meta = case.meta
             self._keyring.retain_only(key_scope(case.case_id), [])
             self._open.pop(case.case_id, None)
-            _shred_tree(case.directory)
+            shred_tree(case.directory)
         logger.info("purged case %s", case.case_id)
         return meta
 

@@ -55,6 +55,9 @@ class WebSettings(_Section):
     session_idle_s: int = Field(default=15 * 60, ge=60)
     session_max_s: int = Field(default=8 * 3600, ge=300)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    # A case's seized media uploaded as one zip or tar: streamed to a private temp file, never
+    # held in memory. 2 GiB is a phone's photo roll; bigger sets go through `edgeid case ingest`.
+    max_case_upload_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1024)
 
 
 class TelemetrySettings(_Section):

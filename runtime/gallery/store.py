@@ -34,7 +34,6 @@ wherever old blocks survive.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -123,8 +122,10 @@ from runtime.storage.durable import (
     FileWriter,
     OsFileWriter,
     fsync_directory,
+    lock_exclusively,
     make_private_dir,
     shred_and_unlink,
+    shred_tree,
     write_all,
     write_error,
 )
@@ -859,28 +860,6 @@ class Gallery:
 # -- the galleries of one box --------------------------------------------------------------
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise GalleryBusyError(
-            f"the galleries under {path.parent} are already open (edgeid serve?); stop it first"
-        ) from None
-    return fd
-
-
-def _shred_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
-        else:
-            shred_and_unlink(path)
-    directory.rmdir()
-    fsync_directory(directory.parent)
-
-
 class GalleryStore:
     """Every gallery under ``<state_dir>/galleries``, opened by one process at a time.
 
@@ -904,7 +883,12 @@ class GalleryStore:
         self._writer = writer or OsFileWriter()
         self._galleries: dict[str, Gallery] = {}
         make_private_dir(self.root)
-        self._lock_fd: int | None = _lock(self.root / LOCK_FILE)
+        self._lock_fd: int | None = lock_exclusively(
+            self.root / LOCK_FILE,
+            lambda: GalleryBusyError(
+                f"the galleries under {self.root} are already open (edgeid serve?); stop it first"
+            ),
+        )
         try:
             path = self.root / KEYRING_FILE
             self._keyring = (
@@ -968,7 +952,7 @@ class GalleryStore:
                 # come: a folder it lacks, or a folder without a log, is a half-done delete
                 # or create, and its ciphertext is unreadable without the key.
                 logger.warning("removing %s: an interrupted create or delete", directory.name)
-                _shred_tree(directory)
+                shred_tree(directory)
             else:
                 self._tidy(directory)
         for gid in known:
@@ -1050,7 +1034,7 @@ class GalleryStore:
             )
         except (GalleryError, StorageWriteError):
             if directory.exists():
-                _shred_tree(directory)
+                shred_tree(directory)
             self.keyring.retain_only(gid, [])
             raise
         gallery = Gallery(
@@ -1071,7 +1055,7 @@ class GalleryStore:
         with gallery._lock:
             self.keyring.retain_only(gallery.gallery_id, [])  # crypto-erase first, then bytes
             del self._galleries[gallery.gallery_id]
-            _shred_tree(gallery.directory)
+            shred_tree(gallery.directory)
         logger.info("deleted gallery %s", gallery.gallery_id)
 
     def rotate_kek(self, new_provider: KekProvider) -> None:

@@ -7,8 +7,10 @@ All writes go through a ``FileWriter`` so that tests can inject a full disk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -123,3 +125,26 @@ def shred_and_unlink(path: Path) -> None:
         os.close(fd)
     path.unlink(missing_ok=True)
     fsync_directory(path.parent)
+
+
+def lock_exclusively(path: Path, busy: Callable[[], Exception]) -> int:
+    """Hold an exclusive, non-blocking ``flock`` on ``path`` (created 0600) for this process's
+    life or until the returned descriptor is closed; raise ``busy()`` when another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise busy() from None
+    return fd
+
+
+def shred_tree(directory: Path) -> None:
+    """Zero-fill and unlink every file under ``directory``, then remove the folders."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            shred_and_unlink(path)
+    directory.rmdir()
+    fsync_directory(directory.parent)

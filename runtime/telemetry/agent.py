@@ -19,7 +19,6 @@ Use::
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from runtime.config.settings import Settings
 from runtime.errors import EdgeidError
-from runtime.storage.durable import make_private_dir, write_error
+from runtime.storage.durable import lock_exclusively, make_private_dir, write_error
 from runtime.system.metrics import SERVICE_METRICS, BackendState, ServiceMetrics
 from runtime.telemetry.backoff import Backoff
 from runtime.telemetry.host import PROC
@@ -157,7 +156,12 @@ class TelemetryAgent:
             raise EdgeidError("the telemetry agent is already running")
         try:
             make_private_dir(self.directory)
-            self._lock_fd = _lock(self.directory / LOCK_FILE)
+            self._lock_fd = lock_exclusively(
+                self.directory / LOCK_FILE,
+                lambda: TelemetryAgentBusyError(
+                    f"another telemetry agent reports for {self.directory.parent}; stop it first"
+                ),
+            )
         except OSError as exc:
             raise write_error("starting telemetry", str(self.directory), exc) from exc
         try:
@@ -359,15 +363,3 @@ def metrics_backend(metrics: ServiceMetrics) -> BackendSource:
 
 def _models_of(home: Path) -> list[str]:
     return model_ids(home / MODELS_DIR)
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TelemetryAgentBusyError(
-            f"another telemetry agent reports for {path.parent.parent}; stop it first"
-        ) from None
-    return fd
