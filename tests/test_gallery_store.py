@@ -1193,7 +1193,8 @@ def test_every_acknowledged_enrolment_survives_kill_9_during_compactions(tmp_pat
             gallery = store.open_gallery("g")
             present = {s.subject_id for s in gallery.subjects()}
             assert set(acknowledged) <= present, f"round {round_}: acknowledged enrolments lost"
-            assert len(present) - len(acknowledged) <= 1
+            # At most one enrolment in flight at each kill so far: durable, never acknowledged.
+            assert len(present) - len(acknowledged) <= round_ + 1
             for face in gallery.faces():
                 assert gallery.thumbnail(face.face_id).startswith(b"\xff\xd8")
             assert sorted(p.name for p in gallery.directory.iterdir()) == sorted(
