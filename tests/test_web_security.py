@@ -131,6 +131,9 @@ def fill(path: str, requirement: Requirement) -> str:
         "face_index": "0",
         "token_id": "0" * 16,
         "username": "no-such-user",
+        "case_id": "0" * 32,
+        "job_id": "no-such-job",
+        "ingest_id": "no-such-ingest",
     }
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from runtime.accounts.roles import Role
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditLog
+from runtime.cases.service import CaseService
 from runtime.config.settings import Settings, WebSettings
 from runtime.gallery.service import GalleryService
 from runtime.inference.pipeline import FacePipeline
@@ -72,8 +73,14 @@ class Box:
     # LFW folder -> subject id; kept out of repr so no real name reaches a failure report.
     subjects: dict[str, str] = field(default_factory=dict, repr=False)
     other_subject: str = ""
+    cases: CaseService | None = None
 
     def close(self) -> None:
+        desk = self.app.state.web.cases
+        if desk is not None:
+            desk.jobs.stop_all(wait_s=60)
+        if self.cases is not None:
+            self.cases.close()
         self.audit.close()
         self.service.close()
 
@@ -141,6 +148,7 @@ def build_box(home: Path, lfw_dir: Path, models_dir: Path, settings: Settings | 
     try:
         subjects, other = populate(service, lfw_dir)
         audit = AuditLog.open(home, service.store.keyring)
+        cases = CaseService(home, service, audit, detector=settings.inference.detector)
     except BaseException:
         service.close()
         raise
@@ -155,9 +163,10 @@ def build_box(home: Path, lfw_dir: Path, models_dir: Path, settings: Settings | 
         audit=audit,
         version="test",
         models_dir=models_dir,
+        cases=cases,
         clock=clock,
     )
-    return Box(home, settings, service, audit, app, clock, users, subjects, other)
+    return Box(home, settings, service, audit, app, clock, users, subjects, other, cases)
 
 
 # -- browser-like sessions through the TestClient ---------------------------------------------

@@ -118,6 +118,8 @@ class IngestRequest:
     galleries: tuple[str, ...] | None = None  # None: every gallery on the box
     frame_interval_s: float = DEFAULT_FRAME_INTERVAL_S
     retention_until: date | None = None  # for a new case, or to change an existing one's
+    # What the run records as its source when ``source`` is a temporary copy (a web upload).
+    source_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class CaseIngest:
                     started_at=self._clock(),
                     user=request.requester.user,
                     reason=reason,
-                    source=str(request.source),
+                    source=request.source_label or str(request.source),
                     frame_interval_s=request.frame_interval_s,
                     galleries=galleries,
                     detector=self.detector,

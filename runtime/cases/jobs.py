@@ -69,6 +69,7 @@ class IngestJob:
 
     def _work(self) -> None:
         state: JobState
+        error: str | None
         try:
             outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
         except EdgeidError as exc:

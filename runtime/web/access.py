@@ -47,9 +47,19 @@ class Requirement:
 
 
 class PageAccess(Requirement):
-    def __init__(self, permission: Permission | None, *, during_password_change: bool = False):
+    """``streams_body``: the route reads the body itself (a case archive, streamed to disk)
+    and must call ``check_csrf`` on the token it finds before it writes a byte."""
+
+    def __init__(
+        self,
+        permission: Permission | None,
+        *,
+        during_password_change: bool = False,
+        streams_body: bool = False,
+    ):
         super().__init__(permission)
         self.during_password_change = during_password_change
+        self.streams_body = streams_body
 
     async def __call__(self, request: Request) -> Principal:
         state = web_state(request)
@@ -68,12 +78,17 @@ class PageAccess(Requirement):
         principal = session_principal(user, session)
         request.state.principal = principal  # so an error page still shows the navigation
         self._check(principal)
-        if unsafe:
+        if unsafe and not self.streams_body:
             form = await read_form(request, max_file_bytes=state.max_upload_bytes)
-            if not session.csrf_ok(form.get(CSRF_FIELD)):
-                raise CsrfError("this form is stale or came from another site; reload the page")
+            check_csrf(principal, form)
             request.state.form = form
         return principal
+
+
+def check_csrf(principal: Principal, form: FormData) -> None:
+    """The form must carry the session's CSRF token."""
+    if principal.session is None or not principal.session.csrf_ok(form.get(CSRF_FIELD)):
+        raise CsrfError("this form is stale or came from another site; reload the page")
 
 
 class ApiAccess(Requirement):

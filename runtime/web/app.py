@@ -8,6 +8,7 @@ images show faces and names, which must not linger in a browser cache.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import TokenNotFoundError, TokenStore
 from runtime.accounts.users import UserExistsError, UserNotFoundError, UserStore
 from runtime.audit import AuditLog
+from runtime.cases.errors import CaseBusyError, CaseNotFoundError
+from runtime.cases.service import CaseService
 from runtime.config.settings import Settings
 from runtime.errors import BadInputError, EdgeidError, OverloadedError
 from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
@@ -34,14 +37,18 @@ from runtime.gallery.service import DuplicateSubjectError, GalleryService, Quali
 from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import (
     api,
+    api_cases,
     pages_account,
     pages_admin,
     pages_audit,
+    pages_cases,
     pages_health,
     pages_search,
     pages_subjects,
 )
 from runtime.web.access import requirement_of
+from runtime.web.case_jobs import CaseDesk, PendingIngest
+from runtime.web.case_uploads import CaseUploads
 from runtime.web.errors import (
     CsrfError,
     ForbiddenError,
@@ -72,6 +79,8 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (BodyTooLargeError, 413),
     (UnsupportedBodyError, 415),
     (NotFoundError, 404),
+    (CaseNotFoundError, 404),
+    (CaseBusyError, 409),
     (GalleryNotFoundError, 404),
     (UserNotFoundError, 404),
     (TokenNotFoundError, 404),
@@ -83,8 +92,14 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (BadInputError, 400),
     (EdgeidError, 500),
 )
+API_ROUTERS = (api.router, api_cases.router)
 # Paths kept out of the request metrics: they are not work anyone asked the box for.
 UNMETERED_PREFIXES = ("/static/", "/healthz")
+# The routes that take a case's archive (streamed to disk, web.max_case_upload_bytes); every
+# other body keeps the small in-memory limit.
+CASE_UPLOAD_PATHS = re.compile(r"/cases/new/[^/]+/archive|/api/v1/case-ingests/[^/]+/archive")
+# Room for the form's fields and multipart framing around an archive.
+UPLOAD_OVERHEAD_BYTES = 256 * 1024
 
 
 def create_app(
@@ -96,19 +111,33 @@ def create_app(
     version: str,
     health_extra: Callable[[], dict[str, Any]] | None = None,
     models_dir: Path | None = None,
+    cases: CaseService | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """The ASGI app. ``settings.web`` gives cookie security (TLS configured or not), session
-    lifetimes and the upload limit; ``health_extra`` adds figures to the health page;
-    ``models_dir`` (default ``<home>/models``) is where the health page reads the manifests."""
+    lifetimes and the upload limits; ``health_extra`` adds figures to the health page;
+    ``models_dir`` (default ``<home>/models``) is where the health page reads the manifests;
+    ``cases`` (over the same galleries and audit log) enables case ingest."""
     searches: Workspace[SearchContext] = Workspace(ttl_s=settings.web.session_idle_s, clock=clock)
     enrolments: Workspace[PendingEnrolment] = Workspace(
         ttl_s=settings.web.session_idle_s, clock=clock
     )
 
+    desk = (
+        CaseDesk(
+            service=cases,
+            uploads=CaseUploads(home),
+            plans=Workspace[PendingIngest](ttl_s=settings.web.session_idle_s, clock=clock),
+        )
+        if cases is not None
+        else None
+    )
+
     def session_ended(session: Session) -> None:
         searches.drop_owner(session.owner)
         enrolments.drop_owner(session.owner)
+        if desk is not None:
+            desk.plans.drop_owner(session.owner)
 
     state = WebState(
         home=home,
@@ -133,6 +162,7 @@ def create_app(
         clock=clock,
         health_extra=health_extra,
         models_dir=models_dir or home / "models",
+        cases=desk,
     )
     app = FastAPI(
         title="edgeid",
@@ -149,15 +179,25 @@ def create_app(
     )
     app.state.web = state
     _document_bearer_tokens(app)
-    pages = (pages_account, pages_search, pages_subjects, pages_admin, pages_audit, pages_health)
+    pages = (
+        pages_account,
+        pages_search,
+        pages_cases,
+        pages_subjects,
+        pages_admin,
+        pages_audit,
+        pages_health,
+    )
     for module in pages:
         app.include_router(module.router)
-    app.include_router(api.router, prefix=API_PREFIX)
+    for api_router in API_ROUTERS:
+        app.include_router(api_router, prefix=API_PREFIX)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_error_handlers(app)
     app.add_middleware(
         GuardMiddleware,
-        max_body_bytes=settings.web.max_upload_bytes + 256 * 1024,
+        max_body_bytes=settings.web.max_upload_bytes + UPLOAD_OVERHEAD_BYTES,
+        max_case_body_bytes=settings.web.max_case_upload_bytes + UPLOAD_OVERHEAD_BYTES,
         hsts=state.secure_cookies,
     )
     return app
@@ -181,7 +221,7 @@ def _document_bearer_tokens(app: FastAPI) -> None:
                 }
             }
             doc["security"] = [{"token": []}]
-            for route in api.router.routes:
+            for route in (r for api_router in API_ROUTERS for r in api_router.routes):
                 requirement = requirement_of(route)
                 for method in getattr(route, "methods", set()) - {"HEAD"}:
                     operation = doc["paths"][API_PREFIX + getattr(route, "path", "")][
@@ -291,9 +331,12 @@ class GuardMiddleware:
     """Refuses bodies over the limit before the app reads them, adds the security headers to
     every response, and records each request's latency and outcome for health telemetry."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, hsts: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, max_case_body_bytes: int, hsts: bool
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_case_body_bytes = max_case_body_bytes
         self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -302,8 +345,13 @@ class GuardMiddleware:
             return
         started = time.perf_counter()
         path: str = scope.get("path", "")
+        limit = (
+            self.max_case_body_bytes
+            if scope.get("method") in ("POST", "PUT") and CASE_UPLOAD_PATHS.fullmatch(path)
+            else self.max_body_bytes
+        )
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             response = JSONResponse({"error": "request body too large"}, status_code=413)
             await response(scope, receive, self._sender(send, path))
             _meter(path, started, 413)
@@ -315,7 +363,7 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
+                if seen > limit:
                     raise BodyTooLargeError("request body too large")
             return message
 

@@ -1,5 +1,6 @@
 """Opening what the web app stands on, for ``edgeid serve``: the galleries (with their lock and
-the face pipeline) and the audit log (on the galleries' keyring), closed in reverse order."""
+the face pipeline), the audit log (on the galleries' keyring) and the cases (on the same
+keyring, pipeline and audit log), closed in reverse order."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from runtime.audit import AuditLog
+from runtime.cases.service import CaseService
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
 from runtime.inference.activity import InferenceActivity
 from runtime.inference.pipeline import FacePipeline
 from runtime.web.app import create_app
+
+# At shutdown a running case ingest stops after the file in hand; it resumes on the next one.
+INGEST_STOP_WAIT_S = 30.0
 
 
 @contextlib.contextmanager
@@ -37,11 +42,18 @@ def open_web_app(
             )
         )
         audit = stack.enter_context(AuditLog.open(home, galleries.store.keyring))
-        yield create_app(
+        cases = stack.enter_context(
+            CaseService(home, galleries, audit, detector=settings.inference.detector)
+        )
+        app = create_app(
             home,
             settings,
             galleries=galleries,
             audit=audit,
             version=version,
             health_extra=health_extra,
+            cases=cases,
         )
+        desk = app.state.web.cases
+        stack.callback(desk.jobs.stop_all, INGEST_STOP_WAIT_S)
+        yield app

@@ -104,11 +104,11 @@ def _parse_urlencoded(body: bytes) -> FormData:
         raise BadInputError("the form is malformed or has too many fields") from exc
     form = FormData()
     for name, value in pairs:
-        _add_field(form, name, value)
+        add_field(form, name, value)
     return form
 
 
-def _add_field(form: FormData, name: str, value: str) -> None:
+def add_field(form: FormData, name: str, value: str) -> None:
     if len(value) > MAX_FIELD_CHARS:
         raise BadInputError(f"form field {name!r} is longer than {MAX_FIELD_CHARS} characters")
     form.fields.setdefault(name, []).append(value)
@@ -181,5 +181,5 @@ def parse_multipart(body: bytes, boundary: bytes, *, max_file_bytes: int) -> For
                 value = part.data.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise BadInputError(f"form field {name!r} is not UTF-8 text") from exc
-            _add_field(form, name, value)
+            add_field(form, name, value)
     return form

@@ -113,6 +113,21 @@ def usable_galleries(state: WebState, principal: Principal, permission: Permissi
     return [g for g in existing if principal.may_use_gallery(permission, g)]
 
 
+def choose_galleries(
+    state: WebState, principal: Principal, galleries: Sequence[str]
+) -> tuple[str, ...]:
+    """The galleries asked for (all this user may search when none are), each checked."""
+    allowed = usable_galleries(state, principal, Permission.SEARCH)
+    chosen = list(dict.fromkeys(g for g in galleries if g)) or allowed
+    for name in chosen:
+        require_gallery(principal, Permission.SEARCH, name)
+        if name not in allowed:
+            raise NotFoundError(f"there is no gallery named {name!r}")
+    if not chosen:
+        raise ForbiddenError("you have no gallery to search; ask an admin for access")
+    return tuple(chosen)
+
+
 # -- search ----------------------------------------------------------------------------------
 
 
@@ -129,14 +144,7 @@ def start_search(
     case = check_case(case)
     reason = check_reason(reason)
     band = check_age_band(age_band or "unknown")
-    allowed = usable_galleries(state, principal, Permission.SEARCH)
-    chosen = list(dict.fromkeys(g for g in galleries if g)) or allowed
-    for name in chosen:
-        require_gallery(principal, Permission.SEARCH, name)
-        if name not in allowed:
-            raise NotFoundError(f"there is no gallery named {name!r}")
-    if not chosen:
-        raise ForbiddenError("you have no gallery to search; ask an admin for access")
+    chosen = choose_galleries(state, principal, galleries)
     context = SearchContext(
         entry_id=Workspace.new_id(),
         owner=principal.owner,
@@ -144,7 +152,7 @@ def start_search(
         case=case,
         reason=reason,
         age_band=band,
-        galleries=tuple(chosen),
+        galleries=chosen,
     )
     state.searches.put(context)
     return context

@@ -17,6 +17,7 @@ from runtime.accounts.users import UserStore
 from runtime.audit import AuditLog
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
+from runtime.web.case_jobs import CaseDesk
 from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
 # ``__Host-`` binds the cookie to this exact origin (Secure, Path=/, no Domain); browsers only
@@ -44,6 +45,7 @@ class WebState:
     clock: Callable[[], float]
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
+    cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService
 
     @property
     def cookie_name(self) -> str:
@@ -52,6 +54,10 @@ class WebState:
     @property
     def max_upload_bytes(self) -> int:
         return self.settings.web.max_upload_bytes
+
+    @property
+    def max_case_upload_bytes(self) -> int:
+        return self.settings.web.max_case_upload_bytes
 
 
 def web_state(request: Request) -> WebState:
