@@ -480,9 +480,14 @@ def test_resume_after_sigkill_redoes_nothing_and_duplicates_nothing(
     try:
         deadline = time.monotonic() + 300  # a hang guard, not a speed check
         log = None
+        sizes: set[int] = set()
         while child.poll() is None and time.monotonic() < deadline:
             logs = list((home / CASES_DIR).glob(f"*/{RECORDS_LOG}"))
-            if logs and logs[0].stat().st_size > HEADER_BYTES:  # a first file is durable
+            if logs and logs[0].stat().st_size > HEADER_BYTES:
+                sizes.add(logs[0].stat().st_size)
+            # Three appends seen: the first file's frame is complete and fsynced (frames are
+            # written one after another), so a file is durable when the kill comes.
+            if len(sizes) >= 3:
                 log = logs[0]
                 break
             time.sleep(0.02)
