@@ -19,6 +19,7 @@ from runtime.inference.backends.session import ModelSession
 from runtime.inference.onnx_backend import create_cpu_session
 
 logger = logging.getLogger(__name__)
+_REPORTED: set[str] = set()  # why TensorRT is unavailable, already logged
 
 BackendChoice = Literal["auto", "cpu", "tensorrt"]
 BackendUsed = Literal["cpu", "tensorrt"]
@@ -68,7 +69,9 @@ def open_session(
         platform = tensorrt_backend.probe()
     except tensorrt_backend.TensorRTUnavailableError as exc:
         if backend == "auto":
-            logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
+            if str(exc) not in _REPORTED:  # once per process, not once per model
+                _REPORTED.add(str(exc))
+                logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
             reason = f"TensorRT not available: {exc}"
             return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", False, reason)
         return _degraded(model_bytes, threads, f"TensorRT was requested but is unavailable: {exc}")
