@@ -44,11 +44,11 @@ from PIL import Image
 
 from benchmarks.search_bench import GENERATOR_CACHE, TemplateModel, template_model
 from runtime.errors import BadInputError
-from runtime.gallery.keys import KeyFileProvider
-from runtime.gallery.log import MAX_ENTRIES_PER_FRAME
 from runtime.gallery.records import NewFace, NewSubject
 from runtime.gallery.store import RECORDS_LOG, Gallery, GalleryStore, thumbs_log_name
 from runtime.inference.pipeline import EMBEDDER_MODEL
+from runtime.vault.framed_log import MAX_ENTRIES_PER_FRAME
+from runtime.vault.keys import KeyFileProvider
 
 GALLERY_NAME = "bench"
 THUMB_SIDE = 150  # the aligned chip's size

@@ -45,11 +45,11 @@ from runtime.cases.service import CaseService
 from runtime.cases.store import CaseStore, NewFace
 from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
 from runtime.errors import BadInputError
-from runtime.gallery.keys import KeyFileProvider
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import GalleryStore
 from runtime.inference.image_decode import decode_image
 from runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
+from runtime.vault.keys import KeyFileProvider
 
 logger = logging.getLogger(__name__)
 

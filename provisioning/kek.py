@@ -15,8 +15,10 @@ from pathlib import Path
 
 from runtime.config.settings import KeySettings
 from runtime.errors import BadInputError, EdgeidError
-from runtime.gallery.key_choice import keyring_path, keys_dir, make_provider, provider_for
-from runtime.gallery.keys import (
+from runtime.gallery.store import GalleryStore
+from runtime.storage.durable import shred_and_unlink
+from runtime.vault.key_choice import keyring_path, keys_dir, make_provider, provider_for
+from runtime.vault.keys import (
     KekProvider,
     KeyFileProvider,
     Keyring,
@@ -25,8 +27,6 @@ from runtime.gallery.keys import (
     is_gallery_scope,
     read_keyring,
 )
-from runtime.gallery.store import GalleryStore
-from runtime.storage.durable import shred_and_unlink
 
 PROVIDER_CHOICES = ("auto", "tpm2", "systemd-creds", "passphrase", "keyfile")
 PASSPHRASE_ENV = "EDGEID_GALLERY_PASSPHRASE"

@@ -27,11 +27,11 @@ from provisioning.kek import destroy_kek
 from runtime.config.settings import KeySettings, config_path, load_settings
 from runtime.errors import BadInputError, EdgeidError
 from runtime.gallery.errors import GalleryBusyError
-from runtime.gallery.key_choice import keyring_path
-from runtime.gallery.store import GALLERIES_DIR, LOCK_FILE
+from runtime.gallery.store import LOCK_FILE
 from runtime.identity.device_key import IDENTITY_DIR
 from runtime.inference.pipeline import ENGINES_DIR
 from runtime.storage.durable import fsync_directory, shred_and_unlink
+from runtime.vault.key_choice import GALLERIES_DIR, keyring_path
 
 KEPT_DIRS = ("models", ENGINES_DIR, "wheelhouse")
 # What makes a folder an edgeid state directory: a reset refuses any other (a mistyped --home).

@@ -48,8 +48,6 @@ from runtime.audit.frames import (
 )
 from runtime.audit.layout import HEAD_FILE, LOG_FILE
 from runtime.audit.signing import sign_checkpoint, sign_head, write_head
-from runtime.gallery.key_choice import keys_dir
-from runtime.gallery.keys import KeyFileProvider
 from runtime.gallery.store import GalleryStore
 from runtime.identity.device_key import (
     ensure_device_key,
@@ -57,6 +55,8 @@ from runtime.identity.device_key import (
     load_device_key,
     public_key_pem,
 )
+from runtime.vault.key_choice import keys_dir
+from runtime.vault.keys import KeyFileProvider
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EDGEID = str(Path(sys.executable).parent / "edgeid")
@@ -361,8 +361,8 @@ CHILD = textwrap.dedent(
     import os, sys
     from pathlib import Path
     from runtime.audit import AuditAction, AuditEvent, AuditLog
-    from runtime.gallery.key_choice import keys_dir
-    from runtime.gallery.keys import KeyFileProvider
+    from runtime.vault.key_choice import keys_dir
+    from runtime.vault.keys import KeyFileProvider
     from runtime.gallery.store import GalleryStore
     from runtime.storage.durable import OsFileWriter
 

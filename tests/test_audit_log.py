@@ -31,10 +31,10 @@ from runtime.audit import (
 from runtime.audit.frames import FRAME_MAGIC, ScanState, scan_frames
 from runtime.audit.layout import AUDIT_KEY_SCOPE, CREATING_MARKER, HEAD_FILE, LOG_FILE
 from runtime.errors import BadInputError, DiskFullError
-from runtime.gallery.key_choice import keys_dir
-from runtime.gallery.keys import KeyFileProvider
 from runtime.gallery.store import GalleryStore
 from runtime.identity.device_key import ensure_device_key
+from runtime.vault.key_choice import keys_dir
+from runtime.vault.keys import KeyFileProvider
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 PROBE = hashlib.sha256(b"probe image bytes").hexdigest()

@@ -34,13 +34,13 @@ from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
 from runtime.cases.jobs import IngestJob
 from runtime.cases.service import CaseService
 from runtime.cases.store import CASES_DIR, RECORDS_LOG, CaseStore
-from runtime.gallery.keys import KeyFileProvider
-from runtime.gallery.log import HEADER_BYTES
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import load_calibration
 from runtime.inference.image_decode import load_image
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
+from runtime.vault.framed_log import HEADER_BYTES
+from runtime.vault.keys import KeyFileProvider
 
 CASE = "VID-2024/0173"
 REASON = "seized phone of suspect, warrant W-17/2024"

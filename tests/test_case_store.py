@@ -36,9 +36,9 @@ from runtime.cases.store import (
     key_scope,
 )
 from runtime.errors import BadInputError, DiskFullError
-from runtime.gallery.keys import KeyFileProvider
-from runtime.gallery.log import FRAME_HEAD_BYTES, Frame, ScanState, read_header, scan_frames
 from runtime.gallery.store import GalleryStore
+from runtime.vault.framed_log import FRAME_HEAD_BYTES, Frame, ScanState, read_header, scan_frames
+from runtime.vault.keys import KeyFileProvider
 
 NUMBER = "VID-2024/0173"
 NAME = "victim_jane_doe_bedroom.jpg"

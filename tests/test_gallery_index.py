@@ -296,9 +296,9 @@ def test_index_sealed_by_the_gallery_store_and_rebuilt_from_it(
     """The store's AES-GCM plugged in: its sealed blob loads; a flipped bit, or a blob left
     from before a compaction (whose data key is erased), is rebuilt from the store's faces."""
     from runtime.gallery.errors import DecryptionError
-    from runtime.gallery.keys import KeyFileProvider
     from runtime.gallery.records import NewFace, NewSubject
     from runtime.gallery.store import GalleryStore
+    from runtime.vault.keys import KeyFileProvider
 
     with GalleryStore(tmp_path / "state", KeyFileProvider(tmp_path / "state" / "keys")) as store:
         gallery = store.create_gallery("missing-persons")

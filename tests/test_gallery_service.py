@@ -12,10 +12,10 @@ import pytest
 
 from edgeid.cli import main
 from runtime.config.settings import load_settings
-from runtime.gallery.key_choice import provider_for
 from runtime.gallery.records import NewFace, NewSubject
 from runtime.gallery.service import GalleryService, ModelChangedError
 from runtime.gallery.store import GalleryStore
+from runtime.vault.key_choice import provider_for
 
 GALLERY = "missing-persons"
 CANARY = "Zebulon Quartermaine-Canary"

@@ -28,34 +28,14 @@ import pytest
 
 from runtime.errors import BadInputError
 from runtime.gallery.backup import export_gallery, import_gallery
-from runtime.gallery.crypto import RecordCipher, RecordKind, unwrap_key
 from runtime.gallery.errors import (
     BackupError,
-    CorruptGalleryError,
     DecryptionError,
     GalleryBusyError,
     GalleryExistsError,
     InvalidRecordError,
     KeyProviderError,
     StorageFullError,
-)
-from runtime.gallery.keys import (
-    KeyFileProvider,
-    PassphraseProvider,
-    SystemdCredsProvider,
-    Tpm2Provider,
-    read_keyring,
-)
-from runtime.gallery.log import (
-    HEADER_BYTES,
-    MAX_ENTRIES_PER_FRAME,
-    Entry,
-    LogHeader,
-    ScanState,
-    encode_frame,
-    encode_header,
-    read_header,
-    scan_frames,
 )
 from runtime.gallery.records import (
     BatchTable,
@@ -73,6 +53,26 @@ from runtime.gallery.store import (
     RETIRED_SUFFIX,
     Gallery,
     GalleryStore,
+)
+from runtime.vault.crypto import RecordCipher, RecordKind, unwrap_key
+from runtime.vault.errors import CorruptDataError
+from runtime.vault.framed_log import (
+    HEADER_BYTES,
+    MAX_ENTRIES_PER_FRAME,
+    Entry,
+    LogHeader,
+    ScanState,
+    encode_frame,
+    encode_header,
+    read_header,
+    scan_frames,
+)
+from runtime.vault.keys import (
+    KeyFileProvider,
+    PassphraseProvider,
+    SystemdCredsProvider,
+    Tpm2Provider,
+    read_keyring,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -296,7 +296,7 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     import numpy as np
-    from runtime.gallery.keys import KeyFileProvider
+    from runtime.vault.keys import KeyFileProvider
     from runtime.gallery.store import GalleryStore, NewFace, NewSubject
 
     state = Path(sys.argv[1])
@@ -366,7 +366,7 @@ def test_bit_flip_is_an_error_naming_the_gallery_not_its_content(tmp_path: Path)
         damaged = bytearray(original)
         damaged[spot] ^= 0x10
         log.write_bytes(bytes(damaged))
-        with pytest.raises(CorruptGalleryError) as caught, _store(tmp_path) as store:
+        with pytest.raises(CorruptDataError) as caught, _store(tmp_path) as store:
             store.open_gallery("g")
         message = str(caught.value)
         assert gid in message, what
@@ -378,7 +378,7 @@ def test_bit_flip_is_an_error_naming_the_gallery_not_its_content(tmp_path: Path)
     thumbs.write_bytes(bytes(damaged))
     with _store(tmp_path) as store:
         gallery = store.open_gallery("g")
-        with pytest.raises(CorruptGalleryError, match=gid):
+        with pytest.raises(CorruptDataError, match=gid):
             gallery.thumbnail(made.faces[0].face_id)
 
 
@@ -639,7 +639,7 @@ def test_half_done_create_and_delete_are_cleaned_and_a_lost_keyring_refused(
         assert half_created[0] not in json.dumps(store.keyring.wrapped_keys(), default=str)
     keyring = tmp_path / GALLERIES_DIR / KEYRING_FILE
     keyring.rename(tmp_path / "elsewhere.json")
-    with pytest.raises(CorruptGalleryError, match="restore the keyring"):
+    with pytest.raises(CorruptDataError, match="restore the keyring"):
         _store(tmp_path)
     (tmp_path / "elsewhere.json").rename(keyring)
     with _store(tmp_path) as store:
@@ -979,7 +979,7 @@ def test_compaction_writes_batches_that_open_to_the_same_gallery(
     assert kinds[1:] == [[RecordKind.SUBJECT, RecordKind.FACE]] * (len(frames) - 1)
     assert len(frames) - 1 >= 4  # 11 faces in batches of at most 3 faces (whole subjects)
     assert len({entries[0].record_id for _, _, entries in frames}) == len(frames)
-    with open(log, "rb") as stream, pytest.raises(CorruptGalleryError, match="log format 2"):
+    with open(log, "rb") as stream, pytest.raises(CorruptDataError, match="log format 2"):
         read_header(stream, "t")  # a reader of format 1 only refuses it by its header
 
 
@@ -1043,7 +1043,7 @@ def test_batches_moved_repeated_dropped_or_altered_are_refused(
     with open(log, "rb") as stream:
         read = read_header(stream, "t", formats=(1, 2))
     format_1 = encode_header(LogHeader(read.scope_id, read.key_id))
-    corrupt, opaque = CorruptGalleryError, DecryptionError
+    corrupt, opaque = CorruptDataError, DecryptionError
     cases: dict[str, tuple[list[bytes], type[Exception], str | None]] = {
         "swapped": ([first, b1, b0, b2, b3, single], opaque, None),
         "repeated in place": ([first, b0, b0, b2, b3, single], corrupt, "reappears"),
@@ -1058,11 +1058,11 @@ def test_batches_moved_repeated_dropped_or_altered_are_refused(
         log.write_bytes(header + b"".join(parts))
         with pytest.raises(error, match=message) as caught, _store(tmp_path) as store:
             store.open_gallery("g")
-        if error is CorruptGalleryError:
+        if error is CorruptDataError:
             assert gid in str(caught.value), what
         assert "Ana" not in str(caught.value), what
     log.write_bytes(format_1 + original[HEADER_BYTES:])
-    with pytest.raises(CorruptGalleryError, match="disagree on the format"), _store(tmp_path) as s:
+    with pytest.raises(CorruptDataError, match="disagree on the format"), _store(tmp_path) as s:
         s.open_gallery("g")
 
     log.write_bytes(original + single[: len(single) // 2])  # a torn single record stays torn
@@ -1149,7 +1149,7 @@ CHILD_COMPACTING = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     import runtime.gallery.store as store_module
-    from runtime.gallery.keys import KeyFileProvider
+    from runtime.vault.keys import KeyFileProvider
     from runtime.gallery.store import GalleryStore, NewFace, NewSubject
 
     store_module.BATCH_FACES = 4
@@ -1240,7 +1240,7 @@ def test_batch_plaintexts_are_checked_when_decoded() -> None:
         "not a batch": (columns.replace(b"edgeid-batch/1", b"edgeid-batch/9"), embeddings),
     }
     for what, (data, values) in broken.items():
-        with pytest.raises(CorruptGalleryError, match="malformed batch"):
+        with pytest.raises(CorruptDataError, match="malformed batch"):
             decode_batch(data, values, "t")
         assert what
     table = BatchTable(1, 1)

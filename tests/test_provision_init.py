@@ -29,7 +29,7 @@ from provisioning.certificates import default_paths as tls_default_paths
 from provisioning.kek import choose_provider
 from runtime.config.settings import KeySettings, load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.keys import SystemdCredsProvider
+from runtime.vault.keys import SystemdCredsProvider
 
 IDENTITY = ("--device-id", "box-07", "--site", "lab-a")
 STEPS = (

@@ -22,13 +22,13 @@ from test_provision_init import snapshot
 from edgeid.cli import main
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.crypto import unwrap_key
 from runtime.gallery.errors import DecryptionError, KeyProviderError
-from runtime.gallery.key_choice import keyring_path, provider_for
-from runtime.gallery.keys import KeyFileProvider, read_keyring
 from runtime.gallery.records import NewFace, NewSubject
 from runtime.gallery.service import GalleryService
-from runtime.gallery.store import GALLERIES_DIR, GalleryStore
+from runtime.gallery.store import GalleryStore
+from runtime.vault.crypto import unwrap_key
+from runtime.vault.key_choice import GALLERIES_DIR, keyring_path, provider_for
+from runtime.vault.keys import KeyFileProvider, read_keyring
 
 CANARY_NAME = "Quillon Marrowbyte-Canary"
 CANARY_NOTES = "canary note: periwinkle lantern 5521"

@@ -20,8 +20,8 @@ from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction
 from runtime.config.settings import Settings, WebSettings, load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.key_choice import provider_for
 from runtime.gallery.store import GalleryStore
+from runtime.vault.key_choice import provider_for
 from runtime.web.server import make_server
 
 

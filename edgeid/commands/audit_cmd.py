@@ -82,8 +82,8 @@ def _public_key(args: argparse.Namespace) -> Ed25519PublicKey:
 
 def _keyring_holds_audit_key(home: Path) -> bool:
     """Structural read of the keyring (no KEK needed): did this box ever have an audit log?"""
-    from runtime.gallery.key_choice import keyring_path
-    from runtime.gallery.keys import read_keyring
+    from runtime.vault.key_choice import keyring_path
+    from runtime.vault.keys import read_keyring
 
     path = keyring_path(home)
     if not path.exists() or (audit_dir(home) / CREATING_MARKER).exists():
@@ -169,8 +169,8 @@ def export(args: argparse.Namespace) -> int:
     if args.since and args.until and args.since >= args.until:
         raise BadInputError("--since must come before --until")
     from runtime.config.settings import load_settings
-    from runtime.gallery.key_choice import keyring_path, provider_for
-    from runtime.gallery.keys import Keyring
+    from runtime.vault.key_choice import keyring_path, provider_for
+    from runtime.vault.keys import Keyring
 
     home = args.home_dir
     settings = load_settings(home)

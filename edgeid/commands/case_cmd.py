@@ -29,9 +29,9 @@ from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
 from runtime.cases.views import CaseView, case_view, file_json, meta_json, run_json, view_json
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.key_choice import provider_for
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import GalleryStore
+from runtime.vault.key_choice import provider_for
 
 PROGRESS_REFRESH_S = 0.2  # terminal progress bar redraws at most this often
 PROGRESS_LINE_S = 5.0  # without a terminal (logs, pipes): one progress line this often

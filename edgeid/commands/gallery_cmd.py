@@ -21,11 +21,11 @@ from edgeid.options import Subparsers, positive_int
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.backup import export_gallery, import_gallery
-from runtime.gallery.key_choice import best_available, make_provider, provider_for
 from runtime.gallery.records import GalleryInfo
 from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, GalleryService
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+from runtime.vault.key_choice import best_available, make_provider, provider_for
 
 BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
 MIN_BACKUP_PASSPHRASE = 12

@@ -21,8 +21,8 @@ from runtime.audit import AuditAction, AuditEvent, AuditLog
 from runtime.audit.events import SYSTEM_USER
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.key_choice import provider_for
 from runtime.gallery.store import GalleryStore
+from runtime.vault.key_choice import provider_for
 
 
 class Recorder:

@@ -49,11 +49,11 @@ from runtime.audit.log import RecordFilter
 from runtime.audit.sealing import open_event
 from runtime.audit.signing import verifies
 from runtime.audit.verify import inspect_chain
-from runtime.gallery.crypto import Clock, utc_now
-from runtime.gallery.errors import GalleryError
-from runtime.gallery.keys import Keyring
 from runtime.identity.device_key import fingerprint, public_key_pem
 from runtime.storage.durable import write_file_atomically
+from runtime.vault.crypto import Clock, utc_now
+from runtime.vault.errors import VaultError
+from runtime.vault.keys import Keyring
 
 EXPORT_FORMAT = "edgeid-audit-export"
 EXPORT_VERSION = 1
@@ -108,7 +108,7 @@ def export_log(
         )
     try:
         key = keyring.data_key(AUDIT_KEY_SCOPE, state.header.key_id.hex())
-    except GalleryError:
+    except VaultError:
         raise AuditError(
             "the keyring holds no key for this audit log; restore the keyring from a backup"
         ) from None

@@ -56,10 +56,6 @@ from runtime.audit.sealing import open_event, seal_event
 from runtime.audit.signing import Head, sign_checkpoint, sign_head, write_head
 from runtime.audit.verify import ChainState, VerifyReport, inspect_chain
 from runtime.errors import StorageWriteError
-from runtime.gallery.crypto import Clock, RandomSource, system_random, utc_now
-from runtime.gallery.errors import GalleryError
-from runtime.gallery.keys import Keyring
-from runtime.gallery.log import LogAppender
 from runtime.identity.device_key import ensure_device_key, load_device_key
 from runtime.storage.durable import (
     FileWriter,
@@ -69,6 +65,10 @@ from runtime.storage.durable import (
     make_private_dir,
     write_file_atomically,
 )
+from runtime.vault.crypto import Clock, RandomSource, system_random, utc_now
+from runtime.vault.errors import VaultError
+from runtime.vault.framed_log import LogAppender
+from runtime.vault.keys import Keyring
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class AuditLog:
                 )
             try:
                 key = keyring.data_key(AUDIT_KEY_SCOPE, state.header.key_id.hex())
-            except GalleryError:
+            except VaultError:
                 raise AuditError(
                     f"the keyring holds no key for the audit log under {directory}; restore the "
                     "keyring from the box's backup"

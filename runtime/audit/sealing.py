@@ -14,8 +14,8 @@ from datetime import datetime
 from runtime.audit.errors import AuditTamperedError
 from runtime.audit.events import AuditEvent, AuditRecord, as_utc, event_from_json, event_to_json
 from runtime.audit.frames import NONCE_BYTES, Frame, FrameKind, LogHeader
-from runtime.gallery.crypto import RandomSource, open_sealed, seal
-from runtime.gallery.errors import DecryptionError
+from runtime.vault.crypto import RandomSource, open_sealed, seal
+from runtime.vault.errors import DecryptionError
 
 PLAINTEXT_VERSION = 1
 

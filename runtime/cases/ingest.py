@@ -62,9 +62,9 @@ from runtime.cases.video import (
     sample_frames,
 )
 from runtime.errors import BadInputError, EdgeidError, StorageWriteError
-from runtime.gallery.crypto import Clock, utc_now
 from runtime.gallery.service import GalleryService
 from runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_image
+from runtime.vault.crypto import Clock, utc_now
 
 logger = logging.getLogger(__name__)
 

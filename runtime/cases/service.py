@@ -24,8 +24,8 @@ from runtime.cases.records import CaseMeta
 from runtime.cases.report import render_report, write_report
 from runtime.cases.store import Case, CaseStore
 from runtime.cases.views import CaseView, case_view
-from runtime.gallery.crypto import Clock, utc_now
 from runtime.gallery.service import GalleryService
+from runtime.vault.crypto import Clock, utc_now
 
 
 def report_html(case: Case, *, clock: Clock = utc_now) -> str:

@@ -41,29 +41,7 @@ import numpy as np
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
 from runtime.cases.records import CaseFace, CaseMeta, CaseResults, SourceFile
 from runtime.errors import BadInputError, StorageWriteError
-from runtime.gallery.crypto import (
-    NONCE_BYTES,
-    Clock,
-    RandomSource,
-    RecordCipher,
-    RecordKind,
-    system_random,
-    utc_now,
-)
-from runtime.gallery.errors import CorruptGalleryError, DecryptionError, GalleryError
-from runtime.gallery.keys import Keyring
-from runtime.gallery.log import (
-    ID_BYTES,
-    Entry,
-    LogAppender,
-    LogHeader,
-    ScanState,
-    create_log,
-    encode_frame,
-    read_frame_at,
-    read_header,
-    scan_frames,
-)
+from runtime.gallery.errors import GalleryError
 from runtime.gallery.records import ID_HEX, pack, unpack
 from runtime.inference.types import FloatArray
 from runtime.storage.durable import (
@@ -75,6 +53,29 @@ from runtime.storage.durable import (
     shred_tree,
     write_file_atomically,
 )
+from runtime.vault.crypto import (
+    NONCE_BYTES,
+    Clock,
+    RandomSource,
+    RecordCipher,
+    RecordKind,
+    system_random,
+    utc_now,
+)
+from runtime.vault.errors import CorruptDataError, DecryptionError, VaultError
+from runtime.vault.framed_log import (
+    ID_BYTES,
+    Entry,
+    LogAppender,
+    LogHeader,
+    ScanState,
+    create_log,
+    encode_frame,
+    read_frame_at,
+    read_header,
+    scan_frames,
+)
+from runtime.vault.keys import Keyring
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ class Case:
     def _load(self) -> None:
         try:
             self._read_logs()
-        except CorruptGalleryError as exc:  # the shared log format speaks of galleries
-            message = str(exc).replace("the gallery", "the case")
+        except CorruptDataError as exc:
+            message = str(exc).replace("restore it from", "restore the case from")
             raise CorruptCaseError(message) from None
         self.meta = self._read_meta()
 
@@ -205,7 +206,7 @@ class Case:
             self._key_id = header.key_id.hex()
             try:
                 key = self._keyring.data_key(key_scope(self.case_id), self._key_id)
-            except GalleryError:
+            except (GalleryError, VaultError):
                 raise CorruptCaseError(
                     f"{self.where}: its key is not in the keyring (purged, or the keyring is "
                     "from another box); restore the keyring from the box's backup"
@@ -245,7 +246,7 @@ class Case:
                 f"{self.where}: a record fails authentication (altered or moved); restore the "
                 "case from a backup"
             ) from None
-        except GalleryError as exc:
+        except (GalleryError, VaultError) as exc:
             raise CorruptCaseError(f"{self.where}: {exc}") from None
 
     def _apply(
@@ -483,7 +484,7 @@ def _unseal(
         raise CorruptCaseError(
             f"{where}: a sealed file fails authentication; restore it from a backup"
         ) from None
-    except GalleryError as exc:
+    except (GalleryError, VaultError) as exc:
         raise CorruptCaseError(f"{where}: {exc}") from None
 
 
@@ -608,7 +609,7 @@ class CaseStore:
             key_id = read_header(stream, f"case {case_id}").key_id.hex()
         try:
             key = self._keyring.data_key(key_scope(case_id), key_id)
-        except GalleryError:
+        except (GalleryError, VaultError):
             raise CorruptCaseError(f"case {case_id}: its key is not in the keyring") from None
         cipher = RecordCipher(key, bytes.fromhex(case_id))
         blob = (directory / META_FILE).read_bytes()
@@ -664,7 +665,7 @@ class CaseStore:
                     writer=self._writer,
                     action="writing the case",
                 )
-            except (GalleryError, StorageWriteError, OSError):
+            except (GalleryError, VaultError, StorageWriteError, OSError):
                 if directory.exists():
                     shred_tree(directory)
                 self._keyring.retain_only(key_scope(case_id), [])

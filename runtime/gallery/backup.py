@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from runtime.errors import StorageWriteError
-from runtime.gallery.crypto import (
+from runtime.gallery.errors import BackupError, GalleryError
+from runtime.gallery.records import face_from, face_head, pack, subject_from, subject_head, unpack
+from runtime.gallery.store import Gallery, GalleryStore
+from runtime.storage.durable import (
+    PRIVATE_FILE_MODE,
+    OsFileWriter,
+    fsync_directory,
+    write_all,
+    write_error,
+)
+from runtime.vault.crypto import (
     SCRYPT_DEFAULT_LOG2_N,
     Clock,
     RandomSource,
@@ -32,8 +42,8 @@ from runtime.gallery.crypto import (
     system_random,
     utc_now,
 )
-from runtime.gallery.errors import BackupError, CorruptGalleryError, GalleryError
-from runtime.gallery.log import (
+from runtime.vault.errors import CorruptDataError, VaultError
+from runtime.vault.framed_log import (
     ID_BYTES,
     Entry,
     Frame,
@@ -43,15 +53,6 @@ from runtime.gallery.log import (
     encode_header,
     read_header,
     scan_frames,
-)
-from runtime.gallery.records import face_from, face_head, pack, subject_from, subject_head, unpack
-from runtime.gallery.store import Gallery, GalleryStore
-from runtime.storage.durable import (
-    PRIVATE_FILE_MODE,
-    OsFileWriter,
-    fsync_directory,
-    write_all,
-    write_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _read_preamble(stream: BinaryIO, src: Path) -> tuple[bytes, ScryptParams]:
             )
         export_id = bytes.fromhex(preamble["export_id"])
         params = ScryptParams.from_json(preamble["scrypt"])
-    except (ValueError, KeyError, TypeError, GalleryError, StorageWriteError) as exc:
+    except (ValueError, KeyError, TypeError, GalleryError, VaultError, StorageWriteError) as exc:
         if isinstance(exc, BackupError):
             raise
         raise BackupError(f"{src} has a malformed preamble: {exc}") from exc
@@ -197,7 +198,7 @@ def import_gallery(
             entry, (head, _) = next(frames)[0]
         except StopIteration:
             raise BackupError(f"{src} is truncated; copy it again") from None
-        except CorruptGalleryError as exc:
+        except CorruptDataError as exc:
             raise BackupError(f"{src} is damaged: {exc}; make the export again") from exc
         if entry.kind is not RecordKind.GALLERY or entry.record_id != export_id:
             raise BackupError(f"{src} does not start with its gallery record")
@@ -208,7 +209,7 @@ def import_gallery(
             _import_subjects(gallery, frames)
             if state.torn_bytes:
                 raise BackupError("the file ends inside a record")
-        except (BackupError, CorruptGalleryError) as exc:
+        except (BackupError, CorruptDataError) as exc:
             store.delete_gallery(gallery.name)
             raise BackupError(
                 f"{src} is damaged or truncated ({exc}); make the export again"

@@ -8,25 +8,35 @@ message or log line becomes an oracle.
 from __future__ import annotations
 
 from runtime.errors import BadInputError, DiskFullError, EdgeidError, StorageWriteError
+from runtime.vault.errors import (
+    CorruptDataError,
+    DecryptionError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+)
+
+# The sealing kernel's errors, re-exported: galleries raise them as they are.
+__all__ = [
+    "BackupError",
+    "CorruptGalleryError",
+    "DecryptionError",
+    "GalleryBusyError",
+    "GalleryError",
+    "GalleryExistsError",
+    "GalleryNotFoundError",
+    "GalleryWriteError",
+    "InvalidRecordError",
+    "KeyProviderError",
+    "KeyProviderUnavailableError",
+    "StorageFullError",
+]
 
 
 class GalleryError(EdgeidError):
     """Base of every error raised by ``runtime.gallery``."""
 
 
-class DecryptionError(GalleryError):
-    """Ciphertext could not be opened: wrong key or passphrase, or altered or moved data."""
-
-    MESSAGE = (
-        "decryption failed: wrong key or passphrase, or the data was altered or moved; "
-        "check the key provider, or restore the gallery from a backup"
-    )
-
-    def __init__(self) -> None:
-        super().__init__(self.MESSAGE)
-
-
-class CorruptGalleryError(GalleryError):
+class CorruptGalleryError(GalleryError, CorruptDataError):
     """A gallery file fails its checksum or structure checks (a bit flip, a replayed record)."""
 
 
@@ -37,14 +47,6 @@ StorageFullError = DiskFullError
 
 class GalleryBusyError(GalleryError):
     """Another process has the gallery open for writing."""
-
-
-class KeyProviderError(GalleryError):
-    """A key provider failed: unreadable key file, bad permissions, tool failure."""
-
-
-class KeyProviderUnavailableError(KeyProviderError):
-    """The key provider cannot work on this machine (no TPM, no systemd-creds)."""
 
 
 class GalleryNotFoundError(GalleryError, BadInputError):

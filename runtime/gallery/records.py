@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from runtime.gallery.crypto import RecordKind, record_aad
 from runtime.gallery.errors import CorruptGalleryError, GalleryNotFoundError, InvalidRecordError
+from runtime.vault.crypto import RecordKind, record_aad
 
 MAX_TEXT_CHARS = 20_000  # notes longer than a few pages are a paste error, not a note
 MAX_EMBEDDING_DIM = 4096  # larger than any face embedder we ship or expect

@@ -31,7 +31,6 @@ from runtime.config.settings import Settings, load_settings
 from runtime.errors import BadInputError, EdgeidError
 from runtime.gallery.errors import DecryptionError, GalleryNotFoundError
 from runtime.gallery.index import GalleryIndex, load_or_rebuild
-from runtime.gallery.key_choice import provider_for
 from runtime.gallery.records import Face, GalleryInfo, NewFace, NewSubject, Subject
 from runtime.gallery.store import Gallery, GalleryStore
 from runtime.gallery.thresholds import (
@@ -45,6 +44,7 @@ from runtime.inference.image_decode import decode_image
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from runtime.inference.types import FloatArray, RGBImage
 from runtime.storage.durable import write_file_atomically
+from runtime.vault.key_choice import provider_for
 
 logger = logging.getLogger(__name__)
 

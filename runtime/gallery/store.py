@@ -47,17 +47,6 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from runtime.errors import StorageWriteError
-from runtime.gallery.crypto import (
-    NONCE_BYTES,
-    Clock,
-    RandomSource,
-    RecordCipher,
-    RecordKind,
-    open_sealed,
-    seal,
-    system_random,
-    utc_now,
-)
 from runtime.gallery.errors import (
     CorruptGalleryError,
     DecryptionError,
@@ -66,27 +55,6 @@ from runtime.gallery.errors import (
     GalleryExistsError,
     GalleryNotFoundError,
     InvalidRecordError,
-)
-from runtime.gallery.keys import KekProvider, Keyring
-from runtime.gallery.log import (
-    BATCHED_LOG_FORMAT,
-    FRAME_HEAD_BYTES,
-    HEADER_BYTES,
-    ID_BYTES,
-    LOG_FORMAT_VERSION,
-    MAX_ENTRIES_PER_FRAME,
-    MAX_FRAME_BYTES,
-    Entry,
-    Frame,
-    LogAppender,
-    LogHeader,
-    ScanState,
-    create_log,
-    encode_frame,
-    encode_header,
-    read_frame,
-    read_header,
-    scan_frames,
 )
 from runtime.gallery.records import (
     BATCH_VERSION,
@@ -129,11 +97,43 @@ from runtime.storage.durable import (
     write_all,
     write_error,
 )
+from runtime.vault.crypto import (
+    NONCE_BYTES,
+    Clock,
+    RandomSource,
+    RecordCipher,
+    RecordKind,
+    open_sealed,
+    seal,
+    system_random,
+    utc_now,
+)
+from runtime.vault.errors import VaultError
+from runtime.vault.framed_log import (
+    BATCHED_LOG_FORMAT,
+    FRAME_HEAD_BYTES,
+    HEADER_BYTES,
+    ID_BYTES,
+    LOG_FORMAT_VERSION,
+    MAX_ENTRIES_PER_FRAME,
+    MAX_FRAME_BYTES,
+    Entry,
+    Frame,
+    LogAppender,
+    LogHeader,
+    ScanState,
+    create_log,
+    encode_frame,
+    encode_header,
+    read_frame,
+    read_header,
+    scan_frames,
+)
+from runtime.vault.key_choice import GALLERIES_DIR, KEYRING_FILE
+from runtime.vault.keys import KekProvider, Keyring
 
 logger = logging.getLogger(__name__)
 
-GALLERIES_DIR = "galleries"
-KEYRING_FILE = "keyring.json"
 LOCK_FILE = ".lock"
 RECORDS_LOG = "records.log"
 STAGED_SUFFIX = ".new"  # a compaction's output before its commit
@@ -565,7 +565,7 @@ class Gallery:
             appender.append(b"".join(thumbs))
         try:
             self._records.append(records_frame)
-        except (GalleryError, StorageWriteError):
+        except (GalleryError, VaultError, StorageWriteError):
             if appender:
                 appender.roll_back_to(thumbs_before)  # thumbnails no record points to
             raise
@@ -698,9 +698,9 @@ class Gallery:
                 os.link(self.directory / RECORDS_LOG, retired)
                 fsync_directory(self.directory)
                 os.replace(staged, self.directory / RECORDS_LOG)  # the commit point
-            except (OSError, GalleryError, StorageWriteError) as exc:
+            except (OSError, GalleryError, VaultError, StorageWriteError) as exc:
                 self._abandon_compaction(staged, retired, thumbs_path, old_key_id)
-                if isinstance(exc, GalleryError | StorageWriteError):
+                if isinstance(exc, GalleryError | VaultError | StorageWriteError):
                     raise
                 raise write_error(f"compacting {self.where}", str(self.directory), exc) from exc
             self._finish_compaction(retired, old_thumbs, key_id)
@@ -715,7 +715,7 @@ class Gallery:
             shred_and_unlink(retired)
             shred_and_unlink(old_thumbs)
             self._keyring.retain_only(self.gallery_id, [key_id])
-        except (OSError, GalleryError, StorageWriteError) as exc:
+        except (OSError, GalleryError, VaultError, StorageWriteError) as exc:
             logger.warning(
                 "%s: compacted, but erasing the old files is unfinished: %s", self.where, exc
             )
@@ -729,7 +729,7 @@ class Gallery:
         shred_and_unlink(thumbs_path)
         try:
             self._keyring.retain_only(self.gallery_id, [old_key_id])
-        except (GalleryError, StorageWriteError) as exc:
+        except (GalleryError, VaultError, StorageWriteError) as exc:
             # e.g. still no space: the next open drops the unused key
             logger.warning("%s: could not drop an unused data key yet: %s", self.where, exc)
 
@@ -1032,7 +1032,7 @@ class GalleryStore:
                 f"gallery {gid}",
                 frames=encode_frame([first]),
             )
-        except (GalleryError, StorageWriteError):
+        except (GalleryError, VaultError, StorageWriteError):
             if directory.exists():
                 shred_tree(directory)
             self.keyring.retain_only(gid, [])

@@ -24,7 +24,7 @@ from runtime.cases.store import Case
 from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
 from runtime.cases.views import CaseView, case_view
 from runtime.errors import BadInputError
-from runtime.gallery.crypto import utc_now
+from runtime.vault.crypto import utc_now
 from runtime.web.audit_trail import record
 from runtime.web.case_jobs import CaseDesk, CaseJob, PendingIngest
 from runtime.web.case_uploads import SavedArchive, source_label

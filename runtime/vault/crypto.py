@@ -1,9 +1,9 @@
-"""AES-256-GCM for gallery records and wrapped keys, and scrypt for passphrases.
+"""AES-256-GCM for sealed records and wrapped keys, and scrypt for passphrases.
 
-Every ciphertext is bound by its associated data to where it belongs: the scope (a gallery id,
-or an export id), the record kind and id, and the record's version. A record copied to
-another gallery, another record id or another version fails to open. Every failure to open
-raises the same ``DecryptionError`` with no detail, chained to nothing.
+Every ciphertext is bound by its associated data to where it belongs: the scope (a gallery,
+a case, the audit log or an export), the record kind and id, and the record's version. A record
+copied to another scope, another record id or another version fails to open. Every failure to
+open raises the same ``DecryptionError`` with no detail, chained to nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from runtime.gallery.errors import DecryptionError, GalleryError
+from runtime.vault.errors import DecryptionError, VaultError
 
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # GCM's native 96-bit nonce; random nonces are safe for 2**32 seals per key
@@ -85,10 +85,10 @@ def seal(
 ) -> Sealed:
     """Encrypt and authenticate ``plaintext`` under ``key`` with a fresh random nonce."""
     if len(key) != KEY_BYTES:
-        raise GalleryError(f"an AES-256 key is {KEY_BYTES} bytes, got {len(key)}")
+        raise VaultError(f"an AES-256 key is {KEY_BYTES} bytes, got {len(key)}")
     nonce = random(NONCE_BYTES)
     if len(nonce) != NONCE_BYTES:
-        raise GalleryError(f"the random source returned {len(nonce)} bytes, not {NONCE_BYTES}")
+        raise VaultError(f"the random source returned {len(nonce)} bytes, not {NONCE_BYTES}")
     return Sealed(nonce, AESGCM(key).encrypt(nonce, plaintext, aad))
 
 
@@ -108,7 +108,7 @@ class RecordCipher:
         self, key: bytes, scope_id: bytes, *, random: RandomSource = system_random
     ) -> None:
         if len(key) != KEY_BYTES:
-            raise GalleryError(f"an AES-256 key is {KEY_BYTES} bytes, got {len(key)}")
+            raise VaultError(f"an AES-256 key is {KEY_BYTES} bytes, got {len(key)}")
         self._key = key
         self._random = random
         self.scope_id = scope_id
@@ -151,14 +151,14 @@ class ScryptParams:
 
     def __post_init__(self) -> None:
         if not SCRYPT_MIN_LOG2_N <= self.log2_n <= SCRYPT_MAX_LOG2_N:
-            raise GalleryError(
+            raise VaultError(
                 f"scrypt log2(n) must be {SCRYPT_MIN_LOG2_N}..{SCRYPT_MAX_LOG2_N}, "
                 f"got {self.log2_n}"
             )
         if not (1 <= self.r <= SCRYPT_MAX_R and 1 <= self.p <= SCRYPT_MAX_P):
-            raise GalleryError(f"scrypt r={self.r} p={self.p} out of bounds")
+            raise VaultError(f"scrypt r={self.r} p={self.p} out of bounds")
         if len(self.salt) < SALT_BYTES:
-            raise GalleryError(f"scrypt salt must be at least {SALT_BYTES} bytes")
+            raise VaultError(f"scrypt salt must be at least {SALT_BYTES} bytes")
 
     def to_json(self) -> dict[str, object]:
         return {"log2_n": self.log2_n, "r": self.r, "p": self.p, "salt": self.salt.hex()}
@@ -173,7 +173,7 @@ class ScryptParams:
                 raise TypeError("scrypt salt must be hex")
             return cls(log2_n, r, p, bytes.fromhex(salt))
         except (KeyError, TypeError, ValueError) as exc:
-            raise GalleryError(f"malformed scrypt parameters: {exc}") from exc
+            raise VaultError(f"malformed scrypt parameters: {exc}") from exc
 
 
 SCRYPT_DEFAULT_LOG2_N = 17  # 128 MiB and about half a second here: OWASP's scrypt floor
@@ -194,6 +194,6 @@ def new_scrypt_params(
 def derive_key(passphrase: str, params: ScryptParams) -> bytes:
     """A 256-bit key from a passphrase; the passphrase must not be empty."""
     if not passphrase:
-        raise GalleryError("an empty passphrase protects nothing; give a passphrase")
+        raise VaultError("an empty passphrase protects nothing; give a passphrase")
     kdf = Scrypt(salt=params.salt, length=KEY_BYTES, n=2**params.log2_n, r=params.r, p=params.p)
     return kdf.derive(passphrase.encode("utf-8"))

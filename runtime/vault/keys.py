@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Protocol
 
 from runtime.errors import StorageWriteError
-from runtime.gallery.crypto import (
+from runtime.storage.durable import (
+    FileWriter,
+    make_private_dir,
+    shred_and_unlink,
+    write_file_atomically,
+)
+from runtime.vault.crypto import (
     KEY_BYTES,
     NONCE_BYTES,
     SCRYPT_DEFAULT_LOG2_N,
@@ -43,19 +49,13 @@ from runtime.gallery.crypto import (
     utc_now,
     wrap_key,
 )
-from runtime.gallery.errors import (
-    CorruptGalleryError,
+from runtime.vault.errors import (
     DecryptionError,
-    GalleryError,
-    GalleryNotFoundError,
     KeyProviderError,
     KeyProviderUnavailableError,
-)
-from runtime.storage.durable import (
-    FileWriter,
-    make_private_dir,
-    shred_and_unlink,
-    write_file_atomically,
+    KeyringError,
+    UnknownKeyError,
+    VaultError,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,11 @@ class PassphraseProvider:
     def load(self, kek_id: str, params: Mapping[str, object]) -> bytes:
         scrypt = params.get("scrypt")
         if not isinstance(scrypt, dict):
-            raise CorruptGalleryError("keyring: passphrase KEK has no scrypt parameters")
+            raise KeyringError("keyring: passphrase KEK has no scrypt parameters")
         try:
             return derive_key(self._passphrase, ScryptParams.from_json(scrypt))
-        except (GalleryError, StorageWriteError) as exc:
-            raise CorruptGalleryError(f"keyring: {exc}") from exc
+        except (VaultError, StorageWriteError) as exc:
+            raise KeyringError(f"keyring: {exc}") from exc
 
     def destroy(self, kek_id: str) -> None:
         """Nothing is stored; the old passphrase opens nothing once its salt is gone."""
@@ -438,7 +438,7 @@ class Keyring:
         writer: FileWriter | None = None,
     ) -> Keyring:
         if path.exists():
-            raise GalleryError(f"keyring {path} already exists; open it instead")
+            raise KeyringError(f"keyring {path} already exists; open it instead")
         kek_id = new_id(random)
         kek, params = provider.create(kek_id)
         info = cls._describe_kek(provider, kek_id, kek, params, random, clock)
@@ -465,7 +465,7 @@ class Keyring:
             )
         kek_id, params, check = info.get("kek_id"), info.get("params"), info.get("check")
         if not (isinstance(kek_id, str) and isinstance(params, dict) and isinstance(check, str)):
-            raise CorruptGalleryError(f"keyring {path} has a malformed KEK entry; restore it")
+            raise KeyringError(f"keyring {path} has a malformed KEK entry; restore it")
         kek = provider.load(kek_id, params)
         _verify_check(kek, kek_id, check)
         return cls(path, provider, kek, info, wrapped, random=random, clock=clock, writer=writer)
@@ -516,7 +516,7 @@ class Keyring:
         try:
             wrapped = self._wrapped[gallery_id][key_id]
         except KeyError:
-            raise GalleryNotFoundError(
+            raise UnknownKeyError(
                 f"no data key {key_id} for gallery {gallery_id} in the keyring; the gallery's "
                 "key was erased or the keyring is from another box"
             ) from None
@@ -536,7 +536,7 @@ class Keyring:
         self._wrapped.setdefault(gallery_id, {})[key_id] = wrapped.hex()
         try:
             self._save()
-        except (GalleryError, StorageWriteError):
+        except (VaultError, StorageWriteError):
             del self._wrapped[gallery_id][key_id]
             if not self._wrapped[gallery_id]:
                 del self._wrapped[gallery_id]
@@ -556,7 +556,7 @@ class Keyring:
             del self._wrapped[gallery_id]
         try:
             self._save()
-        except (GalleryError, StorageWriteError):
+        except (VaultError, StorageWriteError):
             self._wrapped[gallery_id] = before
             raise
 
@@ -585,13 +585,13 @@ class Keyring:
         self._provider, self._kek, self._kek_info, self._wrapped = new_provider, kek, info, wrapped
         try:
             self._save()
-        except (GalleryError, StorageWriteError):
+        except (VaultError, StorageWriteError):
             self._provider, self._kek, self._kek_info, self._wrapped = previous
             new_provider.destroy(kek_id)
             raise
         try:
             old_provider.destroy(old_id)
-        except (GalleryError, StorageWriteError, OSError) as exc:
+        except (VaultError, StorageWriteError, OSError) as exc:
             logger.warning("rotated the KEK but could not erase the old one's material: %s", exc)
         logger.info("rotated the KEK: %s -> %s", old_provider.kind, new_provider.kind)
 
@@ -612,12 +612,12 @@ def read_keyring(path: Path) -> tuple[dict[str, object], dict[str, dict[str, str
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise GalleryNotFoundError(
+        raise UnknownKeyError(
             f"no keyring at {path}; create a gallery first, or point --home at the state directory"
         ) from None
     except (OSError, ValueError) as exc:
-        raise CorruptGalleryError(f"keyring {path} is unreadable: {exc}; restore it") from exc
-    malformed = CorruptGalleryError(f"keyring {path} is not an edgeid keyring v{KEYRING_VERSION}")
+        raise KeyringError(f"keyring {path} is unreadable: {exc}; restore it") from exc
+    malformed = KeyringError(f"keyring {path} is not an edgeid keyring v{KEYRING_VERSION}")
     if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (
         KEYRING_FORMAT,
         KEYRING_VERSION,

@@ -19,7 +19,7 @@ accepts only format 1 unless its caller names the formats it reads.
 Reading tells apart the two ways a log goes wrong. A torn tail (the file ends inside a
 frame, or in zeros, as after a kill -9 or a power cut during an unacknowledged append) is
 dropped with a warning. A frame that is complete but fails a checksum (a bit flip, an edit)
-raises ``CorruptGalleryError``: it is never used and never silently skipped.
+raises ``CorruptDataError``: it is never used and never silently skipped.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from runtime.gallery.crypto import NONCE_BYTES, RecordKind
-from runtime.gallery.errors import CorruptGalleryError
 from runtime.storage.durable import (
     PRIVATE_FILE_MODE,
     FileWriter,
@@ -43,6 +41,8 @@ from runtime.storage.durable import (
     write_all,
     write_error,
 )
+from runtime.vault.crypto import NONCE_BYTES, RecordKind
+from runtime.vault.errors import CorruptDataError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _decode_body(body: bytes, where: str) -> tuple[Entry, ...]:
         if pos != len(body):
             raise ValueError("trailing bytes in frame")
     except (struct.error, ValueError) as exc:
-        raise CorruptGalleryError(f"{where}: malformed frame ({exc})") from None
+        raise CorruptDataError(f"{where}: malformed frame ({exc})") from None
     return tuple(entries)
 
 
@@ -130,14 +130,14 @@ def read_header(
     """The checked header; a format outside ``formats`` is refused with a message to update."""
     raw = stream.read(HEADER_BYTES)
     if len(raw) != HEADER_BYTES:
-        raise CorruptGalleryError(f"{where}: file header is truncated; restore from a backup")
+        raise CorruptDataError(f"{where}: file header is truncated; restore from a backup")
     (crc,) = struct.unpack_from(">I", raw, _HEADER.size)
     magic, version, scope_id, key_id = _HEADER.unpack_from(raw, 0)
     if magic != LOG_MAGIC or zlib.crc32(raw[: _HEADER.size]) != crc:
-        raise CorruptGalleryError(f"{where}: file header fails its checksum; restore from a backup")
+        raise CorruptDataError(f"{where}: file header fails its checksum; restore from a backup")
     if version not in formats:
         readable = ", ".join(str(f) for f in formats)
-        raise CorruptGalleryError(
+        raise CorruptDataError(
             f"{where}: log format {version} is not supported (this build reads "
             f"{readable}); update edgeid"
         )
@@ -176,12 +176,12 @@ def scan_frames(
             magic, body_len, body_crc = _FRAME_HEAD.unpack_from(head, 0)
             (head_crc,) = struct.unpack_from(">I", head, _FRAME_HEAD.size)
             if magic != FRAME_MAGIC or zlib.crc32(head[: _FRAME_HEAD.size]) != head_crc:
-                raise CorruptGalleryError(
+                raise CorruptDataError(
                     f"{where}: frame header at byte {offset} fails its checksum; the file was "
-                    "altered or damaged; restore the gallery from a backup"
+                    "altered or damaged; restore it from a backup"
                 )
             if body_len > MAX_FRAME_BYTES:
-                raise CorruptGalleryError(f"{where}: frame at byte {offset} is {body_len} bytes")
+                raise CorruptDataError(f"{where}: frame at byte {offset} is {body_len} bytes")
             torn = FRAME_HEAD_BYTES + body_len > remaining
         if torn:
             state.torn_bytes = remaining
@@ -195,9 +195,9 @@ def scan_frames(
             return
         body = stream.read(body_len)
         if zlib.crc32(body) != body_crc:
-            raise CorruptGalleryError(
+            raise CorruptDataError(
                 f"{where}: frame at byte {offset} fails its checksum; the file was altered or "
-                "damaged; restore the gallery from a backup"
+                "damaged; restore it from a backup"
             )
         size = FRAME_HEAD_BYTES + body_len
         yield Frame(offset, size, _decode_body(body, where))
@@ -216,14 +216,14 @@ def read_frame(stream: BinaryIO, offset: int, where: str) -> Frame:
     stream.seek(offset)
     head = stream.read(FRAME_HEAD_BYTES)
     if len(head) != FRAME_HEAD_BYTES:
-        raise CorruptGalleryError(f"{where}: frame at byte {offset} is missing")
+        raise CorruptDataError(f"{where}: frame at byte {offset} is missing")
     magic, body_len, body_crc = _FRAME_HEAD.unpack_from(head, 0)
     (head_crc,) = struct.unpack_from(">I", head, _FRAME_HEAD.size)
     if magic != FRAME_MAGIC or zlib.crc32(head[: _FRAME_HEAD.size]) != head_crc:
-        raise CorruptGalleryError(f"{where}: frame header at byte {offset} fails its checksum")
+        raise CorruptDataError(f"{where}: frame header at byte {offset} fails its checksum")
     body = stream.read(body_len)
     if len(body) != body_len or zlib.crc32(body) != body_crc:
-        raise CorruptGalleryError(f"{where}: frame at byte {offset} fails its checksum")
+        raise CorruptDataError(f"{where}: frame at byte {offset} fails its checksum")
     return Frame(offset, FRAME_HEAD_BYTES + body_len, _decode_body(body, where))
 
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from runtime.config.settings import KeySettings
-from runtime.gallery.errors import KeyProviderError
-from runtime.gallery.keys import (
+from runtime.vault.errors import KeyProviderError
+from runtime.vault.keys import (
     KekProvider,
     KeyFileProvider,
     PassphraseProvider,
@@ -20,10 +20,15 @@ from runtime.gallery.keys import (
     Tpm2Provider,
     read_keyring,
 )
-from runtime.gallery.store import GALLERIES_DIR, KEYRING_FILE
 
 PASSPHRASE_ENV = "EDGEID_GALLERY_PASSPHRASE"
 KEYS_DIR = "keys"
+
+
+# The keyring lives beside the galleries for historical reasons: moving it would strand the
+# keyrings of boxes already in the field.
+GALLERIES_DIR = "galleries"
+KEYRING_FILE = "keyring.json"
 
 
 def keys_dir(home: Path) -> Path:
