@@ -33,3 +33,15 @@ class StorageWriteError(EdgeidError):
 
 class DiskFullError(StorageWriteError):
     """The disk is full (ENOSPC); the write was rolled back."""
+
+
+class AccessDeniedError(EdgeidError):
+    """The caller's role, token scope or gallery list does not allow this (HTTP 403).
+
+    ``recorded`` is True once an ``access_denied`` audit record was written (or deliberately
+    suppressed by the rate limit), so a front end does not record the same refusal twice.
+    """
+
+    def __init__(self, message: str, *, recorded: bool = False) -> None:
+        super().__init__(message)
+        self.recorded = recorded

@@ -30,6 +30,9 @@ class Permission(enum.StrEnum):
     GALLERIES = "galleries"  # create and delete galleries
     SETTINGS = "settings"  # read the box's settings
     HEALTH = "health"  # health page, models and versions
+    # Open any case on the box, not only one's own: held by no role, only by the operator at
+    # the box's shell (``runtime.services.caller.LocalOperator``).
+    CASES_ANY = "cases:any"
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {

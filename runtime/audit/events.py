@@ -18,50 +18,103 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from runtime.audit.errors import AuditError, AuditInputError
+from runtime.audit.justification import (
+    MAX_CASE_CHARS,
+    MAX_REASON_CHARS,
+    JustificationError,
+    check_case,
+    check_reason,
+)
 
 
 class AuditAction(StrEnum):
     """Every kind of action the appliance accounts for."""
 
+    # Sign-in and accounts
     LOGIN = "login"
     LOGIN_FAILED = "login_failed"
     LOGOUT = "logout"
-    SEARCH = "search"
-    ENROLL = "enroll"
-    DELETE_SUBJECT = "delete_subject"
-    DECISION = "decision"
-    EXPORT = "export"
-    USER_CREATED = "user_created"
-    USER_DELETED = "user_deleted"
-    ROLE_CHANGED = "role_changed"
     PASSWORD_CHANGED = "password_changed"
-    SETTINGS_CHANGED = "settings_changed"
-    GALLERY_CREATED = "gallery_created"
-    GALLERY_DELETED = "gallery_deleted"
+    USER_CREATED = "user_created"
+    USER_DISABLED = "user_disabled"
+    USER_ENABLED = "user_enabled"
+    ROLE_CHANGED = "role_changed"
+    GALLERY_ACCESS_CHANGED = "gallery_access_changed"  # galleries granted to or taken from a user
     TOKEN_CREATED = "token_created"
     TOKEN_REVOKED = "token_revoked"
+    ACCESS_DENIED = "access_denied"  # a refused attempt: role, scope, gallery, another's data
+    # What reveals personal or biometric data
+    WORK_CONTEXT_SET = "work_context_set"  # "working on case X because Y", stated once a session
+    SEARCH = "search"
+    VERIFY = "verify"
+    DECISION = "decision"
+    SUBJECTS_LISTED = "subjects_listed"  # a gallery's subject list shown
+    SUBJECT_VIEWED = "subject_viewed"  # a subject's record: name, notes, legal basis, photos
+    FACE_VIEWED = "face_viewed"  # an enrolled photo fetched on its own (not on a recorded page)
+    CASE_VIEWED = "case_viewed"  # a case's clusters, leads, files or faces
+    CASE_REPORT = "case_report"  # a case's report made or downloaded
+    GALLERY_EXPORTED = "gallery_exported"  # an encrypted backup of a whole gallery
     AUDIT_VIEWED = "audit_viewed"
     AUDIT_EXPORTED = "audit_exported"
+    # What changes it
+    ENROLL = "enroll"
+    FACE_ADDED = "face_added"  # another photo for an enrolled subject
+    DELETE_SUBJECT = "delete_subject"
+    GALLERY_CREATED = "gallery_created"
+    GALLERY_DELETED = "gallery_deleted"  # a whole gallery erased, with its counts
+    GALLERY_IMPORTED = "gallery_imported"
+    GALLERY_RE_EMBEDDED = "gallery_re_embedded"
+    KEYS_ROTATED = "keys_rotated"
     CASE_INGESTED = "case_ingested"  # a case ingest started (its cluster searches follow)
-    CASE_REPORT = "case_report"  # a case's report downloaded
+    CASE_PURGED = "case_purged"
+    # Two-person rule
+    CHANGE_PROPOSED = "change_proposed"
+    CHANGE_APPROVED = "change_approved"
+    CHANGE_REJECTED = "change_rejected"
+    # Written by the appliance itself
+    OPERATION_FAILED = "operation_failed"  # a recorded change that then failed
     LOG_RECOVERED = "log_recovered"  # written by the log itself after a crash
+    # Kept so that logs written by earlier versions still read; never written any more.
+    EXPORT = "export"
+    USER_DELETED = "user_deleted"
+    SETTINGS_CHANGED = "settings_changed"
 
 
-# A search without these cannot be accounted for (the regulator's finding); a decision is
-# always about some case's search results; a case ingest and its report name their case, and
-# an ingest (which searches every cluster) gives its reason.
-CASE_REQUIRED = frozenset(
-    {AuditAction.SEARCH, AuditAction.DECISION, AuditAction.CASE_INGESTED, AuditAction.CASE_REPORT}
+LEGACY_ACTIONS = frozenset(
+    {AuditAction.EXPORT, AuditAction.USER_DELETED, AuditAction.SETTINGS_CHANGED}
 )
-REASON_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.CASE_INGESTED})
-PROBE_REQUIRED = frozenset({AuditAction.SEARCH})
+
+# A search without these cannot be accounted for (the regulator's finding): everything that
+# shows a person's name, face or case evidence names its case and gives its reason; so does
+# every erasure and every export of a whole gallery.
+CASE_REQUIRED = frozenset(
+    {
+        AuditAction.SEARCH,
+        AuditAction.VERIFY,
+        AuditAction.DECISION,
+        AuditAction.WORK_CONTEXT_SET,
+        AuditAction.SUBJECTS_LISTED,
+        AuditAction.SUBJECT_VIEWED,
+        AuditAction.FACE_VIEWED,
+        AuditAction.CASE_VIEWED,
+        AuditAction.CASE_INGESTED,
+        AuditAction.CASE_REPORT,
+        AuditAction.GALLERY_EXPORTED,
+    }
+)
+REASON_REQUIRED = CASE_REQUIRED - {AuditAction.DECISION, AuditAction.CASE_REPORT} | {
+    AuditAction.DELETE_SUBJECT,
+    AuditAction.GALLERY_DELETED,
+    AuditAction.GALLERY_IMPORTED,
+    AuditAction.CASE_PURGED,
+    AuditAction.CHANGE_PROPOSED,
+}
+PROBE_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.VERIFY})
 
 SYSTEM_USER = "system"  # the user and role of records the appliance writes itself
 
 # Bounds: generous for real use, small enough that one record stays one small frame.
 MAX_USER_CHARS = 128
-MAX_CASE_CHARS = 64
-MAX_REASON_CHARS = 1000
 MAX_SHORT_CHARS = 200  # gallery, decision, band
 MAX_DETAIL_CHARS = 4000
 MAX_CANDIDATES = 1000
@@ -98,6 +151,7 @@ class AuditEvent:
     decision: str | None = None
     subject_id: str | None = None
     detail: str | None = None
+    age_band: str | None = None  # the probe's stated age band, which chose the threshold
 
 
 @dataclass(frozen=True)
@@ -179,6 +233,13 @@ def check_event(event: AuditEvent) -> AuditEvent:
     reason = _text(
         event.reason, "reason", MAX_REASON_CHARS, required=action in REASON_REQUIRED, multiline=True
     )
+    try:  # the same rules as every door's ``Justification``
+        if case is not None:
+            case = check_case(case)
+        if reason is not None and action in REASON_REQUIRED:
+            reason = check_reason(reason)
+    except JustificationError as exc:
+        raise AuditInputError(str(exc)) from None
     probe = _pattern(event.probe_sha256, "probe_sha256", _SHA256, "64 lower-case hex digits")
     if probe is None and action in PROBE_REQUIRED:
         raise AuditInputError("a search must carry the probe image's sha256 (never the image)")
@@ -198,6 +259,7 @@ def check_event(event: AuditEvent) -> AuditEvent:
         decision=_text(event.decision, "decision", MAX_SHORT_CHARS),
         subject_id=_pattern(event.subject_id, "subject_id", _ID, "an id of 1-64 characters"),
         detail=_text(event.detail, "detail", MAX_DETAIL_CHARS, multiline=True),
+        age_band=_text(event.age_band, "age band", MAX_SHORT_CHARS),
     )
 
 
@@ -226,6 +288,7 @@ def event_to_json(event: AuditEvent) -> dict[str, object]:
         "decision": event.decision,
         "subject_id": event.subject_id,
         "detail": event.detail,
+        **({"age_band": event.age_band} if event.age_band is not None else {}),
     }
 
 
@@ -264,6 +327,7 @@ def event_from_json(data: Mapping[str, object]) -> AuditEvent:
             decision=_opt_str(data, "decision"),
             subject_id=_opt_str(data, "subject_id"),
             detail=_opt_str(data, "detail"),
+            age_band=_opt_str(data, "age_band"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AuditError(

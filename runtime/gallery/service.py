@@ -506,6 +506,18 @@ class GalleryService:
             self._persist(gallery, index)
             self._dirty.discard(gallery.gallery_id)
 
+    def delete_face(self, gallery_name: str, face_id: str) -> None:
+        """Erase one face (store compaction under a new key, index re-sealed without it)."""
+        with self._lock:
+            gallery = self.store.open_gallery(gallery_name)
+            index = self._index(gallery)
+            gallery.delete_face(face_id, compact=True)
+            if face_id in index:
+                index.delete([face_id], compact_when_due=False)
+            index.compact()
+            self._persist(gallery, index)
+            self._dirty.discard(gallery.gallery_id)
+
     # -- reading -----------------------------------------------------------------------------
 
     def subjects(self, gallery_name: str) -> list[Subject]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.errors import BadInputError, EdgeidError
+from runtime.errors import AccessDeniedError, BadInputError, EdgeidError
 
 
 class LoginRequiredError(EdgeidError):
@@ -13,7 +13,7 @@ class PasswordChangeRequiredError(EdgeidError):
     """The user still holds a one-time password (pages redirect to the change form)."""
 
 
-class ForbiddenError(EdgeidError):
+class ForbiddenError(AccessDeniedError):
     """Signed in, but this role, token scope or gallery list does not allow it (403)."""
 
 

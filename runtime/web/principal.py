@@ -7,6 +7,7 @@ from typing import Literal
 
 from runtime.accounts.roles import GALLERY_SCOPED, Permission, Role
 from runtime.accounts.sessions import Session
+from runtime.audit.actor import Actor
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,17 @@ class Principal:
     owner: str  # names this session or token to the in-memory workspace
     session: Session | None = None
     token_id: str | None = None
+
+    @property
+    def actor(self) -> Actor:
+        """As the audit log names them; API calls name their token, so a leaked token's use
+        can be traced and revoked."""
+        via = f"API token {self.token_id}" if self.via == "token" else None
+        return Actor(self.username, self.role.value, via)
+
+    @property
+    def session_key(self) -> str:
+        return self.owner
 
     def may(self, permission: Permission) -> bool:
         return permission in self.permissions

@@ -1,0 +1,133 @@
+"""The one way services write to the audit log: ``Recorder`` over an ``AuditSink``.
+
+Services hold a ``Recorder`` and call ``record`` before they return personal data or
+acknowledge a change: if the sink refuses (disk full, log closed, a malformed event), the
+exception propagates and the caller reveals or changes nothing. Refusals go through ``denied``,
+which is rate-limited per actor so that a flood of refused requests cannot fill the disk; the
+refusals it suppresses are counted and reported in that actor's next recorded refusal.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from runtime.audit.actor import Actor
+from runtime.audit.events import AuditAction, AuditEvent, Candidate
+from runtime.audit.justification import Justification
+
+# At most this many refusals per actor per window are written; a client hammering a door it
+# may not use costs a few records a minute, not a record per request.
+DENIALS_PER_WINDOW = 10
+DENIAL_WINDOW_S = 60.0
+MAX_TRACKED_ACTORS = 4096  # bounds the limiter's memory; the oldest actor is forgotten first
+
+
+class AuditSink(Protocol):
+    """Where records go: ``runtime.audit.log.AuditLog`` (or a test's list)."""
+
+    def append(self, event: AuditEvent) -> object: ...
+
+
+@dataclass
+class _Window:
+    started: float
+    written: int = 0
+    suppressed: int = 0
+
+
+class Recorder:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        sink: AuditSink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        denials_per_window: int = DENIALS_PER_WINDOW,
+        window_s: float = DENIAL_WINDOW_S,
+    ) -> None:
+        self.sink = sink
+        self._clock = clock
+        self._limit = denials_per_window
+        self._window_s = window_s
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(
+        self,
+        actor: Actor,
+        action: AuditAction,
+        *,
+        justification: Justification | None = None,
+        gallery: str | None = None,
+        subject_id: str | None = None,
+        probe_sha256: str | None = None,
+        candidates: Sequence[Candidate] = (),
+        decision: str | None = None,
+        age_band: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Append one record; raises (and so stops the caller) if it cannot be written."""
+        self.sink.append(
+            AuditEvent(
+                user=actor.user,
+                role=actor.role,
+                action=action,
+                case=justification.case if justification else None,
+                reason=justification.reason if justification else None,
+                gallery=gallery,
+                probe_sha256=probe_sha256,
+                candidates=tuple(candidates),
+                decision=decision,
+                subject_id=subject_id,
+                age_band=age_band,
+                detail=_with_via(actor, detail),
+            )
+        )
+
+    def denied(
+        self,
+        actor: Actor,
+        *,
+        where: str,
+        resource: str | None = None,
+        why: str,
+        justification: Justification | None = None,
+    ) -> bool:
+        """Record an ``access_denied``; False when this actor's allowance for the window is
+        spent (the refusal is counted and reported with the next one written)."""
+        with self._lock:
+            now = self._clock()
+            window = self._windows.get(actor.user)
+            if window is None or now - window.started >= self._window_s:
+                carried = window.suppressed if window else 0
+                window = _Window(started=now, suppressed=carried)
+                self._windows[actor.user] = window
+            self._windows.move_to_end(actor.user)
+            while len(self._windows) > MAX_TRACKED_ACTORS:
+                self._windows.popitem(last=False)
+            if window.written >= self._limit:
+                window.suppressed += 1
+                return False
+            window.written += 1
+            suppressed, window.suppressed = window.suppressed, 0
+        parts = [f"at {where}", why]
+        if resource:
+            parts.insert(1, f"resource {resource}")
+        if suppressed:
+            parts.append(f"{suppressed} earlier refusal(s) of this actor not recorded (rate limit)")
+        self.record(
+            actor, AuditAction.ACCESS_DENIED, justification=justification, detail="; ".join(parts)
+        )
+        return True
+
+
+def _with_via(actor: Actor, detail: str | None) -> str | None:
+    if actor.via is None:
+        return detail
+    return f"{detail}; via {actor.via}" if detail else f"via {actor.via}"
