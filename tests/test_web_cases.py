@@ -165,7 +165,10 @@ def test_ingest_from_upload_to_clusters_leads_report_and_audit(box: Box, media_z
     assert CASE in report.text and "Subject 1" in report.text
 
     api = api_client(box, user)
-    body = api.get(f"/api/v1/cases/{case_id}").json()
+    assert api.get(f"/api/v1/cases/{case_id}").status_code == 400  # no case and reason stated
+    body = api.get(
+        f"/api/v1/cases/{case_id}", headers={"Edgeid-Case": CASE, "Edgeid-Reason": REASON}
+    ).json()
     assert body["case"] == CASE
     leads = [
         lead
@@ -188,6 +191,8 @@ def test_ingest_from_upload_to_clusters_leads_report_and_audit(box: Box, media_z
     assert searched and len(searches) == len(searched)  # one record per cluster search
     assert all(e.user == user and e.reason == REASON for e in searches)
     assert [e.action for e in records].count(AuditAction.CASE_REPORT) == 1
+    viewed = [e for e in records if e.action is AuditAction.CASE_VIEWED]
+    assert len(viewed) == 2  # the case page, then the API's view; its photos rode on the page
 
 
 def test_progress_refreshes_while_running_and_the_archive_goes_whatever_the_end(
@@ -256,8 +261,9 @@ def test_technicians_supervisors_and_investigators_without_the_gallery_are_refus
     mine = api_client(box, box.users[Role.INVESTIGATOR]).get("/api/v1/cases").json()
     if mine:
         case_id = mine[0]["case_id"]
-        assert browser.get(f"/cases/{case_id}").status_code == 404
-        assert browser.get(f"/cases/{case_id}/report.html").status_code == 404
+        # Refused, and the refusal recorded (the case id is random: 403 reveals nothing).
+        assert browser.get(f"/cases/{case_id}").status_code == 403
+        assert browser.get(f"/cases/{case_id}/report.html").status_code == 403
         reply = browser.post(
             "/cases", data={"case": mine[0]["case"], "reason": REASON, "csrf_token": csrf}
         )
@@ -325,7 +331,10 @@ def test_api_ingest_runs_end_to_end(box: Box, lfw_dir: Path) -> None:
     assert job_of(box, user, job_id).job.wait(timeout=300)
     status = api.get(f"/api/v1/case-jobs/{job_id}").json()
     assert status["state"] == "complete" and status["files_new"] == 1
-    view = api.get(f"/api/v1/cases/{status['case_id']}").json()
+    view = api.get(
+        f"/api/v1/cases/{status['case_id']}",
+        headers={"Edgeid-Case": "API-0001", "Edgeid-Reason": REASON},
+    ).json()
     assert view["source_files"][0]["names"] == ["one.jpg"]
     assert view["last_run"]["source"] == "upload: archive"
     top = view["clusters"][0]["search"]["leads"][0]

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from web_support import (
     OFFICE,
     PEOPLE,
+    WORK_CASE,
     Box,
     build_box,
     central_face,
@@ -21,6 +22,7 @@ from web_support import (
     csrf_of,
     lfw_image,
     sign_in,
+    work_on,
 )
 
 from runtime.accounts.roles import ROLE_PERMISSIONS, Role
@@ -82,6 +84,7 @@ def test_enrolment_checks_for_duplicates_and_adds_to_the_subject(box: Box, lfw_d
     assert added.status_code == 303
     assert added.headers["location"] == f"/galleries/{OFFICE}/subjects/{subject}"
     assert len(box.service.faces(OFFICE, subject)) == before + 1
+    work_on(browser, csrf)
     page = browser.get(added.headers["location"])
     assert page.text.count("thumbnail.jpg") == before + 1
     assert len(box.service.subjects(OFFICE)) == len(PEOPLE)  # no new subject
@@ -124,6 +127,9 @@ def test_enrol_a_new_subject_then_erase_it_with_confirmation(box: Box, lfw_dir: 
     assert reply.status_code == 303
     subject_url = reply.headers["location"]
     subject = subject_url.rsplit("/", 1)[1]
+    asked = browser.get(subject_url)  # no case stated yet this session: the form comes first
+    assert asked.status_code == 303 and asked.headers["location"].startswith("/context?next=")
+    work_on(browser, csrf)
     page = browser.get(subject_url)
     assert "Subject N" in page.text and keep in page.text and "seen at the harbour" in page.text
     enrolled = box.audit.query(action=AuditAction.ENROLL, limit=1)[0].event
@@ -132,7 +138,9 @@ def test_enrol_a_new_subject_then_erase_it_with_confirmation(box: Box, lfw_dir: 
 
     confirm = browser.get(f"{subject_url}/delete")
     assert confirm.status_code == 200 and "cannot be undone" in confirm.text
-    unconfirmed = browser.post(f"{subject_url}/delete", data={"csrf_token": csrf, "reason": "x"})
+    unconfirmed = browser.post(
+        f"{subject_url}/delete", data={"csrf_token": csrf, "reason": "enrolled in error"}
+    )
     assert unconfirmed.status_code == 400
     assert browser.get(subject_url).status_code == 200  # still there
     erased = browser.post(
@@ -143,6 +151,8 @@ def test_enrol_a_new_subject_then_erase_it_with_confirmation(box: Box, lfw_dir: 
     assert browser.get(subject_url).status_code == 404
     deletion = box.audit.query(action=AuditAction.DELETE_SUBJECT, limit=1)[0].event
     assert deletion.subject_id == subject and deletion.reason == "enrolled in error"
+    viewed = box.audit.query(action=AuditAction.SUBJECT_VIEWED, limit=1)[0].event
+    assert viewed.subject_id == subject and viewed.case == WORK_CASE
 
 
 # -- the API -----------------------------------------------------------------------------------
@@ -261,7 +271,8 @@ def test_retention_lists_expired_subjects_without_names_and_erases_them(
     assert erased.status_code == 303
     assert expired not in {s.subject_id for s in box.service.subjects(OFFICE)}
     record = box.audit.query(action=AuditAction.DELETE_SUBJECT, limit=1)[0].event
-    assert record.subject_id == expired and record.detail == "retention period over"
+    assert record.subject_id == expired and record.reason == "retention period over"
+    assert record.detail is not None and "retention period over" in record.detail
     # Supervisors hold no face permission: the subject pages stay closed to them.
     assert supervisor.get(f"/galleries/{OFFICE}/subjects").status_code == 403
 

@@ -32,6 +32,7 @@ from web_support import (
     OTHER,
     PASSWORD,
     PEOPLE,
+    WORK_HEADERS,
     Box,
     build_box,
     client,
@@ -39,6 +40,7 @@ from web_support import (
     lfw_image,
     sign_in,
     tls_settings,
+    work_on,
 )
 
 from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
@@ -46,6 +48,7 @@ from runtime.accounts.throttle import ACCOUNT_MAX_FAILURES
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction
+from runtime.audit.recorder import DENIAL_WINDOW_S
 from runtime.config.settings import Settings, WebSettings
 from runtime.inference.image_decode import decode_image
 from runtime.web.access import ApiAccess, Requirement
@@ -378,6 +381,7 @@ def test_sign_in_never_redirects_off_the_box(box: Box) -> None:
 
 def test_investigators_reach_only_their_galleries(box: Box, probe_photo: bytes) -> None:
     browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    box.clock.advance(DENIAL_WINDOW_S)  # a fresh refusal allowance (earlier tests used it up)
     page = browser.get("/search")
     assert f'value="{OFFICE}"' in page.text and f'value="{OTHER}"' not in page.text
     refused = browser.post(
@@ -394,6 +398,12 @@ def test_investigators_reach_only_their_galleries(box: Box, probe_photo: bytes) 
     assert browser.get(f"/galleries/{OTHER}/subjects/{box.other_subject}").status_code == 403
     face = box.service.faces(OTHER, box.other_subject)[0].face_id
     assert browser.get(f"/galleries/{OTHER}/faces/{face}/thumbnail.jpg").status_code == 403
+    refusals = box.audit.query(action=AuditAction.ACCESS_DENIED, user=box.users[Role.INVESTIGATOR])
+    assert len(refusals) >= 4  # each refused attempt is on record, with the gallery named
+    assert all(r.event.detail and OTHER in r.event.detail for r in refusals[:4]), [
+        r.event.detail for r in refusals[:4]
+    ]
+    work_on(browser, csrf)
     assert browser.get(f"/galleries/{OFFICE}/subjects").status_code == 200
 
 
@@ -404,12 +414,12 @@ def test_token_scopes_limit_the_api_and_revocation_stops_it(box: Box) -> None:
     token, secret = store.create(user, "reader", ["subjects:read"], allowed=held)
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
-    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects").status_code == 200
+    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 200
     start = {"case": "2025/7", "reason": "identify a victim in seized media"}
     assert api.post("/api/v1/searches", json=start).status_code == 403
     assert api.get("/api/v1/me").json()["scopes"] == ["subjects:read"]
     store.revoke(token.token_id)
-    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects").status_code == 401
+    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 401
 
 
 def test_a_token_never_exceeds_its_owner_s_current_role(box: Box) -> None:
@@ -419,11 +429,11 @@ def test_a_token_never_exceeds_its_owner_s_current_role(box: Box) -> None:
     _, secret = TokenStore(box.home).create(name, "all", held, allowed=held)
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
-    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects").status_code == 200
+    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 200
     UserStore(box.home).update(name, role=Role.TECHNICIAN)
-    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects").status_code == 403
+    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 403
     UserStore(box.home).update(name, role=Role.INVESTIGATOR, disabled=True)
-    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects").status_code == 401
+    assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 401
 
 
 # -- uploads -----------------------------------------------------------------------------------

@@ -196,6 +196,20 @@ def sign_in(box: Box, role: Role, *, password: str = PASSWORD) -> tuple[TestClie
     return browser, token
 
 
+WORK_CASE = "2026/0042"
+WORK_REASON = "identifying the child seen in the seized photos"
+# What an API call states to browse a gallery or a case (runtime/web/work_context.py).
+WORK_HEADERS = {"Edgeid-Case": WORK_CASE, "Edgeid-Reason": WORK_REASON}
+
+
+def work_on(
+    browser: TestClient, csrf: str, case: str = WORK_CASE, reason: str = WORK_REASON
+) -> None:
+    """State the case and reason the session is working on (recorded once)."""
+    reply = browser.post("/context", data={"csrf_token": csrf, "case": case, "reason": reason})
+    assert reply.status_code == 303, reply.text
+
+
 # -- a real server on a free loopback port ------------------------------------------------------
 
 

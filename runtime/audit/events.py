@@ -48,6 +48,7 @@ class AuditAction(StrEnum):
     SEARCH = "search"
     VERIFY = "verify"
     DECISION = "decision"
+    DUPLICATE_FOUND = "duplicate_found"  # enrolment refused: the subjects it matches are shown
     SUBJECTS_LISTED = "subjects_listed"  # a gallery's subject list shown
     SUBJECT_VIEWED = "subject_viewed"  # a subject's record: name, notes, legal basis, photos
     FACE_VIEWED = "face_viewed"  # an enrolled photo fetched on its own (not on a recorded page)

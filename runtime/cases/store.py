@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.audit.justification import check_case
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
 from runtime.cases.records import CaseFace, CaseMeta, CaseResults, SourceFile
 from runtime.errors import BadInputError, StorageWriteError
@@ -89,10 +89,6 @@ KEY_SCOPE_PREFIX = "case-"  # not a gallery scope: GalleryStore's recovery leave
 # Faces per records frame: keeps a frame small (a crowded video can hold tens of thousands of
 # faces) and far below the log's 65,535 entries per frame.
 FACES_PER_FRAME = 1000
-MAX_CASE_NUMBER_CHARS = 64  # the audit log keeps case numbers of at most 64 characters
-# The same rule as the web UI's searches (runtime/web/operations.py): a case number typed in
-# either place finds the same case.
-CASE_NUMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ./_#:()-]{0,63}")
 MAX_TEXT_CHARS = 1000
 
 _FILE_KIND = RecordKind.SUBJECT
@@ -108,16 +104,9 @@ def key_scope(case_id: str) -> str:
 
 
 def check_case_number(number: str) -> str:
-    """The case number trimmed, or ``BadInputError`` naming what is wrong with it."""
-    text = number.strip() if isinstance(number, str) else ""
-    if not text:
-        raise BadInputError("give the case number (--case)")
-    if not CASE_NUMBER.fullmatch(text):
-        raise BadInputError(
-            "the case number may hold letters, digits, spaces and . / _ # : ( ) -, at most "
-            f"{MAX_CASE_NUMBER_CHARS} characters"
-        )
-    return text
+    """The case number trimmed, or ``BadInputError`` naming what is wrong with it (the one
+    rule every door uses: ``runtime.audit.justification``)."""
+    return check_case(number if isinstance(number, str) else None)
 
 
 def check_text(value: str, what: str) -> str:

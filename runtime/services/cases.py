@@ -255,12 +255,11 @@ class AccountableCases:
         self.recorder.record(
             caller.actor,
             AuditAction.CASE_PURGED,
-            justification=None,
+            justification=Justification.of(meta.number, reason),
             detail="; ".join(
                 p
                 for p in (
                     f"case {meta.case_id}",
-                    f"reason: {reason}",
                     f"{meta.summary.files} files, {meta.summary.faces} faces",
                     detail,
                 )

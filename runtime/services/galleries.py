@@ -31,6 +31,7 @@ from runtime.gallery.service import (
     DEFAULT_TOP_K,
     AgeBand,
     Candidate,
+    DuplicateSubjectError,
     Enrolled,
     GalleryService,
     Probe,
@@ -375,8 +376,8 @@ class AccountableGalleries:
             caller.actor,
             AuditAction.GALLERY_DELETED,
             gallery=name,
-            justification=None,
-            detail="; ".join(p for p in (counts, f"reason: {reason}", detail) if p),
+            reason=reason,
+            detail="; ".join(p for p in (counts, detail) if p),
         )
         with self._failure_recorded(caller, AuditAction.GALLERY_DELETED, name):
             self.galleries.delete_gallery(name)
@@ -405,17 +406,31 @@ class AccountableGalleries:
             raise BadInputError(
                 "give the legal basis for holding this subject (law, warrant, case)"
             )
-        enrolled = self.galleries.enroll(
-            gallery,
-            display_name=display_name,
-            legal_basis=legal_basis,
-            enrolled_by=caller.actor.user,
-            image_bytes=image_bytes,
-            face_index=face_index,
-            notes=notes,
-            retention_until=retention_until,
-            allow_duplicate=allow_duplicate,
-        )
+        try:
+            enrolled = self.galleries.enroll(
+                gallery,
+                display_name=display_name,
+                legal_basis=legal_basis,
+                enrolled_by=caller.actor.user,
+                image_bytes=image_bytes,
+                face_index=face_index,
+                notes=notes,
+                retention_until=retention_until,
+                allow_duplicate=allow_duplicate,
+            )
+        except DuplicateSubjectError as exc:
+            # The refusal shows the enroller which subjects the face matches: a reveal.
+            self.recorder.record(
+                caller.actor,
+                AuditAction.DUPLICATE_FOUND,
+                justification=justification,
+                gallery=gallery,
+                candidates=audit_candidates(exc.candidates),
+                detail="enrolment refused as a possible duplicate",
+            )
+            for candidate in exc.candidates:
+                self.revealed.note(caller.session_key, candidate.gallery, [candidate.face_id])
+            raise
         extra = ["enrolled despite a possible duplicate"] if allow_duplicate else []
         if retention_until:
             extra.append(f"retain until {retention_until.isoformat()}")
@@ -495,13 +510,10 @@ class AccountableGalleries:
             AuditAction.DELETE_SUBJECT,
             gallery=gallery,
             subject_id=subject_id,
+            reason=reason,
             detail="; ".join(
                 p
-                for p in (
-                    f"reason: {reason}",
-                    f"{faces} faces",
-                    "retention period over" if by_retention else None,
-                )
+                for p in (f"{faces} faces", "retention period over" if by_retention else None)
                 if p
             ),
         )
@@ -521,10 +533,8 @@ class AccountableGalleries:
                 caller.actor,
                 AuditAction.GALLERY_IMPORTED,
                 gallery=info.name,
-                detail=(
-                    f"reason: {reason}; {info.subjects} subjects, {info.faces} faces "
-                    f"from {src.name}"
-                ),
+                reason=reason,
+                detail=f"{info.subjects} subjects, {info.faces} faces from {src.name}",
             )
         except BaseException:
             self.galleries.delete_gallery(info.name)

@@ -110,6 +110,7 @@ class ApiAccess(Requirement):
             owner=f"token:{token.token_id}",
             token_id=token.token_id,
         )
+        request.state.principal = principal  # so a refusal is recorded against the token
         if self.permission is not None and not principal.may(self.permission):
             raise ForbiddenError(f"this token lacks the scope {self.permission.value}")
         return principal

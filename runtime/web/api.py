@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,9 +18,10 @@ from runtime.accounts.roles import Permission
 from runtime.accounts.tokens import Token
 from runtime.accounts.users import User
 from runtime.audit import AuditAction
+from runtime.audit.justification import CASE_NUMBER_PATTERN, MAX_CASE_CHARS, MIN_REASON_CHARS
 from runtime.errors import BadInputError
 from runtime.gallery.service import DuplicateSubjectError
-from runtime.web import admin
+from runtime.web import admin, work_context
 from runtime.web import operations as ops
 from runtime.web.access import ApiAccess
 from runtime.web.api_models import (
@@ -58,6 +59,7 @@ Anyone = Annotated[Principal, Depends(ApiAccess(None))]
 Searcher = Annotated[Principal, Depends(ApiAccess(Permission.SEARCH))]
 Enroller = Annotated[Principal, Depends(ApiAccess(Permission.ENROL))]
 Reader = Annotated[Principal, Depends(ApiAccess(Permission.SUBJECTS_READ))]
+
 Eraser = Annotated[Principal, Depends(ApiAccess(Permission.SUBJECTS_DELETE))]
 Auditor = Annotated[Principal, Depends(ApiAccess(Permission.AUDIT_READ))]
 UserAdmin = Annotated[Principal, Depends(ApiAccess(Permission.USERS))]
@@ -220,28 +222,82 @@ def gallery_delete(request: Request, gallery: str, principal: GalleryAdmin) -> R
     return Response(status_code=204)
 
 
+# Browsing what a gallery holds reveals personal data: the call states its case and reason in
+# these headers (the reason percent-encoded where it is not plain ASCII), and is recorded.
+CaseHeader = Annotated[
+    str | None,
+    Header(
+        alias=work_context.CASE_HEADER,
+        description="The case number this look-up is for (recorded in the audit log).",
+        max_length=MAX_CASE_CHARS,
+        pattern=CASE_NUMBER_PATTERN,
+    ),
+]
+ReasonHeader = Annotated[
+    str | None,
+    Header(
+        alias=work_context.REASON_HEADER,
+        description=(
+            f"Why (at least {MIN_REASON_CHARS} characters; percent-encoded UTF-8). Recorded "
+            "in the audit log."
+        ),
+    ),
+]
+
+
 @router.get("/galleries/{gallery}/subjects", response_model=list[SubjectOut], tags=["subjects"])
-def subjects(request: Request, gallery: str, principal: Reader) -> list[SubjectOut]:
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
-    return [SubjectOut.of(gallery, s) for s in web_state(request).galleries.subjects(gallery)]
+def subjects(
+    request: Request,
+    gallery: str,
+    principal: Reader,
+    case: CaseHeader = None,
+    reason: ReasonHeader = None,
+) -> list[SubjectOut]:
+    """The gallery's subjects: needs the case and reason headers; recorded."""
+    why = work_context.from_headers(request)
+    listed = web_state(request).accountable.subjects(
+        principal, why, gallery, where="GET /api/v1/galleries/{gallery}/subjects"
+    )
+    return [SubjectOut.of(gallery, s) for s in listed]
 
 
 @router.get(
     "/galleries/{gallery}/subjects/{subject_id}", response_model=SubjectOut, tags=["subjects"]
 )
-def subject(request: Request, gallery: str, subject_id: str, principal: Reader) -> SubjectOut:
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
-    service = web_state(request).galleries
-    return SubjectOut.of(
-        gallery, service.subject(gallery, subject_id), service.faces(gallery, subject_id)
+def subject(
+    request: Request,
+    gallery: str,
+    subject_id: str,
+    principal: Reader,
+    case: CaseHeader = None,
+    reason: ReasonHeader = None,
+) -> SubjectOut:
+    """One subject's record and faces: needs the case and reason headers; recorded."""
+    why = work_context.from_headers(request)
+    shown = web_state(request).accountable.subject(
+        principal, why, gallery, subject_id, where="GET /api/v1/galleries/{gallery}/subjects/{id}"
     )
+    return SubjectOut.of(gallery, shown.subject, list(shown.faces))
 
 
 @router.get("/galleries/{gallery}/faces/{face_id}/thumbnail.jpg", tags=["subjects"], responses=JPEG)
-def thumbnail(request: Request, gallery: str, face_id: str, principal: Reader) -> Response:
-    """The enrolled face, aligned, for comparison beside the probe's chip."""
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
-    return jpeg_response(web_state(request).galleries.thumbnail(gallery, face_id))
+def thumbnail(
+    request: Request,
+    gallery: str,
+    face_id: str,
+    principal: Reader,
+    case: CaseHeader = None,
+    reason: ReasonHeader = None,
+) -> Response:
+    """The enrolled face, aligned, for comparison beside the probe's chip. Free after a
+    recorded search or subject record of the same token that showed it; otherwise it needs
+    the case and reason headers and is recorded."""
+    state = web_state(request)
+    why = work_context.from_headers(request) if case or reason else None
+    jpeg = state.accountable.thumbnail(
+        principal, why, gallery, face_id, where="GET /api/v1/galleries/{gallery}/faces/{id}"
+    )
+    return jpeg_response(jpeg)
 
 
 @router.post(
@@ -261,6 +317,7 @@ async def enrol(request: Request, gallery: str, principal: Enroller) -> Response
     form = await read_form(request, max_file_bytes=state.max_upload_bytes)
     photo = form.files.get("photo")
     checked = ops.check_enrolment(
+        state,
         principal,
         gallery=gallery,
         display_name=form.get("display_name"),

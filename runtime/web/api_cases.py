@@ -152,22 +152,21 @@ def cases_list(request: Request, principal: Searcher) -> list[dict[str, object]]
 
 @router.get("/cases/{case_id}", tags=["cases"])
 def case_get(request: Request, case_id: str, principal: Searcher) -> dict[str, object]:
-    """The case's clusters (best faces, files, leads with score bands) and files."""
-    case = cops.load_case(web_state(request), principal, case_id)
-    return view_json(cops.visible_view(case, principal))
+    """The case's clusters (best faces, files, leads with score bands) and files. Needs the
+    reason header (``Edgeid-Case`` must name this case); recorded."""
+    return view_json(cops.view(request, web_state(request), principal, case_id))
 
 
 @router.get("/cases/{case_id}/faces/{face_id}.jpg", tags=["cases"], responses=JPEG)
 def case_face(request: Request, case_id: str, face_id: str, principal: Searcher) -> Response:
     """A case face's aligned chip."""
-    return jpeg_response(cops.thumbnail(web_state(request), principal, case_id, face_id))
+    return jpeg_response(cops.thumbnail(request, web_state(request), principal, case_id, face_id))
 
 
 @router.get("/cases/{case_id}/report.html", tags=["cases"], responses=HTML)
 def case_report(request: Request, case_id: str, principal: Searcher) -> Response:
     """The case report (one self-contained HTML file); the download is audited."""
-    state = web_state(request)
-    html = cops.report(state, principal, cops.load_case(state, principal, case_id))
+    html = cops.report(request, web_state(request), principal, case_id)
     return HTMLResponse(
         html,
         headers={"Content-Disposition": f'attachment; filename="case-{case_id}-report.html"'},

@@ -28,12 +28,15 @@ from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import TokenNotFoundError, TokenStore
 from runtime.accounts.users import UserExistsError, UserNotFoundError, UserStore
 from runtime.audit import AuditLog
+from runtime.audit.recorder import Recorder
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError
 from runtime.cases.service import CaseService
 from runtime.config.settings import Settings
-from runtime.errors import BadInputError, EdgeidError, OverloadedError
+from runtime.errors import AccessDeniedError, BadInputError, EdgeidError, OverloadedError
 from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
+from runtime.services.cases import AccountableCases
+from runtime.services.galleries import AccountableGalleries
 from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import (
     api,
@@ -42,6 +45,7 @@ from runtime.web import (
     pages_admin,
     pages_audit,
     pages_cases,
+    pages_context,
     pages_health,
     pages_search,
     pages_subjects,
@@ -59,7 +63,8 @@ from runtime.web.errors import (
 )
 from runtime.web.forms import BodyTooLargeError, UnsupportedBodyError
 from runtime.web.rendering import STATIC_DIR, make_environment, render
-from runtime.web.state import WebState
+from runtime.web.state import WebState, web_state
+from runtime.web.work_context import WorkContextRequiredError
 from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LoginRequiredError, 401),
     (PasswordChangeRequiredError, 403),
     (ForbiddenError, 403),
+    (AccessDeniedError, 403),
     (CsrfError, 403),
     (ThrottledError, 429),
     (BodyTooLargeError, 413),
@@ -89,6 +95,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (UserExistsError, 409),
     (QualityGateError, 422),
     (OverloadedError, 503),
+    (WorkContextRequiredError, 400),
     (BadInputError, 400),
     (EdgeidError, 500),
 )
@@ -139,12 +146,15 @@ def create_app(
         if desk is not None:
             desk.plans.drop_owner(session.owner)
 
+    recorder = Recorder(audit, clock=clock)
     state = WebState(
         home=home,
         settings=settings,
         version=version,
         galleries=galleries,
         audit=audit,
+        recorder=recorder,
+        accountable=AccountableGalleries(galleries, recorder, clock=clock),
         users=UserStore(home),
         tokens=TokenStore(home),
         sessions=SessionStore(
@@ -163,6 +173,7 @@ def create_app(
         health_extra=health_extra,
         models_dir=models_dir or home / "models",
         cases=desk,
+        case_access=AccountableCases(cases, recorder) if cases is not None else None,
     )
     app = FastAPI(
         title="edgeid",
@@ -181,6 +192,7 @@ def create_app(
     _document_bearer_tokens(app)
     pages = (
         pages_account,
+        pages_context,
         pages_search,
         pages_cases,
         pages_subjects,
@@ -260,6 +272,8 @@ def _is_api(request: Request) -> bool:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EdgeidError)
     async def edgeid_error(request: Request, exc: EdgeidError) -> Response:
+        if isinstance(exc, AccessDeniedError) and not exc.recorded:
+            _record_refusal(request)
         status = status_of(exc)
         if status == 500:
             logger.error(
@@ -304,6 +318,8 @@ def _error_response(request: Request, exc: Exception, status: int, message: str)
         if request.method in ("GET", "HEAD") and request.url.path != "/":
             target += "?next=" + quote(request.url.path, safe="/")
         return RedirectResponse(target, status_code=303)
+    if isinstance(exc, WorkContextRequiredError):
+        return RedirectResponse(exc.form_url, status_code=303)
     if isinstance(exc, PasswordChangeRequiredError) and request.method in ("GET", "HEAD"):
         return RedirectResponse("/account/password", status_code=303)
     response = render(
@@ -316,6 +332,25 @@ def _error_response(request: Request, exc: Exception, status: int, message: str)
     )
     response.headers.update(headers)
     return response
+
+
+def _record_refusal(request: Request) -> None:
+    """An ``access_denied`` record for a refusal the route's access check made (role, token
+    scope); the core records its own (gallery grants, another's case) before raising."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        return  # not signed in: nobody to account for (failed logins are recorded apart)
+    params = request.scope.get("path_params") or {}
+    resource = ", ".join(f"{k} {v}" for k, v in sorted(params.items())) or None
+    try:
+        web_state(request).recorder.denied(
+            principal.actor,
+            where=f"{request.method} {_route_path(request)}",
+            resource=resource,
+            why="role or token scope does not allow it",
+        )
+    except EdgeidError as exc:  # the refusal stands whether or not it could be recorded
+        logger.error("could not record a refusal: %s", type(exc).__name__)
 
 
 def _route_path(request: Request) -> str:

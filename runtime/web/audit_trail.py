@@ -1,18 +1,20 @@
-"""The one place the web layer writes to the audit log.
+"""The web layer's shorthand for audit records the core does not write itself (sign-in,
+tokens, audit page views): every record still goes through the core's ``Recorder``.
 
 Events carry user names, roles, case numbers, reasons, random subject and face ids and the
 probe's sha256; never an image, a template or the name of an enrolled person. An event that
-cannot be appended stops the operation that needed it: a search whose record failed shows no
-candidates.
+cannot be appended stops the operation that needed it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runtime.audit import AuditAction, AuditEvent
-from runtime.audit import Candidate as AuditCandidate
+from runtime.audit import AuditAction
+from runtime.audit.actor import Actor
+from runtime.audit.justification import Justification
 from runtime.gallery.service import Candidate
+from runtime.services.galleries import audit_candidates
 from runtime.web.principal import Principal
 from runtime.web.state import WebState
 
@@ -24,8 +26,7 @@ def record(
     principal: Principal,
     action: AuditAction,
     *,
-    case: str | None = None,
-    reason: str | None = None,
+    justification: Justification | None = None,
     gallery: str | None = None,
     probe_sha256: str | None = None,
     candidates: Sequence[Candidate] = (),
@@ -33,60 +34,21 @@ def record(
     subject_id: str | None = None,
     detail: str | None = None,
 ) -> None:
-    record_as(
-        state,
-        principal.username,
-        principal.role.value,
+    state.recorder.record(
+        principal.actor,
         action,
-        case=case,
-        reason=reason,
+        justification=justification,
         gallery=gallery,
         probe_sha256=probe_sha256,
-        candidates=candidates,
+        candidates=audit_candidates(candidates),
         decision=decision,
         subject_id=subject_id,
-        detail=_via(principal, detail),
+        detail=detail,
     )
 
 
 def record_as(
-    state: WebState,
-    user: str,
-    role: str,
-    action: AuditAction,
-    *,
-    case: str | None = None,
-    reason: str | None = None,
-    gallery: str | None = None,
-    probe_sha256: str | None = None,
-    candidates: Sequence[Candidate] = (),
-    decision: str | None = None,
-    subject_id: str | None = None,
-    detail: str | None = None,
+    state: WebState, user: str, role: str, action: AuditAction, *, detail: str | None = None
 ) -> None:
-    state.audit.append(
-        AuditEvent(
-            user=user,
-            role=role,
-            action=action,
-            case=case,
-            reason=reason,
-            gallery=gallery,
-            probe_sha256=probe_sha256,
-            candidates=tuple(
-                AuditCandidate(c.subject_id, c.face_id, c.score, c.band.value, c.rank)
-                for c in candidates
-            ),
-            decision=decision,
-            subject_id=subject_id,
-            detail=detail,
-        )
-    )
-
-
-def _via(principal: Principal, detail: str | None) -> str | None:
-    """API calls name their token, so a leaked token's use can be traced and revoked."""
-    if principal.via != "token":
-        return detail
-    marker = f"via API token {principal.token_id}"
-    return f"{detail}; {marker}" if detail else marker
+    """For who is not signed in yet (a failed login names the user name it tried)."""
+    state.recorder.record(Actor(user, role), action, detail=detail)

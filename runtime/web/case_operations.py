@@ -10,32 +10,24 @@ someone else opened: they ask its owner, or an admin moves the work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import date
 
+from starlette.requests import Request
+
 from runtime.accounts.roles import Permission
-from runtime.audit import AuditAction
+from runtime.audit.justification import Justification
 from runtime.cases.errors import CaseNotFoundError
-from runtime.cases.ingest import IngestRequest, Requester
 from runtime.cases.jobs import IngestJob
-from runtime.cases.records import CaseMeta, ClusterSearch
-from runtime.cases.report import render_report
-from runtime.cases.store import Case
+from runtime.cases.records import CaseMeta
 from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
-from runtime.cases.views import CaseView, case_view
+from runtime.cases.views import CaseView
 from runtime.errors import BadInputError
-from runtime.vault.crypto import utc_now
-from runtime.web.audit_trail import record
+from runtime.services.cases import AccountableCases
+from runtime.web import work_context
 from runtime.web.case_jobs import CaseDesk, CaseJob, PendingIngest
 from runtime.web.case_uploads import SavedArchive, source_label
-from runtime.web.errors import ForbiddenError, NotFoundError
-from runtime.web.operations import (
-    MAX_GALLERY_FIELD_CHARS,
-    check_case,
-    check_reason,
-    choose_galleries,
-    require_gallery,
-)
+from runtime.web.errors import NotFoundError
+from runtime.web.operations import choose_galleries, require_gallery
 from runtime.web.principal import Principal
 from runtime.web.state import WebState
 from runtime.web.workspace import Workspace
@@ -47,6 +39,12 @@ def desk(state: WebState) -> CaseDesk:
     if state.cases is None:
         raise NotFoundError("case ingest is not set up on this box")
     return state.cases
+
+
+def access(state: WebState) -> AccountableCases:
+    if state.case_access is None:
+        raise NotFoundError("case ingest is not set up on this box")
+    return state.case_access
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -79,10 +77,6 @@ def check_retention(value: str | None, today: date | None = None) -> date | None
     return until
 
 
-def _owns(meta: CaseMeta, principal: Principal) -> bool:
-    return meta.created_by == principal.username
-
-
 # -- ingest ----------------------------------------------------------------------------------
 
 
@@ -98,31 +92,20 @@ def plan_ingest(
 ) -> PendingIngest:
     """Case number, reason and galleries first, before any media is accepted."""
     cases = desk(state)
-    number = check_case(case)
+    why = Justification.of(case, reason)
     plan = PendingIngest(
         entry_id=Workspace.new_id(),
         owner=principal.owner,
         username=principal.username,
-        case=number,
-        reason=check_reason(reason),
-        galleries=choose_galleries(state, principal, galleries),
+        case=why.case,
+        reason=why.reason,
+        galleries=choose_galleries(state, principal, galleries, where="plan a case ingest"),
         frame_interval_s=check_frame_interval(frame_interval_s),
         retention_until=check_retention(retention_until),
     )
-    _check_may_ingest_into(cases, principal, number)
+    access(state).check_may_ingest_into(principal, why.case, where="plan a case ingest")
     cases.plans.put(plan)
     return plan
-
-
-def _check_may_ingest_into(cases: CaseDesk, principal: Principal, number: str) -> None:
-    try:
-        meta = cases.service.store.find(number).meta
-    except CaseNotFoundError:
-        return
-    if not _owns(meta, principal):
-        raise ForbiddenError(
-            f"case {number} was opened by another investigator; ask them to add this media"
-        )
 
 
 def load_plan(state: WebState, principal: Principal, entry_id: str) -> PendingIngest:
@@ -137,7 +120,7 @@ def load_plan(state: WebState, principal: Principal, entry_id: str) -> PendingIn
 def ready_for_upload(state: WebState, principal: Principal, plan: PendingIngest) -> None:
     """Checks made before a byte of the archive is read: access still held, box not busy."""
     for name in plan.galleries:
-        require_gallery(principal, Permission.SEARCH, name)
+        require_gallery(state, principal, Permission.SEARCH, name, where="case ingest upload")
     desk(state).jobs.check_free()
 
 
@@ -149,12 +132,11 @@ def start_ingest(
     The caller shreds the archive if this raises (nothing started)."""
     cases = desk(state)
     ready_for_upload(state, principal, plan)
-    _check_may_ingest_into(cases, principal, plan.case)
-    request = IngestRequest(
-        source=archive.path,
-        case_number=plan.case,
-        reason=plan.reason,
-        requester=Requester(principal.username, principal.role.value),
+    why = Justification(plan.case, plan.reason)
+    request = access(state).ingest_request(
+        principal,
+        why,
+        archive.path,
         galleries=plan.galleries,
         frame_interval_s=plan.frame_interval_s,
         retention_until=plan.retention_until,
@@ -168,26 +150,24 @@ def start_ingest(
         job=IngestJob(cases.service, request, on_end=lambda: cases.uploads.discard(archive.path)),
     )
     cases.jobs.add(job)  # refuses when another ingest took the box meanwhile
-    joined = ", ".join(plan.galleries)
     try:
-        record(
-            state,
+        access(state).record_ingest(
             principal,
-            AuditAction.CASE_INGESTED,
-            case=plan.case,
-            reason=plan.reason,
-            gallery=joined if len(joined) <= MAX_GALLERY_FIELD_CHARS else None,
-            probe_sha256=archive.sha256,
+            why,
+            plan.galleries,
+            source_sha256=archive.sha256,
             detail=(
-                f"archive of {archive.size} bytes uploaded; galleries {joined}; video frame "
-                f"interval {plan.frame_interval_s:g} s; job {job.job_id}"
+                f"archive of {archive.size} bytes uploaded; video frame interval "
+                f"{plan.frame_interval_s:g} s; job {job.job_id}"
             ),
+            where="case ingest",
         )
     except BaseException:
         cases.jobs.forget(job.job_id)  # never started: an ingest nobody can account for
         raise
     job.job.start()
     cases.plans.remove(plan.entry_id)
+    work_context.adopt(principal, why)
     return job
 
 
@@ -211,52 +191,50 @@ def job_json(state: WebState, job: CaseJob) -> dict[str, object]:
 
 
 def my_cases(state: WebState, principal: Principal) -> list[CaseMeta]:
-    metas = desk(state).service.list_cases()
-    return sorted(
-        (m for m in metas if _owns(m, principal)), key=lambda m: m.created_at, reverse=True
-    )
+    return access(state).mine(principal)
 
 
-def load_case(state: WebState, principal: Principal, case_id: str) -> Case:
-    for meta in desk(state).service.list_cases():
-        if meta.case_id == case_id and _owns(meta, principal):
-            return desk(state).service.store.find(meta.number)
-    raise NotFoundError("no such case, or it is not yours")
-
-
-def visible_view(case: Case, principal: Principal) -> CaseView:
-    """The case as this user may see it: leads only from galleries they may still search."""
-    view = case_view(case)
-    clusters = tuple(replace(c, search=_visible_search(c.search, principal)) for c in view.clusters)
-    return replace(view, clusters=clusters)
-
-
-def _visible_search(search: ClusterSearch | None, principal: Principal) -> ClusterSearch | None:
-    if search is None:
-        return None
-    leads = tuple(
-        lead for lead in search.leads if principal.may_use_gallery(Permission.SEARCH, lead.gallery)
-    )
-    return search if len(leads) == len(search.leads) else replace(search, leads=leads)
-
-
-def report(state: WebState, principal: Principal, case: Case) -> str:
-    """The report of what this user may see, recorded in the audit log before it is given."""
-    html = render_report(visible_view(case, principal), case.thumbnail, generated_at=utc_now())
-    record(
-        state,
-        principal,
-        AuditAction.CASE_REPORT,
-        case=case.meta.number,
-        detail=f"case report downloaded ({len(html)} bytes)",
-    )
-    return html
-
-
-def thumbnail(state: WebState, principal: Principal, case_id: str, face_id: str) -> bytes:
-    case = load_case(state, principal, case_id)
+def case_number(state: WebState, principal: Principal, case_id: str) -> str:
+    """The case's number, if this user may open it (a refusal is recorded)."""
     try:
-        case.face(face_id)
-    except BadInputError:
+        return access(state).open(principal, case_id, where="open a case").meta.number
+    except CaseNotFoundError:
+        raise NotFoundError("no such case, or it is not yours") from None
+
+
+def reason_for(request: Request, principal: Principal, number: str) -> str:
+    """The reason stated for this very case: the session's context, or the API headers."""
+    return work_context.require(request, principal, case=number).reason
+
+
+def view(request: Request, state: WebState, principal: Principal, case_id: str) -> CaseView:
+    number = case_number(state, principal, case_id)
+    reason = reason_for(request, principal, number)
+    return access(state).view(principal, case_id, reason, where="case page")
+
+
+def report(request: Request, state: WebState, principal: Principal, case_id: str) -> str:
+    """The report of what this user may see, recorded in the audit log before it is given."""
+    number = case_number(state, principal, case_id)
+    reason = reason_for(request, principal, number)
+    return access(state).report(principal, case_id, reason, where="case report")
+
+
+def thumbnail(
+    request: Request, state: WebState, principal: Principal, case_id: str, face_id: str
+) -> bytes:
+    """Free after this session's recorded case page; otherwise recorded with its reason."""
+    number = case_number(state, principal, case_id)
+    now = work_context.current(principal)
+    if principal.via == "token":
+        reason: str | None = (
+            work_context.from_headers(request).reason
+            if request.headers.get(work_context.REASON_HEADER)
+            else None
+        )
+    else:
+        reason = now.reason if now is not None and now.case == number else None
+    try:
+        return access(state).thumbnail(principal, case_id, face_id, reason, where="case photo")
+    except CaseNotFoundError:
         raise NotFoundError("no such face in this case") from None
-    return case.thumbnail(face_id)

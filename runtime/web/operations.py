@@ -8,14 +8,13 @@ forget it; the route's ``PageAccess``/``ApiAccess`` has already checked the perm
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 
 from runtime.accounts.roles import Permission
 from runtime.audit import AuditAction
+from runtime.audit.justification import Justification
 from runtime.errors import BadInputError
 from runtime.gallery.service import (
     AGE_BANDS,
@@ -27,7 +26,8 @@ from runtime.gallery.service import (
     Probe,
     SearchResult,
 )
-from runtime.web.audit_trail import record
+from runtime.services.galleries import audit_candidates
+from runtime.web import work_context
 from runtime.web.errors import ForbiddenError, NotFoundError
 from runtime.web.principal import Principal
 from runtime.web.state import WebState
@@ -35,41 +35,10 @@ from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
 logger = logging.getLogger(__name__)
 
-# Case numbers differ by force ("2024/001234", "VID-17-0042"): letters, digits and the usual
-# separators, as the audit log keeps them (at most 64 characters).
-CASE_NUMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ./_#:()-]{0,63}")
-MIN_REASON_CHARS = 10  # "why this photo, for this case": a word or two is not a reason
-MAX_REASON_CHARS = 1000
-MAX_GALLERY_FIELD_CHARS = 200  # the audit log's limit for its gallery field
 DECISIONS = {"confirmed": "lead confirmed", "rejected": "rejected"}
 
 
 # -- checks ----------------------------------------------------------------------------------
-
-
-def check_case(case: str) -> str:
-    case = case.strip()
-    if not case:
-        raise BadInputError("give the case number this search is for")
-    if not CASE_NUMBER.fullmatch(case):
-        raise BadInputError(
-            "the case number may hold letters, digits, spaces and . / _ # : ( ) -, "
-            "at most 64 characters"
-        )
-    return case
-
-
-def check_reason(reason: str) -> str:
-    reason = reason.strip()
-    if len(reason) < MIN_REASON_CHARS:
-        raise BadInputError(
-            f"give the reason for this search (at least {MIN_REASON_CHARS} characters)"
-        )
-    if len(reason) > MAX_REASON_CHARS:
-        raise BadInputError(f"the reason is longer than {MAX_REASON_CHARS} characters")
-    if any(unicodedata.category(ch) == "Cc" and ch not in "\n\t\r" for ch in reason):
-        raise BadInputError("the reason contains control characters; remove them")
-    return reason.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def check_age_band(value: str) -> AgeBand:
@@ -101,26 +70,27 @@ def check_face_index(value: str | int) -> int:
     return index
 
 
-def require_gallery(principal: Principal, permission: Permission, gallery: str) -> str:
-    if not principal.may_use_gallery(permission, gallery):
-        raise ForbiddenError(f"you may not use gallery {gallery!r}; ask an admin for access")
+def require_gallery(
+    state: WebState, principal: Principal, permission: Permission, gallery: str, *, where: str
+) -> str:
+    """Allowed, or refused by the core (which records the refusal)."""
+    state.accountable.require(principal, permission, gallery, where=where)
     return gallery
 
 
 def usable_galleries(state: WebState, principal: Principal, permission: Permission) -> list[str]:
     """The existing galleries this user may use for ``permission``, in name order."""
-    existing = [g.name for g in state.galleries.list_galleries()]
-    return [g for g in existing if principal.may_use_gallery(permission, g)]
+    return state.accountable.usable(principal, permission)
 
 
 def choose_galleries(
-    state: WebState, principal: Principal, galleries: Sequence[str]
+    state: WebState, principal: Principal, galleries: Sequence[str], *, where: str
 ) -> tuple[str, ...]:
     """The galleries asked for (all this user may search when none are), each checked."""
     allowed = usable_galleries(state, principal, Permission.SEARCH)
     chosen = list(dict.fromkeys(g for g in galleries if g)) or allowed
     for name in chosen:
-        require_gallery(principal, Permission.SEARCH, name)
+        require_gallery(state, principal, Permission.SEARCH, name, where=where)
         if name not in allowed:
             raise NotFoundError(f"there is no gallery named {name!r}")
     if not chosen:
@@ -141,16 +111,15 @@ def start_search(
     galleries: Sequence[str] = (),
 ) -> SearchContext:
     """A new search: case number and reason first, before any photo is accepted."""
-    case = check_case(case)
-    reason = check_reason(reason)
+    why = Justification.of(case, reason)
     band = check_age_band(age_band or "unknown")
-    chosen = choose_galleries(state, principal, galleries)
+    chosen = choose_galleries(state, principal, galleries, where="start a search")
     context = SearchContext(
         entry_id=Workspace.new_id(),
         owner=principal.owner,
         username=principal.username,
-        case=case,
-        reason=reason,
+        case=why.case,
+        reason=why.reason,
         age_band=band,
         galleries=chosen,
     )
@@ -160,6 +129,13 @@ def start_search(
 
 def load_search(state: WebState, principal: Principal, search_id: str) -> SearchContext:
     context = state.searches.get(principal.owner, search_id)
+    if context is None and state.searches.exists(search_id):
+        state.recorder.denied(
+            principal.actor,
+            where="open a search",
+            resource=f"search {search_id}",
+            why="the search belongs to another session or user",
+        )
     if context is None:
         raise NotFoundError(
             "this search has expired or is not yours; start a new one with its case and reason"
@@ -175,7 +151,7 @@ def attach_photo(
         raise BadInputError("choose a photo to upload")
     if not state.searches.fits(len(data)):
         raise BadInputError("the photo is too large to hold for a search; send a smaller one")
-    probe = state.galleries.analyse(data, name="the photo")
+    probe = state.accountable.analyse(data, name="the photo")
     context.image, context.probe = data, probe
     context.results.clear()
     context.decisions.clear()
@@ -200,36 +176,25 @@ def run_search(
     """Rank candidates for one face, record the search, and only then return them."""
     probe = require_probe(context)
     probe.face(face_index)
-    for name in context.galleries:  # access may have been withdrawn since the search began
-        require_gallery(principal, Permission.SEARCH, name)
-    result = state.galleries.search(
-        probe, face_index, context.galleries, k=k, age_band=context.age_band
-    )
-    joined = ", ".join(context.galleries)
-    record(
-        state,
+    # The core checks access again (it may have been withdrawn since the search began) and
+    # records the search before the candidates come back.
+    result = state.accountable.search(
         principal,
-        AuditAction.SEARCH,
-        case=context.case,
-        reason=context.reason,
-        gallery=joined if len(joined) <= MAX_GALLERY_FIELD_CHARS else None,
-        probe_sha256=probe.image_sha256,
-        candidates=result.candidates,
-        detail=_search_detail(context, probe, face_index, k, result),
+        justification(context),
+        probe,
+        face_index,
+        context.galleries,
+        k=k,
+        age_band=context.age_band,
+        where="search",
     )
     context.results[face_index] = result
+    work_context.adopt(principal, justification(context))
     return result
 
 
-def _search_detail(
-    context: SearchContext, probe: Probe, face_index: int, k: int, result: SearchResult
-) -> str:
-    where = ",".join(c.gallery for c in result.candidates)
-    return (
-        f"face {face_index + 1} of {len(probe.faces)}; galleries {', '.join(context.galleries)}; "
-        f"top-k {k}; fmr {result.operating_fmr:g}; age band {context.age_band}; "
-        f"no match {str(result.no_match).lower()}; candidate galleries {where or '-'}"
-    )
+def justification(context: SearchContext) -> Justification:
+    return Justification(context.case, context.reason)
 
 
 def find_candidate(context: SearchContext, face_index: int, face_id: str) -> Candidate:
@@ -255,17 +220,15 @@ def record_decision(
     if decision not in DECISIONS:
         raise BadInputError("a decision is 'confirmed' or 'rejected'")
     candidate = find_candidate(context, face_index, face_id)
-    require_gallery(principal, Permission.SEARCH, candidate.gallery)
+    require_gallery(state, principal, Permission.SEARCH, candidate.gallery, where="decision")
     probe = require_probe(context)
-    record(
-        state,
-        principal,
+    state.recorder.record(
+        principal.actor,
         AuditAction.DECISION,
-        case=context.case,
-        reason=context.reason,
+        justification=justification(context),
         gallery=candidate.gallery,
         probe_sha256=probe.image_sha256,
-        candidates=[candidate],
+        candidates=audit_candidates([candidate]),
         decision=DECISIONS[decision],
         subject_id=candidate.subject_id,
         detail=f"face {face_index + 1}; rank {candidate.rank}",
@@ -287,6 +250,7 @@ class EnrolmentForm:
 
 
 def check_enrolment(
+    state: WebState,
     principal: Principal,
     *,
     gallery: str,
@@ -298,7 +262,7 @@ def check_enrolment(
 ) -> EnrolmentForm:
     if not gallery.strip():
         raise BadInputError("choose the gallery to enrol into")
-    require_gallery(principal, Permission.ENROL, gallery)
+    require_gallery(state, principal, Permission.ENROL, gallery, where="enrol")
     if not display_name.strip():
         raise BadInputError("give the subject's name as the gallery should show it")
     if not legal_basis.strip():
@@ -320,7 +284,7 @@ def prepare_enrolment(
     """Analyse the photo and hold it (in memory) while a face is chosen."""
     if not data:
         raise BadInputError("choose a photo of the subject")
-    probe = state.galleries.analyse(data, name="the photo")
+    probe = state.accountable.analyse(data, name="the photo")
     if not probe.faces:
         raise BadInputError("no face found in the photo; use a clearer, frontal photo")
     pending = PendingEnrolment(
@@ -353,30 +317,21 @@ def complete_enrolment(
     *,
     allow_duplicate: bool = False,
 ) -> Enrolled:
-    """Enrol the chosen face (quality gate, duplicate check), then record it."""
-    require_gallery(principal, Permission.ENROL, pending.gallery)
+    """Enrol the chosen face (quality gate, duplicate check); the core records it."""
     pending.probe.face(face_index)
-    enrolled = state.galleries.enroll(
+    enrolled = state.accountable.enroll(
+        principal,
         pending.gallery,
         display_name=pending.display_name,
         legal_basis=pending.legal_basis,
-        enrolled_by=principal.username,
         image_bytes=pending.image,
         face_index=face_index,
         notes=pending.notes,
         retention_until=pending.retention_until,
         allow_duplicate=allow_duplicate,
+        where="enrol",
     )
     state.enrolments.remove(pending.entry_id)
-    record(
-        state,
-        principal,
-        AuditAction.ENROLL,
-        gallery=pending.gallery,
-        probe_sha256=enrolled.faces[0].source_sha256 if enrolled.faces else None,
-        subject_id=enrolled.subject.subject_id,
-        detail="enrolled despite a possible duplicate" if allow_duplicate else None,
-    )
     return enrolled
 
 
@@ -388,22 +343,16 @@ def add_to_subject(
     subject_id: str,
 ) -> str:
     """Add the chosen face to an existing subject (the duplicate check's other answer)."""
-    require_gallery(principal, Permission.ENROL, pending.gallery)
     pending.probe.face(face_index)
-    state.galleries.subject(pending.gallery, subject_id)
-    face = state.galleries.add_face(
-        pending.gallery, subject_id, pending.image, face_index=face_index
+    face = state.accountable.add_face(
+        principal,
+        pending.gallery,
+        subject_id,
+        pending.image,
+        face_index=face_index,
+        where="add a photo to a subject",
     )
     state.enrolments.remove(pending.entry_id)
-    record(
-        state,
-        principal,
-        AuditAction.ENROLL,
-        gallery=pending.gallery,
-        probe_sha256=face.source_sha256,
-        subject_id=subject_id,
-        detail=f"face {face.face_id} added to an enrolled subject",
-    )
     return face.face_id
 
 
@@ -414,19 +363,16 @@ def delete_subject(
     supervisors erase subjects past their retention date in any gallery."""
     subject = state.galleries.subject(gallery, subject_id)
     expired = subject.retention_until is not None and subject.retention_until < date.today()
-    by_retention = principal.may(Permission.RETENTION) and expired
-    if not by_retention:
-        require_gallery(principal, Permission.SUBJECTS_DELETE, gallery)
-    reason = reason.strip()
-    if not reason:
-        raise BadInputError("give the reason for erasing this subject")
-    state.galleries.delete_subject(gallery, subject_id)
-    record(
-        state,
+    by_retention = (
+        principal.may(Permission.RETENTION)
+        and expired
+        and not principal.may_use_gallery(Permission.SUBJECTS_DELETE, gallery)
+    )
+    state.accountable.delete_subject(
         principal,
-        AuditAction.DELETE_SUBJECT,
-        gallery=gallery,
-        subject_id=subject_id,
-        reason=reason[:MAX_REASON_CHARS],
-        detail="retention period over" if by_retention else None,
+        gallery,
+        subject_id,
+        reason=reason,
+        where="erase a subject",
+        by_retention=by_retention,
     )

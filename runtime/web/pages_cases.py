@@ -20,6 +20,7 @@ from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
 from runtime.errors import BadInputError
 from runtime.web import case_operations as cops
 from runtime.web import operations as ops
+from runtime.web import work_context
 from runtime.web.access import PageAccess, check_csrf, posted
 from runtime.web.case_operations import MAX_FRAME_INTERVAL_S
 from runtime.web.case_uploads import ARCHIVE_FIELD, receive_form
@@ -176,26 +177,25 @@ def case_job_stop(request: Request, job_id: str, principal: Searcher) -> Respons
 
 @router.get("/cases/{case_id}")
 def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
-    case = cops.load_case(web_state(request), principal, case_id)
+    view = cops.view(request, web_state(request), principal, case_id)
     return render(
         request,
         "case.html",
         principal=principal,
-        view=cops.visible_view(case, principal),
+        view=view,
         case_id=case_id,
+        work=work_context.current(principal),
     )
 
 
 @router.get("/cases/{case_id}/faces/{face_id}.jpg")
 def case_face(request: Request, case_id: str, face_id: str, principal: Searcher) -> Response:
-    return jpeg_response(cops.thumbnail(web_state(request), principal, case_id, face_id))
+    return jpeg_response(cops.thumbnail(request, web_state(request), principal, case_id, face_id))
 
 
 @router.get("/cases/{case_id}/report.html")
 def case_report(request: Request, case_id: str, principal: Searcher) -> Response:
-    state = web_state(request)
-    case = cops.load_case(state, principal, case_id)
-    html = cops.report(state, principal, case)
+    html = cops.report(request, web_state(request), principal, case_id)
     return HTMLResponse(
         html,
         headers={"Content-Disposition": f'attachment; filename="case-{case_id}-report.html"'},

@@ -12,6 +12,7 @@ from runtime.accounts.roles import Permission
 from runtime.errors import BadInputError
 from runtime.gallery.service import ENROL_MIN_QUALITY, DuplicateSubjectError
 from runtime.web import operations as ops
+from runtime.web import work_context
 from runtime.web.access import PageAccess, posted
 from runtime.web.images import display_jpeg, jpeg_response
 from runtime.web.principal import Principal
@@ -39,75 +40,100 @@ def galleries_page(request: Request, principal: Reader) -> Response:
 
 @router.get("/galleries/{gallery}/subjects")
 def subjects_page(request: Request, gallery: str, principal: Reader) -> Response:
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
-    subjects = web_state(request).galleries.subjects(gallery)
+    state = web_state(request)
+    ops.require_gallery(state, principal, Permission.SUBJECTS_READ, gallery, where="subject list")
+    why = work_context.require(request, principal)
+    subjects = state.accountable.subjects(
+        principal, why, gallery, where="GET /galleries/{gallery}/subjects"
+    )
     return render(
         request,
         "subjects.html",
         principal=principal,
         gallery=gallery,
+        work=why,
         subjects=sorted(subjects, key=lambda s: s.display_name.casefold()),
     )
 
 
 @router.get("/galleries/{gallery}/subjects/{subject_id}")
 def subject_page(request: Request, gallery: str, subject_id: str, principal: Reader) -> Response:
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
     state = web_state(request)
+    ops.require_gallery(state, principal, Permission.SUBJECTS_READ, gallery, where="subject page")
+    why = work_context.require(request, principal)
+    shown = state.accountable.subject(
+        principal, why, gallery, subject_id, where="GET /galleries/{gallery}/subjects/{id}"
+    )
     return render(
         request,
         "subject.html",
         principal=principal,
         gallery=gallery,
-        subject=state.galleries.subject(gallery, subject_id),
-        faces=state.galleries.faces(gallery, subject_id),
+        work=why,
+        subject=shown.subject,
+        faces=shown.faces,
         may_delete=principal.may_use_gallery(Permission.SUBJECTS_DELETE, gallery),
     )
 
 
 @router.get("/galleries/{gallery}/faces/{face_id}/thumbnail.jpg")
 def face_thumbnail(request: Request, gallery: str, face_id: str, principal: Reader) -> Response:
-    ops.require_gallery(principal, Permission.SUBJECTS_READ, gallery)
-    return jpeg_response(web_state(request).galleries.thumbnail(gallery, face_id))
+    """An enrolled photo: free after the recorded page that showed it to this session (search
+    results, a subject's record, a duplicate warning), otherwise recorded on its own."""
+    state = web_state(request)
+    why = work_context.current(principal)
+    jpeg = state.accountable.thumbnail(
+        principal, why, gallery, face_id, where="GET /galleries/{gallery}/faces/{id}"
+    )
+    return jpeg_response(jpeg)
 
 
 # -- erasure ---------------------------------------------------------------------------------
 
 
-@router.get("/galleries/{gallery}/subjects/{subject_id}/delete")
-def delete_confirm(request: Request, gallery: str, subject_id: str, principal: Eraser) -> Response:
-    ops.require_gallery(principal, Permission.SUBJECTS_DELETE, gallery)
+def _delete_page(
+    request: Request,
+    principal: Principal,
+    gallery: str,
+    subject_id: str,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
     state = web_state(request)
+    why = work_context.require(request, principal)
+    shown = state.accountable.subject(principal, why, gallery, subject_id, where="erase a subject")
     return render(
         request,
         "subject_delete.html",
         principal=principal,
+        status_code=status_code,
         gallery=gallery,
-        subject=state.galleries.subject(gallery, subject_id),
-        faces=state.galleries.faces(gallery, subject_id),
-        error=None,
+        subject=shown.subject,
+        faces=shown.faces,
+        error=error,
     )
+
+
+@router.get("/galleries/{gallery}/subjects/{subject_id}/delete")
+def delete_confirm(request: Request, gallery: str, subject_id: str, principal: Eraser) -> Response:
+    ops.require_gallery(
+        web_state(request), principal, Permission.SUBJECTS_DELETE, gallery, where="erase a subject"
+    )
+    return _delete_page(request, principal, gallery, subject_id)
 
 
 @router.post("/galleries/{gallery}/subjects/{subject_id}/delete")
 def delete_subject(request: Request, gallery: str, subject_id: str, principal: Eraser) -> Response:
     state = web_state(request)
     form = posted(request)
-    ops.require_gallery(principal, Permission.SUBJECTS_DELETE, gallery)
     try:
         if form.get("confirm") != subject_id:
             raise BadInputError("tick the box to confirm the erasure")
         ops.delete_subject(state, principal, gallery, subject_id, reason=form.get("reason"))
     except BadInputError as exc:
-        return render(
-            request,
-            "subject_delete.html",
-            principal=principal,
-            status_code=400,
-            gallery=gallery,
-            subject=state.galleries.subject(gallery, subject_id),
-            faces=state.galleries.faces(gallery, subject_id),
-            error=str(exc),
+        return _delete_page(
+            request, principal, gallery, subject_id, error=str(exc), status_code=400
         )
     flash(principal, f"Subject {subject_id} erased from {gallery}.")
     return RedirectResponse(f"/galleries/{gallery}/subjects", status_code=303)
@@ -153,6 +179,7 @@ def enrol_start(request: Request, principal: Enroller) -> Response:
     upload = form.files.get("photo")
     try:
         checked = ops.check_enrolment(
+            state,
             principal,
             gallery=fields["gallery"],
             display_name=fields["display_name"],
@@ -224,6 +251,7 @@ def _finish(
         return _pick_page(request, principal, pending, error=str(exc), status_code=422)
     flash(principal, "Subject enrolled.")
     subject_id = enrolled.subject.subject_id
+    # The subject's page asks for the case being worked on, if the session has not stated one.
     return RedirectResponse(f"/galleries/{enrolled.gallery}/subjects/{subject_id}", status_code=303)
 
 

@@ -15,8 +15,11 @@ from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditLog
+from runtime.audit.recorder import Recorder
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
+from runtime.services.cases import AccountableCases
+from runtime.services.galleries import AccountableGalleries
 from runtime.web.case_jobs import CaseDesk
 from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
@@ -33,6 +36,8 @@ class WebState:
     version: str
     galleries: GalleryService
     audit: AuditLog
+    recorder: Recorder  # every audit record the web writes goes through the core's recorder
+    accountable: AccountableGalleries  # the galleries as every door must reach them
     users: UserStore
     tokens: TokenStore
     sessions: SessionStore
@@ -46,6 +51,7 @@ class WebState:
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
     cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService
+    case_access: AccountableCases | None = None  # the cases as every door must reach them
 
     @property
     def cookie_name(self) -> str:

@@ -117,6 +117,12 @@ class Workspace(Generic[T]):
             ):
                 self._slots.popitem(last=False)
 
+    def exists(self, entry_id: str) -> bool:
+        """Whether an unexpired entry has this id, whoever owns it (to record a refusal)."""
+        with self._lock:
+            self._expire(self._clock())
+            return entry_id in self._slots
+
     def get(self, owner: str, entry_id: str) -> T | None:
         """The owner's entry, its expiry restarted; None when absent, expired or not theirs."""
         now = self._clock()
