@@ -7,6 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.audit.justification import (
+    CASE_NUMBER_PATTERN,
+    MAX_CASE_CHARS,
+    MAX_REASON_CHARS,
+    MIN_REASON_CHARS,
+)
 from runtime.gallery.records import Face, GalleryInfo, Subject
 from runtime.gallery.service import Candidate, Probe, SearchResult
 
@@ -18,8 +24,16 @@ class _In(BaseModel):
 
 
 class SearchStart(_In):
-    case: str = Field(max_length=64, description="the case number this search is for")
-    reason: str = Field(max_length=1000, description="why this photo is searched, for the audit")
+    case: str = Field(
+        max_length=MAX_CASE_CHARS,
+        pattern=CASE_NUMBER_PATTERN,
+        description="the case number this search is for",
+    )
+    reason: str = Field(
+        min_length=MIN_REASON_CHARS,
+        max_length=MAX_REASON_CHARS,
+        description="why this photo is searched, for the audit",
+    )
     age_band: AgeBandName = Field(
         default="unknown", description="apparent age of the person in the photo"
     )
@@ -211,7 +225,7 @@ class SubjectOut(BaseModel):
 
 
 class EraseIn(_In):
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: str = Field(min_length=MIN_REASON_CHARS, max_length=MAX_REASON_CHARS)
 
 
 class UserIn(_In):
