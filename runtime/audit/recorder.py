@@ -64,6 +64,7 @@ class Recorder:
         action: AuditAction,
         *,
         justification: Justification | None = None,
+        reason: str | None = None,
         gallery: str | None = None,
         subject_id: str | None = None,
         probe_sha256: str | None = None,
@@ -72,14 +73,19 @@ class Recorder:
         age_band: str | None = None,
         detail: str | None = None,
     ) -> None:
-        """Append one record; raises (and so stops the caller) if it cannot be written."""
+        """Append one record; raises (and so stops the caller) if it cannot be written.
+
+        ``reason`` is for a change that needs a reason but names no case (an erasure, an
+        import); with a ``justification`` its reason is the record's."""
+        if justification is not None and reason is not None:
+            raise ValueError("give a justification or a reason, not both")
         self.sink.append(
             AuditEvent(
                 user=actor.user,
                 role=actor.role,
                 action=action,
                 case=justification.case if justification else None,
-                reason=justification.reason if justification else None,
+                reason=justification.reason if justification else reason,
                 gallery=gallery,
                 probe_sha256=probe_sha256,
                 candidates=tuple(candidates),

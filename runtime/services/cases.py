@@ -256,6 +256,7 @@ class AccountableCases:
             caller.actor,
             AuditAction.CASE_PURGED,
             justification=None,
+            reason=reason,
             detail="; ".join(
                 p
                 for p in (

@@ -376,6 +376,7 @@ class AccountableGalleries:
             AuditAction.GALLERY_DELETED,
             gallery=name,
             justification=None,
+            reason=reason,
             detail="; ".join(p for p in (counts, f"reason: {reason}", detail) if p),
         )
         with self._failure_recorded(caller, AuditAction.GALLERY_DELETED, name):
@@ -493,6 +494,7 @@ class AccountableGalleries:
         self.recorder.record(
             caller.actor,
             AuditAction.DELETE_SUBJECT,
+            reason=reason,
             gallery=gallery,
             subject_id=subject_id,
             detail="; ".join(
@@ -520,6 +522,7 @@ class AccountableGalleries:
             self.recorder.record(
                 caller.actor,
                 AuditAction.GALLERY_IMPORTED,
+                reason=reason,
                 gallery=info.name,
                 detail=(
                     f"reason: {reason}; {info.subjects} subjects, {info.faces} faces "
