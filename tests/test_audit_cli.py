@@ -485,9 +485,13 @@ def test_kill_9_at_an_arbitrary_moment_keeps_every_acknowledged_record(tmp_path:
 
 @pytest.fixture(scope="module")
 def full_export(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One export of the whole pristine log, by the real command."""
-    out = tmp_path_factory.mktemp("export") / "all.jsonl"
-    code, _, stderr = export(pristine, out)
+    """One export of the whole log, by the real command, on a copy of the pristine home (an
+    export is recorded: the copy's log gains the export's own record, the eleventh)."""
+    folder = tmp_path_factory.mktemp("export")
+    copy = folder / "home"
+    shutil.copytree(pristine, copy)
+    out = folder / "all.jsonl"
+    code, _, stderr = export(copy, out)
     assert code == 0, stderr
     return out
 
@@ -526,8 +530,9 @@ def test_export_filters_by_date_and_carries_chain_hashes(home: Path, tmp_path: P
          "rank": 1}
     ]  # fmt: skip
     assert all(len(str(r["chain_hash"])) == 64 for r in records)
-    assert lines[-2]["records"] == 4 and lines[-2]["log_records"] == RECORDS
-    assert summary["records"] == 4 and summary["log_records"] == RECORDS
+    # The log holds the export's own record too, written before the export is made.
+    assert lines[-2]["records"] == 4 and lines[-2]["log_records"] == RECORDS + 1
+    assert summary["records"] == 4 and summary["log_records"] == RECORDS + 1
     assert lines[-1]["key_fingerprint"] == fingerprint(load_device_key(home))
     assert (out.stat().st_mode & 0o777) == 0o600
 
@@ -538,7 +543,7 @@ def test_export_filters_by_date_and_carries_chain_hashes(home: Path, tmp_path: P
         (["--user", "officer-1"], [1, 4, 7, 10]),
         (["--case", "2024/100"], [2, 4, 6, 8, 10]),
         (["--action", "login"], [3]),
-        (["--since", "2024-05-03T03:00Z"], [8, 9, 10]),
+        (["--since", "2024-05-03T03:00Z"], [8, 9, 10, 11]),  # 11: this export's own record
         (["--since", "2024-05-01T12:00+02:00", "--until", "2024-05-01T21:00"], [2]),
     ],
 )
@@ -559,7 +564,7 @@ def test_export_signature_verifies_by_device_key_public_key_or_fingerprint(
         "audit", "export", "--home", pristine, "--verify-file", out, "--json"
     )
     assert code == 0, stderr
-    assert check["signature"] == "valid" and check["records"] == RECORDS
+    assert check["signature"] == "valid" and check["records"] == RECORDS + 1  # and the export
     elsewhere = tmp_path / "oversight"  # off the box: no device key, no keyring
     fp = fingerprint(load_device_key(pristine))
     code, _, stderr = edgeid(
@@ -646,8 +651,11 @@ def test_export_bad_dates_are_bad_usage(
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def test_verify_and_export_run_while_the_service_holds_the_log(home: Path, tmp_path: Path) -> None:
-    """No gallery-store lock and no writer lock: both work beside edgeid serve."""
+def test_verify_runs_beside_the_service_and_export_asks_to_stop_it(
+    home: Path, tmp_path: Path
+) -> None:
+    """verify takes no lock; export is recorded, so it needs the writer lock the service
+    holds: one line saying what to do, exit 1, nothing written."""
     with (
         GalleryStore(home, KeyFileProvider(keys_dir(home))) as store,
         AuditLog.open(home, store.keyring) as log,
@@ -656,16 +664,20 @@ def test_verify_and_export_run_while_the_service_holds_the_log(home: Path, tmp_p
         code, report, stderr = verify(home)
         assert code == 0 and report["records"] == RECORDS + 1, stderr
         code, _, stderr = export(home, tmp_path / "live.jsonl")
-        assert code == 0, stderr
-    assert lines_of(tmp_path / "live.jsonl")[-2]["records"] == RECORDS + 1
+        assert code == 1 and stderr.count("\n") == 1, stderr
+        assert "edgeid serve" in stderr and "web UI's audit page" in stderr
+        assert not (tmp_path / "live.jsonl").exists()
+    assert verify(home)[1]["records"] == RECORDS + 1  # the refused export wrote no record
 
 
 def test_an_anchor_export_catches_history_rewritten_with_the_device_key(
-    home: Path, exported: Path, capsys: pytest.CaptureFixture[str]
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Someone with root and the device key can re-sign a rewritten chain, and verify alone
     then passes; an export oversight kept from before still tells."""
-    anchor = exported  # of the same log as this home's
+    anchor = tmp_path / "anchor.jsonl"
+    code, _, stderr = in_process(capsys, "audit", "export", "--home", home, "--output", anchor)
+    assert code == 0, stderr
     assert in_process(capsys, "audit", "verify", "--home", home, "--anchor", anchor)[0] == 0
     rebuild_chain(home, 6, flip_last_byte, signer=load_device_key(home))
     assert verified_here(home).status is VerifyStatus.OK  # the signatures are all good again

@@ -44,6 +44,7 @@ from runtime.vault.keys import KeyFileProvider
 
 CASE = "VID-2024/0173"
 REASON = "seized phone of suspect, warrant W-17/2024"
+PURGE_REASON = "case closed, retention period over"
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,7 +202,7 @@ def ingested(
 
 
 def show(home: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    code, out, err = cli(home, capsys, "show", CASE)
+    code, out, err = cli(home, capsys, "show", CASE, "--reason", REASON)
     assert code == 0, err
     assert isinstance(out, dict)
     return out
@@ -279,7 +280,7 @@ def test_report_is_one_private_self_contained_html_file(
 ) -> None:
     home, media, _ = ingested
     out = tmp_path / "report.html"
-    code, _, err = cli(home, capsys, "report", CASE, "--out", str(out))
+    code, _, err = cli(home, capsys, "report", CASE, "--out", str(out), "--reason", REASON)
     assert code == 0, err
     html = out.read_text(encoding="utf-8")
     assert (out.stat().st_mode & 0o777) == 0o600
@@ -290,9 +291,10 @@ def test_report_is_one_private_self_contained_html_file(
     assert CASE in html and REASON in html and "Leads, not identifications" in html
     for name in media.failures:
         assert name in html
-    code, _, err = cli(home, capsys, "report", CASE, "--out", str(out))
+    code, _, err = cli(home, capsys, "report", CASE, "--out", str(out), "--reason", REASON)
     assert code == 2 and "exists" in err
-    assert cli(home, capsys, "report", CASE, "--out", str(out), "--force")[0] == 0
+    again = ("report", CASE, "--out", str(out), "--force", "--reason", REASON)
+    assert cli(home, capsys, *again)[0] == 0
 
 
 def test_bad_input_is_one_line_with_exit_2(
@@ -536,13 +538,13 @@ def test_purge_erases_one_case_and_keeps_the_rest(
         with service(home, pipeline) as cases:
             cases.ingest(request(folder, case=number, retention_until=None))
     before = {p.name for p in (home / CASES_DIR).iterdir() if p.is_dir()}
-    code, out, err = cli(home, capsys, "purge", "GONE-2", "--yes")
+    code, out, err = cli(home, capsys, "purge", "GONE-2", "--yes", "--reason", PURGE_REASON)
     assert code == 0 and out == {"purged": ["GONE-2"]}, err
     after = {p.name for p in (home / CASES_DIR).iterdir() if p.is_dir()}
     assert len(after) == 1 and after < before
     code, out, _ = cli(home, capsys, "list")
     assert [c["case"] for c in out] == ["KEEP-1"]  # type: ignore[union-attr]
-    assert cli(home, capsys, "show", "GONE-2")[0] == 2
+    assert cli(home, capsys, "show", "GONE-2", "--reason", REASON)[0] == 2
 
 
 def test_expired_cases_are_listed_and_purged_together(
@@ -561,7 +563,7 @@ def test_expired_cases_are_listed_and_purged_together(
         )
     code, out, _ = cli(home, capsys, "list")
     assert {c["case"]: c["expired"] for c in out} == {"OLD-1": True, "NOW-2": False}  # type: ignore[union-attr]
-    code, out, _ = cli(home, capsys, "purge", "--expired", "--yes")
+    code, out, _ = cli(home, capsys, "purge", "--expired", "--yes", "--reason", PURGE_REASON)
     assert code == 0 and out == {"purged": ["OLD-1"]}
 
 

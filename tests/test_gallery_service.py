@@ -18,6 +18,7 @@ from runtime.gallery.store import GalleryStore
 from runtime.vault.key_choice import provider_for
 
 GALLERY = "missing-persons"
+REASON = "identify the victim in photo 3"  # the core rule: at least ten characters
 CANARY = "Zebulon Quartermaine-Canary"
 
 
@@ -82,7 +83,7 @@ def test_search_finds_the_mate_first_above_threshold(
     for name, photos in people[:5]:
         code, out, err = run(
             home, capsys, "gallery", "search", str(photos[1]), "--gallery", GALLERY,
-            "--case", "C-17", "--reason", "identify victim", "--top", "3",
+            "--case", "C-17", "--reason", REASON, "--top", "3",
         )  # fmt: skip
         assert code == 0, err
         assert isinstance(out, dict)
@@ -102,7 +103,7 @@ def test_person_not_enrolled_gets_no_match_and_every_result_says_its_reliability
     stranger = people[7][1][0]
     code, out, _ = run(
         home, capsys, "gallery", "search", str(stranger), "--gallery", GALLERY,
-        "--case", "C-17", "--reason", "r", "--age-band", "child",
+        "--case", "C-17", "--reason", REASON, "--age-band", "child",
     )  # fmt: skip
     assert code == 0 and isinstance(out, dict)
     assert out["no_match"] is True
@@ -117,14 +118,13 @@ def test_search_without_case_or_reason_is_refused(
     home: Path, people: People, enrolled: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     photo = people[0][1][1]
-    code, _, err = run(
-        home, capsys, "gallery", "search", str(photo), "--gallery", GALLERY,
-        "--case", " ", "--reason", "r",
-    )  # fmt: skip
-    assert code == 2 and "case number" in err
-    with pytest.raises(SystemExit):  # argparse: --reason is required
-        main(["gallery", "search", str(photo), "--home", str(home), "--gallery", GALLERY,
-              "--case", "C-1"])  # fmt: skip
+    search = ["gallery", "search", str(photo), "--gallery", GALLERY]
+    code, out, err = run(home, capsys, *search, "--case", " ", "--reason", REASON)
+    assert code == 2 and "case number" in err and out is None
+    code, out, err = run(home, capsys, *search, "--case", "C-1")  # no --reason
+    assert code == 2 and "reason" in err and out is None
+    code, out, err = run(home, capsys, *search, "--case", "C-1", "--reason", "r")  # too short
+    assert code == 2 and "at least 10 characters" in err and out is None
 
 
 def test_duplicate_enrolment_is_refused_unless_allowed(
@@ -152,7 +152,7 @@ def test_verify_one_to_one(
         "--case",
         "C",
         "--reason",
-        "r",
+        REASON,
     ]
     code, same, _ = run(home, capsys, *base, "--subject", enrolled[name])
     code2, different, _ = run(home, capsys, *base, "--subject", enrolled[other])
@@ -190,8 +190,9 @@ def test_erasure_leaves_no_name_or_template_in_any_file(
         "template float64": np.asarray(face.embedding, dtype=np.float64).tobytes()[:64],
     }
     code, _, err = run(
-        home, capsys, "gallery", "delete", GALLERY, "--subject", str(out["subject_id"])
-    )
+        home, capsys, "gallery", "delete", GALLERY, "--subject", str(out["subject_id"]),
+        "--reason", "erasure requested by the data subject",
+    )  # fmt: skip
     assert code == 0, err
     assert _scan(home, needles) == []
     # The index was re-sealed under the gallery's new key: it opens without a rebuild and the
@@ -250,14 +251,16 @@ def test_export_import_and_wrong_passphrase(
     secret.write_text("correct horse battery staple\n")
     backup = tmp_path / "g.bak"
     assert run(home, capsys, "gallery", "export", GALLERY, "--out", str(backup),
-               "--passphrase-file", str(secret))[0] == 0  # fmt: skip
+               "--passphrase-file", str(secret), "--case", "C-17",
+               "--reason", REASON)[0] == 0  # fmt: skip
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase at all\n")
+    restore = ("--reason", "restore onto the replacement box")
     code, _, err = run(home, capsys, "gallery", "import", str(backup), "--name", "copy",
-                       "--passphrase-file", str(wrong))  # fmt: skip
+                       "--passphrase-file", str(wrong), *restore)  # fmt: skip
     assert code == 1 and "decryption failed" in err
     code, out, _ = run(home, capsys, "gallery", "import", str(backup), "--name", "copy",
-                       "--passphrase-file", str(secret))  # fmt: skip
+                       "--passphrase-file", str(secret), *restore)  # fmt: skip
     assert code == 0 and isinstance(out, dict) and out["subjects"] == 5
 
 

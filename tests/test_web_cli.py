@@ -18,6 +18,7 @@ from runtime.accounts.roles import Role
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction
+from runtime.audit.actor import os_actor
 from runtime.config.settings import Settings, WebSettings, load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
@@ -34,11 +35,15 @@ def run(*argv: str) -> tuple[int, dict[str, object] | list[object], str]:
 
 
 def audit_actions(home: Path) -> list[str]:
+    """The actions recorded before this export (whose own record, the last, is checked)."""
     code, _, _ = run("audit", "export", "--home", str(home), "--output", str(home / "x.jsonl"))
     assert code == EXIT_OK
     lines = [json.loads(line) for line in (home / "x.jsonl").read_text().splitlines()]
     (home / "x.jsonl").unlink()
-    return [str(line["action"]) for line in lines if line["type"] == "record"]
+    *before, own = [line for line in lines if line["type"] == "record"]
+    assert own["action"] == AuditAction.AUDIT_EXPORTED.value
+    assert own["user"] == os_actor().user and own["role"] == "operator"
+    return [str(line["action"]) for line in before]
 
 
 def test_init_makes_the_first_admin_a_certificate_and_the_audit_log_once(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """`edgeid audit verify|export`: check the tamper-evident audit log, export it for oversight.
 
-``verify`` needs no key and no lock (it runs beside ``edgeid serve``); ``export`` decrypts, so
-it opens the keyring (read-only, without the galleries' lock) and signs with the device key.
+``verify`` needs no key and no lock (it runs beside ``edgeid serve``) and reveals nothing but
+counts, so it is not recorded. ``export`` reveals the records: it is recorded
+(``audit_exported``, as ``os:<login>``, naming its filters) before the file is written, so it
+holds the audit log's writer lock and needs the service stopped (or the web UI's audit page,
+which records the same). It opens the keyring read-only and signs with the device key.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from runtime.audit import (
     verify_chain,
     verify_export,
 )
+from runtime.audit.errors import AuditNotFoundError
 from runtime.audit.export import anchor_problem
-from runtime.audit.layout import CREATING_MARKER
+from runtime.audit.layout import CREATING_MARKER, LOG_FILE
 from runtime.errors import BadInputError
 from runtime.gallery.errors import GalleryError
 from runtime.identity.device_key import DeviceKeyError, fingerprint, load_device_key
@@ -153,6 +157,22 @@ def _check_file(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _describe(wanted: RecordFilter) -> str:
+    """The export's filters, as the web audit page records them."""
+    parts = [
+        f"{name} {value}"
+        for name, value in (
+            ("user", wanted.user),
+            ("case", wanted.case),
+            ("action", wanted.action),
+            ("since", wanted.since.isoformat() if wanted.since else None),
+            ("until", wanted.until.isoformat() if wanted.until else None),
+        )
+        if value
+    ]
+    return "filters: " + (", ".join(parts) if parts else "none")
+
+
 def export(args: argparse.Namespace) -> int:
     if args.verify_file is not None:
         if args.output is not None or any(
@@ -168,23 +188,35 @@ def export(args: argparse.Namespace) -> int:
         raise BadInputError("--fingerprint and --public-key go with --verify-file")
     if args.since and args.until and args.since >= args.until:
         raise BadInputError("--since must come before --until")
+    from edgeid.commands.accountable import open_audit_log
+    from runtime.audit.actor import os_actor
+    from runtime.audit.recorder import Recorder
     from runtime.config.settings import load_settings
     from runtime.vault.key_choice import keyring_path, provider_for
     from runtime.vault.keys import Keyring
 
     home = args.home_dir
+    directory = audit_dir(home)
+    if not (directory / LOG_FILE).exists():  # never create a log only to export it
+        raise AuditNotFoundError(f"no audit log under {directory}; check --home")
+    if args.output.exists():  # refused before anything is recorded
+        raise BadInputError(f"{args.output} already exists; choose another name or move it away")
     settings = load_settings(home)
-    # Read-only use of the keyring: no galleries' lock, so this works beside edgeid serve.
+    # The keyring read-only (no galleries' lock); the audit log's writer lock for the record.
     keyring = Keyring.open(keyring_path(home), provider_for(home, settings.keys))
     signer = load_device_key(home)
-    summary = export_log(
-        audit_dir(home),
-        keyring,
-        signer,
-        args.output,
-        wanted=RecordFilter(args.user, args.case, args.action, args.since, args.until),
-        device_id=settings.device.device_id,
-    )
+    wanted = RecordFilter(args.user, args.case, args.action, args.since, args.until)
+    hint = "stop it first, or export from the web UI's audit page"
+    with open_audit_log(home, keyring, busy_hint=hint) as log:
+        Recorder(log).record(
+            os_actor(),
+            AuditAction.AUDIT_EXPORTED,
+            detail=f"{_describe(wanted)}; to {args.output.name}",
+        )
+        summary = export_log(
+            directory, keyring, signer, args.output, wanted=wanted,
+            device_id=settings.device.device_id,
+        )  # fmt: skip
     emit(
         args,
         summary.to_json(),

@@ -2,34 +2,34 @@
 a case's clusters and leads, write its report, purge it.
 
 Like the gallery commands these open the box's data for one process: stop `edgeid serve`
-first. Every cluster search is recorded in the audit log under the case and its reason.
+first. They go through the accountable service layer as ``os:<login>``: an ingest is recorded
+before it starts (and each cluster search as it runs), showing a case, writing its report and
+purging it are recorded with their reason. ``list`` shows numbers and counts only.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 from types import FrameType
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
+from edgeid.commands import accountable
 from edgeid.options import Subparsers
-from runtime.audit import AuditLog
-from runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest, Requester
+from runtime.audit.justification import Justification, check_reason
+from runtime.cases.ingest import IngestOutcome, IngestProgress
 from runtime.cases.records import CaseMeta
-from runtime.cases.report import write_report
-from runtime.cases.service import CaseService, report_html
 from runtime.cases.store import CaseStore
 from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
-from runtime.cases.views import CaseView, case_view, file_json, meta_json, run_json, view_json
+from runtime.cases.views import CaseView, file_json, meta_json, run_json, view_json
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.service import GalleryService
 from runtime.gallery.store import GalleryStore
 from runtime.vault.key_choice import provider_for
 
@@ -43,26 +43,14 @@ BAR_WIDTH = 24
 
 @contextlib.contextmanager
 def _case_store(args: argparse.Namespace) -> Iterator[CaseStore]:
-    """The cases without the face pipeline (list, show, report, purge: quick to open)."""
+    """The cases without the face pipeline or the audit log: for ``list`` (numbers and counts,
+    nothing personal, so nothing to record)."""
     settings = load_settings(args.home_dir)
     with (
         GalleryStore(args.home_dir, provider_for(args.home_dir, settings.keys)) as galleries,
         CaseStore(args.home_dir, galleries.keyring) as store,
     ):
         yield store
-
-
-@contextlib.contextmanager
-def _case_service(args: argparse.Namespace) -> Iterator[CaseService]:
-    settings = load_settings(args.home_dir)
-    with (
-        GalleryService.open(args.home_dir, settings) as galleries,
-        AuditLog.open(args.home_dir, galleries.store.keyring) as audit,
-        CaseService(
-            args.home_dir, galleries, audit, detector=settings.inference.detector
-        ) as service,
-    ):
-        yield service
 
 
 # -- progress (counts only: no names, no faces) -----------------------------------------------
@@ -140,20 +128,43 @@ def _outcome_json(outcome: IngestOutcome) -> dict[str, object]:
     }
 
 
+WHERE = "edgeid case"
+
+
 def ingest(args: argparse.Namespace) -> int:
-    request = IngestRequest(
-        source=args.path,
-        case_number=args.case,
-        reason=args.reason,
-        requester=Requester(getpass.getuser()),
-        galleries=tuple(args.galleries) if args.galleries else None,
-        frame_interval_s=args.frame_interval,
-        retention_until=args.retain_until,
-    )
+    why = Justification.of(args.case, args.reason)
+    if not (args.path.exists() or args.path.is_symlink()):  # refused before it is recorded
+        raise BadInputError(
+            f"{args.path}: no such file or folder; give the media folder or archive"
+        )
     bar = ProgressBar(enabled=not args.no_progress)
     try:
-        with _terminate_as_interrupt(), _case_service(args) as service:
-            outcome = service.ingest(request, progress=bar)
+        with _terminate_as_interrupt(), accountable.cases(args.home_dir, inference=True) as door:
+            known = [g.name for g in door.galleries.list_galleries()]
+            galleries = tuple(dict.fromkeys(args.galleries)) if args.galleries else None
+            for name in galleries or ():
+                if name not in known:  # refused before anything is recorded
+                    raise BadInputError(
+                        f"no gallery named {name!r}; list them with edgeid gallery list"
+                    )
+            # Recorded before the ingest starts; its cluster searches are recorded one by one.
+            door.cases.record_ingest(
+                door.caller,
+                why,
+                galleries if galleries is not None else known,
+                source_sha256=None,
+                detail=f"source {args.path}; frame interval {args.frame_interval:g} s",
+                where=f"{WHERE} ingest",
+            )
+            request = door.cases.ingest_request(
+                door.caller,
+                why,
+                args.path,
+                galleries=galleries,
+                frame_interval_s=args.frame_interval,
+                retention_until=args.retain_until,
+            )
+            outcome = door.cases.cases.ingest(request, progress=bar)
     finally:
         bar.close()
     p = outcome.progress
@@ -225,17 +236,22 @@ def _show_text(view: CaseView) -> str:
 
 
 def show(args: argparse.Namespace) -> int:
-    with _case_store(args) as store:
-        view = case_view(store.find(args.case))
+    with accountable.cases(args.home_dir) as door:
+        view = door.cases.view(door.caller, args.case, args.reason, where=f"{WHERE} show")
     emit(args, view_json(view), _show_text(view))
     return EXIT_OK
 
 
 def report(args: argparse.Namespace) -> int:
-    with _case_store(args) as store:
-        html = report_html(store.find(args.case))
-    out = write_report(html, args.out, overwrite=args.force)
-    emit(args, {"case": args.case, "report": str(out)}, f"report written to {out} (mode 0600)")
+    out: Path = args.out
+    if out.exists() and not args.force:  # refused before the report is made and recorded
+        raise BadInputError(f"{out} exists; choose a new file name or add --force")
+    with accountable.cases(args.home_dir) as door:
+        written = door.cases.write_report(
+            door.caller, args.case, args.reason, out, overwrite=args.force, where=f"{WHERE} report"
+        )
+    text = f"report written to {written} (mode 0600)"
+    emit(args, {"case": args.case, "report": str(written)}, text)
     return EXIT_OK
 
 
@@ -244,9 +260,19 @@ def purge(args: argparse.Namespace) -> int:
         raise BadInputError("purging erases the case's files, faces and leads for good; add --yes")
     if bool(args.case) == bool(args.expired):
         raise BadInputError("give a case number, or --expired for every case past its retention")
-    with _case_store(args) as store:
-        numbers = [m.number for m in store.expired()] if args.expired else [args.case]
-        purged = [store.purge(number).number for number in numbers]
+    reason = check_reason(args.reason)
+    with accountable.cases(args.home_dir) as door:
+        targets: list[tuple[str, str | None]]
+        if args.expired:
+            targets = [(m.number, "retention period over") for m in door.cases.expired()]
+        else:
+            targets = [(args.case, None)]
+        purged = [
+            door.cases.purge(
+                door.caller, number, reason, where=f"{WHERE} purge", detail=detail
+            ).number
+            for number, detail in targets
+        ]
     text = "\n".join(f"purged case {n}" for n in purged) or "no case is past its retention date"
     emit(args, {"purged": purged}, text)
     return EXIT_OK
@@ -286,8 +312,8 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="add a folder, zip or tar of images and videos to a case (resumes a stopped run)",
     )
     p.add_argument("path", type=path_arg, metavar="PATH", help="folder, .zip, .tar[.gz|.bz2|.xz]")
-    p.add_argument("--case", required=True, help="case number (created on first ingest)")
-    p.add_argument("--reason", required=True, help="why this media is searched (audited)")
+    p.add_argument("--case", help="case number (required; created on first ingest)")
+    accountable.reason_option(p, "why this media is searched")
     p.add_argument(
         "--galleries",
         nargs="+",
@@ -310,6 +336,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     p = actions.add_parser("show", parents=[common], help="a case's clusters, leads and files")
     p.add_argument("case", metavar="N", help="case number")
+    accountable.reason_option(p, "why you open this case")
     p.set_defaults(handler=show)
 
     p = actions.add_parser(
@@ -317,11 +344,13 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("case", metavar="N", help="case number")
     p.add_argument("--out", required=True, type=path_arg, metavar="FILE.html")
+    accountable.reason_option(p, "why the report is made")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(handler=report)
 
     p = actions.add_parser("purge", parents=[common], help="erase a case as a unit")
     p.add_argument("case", metavar="N", nargs="?", help="case number")
     p.add_argument("--expired", action="store_true", help="every case past its retention date")
+    accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
     p.set_defaults(handler=purge)

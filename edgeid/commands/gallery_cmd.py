@@ -2,7 +2,9 @@
 rotate-key, re-embed.
 
 The galleries are opened by one process at a time: stop `edgeid serve` before using these on
-the same state directory. Searches and verifications need a case number and a reason.
+the same state directory. Every command but ``list`` goes through the accountable service
+layer as ``os:<login>`` and is recorded in the audit log; what reveals names or faces (search,
+verify, subjects, export) needs a case number and a reason, erasures and imports a reason.
 """
 
 from __future__ import annotations
@@ -17,24 +19,20 @@ from datetime import date
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
+from edgeid.commands import accountable
 from edgeid.options import Subparsers, positive_int
+from runtime.audit.events import AuditAction
+from runtime.audit.justification import Justification, check_reason
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
-from runtime.gallery.backup import export_gallery, import_gallery
 from runtime.gallery.records import GalleryInfo
-from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, GalleryService
+from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
 from runtime.vault.key_choice import best_available, make_provider, provider_for
 
 BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
 MIN_BACKUP_PASSPHRASE = 12
-
-
-@contextmanager
-def _service(args: argparse.Namespace) -> Iterator[GalleryService]:
-    with GalleryService.open(args.home_dir) as service:
-        yield service
 
 
 @contextmanager
@@ -81,16 +79,23 @@ def _backup_passphrase(args: argparse.Namespace) -> str:
 
 
 # -- handlers ----------------------------------------------------------------------------------
+# Each handler is a thin translation to ``AccountableGalleries``: the service checks the
+# justification, records, and only then reveals or acknowledges.
+
+WHERE = "edgeid gallery"
 
 
 def create(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        info = store.create_gallery(args.name, description=args.description).info()
+    with accountable.galleries(args.home_dir) as door:
+        info = door.galleries.create_gallery(
+            door.caller, args.name, args.description, where=f"{WHERE} create"
+        )
     emit(args, _info_json(info), f"created gallery {info.name!r}")
     return EXIT_OK
 
 
 def list_galleries(args: argparse.Namespace) -> int:
+    # Names and counts only (not personal data): no record, and no audit lock needed.
     with _store(args) as store:
         infos = store.list_galleries()
     lines = [f"{i.name:24} {i.subjects:>8} subjects {i.faces:>9} faces" for i in infos]
@@ -99,8 +104,10 @@ def list_galleries(args: argparse.Namespace) -> int:
 
 
 def subjects(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        gallery = store.open_gallery(args.gallery)
+    why = Justification.of(args.case, args.reason)
+    with accountable.galleries(args.home_dir) as door:
+        listed = door.galleries.subjects(door.caller, why, args.gallery, where=f"{WHERE} subjects")
+        service = door.galleries.galleries
         rows = [
             {
                 "subject_id": s.subject_id,
@@ -109,9 +116,9 @@ def subjects(args: argparse.Namespace) -> int:
                 "enrolled_by": s.enrolled_by,
                 "enrolled_at": s.enrolled_at.isoformat(),
                 "retention_until": s.retention_until.isoformat() if s.retention_until else None,
-                "faces": len(gallery.faces(s.subject_id)),
+                "faces": len(service.faces(args.gallery, s.subject_id)),
             }
-            for s in gallery.subjects()
+            for s in listed
         ]
     text = "\n".join(f"{r['subject_id']}  {r['display_name']}" for r in rows)
     emit(args, rows, text or "no subjects")
@@ -119,18 +126,24 @@ def subjects(args: argparse.Namespace) -> int:
 
 
 def enroll(args: argparse.Namespace) -> int:
+    if args.by is not None:
+        raise BadInputError(
+            "--by was removed: the enroller recorded is who runs the command (os:<login>); "
+            "put anything else in --notes"
+        )
     image = _read_image(args.image)
-    with _service(args) as service:
-        done = service.enroll(
+    with accountable.galleries(args.home_dir, inference=True) as door:
+        done = door.galleries.enroll(
+            door.caller,
             args.gallery,
             display_name=args.name,
             legal_basis=args.legal_basis,
-            enrolled_by=args.by,
             image_bytes=image,
             face_index=args.face,
             notes=args.notes,
             retention_until=args.retain_until,
             allow_duplicate=args.allow_duplicate,
+            where=f"{WHERE} enroll",
         )
     payload = {
         "gallery": done.gallery,
@@ -144,15 +157,23 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    _require_case(args)
+    why = Justification.of(args.case, args.reason)
     image = _read_image(args.image)
-    with _service(args) as service:
-        probe = service.analyse(image, name=args.image)
+    with accountable.galleries(args.home_dir, inference=True) as door:
+        probe = door.galleries.analyse(image, name=args.image)
         face = _probe_face(args, len(probe.faces))
-        result = service.search(
-            probe, face, args.gallery, k=args.top, fmr=args.fmr, age_band=args.age_band
+        result = door.galleries.search(
+            door.caller,
+            why,
+            probe,
+            face,
+            args.gallery,
+            k=args.top,
+            fmr=args.fmr,
+            age_band=args.age_band,
+            where=f"{WHERE} search",
         )
-    payload = {"case": args.case, "face": face, **result.to_json()}
+    payload = {"case": why.case, "face": face, **result.to_json()}
     lines = [
         f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {c.gallery}/{c.subject_id} {c.display_name}"
         for c in result.candidates
@@ -165,14 +186,23 @@ def search(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    _require_case(args)
+    why = Justification.of(args.case, args.reason)
     image = _read_image(args.image)
-    with _service(args) as service:
-        probe = service.analyse(image, name=args.image)
+    with accountable.galleries(args.home_dir, inference=True) as door:
+        probe = door.galleries.analyse(image, name=args.image)
         face = _probe_face(args, len(probe.faces))
-        result = service.verify(probe, face, args.gallery, args.subject, fmr=args.fmr)
+        result = door.galleries.verify(
+            door.caller,
+            why,
+            probe,
+            face,
+            args.gallery,
+            args.subject,
+            fmr=args.fmr,
+            where=f"{WHERE} verify",
+        )
     payload = {
-        "case": args.case,
+        "case": why.case,
         "score": round(result.score, 4),
         "band": result.band.value,
         "same_person": result.same_person,
@@ -185,36 +215,49 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def delete(args: argparse.Namespace) -> int:
+    reason = check_reason(args.reason)
     if args.subject:
-        with _service(args) as service:
-            service.delete_subject(args.gallery, args.subject)
+        with accountable.galleries(args.home_dir) as door:
+            door.galleries.delete_subject(
+                door.caller, args.gallery, args.subject, reason=reason, where=f"{WHERE} delete"
+            )
         emit(args, {"deleted_subject": args.subject}, f"erased subject {args.subject}")
         return EXIT_OK
     if not args.yes:
         raise BadInputError(
             f"deleting gallery {args.gallery!r} erases every subject in it; add --yes"
         )
-    with _store(args) as store:
-        store.delete_gallery(args.gallery)
-    emit(args, {"deleted_gallery": args.gallery}, f"erased gallery {args.gallery!r}")
+    with accountable.galleries(args.home_dir) as door:
+        erased = door.galleries.delete_gallery(
+            door.caller, args.gallery, reason=reason, where=f"{WHERE} delete"
+        )
+    emit(
+        args,
+        {"deleted_gallery": erased.name, "subjects": erased.subjects, "faces": erased.faces},
+        f"erased gallery {erased.name!r} ({erased.subjects} subjects, {erased.faces} faces)",
+    )
     return EXIT_OK
 
 
 def export(args: argparse.Namespace) -> int:
-    passphrase = _backup_passphrase(args)
+    why = Justification.of(args.case, args.reason)
     out = Path(args.out)
     if out.exists():
         raise BadInputError(f"{out} exists; choose a new file name")
-    with _store(args) as store:
-        export_gallery(store, args.gallery, out, passphrase)
+    passphrase = _backup_passphrase(args)
+    with accountable.galleries(args.home_dir) as door:
+        door.galleries.export(door.caller, why, args.gallery, out, passphrase)
     emit(args, {"gallery": args.gallery, "file": str(out)}, f"exported to {out}")
     return EXIT_OK
 
 
 def import_(args: argparse.Namespace) -> int:
+    reason = check_reason(args.reason)
     passphrase = _backup_passphrase(args)
-    with _store(args) as store:
-        info = import_gallery(store, Path(args.file), passphrase, name=args.name).info()
+    with accountable.galleries(args.home_dir) as door:
+        info = door.galleries.import_gallery(
+            door.caller, Path(args.file), passphrase, name=args.name, reason=reason
+        )
     emit(args, _info_json(info), f"imported gallery {info.name!r} ({info.faces} faces)")
     return EXIT_OK
 
@@ -225,8 +268,25 @@ def rotate_key(args: argparse.Namespace) -> int:
     if kind == "auto":
         kind = best_available(args.home_dir, settings.keys)
     new_provider = make_provider(kind, args.home_dir, settings.keys)
-    with _store(args) as store:
-        store.rotate_kek(new_provider)
+    with accountable.galleries(args.home_dir) as door:
+        store = door.galleries.galleries.store
+        old = store.keyring.kek_id
+        # Recorded before: the old key is destroyed by the rotation, so it cannot be undone if
+        # a record written afterwards failed; a rotation that fails is recorded as failed.
+        door.recorder.record(
+            door.caller.actor,
+            AuditAction.KEYS_ROTATED,
+            detail=f"key-encryption key {old} replaced by a new {kind} key",
+        )
+        try:
+            store.rotate_kek(new_provider)
+        except BaseException as exc:
+            door.recorder.record(
+                door.caller.actor,
+                AuditAction.OPERATION_FAILED,
+                detail=f"{AuditAction.KEYS_ROTATED.value} failed: {type(exc).__name__}",
+            )
+            raise
         kek_id = store.keyring.kek_id
     emit(
         args,
@@ -241,9 +301,11 @@ def re_embed(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"\rre-embedded {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    with _service(args) as service:
-        count = service.re_embed(args.gallery, progress)
-        model = service.model_id
+    with accountable.galleries(args.home_dir, inference=True) as door:
+        count = door.galleries.re_embed(
+            door.caller, args.gallery, progress=progress, where=f"{WHERE} re-embed"
+        )
+        model = door.galleries.galleries.model_id
     if count and not args.json:
         print(file=sys.stderr)
     emit(args, {"re_embedded": count, "model_id": model}, f"{count} faces now use {model}")
@@ -251,11 +313,6 @@ def re_embed(args: argparse.Namespace) -> int:
 
 
 # -- arguments ---------------------------------------------------------------------------------
-
-
-def _require_case(args: argparse.Namespace) -> None:
-    if not args.case.strip() or not args.reason.strip():
-        raise BadInputError("every search needs a case number (--case) and a reason (--reason)")
 
 
 def _probe_face(args: argparse.Namespace, faces: int) -> int:
@@ -298,8 +355,7 @@ def _passphrase_option(parser: argparse.ArgumentParser) -> None:
 
 def _search_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE")
-    parser.add_argument("--case", required=True, help="case number (recorded with the search)")
-    parser.add_argument("--reason", required=True, help="why this search is made")
+    accountable.justification_options(parser, "this search")
     parser.add_argument("--face", type=int, help="which face of the photo (default: the only)")
     parser.add_argument(
         "--fmr",
@@ -321,18 +377,27 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = actions.add_parser("list", parents=[common], help="galleries and their sizes")
     p.set_defaults(handler=list_galleries)
 
-    p = actions.add_parser("subjects", parents=[common], help="the subjects of a gallery")
+    p = actions.add_parser(
+        "subjects", parents=[common], help="the subjects of a gallery (names: recorded)"
+    )
     p.add_argument("gallery")
+    accountable.justification_options(p, "this listing")
     p.set_defaults(handler=subjects)
 
-    p = actions.add_parser("enroll", parents=[common], help="enrol a subject from a photo")
+    p = actions.add_parser(
+        "enroll",
+        parents=[common],
+        help="enrol a subject from a photo",
+        description="Enrol a subject; recorded with its legal basis. The enroller recorded is "
+        "the person running the command (os:<login>); the former --by option is refused.",
+    )
     p.add_argument("gallery")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--name", required=True, help="the subject's display name")
     p.add_argument(
         "--legal-basis", required=True, help="the law, warrant or case that allows holding it"
     )
-    p.add_argument("--by", default=getpass.getuser(), help="who enrols (default: you)")
+    p.add_argument("--by", help=argparse.SUPPRESS)  # removed: refused with a message
     p.add_argument("--notes", default="")
     p.add_argument("--retain-until", type=_date, help="retention date, YYYY-MM-DD")
     p.add_argument("--face", type=int, help="which face of the photo (default: the only)")
@@ -366,23 +431,22 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = actions.add_parser("delete", parents=[common], help="erase a subject or a gallery")
     p.add_argument("gallery")
     p.add_argument("--subject", help="erase only this subject")
+    accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm erasing the whole gallery")
     p.set_defaults(handler=delete)
 
     p = actions.add_parser("export", parents=[common], help="encrypted backup of a gallery")
     p.add_argument("gallery")
     p.add_argument("--out", required=True, help="backup file to write")
-    p.add_argument(
-        "--passphrase-file", help=f"file holding the passphrase (or ${BACKUP_PASSPHRASE_ENV})"
-    )
+    accountable.justification_options(p, "this backup")
+    _passphrase_option(p)
     p.set_defaults(handler=export)
 
     p = actions.add_parser("import", parents=[common], help="restore a gallery from a backup")
     p.add_argument("file")
     p.add_argument("--name", help="a new name for the gallery")
-    p.add_argument(
-        "--passphrase-file", help=f"file holding the passphrase (or ${BACKUP_PASSPHRASE_ENV})"
-    )
+    accountable.reason_option(p, "why it is restored")
+    _passphrase_option(p)
     p.set_defaults(handler=import_)
 
     p = actions.add_parser(

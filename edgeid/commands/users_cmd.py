@@ -7,7 +7,6 @@ Every change is recorded in the audit log, which one process writes at a time: s
 from __future__ import annotations
 
 import argparse
-import getpass
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from runtime.accounts.roles import Permission, Role, permissions_of
 from runtime.accounts.tokens import DEFAULT_TTL_DAYS, TokenStore
 from runtime.accounts.users import User, UserStore
 from runtime.audit import AuditAction, AuditEvent, AuditLog
-from runtime.audit.events import SYSTEM_USER
+from runtime.audit.actor import os_actor
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
@@ -26,29 +25,19 @@ from runtime.vault.key_choice import provider_for
 
 
 class Recorder:
-    """Appends the command's changes to the audit log, as the system, naming the OS user."""
+    """Appends the command's changes to the audit log, as the OS user (``os:<login>``)."""
 
     def __init__(self, log: AuditLog, galleries: list[str]) -> None:
         self.log = log
         self.galleries = galleries
 
     def __call__(self, action: AuditAction, detail: str, *, gallery: str | None = None) -> None:
+        actor = os_actor()
         self.log.append(
             AuditEvent(
-                user=SYSTEM_USER,
-                role=SYSTEM_USER,
-                action=action,
-                gallery=gallery,
-                detail=f"{detail}; by edgeid on the command line (OS user {_os_user()})",
+                user=actor.user, role=actor.role, action=action, gallery=gallery, detail=detail
             )
         )
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 @contextmanager
