@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.routing import Mount
 from web_support import (
     OFFICE,
     PASSWORD,
@@ -28,6 +29,7 @@ from web_support import (
     WORK_HEADERS,
     WORK_REASON,
     Box,
+    all_routes,
     build_box,
     central_face,
     client,
@@ -43,7 +45,6 @@ from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction, AuditRecord
 from runtime.audit.events import CASE_REQUIRED
-from runtime.web.access import requirement_of
 
 CASE = "DOOR-2026/7"
 REASON = "identifying a victim in media seized under warrant W-7"
@@ -116,9 +117,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/galleries"): NEITHER,
     ("GET", "/galleries/{gallery}/subjects"): reveals(AuditAction.SUBJECTS_LISTED),
     ("GET", "/galleries/{gallery}/subjects/{subject_id}"): reveals(AuditAction.SUBJECT_VIEWED),
-    ("GET", "/galleries/{gallery}/faces/{face_id}/thumbnail.jpg"): reveals(
-        AuditAction.FACE_VIEWED
-    ),
+    ("GET", "/galleries/{gallery}/faces/{face_id}/thumbnail.jpg"): reveals(AuditAction.FACE_VIEWED),
     ("GET", "/galleries/{gallery}/subjects/{subject_id}/delete"): reveals(
         AuditAction.SUBJECT_VIEWED
     ),
@@ -151,6 +150,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/health"): NEITHER,
     # The API
     ("GET", f"{API}/me"): NEITHER,
+    ("GET", f"{API}/openapi.json"): NEITHER,
     ("POST", f"{API}/searches"): NEITHER,
     ("PUT", f"{API}/searches/{{search_id}}/photo"): NEITHER,
     ("GET", f"{API}/searches/{{search_id}}/faces/{{face_index}}/chip.jpg"): NEITHER,
@@ -196,12 +196,13 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
 
 
 def app_routes(box: Box) -> set[tuple[str, str]]:
+    """Every (method, path) the app answers, through its included routers."""
     found = set()
-    for route in box.app.routes:
-        if requirement_of(route) is None and getattr(route, "path", "").startswith("/static"):
-            continue
-        for method in getattr(route, "methods", set()) - {"HEAD"}:
-            found.add((method, route.path))
+    for path, methods, route in all_routes(box.app):
+        if isinstance(route, Mount):
+            continue  # the static files: stylesheet only
+        for method in methods - {"HEAD"}:
+            found.add((method, path))
     return found
 
 
@@ -251,14 +252,18 @@ class World:
 
 def token_client(box: Box, role: Role) -> TestClient:
     held = ROLE_PERMISSIONS[role]
-    _, secret = TokenStore(box.home).create(box.users[role], f"doors {role.value}", held, allowed=held)
+    _, secret = TokenStore(box.home).create(
+        box.users[role], f"doors {role.value}", held, allowed=held
+    )
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
     return api
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, models_dir: Path) -> Iterator[World]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, models_dir: Path
+) -> Iterator[World]:
     home = tmp_path_factory.mktemp("doors")
     box = build_box(home, lfw_dir, models_dir, tls_settings(home))
     try:
@@ -304,11 +309,14 @@ def web_search(w: World, photo: bytes | None = None) -> str:
 def web_searched(w: World) -> tuple[str, str]:
     """A search already run; the id of its top candidate's face."""
     search_id = web_search(w)
-    assert w.investigator.post(
-        f"/search/{search_id}/faces/0", data={"csrf_token": w.csrf}
-    ).status_code == 303
+    assert (
+        w.investigator.post(f"/search/{search_id}/faces/0", data={"csrf_token": w.csrf}).status_code
+        == 303
+    )
     result = w.box.app.state.web.searches.get(
-        w.box.app.state.web.sessions.get(w.investigator.cookies.get(w.box.app.state.web.cookie_name)).owner,
+        w.box.app.state.web.sessions.get(
+            w.investigator.cookies.get(w.box.app.state.web.cookie_name)
+        ).owner,
         search_id,
     ).results[0]
     return search_id, result.candidates[0].face_id
@@ -555,7 +563,7 @@ def _enrol_direct(w: World) -> Request:
             "display_name": "Subject Direct",
             "legal_basis": "court order 12/2026",
         },
-        files={"photo": ("n.jpg", lfw_image(w.lfw_dir, "George_W_Bush", 1).read_bytes())},
+        files={"photo": ("n.jpg", lfw_image(w.lfw_dir, "AJ_Lamas", 1).read_bytes())},
     )
 
 
@@ -687,9 +695,7 @@ def _api_subjects(w: World) -> Request:
 
 
 def _api_subject(w: World) -> Request:
-    return lambda: w.api.get(
-        f"{API}/galleries/{OFFICE}/subjects/{w.subject}", headers=WORK_HEADERS
-    )
+    return lambda: w.api.get(f"{API}/galleries/{OFFICE}/subjects/{w.subject}", headers=WORK_HEADERS)
 
 
 def _api_thumbnail(w: World) -> Request:
@@ -700,7 +706,7 @@ def _api_thumbnail(w: World) -> Request:
 
 
 def _api_enrol(w: World) -> Request:
-    photo = lfw_image(w.lfw_dir, "Colin_Powell", 1).read_bytes()
+    photo = lfw_image(w.lfw_dir, "Aaron_Guiel", 1).read_bytes()
     return lambda: w.api.post(
         f"{API}/galleries/{OFFICE}/subjects",
         data={"display_name": "Subject API", "legal_basis": "court order 13/2026"},
@@ -871,3 +877,129 @@ def test_each_revealing_or_changing_door_writes_exactly_one_record(
     if expected.justified:
         assert event.case and event.reason, f"{door}: the record carries no case and reason"
     ACTIONS_SEEN.add(expected.action)  # type: ignore[arg-type]
+
+
+# -- without a justification: refused, nothing revealed, nothing recorded ----------------------
+
+
+def _fresh_session(w: World) -> TestClient:
+    browser, _ = sign_in(w.box, Role.INVESTIGATOR)  # signed in, no case stated
+    return browser
+
+
+def _bare_api(w: World) -> TestClient:
+    return token_client(w.box, Role.INVESTIGATOR)
+
+
+def _page_without_context(url: Callable[[World], str]) -> Exercise:
+    def setup(w: World) -> Request:
+        browser = _fresh_session(w)
+        return lambda: browser.get(url(w))
+
+    return setup
+
+
+def _api_without(url: Callable[[World], str], headers: dict[str, str] | None = None) -> Exercise:
+    def setup(w: World) -> Request:
+        api = _bare_api(w)
+        return lambda: api.get(url(w), headers=headers or {})
+
+    return setup
+
+
+UNJUSTIFIED: dict[tuple[str, str], Exercise] = {
+    ("GET", "/galleries/{gallery}/subjects"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/subjects"
+    ),
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/subjects/{w.subject}"
+    ),
+    ("GET", "/galleries/{gallery}/faces/{face_id}/thumbnail.jpg"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/faces/{w.face}/thumbnail.jpg"
+    ),
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/delete"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/subjects/{w.subject}/delete"
+    ),
+    ("GET", "/cases/{case_id}"): _page_without_context(lambda w: f"/cases/{w.case_id}"),
+    ("GET", "/cases/{case_id}/faces/{face_id}.jpg"): _page_without_context(
+        lambda w: f"/cases/{w.case_id}/faces/{w.case_face}.jpg"
+    ),
+    ("GET", "/cases/{case_id}/report.html"): _page_without_context(
+        lambda w: f"/cases/{w.case_id}/report.html"
+    ),
+    # A search cannot exist without its case and reason: starting one without them is refused.
+    ("POST", "/search/{search_id}/faces/{face_index}"): lambda w: (
+        lambda: w.investigator.post(
+            "/search",
+            data={"csrf_token": w.csrf, "case": WORK_CASE, "reason": "look", "gallery": OFFICE},
+        )
+    ),
+    ("GET", f"{API}/galleries/{{gallery}}/subjects"): _api_without(
+        lambda w: f"{API}/galleries/{OFFICE}/subjects"
+    ),
+    ("GET", f"{API}/galleries/{{gallery}}/subjects/{{subject_id}}"): _api_without(
+        lambda w: f"{API}/galleries/{OFFICE}/subjects/{w.subject}",
+        {"Edgeid-Case": WORK_CASE},  # a case but no reason
+    ),
+    ("GET", f"{API}/galleries/{{gallery}}/faces/{{face_id}}/thumbnail.jpg"): _api_without(
+        lambda w: f"{API}/galleries/{OFFICE}/faces/{w.face}/thumbnail.jpg"
+    ),
+    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/candidates"): (
+        lambda w: (
+            lambda: w.api.post(
+                f"{API}/searches",
+                json={"case": "bad case!", "reason": SEARCH_REASON, "galleries": [OFFICE]},
+            )
+        )
+    ),
+    ("GET", f"{API}/cases/{{case_id}}"): _api_without(lambda w: f"{API}/cases/{w.case_id}"),
+    ("GET", f"{API}/cases/{{case_id}}/faces/{{face_id}}.jpg"): _api_without(
+        lambda w: f"{API}/cases/{w.case_id}/faces/{w.case_face}.jpg"
+    ),
+    ("GET", f"{API}/cases/{{case_id}}/report.html"): _api_without(
+        lambda w: f"{API}/cases/{w.case_id}/report.html",
+        {"Edgeid-Case": "ANOTHER-CASE", "Edgeid-Reason": REASON},  # not this case
+    ),
+}
+JUSTIFIED_REVEALS = sorted(
+    k for k, door in WEB_DOORS.items() if door.kind is Kind.REVEALS and door.justified
+)
+
+
+def test_every_justified_reveal_has_an_unjustified_attempt() -> None:
+    assert set(JUSTIFIED_REVEALS) == set(UNJUSTIFIED)
+
+
+@pytest.mark.parametrize("door", JUSTIFIED_REVEALS, ids=lambda d: f"{d[0]} {d[1]}")
+def test_without_a_justification_nothing_is_revealed_or_recorded(
+    world: World, door: tuple[str, str]
+) -> None:
+    ensure_case(world)
+    go = UNJUSTIFIED[door](world)
+    before = world.last_seq()
+    reply = go()
+    if door[1].startswith(API):
+        assert reply.status_code in (400, 422), f"{door}: {reply.status_code}"
+    else:  # pages send the person to state the case first (or refuse the form)
+        assert reply.status_code in (303, 400), f"{door}: {reply.status_code}"
+        if reply.status_code == 303:
+            assert reply.headers["location"].startswith("/context?next=")
+    assert not reply.headers.get("content-type", "").startswith("image/")
+    body = reply.text
+    assert "Subject 1" not in body and "Subject 2" not in body, f"{door} revealed a name"
+    written = [r.event.action for r in world.records_after(before)]
+    assert written == [], f"{door}: wrote {written} though it was refused"
+
+
+def test_results_shown_again_only_to_the_session_that_searched(world: World) -> None:
+    search_id, _ = web_searched(world)
+    again = world.investigator.get(f"/search/{search_id}/faces/0")
+    assert again.status_code == 200 and "Subject" in again.text
+    other, _ = sign_in(world.box, Role.INVESTIGATOR)  # the same person, another session
+    world.box.clock.advance(61)  # a fresh refusal allowance for the investigator
+    before = world.last_seq()
+    refused = other.get(f"/search/{search_id}/faces/0")
+    assert refused.status_code == 404 and "Subject 1" not in refused.text
+    written = world.records_after(before)
+    assert [r.event.action for r in written] == [AuditAction.ACCESS_DENIED]
+    assert written[0].event.detail and search_id in written[0].event.detail

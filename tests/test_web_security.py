@@ -34,6 +34,7 @@ from web_support import (
     PEOPLE,
     WORK_HEADERS,
     Box,
+    all_routes,
     build_box,
     client,
     csrf_of,
@@ -85,18 +86,6 @@ def start_search(browser: TestClient, token: str, **form: object) -> str:
 
 
 # -- every role against every endpoint ---------------------------------------------------------
-
-
-def all_routes(app: FastAPI) -> Iterator[tuple[str, set[str], object]]:
-    """(full path, methods, route) of every route, through included routers."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # FastAPI before 0.16x keeps included routes flat in app.routes
-        for route in app.routes:
-            yield getattr(route, "path", ""), getattr(route, "methods", set()), route
-        return
-    for context in iter_route_contexts(app.routes):
-        yield context.path or "", context.methods or set(), context.original_route
 
 
 def requirements(app: FastAPI) -> list[tuple[str, str, Requirement]]:

@@ -210,6 +210,18 @@ def work_on(
     assert reply.status_code == 303, reply.text
 
 
+def all_routes(app: FastAPI) -> Iterator[tuple[str, set[str], object]]:
+    """(full path, methods, route) of every route, through included routers."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI before 0.16x keeps included routes flat in app.routes
+        for route in app.routes:
+            yield getattr(route, "path", ""), getattr(route, "methods", set()), route
+        return
+    for context in iter_route_contexts(app.routes):
+        yield context.path or "", context.methods or set(), context.original_route
+
+
 # -- a real server on a free loopback port ------------------------------------------------------
 
 
