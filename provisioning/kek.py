@@ -13,9 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.audit import AuditLog, audit_dir
+from runtime.audit.recorder import Recorder
 from runtime.config.settings import KeySettings
 from runtime.errors import BadInputError, EdgeidError
 from runtime.gallery.store import GalleryStore
+from runtime.services.caller import LocalOperator
+from runtime.services.keys import rotate_kek
 from runtime.storage.durable import shred_and_unlink
 from runtime.vault.key_choice import keyring_path, keys_dir, make_provider, provider_for
 from runtime.vault.keys import (
@@ -190,7 +194,11 @@ def rotate(
         raise BadInputError(f"key provider {new_kind}: {problem}")
     new_provider = make_provider(new_kind, home, new_keys or keys, passphrase=new_passphrase)
     with GalleryStore(home, provider_for(home, keys, passphrase=passphrase)) as store:
-        store.rotate_kek(new_provider)
+        if audit_dir(home).is_dir():  # accounted for like every other door (os:<login>)
+            with AuditLog.open(home, store.keyring) as log:
+                rotate_kek(store, Recorder(log), LocalOperator.current(), new_provider)
+        else:  # before any audit log exists there is nothing to account to
+            store.rotate_kek(new_provider)
         ring = store.keyring
         count = sum(len(k) for k in ring.wrapped_keys().values())
         return Rotation(before.provider, before.kek_id, ring.provider_kind, ring.kek_id, count)

@@ -21,7 +21,6 @@ from pathlib import Path
 from edgeid.cli import EXIT_OK, emit
 from edgeid.commands import accountable
 from edgeid.options import Subparsers, positive_int
-from runtime.audit.events import AuditAction
 from runtime.audit.justification import Justification, check_reason
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
@@ -29,6 +28,7 @@ from runtime.gallery.records import GalleryInfo
 from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+from runtime.services.keys import rotate_kek
 from runtime.vault.key_choice import best_available, make_provider, provider_for
 
 BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
@@ -269,25 +269,9 @@ def rotate_key(args: argparse.Namespace) -> int:
         kind = best_available(args.home_dir, settings.keys)
     new_provider = make_provider(kind, args.home_dir, settings.keys)
     with accountable.galleries(args.home_dir) as door:
-        store = door.galleries.galleries.store
-        old = store.keyring.kek_id
-        # Recorded before: the old key is destroyed by the rotation, so it cannot be undone if
-        # a record written afterwards failed; a rotation that fails is recorded as failed.
-        door.recorder.record(
-            door.caller.actor,
-            AuditAction.KEYS_ROTATED,
-            detail=f"key-encryption key {old} replaced by a new {kind} key",
+        kek_id = rotate_kek(
+            door.galleries.galleries.store, door.recorder, door.caller, new_provider
         )
-        try:
-            store.rotate_kek(new_provider)
-        except BaseException as exc:
-            door.recorder.record(
-                door.caller.actor,
-                AuditAction.OPERATION_FAILED,
-                detail=f"{AuditAction.KEYS_ROTATED.value} failed: {type(exc).__name__}",
-            )
-            raise
-        kek_id = store.keyring.kek_id
     emit(
         args,
         {"provider": kind, "kek_id": kek_id},
