@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from runtime.config.settings import Settings
 from runtime.errors import BadInputError
+from runtime.web.access_log import RouteAccessLog
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ def make_server(
         if path and not Path(path).is_file():
             raise BadInputError(f"TLS file {path} does not exist; run edgeid init or fix the path")
     config = uvicorn.Config(
-        app,
+        RouteAccessLog(app),  # the access log by route template; see access_log.py
         host=host,
         port=port,
         ssl_certfile=web.tls_cert if tls else None,
         ssl_keyfile=web.tls_key if tls else None,
         log_level="warning",
-        access_log=False,  # URLs hold gallery names and case filters; the audit log says who
+        access_log=False,  # uvicorn's prints real paths (gallery names, case filters)
         server_header=False,
         date_header=False,
         proxy_headers=False,  # no proxy in front: the peer address is the client's
