@@ -13,8 +13,10 @@ An exception that escapes the app is logged here as its type and stack, without 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
+from collections.abc import Sequence
 
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,10 +28,25 @@ access_logger = logging.getLogger(ACCESS_LOGGER)
 logger = logging.getLogger(__name__)
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's template (``/search/{search_id}``), or ``-``; never the real path."""
-    path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) and path else UNROUTED
+def route_template(scope: Scope, prefixes: Sequence[str] = ()) -> str:
+    """The matched route's template (``/search/{search_id}``), or ``-``; never the real path.
+
+    A route of a router included under a prefix knows only its own part of the path; the
+    prefix is put back when it is one of ``prefixes`` (fixed strings such as ``/api/v1``),
+    and shown as ``...`` otherwise, since it could hold a parameter.
+    """
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str) or not template:
+        return UNROUTED
+    regex = getattr(route, "path_regex", None)
+    concrete = str(scope.get("path", ""))
+    if not isinstance(regex, re.Pattern) or regex.match(concrete):
+        return template
+    for prefix in prefixes:
+        if concrete.startswith(prefix) and regex.match(concrete[len(prefix) :]):
+            return prefix + template
+    return "..." + template
 
 
 def redacted_stack(exc: BaseException) -> str:
@@ -39,10 +56,12 @@ def redacted_stack(exc: BaseException) -> str:
 
 
 class RouteAccessLog:
-    """ASGI middleware: one access line per HTTP request, by route template."""
+    """ASGI middleware: one access line per HTTP request, by route template; ``prefixes``:
+    the fixed prefixes routers are included under (see ``route_template``)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, prefixes: Sequence[str] = ()) -> None:
         self.app = app
+        self.prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,7 +79,10 @@ class RouteAccessLog:
             await self.app(scope, receive, sending)
         except Exception as exc:  # logged here without its message; see the module docstring
             logger.error(
-                "%s %s raised %s", scope.get("method"), route_template(scope), redacted_stack(exc)
+                "%s %s raised %s",
+                scope.get("method"),
+                route_template(scope, self.prefixes),
+                redacted_stack(exc),
             )
             if not status:
                 await PlainTextResponse("internal error", status_code=500)(scope, receive, sending)
@@ -68,7 +90,7 @@ class RouteAccessLog:
             access_logger.info(
                 "%s %s %s %.1f ms",
                 scope.get("method"),
-                route_template(scope),
+                route_template(scope, self.prefixes),
                 status[0] if status else "-",
                 (time.perf_counter() - started) * 1000,
             )

@@ -323,7 +323,7 @@ def _error_response(request: Request, exc: Exception, status: int, message: str)
 
 def _route_path(request: Request) -> str:
     """The route's template (``/search/{search_id}``), never the ids in the real path."""
-    return route_template(request.scope)
+    return route_template(request.scope, (API_PREFIX,))
 
 
 # -- the guard: body limit, security headers, metrics ----------------------------------------

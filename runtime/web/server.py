@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from runtime.config.settings import Settings
 from runtime.errors import BadInputError
 from runtime.web.access_log import RouteAccessLog
+from runtime.web.app import API_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def make_server(
         if path and not Path(path).is_file():
             raise BadInputError(f"TLS file {path} does not exist; run edgeid init or fix the path")
     config = uvicorn.Config(
-        RouteAccessLog(app),  # the access log by route template; see access_log.py
+        access_logged(app),
         host=host,
         port=port,
         ssl_certfile=web.tls_cert if tls else None,
@@ -70,6 +71,11 @@ def make_server(
         limit_concurrency=MAX_CONCURRENT_REQUESTS,
     )
     return uvicorn.Server(config)
+
+
+def access_logged(app: FastAPI) -> RouteAccessLog:
+    """The app behind its access log (method, route template, status; see access_log.py)."""
+    return RouteAccessLog(app, prefixes=(API_PREFIX,))
 
 
 def web_url(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
