@@ -252,7 +252,10 @@ def open_entry(
         )
     except DecryptionError:
         raise _altered(where) from None
-    item = json.loads(plain)
+    try:
+        item = json.loads(plain)
+    except ValueError:
+        item = None
     if not isinstance(item, dict):
         raise _altered(where)
     return item

@@ -1,7 +1,9 @@
 """Serving the app: uvicorn with TLS when a certificate is configured.
 
 Plain HTTP is refused unless the address is loopback (development on the box itself): on
-the office network session cookies and photos travel only over HTTPS.
+the office network session cookies and photos travel only over HTTPS. uvicorn's own access log
+stays off (it prints real paths and query strings); ``access_log.py`` logs each request by its
+route template instead.
 """
 
 from __future__ import annotations
