@@ -3,7 +3,6 @@ and real argon2id hashes (no face models needed)."""
 
 from __future__ import annotations
 
-import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from runtime.accounts.passwords import PasswordRuleError
 from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from runtime.accounts.sealing import AccountsKey
 from runtime.accounts.sessions import SessionStore
 from runtime.accounts.throttle import (
     ACCOUNT_LOCKOUT_S,
@@ -24,6 +24,7 @@ from runtime.accounts.users import UserStore
 from runtime.errors import BadInputError
 
 NEW_PASSWORD = "a long enough passphrase"
+KEY = AccountsKey.derive("ab" * 16, bytes(range(32)))  # a fixed accounts key
 
 
 class Clock:
@@ -38,11 +39,12 @@ class Clock:
 
 
 def test_new_user_gets_a_one_time_password_stored_only_as_argon2id(tmp_path: Path) -> None:
-    store = UserStore(tmp_path)
+    store = UserStore(tmp_path, KEY)
     user, once = store.create("alice", Role.INVESTIGATOR, galleries=["office"])
     raw = (tmp_path / "accounts" / "users.json").read_text()
-    assert once not in raw
-    assert json.loads(raw)["users"][0]["password_hash"].startswith("$argon2id$")
+    for clear in (once, "alice", "office", "investigator", "$argon2id$"):
+        assert clear not in raw  # sealed, name and hash alike
+    assert store.require("alice").password_hash.startswith("$argon2id$")
     assert stat.S_IMODE((tmp_path / "accounts" / "users.json").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "accounts").stat().st_mode) == 0o700
     assert user.must_change_password
@@ -52,7 +54,7 @@ def test_new_user_gets_a_one_time_password_stored_only_as_argon2id(tmp_path: Pat
 
 
 def test_password_change_enforces_the_rules_and_clears_the_one_time_flag(tmp_path: Path) -> None:
-    store = UserStore(tmp_path)
+    store = UserStore(tmp_path, KEY)
     name = "alice.investigator"
     _, once = store.create(name, "investigator")
     with pytest.raises(PasswordRuleError, match="current password is wrong"):
@@ -63,16 +65,16 @@ def test_password_change_enforces_the_rules_and_clears_the_one_time_flag(tmp_pat
         store.change_password(name, once, "Alice.Investigator")
     with pytest.raises(PasswordRuleError, match="same as the current"):
         store.change_password(name, once, once)
-    assert UserStore(tmp_path).require(name).must_change_password  # nothing was changed
+    assert UserStore(tmp_path, KEY).require(name).must_change_password  # nothing was changed
     store.change_password(name, once, NEW_PASSWORD)
-    again = UserStore(tmp_path)  # another process reading the same file
+    again = UserStore(tmp_path, KEY)  # another process reading the same file
     assert not again.require(name).must_change_password
     assert again.authenticate(name, NEW_PASSWORD) is not None
     assert again.authenticate(name, once) is None
 
 
 def test_disabled_user_cannot_sign_in_and_last_admin_is_kept(tmp_path: Path) -> None:
-    store = UserStore(tmp_path)
+    store = UserStore(tmp_path, KEY)
     store.create("root", Role.ADMIN)
     _, once = store.create("bob", Role.TECHNICIAN)
     store.update("bob", disabled=True)
@@ -86,7 +88,7 @@ def test_disabled_user_cannot_sign_in_and_last_admin_is_kept(tmp_path: Path) -> 
 
 
 def test_bad_user_names_and_duplicates_are_refused(tmp_path: Path) -> None:
-    store = UserStore(tmp_path)
+    store = UserStore(tmp_path, KEY)
     for bad in ("", "A", "Bob", "../x", "x" * 40, "1abc"):
         with pytest.raises(BadInputError):
             store.create(bad, Role.ADMIN)
@@ -98,7 +100,7 @@ def test_bad_user_names_and_duplicates_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_reset_issues_a_new_one_time_password(tmp_path: Path) -> None:
-    store = UserStore(tmp_path)
+    store = UserStore(tmp_path, KEY)
     _, once = store.create("alice", Role.SUPERVISOR)
     store.change_password("alice", once, NEW_PASSWORD)
     user, fresh = store.reset_password("alice")
@@ -118,7 +120,7 @@ def test_only_investigators_hold_face_permissions() -> None:
 
 def test_tokens_are_stored_hashed_scoped_and_revocable(tmp_path: Path) -> None:
     now = datetime(2025, 1, 1, tzinfo=UTC)
-    store = TokenStore(tmp_path, clock=lambda: now)
+    store = TokenStore(tmp_path, KEY, clock=lambda: now)
     allowed = ROLE_PERMISSIONS[Role.INVESTIGATOR]
     token, secret = store.create("alice", "script", ["search"], allowed=allowed, ttl_days=30)
     assert (
@@ -134,12 +136,12 @@ def test_tokens_are_stored_hashed_scoped_and_revocable(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="at least one scope"):
         store.create("alice", "none", [], allowed=allowed)
     store.revoke(token.token_id)
-    assert TokenStore(tmp_path).authenticate(secret) is None
+    assert TokenStore(tmp_path, KEY).authenticate(secret) is None
 
 
 def test_tokens_expire(tmp_path: Path) -> None:
     moment = [datetime(2025, 1, 1, tzinfo=UTC)]
-    store = TokenStore(tmp_path, clock=lambda: moment[0])
+    store = TokenStore(tmp_path, KEY, clock=lambda: moment[0])
     _, secret = store.create(
         "alice", "short", ["health"], allowed=frozenset({Permission.HEALTH}), ttl_days=1
     )

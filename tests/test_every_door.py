@@ -252,7 +252,7 @@ class World:
 
 def token_client(box: Box, role: Role) -> TestClient:
     held = ROLE_PERMISSIONS[role]
-    _, secret = TokenStore(box.home).create(
+    _, secret = TokenStore(box.home, box.accounts).create(
         box.users[role], f"doors {role.value}", held, allowed=held
     )
     api = client(box)
@@ -385,7 +385,7 @@ def case_headers() -> dict[str, str]:
 
 
 def fresh_user(w: World, name: str) -> None:
-    store = UserStore(w.box.home)
+    store = UserStore(w.box.home, w.box.accounts)
     if store.get(name) is None:
         _, once = store.create(name, Role.INVESTIGATOR, galleries=[OFFICE])
         store.change_password(name, once, PASSWORD)
@@ -454,7 +454,7 @@ def _token_create(w: World) -> Request:
 
 def _token_revoke(w: World) -> Request:
     held = ROLE_PERMISSIONS[Role.INVESTIGATOR]
-    token, _ = TokenStore(w.box.home).create(
+    token, _ = TokenStore(w.box.home, w.box.accounts).create(
         w.box.users[Role.INVESTIGATOR], "to revoke", held, allowed=held
     )
     return lambda: w.investigator.post(
@@ -745,7 +745,7 @@ def _api_password_reset(w: World) -> Request:
 
 def _api_token_revoke(w: World) -> Request:
     held = ROLE_PERMISSIONS[Role.INVESTIGATOR]
-    token, _ = TokenStore(w.box.home).create(
+    token, _ = TokenStore(w.box.home, w.box.accounts).create(
         w.box.users[Role.INVESTIGATOR], "api revoke", held, allowed=held
     )
     return lambda: w.api.request("DELETE", f"{API}/tokens/{token.token_id}")

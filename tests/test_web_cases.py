@@ -86,7 +86,7 @@ def sign_in_as(box: Box, username: str) -> tuple[TestClient, str]:
 
 
 def investigator(box: Box, name: str, galleries: tuple[str, ...]) -> tuple[TestClient, str]:
-    store = UserStore(box.home)
+    store = UserStore(box.home, box.accounts)
     if store.get(name) is None:
         _, once = store.create(name, Role.INVESTIGATOR, galleries=galleries)
         store.change_password(name, once, PASSWORD)
@@ -116,8 +116,8 @@ def job_of(box: Box, user: str, job_id: str) -> CaseJob:
 
 
 def api_client(box: Box, user: str) -> TestClient:
-    held = ROLE_PERMISSIONS[UserStore(box.home).get(user).role]  # type: ignore[union-attr]
-    _, secret = TokenStore(box.home).create(user, "cases", held, allowed=held)
+    held = ROLE_PERMISSIONS[UserStore(box.home, box.accounts).get(user).role]  # type: ignore[union-attr]
+    _, secret = TokenStore(box.home, box.accounts).create(user, "cases", held, allowed=held)
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
     return api

@@ -14,6 +14,7 @@ from cryptography import x509
 from fastapi import FastAPI
 
 from edgeid.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from edgeid.commands.users_cmd import reading_key
 from runtime.accounts.roles import Role
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
@@ -51,9 +52,9 @@ def test_init_makes_the_first_admin_a_certificate_and_the_audit_log_once(tmp_pat
     code, report, _ = run("init", "--home", str(home), "--address", "10.1.2.3", "--json")
     assert code == EXIT_OK and isinstance(report, dict)
     once = str(report["one_time_password"])
-    admin = UserStore(home).require("admin")
+    admin = UserStore(home, reading_key(home)).require("admin")
     assert admin.role is Role.ADMIN and admin.must_change_password
-    assert UserStore(home).authenticate("admin", once) is not None
+    assert UserStore(home, reading_key(home)).authenticate("admin", once) is not None
     settings = load_settings(home)
     assert settings.web.tls_cert and settings.web.tls_key
     cert = x509.load_pem_x509_certificate(Path(settings.web.tls_cert).read_bytes())
@@ -67,7 +68,7 @@ def test_init_makes_the_first_admin_a_certificate_and_the_audit_log_once(tmp_pat
     assert again == EXIT_OK and isinstance(second, dict)
     assert second["one_time_password"] is None and second["tls_cert_created"] is False
     assert second["tls_cert_sha256"] == report["tls_cert_sha256"]
-    assert UserStore(home).authenticate("admin", once) is not None  # untouched
+    assert UserStore(home, reading_key(home)).authenticate("admin", once) is not None  # untouched
     assert audit_actions(home) == [AuditAction.USER_CREATED.value]
 
 
@@ -89,12 +90,15 @@ def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path
         "--json",
     )
     assert code == EXIT_OK and isinstance(made, dict)
-    assert UserStore(home).authenticate("ivy", str(made["one_time_password"])) is not None
+    assert (
+        UserStore(home, reading_key(home)).authenticate("ivy", str(made["one_time_password"]))
+        is not None
+    )
     code, _, err = run(
         "users", "add", "eve", "--role", "investigator", "--gallery", "nope", "--home", str(home)
     )
     assert code == EXIT_BAD_INPUT and "no gallery named 'nope'" in err
-    assert UserStore(home).get("eve") is None
+    assert UserStore(home, reading_key(home)).get("eve") is None
     code, token, _ = run(
         "users",
         "token-add",
@@ -108,14 +112,14 @@ def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path
         "--json",
     )
     assert code == EXIT_OK and isinstance(token, dict)
-    assert TokenStore(home).authenticate(str(token["secret"])) is not None
+    assert TokenStore(home, reading_key(home)).authenticate(str(token["secret"])) is not None
     code, _, err = run(
         "users", "token-add", "ivy", "--token-name", "x", "--scope", "users", "--home", str(home)
     )
     assert code == EXIT_BAD_INPUT and "does not allow" in err
     token_id = str(token["token"]["token_id"])  # type: ignore[index]
     assert run("users", "token-revoke", token_id, "--home", str(home))[0] == EXIT_OK
-    assert TokenStore(home).authenticate(str(token["secret"])) is None
+    assert TokenStore(home, reading_key(home)).authenticate(str(token["secret"])) is None
     assert (
         run("users", "set", "ivy", "--role", "supervisor", "--no-galleries", "--home", str(home))[0]
         == 0
@@ -143,7 +147,7 @@ def test_users_command_waits_for_the_service_to_stop(tmp_path: Path) -> None:
     with GalleryStore(home, provider_for(home, load_settings(home).keys)):  # as edgeid serve does
         code, _, err = run("users", "add", "bob", "--role", "technician", "--home", str(home))
     assert code == EXIT_FAILED and "stop it first" in err
-    assert UserStore(home).get("bob") is None
+    assert UserStore(home, reading_key(home)).get("bob") is None
 
 
 def test_plain_http_is_refused_off_loopback(tmp_path: Path) -> None:

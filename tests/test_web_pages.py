@@ -44,7 +44,9 @@ def box(tmp_path_factory: pytest.TempPathFactory, lfw_dir: Path, models_dir: Pat
 
 def api_client(box: Box, role: Role) -> TestClient:
     held = ROLE_PERMISSIONS[role]
-    _, secret = TokenStore(box.home).create(box.users[role], "test", held, allowed=held)
+    _, secret = TokenStore(box.home, box.accounts).create(
+        box.users[role], "test", held, allowed=held
+    )
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
     return api
@@ -289,10 +291,10 @@ def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: B
     assert reply.status_code == 200
     once = re.search(r'<code class="token">([^<]+)</code>', reply.text)
     assert once is not None
-    nina = UserStore(box.home).require("nina")
+    nina = UserStore(box.home, box.accounts).require("nina")
     assert nina.galleries == (OFFICE,) and nina.must_change_password
     assert once.group(1) not in admin.get("/admin/users").text  # shown once only
-    assert UserStore(box.home).authenticate("nina", once.group(1)) is not None
+    assert UserStore(box.home, box.accounts).authenticate("nina", once.group(1)) is not None
 
     made = admin.post("/admin/galleries", data={"csrf_token": csrf, "name": "temporary"})
     assert made.status_code == 303
@@ -300,7 +302,7 @@ def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: B
         "/admin/users/nina",
         data={"csrf_token": csrf, "role": "investigator", "gallery": [OFFICE, "temporary"]},
     )
-    assert UserStore(box.home).require("nina").galleries == (OFFICE, "temporary")
+    assert UserStore(box.home, box.accounts).require("nina").galleries == (OFFICE, "temporary")
     wrong = admin.post(
         "/admin/galleries/temporary/delete", data={"csrf_token": csrf, "confirm_name": "temp"}
     )
@@ -310,7 +312,8 @@ def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: B
     )
     assert gone.status_code == 303
     assert "temporary" not in [g.name for g in box.service.list_galleries()]
-    assert UserStore(box.home).require("nina").galleries == (OFFICE,)  # no stale access
+    nina_now = UserStore(box.home, box.accounts).require("nina")
+    assert nina_now.galleries == (OFFICE,)  # no stale access
     disabled = admin.post(
         "/admin/users/nina",
         data={"csrf_token": csrf, "role": "investigator", "gallery": OFFICE, "disabled": "yes"},

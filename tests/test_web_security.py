@@ -140,7 +140,7 @@ def test_every_role_against_every_endpoint(box: Box) -> None:
     for role in Role:
         held = ROLE_PERMISSIONS[role]
         browser, csrf = sign_in(box, role)
-        token_store = TokenStore(box.home)
+        token_store = TokenStore(box.home, box.accounts)
         _, secret = token_store.create(box.users[role], "matrix", held, allowed=held)
         api = client(box)
         api.headers["Authorization"] = f"Bearer {secret}"
@@ -254,7 +254,7 @@ def test_every_response_carries_the_security_headers(box: Box) -> None:
 
 
 def test_the_eleventh_bad_password_in_a_row_is_throttled_even_if_right(box: Box) -> None:
-    store = UserStore(box.home)
+    store = UserStore(box.home, box.accounts)
     store.create("throttled", Role.TECHNICIAN)
     browser = client(box)
     csrf = csrf_of(browser.get("/login").text)
@@ -313,7 +313,7 @@ def test_sessions_expire_when_idle_and_at_their_absolute_lifetime(box: Box) -> N
 
 
 def test_a_one_time_password_must_be_changed_before_anything_else(box: Box) -> None:
-    store = UserStore(box.home)
+    store = UserStore(box.home, box.accounts)
     _, once = store.create("newcomer", Role.INVESTIGATOR, galleries=[OFFICE])
     browser = client(box)
     csrf = csrf_of(browser.get("/login").text)
@@ -398,7 +398,7 @@ def test_investigators_reach_only_their_galleries(box: Box, probe_photo: bytes) 
 
 def test_token_scopes_limit_the_api_and_revocation_stops_it(box: Box) -> None:
     user = box.users[Role.INVESTIGATOR]
-    store = TokenStore(box.home)
+    store = TokenStore(box.home, box.accounts)
     held = ROLE_PERMISSIONS[Role.INVESTIGATOR]
     token, secret = store.create(user, "reader", ["subjects:read"], allowed=held)
     api = client(box)
@@ -413,15 +413,15 @@ def test_token_scopes_limit_the_api_and_revocation_stops_it(box: Box) -> None:
 
 def test_a_token_never_exceeds_its_owner_s_current_role(box: Box) -> None:
     name = "demoted"
-    UserStore(box.home).create(name, Role.INVESTIGATOR, galleries=[OFFICE])
+    UserStore(box.home, box.accounts).create(name, Role.INVESTIGATOR, galleries=[OFFICE])
     held = ROLE_PERMISSIONS[Role.INVESTIGATOR]
-    _, secret = TokenStore(box.home).create(name, "all", held, allowed=held)
+    _, secret = TokenStore(box.home, box.accounts).create(name, "all", held, allowed=held)
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
     assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 200
-    UserStore(box.home).update(name, role=Role.TECHNICIAN)
+    UserStore(box.home, box.accounts).update(name, role=Role.TECHNICIAN)
     assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 403
-    UserStore(box.home).update(name, role=Role.INVESTIGATOR, disabled=True)
+    UserStore(box.home, box.accounts).update(name, role=Role.INVESTIGATOR, disabled=True)
     assert api.get(f"/api/v1/galleries/{OFFICE}/subjects", headers=WORK_HEADERS).status_code == 401
 
 
@@ -486,7 +486,9 @@ def test_hostile_uploads_are_refused_with_4xx_in_bounded_memory(
 
 def test_hostile_uploads_through_the_api(box: Box, probe_photo: bytes) -> None:
     held = ROLE_PERMISSIONS[Role.INVESTIGATOR]
-    _, secret = TokenStore(box.home).create(box.users[Role.INVESTIGATOR], "up", held, allowed=held)
+    _, secret = TokenStore(box.home, box.accounts).create(
+        box.users[Role.INVESTIGATOR], "up", held, allowed=held
+    )
     api = client(box)
     api.headers["Authorization"] = f"Bearer {secret}"
     start = {"case": "2025/9", "reason": "identify a victim in seized media"}

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from runtime.accounts.roles import Role
+from runtime.accounts.sealing import AccountsKey, accounts_key
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditLog
 from runtime.cases.service import CaseService
@@ -70,6 +71,7 @@ class Box:
     app: FastAPI
     clock: FakeClock
     users: dict[Role, str]
+    accounts: AccountsKey  # what users.json and tokens.json are sealed under
     # LFW folder -> subject id; kept out of repr so no real name reaches a failure report.
     subjects: dict[str, str] = field(default_factory=dict, repr=False)
     other_subject: str = ""
@@ -104,10 +106,12 @@ def tls_settings(home: Path, **web: object) -> Settings:
     )
 
 
-def make_user(home: Path, role: Role, galleries: tuple[str, ...] = ()) -> str:
+def make_user(
+    home: Path, accounts: AccountsKey, role: Role, galleries: tuple[str, ...] = ()
+) -> str:
     """A user of ``role`` whose one-time password is already changed to PASSWORD."""
     name = role.value
-    store = UserStore(home)
+    store = UserStore(home, accounts)
     _, once = store.create(name, role, galleries=galleries)
     store.change_password(name, once, PASSWORD)
     return name
@@ -152,8 +156,10 @@ def build_box(home: Path, lfw_dir: Path, models_dir: Path, settings: Settings | 
     except BaseException:
         service.close()
         raise
+    accounts = accounts_key(service.store.keyring)
     users = {
-        role: make_user(home, role, (OFFICE,) if role is Role.INVESTIGATOR else ()) for role in Role
+        role: make_user(home, accounts, role, (OFFICE,) if role is Role.INVESTIGATOR else ())
+        for role in Role
     }
     clock = FakeClock()
     app = create_app(
@@ -166,7 +172,7 @@ def build_box(home: Path, lfw_dir: Path, models_dir: Path, settings: Settings | 
         cases=cases,
         clock=clock,
     )
-    return Box(home, settings, service, audit, app, clock, users, subjects, other, cases)
+    return Box(home, settings, service, audit, app, clock, users, accounts, subjects, other, cases)
 
 
 # -- browser-like sessions through the TestClient ---------------------------------------------

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     cert = Path(settings.web.tls_cert) if settings.web.tls_cert else None
 
     password = None
-    with audited(home) as record:  # creates the keyring and the audit log on first use
-        users = UserStore(home)
+    with audited(home) as record:  # creates the keyring, audit log and accounts key on first use
+        users = UserStore(home, record.accounts)
         if users.count() == 0:
             admin, password = users.create(args.admin, Role.ADMIN)
             record(AuditAction.USER_CREATED, f"user {admin.username}; role admin; first admin")

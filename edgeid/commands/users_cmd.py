@@ -14,6 +14,7 @@ from pathlib import Path
 from edgeid.cli import EXIT_OK, emit
 from edgeid.options import Subparsers, positive_int
 from runtime.accounts.roles import Permission, Role, permissions_of
+from runtime.accounts.sealing import AccountsKey, accounts_key, existing_accounts_key
 from runtime.accounts.tokens import DEFAULT_TTL_DAYS, TokenStore
 from runtime.accounts.users import User, UserStore
 from runtime.audit import AuditAction, AuditEvent, AuditLog
@@ -21,15 +22,17 @@ from runtime.audit.actor import os_actor
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
-from runtime.vault.key_choice import provider_for
+from runtime.vault.key_choice import keyring_path, provider_for
+from runtime.vault.keys import Keyring
 
 
 class Recorder:
     """Appends the command's changes to the audit log, as the OS user (``os:<login>``)."""
 
-    def __init__(self, log: AuditLog, galleries: list[str]) -> None:
+    def __init__(self, log: AuditLog, galleries: list[str], accounts: AccountsKey) -> None:
         self.log = log
         self.galleries = galleries
+        self.accounts = accounts  # the key the users and tokens files are sealed under
 
     def __call__(self, action: AuditAction, detail: str, *, gallery: str | None = None) -> None:
         actor = os_actor()
@@ -42,13 +45,28 @@ class Recorder:
 
 @contextmanager
 def audited(home: Path) -> Iterator[Recorder]:
-    """The galleries' keyring opens the audit log; both locks are held for the command."""
+    """The galleries' keyring opens the audit log and the accounts files; both locks are held
+    for the command."""
     settings = load_settings(home)
     with (
         GalleryStore(home, provider_for(home, settings.keys)) as store,
         AuditLog.open(home, store.keyring) as log,
     ):
-        yield Recorder(log, [g.name for g in store.list_galleries()])
+        galleries = [g.name for g in store.list_galleries()]
+        yield Recorder(log, galleries, accounts_key(store.keyring))
+
+
+def reading_key(home: Path) -> AccountsKey:
+    """The accounts key for a command that only reads, which may run beside the service: the
+    keyring is only read (the service made the key when it started). A box upgraded from a
+    version without the key gets it here, under the galleries' lock."""
+    settings = load_settings(home)
+    ring = Keyring.open(keyring_path(home), provider_for(home, settings.keys))
+    key = existing_accounts_key(ring)
+    if key is not None:
+        return key
+    with GalleryStore(home, provider_for(home, settings.keys)) as store:
+        return accounts_key(store.keyring)
 
 
 def _check_galleries(names: list[str], known: list[str]) -> list[str]:
@@ -76,7 +94,7 @@ def _user_line(user: User) -> str:
 
 
 def list_users(args: argparse.Namespace) -> int:
-    users = UserStore(args.home_dir).list()
+    users = UserStore(args.home_dir, reading_key(args.home_dir)).list()
     emit(
         args, [_user_json(u) for u in users], "\n".join(_user_line(u) for u in users) or "no users"
     )
@@ -86,7 +104,9 @@ def list_users(args: argparse.Namespace) -> int:
 def add_user(args: argparse.Namespace) -> int:
     with audited(args.home_dir) as record:
         galleries = _check_galleries(args.gallery or [], record.galleries)
-        user, password = UserStore(args.home_dir).create(args.name, args.role, galleries=galleries)
+        user, password = UserStore(args.home_dir, record.accounts).create(
+            args.name, args.role, galleries=galleries
+        )
         names = ", ".join(galleries) or "none"
         record(
             AuditAction.USER_CREATED,
@@ -103,7 +123,7 @@ def add_user(args: argparse.Namespace) -> int:
 
 def reset_password(args: argparse.Namespace) -> int:
     with audited(args.home_dir) as record:
-        user, password = UserStore(args.home_dir).reset_password(args.name)
+        user, password = UserStore(args.home_dir, record.accounts).reset_password(args.name)
         record(AuditAction.PASSWORD_CHANGED, f"user {user.username}; reset to a one-time password")
     emit(
         args,
@@ -116,7 +136,7 @@ def reset_password(args: argparse.Namespace) -> int:
 def set_user(args: argparse.Namespace) -> int:
     disabled = True if args.disable else False if args.enable else None
     with audited(args.home_dir) as record:
-        store = UserStore(args.home_dir)
+        store = UserStore(args.home_dir, record.accounts)
         before = store.require(args.name)
         galleries = None
         if args.no_galleries:
@@ -143,7 +163,7 @@ def set_user(args: argparse.Namespace) -> int:
 
 
 def list_tokens(args: argparse.Namespace) -> int:
-    tokens = TokenStore(args.home_dir).list(args.name)
+    tokens = TokenStore(args.home_dir, reading_key(args.home_dir)).list(args.name)
     lines = [
         f"{t.token_id}\t{t.username}\t{t.name}\t{' '.join(sorted(t.scopes))}\t"
         f"{'revoked' if t.revoked_at else 'expires ' + t.expires_at.date().isoformat()}"
@@ -154,9 +174,9 @@ def list_tokens(args: argparse.Namespace) -> int:
 
 
 def add_token(args: argparse.Namespace) -> int:
-    user = UserStore(args.home_dir).require(args.name)
     with audited(args.home_dir) as record:
-        token, secret = TokenStore(args.home_dir).create(
+        user = UserStore(args.home_dir, record.accounts).require(args.name)
+        token, secret = TokenStore(args.home_dir, record.accounts).create(
             user.username,
             args.token_name,
             args.scope,
@@ -177,7 +197,7 @@ def add_token(args: argparse.Namespace) -> int:
 
 def revoke_token(args: argparse.Namespace) -> int:
     with audited(args.home_dir) as record:
-        token = TokenStore(args.home_dir).revoke(args.token_id)
+        token = TokenStore(args.home_dir, record.accounts).revoke(args.token_id)
         record(AuditAction.TOKEN_REVOKED, f"token {token.token_id} of {token.username}")
     emit(args, token.public(), f"revoked token {token.token_id} of {token.username}")
     return EXIT_OK

@@ -1,4 +1,5 @@
-"""Scoped, revocable API tokens, stored as hashes in ``<home>/accounts/tokens.json``.
+"""Scoped, revocable API tokens, stored as hashes in ``<home>/accounts/tokens.json``, whose
+entries (owner, label, scopes) are sealed under the keyring's ``accounts`` scope.
 
 A token reads ``edgeid_<id>_<secret>``; the id finds the entry, and only the sha256 of the
 secret is kept. The secret carries 256 random bits, so a fast hash suffices: no one can guess
@@ -14,23 +15,17 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from runtime.accounts.files import (
-    AccountsFileError,
-    FileStamp,
-    accounts_dir,
-    locked,
-    read_json,
-    write_json,
-)
+from runtime.accounts.files import AccountsFileError, SealedFile, accounts_dir, locked
 from runtime.accounts.roles import Permission, parse_permissions
+from runtime.accounts.sealing import AccountsKey
 from runtime.errors import BadInputError
+from runtime.vault.crypto import RandomSource, system_random
 
 TOKENS_FILE = "tokens.json"
 TOKEN_PREFIX = "edgeid_"
@@ -106,33 +101,36 @@ def _digest(secret: str) -> str:
 
 
 class TokenStore:
-    def __init__(self, home: Path, *, clock: Clock = _utc_now) -> None:
+    """The box's API tokens; ``key``: the accounts key from the keyring."""
+
+    def __init__(
+        self,
+        home: Path,
+        key: AccountsKey,
+        *,
+        clock: Clock = _utc_now,
+        random: RandomSource = system_random,
+    ) -> None:
         self.directory = accounts_dir(home)
         self.path = self.directory / TOKENS_FILE
         self._clock = clock
-        self._mutex = threading.Lock()
-        self._stamp = FileStamp(self.path)
-        self._cache: dict[str, Token] = {}
+        self._file = SealedFile(self.path, "tokens", "token_id", key, random=random)
 
     def _tokens(self) -> dict[str, Token]:
-        with self._mutex:
-            if self._stamp.changed():
-                items = read_json(self.path, "tokens")
-                self._cache = {t.token_id: t for t in (_token_from(i, self.path) for i in items)}
-                self._stamp.mark()
-            return dict(self._cache)
+        tokens = (_token_from(item, self.path) for item in self._file.items())
+        return {t.token_id: t for t in tokens}
+
+    def _find(self, token_id: str) -> Token | None:
+        item = self._file.find(token_id)
+        return None if item is None else _token_from(item, self.path)
 
     def _change(self, change: Callable[[dict[str, Token]], Token]) -> Token:
         with locked(self.directory):
-            with self._mutex:
-                self._stamp = FileStamp(self.path)
+            self._file.reread()
             tokens = self._tokens()
             result = change(tokens)
             tokens[result.token_id] = result
-            write_json(self.path, "tokens", [t.to_json() for t in tokens.values()])
-            with self._mutex:
-                self._cache = tokens
-                self._stamp.mark()
+            self._file.write({tid: t.to_json() for tid, t in tokens.items()})
             return result
 
     def list(self, username: str | None = None) -> list[Token]:
@@ -141,7 +139,7 @@ class TokenStore:
         return sorted(chosen, key=lambda t: (t.username, t.created_at))
 
     def get(self, token_id: str) -> Token:
-        token = self._tokens().get(token_id)
+        token = self._find(token_id)
         if token is None:
             raise TokenNotFoundError(f"no API token with id {token_id!r}")
         return token
@@ -191,7 +189,7 @@ class TokenStore:
         match = TOKEN_FORMAT.fullmatch(presented or "")
         if match is None:
             return None
-        token = self._tokens().get(match.group(1))
+        token = self._find(match.group(1))
         if token is None:
             return None
         if not hmac.compare_digest(token.secret_sha256, _digest(match.group(2))):

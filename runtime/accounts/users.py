@@ -1,4 +1,5 @@
-"""Local users: ``<home>/accounts/users.json`` with argon2id hashes, roles and galleries.
+"""Local users: ``<home>/accounts/users.json`` with argon2id hashes, roles and galleries,
+sealed under the keyring's ``accounts`` scope (see ``sealing.py``).
 
 A new user (and the first admin that ``edgeid init`` makes) gets a one-time password that
 must be changed at first login. Users are disabled, never deleted, so that the audit log's
@@ -9,21 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runtime.accounts.files import (
-    AccountsFileError,
-    FileStamp,
-    accounts_dir,
-    locked,
-    read_json,
-    write_json,
-)
+from runtime.accounts.files import AccountsFileError, SealedFile, accounts_dir, locked
 from runtime.accounts.passwords import (
     PasswordRuleError,
     check_new_password,
@@ -33,7 +26,9 @@ from runtime.accounts.passwords import (
     verify_password,
 )
 from runtime.accounts.roles import Permission, Role, parse_role, permissions_of
+from runtime.accounts.sealing import AccountsKey
 from runtime.errors import BadInputError
+from runtime.vault.crypto import RandomSource, system_random
 
 logger = logging.getLogger(__name__)
 
@@ -129,31 +124,37 @@ def check_galleries(galleries: Iterable[str]) -> tuple[str, ...]:
 
 
 class UserStore:
-    """The box's users; safe to share between threads and with the CLI in another process."""
+    """The box's users; safe to share between threads and with the CLI in another process.
 
-    def __init__(self, home: Path, *, clock: Clock = _utc_now) -> None:
+    ``key``: the accounts key from the keyring (``sealing.accounts_key``).
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        key: AccountsKey,
+        *,
+        clock: Clock = _utc_now,
+        random: RandomSource = system_random,
+    ) -> None:
         self.directory = accounts_dir(home)
         self.path = self.directory / USERS_FILE
         self._clock = clock
-        self._mutex = threading.Lock()
-        self._stamp = FileStamp(self.path)
-        self._cache: dict[str, User] = {}
+        self._file = SealedFile(self.path, "users", "username", key, random=random)
 
     # -- reading -----------------------------------------------------------------------------
 
     def _users(self) -> dict[str, User]:
-        with self._mutex:
-            if self._stamp.changed():
-                items = read_json(self.path, "users")
-                self._cache = {u.username: u for u in (_user_from(i, self.path) for i in items)}
-                self._stamp.mark()
-            return dict(self._cache)
+        users = (_user_from(item, self.path) for item in self._file.items())
+        return {u.username: u for u in users}
 
     def list(self) -> list[User]:
         return sorted(self._users().values(), key=lambda u: u.username)
 
     def get(self, username: str) -> User | None:
-        return self._users().get(username)
+        """The user of that name; found by its keyed hash, opening no other user's entry."""
+        item = self._file.find(username)
+        return None if item is None else _user_from(item, self.path)
 
     def require(self, username: str) -> User:
         user = self.get(username)
@@ -169,15 +170,11 @@ class UserStore:
     def _change(self, change: Callable[[dict[str, User]], User]) -> User:
         """Apply ``change`` to the freshest users under the cross-process lock, then write."""
         with locked(self.directory):
-            with self._mutex:
-                self._stamp = FileStamp(self.path)  # re-read whatever is on disk now
+            self._file.reread()  # whatever is on disk now
             users = self._users()
             result = change(users)
             users[result.username] = result
-            write_json(self.path, "users", [u.to_json() for u in users.values()])
-            with self._mutex:
-                self._cache = users
-                self._stamp.mark()
+            self._file.write({name: u.to_json() for name, u in users.items()})
             return result
 
     def create(
@@ -197,7 +194,7 @@ class UserStore:
             return User(username, role, hashed, True, names, False, now, now)
 
         user = self._change(add)
-        logger.info("created user %s (%s)", username, role.value)
+        logger.info("created a user with the role %s", role.value)  # names stay out of logs
         return user, password
 
     def authenticate(self, username: str, password: str) -> User | None:

@@ -190,8 +190,13 @@ class Gallery:
 
     @property
     def where(self) -> str:
-        """How errors and logs name this gallery: its id and name, never its content."""
+        """How errors name this gallery: its id and name, never its content."""
         return f"gallery {self.gallery_id}" + (f" ({self.name!r})" if self.name else "")
+
+    @property
+    def log_name(self) -> str:
+        """How the service log (and the log files' appenders, which log) name it: the id."""
+        return f"gallery {self.gallery_id}"
 
     @property
     def key_id(self) -> str:
@@ -242,7 +247,7 @@ class Gallery:
         if not self.name:
             raise CorruptGalleryError(f"{where}: {RECORDS_LOG} holds no gallery record")
         self.torn_bytes = state.torn_bytes
-        self._records = LogAppender(path, state.valid_end, self.where, self._writer)
+        self._records = LogAppender(path, state.valid_end, self.log_name, self._writer)
         self._thumbs_path = self.directory / thumbs_log_name(self._key_id)
         self._thumb_appender: LogAppender | None = None
 
@@ -296,7 +301,9 @@ class Gallery:
             )
             return columns, embeddings
         except DecryptionError:
-            logger.warning("%s: record at byte %d failed authentication", self.where, frame.offset)
+            logger.warning(
+                "%s: record at byte %d failed authentication", self.log_name, frame.offset
+            )
             raise
 
     def _open(self, entry: Entry, offset: int) -> bytes:
@@ -305,7 +312,7 @@ class Gallery:
                 entry.kind, entry.record_id, entry.version, entry.nonce, entry.ciphertext
             )
         except DecryptionError:
-            logger.warning("%s: record at byte %d failed authentication", self.where, offset)
+            logger.warning("%s: record at byte %d failed authentication", self.log_name, offset)
             raise
 
     def _version_of(self, rid: bytes) -> int:
@@ -529,7 +536,7 @@ class Gallery:
                 header = LogHeader(self._gid, bytes.fromhex(self._key_id))
                 create_log(self._thumbs_path, header, self._writer, self.where)
             self._thumb_appender = LogAppender(
-                self._thumbs_path, self._thumbs_end, self.where, self._writer
+                self._thumbs_path, self._thumbs_end, self.log_name, self._writer
             )
         return self._thumb_appender
 
@@ -704,7 +711,7 @@ class Gallery:
                     raise
                 raise write_error(f"compacting {self.where}", str(self.directory), exc) from exc
             self._finish_compaction(retired, old_thumbs, key_id)
-            logger.info("%s: compacted; the previous data key is erased", self.where)
+            logger.info("%s: compacted; the previous data key is erased", self.log_name)
             self._load()
 
     def _finish_compaction(self, retired: Path, old_thumbs: Path, key_id: str) -> None:
@@ -717,7 +724,7 @@ class Gallery:
             self._keyring.retain_only(self.gallery_id, [key_id])
         except (OSError, GalleryError, VaultError, StorageWriteError) as exc:
             logger.warning(
-                "%s: compacted, but erasing the old files is unfinished: %s", self.where, exc
+                "%s: compacted, but erasing the old files is unfinished: %s", self.log_name, exc
             )
 
     def _abandon_compaction(
@@ -731,7 +738,7 @@ class Gallery:
             self._keyring.retain_only(self.gallery_id, [old_key_id])
         except (GalleryError, VaultError, StorageWriteError) as exc:
             # e.g. still no space: the next open drops the unused key
-            logger.warning("%s: could not drop an unused data key yet: %s", self.where, exc)
+            logger.warning("%s: could not drop an unused data key yet: %s", self.log_name, exc)
 
     def _compaction_plan(self) -> list[list[int | str]]:
         """The live subjects (a batch row, or a single record's id) cut into batches of whole

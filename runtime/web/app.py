@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from runtime.accounts.sealing import accounts_key
 from runtime.accounts.sessions import Session, SessionStore
 from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import TokenNotFoundError, TokenStore
@@ -51,6 +52,7 @@ from runtime.web import (
     pages_subjects,
 )
 from runtime.web.access import requirement_of
+from runtime.web.access_log import redacted_stack, route_template
 from runtime.web.case_jobs import CaseDesk, PendingIngest
 from runtime.web.case_uploads import CaseUploads
 from runtime.web.errors import (
@@ -147,6 +149,8 @@ def create_app(
             desk.plans.drop_owner(session.owner)
 
     recorder = Recorder(audit, clock=clock)
+    # The service holds the galleries' lock, so its keyring may gain the accounts key.
+    accounts = accounts_key(galleries.store.keyring)
     state = WebState(
         home=home,
         settings=settings,
@@ -155,8 +159,8 @@ def create_app(
         audit=audit,
         recorder=recorder,
         accountable=AccountableGalleries(galleries, recorder, clock=clock),
-        users=UserStore(home),
-        tokens=TokenStore(home),
+        users=UserStore(home, accounts),
+        tokens=TokenStore(home, accounts),
         sessions=SessionStore(
             idle_s=settings.web.session_idle_s,
             max_s=settings.web.session_max_s,
@@ -295,12 +299,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.error(
+        logger.error(  # the stack without the message, which may quote a name
             "%s %s failed unexpectedly: %s",
             request.method,
             _route_path(request),
-            type(exc).__name__,
-            exc_info=exc,
+            redacted_stack(exc),
         )
         return _error_response(request, exc, 500, "internal error; the operator's log has details")
 
@@ -355,8 +358,7 @@ def _record_refusal(request: Request) -> None:
 
 def _route_path(request: Request) -> str:
     """The route's template (``/search/{search_id}``), never the ids in the real path."""
-    route = request.scope.get("route")
-    return str(getattr(route, "path", "?"))
+    return route_template(request.scope, (API_PREFIX,))
 
 
 # -- the guard: body limit, security headers, metrics ----------------------------------------

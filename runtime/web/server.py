@@ -1,7 +1,9 @@
 """Serving the app: uvicorn with TLS when a certificate is configured.
 
 Plain HTTP is refused unless the address is loopback (development on the box itself): on
-the office network session cookies and photos travel only over HTTPS.
+the office network session cookies and photos travel only over HTTPS. uvicorn's own access log
+stays off (it prints real paths and query strings); ``access_log.py`` logs each request by its
+route template instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fastapi import FastAPI
 
 from runtime.config.settings import Settings
 from runtime.errors import BadInputError
+from runtime.web.access_log import RouteAccessLog
+from runtime.web.app import API_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +59,13 @@ def make_server(
         if path and not Path(path).is_file():
             raise BadInputError(f"TLS file {path} does not exist; run edgeid init or fix the path")
     config = uvicorn.Config(
-        app,
+        access_logged(app),
         host=host,
         port=port,
         ssl_certfile=web.tls_cert if tls else None,
         ssl_keyfile=web.tls_key if tls else None,
         log_level="warning",
-        access_log=False,  # URLs hold gallery names and case filters; the audit log says who
+        access_log=False,  # uvicorn's prints real paths (gallery names, case filters)
         server_header=False,
         date_header=False,
         proxy_headers=False,  # no proxy in front: the peer address is the client's
@@ -69,6 +73,11 @@ def make_server(
         limit_concurrency=MAX_CONCURRENT_REQUESTS,
     )
     return uvicorn.Server(config)
+
+
+def access_logged(app: FastAPI) -> RouteAccessLog:
+    """The app behind its access log (method, route template, status; see access_log.py)."""
+    return RouteAccessLog(app, prefixes=(API_PREFIX,))
 
 
 def web_url(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
