@@ -183,6 +183,9 @@ def _flow(box: Box, app: RouteAccessLog, lfw_dir: Path) -> None:
         files={"photo": ("upload.jpg", photo)},
     )
     assert enrolled.status_code == 303, enrolled.text[:300]
+    # Browsing the gallery needs the case and reason the session works on (recorded, sealed).
+    stated = browser.post("/context", data={"csrf_token": ucsrf, "case": CASE, "reason": REASON})
+    assert stated.status_code == 303
     assert SUBJECT in browser.get(enrolled.headers["location"]).text
     assert browser.get(f"/galleries/{GALLERY}/subjects", params={"q": SUBJECT}).status_code == 200
 
@@ -211,6 +214,8 @@ def _flow(box: Box, app: RouteAccessLog, lfw_dir: Path) -> None:
     assert token_page.status_code == 200 and secret is not None
     api = _browser(app)
     api.headers["Authorization"] = f"Bearer {secret.group(1)}"
+    api.headers["Edgeid-Case"] = quote(CASE)
+    api.headers["Edgeid-Reason"] = quote(REASON)  # the canaries travel in headers too
     listed = api.get(f"/api/v1/galleries/{GALLERY}/subjects")
     assert listed.status_code == 200 and SUBJECT in listed.text
     assert api.get(f"/api/v1/galleries/{GALLERY} missing/subjects").status_code == 403
