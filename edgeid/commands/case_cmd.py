@@ -18,6 +18,7 @@ from datetime import date
 from types import FrameType
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
+from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers
 from runtime.audit import AuditLog
 from runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest, Requester
@@ -31,11 +32,13 @@ from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import GalleryStore
+from runtime.services.caller import LocalOperator
 from runtime.vault.key_choice import provider_for
 
 PROGRESS_REFRESH_S = 0.2  # terminal progress bar redraws at most this often
 PROGRESS_LINE_S = 5.0  # without a terminal (logs, pipes): one progress line this often
 BAR_WIDTH = 24
+EXPIRED_REASON = "past its retention date"  # the reason recorded for `case purge --expired`
 
 
 # -- opening -----------------------------------------------------------------------------------
@@ -244,11 +247,21 @@ def purge(args: argparse.Namespace) -> int:
         raise BadInputError("purging erases the case's files, faces and leads for good; add --yes")
     if bool(args.case) == bool(args.expired):
         raise BadInputError("give a case number, or --expired for every case past its retention")
-    with _case_store(args) as store:
-        numbers = [m.number for m in store.expired()] if args.expired else [args.case]
-        purged = [store.purge(number).number for number in numbers]
-    text = "\n".join(f"purged case {n}" for n in purged) or "no case is past its retention date"
-    emit(args, {"purged": purged}, text)
+    caller, where = LocalOperator.current(), "cli case purge"
+    with administration(args.home_dir, galleries=True) as approvals:
+        if not args.expired:
+            # Past its retention date: at once; before it, the two-person rule.
+            outcome = approvals.purge_case(caller, args.case, reason=args.reason, where=where)
+            payload = outcome_json(outcome, approvals.ttl)
+            payload["purged"] = [outcome.case.number] if outcome.case else []
+            emit(args, payload, outcome_text(outcome))
+            return EXIT_OK
+        cases = approvals.cases
+        assert cases is not None  # opened with the galleries
+        reason = args.reason or EXPIRED_REASON
+        purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
+    text = "\n".join(f"purged case {m.number}" for m in purged)
+    emit(args, {"purged": [m.number for m in purged]}, text or "no case is past its retention date")
     return EXIT_OK
 
 
@@ -324,4 +337,5 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("case", metavar="N", nargs="?", help="case number")
     p.add_argument("--expired", action="store_true", help="every case past its retention date")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
+    p.add_argument("--reason", help="why the case is erased (audited; needed before retention)")
     p.set_defaults(handler=purge)

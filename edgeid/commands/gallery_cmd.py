@@ -17,6 +17,7 @@ from datetime import date
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
+from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers, positive_int
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
@@ -25,6 +26,7 @@ from runtime.gallery.records import GalleryInfo
 from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, GalleryService
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+from runtime.services.caller import LocalOperator
 from runtime.vault.key_choice import best_available, make_provider, provider_for
 
 BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
@@ -194,9 +196,16 @@ def delete(args: argparse.Namespace) -> int:
         raise BadInputError(
             f"deleting gallery {args.gallery!r} erases every subject in it; add --yes"
         )
-    with _store(args) as store:
-        store.delete_gallery(args.gallery)
-    emit(args, {"deleted_gallery": args.gallery}, f"erased gallery {args.gallery!r}")
+    # The two-person rule: a proposal for another person to approve, unless dual control is off.
+    with administration(args.home_dir, galleries=True) as approvals:
+        outcome = approvals.erase_gallery(
+            LocalOperator.current(), args.gallery, reason=args.reason, where="cli gallery delete"
+        )
+        payload = {
+            **outcome_json(outcome, approvals.ttl),
+            "deleted_gallery": args.gallery if outcome.done else None,
+        }
+    emit(args, payload, outcome_text(outcome))
     return EXIT_OK
 
 
@@ -367,6 +376,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("gallery")
     p.add_argument("--subject", help="erase only this subject")
     p.add_argument("--yes", action="store_true", help="confirm erasing the whole gallery")
+    p.add_argument("--reason", help="why the whole gallery is erased (audited)")
     p.set_defaults(handler=delete)
 
     p = actions.add_parser("export", parents=[common], help="encrypted backup of a gallery")

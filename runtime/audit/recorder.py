@@ -71,15 +71,19 @@ class Recorder:
         decision: str | None = None,
         age_band: str | None = None,
         detail: str | None = None,
+        reason: str | None = None,
     ) -> None:
-        """Append one record; raises (and so stops the caller) if it cannot be written."""
+        """Append one record; raises (and so stops the caller) if it cannot be written.
+
+        ``reason`` without a case (an erasure, a proposal) when there is no ``justification``.
+        """
         self.sink.append(
             AuditEvent(
                 user=actor.user,
                 role=actor.role,
                 action=action,
                 case=justification.case if justification else None,
-                reason=justification.reason if justification else None,
+                reason=justification.reason if justification else reason,
                 gallery=gallery,
                 probe_sha256=probe_sha256,
                 candidates=tuple(candidates),

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,18 +29,25 @@ from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import TokenNotFoundError, TokenStore
 from runtime.accounts.users import UserExistsError, UserNotFoundError, UserStore
 from runtime.audit import AuditLog
+from runtime.audit.recorder import Recorder
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError
 from runtime.cases.service import CaseService
 from runtime.config.settings import Settings
-from runtime.errors import BadInputError, EdgeidError, OverloadedError
+from runtime.errors import AccessDeniedError, BadInputError, EdgeidError, OverloadedError
 from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
+from runtime.services.accounts import AccountAdmin
+from runtime.services.approvals import Approvals
+from runtime.services.cases import AccountableCases
+from runtime.services.galleries import AccountableGalleries
+from runtime.services.proposals import ProposalNotFoundError, ProposalStore
 from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import (
     api,
     api_cases,
     pages_account,
     pages_admin,
+    pages_approvals,
     pages_audit,
     pages_cases,
     pages_health,
@@ -74,6 +82,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LoginRequiredError, 401),
     (PasswordChangeRequiredError, 403),
     (ForbiddenError, 403),
+    (AccessDeniedError, 403),
     (CsrfError, 403),
     (ThrottledError, 429),
     (BodyTooLargeError, 413),
@@ -84,6 +93,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (GalleryNotFoundError, 404),
     (UserNotFoundError, 404),
     (TokenNotFoundError, 404),
+    (ProposalNotFoundError, 404),
     (DuplicateSubjectError, 409),
     (GalleryExistsError, 409),
     (UserExistsError, 409),
@@ -139,20 +149,39 @@ def create_app(
         if desk is not None:
             desk.plans.drop_owner(session.owner)
 
+    sessions = SessionStore(
+        idle_s=settings.web.session_idle_s,
+        max_s=settings.web.session_max_s,
+        clock=clock,
+        on_end=session_ended,
+    )
+    recorder = Recorder(audit)
+    users, tokens = UserStore(home), TokenStore(home)
+    accounts = AccountAdmin(
+        users,
+        tokens,
+        recorder,
+        gallery_names=lambda: [g.name for g in galleries.list_galleries()],
+        end_sessions=sessions.end_user,
+    )
+    approvals = Approvals(
+        ProposalStore(home, galleries.store.keyring),
+        recorder,
+        accounts,
+        galleries=AccountableGalleries(galleries, recorder),
+        cases=AccountableCases(cases, recorder) if cases is not None else None,
+        dual_control=settings.security.dual_control,
+        ttl=timedelta(days=settings.security.proposal_ttl_days),
+    )
     state = WebState(
         home=home,
         settings=settings,
         version=version,
         galleries=galleries,
         audit=audit,
-        users=UserStore(home),
-        tokens=TokenStore(home),
-        sessions=SessionStore(
-            idle_s=settings.web.session_idle_s,
-            max_s=settings.web.session_max_s,
-            clock=clock,
-            on_end=session_ended,
-        ),
+        users=users,
+        tokens=tokens,
+        sessions=sessions,
         throttle=LoginThrottle(clock),
         searches=searches,
         enrolments=enrolments,
@@ -160,6 +189,8 @@ def create_app(
         secure_cookies=bool(settings.web.tls_cert and settings.web.tls_key),
         started=clock(),
         clock=clock,
+        accounts=accounts,
+        approvals=approvals,
         health_extra=health_extra,
         models_dir=models_dir or home / "models",
         cases=desk,
@@ -185,6 +216,7 @@ def create_app(
         pages_cases,
         pages_subjects,
         pages_admin,
+        pages_approvals,
         pages_audit,
         pages_health,
     )

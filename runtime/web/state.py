@@ -17,6 +17,8 @@ from runtime.accounts.users import UserStore
 from runtime.audit import AuditLog
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
+from runtime.services.accounts import AccountAdmin
+from runtime.services.approvals import Approvals
 from runtime.web.case_jobs import CaseDesk
 from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
@@ -43,6 +45,8 @@ class WebState:
     secure_cookies: bool
     started: float
     clock: Callable[[], float]
+    accounts: AccountAdmin  # every change to users and tokens an admin makes
+    approvals: Approvals  # the two-person rule
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
     cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService
