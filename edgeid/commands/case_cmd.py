@@ -252,14 +252,16 @@ def purge(args: argparse.Namespace) -> int:
         if not args.expired:
             # Past its retention date: at once; before it, the two-person rule.
             outcome = approvals.purge_case(caller, args.case, reason=args.reason, where=where)
-            payload = outcome_json(outcome, approvals.ttl)
-            payload["purged"] = [outcome.case.number] if outcome.case else []
-            emit(args, payload, outcome_text(outcome))
-            return EXIT_OK
-        cases = approvals.cases
-        assert cases is not None  # opened with the galleries
-        reason = args.reason or EXPIRED_REASON
-        purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
+            if not outcome.done:
+                waiting = outcome_json(outcome, approvals.ttl)["proposal"]
+                emit(args, {"purged": [], "proposal": waiting}, outcome_text(outcome))
+                return EXIT_OK
+            purged = [outcome.case] if outcome.case else []
+        else:
+            cases = approvals.cases
+            assert cases is not None  # opened with the galleries
+            reason = args.reason or EXPIRED_REASON
+            purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
     text = "\n".join(f"purged case {m.number}" for m in purged)
     emit(args, {"purged": [m.number for m in purged]}, text or "no case is past its retention date")
     return EXIT_OK

@@ -370,7 +370,7 @@ class AccountableGalleries:
         *,
         reason: str,
         where: str,
-        consent: Consent,
+        consent: Consent | None,
         detail: str | None = None,
     ) -> GalleryErased:
         """Erase a whole gallery, recorded (with reason and counts) before the erasure.
@@ -379,11 +379,11 @@ class AccountableGalleries:
         gallery (``runtime.services.approvals`` issues it); an approved consent carries the
         proposer's permission, checked when they proposed.
         """
-        if not consent.approved:
+        if consent is None or not consent.approved:
             self.require(caller, Permission.GALLERIES, None, where=where)
         reason = check_reason(reason)
         info = self.galleries.gallery(name).info()
-        redeem(consent, ChangeKind.ERASE_GALLERY, name, what="erasing a whole gallery")
+        consent = redeem(consent, ChangeKind.ERASE_GALLERY, name, what="erasing a whole gallery")
         erased = GalleryErased(info.name, info.subjects, info.faces)
         counts = f"{erased.subjects} subjects, {erased.faces} faces erased"
         self.recorder.record(
