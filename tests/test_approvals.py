@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from web_support import PASSWORD, free_port, make_user, serving, tls_settings
 
-from runtime.accounts.roles import Role
+from runtime.accounts.roles import ROLE_PERMISSIONS, Role
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
 from runtime.audit import AuditAction, AuditLog
@@ -504,6 +504,70 @@ def test_the_shell_approves_a_web_users_proposal(shell_box: Path, pipeline: Face
     pid = erase.proposal.proposal_id
     assert f"proposal {pid} by admin, approved by {me}" in (erased.detail or "")
     assert UserStore(home).require("ivy").galleries == (OFFICE,)
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+
+def test_the_api_proposes_and_a_second_token_approves(
+    tmp_path: Path, pipeline: FacePipeline
+) -> None:
+    from fastapi.testclient import TestClient
+
+    home = tmp_path / "api"
+    home.mkdir()
+    settings = tls_settings(home)
+    with (
+        GalleryService.open(home, settings, pipeline=pipeline) as service,
+        AuditLog.open(home, service.store.keyring) as audit,
+    ):
+        service.create_gallery(OFFICE)
+        service.create_gallery("temporary")
+        app = create_app(home, settings, galleries=service, audit=audit, version="test")
+
+        def api(role: Role) -> TestClient:
+            name = make_user(home, role)
+            held = ROLE_PERMISSIONS[role]
+            _, secret = TokenStore(home).create(name, "t", held, allowed=held)
+            browser = TestClient(app, base_url="https://testserver")
+            browser.headers["Authorization"] = f"Bearer {secret}"
+            return browser
+
+        admin, supervisor = api(Role.ADMIN), api(Role.SUPERVISOR)
+        asked = admin.request("DELETE", "/api/v1/galleries/temporary", json={"reason": REASON})
+        assert asked.status_code == 202 and asked.json()["kind"] == "erase_gallery"
+        pid = asked.json()["proposal_id"]
+        own = admin.post(f"/api/v1/approvals/{pid}/approve")
+        assert own.status_code == 403 and "own proposal" in own.json()["error"]
+        listed = supervisor.get("/api/v1/approvals").json()
+        assert [p["proposal_id"] for p in listed] == [pid] and listed[0]["proposer"] == "admin"
+        done = supervisor.post(f"/api/v1/approvals/{pid}/approve")
+        assert done.status_code == 200 and done.json()["proposal"]["status"] == "approved"
+        assert [g.name for g in service.list_galleries()] == [OFFICE]
+
+        made = admin.post(
+            "/api/v1/users",
+            json={"username": "nina", "role": "investigator", "galleries": [OFFICE]},
+        )
+        assert made.status_code == 400 and "give the reason" in made.json()["error"]
+        made = admin.post(
+            "/api/v1/users",
+            json={
+                "username": "nina",
+                "role": "investigator",
+                "galleries": [OFFICE],
+                "reason": REASON,
+            },
+        )
+        assert made.status_code == 201 and made.json()["user"]["galleries"] == []
+        assert [w["summary"] for w in made.json()["waiting"]] == ["give nina access to office"]
+        boss = admin.post(
+            "/api/v1/users", json={"username": "boss", "role": "admin", "reason": REASON}
+        )
+        assert boss.status_code == 202 and boss.json()["user"] is None
+        myself = admin.patch("/api/v1/users/admin", json={"galleries": [OFFICE], "reason": REASON})
+        assert myself.status_code == 403
+        assert UserStore(home).require("admin").galleries == ()
 
 
 # -- two people in Debian's Chromium ---------------------------------------------------------
