@@ -1,7 +1,9 @@
 """`edgeid users ...`: local users and API tokens from the command line (recovery, scripts).
 
-Every change is recorded in the audit log, which one process writes at a time: stop
-`edgeid serve` first (the web UI's Users page does the same while the service runs).
+Every change goes through ``runtime.services.accounts`` (as ``os:<login>``) and is recorded in
+the audit log, which one process writes at a time: stop `edgeid serve` first (the web UI's
+Users page does the same while the service runs). Making an admin and adding galleries wait
+for a second person's approval (`edgeid approvals`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from runtime.vault.key_choice import provider_for
 
 
 class Recorder:
-    """Appends the command's changes to the audit log, as the system, naming the OS user."""
+    """Appends the command's changes to the audit log, as the system, naming the OS user.
+    Used by `edgeid init` for the box's first admin (before anyone could approve one)."""
 
     def __init__(self, log: AuditLog, galleries: list[str]) -> None:
         self.log = log
