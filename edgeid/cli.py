@@ -33,6 +33,7 @@ COMMAND_MODULES = {
     "serve": "serve_cmd",
     "init": "init_cmd",
     "users": "users_cmd",
+    "approvals": "approvals_cmd",
     "gallery": "gallery_cmd",
     "audit": "audit_cmd",
     "case": "case_cmd",

@@ -538,6 +538,9 @@ def test_purge_erases_one_case_and_keeps_the_rest(
         with service(home, pipeline) as cases:
             cases.ingest(request(folder, case=number, retention_until=None))
     before = {p.name for p in (home / CASES_DIR).iterdir() if p.is_dir()}
+    # No retention date: an early purge, which two people decide (tests/test_approvals.py);
+    # this test is about the erasure, so the box runs with dual control off.
+    (home / "edgeid.toml").write_text("[security]\ndual_control = false\n")
     code, out, err = cli(home, capsys, "purge", "GONE-2", "--yes", "--reason", PURGE_REASON)
     assert code == 0 and out == {"purged": ["GONE-2"]}, err
     after = {p.name for p in (home / CASES_DIR).iterdir() if p.is_dir()}

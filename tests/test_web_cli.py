@@ -85,6 +85,8 @@ def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path
         "investigator",
         "--gallery",
         "office",
+        "--reason",
+        "new investigator in the office unit",
         "--home",
         str(home),
         "--json",
@@ -94,6 +96,11 @@ def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path
         UserStore(home, reading_key(home)).authenticate("ivy", str(made["one_time_password"]))
         is not None
     )
+    # The gallery waits for a second person (two-person rule, tests/test_approvals.py).
+    assert UserStore(home, reading_key(home)).require("ivy").galleries == ()
+    assert [p["summary"] for p in made["waiting"]] == ["give ivy access to office"]  # type: ignore[index,union-attr]
+    code, _, err = run("users", "set", "ivy", "--gallery", "office", "--home", str(home))
+    assert code == EXIT_BAD_INPUT and "give the reason" in err
     code, _, err = run(
         "users", "add", "eve", "--role", "investigator", "--gallery", "nope", "--home", str(home)
     )
@@ -134,10 +141,11 @@ def test_users_command_changes_users_and_tokens_and_records_each_change(tmp_path
     assert audit_actions(home) == [
         "user_created",  # admin, by init
         "user_created",
+        "change_proposed",  # ivy's gallery
         "token_created",
         "token_revoked",
         "role_changed",
-        "user_deleted",
+        "user_disabled",
     ]
 
 

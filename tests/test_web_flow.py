@@ -3,8 +3,9 @@
 The box is made by `edgeid init` (HTTPS certificate, first admin with a one-time password),
 served over TLS by uvicorn on a free loopback port, with LFW faces enrolled through the real
 pipeline. One browser session: the admin changes the one-time password and adds an
-investigator and a supervisor; the investigator searches a real photo with a case number and
-a reason and confirms a lead; the supervisor finds the search on the audit page.
+investigator and a supervisor; the supervisor approves the investigator's gallery access (the
+two-person rule); the investigator searches a real photo with a case number and a reason and
+confirms a lead; the supervisor finds the search on the audit page.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ def add_user(page: Page, url: str, name: str, role: str, gallery: str | None) ->
     form.get_by_label("Role").select_option(role)
     if gallery:
         form.get_by_label(gallery).check()
+        form.get_by_label(re.compile(r"^Reason")).fill(f"{name} joins the unit using {gallery}")
     form.get_by_role("button", name="Add user").click()
     expect(page.get_by_role("heading", name=f"User {name} created")).to_be_visible()
+    if gallery:
+        expect(page.get_by_role("status")).to_contain_text(f"give {name} access to {gallery}")
     return page.locator("code.token").inner_text()
 
 
@@ -129,6 +133,16 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Strict"
             investigator_once = add_user(page, url, "ivy", "investigator", OFFICE)
             supervisor_once = add_user(page, url, "sam", "supervisor", None)
+            page.get_by_role("button", name="Sign out").click()
+
+            # The supervisor approves the investigator's gallery (a second person).
+            sign_in(page, url, "sam", supervisor_once)
+            choose_password(page, supervisor_once, "supervisor passphrase")
+            page.get_by_role("link", name="Approvals").click()
+            row = page.locator("table.approvals tbody tr")
+            expect(row).to_contain_text(f"give ivy access to {OFFICE}")
+            row.get_by_role("button", name="Approve").click()
+            expect(page.get_by_role("status")).to_contain_text("Approved and done")
             page.get_by_role("button", name="Sign out").click()
 
             # The investigator: password, then case and reason before any photo.
@@ -169,8 +183,7 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             page.get_by_role("button", name="Sign out").click()
 
             # The supervisor finds the search and the decision by case number.
-            sign_in(page, url, "sam", supervisor_once)
-            choose_password(page, supervisor_once, "supervisor passphrase")
+            sign_in(page, url, "sam", "supervisor passphrase")
             page.goto(f"{url}/audit")
             page.get_by_label("Case number").fill(CASE)
             page.get_by_role("button", name="Filter").click()

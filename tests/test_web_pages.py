@@ -284,34 +284,77 @@ def test_retention_lists_expired_subjects_without_names_and_erases_them(
 
 
 def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: Box) -> None:
+    """Access that widens (a gallery, an erasure) waits for a supervisor's approval on the
+    Approvals page; what narrows it happens at once."""
     admin, csrf = sign_in(box, Role.ADMIN)
-    reply = admin.post(
+    supervisor, supervisor_csrf = sign_in(box, Role.SUPERVISOR)
+    reason = "joins the field office investigations"
+
+    def approve_all() -> None:
+        page = supervisor.get("/approvals").text
+        ids = re.findall(r'action="/approvals/([0-9a-f]+)/approve"', page)
+        assert ids, "nothing to approve"
+        for proposal_id in ids:
+            done = supervisor.post(
+                f"/approvals/{proposal_id}/approve", data={"csrf_token": supervisor_csrf}
+            )
+            assert done.status_code == 303
+
+    refused = admin.post(
         "/admin/users",
         data={"csrf_token": csrf, "username": "Nina", "role": "investigator", "gallery": OFFICE},
     )
+    assert refused.status_code == 400 and "give the reason" in refused.text
+    assert UserStore(box.home, box.accounts).get("nina") is None
+    reply = admin.post(
+        "/admin/users",
+        data={
+            "csrf_token": csrf,
+            "username": "Nina",
+            "role": "investigator",
+            "gallery": OFFICE,
+            "reason": reason,
+        },
+    )
     assert reply.status_code == 200
+    assert (
+        "Waiting for a second person" in reply.text and "give nina access to office" in reply.text
+    )
     once = re.search(r'<code class="token">([^<]+)</code>', reply.text)
     assert once is not None
     nina = UserStore(box.home, box.accounts).require("nina")
-    assert nina.galleries == (OFFICE,) and nina.must_change_password
+    assert nina.galleries == () and nina.must_change_password
     assert once.group(1) not in admin.get("/admin/users").text  # shown once only
     assert UserStore(box.home, box.accounts).authenticate("nina", once.group(1)) is not None
+    approve_all()
+    assert UserStore(box.home, box.accounts).require("nina").galleries == (OFFICE,)
 
     made = admin.post("/admin/galleries", data={"csrf_token": csrf, "name": "temporary"})
     assert made.status_code == 303
     admin.post(
         "/admin/users/nina",
-        data={"csrf_token": csrf, "role": "investigator", "gallery": [OFFICE, "temporary"]},
+        data={
+            "csrf_token": csrf,
+            "role": "investigator",
+            "gallery": [OFFICE, "temporary"],
+            "reason": reason,
+        },
     )
+    approve_all()
     assert UserStore(box.home, box.accounts).require("nina").galleries == (OFFICE, "temporary")
     wrong = admin.post(
-        "/admin/galleries/temporary/delete", data={"csrf_token": csrf, "confirm_name": "temp"}
+        "/admin/galleries/temporary/delete",
+        data={"csrf_token": csrf, "confirm_name": "temp", "reason": reason},
     )
     assert wrong.status_code == 400
-    gone = admin.post(
-        "/admin/galleries/temporary/delete", data={"csrf_token": csrf, "confirm_name": "temporary"}
+    proposed = admin.post(
+        "/admin/galleries/temporary/delete",
+        data={"csrf_token": csrf, "confirm_name": "temporary", "reason": "no longer needed"},
     )
-    assert gone.status_code == 303
+    assert proposed.status_code == 303
+    assert "temporary" in [g.name for g in box.service.list_galleries()]  # waits
+    assert "waits for a second person" in admin.get("/admin/galleries").text
+    approve_all()
     assert "temporary" not in [g.name for g in box.service.list_galleries()]
     nina_now = UserStore(box.home, box.accounts).require("nina")
     assert nina_now.galleries == (OFFICE,)  # no stale access
@@ -323,12 +366,18 @@ def test_admin_adds_a_user_with_a_one_time_password_and_manages_galleries(box: B
     actions = [r.event.action for r in box.audit.query(user=box.users[Role.ADMIN], limit=20)]
     for expected in (
         AuditAction.USER_CREATED,
+        AuditAction.CHANGE_PROPOSED,
         AuditAction.GALLERY_CREATED,
-        AuditAction.GALLERY_DELETED,
-        AuditAction.ROLE_CHANGED,
-        AuditAction.USER_DELETED,
+        AuditAction.USER_DISABLED,
     ):
         assert expected in actions, expected
+    approved = [r.event.action for r in box.audit.query(user=box.users[Role.SUPERVISOR], limit=20)]
+    for expected in (
+        AuditAction.CHANGE_APPROVED,
+        AuditAction.GALLERY_ACCESS_CHANGED,
+        AuditAction.GALLERY_DELETED,
+    ):
+        assert expected in approved, expected
 
 
 def test_admins_and_technicians_see_no_faces(box: Box) -> None:

@@ -126,6 +126,7 @@ def fill(path: str, requirement: Requirement) -> str:
         "case_id": "0" * 32,
         "job_id": "no-such-job",
         "ingest_id": "no-such-ingest",
+        "proposal_id": "0" * 16,
     }
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)

@@ -21,8 +21,9 @@ from types import FrameType
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
 from edgeid.commands import accountable
+from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers
-from runtime.audit.justification import Justification, check_reason
+from runtime.audit.justification import Justification
 from runtime.cases.ingest import IngestOutcome, IngestProgress
 from runtime.cases.records import CaseMeta
 from runtime.cases.store import CaseStore
@@ -31,11 +32,13 @@ from runtime.cases.views import CaseView, file_json, meta_json, run_json, view_j
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
+from runtime.services.caller import LocalOperator
 from runtime.vault.key_choice import provider_for
 
 PROGRESS_REFRESH_S = 0.2  # terminal progress bar redraws at most this often
 PROGRESS_LINE_S = 5.0  # without a terminal (logs, pipes): one progress line this often
 BAR_WIDTH = 24
+EXPIRED_REASON = "past its retention date"  # the reason recorded for `case purge --expired`
 
 
 # -- opening -----------------------------------------------------------------------------------
@@ -260,21 +263,23 @@ def purge(args: argparse.Namespace) -> int:
         raise BadInputError("purging erases the case's files, faces and leads for good; add --yes")
     if bool(args.case) == bool(args.expired):
         raise BadInputError("give a case number, or --expired for every case past its retention")
-    reason = check_reason(args.reason)
-    with accountable.cases(args.home_dir) as door:
-        targets: list[tuple[str, str | None]]
-        if args.expired:
-            targets = [(m.number, "retention period over") for m in door.cases.expired()]
+    caller, where = LocalOperator.current(), "cli case purge"
+    with administration(args.home_dir, galleries=True) as approvals:
+        if not args.expired:
+            # Past its retention date: at once; before it, the two-person rule.
+            outcome = approvals.purge_case(caller, args.case, reason=args.reason, where=where)
+            if not outcome.done:
+                waiting = outcome_json(outcome, approvals.ttl)["proposal"]
+                emit(args, {"purged": [], "proposal": waiting}, outcome_text(outcome))
+                return EXIT_OK
+            purged = [outcome.case] if outcome.case else []
         else:
-            targets = [(args.case, None)]
-        purged = [
-            door.cases.purge(
-                door.caller, number, reason, where=f"{WHERE} purge", detail=detail
-            ).number
-            for number, detail in targets
-        ]
-    text = "\n".join(f"purged case {n}" for n in purged) or "no case is past its retention date"
-    emit(args, {"purged": purged}, text)
+            cases = approvals.cases
+            assert cases is not None  # opened with the galleries
+            reason = args.reason or EXPIRED_REASON
+            purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
+    text = "\n".join(f"purged case {m.number}" for m in purged)
+    emit(args, {"purged": [m.number for m in purged]}, text or "no case is past its retention date")
     return EXIT_OK
 
 
@@ -353,4 +358,5 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--expired", action="store_true", help="every case past its retention date")
     accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
+    p.add_argument("--reason", help="why the case is erased (audited; needed before retention)")
     p.set_defaults(handler=purge)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
 from edgeid.commands import accountable
+from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers, positive_int
 from runtime.audit.justification import Justification, check_reason
 from runtime.config.settings import load_settings
@@ -28,6 +29,7 @@ from runtime.gallery.records import GalleryInfo
 from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+from runtime.services.caller import LocalOperator
 from runtime.services.keys import rotate_kek
 from runtime.vault.key_choice import best_available, make_provider, provider_for
 
@@ -227,15 +229,16 @@ def delete(args: argparse.Namespace) -> int:
         raise BadInputError(
             f"deleting gallery {args.gallery!r} erases every subject in it; add --yes"
         )
-    with accountable.galleries(args.home_dir) as door:
-        erased = door.galleries.delete_gallery(
-            door.caller, args.gallery, reason=reason, where=f"{WHERE} delete"
+    # The two-person rule: a proposal for another person to approve, unless dual control is off.
+    with administration(args.home_dir, galleries=True) as approvals:
+        outcome = approvals.erase_gallery(
+            LocalOperator.current(), args.gallery, reason=args.reason, where="cli gallery delete"
         )
-    emit(
-        args,
-        {"deleted_gallery": erased.name, "subjects": erased.subjects, "faces": erased.faces},
-        f"erased gallery {erased.name!r} ({erased.subjects} subjects, {erased.faces} faces)",
-    )
+        payload = {
+            **outcome_json(outcome, approvals.ttl),
+            "deleted_gallery": args.gallery if outcome.done else None,
+        }
+    emit(args, payload, outcome_text(outcome))
     return EXIT_OK
 
 
@@ -417,6 +420,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", help="erase only this subject")
     accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm erasing the whole gallery")
+    p.add_argument("--reason", help="why the whole gallery is erased (audited)")
     p.set_defaults(handler=delete)
 
     p = actions.add_parser("export", parents=[common], help="encrypted backup of a gallery")

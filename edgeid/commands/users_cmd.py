@@ -1,7 +1,9 @@
 """`edgeid users ...`: local users and API tokens from the command line (recovery, scripts).
 
-Every change is recorded in the audit log, which one process writes at a time: stop
-`edgeid serve` first (the web UI's Users page does the same while the service runs).
+Every change goes through ``runtime.services.accounts`` (as ``os:<login>``) and is recorded in
+the audit log, which one process writes at a time: stop `edgeid serve` first (the web UI's
+Users page does the same while the service runs). Making an admin and adding galleries wait
+for a second person's approval (`edgeid approvals`).
 """
 
 from __future__ import annotations
@@ -9,19 +11,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
+from edgeid.commands.approvals_cmd import administration, proposal_json
 from edgeid.options import Subparsers, positive_int
-from runtime.accounts.roles import Permission, Role, permissions_of
+from runtime.accounts.roles import Permission, Role
 from runtime.accounts.sealing import AccountsKey, accounts_key, existing_accounts_key
 from runtime.accounts.tokens import DEFAULT_TTL_DAYS, TokenStore
 from runtime.accounts.users import User, UserStore
 from runtime.audit import AuditAction, AuditEvent, AuditLog
 from runtime.audit.actor import os_actor
 from runtime.config.settings import load_settings
-from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
+from runtime.services import user_requests
+from runtime.services.caller import LocalOperator
+from runtime.services.user_requests import UserChange
 from runtime.vault.key_choice import keyring_path, provider_for
 from runtime.vault.keys import Keyring
 
@@ -69,13 +75,10 @@ def reading_key(home: Path) -> AccountsKey:
         return accounts_key(store.keyring)
 
 
-def _check_galleries(names: list[str], known: list[str]) -> list[str]:
-    for name in names:
-        if name not in known:
-            raise BadInputError(
-                f"there is no gallery named {name!r}; list them with edgeid gallery list"
-            )
-    return names
+REASON_HELP = (
+    "why (audited): needed to make an admin or add galleries, which then wait for a second "
+    "person's approval (edgeid approvals)"
+)
 
 
 def _user_json(user: User) -> dict[str, object]:
@@ -101,30 +104,51 @@ def list_users(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _change_json(change: UserChange, ttl: timedelta) -> dict[str, object]:
+    return {
+        "user": _user_json(change.user) if change.user else None,
+        "one_time_password": change.one_time_password,
+        "waiting": [proposal_json(p, ttl) for p in change.waiting],
+    }
+
+
 def add_user(args: argparse.Namespace) -> int:
-    with audited(args.home_dir) as record:
-        galleries = _check_galleries(args.gallery or [], record.galleries)
-        user, password = UserStore(args.home_dir, record.accounts).create(
-            args.name, args.role, galleries=galleries
+    with administration(args.home_dir) as approvals:
+        change = user_requests.create_user(
+            approvals,
+            LocalOperator.current(),
+            args.name,
+            args.role,
+            args.gallery or [],
+            reason=args.reason,
+            where="cli users add",
         )
-        names = ", ".join(galleries) or "none"
-        record(
-            AuditAction.USER_CREATED,
-            f"user {user.username}; role {user.role.value}; galleries {names}",
+        ttl = approvals.ttl
+    lines = []
+    if change.user and change.one_time_password:
+        lines.append(
+            f"created {change.user.username} ({change.user.role.value}); one-time password "
+            f"(shown once, must be changed at first sign-in): {change.one_time_password}"
         )
-    emit(
-        args,
-        {"user": _user_json(user), "one_time_password": password},
-        f"created {user.username} ({user.role.value}); one-time password (shown once, must be "
-        f"changed at first sign-in): {password}",
-    )
+    lines.extend(_waiting_lines(change))
+    emit(args, _change_json(change, ttl), "\n".join(lines))
     return EXIT_OK
 
 
+def _waiting_lines(change: UserChange) -> list[str]:
+    return [
+        f"proposal {p.proposal_id}: {p.summary()}; waits for a second person's approval "
+        f"(edgeid approvals approve {p.proposal_id}, or the Approvals page)"
+        for p in change.waiting
+    ]
+
+
 def reset_password(args: argparse.Namespace) -> int:
-    with audited(args.home_dir) as record:
-        user, password = UserStore(args.home_dir, record.accounts).reset_password(args.name)
-        record(AuditAction.PASSWORD_CHANGED, f"user {user.username}; reset to a one-time password")
+    with administration(args.home_dir) as approvals:
+        password = approvals.accounts.reset_password(
+            LocalOperator.current(), args.name, where="cli users reset-password"
+        )
+        user = approvals.accounts.users.require(args.name)
     emit(
         args,
         {"user": _user_json(user), "one_time_password": password},
@@ -135,30 +159,25 @@ def reset_password(args: argparse.Namespace) -> int:
 
 def set_user(args: argparse.Namespace) -> int:
     disabled = True if args.disable else False if args.enable else None
-    with audited(args.home_dir) as record:
-        store = UserStore(args.home_dir, record.accounts)
-        before = store.require(args.name)
-        galleries = None
-        if args.no_galleries:
-            galleries = []
-        elif args.gallery:
-            galleries = _check_galleries(args.gallery, record.galleries)
-        after = store.update(args.name, role=args.role, galleries=galleries, disabled=disabled)
-        changes = []
-        if after.role is not before.role:
-            changes.append(f"role {before.role.value} -> {after.role.value}")
-        if after.galleries != before.galleries:
-            changes.append(f"galleries {', '.join(after.galleries) or 'none'}")
-        if after.disabled != before.disabled:
-            changes.append("disabled" if after.disabled else "enabled")
-        if changes:
-            action = (
-                AuditAction.USER_DELETED
-                if after.disabled and not before.disabled
-                else AuditAction.ROLE_CHANGED
-            )
-            record(action, f"user {after.username}; " + "; ".join(changes))
-    emit(args, _user_json(after), _user_line(after))
+    galleries = [] if args.no_galleries else args.gallery or None
+    with administration(args.home_dir) as approvals:
+        change = user_requests.update_user(
+            approvals,
+            LocalOperator.current(),
+            args.name,
+            role=args.role,
+            galleries=galleries,
+            disabled=disabled,
+            reason=args.reason,
+            where="cli users set",
+        )
+        ttl = approvals.ttl
+    assert change.user is not None  # an existing user
+    emit(
+        args,
+        {**_user_json(change.user), "waiting": _change_json(change, ttl)["waiting"]},
+        "\n".join([_user_line(change.user), *_waiting_lines(change)]),
+    )
     return EXIT_OK
 
 
@@ -174,31 +193,28 @@ def list_tokens(args: argparse.Namespace) -> int:
 
 
 def add_token(args: argparse.Namespace) -> int:
-    with audited(args.home_dir) as record:
-        user = UserStore(args.home_dir, record.accounts).require(args.name)
-        token, secret = TokenStore(args.home_dir, record.accounts).create(
-            user.username,
+    with administration(args.home_dir) as approvals:
+        token, secret = approvals.accounts.create_token(
+            LocalOperator.current(),
+            args.name,
             args.token_name,
             args.scope,
-            allowed=permissions_of(user.role),
             ttl_days=args.days,
-        )
-        record(
-            AuditAction.TOKEN_CREATED,
-            f"token {token.token_id} for {user.username}; scopes {' '.join(sorted(token.scopes))}",
+            where="cli users token-add",
         )
     emit(
         args,
         {"token": token.public(), "secret": secret},
-        f"token {token.token_id} for {user.username} (shown once): {secret}",
+        f"token {token.token_id} for {token.username} (shown once): {secret}",
     )
     return EXIT_OK
 
 
 def revoke_token(args: argparse.Namespace) -> int:
-    with audited(args.home_dir) as record:
-        token = TokenStore(args.home_dir, record.accounts).revoke(args.token_id)
-        record(AuditAction.TOKEN_REVOKED, f"token {token.token_id} of {token.username}")
+    with administration(args.home_dir) as approvals:
+        token = approvals.accounts.revoke_token(
+            LocalOperator.current(), args.token_id, where="cli users token-revoke"
+        )
     emit(args, token.public(), f"revoked token {token.token_id} of {token.username}")
     return EXIT_OK
 
@@ -215,6 +231,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=roles)
     add.add_argument("--gallery", action="append", help="a gallery they may use (repeat)")
+    add.add_argument("--reason", help=REASON_HELP)
     add.set_defaults(handler=add_user)
 
     reset = actions.add_parser(
@@ -232,6 +249,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     state = edit.add_mutually_exclusive_group()
     state.add_argument("--disable", action="store_true", help="no sign-in, tokens stop working")
     state.add_argument("--enable", action="store_true")
+    edit.add_argument("--reason", help=REASON_HELP)
     edit.set_defaults(handler=set_user)
 
     tokens = actions.add_parser("tokens", parents=[common], help="API tokens (of one user)")

@@ -30,6 +30,9 @@ class Permission(enum.StrEnum):
     GALLERIES = "galleries"  # create and delete galleries
     SETTINGS = "settings"  # read the box's settings
     HEALTH = "health"  # health page, models and versions
+    # Approve or reject another person's proposal under the two-person rule (erasing a
+    # gallery, granting gallery access, making an admin, purging a case early).
+    APPROVALS = "approvals"
     # Open any case on the box, not only one's own: held by no role, only by the operator at
     # the box's shell (``runtime.services.caller.LocalOperator``).
     CASES_ANY = "cases:any"
@@ -44,8 +47,10 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.SUBJECTS_DELETE,
         }
     ),
-    Role.SUPERVISOR: frozenset({Permission.AUDIT_READ, Permission.RETENTION}),
-    Role.ADMIN: frozenset({Permission.USERS, Permission.GALLERIES, Permission.SETTINGS}),
+    Role.SUPERVISOR: frozenset({Permission.AUDIT_READ, Permission.RETENTION, Permission.APPROVALS}),
+    Role.ADMIN: frozenset(
+        {Permission.USERS, Permission.GALLERIES, Permission.SETTINGS, Permission.APPROVALS}
+    ),
     Role.TECHNICIAN: frozenset({Permission.HEALTH}),
 }
 

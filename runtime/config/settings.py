@@ -105,6 +105,27 @@ class UpdateSettings(_Section):
     restart_command: list[str] | None = None
 
 
+class SecuritySettings(_Section):
+    dual_control: bool = Field(
+        default=True,
+        title="Two-person rule",
+        description=(
+            "Erasing a whole gallery, granting a user access to a gallery, making an admin and "
+            "purging a case before its retention date wait for a second admin or supervisor to "
+            "approve. Turn off only on a single-user lab box: the actions then run at once and "
+            "each record says 'dual control off'."
+        ),
+    )
+    # A week covers a weekend and a day off; an older proposal is stale and must be made again.
+    proposal_ttl_days: int = Field(
+        default=7,
+        ge=1,
+        le=30,
+        title="Days a proposal waits",
+        description="A proposal nobody approved or rejected within this many days expires.",
+    )
+
+
 class Settings(_Section):
     device: DeviceSettings = DeviceSettings()
     keys: KeySettings = KeySettings()
@@ -112,6 +133,7 @@ class Settings(_Section):
     web: WebSettings = WebSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     updates: UpdateSettings = UpdateSettings()
+    security: SecuritySettings = SecuritySettings()
 
 
 def config_path(home: Path) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from runtime.accounts.roles import Permission
-from runtime.audit.actor import Actor, os_actor
+from runtime.audit.actor import OS_ACTOR_PREFIX, Actor, os_actor
 
 
 class Caller(Protocol):
@@ -48,3 +48,9 @@ class LocalOperator:
 
     def may_use_gallery(self, permission: Permission, gallery: str) -> bool:
         return True
+
+
+def same_person(a: str, b: str) -> bool:
+    """Two actors' users are one person: ``os:alice`` at the shell is ``alice`` on the web (the
+    two-person rule and "nobody grants themselves access" compare people, not accounts)."""
+    return a.removeprefix(OS_ACTOR_PREFIX) == b.removeprefix(OS_ACTOR_PREFIX)

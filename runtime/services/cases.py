@@ -30,6 +30,7 @@ from runtime.cases.store import Case
 from runtime.cases.views import CaseView, case_view
 from runtime.errors import AccessDeniedError, BadInputError
 from runtime.services.caller import Caller
+from runtime.services.consent import ChangeKind, Consent, redeem
 from runtime.services.galleries import gallery_field
 from runtime.vault.crypto import Clock, utc_now
 
@@ -80,6 +81,14 @@ class AccountableCases:
                         "this case was opened by another investigator; ask them, or an admin",
                         recorded=True,
                     )
+                return self.cases.store.find(meta.number)
+        raise CaseNotFoundError(f"no case {case_ref!r} on this box")
+
+    def _find(self, case_ref: str) -> Case:
+        """A case by its id or number, no access check (an approved purge: the proposer's
+        access was checked when they proposed)."""
+        for meta in self.cases.list_cases():
+            if case_ref in (meta.case_id, meta.number):
                 return self.cases.store.find(meta.number)
         raise CaseNotFoundError(f"no case {case_ref!r} on this box")
 
@@ -246,12 +255,29 @@ class AccountableCases:
         reason: str,
         *,
         where: str,
+        consent: Consent | None = None,
         detail: str | None = None,
+        today: date | None = None,
     ) -> CaseMeta:
-        """Erase a case as a unit, recorded (with its reason) before the erasure."""
+        """Erase a case as a unit, recorded (with its reason) before the erasure.
+
+        A case past its retention date is purged by whoever may open it. Before that date
+        (or with no date set) the purge needs the two-person rule's ``consent`` for this
+        case; an approved consent carries the proposer's right to the case.
+        """
         reason = check_reason(reason)
-        case = self.open(caller, case_ref, where=where)
+        approved = consent is not None and consent.approved
+        case = self._find(case_ref) if approved else self.open(caller, case_ref, where=where)
         meta = case.meta
+        due = self.past_retention(meta, today)
+        if not due:
+            redeem(
+                consent,
+                ChangeKind.PURGE_CASE,
+                meta.case_id,
+                what="purging a case before its retention date",
+            )
+        agreed = consent.detail() if consent is not None and not due else None
         self.recorder.record(
             caller.actor,
             AuditAction.CASE_PURGED,
@@ -261,6 +287,8 @@ class AccountableCases:
                 for p in (
                     f"case {meta.case_id}",
                     f"{meta.summary.files} files, {meta.summary.faces} faces",
+                    "past its retention date" if due else "before its retention date",
+                    agreed,
                     detail,
                 )
                 if p
@@ -278,6 +306,15 @@ class AccountableCases:
 
     def expired(self, today: date | None = None) -> list[CaseMeta]:
         return self.cases.expired(today)
+
+    def past_retention(self, meta: CaseMeta, today: date | None = None) -> bool:
+        """Its retention date has passed (a case with no date is kept until purged)."""
+        today = today or self._clock().date()
+        return meta.retention_until is not None and meta.retention_until < today
+
+    def find(self, caller: Caller, case_ref: str, *, where: str) -> CaseMeta:
+        """The case's record (number, counts, retention), if the caller may open it."""
+        return self.open(caller, case_ref, where=where).meta
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from runtime.gallery.service import (
 )
 from runtime.gallery.thresholds import DEFAULT_OPERATING_FMR
 from runtime.services.caller import Caller
+from runtime.services.consent import ChangeKind, Consent, redeem
 
 logger = logging.getLogger(__name__)
 
@@ -364,12 +365,26 @@ class AccountableGalleries:
         return info
 
     def delete_gallery(
-        self, caller: Caller, name: str, *, reason: str, where: str, detail: str | None = None
+        self,
+        caller: Caller,
+        name: str,
+        *,
+        reason: str,
+        where: str,
+        consent: Consent | None,
+        detail: str | None = None,
     ) -> GalleryErased:
-        """Erase a whole gallery, recorded (with reason and counts) before the erasure."""
-        self.require(caller, Permission.GALLERIES, None, where=where)
+        """Erase a whole gallery, recorded (with reason and counts) before the erasure.
+
+        Cannot be undone, so it runs only with the two-person rule's ``consent`` for this
+        gallery (``runtime.services.approvals`` issues it); an approved consent carries the
+        proposer's permission, checked when they proposed.
+        """
+        if consent is None or not consent.approved:
+            self.require(caller, Permission.GALLERIES, None, where=where)
         reason = check_reason(reason)
         info = self.galleries.gallery(name).info()
+        consent = redeem(consent, ChangeKind.ERASE_GALLERY, name, what="erasing a whole gallery")
         erased = GalleryErased(info.name, info.subjects, info.faces)
         counts = f"{erased.subjects} subjects, {erased.faces} faces erased"
         self.recorder.record(
@@ -377,7 +392,7 @@ class AccountableGalleries:
             AuditAction.GALLERY_DELETED,
             gallery=name,
             reason=reason,
-            detail="; ".join(p for p in (counts, detail) if p),
+            detail="; ".join(p for p in (counts, consent.detail(), detail) if p),
         )
         with self._failure_recorded(caller, AuditAction.GALLERY_DELETED, name):
             self.galleries.delete_gallery(name)

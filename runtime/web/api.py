@@ -21,10 +21,13 @@ from runtime.audit import AuditAction
 from runtime.audit.justification import CASE_NUMBER_PATTERN, MAX_CASE_CHARS, MIN_REASON_CHARS
 from runtime.errors import BadInputError
 from runtime.gallery.service import DuplicateSubjectError
+from runtime.services import user_requests
+from runtime.services.proposals import Proposal
 from runtime.web import admin, work_context
 from runtime.web import operations as ops
 from runtime.web.access import ApiAccess
 from runtime.web.api_models import (
+    ApprovalOut,
     CandidatesRequest,
     DecisionIn,
     DecisionOut,
@@ -34,24 +37,25 @@ from runtime.web.api_models import (
     MeOut,
     OneTimePassword,
     ProbeOut,
+    ProposalOut,
     SearchCreated,
     SearchResultOut,
     SearchStart,
     SubjectOut,
     TokenOut,
+    UserChanged,
     UserCreated,
     UserIn,
     UserOut,
     UserPatch,
 )
 from runtime.web.audit_trail import record
-from runtime.web.errors import NotFoundError
 from runtime.web.forms import UnsupportedBodyError, read_body, read_form
 from runtime.web.images import jpeg_response
 from runtime.web.pages_audit import audit_filter
 from runtime.web.pages_health import health_summary
 from runtime.web.principal import Principal
-from runtime.web.state import web_state
+from runtime.web.state import WebState, web_state
 
 router = APIRouter()
 
@@ -65,6 +69,7 @@ Auditor = Annotated[Principal, Depends(ApiAccess(Permission.AUDIT_READ))]
 UserAdmin = Annotated[Principal, Depends(ApiAccess(Permission.USERS))]
 GalleryAdmin = Annotated[Principal, Depends(ApiAccess(Permission.GALLERIES))]
 Technician = Annotated[Principal, Depends(ApiAccess(Permission.HEALTH))]
+Approver = Annotated[Principal, Depends(ApiAccess(Permission.APPROVALS))]
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
 PHOTO_BODY: dict[str, Any] = {
@@ -215,11 +220,29 @@ def gallery_create(request: Request, body: GalleryIn, principal: GalleryAdmin) -
     )
 
 
-@router.delete("/galleries/{gallery}", status_code=204, tags=["galleries"])
-def gallery_delete(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
-    """Erase a gallery with every subject in it."""
-    admin.delete_gallery(web_state(request), principal, gallery)
-    return Response(status_code=204)
+@router.delete(
+    "/galleries/{gallery}",
+    status_code=204,
+    tags=["galleries"],
+    responses={202: {"model": ProposalOut, "description": "waits for a second person"}},
+)
+def gallery_delete(
+    request: Request, gallery: str, body: EraseIn, principal: GalleryAdmin
+) -> Response:
+    """Erase a gallery with every subject in it: under the two-person rule, a proposal (202)
+    that another admin or supervisor approves; with dual control off, at once (204)."""
+    state = web_state(request)
+    outcome = state.approvals.erase_gallery(
+        principal, gallery, reason=body.reason, where="api /api/v1/galleries/{gallery}"
+    )
+    return _waiting_or_done(state, outcome.proposal if not outcome.done else None)
+
+
+def _waiting_or_done(state: WebState, proposal: Proposal | None) -> Response:
+    if proposal is None:
+        return Response(status_code=204)
+    body = ProposalOut.of(proposal, state.approvals.ttl)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
 
 # Browsing what a gallery holds reveals personal data: the call states its case and reason in
@@ -445,33 +468,64 @@ def users(request: Request, principal: UserAdmin) -> list[UserOut]:
     return [_user_out(u) for u in web_state(request).users.list()]
 
 
-@router.post("/users", response_model=UserCreated, status_code=201, tags=["users"])
-def user_create(request: Request, body: UserIn, principal: UserAdmin) -> UserCreated:
-    user, password = admin.create_user(
-        web_state(request), principal, body.username, body.role, body.galleries
+@router.post(
+    "/users",
+    response_model=UserCreated,
+    status_code=201,
+    tags=["users"],
+    responses={202: {"model": UserCreated, "description": "a new admin waits for approval"}},
+)
+def user_create(request: Request, body: UserIn, principal: UserAdmin) -> Response:
+    """A new user with a one-time password; its galleries (and an admin altogether) wait for a
+    second person's approval under the two-person rule."""
+    state = web_state(request)
+    change = user_requests.create_user(
+        state.approvals,
+        principal,
+        body.username,
+        body.role,
+        body.galleries,
+        reason=body.reason,
+        where="api /api/v1/users",
     )
-    return UserCreated(user=_user_out(user), one_time_password=password)
+    out = UserCreated(
+        user=_user_out(change.user) if change.user else None,
+        one_time_password=change.one_time_password,
+        waiting=[ProposalOut.of(p, state.approvals.ttl) for p in change.waiting],
+    )
+    return JSONResponse(out.model_dump(mode="json"), status_code=201 if change.user else 202)
 
 
-@router.patch("/users/{username}", response_model=UserOut, tags=["users"])
-def user_update(request: Request, username: str, body: UserPatch, principal: UserAdmin) -> UserOut:
-    return _user_out(
-        admin.update_user(
-            web_state(request),
-            principal,
-            username,
-            role=body.role,
-            galleries=body.galleries,
-            disabled=body.disabled,
-        )
+@router.patch("/users/{username}", response_model=UserChanged, tags=["users"])
+def user_update(
+    request: Request, username: str, body: UserPatch, principal: UserAdmin
+) -> UserChanged:
+    """Galleries taken away, roles other than admin and disabling apply at once; galleries
+    added and making an admin wait for a second person (listed in ``waiting``)."""
+    state = web_state(request)
+    change = user_requests.update_user(
+        state.approvals,
+        principal,
+        username,
+        role=body.role,
+        galleries=body.galleries,
+        disabled=body.disabled,
+        reason=body.reason,
+        where="api /api/v1/users/{username}",
+    )
+    assert change.user is not None  # an existing user
+    return UserChanged(
+        **_user_out(change.user).model_dump(),
+        waiting=[ProposalOut.of(p, state.approvals.ttl) for p in change.waiting],
     )
 
 
 @router.post("/users/{username}/password-reset", response_model=OneTimePassword, tags=["users"])
 def user_reset(request: Request, username: str, principal: UserAdmin) -> OneTimePassword:
-    return OneTimePassword(
-        one_time_password=admin.reset_password(web_state(request), principal, username)
+    password = web_state(request).accounts.reset_password(
+        principal, username, where="api /api/v1/users/{username}/password-reset"
     )
+    return OneTimePassword(one_time_password=password)
 
 
 @router.get("/tokens", response_model=list[TokenOut], tags=["account"])
@@ -483,10 +537,38 @@ def tokens(request: Request, principal: Anyone) -> list[TokenOut]:
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["account"])
 def token_revoke(request: Request, token_id: str, principal: Anyone) -> Response:
-    state = web_state(request)
-    token = state.tokens.get(token_id)
-    if token.username != principal.username and not principal.may(Permission.USERS):
-        raise NotFoundError(f"no API token with id {token_id!r} among yours")
-    state.tokens.revoke(token_id)
-    record(state, principal, AuditAction.TOKEN_REVOKED, detail=f"token {token_id}")
+    web_state(request).accounts.revoke_token(
+        principal, token_id, where="api /api/v1/tokens/{token_id}"
+    )
     return Response(status_code=204)
+
+
+# -- the two-person rule ---------------------------------------------------------------------
+
+
+@router.get("/approvals", response_model=list[ProposalOut], tags=["approvals"])
+def approvals(request: Request, principal: Approver) -> list[ProposalOut]:
+    """Proposals waiting for a second person, oldest first."""
+    service = web_state(request).approvals
+    return [ProposalOut.of(p, service.ttl) for p in service.pending(principal)]
+
+
+@router.post("/approvals/{proposal_id}/approve", response_model=ApprovalOut, tags=["approvals"])
+def approve(request: Request, proposal_id: str, principal: Approver) -> ApprovalOut:
+    """Approve another person's proposal; the change is carried out at once (a new admin's
+    one-time password comes back once)."""
+    service = web_state(request).approvals
+    outcome = service.approve(principal, proposal_id, where="api /api/v1/approvals/approve")
+    assert outcome.proposal is not None  # approved through a proposal
+    return ApprovalOut(
+        proposal=ProposalOut.of(outcome.proposal, service.ttl),
+        summary=outcome.summary,
+        one_time_password=outcome.one_time_password,
+    )
+
+
+@router.post("/approvals/{proposal_id}/reject", response_model=ProposalOut, tags=["approvals"])
+def reject(request: Request, proposal_id: str, principal: Approver) -> ProposalOut:
+    service = web_state(request).approvals
+    proposal = service.reject(principal, proposal_id, where="api /api/v1/approvals/reject")
+    return ProposalOut.of(proposal, service.ttl)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +15,7 @@ from runtime.audit.justification import (
 )
 from runtime.gallery.records import Face, GalleryInfo, Subject
 from runtime.gallery.service import Candidate, Probe, SearchResult
+from runtime.services.proposals import Proposal
 
 AgeBandName = Literal["adult", "teen", "child", "unknown"]
 
@@ -228,16 +229,24 @@ class EraseIn(_In):
     reason: str = Field(min_length=MIN_REASON_CHARS, max_length=MAX_REASON_CHARS)
 
 
+CHANGE_REASON = (
+    "why: needed (with two-person rule on) to make an admin or add galleries, which then wait "
+    "for a second person's approval"
+)
+
+
 class UserIn(_In):
     username: str = Field(max_length=32)
     role: Literal["investigator", "supervisor", "admin", "technician"]
     galleries: list[str] = Field(default_factory=list, max_length=256)
+    reason: str | None = Field(default=None, max_length=1000, description=CHANGE_REASON)
 
 
 class UserPatch(_In):
     role: Literal["investigator", "supervisor", "admin", "technician"] | None = None
     galleries: list[str] | None = Field(default=None, max_length=256)
     disabled: bool | None = None
+    reason: str | None = Field(default=None, max_length=1000, description=CHANGE_REASON)
 
 
 class UserOut(BaseModel):
@@ -249,9 +258,52 @@ class UserOut(BaseModel):
     created_at: datetime
 
 
+class ProposalOut(BaseModel):
+    """A change waiting for (or decided by) a second person under the two-person rule."""
+
+    proposal_id: str
+    kind: str
+    summary: str
+    proposer: str
+    reason: str
+    created_at: datetime
+    expires_at: datetime
+    status: str
+
+    @classmethod
+    def of(cls, proposal: Proposal, ttl: timedelta) -> ProposalOut:
+        return cls(
+            proposal_id=proposal.proposal_id,
+            kind=proposal.kind.value,
+            summary=proposal.summary(),
+            proposer=proposal.proposer,
+            reason=proposal.reason,
+            created_at=proposal.created_at,
+            expires_at=proposal.expires_at(ttl),
+            status=proposal.status.value,
+        )
+
+
 class UserCreated(BaseModel):
-    user: UserOut
-    one_time_password: str = Field(description="shown once; must be changed at first login")
+    user: UserOut | None = Field(description="None while a new admin waits for approval")
+    one_time_password: str | None = Field(description="shown once; must be changed at first login")
+    waiting: list[ProposalOut] = Field(
+        default_factory=list, description="what waits for a second person's approval"
+    )
+
+
+class UserChanged(UserOut):
+    waiting: list[ProposalOut] = Field(
+        default_factory=list, description="what waits for a second person's approval"
+    )
+
+
+class ApprovalOut(BaseModel):
+    proposal: ProposalOut
+    summary: str
+    one_time_password: str | None = Field(
+        default=None, description="a new admin's, shown once to the approver"
+    )
 
 
 class OneTimePassword(BaseModel):

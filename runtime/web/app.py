@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -36,14 +37,18 @@ from runtime.config.settings import Settings
 from runtime.errors import AccessDeniedError, BadInputError, EdgeidError, OverloadedError
 from runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
+from runtime.services.accounts import AccountAdmin
+from runtime.services.approvals import Approvals
 from runtime.services.cases import AccountableCases
 from runtime.services.galleries import AccountableGalleries
+from runtime.services.proposals import ProposalNotFoundError, ProposalStore
 from runtime.system.metrics import SERVICE_METRICS
 from runtime.web import (
     api,
     api_cases,
     pages_account,
     pages_admin,
+    pages_approvals,
     pages_audit,
     pages_cases,
     pages_context,
@@ -92,6 +97,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (GalleryNotFoundError, 404),
     (UserNotFoundError, 404),
     (TokenNotFoundError, 404),
+    (ProposalNotFoundError, 404),
     (DuplicateSubjectError, 409),
     (GalleryExistsError, 409),
     (UserExistsError, 409),
@@ -148,9 +154,34 @@ def create_app(
         if desk is not None:
             desk.plans.drop_owner(session.owner)
 
+    sessions = SessionStore(
+        idle_s=settings.web.session_idle_s,
+        max_s=settings.web.session_max_s,
+        clock=clock,
+        on_end=session_ended,
+    )
     recorder = Recorder(audit, clock=clock)
     # The service holds the galleries' lock, so its keyring may gain the accounts key.
-    accounts = accounts_key(galleries.store.keyring)
+    accounts_sealing = accounts_key(galleries.store.keyring)
+    users, tokens = UserStore(home, accounts_sealing), TokenStore(home, accounts_sealing)
+    accountable = AccountableGalleries(galleries, recorder, clock=clock)
+    case_access = AccountableCases(cases, recorder) if cases is not None else None
+    accounts = AccountAdmin(
+        users,
+        tokens,
+        recorder,
+        gallery_names=lambda: [g.name for g in galleries.list_galleries()],
+        end_sessions=sessions.end_user,
+    )
+    approvals = Approvals(
+        ProposalStore(home, galleries.store.keyring),
+        recorder,
+        accounts,
+        galleries=accountable,
+        cases=case_access,
+        dual_control=settings.security.dual_control,
+        ttl=timedelta(days=settings.security.proposal_ttl_days),
+    )
     state = WebState(
         home=home,
         settings=settings,
@@ -158,15 +189,10 @@ def create_app(
         galleries=galleries,
         audit=audit,
         recorder=recorder,
-        accountable=AccountableGalleries(galleries, recorder, clock=clock),
-        users=UserStore(home, accounts),
-        tokens=TokenStore(home, accounts),
-        sessions=SessionStore(
-            idle_s=settings.web.session_idle_s,
-            max_s=settings.web.session_max_s,
-            clock=clock,
-            on_end=session_ended,
-        ),
+        accountable=accountable,
+        users=users,
+        tokens=tokens,
+        sessions=sessions,
         throttle=LoginThrottle(clock),
         searches=searches,
         enrolments=enrolments,
@@ -174,10 +200,12 @@ def create_app(
         secure_cookies=bool(settings.web.tls_cert and settings.web.tls_key),
         started=clock(),
         clock=clock,
+        accounts=accounts,
+        approvals=approvals,
         health_extra=health_extra,
         models_dir=models_dir or home / "models",
         cases=desk,
-        case_access=AccountableCases(cases, recorder) if cases is not None else None,
+        case_access=case_access,
     )
     app = FastAPI(
         title="edgeid",
@@ -201,6 +229,7 @@ def create_app(
         pages_cases,
         pages_subjects,
         pages_admin,
+        pages_approvals,
         pages_audit,
         pages_health,
     )

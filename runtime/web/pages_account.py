@@ -10,14 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from runtime.accounts.roles import Permission, Role
+from runtime.accounts.roles import Role
 from runtime.accounts.sessions import Session
 from runtime.accounts.users import USERNAME
 from runtime.audit import AuditAction
 from runtime.errors import BadInputError
 from runtime.web.access import CSRF_FIELD, PageAccess, check_same_site, current_session, posted
 from runtime.web.audit_trail import UNKNOWN_ROLE, record, record_as
-from runtime.web.errors import CsrfError, NotFoundError, ThrottledError
+from runtime.web.errors import CsrfError, ThrottledError
 from runtime.web.forms import MAX_FORM_BYTES, read_form
 from runtime.web.principal import Principal
 from runtime.web.rendering import flash, render
@@ -243,11 +243,8 @@ def create_token(request: Request, principal: SignedIn) -> Response:
 
 @router.post("/account/tokens/{token_id}/revoke")
 def revoke_token(request: Request, token_id: str, principal: SignedIn) -> Response:
-    state = web_state(request)
-    token = state.tokens.get(token_id)
-    if token.username != principal.username and not principal.may(Permission.USERS):
-        raise NotFoundError(f"no API token with id {token_id!r} among yours")
-    state.tokens.revoke(token_id)
-    record(state, principal, AuditAction.TOKEN_REVOKED, detail=f"token {token_id}")
+    token = web_state(request).accounts.revoke_token(
+        principal, token_id, where="web /account/tokens/{token_id}/revoke"
+    )
     flash(principal, f"Token {token.name} revoked.")
     return RedirectResponse("/account/tokens", status_code=303)

@@ -12,7 +12,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from runtime.audit.justification import JustificationError
 from runtime.errors import BadInputError
+from runtime.services import user_requests
 from runtime.web import admin
 from runtime.web.access import PageAccess, posted
 from runtime.web.principal import Principal
@@ -32,6 +34,7 @@ def _users_page(
     *,
     error: str | None = None,
     created: tuple[str, str] | None = None,
+    note: str = "",
     status_code: int = 200,
 ) -> Response:
     state = web_state(request)
@@ -48,6 +51,8 @@ def _users_page(
         galleries=[g.name for g in state.galleries.list_galleries()],
         error=error,
         created=created,
+        note=note,
+        dual_control=state.approvals.dual_control,
     )
 
 
@@ -60,17 +65,24 @@ def users_page(request: Request, principal: UserAdmin) -> Response:
 def user_create(request: Request, principal: UserAdmin) -> Response:
     form = posted(request)
     try:
-        user, password = admin.create_user(
-            web_state(request),
+        change = user_requests.create_user(
+            web_state(request).approvals,
             principal,
             form.get("username").strip().lower(),
             form.get("role"),
             form.all("gallery"),
+            reason=form.get("reason") or None,
+            where="web /admin/users",
         )
     except BadInputError as exc:
         return _users_page(request, principal, error=str(exc), status_code=400)
     # Shown once, on this response only; it is stored nowhere but as a hash.
-    return _users_page(request, principal, created=(user.username, password))
+    created = (
+        (change.user.username, change.one_time_password)
+        if change.user and change.one_time_password
+        else None
+    )
+    return _users_page(request, principal, created=created, note=change.note())
 
 
 def _user_page(
@@ -94,6 +106,7 @@ def _user_page(
         tokens=state.tokens.list(username),
         error=error,
         password=password,
+        dual_control=state.approvals.dual_control,
     )
 
 
@@ -106,23 +119,27 @@ def user_page(request: Request, username: str, principal: UserAdmin) -> Response
 def user_update(request: Request, username: str, principal: UserAdmin) -> Response:
     form = posted(request)
     try:
-        admin.update_user(
-            web_state(request),
+        change = user_requests.update_user(
+            web_state(request).approvals,
             principal,
             username,
             role=form.get("role") or None,
             galleries=form.all("gallery"),
             disabled=form.get("disabled") == "yes",
+            reason=form.get("reason") or None,
+            where="web /admin/users/{username}",
         )
     except BadInputError as exc:
         return _user_page(request, principal, username, error=str(exc), status_code=400)
-    flash(principal, f"User {username} saved.")
+    flash(principal, " ".join(p for p in (f"User {username} saved.", change.note()) if p))
     return RedirectResponse(f"/admin/users/{username}", status_code=303)
 
 
 @router.post("/admin/users/{username}/password")
 def user_reset_password(request: Request, username: str, principal: UserAdmin) -> Response:
-    password = admin.reset_password(web_state(request), principal, username)
+    password = web_state(request).accounts.reset_password(
+        principal, username, where="web /admin/users/{username}/password"
+    )
     return _user_page(request, principal, username, password=password)
 
 
@@ -160,27 +177,55 @@ def gallery_create(request: Request, principal: GalleryAdmin) -> Response:
     return RedirectResponse("/admin/galleries", status_code=303)
 
 
+def _erase_page(
+    request: Request,
+    principal: Principal,
+    gallery: str,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    state = web_state(request)
+    return render(
+        request,
+        "admin_gallery_delete.html",
+        principal=principal,
+        status_code=status_code,
+        info=state.galleries.gallery(gallery).info(),
+        error=error,
+        dual_control=state.approvals.dual_control,
+    )
+
+
 @router.get("/admin/galleries/{gallery}/delete")
 def gallery_delete_confirm(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
-    info = web_state(request).galleries.gallery(gallery).info()
-    return render(request, "admin_gallery_delete.html", principal=principal, info=info, error=None)
+    return _erase_page(request, principal, gallery)
 
 
 @router.post("/admin/galleries/{gallery}/delete")
 def gallery_delete(request: Request, gallery: str, principal: GalleryAdmin) -> Response:
-    state = web_state(request)
-    if posted(request).get("confirm_name") != gallery:
-        info = state.galleries.gallery(gallery).info()
-        return render(
-            request,
-            "admin_gallery_delete.html",
-            principal=principal,
-            status_code=400,
-            info=info,
-            error="type the gallery's name exactly to confirm",
+    form = posted(request)
+    if form.get("confirm_name") != gallery:
+        error = "type the gallery's name exactly to confirm"
+        return _erase_page(request, principal, gallery, error=error, status_code=400)
+    try:
+        outcome = web_state(request).approvals.erase_gallery(
+            principal,
+            gallery,
+            reason=form.get("reason"),
+            where="web /admin/galleries/{gallery}/delete",
         )
-    admin.delete_gallery(state, principal, gallery)
-    flash(principal, f"Gallery {gallery} erased.")
+    except JustificationError as exc:
+        return _erase_page(request, principal, gallery, error=str(exc), status_code=400)
+    if outcome.done:
+        flash(principal, f"Gallery {gallery} erased.")
+    else:
+        proposal_id = outcome.proposal.proposal_id if outcome.proposal else "?"
+        flash(
+            principal,
+            f"Erasing gallery {gallery} waits for a second person: proposal {proposal_id} is on "
+            "the Approvals page.",
+        )
     return RedirectResponse("/admin/galleries", status_code=303)
 
 

@@ -28,6 +28,7 @@ NAVIGATION: tuple[tuple[Permission, str, str], ...] = (
     (Permission.USERS, "/admin/users", "Users"),
     (Permission.GALLERIES, "/admin/galleries", "Galleries"),
     (Permission.SETTINGS, "/admin/settings", "Settings"),
+    (Permission.APPROVALS, "/approvals", "Approvals"),
     (Permission.HEALTH, "/health", "Health"),
 )
 

@@ -18,6 +18,8 @@ from runtime.audit import AuditLog
 from runtime.audit.recorder import Recorder
 from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
+from runtime.services.accounts import AccountAdmin
+from runtime.services.approvals import Approvals
 from runtime.services.cases import AccountableCases
 from runtime.services.galleries import AccountableGalleries
 from runtime.web.case_jobs import CaseDesk
@@ -48,6 +50,8 @@ class WebState:
     secure_cookies: bool
     started: float
     clock: Callable[[], float]
+    accounts: AccountAdmin  # every change to users and tokens an admin makes
+    approvals: Approvals  # the two-person rule
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
     cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService
