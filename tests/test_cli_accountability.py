@@ -234,7 +234,7 @@ ONE_RECORD: list[tuple[str, Argv, AuditAction]] = [
     (
         "delete-gallery",
         lambda b, t: ["gallery", "delete", GALLERY, "--yes", "--reason", "the operation is over"],
-        AuditAction.GALLERY_DELETED,
+        AuditAction.CHANGE_PROPOSED,  # a whole gallery is erased by two people (test_approvals)
     ),
     (
         "export",
@@ -284,6 +284,7 @@ def test_each_command_writes_exactly_one_record_as_the_os_user(
     if action in (
         AuditAction.DELETE_SUBJECT,
         AuditAction.GALLERY_DELETED,
+        AuditAction.CHANGE_PROPOSED,
         AuditAction.GALLERY_IMPORTED,
     ):
         # Regression: the services put these reasons only in the detail, the log refused the
@@ -415,8 +416,9 @@ def test_case_show_report_and_purge_each_write_one_record(
         (["case", "show", "K-1", "--reason", why], AuditAction.CASE_VIEWED),
         (["case", "report", "K-1", "--out", tmp_path / "r.html", "--reason", why],
          AuditAction.CASE_REPORT),
+        # No retention date: an early purge, proposed for a second person (test_approvals.py).
         (["case", "purge", "K-1", "--yes", "--reason", "case closed by the court"],
-         AuditAction.CASE_PURGED),
+         AuditAction.CHANGE_PROPOSED),
     ]  # fmt: skip
     for argv, action in steps:
         before = len(records(box.home))
@@ -425,13 +427,13 @@ def test_case_show_report_and_purge_each_write_one_record(
         new = added(box.home, before)
         assert [e.action for e in new] == [action], argv
         by_os_user(new)
-        if action is not AuditAction.CASE_PURGED:
+        if action is not AuditAction.CHANGE_PROPOSED:
             assert (new[0].case, new[0].reason) == ("K-1", why)
         else:
-            assert new[0].reason == "case closed by the court"
+            assert (new[0].case, new[0].reason) == ("K-1", "case closed by the court")
     assert (tmp_path / "r.html").exists()
     code, out, _ = cli(capsys, box.home, "case", "list", "--json")
-    assert code == 0 and json.loads(out) == []
+    assert code == 0 and [c["case"] for c in json.loads(out)] == ["K-1"]  # waits for approval
 
 
 def test_purging_expired_cases_records_each_with_the_reason(
@@ -453,7 +455,8 @@ def test_purging_expired_cases_records_each_with_the_reason(
     new = added(box.home, before)
     assert [e.action for e in new] == [AuditAction.CASE_PURGED] * 2
     by_os_user(new)
-    assert all("retention period over" in (e.detail or "") for e in new)
+    assert all("past its retention date" in (e.detail or "") for e in new)
+    assert all(e.reason == "retention period is over" for e in new)
 
 
 # -- users ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
 from edgeid.commands import accountable
 from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers
-from runtime.audit.justification import Justification
+from runtime.audit.justification import Justification, check_reason
 from runtime.cases.ingest import IngestOutcome, IngestProgress
 from runtime.cases.records import CaseMeta
 from runtime.cases.store import CaseStore
@@ -264,10 +264,11 @@ def purge(args: argparse.Namespace) -> int:
     if bool(args.case) == bool(args.expired):
         raise BadInputError("give a case number, or --expired for every case past its retention")
     caller, where = LocalOperator.current(), "cli case purge"
+    reason = check_reason(args.reason or (EXPIRED_REASON if args.expired else None))
     with administration(args.home_dir, galleries=True) as approvals:
         if not args.expired:
             # Past its retention date: at once; before it, the two-person rule.
-            outcome = approvals.purge_case(caller, args.case, reason=args.reason, where=where)
+            outcome = approvals.purge_case(caller, args.case, reason=reason, where=where)
             if not outcome.done:
                 waiting = outcome_json(outcome, approvals.ttl)["proposal"]
                 emit(args, {"purged": [], "proposal": waiting}, outcome_text(outcome))
@@ -276,7 +277,6 @@ def purge(args: argparse.Namespace) -> int:
         else:
             cases = approvals.cases
             assert cases is not None  # opened with the galleries
-            reason = args.reason or EXPIRED_REASON
             purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
     text = "\n".join(f"purged case {m.number}" for m in purged)
     emit(args, {"purged": [m.number for m in purged]}, text or "no case is past its retention date")
@@ -358,5 +358,4 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--expired", action="store_true", help="every case past its retention date")
     accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
-    p.add_argument("--reason", help="why the case is erased (audited; needed before retention)")
     p.set_defaults(handler=purge)

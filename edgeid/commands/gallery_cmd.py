@@ -420,7 +420,6 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", help="erase only this subject")
     accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm erasing the whole gallery")
-    p.add_argument("--reason", help="why the whole gallery is erased (audited)")
     p.set_defaults(handler=delete)
 
     p = actions.add_parser("export", parents=[common], help="encrypted backup of a gallery")

@@ -333,7 +333,7 @@ class Approvals:
                 justification=Justification.of(change.case_number, reason)
                 if change.case_number
                 else None,
-                reason=reason,
+                reason=None if change.case_number else reason,
                 gallery=self._gallery_of(proposal),
                 detail=f"proposal {proposal.proposal_id}: {proposal.summary()}; waits for a "
                 f"second person until {proposal.expires_at(self.ttl):%Y-%m-%d %H:%M} UTC",
