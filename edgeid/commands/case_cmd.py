@@ -149,6 +149,7 @@ def ingest(args: argparse.Namespace) -> int:
         galleries=tuple(args.galleries) if args.galleries else None,
         frame_interval_s=args.frame_interval,
         retention_until=args.retain_until,
+        children=args.children,
     )
     bar = ProgressBar(enabled=not args.no_progress)
     try:
@@ -204,6 +205,8 @@ def _show_text(view: CaseView) -> str:
     ]
     if view.results and view.stale:
         lines.append("faces were added after the clusters were computed: run the ingest again")
+    if view.results:
+        lines.append(f"clustered as age band {view.results.age_band}: {view.clustering_note}")
     for c in view.clusters:
         top = ""
         if c.search and c.search.error:
@@ -302,6 +305,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help=f"seconds between sampled video frames (default {DEFAULT_FRAME_INTERVAL_S:g})",
     )
     p.add_argument("--retain-until", type=_date, help="the case's retention date, YYYY-MM-DD")
+    p.add_argument(
+        "--children",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the case's faces may include children (default: on for a new case, "
+        "else the case's setting): clustered with the child threshold, which keeps different "
+        "children apart at a cost of more, smaller clusters; --no-children: adults only",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=ingest)
 

@@ -234,7 +234,9 @@ class AccountableGalleries:
         where: str = "verify",
     ) -> VerifyResult:
         self.require(caller, Permission.SEARCH, gallery, where=where, justification=justification)
-        result = self.galleries.verify(probe, face_index, gallery, subject_id, fmr=fmr)
+        result = self.galleries.verify(
+            probe, face_index, gallery, subject_id, fmr=fmr, age_band=age_band
+        )
         self.recorder.record(
             caller.actor,
             AuditAction.VERIFY,

@@ -31,6 +31,7 @@ def record(
     candidates: Sequence[Candidate] = (),
     decision: str | None = None,
     subject_id: str | None = None,
+    age_band: str | None = None,
     detail: str | None = None,
 ) -> None:
     record_as(
@@ -45,6 +46,7 @@ def record(
         candidates=candidates,
         decision=decision,
         subject_id=subject_id,
+        age_band=age_band,
         detail=_via(principal, detail),
     )
 
@@ -62,6 +64,7 @@ def record_as(
     candidates: Sequence[Candidate] = (),
     decision: str | None = None,
     subject_id: str | None = None,
+    age_band: str | None = None,
     detail: str | None = None,
 ) -> None:
     state.audit.append(
@@ -79,6 +82,7 @@ def record_as(
             ),
             decision=decision,
             subject_id=subject_id,
+            age_band=age_band,
             detail=detail,
         )
     )

@@ -95,6 +95,7 @@ def plan_ingest(
     galleries: Sequence[str] = (),
     frame_interval_s: str | float | None = None,
     retention_until: str | None = None,
+    children: bool | None = None,
 ) -> PendingIngest:
     """Case number, reason and galleries first, before any media is accepted."""
     cases = desk(state)
@@ -108,6 +109,7 @@ def plan_ingest(
         galleries=choose_galleries(state, principal, galleries),
         frame_interval_s=check_frame_interval(frame_interval_s),
         retention_until=check_retention(retention_until),
+        children=children,
     )
     _check_may_ingest_into(cases, principal, number)
     cases.plans.put(plan)
@@ -123,6 +125,10 @@ def _check_may_ingest_into(cases: CaseDesk, principal: Principal, number: str) -
         raise ForbiddenError(
             f"case {number} was opened by another investigator; ask them to add this media"
         )
+
+
+def _setting(children: bool | None) -> str:
+    return "as the case is set" if children is None else str(children).lower()
 
 
 def load_plan(state: WebState, principal: Principal, entry_id: str) -> PendingIngest:
@@ -159,6 +165,7 @@ def start_ingest(
         frame_interval_s=plan.frame_interval_s,
         retention_until=plan.retention_until,
         source_label=source_label(archive.filename),
+        children=plan.children,
     )
     job = CaseJob(
         job_id=cases.jobs.new_id(),
@@ -180,7 +187,8 @@ def start_ingest(
             probe_sha256=archive.sha256,
             detail=(
                 f"archive of {archive.size} bytes uploaded; galleries {joined}; video frame "
-                f"interval {plan.frame_interval_s:g} s; job {job.job_id}"
+                f"interval {plan.frame_interval_s:g} s; may include children "
+                f"{_setting(plan.children)}; job {job.job_id}"
             ),
         )
     except BaseException:

@@ -76,7 +76,7 @@ def check_age_band(value: str) -> AgeBand:
     for band in AGE_BANDS:
         if value == band:
             return band
-    raise BadInputError(f"apparent age must be one of {', '.join(AGE_BANDS)}")
+    raise BadInputError(f"the apparent age band must be one of {', '.join(AGE_BANDS)}")
 
 
 def check_top_k(value: str | int | None) -> int:
@@ -215,10 +215,49 @@ def run_search(
         gallery=joined if len(joined) <= MAX_GALLERY_FIELD_CHARS else None,
         probe_sha256=probe.image_sha256,
         candidates=result.candidates,
+        age_band=context.age_band,
         detail=_search_detail(context, probe, face_index, k, result),
     )
     context.results[face_index] = result
     return result
+
+
+def rescore_search(
+    state: WebState, principal: Principal, context: SearchContext, face_index: int, age_band: str
+) -> SearchResult:
+    """A face's candidates judged for another stated age band: the same scores, that band's
+    threshold, score bands and wording. Nothing is searched again, but a new answer is
+    revealed, so it is recorded like a search before it is shown; the band becomes the
+    search's band for its other faces."""
+    band = check_age_band(age_band)
+    result = context.results.get(face_index)
+    if result is None:
+        raise NotFoundError("search this face first")
+    probe = require_probe(context)
+    for name in context.galleries:  # access may have been withdrawn since the search
+        require_gallery(principal, Permission.SEARCH, name)
+    rescored = state.galleries.rescore(result, band)
+    joined = ", ".join(context.galleries)
+    record(
+        state,
+        principal,
+        AuditAction.SEARCH,
+        case=context.case,
+        reason=context.reason,
+        gallery=joined if len(joined) <= MAX_GALLERY_FIELD_CHARS else None,
+        probe_sha256=probe.image_sha256,
+        candidates=rescored.candidates,
+        age_band=band,
+        detail=(
+            f"re-scored, not searched again: face {face_index + 1} of {len(probe.faces)}; "
+            f"age band {result.age_band} -> {band} (thresholds of {rescored.calibration.band}); "
+            f"fmr {rescored.operating_fmr:g}; threshold {rescored.threshold:.4f}; "
+            f"no match {str(rescored.no_match).lower()}"
+        ),
+    )
+    context.age_band = band
+    context.results[face_index] = rescored
+    return rescored
 
 
 def _search_detail(
@@ -227,7 +266,8 @@ def _search_detail(
     where = ",".join(c.gallery for c in result.candidates)
     return (
         f"face {face_index + 1} of {len(probe.faces)}; galleries {', '.join(context.galleries)}; "
-        f"top-k {k}; fmr {result.operating_fmr:g}; age band {context.age_band}; "
+        f"top-k {k}; fmr {result.operating_fmr:g}; age band {context.age_band} (thresholds "
+        f"of {result.calibration.band}); threshold {result.threshold:.4f}; "
         f"no match {str(result.no_match).lower()}; candidate galleries {where or '-'}"
     )
 
