@@ -329,13 +329,16 @@ class Calibration:
         return tuple(b for b in MEASURED_BANDS if b in self.data.bands)
 
     def strictest(self) -> MeasuredBand:
-        """The band with the highest threshold at the default operating FMR (the first in
-        ``MEASURED_BANDS`` order on a tie): its thresholds admit the fewest false matches for
-        whoever the probe is, at the cost of missing more true ones."""
-        return max(
-            self.bands,
-            key=lambda b: (_edge_score(self.data.bands[b]), -MEASURED_BANDS.index(b)),
-        )
+        """The band with the highest threshold at the default operating FMR: its thresholds
+        admit the fewest false matches whoever the probe is, at the cost of missing more true
+        ones. On a tie, the band of the youngest, then the narrowest, ages (it is measured on
+        the people whose false matches are the most frequent)."""
+
+        def key(band: MeasuredBand) -> tuple[float, int, int]:
+            first, last = AGE_RANGES[band]
+            return (_edge_score(self.data.bands[band]), -first, first - (last or 150))
+
+        return max(self.bands, key=key)
 
     def for_age(self, stated: AgeBand) -> BandCalibration:
         """The thresholds a probe of the stated age band is searched with."""
