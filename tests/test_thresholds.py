@@ -400,3 +400,28 @@ def test_ages_fall_in_their_bands() -> None:
     assert bands_of_age(12.9) == ("child", "child_6_12")
     assert bands_of_age(13) == ("teen",) and bands_of_age(17.5) == ("teen",)
     assert bands_of_age(18) == ("adult",) and bands_of_age(80) == ("adult",)
+
+
+def test_regenerating_the_shipped_file_keeps_the_bands_measured_outside(
+    shipped: Calibration, tmp_path: Path
+) -> None:
+    """``benchmarks.calibrate_thresholds`` re-measures adults only (LFW holds no children):
+    the child and teen bands, and the adult band's outside cross-checks, stay as shipped."""
+    from benchmarks.calibrate_thresholds import LfwEmbeddings, calibrate, kept_bands
+
+    templates = synthetic_set()
+    lfw = LfwEmbeddings(templates.vectors, list(templates.people), [], 0, 0.0)
+    shipped_file = tmp_path / "dlib_resnet_v1.json"
+    shipped_file.write_text(shipped.data.model_dump_json(), encoding="utf-8")
+    data = calibrate(lfw, EMBEDDER_MODEL, "mtcnn", kept_bands(shipped_file))
+    loaded = parse_calibration(json.dumps(data.model_dump(mode="json")), "regenerated")
+    assert loaded.bands == shipped.bands
+    for name in ("teen", "child", "child_6_12", "child_0_5"):
+        assert loaded.data.bands[name] == shipped.data.bands[name]  # type: ignore[index]
+    adult = loaded.data.bands["adult"]
+    assert adult.provenance.non_mated_pairs == 122 * 121 // 2 - 60  # this set, not LFW's
+    assert adult.clustering == shipped.data.bands["adult"].clustering
+    assert sum("64,177" in c for c in adult.caveats) == 1
+    old = tmp_path / "old.json"
+    old.write_text((VECTORS / "format1_single_band.json").read_text(encoding="utf-8"))
+    assert kept_bands(old) == {}  # an old file keeps nothing: its adult figures are re-measured

@@ -121,6 +121,7 @@ def search_cluster(
     leads = tuple(
         Lead(**{**vars(lead), "rank": rank}) for rank, lead in enumerate(ranked[:k], start=1)
     )
+    detail = f"{detail}; age band {age_band} (thresholds of {applied.band})"
     audit.append(_event(actor, case_number, reason, galleries, probes, leads, detail, age_band))
     return ClusterSearch(
         galleries=tuple(dict.fromkeys(galleries)),
