@@ -1,7 +1,7 @@
 """Regenerate the shipped open-set calibration: ``runtime/gallery/calibration/<model>.json``.
 
 Embeds every LFW dev image once with the product pipeline (default detector, the most central
-face, no flip TTA), scores every pair of images by cosine similarity, and takes
+face, no flip TTA) and measures the **adult** band with ``runtime.evaluation.calibration``:
 
 - the **non-mated** distribution: every pair of images of two different people (with the 1,549
   images of 963 people, about 1.2 million comparisons);
@@ -13,6 +13,11 @@ The threshold for a false-match rate ``fmr`` is the lowest score at which at mos
 of them), so they are not independent draws: the tail thresholds (1e-5 rests on about a dozen
 pairs) are estimates, and the JSON says how many non-mated pairs lie above each one.
 
+LFW holds no children. The child and teen bands of the shipped file were measured outside this
+product on data that cannot ship; they are kept from the existing file (its provenance says
+so), and a file in the old single-band format is replaced by the adult band alone, with a
+warning.
+
     python -m benchmarks.calibrate_thresholds --data ../shared/data --models var/models
 """
 
@@ -22,7 +27,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,17 +35,24 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from runtime.evaluation.calibration import (
+    LabelledTemplates,
+    Source,
+    calibrate_bands,
+    calibration_data,
+)
 from runtime.evaluation.lfw import central_face_embedder
-from runtime.gallery.thresholds import CALIBRATED_FMRS, calibration_path
+from runtime.gallery.age_bands import MeasuredBand
+from runtime.gallery.thresholds import (
+    BandData,
+    CalibrationData,
+    CalibrationError,
+    calibration_path,
+    parse_calibration,
+)
 from runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
 
 logger = logging.getLogger(__name__)
-
-# Percentiles reported for both distributions: enough for the UI to draw them, small enough to
-# read in the JSON.
-PERCENTILES = (0.1, 1, 5, 25, 50, 75, 95, 99, 99.9)
-# Digits kept for scores in the JSON: float32 cosines carry about seven.
-SCORE_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -82,93 +93,78 @@ def embed_lfw_dev(data: Path, models_dir: Path, limit: int | None = None) -> Lfw
     return LfwEmbeddings(np.stack(vectors), people, paths, no_face, time.perf_counter() - started)
 
 
-def pair_scores(
-    vectors: npt.NDArray[np.float32], people: list[str]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(mated, non-mated) cosine scores over every unordered pair of rows."""
-    unit = vectors.astype(np.float64)
-    scores = unit @ unit.T
-    ids = np.unique(np.asarray(people), return_inverse=True)[1]
-    upper = np.triu_indices(len(ids), k=1)
-    same = ids[upper[0]] == ids[upper[1]]
-    flat = scores[upper]
-    return flat[same], flat[~same]
+LFW_SET = "LFW View 1 development test images (the 1,549 images pairsDevTest.txt names)"
+ADULT_CAVEATS = [
+    "Pairs share images (each image takes part in about 1,500 non-mated pairs), so they are "
+    "not independent; thresholds at 1e-5 rest on about a dozen pairs.",
+    "LFW is adult, mostly frontal, well-lit press photography: operational FMR on profile or "
+    "low-quality faces is higher at the same threshold.",
+]
+CAVEATS = [
+    "In 1:N search each probe meets every enrolled face: the chance that a person who is not "
+    "enrolled gets a candidate above threshold (FPIR) grows with gallery size, about "
+    "gallery_size * fmr while that is small.",
+    "The age band is the probe's, as the investigator states it; a probe whose age is not "
+    "stated is searched with the strictest band the file holds.",
+]
 
 
-def threshold_at(non_mated_desc: npt.NDArray[np.float64], fmr: float) -> float:
-    """Lowest score admitting at most floor(fmr * n) non-mated comparisons (scores >= it)."""
-    allowed = int(np.floor(fmr * len(non_mated_desc)))
-    return float(non_mated_desc[allowed] + 1e-9)
-
-
-def _stats(scores: npt.NDArray[np.float64]) -> dict[str, object]:
-    return {
-        "comparisons": len(scores),
-        "mean": round(float(scores.mean()), SCORE_DIGITS),
-        "std": round(float(scores.std()), SCORE_DIGITS),
-        "min": round(float(scores.min()), SCORE_DIGITS),
-        "max": round(float(scores.max()), SCORE_DIGITS),
-        "percentiles": {
-            str(p): round(float(np.percentile(scores, p)), SCORE_DIGITS) for p in PERCENTILES
-        },
-    }
-
-
-def calibrate(embeddings: LfwEmbeddings, model_id: str, detector: str) -> dict[str, object]:
-    mated, non_mated = pair_scores(embeddings.vectors, embeddings.people)
-    descending = np.sort(non_mated)[::-1]
-    thresholds = []
-    for fmr in CALIBRATED_FMRS:
-        score = threshold_at(descending, fmr)
-        thresholds.append(
-            {
-                "fmr": fmr,
-                # Rounded up, so that the stored threshold never admits more than fmr.
-                "score": math.ceil(score * 10**SCORE_DIGITS) / 10**SCORE_DIGITS,
-                "non_mated_at_or_above": int(np.sum(non_mated >= score)),
-                "tar": round(float(np.mean(mated >= score)), 4),
-            }
-        )
-    people = len(set(embeddings.people))
-    return {
-        "model_id": model_id,
-        "score": "cosine similarity of the L2-normalised templates (1 = identical)",
-        "generated": datetime.date.today().isoformat(),
-        "generated_by": "python -m benchmarks.calibrate_thresholds",
-        "method": (
-            "threshold(fmr) = the lowest score at which at most floor(fmr * comparisons) "
-            "non-mated comparisons score at or above it; tar = share of mated comparisons at "
-            "or above it"
-        ),
-        "data": {
-            "set": "LFW View 1 development test images (the 1,549 images pairsDevTest.txt names)",
-            "images": len(embeddings.people),
-            "people": people,
+def adult_band(embeddings: LfwEmbeddings, detector: str) -> BandData:
+    """The adult band, measured on LFW dev (press photographs of adults)."""
+    source = Source(
+        data_set=LFW_SET,
+        measured_by="python -m benchmarks.calibrate_thresholds (this repository)",
+        date=datetime.date.today().isoformat(),
+        details={
             "no_face": embeddings.no_face,
             "detector": detector,
             "face": "the most central face of each image",
             "flip_tta": False,
         },
-        "non_mated": _stats(non_mated),
-        "mated": _stats(mated) | {"people": len(set(_repeated(embeddings.people)))},
-        "thresholds": thresholds,
-        "caveats": [
-            "Pairs share images (each image takes part in about 1,500 non-mated pairs), so they "
-            "are not independent; thresholds at 1e-5 rest on about a dozen pairs.",
-            "LFW is adult, mostly frontal, well-lit press photography: operational FMR on "
-            "children, profile or low-quality faces is higher at the same threshold.",
-            "In 1:N search each probe meets every enrolled face: the chance that a person who is "
-            "not enrolled gets a candidate above threshold (FPIR) grows with gallery size, about "
-            "gallery_size * fmr while that is small.",
-        ],
-    }
+    )
+    bands = calibrate_bands(LabelledTemplates(embeddings.vectors, embeddings.people), source)
+    return bands["adult"].model_copy(update={"caveats": ADULT_CAVEATS})
 
 
-def _repeated(people: list[str]) -> list[str]:
-    counts: dict[str, int] = {}
-    for person in people:
-        counts[person] = counts.get(person, 0) + 1
-    return [p for p, n in counts.items() if n > 1]
+def kept_bands(path: Path) -> dict[MeasuredBand, BandData]:
+    """The bands of the existing file, measured elsewhere (LFW re-measures only adults)."""
+    if not path.exists():
+        return {}
+    try:
+        previous = parse_calibration(path.read_text(encoding="utf-8"), path.name)
+    except CalibrationError as exc:
+        logger.warning("not keeping the bands of %s: %s", path.name, exc)
+        return {}
+    return dict(previous.data.bands)
+
+
+def calibrate(
+    embeddings: LfwEmbeddings, model_id: str, detector: str, keep: dict[MeasuredBand, BandData]
+) -> CalibrationData:
+    adult = adult_band(embeddings, detector)
+    previous = keep.get("adult")
+    if previous is not None:  # keep what was measured elsewhere: cross-checks, clustering
+        adult = adult.model_copy(
+            update={
+                "clustering": previous.clustering,
+                "verification": previous.verification,
+                "caveats": [
+                    *ADULT_CAVEATS,
+                    *(c for c in previous.caveats if c not in ADULT_CAVEATS),
+                ],
+            }
+        )
+    return calibration_data(
+        model_id,
+        {"adult": adult},
+        generated=datetime.date.today().isoformat(),
+        generated_by=(
+            "python -m benchmarks.calibrate_thresholds (adult band from LFW); other bands "
+            "kept from the previous file"
+        ),
+        caveats=CAVEATS,
+        keep=keep,
+    )
 
 
 def main() -> int:
@@ -182,13 +178,11 @@ def main() -> int:
         print(f"calibration data not found at {args.data}/lfw-dev/images", file=sys.stderr)
         return 2
     embeddings = embed_lfw_dev(args.data, args.models)
-    result = calibrate(embeddings, EMBEDDER_MODEL, DEFAULT_DETECTOR)
-    if args.out.exists():
-        # Age-band reliability is measured on data that does not ship here: keep it.
-        previous = json.loads(args.out.read_text(encoding="utf-8"))
-        result["age_bands"] = previous.get("age_bands", {})
+    result = calibrate(embeddings, EMBEDDER_MODEL, DEFAULT_DETECTOR, kept_bands(args.out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(result.model_dump(mode="json"), indent=2) + "\n"
+    parse_calibration(text, args.out.name)  # what is written must load
+    args.out.write_text(text, encoding="utf-8")
     logger.info(
         "wrote %s (%s images embedded in %.0f s)",
         args.out,

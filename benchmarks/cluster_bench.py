@@ -69,7 +69,7 @@ def _timed(
 
 
 def lfw_quality(vectors: Vectors, people: list[str]) -> dict[str, object]:
-    calibration = load_calibration(EMBEDDER_MODEL)
+    calibration = load_calibration(EMBEDDER_MODEL).band("adult")  # LFW: adults
     dlib = _dlib()
     by_fmr: dict[str, dict[str, Any]] = {}
     for fmr in sorted(CALIBRATED_FMRS, reverse=True):
@@ -108,7 +108,7 @@ def scale(vectors: Vectors, people: list[str], size: int, models: Path) -> dict[
 
     model = TemplateModel.fit(vectors, people, embedder_sha256(models))
     synthetic, identities, _ = model.sample(size, np.random.default_rng(0))
-    threshold = load_calibration(EMBEDDER_MODEL).threshold(CLUSTER_FMR)
+    threshold = load_calibration(EMBEDDER_MODEL).band("adult").threshold(CLUSTER_FMR)
     result: dict[str, object] = {
         "faces": size,
         "people": int(identities.max()) + 1,

@@ -124,7 +124,9 @@ def _service(home: Path, pipeline: FacePipeline) -> Iterator[CaseService]:
 def _ingest(cases: CaseService, folder: Path, number: str) -> dict[str, object]:
     phases = Phases()
     started = time.perf_counter()
-    request = IngestRequest(folder, number, REASON, Requester("bench"), galleries=("bench",))
+    request = IngestRequest(
+        folder, number, REASON, Requester("bench"), galleries=("bench",), children=False
+    )  # LFW: adults
     outcome = cases.ingest(request, progress=phases)
     total = time.perf_counter() - started
     p = outcome.progress

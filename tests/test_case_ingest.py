@@ -30,7 +30,13 @@ from test_case_video import FPS, write_video
 
 from edgeid.cli import main
 from runtime.audit import AuditAction, AuditLog
-from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
+from runtime.cases.ingest import (
+    CLUSTER_BANDS,
+    CLUSTER_FMR,
+    IngestProgress,
+    IngestRequest,
+    Requester,
+)
 from runtime.cases.jobs import IngestJob
 from runtime.cases.service import CaseService
 from runtime.cases.store import CASES_DIR, RECORDS_LOG, CaseStore
@@ -65,9 +71,15 @@ def pipeline(models_dir: Path) -> FacePipeline:
 @pytest.fixture(scope="module")
 def cast(lfw_dir: Path, pipeline: FacePipeline) -> tuple[dict[str, list[Path]], list[Path]]:
     """Four LFW people with two single-face photos that match well (so a correct engine must
-    put them together), and two more people with one photo each, all far from each other."""
-    strict = load_calibration(EMBEDDER_MODEL).threshold(1e-5)
-    loose = load_calibration(EMBEDDER_MODEL).threshold(1e-2)
+    put them together, at the adult threshold and at the stricter one a case that may include
+    children is clustered with), and two more people with one photo each, all far from each
+    other."""
+    calibration = load_calibration(EMBEDDER_MODEL)
+    strict = max(
+        calibration.band("adult").threshold(1e-5),
+        calibration.for_age(CLUSTER_BANDS[True]).threshold(CLUSTER_FMR),
+    )
+    loose = calibration.band("adult").threshold(1e-2)
     pairs: dict[str, list[Path]] = {}
     singles: list[Path] = []
     chosen: list[np.ndarray] = []
@@ -241,6 +253,55 @@ def test_folder_ingest_lists_failures_dedupes_and_clusters_people(
     assert view["clustering"]["stale"] is False  # type: ignore[index]
 
 
+def test_children_setting_is_on_for_a_new_case_and_chooses_the_cluster_threshold(
+    tmp_path: Path,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    cast: tuple[dict[str, list[Path]], list[Path]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A case that may include children is clustered with the child band's threshold and says
+    what it costs; --no-children switches the whole case to the adult one, and a run that
+    does not say keeps the case's setting."""
+    pairs, singles = cast
+    home = make_home(tmp_path, models_dir)
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for photo in [*next(iter(pairs.values())), singles[0]]:
+        shutil.copy(photo, folder / photo.name)
+    calibration = load_calibration(EMBEDDER_MODEL)
+    child = calibration.for_age("child").threshold(CLUSTER_FMR)
+    adult = calibration.band("adult").threshold(CLUSTER_FMR)
+    assert child > adult
+
+    with service(home, pipeline) as cases:
+        first = cases.ingest(request(folder))
+        meta = cases.store.find(CASE).meta
+    assert meta.may_include_children is True and first.run.children is True
+    assert first.results is not None
+    assert (first.results.age_band, first.results.threshold) == ("child", child)
+    assert "children" in first.results.threshold_note
+    assert "more, smaller clusters" in first.results.threshold_note
+    assert "0.375" in first.results.threshold_note  # what the adult threshold did to children
+    assert len(first.results.clusters) == 2  # the pair matches above even the child threshold
+
+    code, out, err = cli(home, capsys, "ingest", str(folder), "--case", CASE, "--reason",
+                         REASON, "--no-progress", "--no-children")  # fmt: skip
+    assert code == 0, err
+    assert isinstance(out, dict) and out["run"]["children"] is False
+    view = show(home, capsys)
+    assert view["may_include_children"] is False
+    clustering = view["clustering"]
+    assert isinstance(clustering, dict)
+    assert (clustering["age_band"], clustering["threshold"]) == ("adult", round(adult, 4))
+    assert "adults only" in clustering["threshold_note"]
+
+    with service(home, pipeline) as cases:
+        third = cases.ingest(request(folder))  # says nothing: the case's setting stays
+    assert third.run.children is False and third.case.meta.may_include_children is False
+    assert third.results is not None and third.results.age_band == "adult"
+
+
 def test_a_second_run_reads_nothing_again(
     ingested: Ingested,
     capsys: pytest.CaptureFixture[str],
@@ -289,6 +350,9 @@ def test_report_is_one_private_self_contained_html_file(
     assert "http://" not in html and "https://" not in html and 'src="/' not in html
     assert HOSTILE not in html and "&lt;img src=x onerror=alert(1)&gt;.jpg" in html
     assert CASE in html and REASON in html and "Leads, not identifications" in html
+    # The clustering threshold is stated with its age band, its cost and its provenance.
+    assert "children aged 0-12" in html and "more, smaller clusters" in html
+    assert "cannot ship" in html
     for name in media.failures:
         assert name in html
     code, _, err = cli(home, capsys, "report", CASE, "--out", str(out), "--reason", REASON)
@@ -434,6 +498,7 @@ def test_clusters_get_ranked_leads_and_every_search_is_audited(
         assert event.reason == REASON and event.user == "investigator1"
         assert event.gallery == "missing" and event.probe_sha256 in shas
         assert "cluster" in (event.detail or "")
+        assert event.age_band == "unknown"  # a new case may include children: strictest band
     audited = {r.event.probe_sha256: r.event.candidates for r in records}
     assert audited[seen.faces[0].file_sha256][0].subject_id == top.subject_id
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
 from runtime.cases.records import (
+    CaseMeta,
     CaseResults,
     Cluster,
     ClusterSearch,
@@ -35,6 +36,7 @@ from runtime.cases.store import (
     NewFace,
     key_scope,
 )
+from runtime.cases.views import clustering_note, search_note
 from runtime.errors import BadInputError, DiskFullError
 from runtime.gallery.store import GalleryStore
 from runtime.vault.framed_log import FRAME_HEAD_BYTES, Frame, ScanState, read_header, scan_frames
@@ -310,3 +312,31 @@ def test_retention_and_bad_case_numbers(tmp_path: Path) -> None:
             case = store.find("NEW")
             case.add_file(source("08" * 32))
             case.add_file(source("08" * 32))
+
+
+def test_records_from_before_age_bands_load_and_say_what_their_threshold_was() -> None:
+    """Case records written before thresholds per age band lack the age fields: they load as
+    what they were (adult thresholds, no children setting) and their wording says so."""
+    when = datetime(2024, 5, 1, tzinfo=UTC)
+    new_search = ClusterSearch(("g",), 1e-3, 0.925, (), (), "note", when)
+    old_search = {
+        k: v
+        for k, v in new_search.to_head().items()
+        if k not in ("age_band", "band_used", "threshold_note")
+    }
+    search = ClusterSearch.from_head(old_search)
+    assert (search.age_band, search.band_used, search.threshold_note) == ("adult", "adult", "")
+    assert "from before thresholds per age band" in search_note(search)
+    assert "1 in 1,000 pairs of different adults" in search_note(search)
+    results_head = CaseResults("average_linkage", 1e-4, 0.939, when, 0, ()).to_head()
+    for key in ("age_band", "band_used", "threshold_note"):
+        del results_head[key]
+    results = CaseResults.from_head(results_head)
+    assert results.age_band == "adult" and "1 in 10,000" in clustering_note(results)
+    meta = CaseMeta("0" * 32, NUMBER, when, "inv1", "dlib_resnet_v1")
+    head = meta.to_head()
+    del head["may_include_children"]
+    assert CaseMeta.from_head(head).may_include_children is False
+    head["may_include_children"] = "yes"
+    with pytest.raises(CorruptCaseError):
+        CaseMeta.from_head(head)

@@ -47,7 +47,7 @@ def lfw_templates(lfw_dir: Path, models_dir: Path) -> tuple[Vectors, list[str]]:
 
 
 def threshold(fmr: float) -> float:
-    return load_calibration(EMBEDDER_MODEL).threshold(fmr)
+    return load_calibration(EMBEDDER_MODEL).band("adult").threshold(fmr)  # LFW: adults
 
 
 def around(centre: Vectors, count: int, cosine: float, seed: int) -> Vectors:

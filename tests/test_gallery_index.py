@@ -377,15 +377,16 @@ def test_recall_at_10_against_exact_search_on_20k_realistic_templates(real: Real
 
 
 def test_shipped_calibration_is_complete() -> None:
-    calibration = load_calibration(EMBEDDER_MODEL)
+    calibration = load_calibration(EMBEDDER_MODEL).band("adult")  # measured here, on LFW
+    assert calibration.data.non_mated is not None and calibration.data.mated is not None
     assert calibration.data.non_mated.comparisons > 1_000_000
     assert calibration.data.mated.comparisons > 900
     scores = [calibration.threshold(f) for f in sorted(CALIBRATED_FMRS, reverse=True)]
     assert scores == sorted(scores)
-    assert calibration.band(calibration.threshold(1e-4)) is ScoreBand.STRONG
-    assert calibration.band(calibration.threshold(1e-3)) is ScoreBand.MODERATE
-    assert calibration.band(calibration.threshold(1e-2)) is ScoreBand.WEAK
-    assert calibration.band(calibration.threshold(1e-2) - 1e-4) is ScoreBand.BELOW_THRESHOLD
+    assert calibration.score_band(calibration.threshold(1e-4)) is ScoreBand.STRONG
+    assert calibration.score_band(calibration.threshold(1e-3)) is ScoreBand.MODERATE
+    assert calibration.score_band(calibration.threshold(1e-2)) is ScoreBand.WEAK
+    assert calibration.score_band(calibration.threshold(1e-2) - 1e-4) is ScoreBand.BELOW_THRESHOLD
     with pytest.raises(CalibrationError, match=r"no threshold for fmr 0\.05"):
         calibration.threshold(0.05)
     with pytest.raises(CalibrationError, match="no calibrated thresholds"):
@@ -394,13 +395,13 @@ def test_shipped_calibration_is_complete() -> None:
 
 def test_inconsistent_calibration_is_refused() -> None:
     text = load_calibration(EMBEDDER_MODEL).data.model_dump_json()
-    swapped = text.replace('"fmr":0.01', '"fmr":0.5').replace('"fmr":0.0001', '"fmr":0.01')
+    swapped = text.replace('"fmr":0.01,', '"fmr":0.5,').replace('"fmr":0.0001,', '"fmr":0.01,')
     with pytest.raises(CalibrationError, match="unusable"):
         parse_calibration(swapped, "test")
 
 
 def test_calibrated_threshold_holds_its_false_match_rate_on_lfw_pairs(real: RealSet) -> None:
-    calibration = load_calibration(EMBEDDER_MODEL)
+    calibration = load_calibration(EMBEDDER_MODEL).band("adult")
     threshold = calibration.threshold(1e-3)
     people = np.asarray(real.every_people)
     upper = np.triu_indices(len(people), k=1)
@@ -414,7 +415,7 @@ def test_calibrated_threshold_holds_its_false_match_rate_on_lfw_pairs(real: Real
 
 
 def test_unenrolled_people_get_no_match_and_enrolled_ones_a_match(real: RealSet) -> None:
-    calibration = load_calibration(EMBEDDER_MODEL)
+    calibration = load_calibration(EMBEDDER_MODEL).band("adult")  # LFW: adults
     face_ids = ids(len(real.gallery))
     index = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery)
     fmr = operating_fmr_for_fpir(0.1, len(index))  # 70 faces: 1e-3 keeps FPIR below 0.1

@@ -84,6 +84,7 @@ def test_search_finds_the_mate_first_above_threshold(
         code, out, err = run(
             home, capsys, "gallery", "search", str(photos[1]), "--gallery", GALLERY,
             "--case", "C-17", "--reason", REASON, "--top", "3",
+            "--age-band", "adult",  # LFW: adults
         )  # fmt: skip
         assert code == 0, err
         assert isinstance(out, dict)
@@ -95,6 +96,49 @@ def test_search_finds_the_mate_first_above_threshold(
             (c["score"] for c in out["candidates"]), reverse=True
         )
         assert out["case"] == "C-17"
+        assert out["age_band"] == "adult" and out["calibration"]["fmr_supported"] is True
+
+
+def test_the_stated_age_band_chooses_the_threshold_and_unknown_is_the_strictest(
+    home: Path, people: People, enrolled: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same probe, the same scores: "above threshold" follows the stated age band, and an
+    age not stated is searched with the strictest band, which the result says."""
+    name, photos = people[0]
+    results = {}
+    for band in ("adult", "teen", "child_0_5", "unknown"):
+        code, out, err = run(
+            home, capsys, "gallery", "search", str(photos[1]), "--gallery", GALLERY,
+            "--case", "C-17", "--reason", "identify victim", "--age-band", band,
+        )  # fmt: skip
+        assert code == 0, err
+        assert isinstance(out, dict)
+        results[band] = out
+    scores = {b: [c["score"] for c in r["candidates"]] for b, r in results.items()}
+    assert len({tuple(s) for s in scores.values()}) == 1  # the search does not change
+    thresholds = {b: r["threshold"] for b, r in results.items()}
+    assert thresholds["adult"] < thresholds["teen"] < thresholds["child_0_5"]
+    assert thresholds["unknown"] == thresholds["child_0_5"] == 0.967
+    for out in results.values():
+        above = [c["score"] >= out["threshold"] for c in out["candidates"]]
+        assert [c["above_threshold"] for c in out["candidates"]] == above
+    unknown = results["unknown"]
+    assert unknown["calibration"]["age_band_used"] == "child_0_5"
+    assert unknown["reliability"]["band_used"] == "child_0_5"
+    assert "Age not stated" in unknown["calibration"]["substitution"]
+    assert "Age not stated" in unknown["reliability"]["note"]
+    assert results["adult"]["calibration"]["measured_in_product"] is True
+    assert results["child_0_5"]["calibration"]["measured_in_product"] is False
+    # 25,991 pairs of young children cannot support FMR 1e-4: "strong" says what they can.
+    strong = results["child_0_5"]["calibration"]["strength"][0]
+    assert strong["band"] == "strong" and "1 in 8,600" in strong["text"]
+    assert "1 in 10,000" not in json.dumps(results["child_0_5"])
+    with GalleryService.open(home) as service:
+        probe = service.analyse(photos[1].read_bytes())
+        adult = service.verify(probe, 0, GALLERY, enrolled[name], age_band="adult")
+        child = service.verify(probe, 0, GALLERY, enrolled[name], age_band="child_0_5")
+        assert adult.score == child.score and adult.threshold < child.threshold == 0.967
+        assert child.to_json()["age_band"] == "child_0_5"
 
 
 def test_person_not_enrolled_gets_no_match_and_every_result_says_its_reliability(
@@ -153,12 +197,15 @@ def test_verify_one_to_one(
         "C",
         "--reason",
         REASON,
+        "--age-band",
+        "adult",
     ]
     code, same, _ = run(home, capsys, *base, "--subject", enrolled[name])
     code2, different, _ = run(home, capsys, *base, "--subject", enrolled[other])
     assert code == code2 == 0 and isinstance(same, dict) and isinstance(different, dict)
     assert same["same_person"] is True and different["same_person"] is False
     assert same["score"] > different["score"]
+    assert same["age_band"] == "adult" and same["calibration"]["age_band_used"] == "adult"
 
 
 def _scan(root: Path, needles: dict[str, bytes]) -> list[str]:
@@ -216,7 +263,7 @@ def test_an_unflushed_enrolment_is_reconciled_into_the_index(
     service.store.close()  # as if killed: the index was never persisted with the new face
     with GalleryService.open(home) as reopened:
         probe = reopened.analyse(photos[1].read_bytes())
-        top = reopened.search(probe, 0, [GALLERY]).candidates[0]
+        top = reopened.search(probe, 0, [GALLERY], age_band="adult").candidates[0]
         assert top.display_name == name and top.above_threshold
 
 
@@ -239,7 +286,8 @@ def test_gallery_of_another_model_is_refused_until_re_embedded(
     assert code == 0, err
     assert out == {"re_embedded": 1, "model_id": "dlib_resnet_v1"}
     with GalleryService.open(home) as service:
-        result = service.search(service.analyse(photos[1].read_bytes()), 0, ["old"])
+        query = service.analyse(photos[1].read_bytes())
+        result = service.search(query, 0, ["old"], age_band="adult")
         assert result.candidates[0].display_name == name and result.candidates[0].above_threshold
         assert {f.model_id for f in service.gallery("old").faces()} == {"dlib_resnet_v1"}
 

@@ -128,9 +128,18 @@ def test_ingest_from_upload_to_clusters_leads_report_and_audit(box: Box, media_z
     browser, csrf = investigator(box, user, (OFFICE,))
     start = browser.get("/cases")
     assert start.status_code == 200 and 'name="reason"' in start.text
-    entry = plan(browser, csrf)
+    # "Faces may include children" is ticked by default and says what it costs.
+    assert re.search(
+        r'<input type="checkbox" id="children" name="children"[^>]* checked>', start.text
+    )
+    assert "more, smaller clusters" in start.text
+    entry = plan(browser, csrf, children="on")
     page = browser.get(f"/cases/new/{entry}")
     assert page.status_code == 200 and CASE in page.text and 'type="file"' in page.text
+    assert "<dt>Faces may include children</dt><dd>yes</dd>" in page.text
+    unticked = plan(browser, csrf, case="ADULTS-1")  # a box left unticked sends nothing
+    adults = browser.get(f"/cases/new/{unticked}").text
+    assert "<dt>Faces may include children</dt><dd>no: adults only</dd>" in adults
 
     reply = upload(browser, csrf, entry, media_zip)
     assert reply.status_code == 303
@@ -151,6 +160,10 @@ def test_ingest_from_upload_to_clusters_leads_report_and_audit(box: Box, media_z
     view = browser.get(f"/cases/{case_id}")
     assert view.status_code == 200
     assert "Subject 1" in view.text  # the enrolled mate of the first person is a lead
+    # The cluster page states the threshold and the band used, and what the choice costs.
+    assert "age band child, threshold 0.969" in view.text
+    assert "children aged 0-12" in view.text and "more, smaller clusters" in view.text
+    assert "age band unknown" in view.text and "Age not stated" in view.text
     assert "phone/a.jpg" in view.text and "phone/c.jpg" in view.text
     assert "phone/notes.txt" in view.text  # listed with its reason
     face = re.search(rf'src="(/cases/{case_id}/faces/[0-9a-f]+\.jpg)"', view.text)
@@ -337,10 +350,20 @@ def test_api_ingest_runs_end_to_end(box: Box, lfw_dir: Path) -> None:
     ).json()
     assert view["source_files"][0]["names"] == ["one.jpg"]
     assert view["last_run"]["source"] == "upload: archive"
-    top = view["clusters"][0]["search"]["leads"][0]
-    assert top["subject_id"] == box.subjects[person] and top["above_threshold"]
+    # A new case may include children unless told otherwise: clustered with the child band's
+    # threshold, its leads judged with the strictest band (nobody stated the cluster's age).
+    assert planned.json()["may_include_children"] is None and view["may_include_children"]
+    assert view["clustering"]["age_band"] == "child"
+    search = view["clusters"][0]["search"]
+    assert (search["age_band"], search["band_used"]) == ("unknown", "child_0_5")
+    assert search["threshold"] == 0.967 and "Age not stated" in search["threshold_note"]
+    top = search["leads"][0]
+    assert top["subject_id"] == box.subjects[person]
+    assert top["above_threshold"] == (top["score"] >= search["threshold"])
     ingested = box.audit.query(case="API-0001", action=AuditAction.CASE_INGESTED, limit=5)
     assert len(ingested) == 1 and "via API token" in (ingested[0].event.detail or "")
+    searched = box.audit.query(case="API-0001", action=AuditAction.SEARCH, limit=5)
+    assert [r.event.age_band for r in searched] == ["unknown"]
     assert uploads(box) == []
 
 

@@ -164,7 +164,7 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
 
             # Ranked candidates, the child-reliability note, the probe beside each enrolment.
             expect(page.get_by_role("heading", name=f"Candidates for face {face}")).to_be_visible()
-            expect(page.get_by_role("note")).to_contain_text("young child")
+            expect(page.get_by_role("note")).to_contain_text("children aged 0-12")
             rows = page.locator("table.candidates tbody tr")
             first = rows.nth(0)
             expect(first.get_by_role("link")).to_have_text("Subject 1")

@@ -166,7 +166,7 @@ def test_api_search_returns_ranked_leads_and_records_everything(box: Box, lfw_di
     assert refused.status_code == 422 and "reason" in refused.text  # the schema says why
     created = api.post(
         "/api/v1/searches",
-        json={"case": "API-1", "reason": "identify a victim in seized media", "age_band": "child"},
+        json={"case": "API-1", "reason": "identify a victim in seized media", "age_band": "adult"},
     )
     assert created.status_code == 201
     search = created.json()["search_id"]
@@ -183,16 +183,78 @@ def test_api_search_returns_ranked_leads_and_records_everything(box: Box, lfw_di
     assert [c["rank"] for c in result["candidates"]] == [1, 2, 3]
     top = result["candidates"][0]
     assert top["subject_id"] == box.subjects[person] and top["above_threshold"]
-    assert "child" in result["reliability"]["note"] and result["reliability"]["verification_rate"]
+    assert result["age_band"] == "adult" and result["calibration"]["age_band_used"] == "adult"
+    assert "Adults" in result["reliability"]["note"] and result["reliability"]["verification_rate"]
+    # The same candidates judged as a young child's: the scores stay, the threshold does not.
+    rescored = api.post(
+        f"/api/v1/searches/{search}/faces/{face}/rescore", json={"age_band": "child_0_5"}
+    ).json()
+    assert [c["score"] for c in rescored["candidates"]] == [
+        c["score"] for c in result["candidates"]
+    ]
+    assert rescored["threshold"] == 0.967 > top["score"]  # 0.961: a lead, below threshold
+    assert rescored["no_match"] is True and not rescored["candidates"][0]["above_threshold"]
+    assert "children aged 0-5" in rescored["reliability"]["note"]
+    assert rescored["calibration"]["measured_in_product"] is False
+    assert "1 in 10,000" not in str(rescored)
+    bad = api.post(f"/api/v1/searches/{search}/faces/{face}/rescore", json={"age_band": "baby"})
+    assert bad.status_code == 422
     decision = api.post(
         f"/api/v1/searches/{search}/faces/{face}/decisions",
         json={"face_id": top["face_id"], "decision": "rejected"},
     )
     assert decision.json() == {"recorded": "rejected", "rank": 1, "subject_id": top["subject_id"]}
     records = box.audit.query(case="API-1", limit=10)
-    assert [r.event.action for r in records] == [AuditAction.DECISION, AuditAction.SEARCH]
+    assert [r.event.action for r in records] == [
+        AuditAction.DECISION, AuditAction.SEARCH, AuditAction.SEARCH
+    ]  # fmt: skip
     assert all("via API token" in (r.event.detail or "") for r in records)
-    assert records[1].event.candidates[0].subject_id == top["subject_id"]
+    assert [r.event.age_band for r in records[1:]] == ["child_0_5", "adult"]
+    assert "re-scored, not searched again" in (records[1].event.detail or "")
+    assert records[1].event.candidates[0].band == rescored["candidates"][0]["band"]
+    assert records[2].event.candidates[0].subject_id == top["subject_id"]
+
+
+def test_results_page_states_the_band_and_re_scores_without_searching(
+    box: Box, lfw_dir: Path
+) -> None:
+    """A search with no age stated uses the strictest band and says so; the results page
+    switches the band, which re-judges the same candidates and is recorded like a search."""
+    browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    start = {"csrf_token": csrf, "case": "AGE-1", "reason": "identify a missing child",
+             "age_band": "unknown", "gallery": OFFICE}  # fmt: skip
+    search = browser.post("/search", data=start).headers["location"]
+    person, _, probe = PEOPLE[0]
+    photo = lfw_image(lfw_dir, person, probe).read_bytes()
+    files = {"photo": ("probe.jpg", photo, "image/jpeg")}
+    assert (
+        browser.post(f"{search}/photo", data={"csrf_token": csrf}, files=files).status_code == 303
+    )
+    face = central_face(box.service, photo)
+    reply = browser.post(f"{search}/faces/{face}", data={"csrf_token": csrf, "k": "3"})
+    assert reply.status_code == 303
+    page = browser.get(reply.headers["location"]).text
+    assert "Age not stated" in page and "children aged 0-5" in page
+    assert "Threshold 0.9670" in page and "cannot ship" in page
+    assert "1 in 8,600" in page and "1 in 10,000" not in page  # strong, as 25,991 pairs allow
+    assert 'name="age_band"' in page and "Re-score without searching again" in page
+    reply = browser.post(
+        f"{search}/faces/{face}/age-band", data={"csrf_token": csrf, "age_band": "adult"}
+    )
+    assert reply.status_code == 303
+    page = browser.get(reply.headers["location"]).text
+    assert "Re-scored for: Adult (18+)." in page
+    assert "Threshold 0.9254" in page and "pairs of different adults" in page
+    assert "Age not stated" not in page
+    assert "<dd>Adult (18+)</dd>" in page
+    records = box.audit.query(case="AGE-1", limit=10)
+    assert [r.event.action for r in records] == [AuditAction.SEARCH, AuditAction.SEARCH]
+    assert [r.event.age_band for r in records] == ["adult", "unknown"]
+    assert "re-scored" in (records[0].event.detail or "")
+    refused = browser.post(
+        f"{search}/faces/{face}/age-band", data={"csrf_token": csrf, "age_band": "toddler"}
+    )
+    assert refused.status_code == 400
 
 
 def test_the_openapi_document_names_the_scope_of_every_operation(box: Box) -> None:

@@ -156,7 +156,10 @@ def ingest(args: argparse.Namespace) -> int:
                 why,
                 galleries if galleries is not None else known,
                 source_sha256=None,
-                detail=f"source {args.path}; frame interval {args.frame_interval:g} s",
+                detail=(
+                    f"source {args.path}; frame interval {args.frame_interval:g} s; may include "
+                    f"children {'as the case is set' if args.children is None else args.children}"
+                ),
                 where=f"{WHERE} ingest",
             )
             request = door.cases.ingest_request(
@@ -166,6 +169,7 @@ def ingest(args: argparse.Namespace) -> int:
                 galleries=galleries,
                 frame_interval_s=args.frame_interval,
                 retention_until=args.retain_until,
+                children=args.children,
             )
             outcome = door.cases.cases.ingest(request, progress=bar)
     finally:
@@ -218,6 +222,8 @@ def _show_text(view: CaseView) -> str:
     ]
     if view.results and view.stale:
         lines.append("faces were added after the clusters were computed: run the ingest again")
+    if view.results:
+        lines.append(f"clustered as age band {view.results.age_band}: {view.clustering_note}")
     for c in view.clusters:
         top = ""
         if c.search and c.search.error:
@@ -333,6 +339,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help=f"seconds between sampled video frames (default {DEFAULT_FRAME_INTERVAL_S:g})",
     )
     p.add_argument("--retain-until", type=_date, help="the case's retention date, YYYY-MM-DD")
+    p.add_argument(
+        "--children",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the case's faces may include children (default: on for a new case, "
+        "else the case's setting): clustered with the child threshold, which keeps different "
+        "children apart at a cost of more, smaller clusters; --no-children: adults only",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=ingest)
 

@@ -181,7 +181,7 @@ def search(args: argparse.Namespace) -> int:
         for c in result.candidates
     ]
     answer = "no match" if result.no_match else f"{len(result.matches)} above threshold"
-    lines.append(f"{answer} at FMR {result.operating_fmr:g} (threshold {result.threshold:.4f})")
+    lines.append(f"{answer} (age band {result.age_band}). {result.threshold_sentence}")
     lines.append(result.reliability.note)
     emit(args, payload, "\n".join(lines))
     return EXIT_OK
@@ -201,18 +201,16 @@ def verify(args: argparse.Namespace) -> int:
             args.gallery,
             args.subject,
             fmr=args.fmr,
+            age_band=args.age_band,
             where=f"{WHERE} verify",
         )
-    payload = {
-        "case": why.case,
-        "score": round(result.score, 4),
-        "band": result.band.value,
-        "same_person": result.same_person,
-        "operating_fmr": result.operating_fmr,
-        "threshold": round(result.threshold, 4),
-    }
+    payload = {"case": why.case, **result.to_json()}
     verdict = "same person" if result.same_person else "not shown to be the same person"
-    emit(args, payload, f"{result.score:.4f} ({result.band.value}): {verdict}")
+    emit(
+        args,
+        payload,
+        f"{result.score:.4f} ({result.band.value}): {verdict}\n{result.threshold_note}",
+    )
     return EXIT_OK
 
 
@@ -348,7 +346,18 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
         "--fmr",
         type=_fmr,
         default=DEFAULT_OPERATING_FMR,
-        help=f"false-match rate of the threshold (default {DEFAULT_OPERATING_FMR:g})",
+        help="false-match rate of the threshold within the age band "
+        f"(default {DEFAULT_OPERATING_FMR:g})",
+    )
+
+
+def _age_band_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--age-band",
+        choices=AGE_BANDS,
+        default="unknown",
+        help="the probe's apparent age: it chooses the thresholds, score bands and wording "
+        "(unknown: the strictest band this box holds, and the result says so)",
     )
 
 
@@ -401,18 +410,14 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "--gallery", action="append", required=True, help="gallery to search (repeatable)"
     )
     p.add_argument("--top", type=positive_int, default=DEFAULT_TOP_K, help="candidates (k)")
-    p.add_argument(
-        "--age-band",
-        choices=AGE_BANDS,
-        default="unknown",
-        help="the probe's apparent age: results say how reliable the model is for it",
-    )
+    _age_band_option(p)
     p.set_defaults(handler=search)
 
     p = actions.add_parser("verify", parents=[common], help="1:1: probe photo vs a subject")
     _search_options(p)
     p.add_argument("--gallery", required=True)
     p.add_argument("--subject", required=True, help="subject id")
+    _age_band_option(p)
     p.set_defaults(handler=verify)
 
     p = actions.add_parser("delete", parents=[common], help="erase a subject or a gallery")

@@ -9,9 +9,13 @@ One run, in order:
    detected, quality-scored, aligned and embedded, and the file is written with its faces as
    one durable unit. A damaged, unsupported or refused file is recorded with its reason and
    the run goes on.
-2. **Cluster** every face of the case (``clustering.py``) at the calibrated threshold.
+2. **Cluster** every face of the case (``clustering.py``) at the calibrated threshold of the
+   case's age setting: a case whose faces may include children (the default for a new case)
+   is clustered with the child band's threshold, stricter than the adult one (more, smaller
+   clusters, but different children are not merged); a case of adults only with the adult one.
 3. **Search** each cluster's best faces in the galleries the user may search (``leads.py``),
-   each search audited under the case and its reason.
+   each search audited under the case and its reason, with its age band: ``unknown`` (the
+   strictest band) when the case may include children, ``adult`` otherwise.
 
 Progress is reported as counts only. ``stop`` (a ``threading.Event``) ends the run between
 files or video frames; the file in hand is dropped whole and read again by the next run.
@@ -62,7 +66,8 @@ from runtime.cases.video import (
     sample_frames,
 )
 from runtime.errors import BadInputError, EdgeidError, StorageWriteError
-from runtime.gallery.service import GalleryService
+from runtime.gallery.service import AgeBand, GalleryService
+from runtime.gallery.wording import cluster_note
 from runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_image
 from runtime.vault.crypto import Clock, utc_now
 
@@ -72,6 +77,13 @@ logger = logging.getLogger(__name__)
 # gave average linkage its best pairwise and BCubed F1 (benchmarks/cluster_bench.py). A
 # case of 10,000 faces holds 5e7 pairs, so a laxer rate would link thousands of strangers.
 CLUSTER_FMR = 1e-4
+# The age band whose threshold clusters a case, by its "faces may include children" setting:
+# at the adult FMR 1e-4 threshold different children were merged (pairwise precision 0.375 on
+# children against 0.998 on adults, measured outside this product; see the calibration file).
+CLUSTER_BANDS: dict[bool, AgeBand] = {True: "child", False: "adult"}
+# The age band a cluster's leads are judged with: nobody states a cluster's age, so a case
+# that may hold children takes the strictest band ("unknown").
+LEAD_BANDS: dict[bool, AgeBand] = {True: "unknown", False: "adult"}
 HASH_CHUNK_BYTES = 1 << 20  # videos are hashed in 1 MiB reads: bounded memory
 VIDEO_FLUSH_FACES = 200  # a video's faces are written in batches of this many (bounded memory)
 
@@ -120,6 +132,8 @@ class IngestRequest:
     retention_until: date | None = None  # for a new case, or to change an existing one's
     # What the run records as its source when ``source`` is a temporary copy (a web upload).
     source_label: str | None = None
+    # "Faces may include children": None keeps the case's setting (on for a new case).
+    children: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class CaseIngest:
         with open_source(request.source) as source:
             case = self._case(request)
             with case.ingest_exclusively():
+                children = self._children(case, request)
                 previous = case.meta.last_run
                 run = IngestRun(
                     number=(previous.number + 1) if previous else 1,
@@ -180,8 +195,9 @@ class CaseIngest:
                     frame_interval_s=request.frame_interval_s,
                     galleries=galleries,
                     detector=self.detector,
+                    children=children,
                 )
-                meta = case.meta.with_run(run)
+                meta = replace(case.meta.with_run(run), may_include_children=children)
                 if request.retention_until is not None:
                     meta = replace(meta, retention_until=request.retention_until)
                 case.save_meta(meta)
@@ -221,6 +237,7 @@ class CaseIngest:
             created_by=request.requester.user,
             model_id=self.service.model_id,
             retention_until=request.retention_until,
+            may_include_children=request.children is not False,
         )
         if case.meta.model_id != self.service.model_id:
             raise CaseModelError(
@@ -228,6 +245,13 @@ class CaseIngest:
                 f"this box embeds with {self.service.model_id}: start a new case"
             )
         return case
+
+    @staticmethod
+    def _children(case: Case, request: IngestRequest) -> bool:
+        """The case's "faces may include children" setting for this run."""
+        if request.children is None:
+            return case.meta.may_include_children
+        return request.children
 
     def _finish(self, case: Case, run: IngestRun, status: RunStatus, note: str) -> IngestRun:
         done = replace(run, status=status, finished_at=self._clock(), note=note)
@@ -264,7 +288,7 @@ class CaseIngest:
             return None
         counts.phase = "clustering"
         report(counts)
-        results = self._cluster(case)
+        results = self._cluster(case, bool(run.children))
         case.save_results(results)
         counts.clusters = len(results.clusters)
         counts.phase = "searching"
@@ -424,9 +448,10 @@ class CaseIngest:
 
     # -- clusters and leads ------------------------------------------------------------------
 
-    def _cluster(self, case: Case) -> CaseResults:
+    def _cluster(self, case: Case, children: bool) -> CaseResults:
         faces = case.faces()
-        threshold = self.service.calibration.threshold(CLUSTER_FMR)
+        applied = self.service.calibration.for_age(CLUSTER_BANDS[children])
+        threshold = applied.threshold(CLUSTER_FMR)
         clusters: list[Cluster] = []
         if faces:
             vectors = np.stack([f.embedding for f in faces])
@@ -443,6 +468,9 @@ class CaseIngest:
             computed_at=self._clock(),
             faces=len(faces),
             clusters=tuple(clusters),
+            age_band=applied.stated,
+            band_used=applied.band,
+            threshold_note=cluster_note(applied, CLUSTER_FMR, children=children),
         )
 
     def _search(
@@ -498,6 +526,7 @@ class CaseIngest:
                 reason=run.reason,
                 detail=detail,
                 now=self._clock(),
+                age_band=LEAD_BANDS[bool(run.children)],
             )
         except AuditError:
             raise  # a search that cannot be accounted for stops the run
@@ -513,6 +542,8 @@ class CaseIngest:
                 reliability_note="",
                 searched_at=self._clock(),
                 error=str(exc),
+                age_band=LEAD_BANDS[bool(run.children)],
+                band_used="",
             )
 
 

@@ -2,8 +2,10 @@
 
 A cluster is searched with its ``PROBE_FACES`` best-quality faces, each an ordinary 1:N search
 (``GalleryService.search``), so every score keeps its calibrated meaning: the band and the
-threshold are those of one face against one enrolled face. A subject found by several probe
-faces keeps its best score. The search is appended to the audit log under the case, with its
+threshold are those of one face against one enrolled face, for the age band the cluster is
+searched as (``unknown`` when the case may hold children: nobody stated this cluster's age, so
+the strictest band applies; ``adult`` for a case of adults only). A subject found by several
+probe faces keeps its best score. The search is appended to the audit log under the case, with its
 reason, before its leads are kept; if the audit log refuses the record, the leads are not
 kept and the error stops the run (a search that cannot be accounted for shows nothing).
 """
@@ -20,8 +22,9 @@ from runtime.audit.events import AuditAction, AuditEvent
 from runtime.audit.events import Candidate as AuditCandidate
 from runtime.cases.records import CaseFace, ClusterSearch, Lead
 from runtime.errors import BadInputError
-from runtime.gallery.service import DEFAULT_TOP_K, GalleryService, Probe, ProbeFace
+from runtime.gallery.service import DEFAULT_TOP_K, AgeBand, GalleryService, Probe, ProbeFace
 from runtime.gallery.thresholds import DEFAULT_OPERATING_FMR
+from runtime.gallery.wording import threshold_note
 
 # Faces of a cluster searched: the best few by quality. More adds searches (and audit
 # records) while the best face usually carries the score.
@@ -85,18 +88,21 @@ def search_cluster(
     now: datetime,
     k: int = DEFAULT_TOP_K,
     fmr: float = DEFAULT_OPERATING_FMR,
+    age_band: AgeBand = "unknown",
 ) -> ClusterSearch:
-    """Search a cluster's best faces over ``galleries``; audited; leads ranked by score."""
+    """Search a cluster's best faces over ``galleries`` as ``age_band``; audited; leads
+    ranked by score."""
     if not faces:
         raise BadInputError("a cluster without faces cannot be searched")
     probes = probe_faces(faces)
     probe = _probe(service, probes)
     best: dict[tuple[str, str], Lead] = {}
-    threshold = service.calibration.threshold(fmr)
-    note = service.reliability("unknown").note
+    applied = service.calibration.for_age(age_band)
+    threshold = applied.threshold(fmr)
+    note = service.reliability(age_band).note
     for index, face in enumerate(probes):
-        result = service.search(probe, index, galleries, k=k, fmr=fmr)
-        threshold, note = result.threshold, result.reliability.note
+        result = service.search(probe, index, galleries, k=k, fmr=fmr, age_band=age_band)
+        threshold, note, applied = result.threshold, result.reliability.note, result.calibration
         for c in result.candidates:
             key = (c.gallery, c.subject_id)
             if key not in best or c.score > best[key].score:
@@ -115,7 +121,8 @@ def search_cluster(
     leads = tuple(
         Lead(**{**vars(lead), "rank": rank}) for rank, lead in enumerate(ranked[:k], start=1)
     )
-    audit.append(_event(actor, case_number, reason, galleries, probes, leads, detail))
+    detail = f"{detail}; age band {age_band} (thresholds of {applied.band})"
+    audit.append(_event(actor, case_number, reason, galleries, probes, leads, detail, age_band))
     return ClusterSearch(
         galleries=tuple(dict.fromkeys(galleries)),
         operating_fmr=fmr,
@@ -124,6 +131,9 @@ def search_cluster(
         leads=leads,
         reliability_note=note,
         searched_at=now,
+        age_band=age_band,
+        band_used=applied.band,
+        threshold_note=threshold_note(applied, fmr),
     )
 
 
@@ -135,6 +145,7 @@ def _event(
     probes: Sequence[CaseFace],
     leads: Sequence[Lead],
     detail: str,
+    age_band: AgeBand,
 ) -> AuditEvent:
     names = ", ".join(dict.fromkeys(galleries))
     if len(names) > MAX_GALLERY_FIELD_CHARS:
@@ -153,5 +164,6 @@ def _event(
             AuditCandidate(lead.subject_id, lead.face_id, lead.score, lead.band, lead.rank)
             for lead in leads
         ),
+        age_band=age_band,
         detail=f"{detail}; probe case faces: {probe_ids}",
     )

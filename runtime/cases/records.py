@@ -36,6 +36,9 @@ class IngestRun:
     status: RunStatus = "running"
     finished_at: datetime | None = None
     note: str = ""  # why it stopped or failed, in one line
+    # The case's "faces may include children" setting this run clustered and searched with
+    # (None: a run from before the setting existed, which used the adult thresholds).
+    children: bool | None = None
 
     def to_head(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class IngestRun:
             "status": self.status,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "note": self.note,
+            "children": self.children,
         }
 
     @classmethod
@@ -67,6 +71,7 @@ class IngestRun:
                 status=head["status"],
                 finished_at=_time(head["finished_at"]),
                 note=str(head["note"]),
+                children=_optional_bool(head.get("children")),
             )
         )
 
@@ -92,6 +97,10 @@ class CaseMeta:
     retention_until: date | None = None
     runs: tuple[IngestRun, ...] = ()
     summary: CaseSummary = CaseSummary()
+    # Faces may include children: clustered with the child band's threshold, leads judged as
+    # of unknown age (the strictest band). New cases start with it on (CaseStore.create); a
+    # case from before the setting existed reads as off, as it was clustered.
+    may_include_children: bool = False
 
     @property
     def last_run(self) -> IngestRun | None:
@@ -112,6 +121,7 @@ class CaseMeta:
             "retention_until": self.retention_until.isoformat() if self.retention_until else None,
             "runs": [r.to_head() for r in self.runs],
             "summary": vars(self.summary),
+            "may_include_children": self.may_include_children,
         }
 
     @classmethod
@@ -128,6 +138,7 @@ class CaseMeta:
                 ),
                 runs=tuple(IngestRun.from_head(r) for r in head["runs"]),
                 summary=CaseSummary(**{k: int(v) for k, v in head["summary"].items()}),
+                may_include_children=bool(_optional_bool(head.get("may_include_children"))),
             )
         )
 
@@ -276,6 +287,11 @@ class ClusterSearch:
     reliability_note: str
     searched_at: datetime
     error: str | None = None
+    # The stated age band of the cluster's faces, the band whose thresholds applied, and the
+    # threshold in words; searches from before age bands used the adult (LFW) thresholds.
+    age_band: str = "adult"
+    band_used: str = "adult"
+    threshold_note: str = ""
 
     @property
     def matches(self) -> tuple[Lead, ...]:
@@ -291,6 +307,9 @@ class ClusterSearch:
             "reliability_note": self.reliability_note,
             "searched_at": self.searched_at.isoformat(),
             "error": self.error,
+            "age_band": self.age_band,
+            "band_used": self.band_used,
+            "threshold_note": self.threshold_note,
         }
 
     @classmethod
@@ -305,6 +324,9 @@ class ClusterSearch:
                 reliability_note=str(head["reliability_note"]),
                 searched_at=datetime.fromisoformat(head["searched_at"]),
                 error=head["error"],
+                age_band=str(head.get("age_band", "adult")),
+                band_used=str(head.get("band_used", "adult")),
+                threshold_note=str(head.get("threshold_note", "")),
             )
         )
 
@@ -343,6 +365,12 @@ class CaseResults:
     computed_at: datetime
     faces: int
     clusters: tuple[Cluster, ...]
+    # The age band whose threshold grouped the faces ("child" when the case may include
+    # children), the band whose figures applied, and the threshold and its cost in words.
+    # Results from before age bands were clustered with the adult (LFW) threshold.
+    age_band: str = "adult"
+    band_used: str = "adult"
+    threshold_note: str = ""
 
     def to_head(self) -> dict[str, Any]:
         return {
@@ -352,6 +380,9 @@ class CaseResults:
             "computed_at": self.computed_at.isoformat(),
             "faces": self.faces,
             "clusters": [c.to_head() for c in self.clusters],
+            "age_band": self.age_band,
+            "band_used": self.band_used,
+            "threshold_note": self.threshold_note,
         }
 
     @classmethod
@@ -364,8 +395,17 @@ class CaseResults:
                 computed_at=datetime.fromisoformat(head["computed_at"]),
                 faces=int(head["faces"]),
                 clusters=tuple(Cluster.from_head(c) for c in head["clusters"]),
+                age_band=str(head.get("age_band", "adult")),
+                band_used=str(head.get("band_used", "adult")),
+                threshold_note=str(head.get("threshold_note", "")),
             )
         )
+
+
+def _optional_bool(value: object) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError("expected true, false or null")
 
 
 def _time(value: object) -> datetime | None:

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from runtime.cases.records import ClusterSearch, SourceFile
-from runtime.cases.views import CaseView, ClusterView
+from runtime.cases.views import CaseView, ClusterView, clustering_note, search_note
 from runtime.errors import BadInputError
 from runtime.storage.durable import write_file_atomically
 
@@ -76,9 +76,9 @@ def _leads(search: ClusterSearch | None) -> str:
         else "No match: no candidate above the threshold"
     )
     parts = [
-        f"<p><b>{_e(answer)}</b> (operating FMR {search.operating_fmr:g}, threshold "
-        f"{search.threshold:.4f}; galleries: {_e(', '.join(search.galleries))}; searched "
-        f"{_e(_time(search.searched_at))}).</p>"
+        f"<p><b>{_e(answer)}</b> (galleries: {_e(', '.join(search.galleries))}; age band "
+        f"{_e(search.age_band)}; searched {_e(_time(search.searched_at))}).</p>",
+        f'<p class="muted">{_e(search_note(search))}</p>',
     ]
     if search.leads:
         rows = [
@@ -151,15 +151,20 @@ def render_report(view: CaseView, thumbnail: Thumbnail, *, generated_at: datetim
             _e(r.source),
             f"{r.frame_interval_s:g} s",
             _e(", ".join(r.galleries) or "none"),
+            _e(
+                {True: "yes", False: "no (adults only)", None: "not asked (adult thresholds)"}[
+                    r.children
+                ]
+            ),
         ]
         for r in meta.runs
     ]
     method = (
-        f"{results.method.replace('_', ' ')} at the calibrated threshold {results.threshold:.4f} "
-        f"(false-match rate {results.fmr:g} per pair of faces), over {results.faces} faces, "
-        f"computed {_time(results.computed_at)}"
+        f"{results.method.replace('_', ' ')} over {results.faces} faces, computed "
+        f"{_time(results.computed_at)}. "
+        f"{clustering_note(results)}"
         if results
-        else "not computed yet"
+        else "not computed yet."
     )
     stale = (
         '<p class="notice">Faces were added after these clusters were computed: run the '
@@ -184,7 +189,7 @@ def render_report(view: CaseView, thumbnail: Thumbnail, *, generated_at: datetim
     )
     run_table = _table(
         ["Run", "Started", "Finished", "Status", "User", "Reason", "Source", "Frames every",
-         "Galleries"],
+         "Galleries", "May include children"],
         runs,
     )  # fmt: skip
     problem_table = _table(file_headers, map(_file_row, problems)) if problems else "<p>None.</p>"
@@ -205,7 +210,7 @@ the threshold is not proof of identity; a missing candidate proves nothing. Clus
 faces the model finds alike: check them before relying on them.</p>
 <h2>Summary</h2>
 {summary}
-<p>Clustering: {_e(method)}.</p>{stale}
+<p>Clustering: {_e(method)}</p>{stale}
 <h2>Ingest runs</h2>
 {run_table}
 <h2>Clusters</h2>

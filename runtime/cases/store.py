@@ -624,8 +624,10 @@ class CaseStore:
         created_by: str,
         model_id: str,
         retention_until: date | None = None,
+        may_include_children: bool = True,
     ) -> Case:
-        """A new, empty case with its own data key."""
+        """A new, empty case with its own data key ("faces may include children" on unless
+        the creator says it holds adults only)."""
         number = check_case_number(number)
         with self._mutex:
             if self.exists(number):
@@ -645,6 +647,7 @@ class CaseStore:
                     created_by=created_by,
                     model_id=model_id,
                     retention_until=retention_until,
+                    may_include_children=may_include_children,
                 )
                 cipher = RecordCipher(key, bytes.fromhex(case_id), random=self._random)
                 sealed = cipher.seal(_META_KIND, bytes.fromhex(case_id), 1, pack(meta.to_head()))
@@ -669,6 +672,7 @@ class CaseStore:
         created_by: str,
         model_id: str,
         retention_until: date | None = None,
+        may_include_children: bool = True,
     ) -> Case:
         """The case with this number, created (empty) if there is none."""
         with self._mutex:
@@ -679,6 +683,7 @@ class CaseStore:
                 created_by=created_by,
                 model_id=model_id,
                 retention_until=retention_until,
+                may_include_children=may_include_children,
             )
 
     def purge(self, number: str) -> CaseMeta:

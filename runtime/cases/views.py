@@ -18,6 +18,7 @@ from runtime.cases.records import (
     SourceFile,
 )
 from runtime.cases.store import Case
+from runtime.gallery.wording import one_in
 
 BEST_FACES = 6  # thumbnails shown per cluster: enough to judge it, few enough to print
 
@@ -42,6 +43,10 @@ class ClusterView:
     def best(self) -> tuple[CaseFace, ...]:
         return self.faces[:BEST_FACES]
 
+    @property
+    def search_note(self) -> str:
+        return search_note(self.search) if self.search else ""
+
 
 @dataclass(frozen=True)
 class CaseView:
@@ -58,6 +63,10 @@ class CaseView:
     @property
     def partial(self) -> tuple[SourceFile, ...]:
         return tuple(f for f in self.files if f.status == "partial")
+
+    @property
+    def clustering_note(self) -> str:
+        return clustering_note(self.results) if self.results else ""
 
     @property
     def stale(self) -> bool:
@@ -93,6 +102,32 @@ def _appearances(
     return tuple(sorted(found, key=lambda a: (-a.faces, a.file.names[0])))
 
 
+# -- thresholds in words -----------------------------------------------------------------------
+
+# Records from before thresholds per age band hold no note; they were made with the adult
+# thresholds measured on LFW (1.2 million non-mated pairs: the rates below are supported).
+_BEFORE_BANDS = (
+    "from before thresholds per age band: the adult threshold measured on LFW, which about "
+    "{rate} pairs of different adults reach; pairs of different children reach it far more often"
+)
+
+
+def clustering_note(results: CaseResults) -> str:
+    """The threshold the clusters were computed with, for whom, and what it costs."""
+    if results.threshold_note:
+        return results.threshold_note
+    return f"Threshold {results.threshold:.4f}, " + _BEFORE_BANDS.format(rate=one_in(results.fmr))
+
+
+def search_note(search: ClusterSearch) -> str:
+    """The threshold a cluster's leads were judged with, for whom, measured on what."""
+    if search.threshold_note or search.error:
+        return search.threshold_note
+    return f"Threshold {search.threshold:.4f}, " + _BEFORE_BANDS.format(
+        rate=one_in(search.operating_fmr)
+    )
+
+
 # -- JSON ----------------------------------------------------------------------------------------
 
 
@@ -109,6 +144,7 @@ def run_json(run: IngestRun) -> dict[str, object]:
         "galleries": list(run.galleries),
         "detector": run.detector,
         "note": run.note,
+        "children": run.children,
     }
 
 
@@ -121,6 +157,7 @@ def meta_json(meta: CaseMeta) -> dict[str, object]:
         "model_id": meta.model_id,
         "retention_until": meta.retention_until.isoformat() if meta.retention_until else None,
         "last_run": run_json(meta.last_run) if meta.last_run else None,
+        "may_include_children": meta.may_include_children,
         **vars(meta.summary),
     }
 
@@ -151,6 +188,9 @@ def search_json(search: ClusterSearch | None) -> dict[str, object] | None:
         "probe_faces": list(search.probe_faces),
         "searched_at": search.searched_at.isoformat(),
         "error": search.error,
+        "age_band": search.age_band,
+        "band_used": search.band_used,
+        "threshold_note": search_note(search),
         "reliability_note": search.reliability_note,
         "leads": [
             {
@@ -183,6 +223,9 @@ def view_json(view: CaseView) -> dict[str, object]:
                 "computed_at": results.computed_at.isoformat(),
                 "faces": results.faces,
                 "stale": view.stale,
+                "age_band": results.age_band,
+                "band_used": results.band_used,
+                "threshold_note": clustering_note(results),
             }
             if results
             else None

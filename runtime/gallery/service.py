@@ -18,26 +18,39 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from runtime.config.settings import Settings, load_settings
 from runtime.errors import BadInputError, EdgeidError
+from runtime.gallery.age_bands import AGE_BANDS as AGE_BANDS
+from runtime.gallery.age_bands import AgeBand as AgeBand
+from runtime.gallery.age_bands import MeasuredBand
 from runtime.gallery.errors import DecryptionError, GalleryNotFoundError
 from runtime.gallery.index import GalleryIndex, load_or_rebuild
 from runtime.gallery.records import Face, GalleryInfo, NewFace, NewSubject, Subject
 from runtime.gallery.store import Gallery, GalleryStore
 from runtime.gallery.thresholds import (
     DEFAULT_OPERATING_FMR,
+    BandCalibration,
     Calibration,
+    CalibrationError,
     ScoreBand,
     load_calibration,
+)
+from runtime.gallery.wording import (
+    StrengthLine,
+    calibration_json,
+    reliability_note,
+    strength_lines,
+    threshold_note,
+    threshold_sentence,
+    verification_rate,
 )
 from runtime.inference.activity import InferenceActivity
 from runtime.inference.image_decode import decode_image
@@ -56,8 +69,9 @@ THUMBNAIL_JPEG_QUALITY = 92
 INDEX_FILE = "index-{model}.sealed"
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
-AgeBand = Literal["adult", "teen", "child", "unknown"]
-AGE_BANDS: tuple[AgeBand, ...] = ("adult", "teen", "child", "unknown")
+# Enrolment's duplicate check uses the adult thresholds, the most lenient the shipped model
+# holds: a duplicate missed is worse than one the operator checks and enrols anyway.
+DUPLICATE_CHECK_BAND: AgeBand = "adult"
 
 
 class QualityGateError(BadInputError):
@@ -147,20 +161,43 @@ class Candidate:
 class Reliability:
     """How far this model's answers can be trusted for a probe of this apparent age."""
 
-    age_band: AgeBand
+    age_band: AgeBand  # as stated
+    band_used: MeasuredBand  # whose thresholds apply (the strictest one for "unknown")
     verification_rate: float | None  # same person across years, accepted; None = not measured
     note: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "age_band": self.age_band,
+            "band_used": self.band_used,
+            "verification_rate": self.verification_rate,
+            "note": self.note,
+        }
+
+
+def reliability_of(calibration: Calibration, applied: BandCalibration) -> Reliability:
+    return Reliability(
+        applied.stated,
+        applied.band,
+        verification_rate(applied),
+        reliability_note(calibration, applied),
+    )
 
 
 @dataclass(frozen=True)
 class SearchResult:
     model_id: str
     galleries: tuple[str, ...]
-    operating_fmr: float
+    operating_fmr: float  # the calibrated FMR the threshold was set for in its age band
     threshold: float
     candidates: tuple[Candidate, ...]  # the top k in rank order, above threshold or not
     reliability: Reliability
     searched_faces: int
+    calibration: BandCalibration  # the stated age band and the thresholds applied to it
+
+    @property
+    def age_band(self) -> AgeBand:
+        return self.calibration.stated
 
     @property
     def matches(self) -> tuple[Candidate, ...]:
@@ -171,19 +208,58 @@ class SearchResult:
         """The open-set answer: nobody scored above the calibrated threshold."""
         return not self.matches
 
+    @property
+    def fmr_supported(self) -> bool:
+        """Whether the age band's measurement has pairs enough to state ``operating_fmr``."""
+        return self.calibration.supports(self.operating_fmr)
+
+    @property
+    def threshold_note(self) -> str:
+        return threshold_note(self.calibration, self.operating_fmr)
+
+    @property
+    def threshold_sentence(self) -> str:
+        """The threshold note without why another band applies (the reliability note says)."""
+        return threshold_sentence(self.calibration, self.operating_fmr)
+
+    @property
+    def strength(self) -> tuple[StrengthLine, ...]:
+        return strength_lines(self.calibration)
+
+    def rescored(self, age_band: AgeBand, calibration: Calibration) -> SearchResult:
+        """The same candidates and scores judged for another stated age band: threshold,
+        score bands, "no match" and wording from that band. Nothing is searched again; the
+        caller records the re-score like a search, since it reveals a new answer."""
+        if calibration.model_id != self.model_id:
+            raise CalibrationError(
+                f"a search by {self.model_id} cannot be re-scored with the calibration of "
+                f"{calibration.model_id}"
+            )
+        applied = calibration.for_age(age_band)
+        threshold = applied.threshold(self.operating_fmr)
+        candidates = tuple(
+            replace(c, band=applied.score_band(c.score), above_threshold=c.score >= threshold)
+            for c in self.candidates
+        )
+        return replace(
+            self,
+            threshold=threshold,
+            candidates=candidates,
+            reliability=reliability_of(calibration, applied),
+            calibration=applied,
+        )
+
     def to_json(self) -> dict[str, object]:
         return {
             "model_id": self.model_id,
             "galleries": list(self.galleries),
+            "age_band": self.age_band,
             "operating_fmr": self.operating_fmr,
             "threshold": round(self.threshold, 4),
             "no_match": self.no_match,
             "searched_faces": self.searched_faces,
-            "reliability": {
-                "age_band": self.reliability.age_band,
-                "verification_rate": self.reliability.verification_rate,
-                "note": self.reliability.note,
-            },
+            "calibration": calibration_json(self.calibration, self.operating_fmr),
+            "reliability": self.reliability.to_json(),
             "candidates": [c.to_json() for c in self.candidates],
         }
 
@@ -199,9 +275,29 @@ class Enrolled:
 class VerifyResult:
     score: float
     band: ScoreBand
-    same_person: bool  # at the operating false-match rate
+    same_person: bool  # at the operating false-match rate of the age band
     operating_fmr: float
     threshold: float
+    calibration: BandCalibration
+
+    @property
+    def age_band(self) -> AgeBand:
+        return self.calibration.stated
+
+    @property
+    def threshold_note(self) -> str:
+        return threshold_note(self.calibration, self.operating_fmr)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "score": round(self.score, 4),
+            "band": self.band.value,
+            "same_person": self.same_person,
+            "age_band": self.age_band,
+            "operating_fmr": self.operating_fmr,
+            "threshold": round(self.threshold, 4),
+            "calibration": calibration_json(self.calibration, self.operating_fmr),
+        }
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -342,7 +438,8 @@ class GalleryService:
         fmr: float = DEFAULT_OPERATING_FMR,
         age_band: AgeBand = "unknown",
     ) -> SearchResult:
-        """The top ``k`` candidates over ``galleries``, banded; "no match" is an answer."""
+        """The top ``k`` candidates over ``galleries``, banded with the thresholds of the
+        probe's stated age band; "no match" is an answer."""
         if not galleries:
             raise BadInputError("choose at least one gallery to search")
         if not 1 <= k <= MAX_TOP_K:
@@ -351,7 +448,8 @@ class GalleryService:
             raise BadInputError(f"age band must be one of {', '.join(AGE_BANDS)}")
         self._check_probe_model(probe)
         template = probe.template(face_index)
-        threshold = self.calibration.threshold(fmr)
+        applied = self.calibration.for_age(age_band)
+        threshold = applied.threshold(fmr)
         scored: list[tuple[float, str, str, Gallery]] = []
         searched = 0
         with self._lock:
@@ -374,7 +472,7 @@ class GalleryService:
                         display_name=subject.display_name,
                         face_id=face_id,
                         score=score,
-                        band=self.calibration.band(score),
+                        band=applied.score_band(score),
                         above_threshold=score >= threshold,
                     )
                 )
@@ -384,8 +482,9 @@ class GalleryService:
             operating_fmr=fmr,
             threshold=threshold,
             candidates=tuple(candidates),
-            reliability=self.reliability(age_band),
+            reliability=reliability_of(self.calibration, applied),
             searched_faces=searched,
+            calibration=applied,
         )
 
     def verify(
@@ -396,9 +495,14 @@ class GalleryService:
         subject_id: str,
         *,
         fmr: float = DEFAULT_OPERATING_FMR,
+        age_band: AgeBand = "unknown",
     ) -> VerifyResult:
-        """1:1: the probe face against a subject's best-matching enrolled face."""
+        """1:1: the probe face against a subject's best-matching enrolled face, judged with
+        the thresholds of the probe's stated age band."""
+        if age_band not in AGE_BANDS:
+            raise BadInputError(f"age band must be one of {', '.join(AGE_BANDS)}")
         self._check_probe_model(probe)
+        applied = self.calibration.for_age(age_band)
         template = probe.template(face_index)
         with self._lock:
             gallery = self.store.open_gallery(gallery_name)
@@ -409,39 +513,19 @@ class GalleryService:
                     f"subject {subject_id} has no face embedded with {self.model_id}"
                 )
             score = max(index.verify(template, f.face_id, self.model_id) for f in faces)
-        threshold = self.calibration.threshold(fmr)
-        return VerifyResult(score, self.calibration.band(score), score >= threshold, fmr, threshold)
+        threshold = applied.threshold(fmr)
+        return VerifyResult(
+            score, applied.score_band(score), score >= threshold, fmr, threshold, applied
+        )
 
     def reliability(self, age_band: AgeBand) -> Reliability:
-        measured = self.calibration.data.age_bands.get(age_band)
-        rate = measured.verification_rate if measured else None
-        if age_band == "child":
-            note = (
-                f"This model verifies the same young child across years far less reliably "
-                f"than an adult ({_pct(rate)} against {_pct(self._adult_rate())}): treat every "
-                "candidate as a lead to check in rank order; a missing match proves nothing."
-            )
-        elif age_band == "teen":
-            note = (
-                "Reliability for teenagers is not measured for this model; expect it to lie "
-                "between the child and adult figures. Candidates are leads, not identifications."
-            )
-        elif age_band == "adult":
-            note = (
-                f"Adults: the same person across years is verified {_pct(rate)} of the time "
-                "by this model. Candidates are leads for a person to confirm."
-            )
-        else:
-            note = (
-                "Probe age not given: if the person may be a child, reliability is much lower "
-                f"({_pct(self.calibration.data.age_bands['child'].verification_rate)} against "
-                f"{_pct(self._adult_rate())} for adults)."
-            )
-        return Reliability(age_band, rate, note)
+        return reliability_of(self.calibration, self.calibration.for_age(age_band))
 
-    def _adult_rate(self) -> float | None:
-        adult = self.calibration.data.age_bands.get("adult")
-        return adult.verification_rate if adult else None
+    def rescore(self, result: SearchResult, age_band: AgeBand) -> SearchResult:
+        """``result`` judged for another stated age band, without searching again."""
+        if age_band not in AGE_BANDS:
+            raise BadInputError(f"age band must be one of {', '.join(AGE_BANDS)}")
+        return result.rescored(age_band, self.calibration)
 
     # -- enrolment and erasure ---------------------------------------------------------------
 
@@ -604,7 +688,7 @@ class GalleryService:
         )
 
     def _refuse_duplicate(self, probe: Probe, index: int, gallery_name: str) -> None:
-        result = self.search(probe, index, [gallery_name], k=3)
+        result = self.search(probe, index, [gallery_name], k=3, age_band=DUPLICATE_CHECK_BAND)
         if result.matches:
             raise DuplicateSubjectError(
                 "this face already matches enrolled subject(s) "
@@ -706,7 +790,3 @@ def _jpeg(chip: RGBImage) -> bytes:
     out = io.BytesIO()
     Image.fromarray(chip).save(out, format="JPEG", quality=THUMBNAIL_JPEG_QUALITY)
     return out.getvalue()
-
-
-def _pct(rate: float | None) -> str:
-    return "not measured" if rate is None else f"about {rate:.0%}"

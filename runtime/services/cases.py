@@ -159,6 +159,7 @@ class AccountableCases:
         frame_interval_s: float,
         retention_until: date | None,
         source_label: str | None = None,
+        children: bool | None = None,
     ) -> IngestRequest:
         return IngestRequest(
             source=source,
@@ -169,6 +170,7 @@ class AccountableCases:
             frame_interval_s=frame_interval_s,
             retention_until=retention_until,
             source_label=source_label,
+            children=children,
         )
 
     # -- reveals -----------------------------------------------------------------------------

@@ -205,6 +205,7 @@ class AccountableGalleries:
         field, overflow = gallery_field(result.galleries)
         summary = (
             f"face {face_index + 1} of {len(probe.faces)}; top-k {k}; "
+            f"age band {age_band} (thresholds of {result.calibration.band}); "
             f"fmr {result.operating_fmr:g}; threshold {result.threshold:.4f}; "
             f"no match {str(result.no_match).lower()}; model {result.model_id}"
         )
@@ -222,6 +223,46 @@ class AccountableGalleries:
             self.revealed.note(caller.session_key, candidate.gallery, [candidate.face_id])
         return result
 
+    def rescore(
+        self,
+        caller: Caller,
+        justification: Justification,
+        probe: Probe,
+        face_index: int,
+        result: SearchResult,
+        age_band: AgeBand,
+        *,
+        where: str,
+    ) -> SearchResult:
+        """A search's candidates judged for another stated age band. Nothing is searched
+        again, but a new answer (threshold, bands, "no match") is revealed: recorded first."""
+        for name in result.galleries:  # access may have been withdrawn since the search
+            self.require(caller, Permission.SEARCH, name, where=where, justification=justification)
+        rescored = self.galleries.rescore(result, age_band)
+        field, overflow = gallery_field(rescored.galleries)
+        self.recorder.record(
+            caller.actor,
+            AuditAction.SEARCH,
+            justification=justification,
+            gallery=field,
+            probe_sha256=probe.image_sha256,
+            candidates=audit_candidates(rescored.candidates),
+            age_band=age_band,
+            detail="; ".join(
+                p
+                for p in (
+                    f"re-scored, not searched again: face {face_index + 1} of "
+                    f"{len(probe.faces)}; age band {result.age_band} -> {age_band} (thresholds "
+                    f"of {rescored.calibration.band}); fmr {rescored.operating_fmr:g}; "
+                    f"threshold {rescored.threshold:.4f}; "
+                    f"no match {str(rescored.no_match).lower()}",
+                    overflow,
+                )
+                if p
+            ),
+        )
+        return rescored
+
     def verify(
         self,
         caller: Caller,
@@ -236,7 +277,9 @@ class AccountableGalleries:
         where: str = "verify",
     ) -> VerifyResult:
         self.require(caller, Permission.SEARCH, gallery, where=where, justification=justification)
-        result = self.galleries.verify(probe, face_index, gallery, subject_id, fmr=fmr)
+        result = self.galleries.verify(
+            probe, face_index, gallery, subject_id, fmr=fmr, age_band=age_band
+        )
         self.recorder.record(
             caller.actor,
             AuditAction.VERIFY,

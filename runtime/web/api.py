@@ -38,6 +38,7 @@ from runtime.web.api_models import (
     OneTimePassword,
     ProbeOut,
     ProposalOut,
+    RescoreRequest,
     SearchCreated,
     SearchResultOut,
     SearchStart,
@@ -184,6 +185,28 @@ def search_candidates(
     state = web_state(request)
     context = ops.load_search(state, principal, search_id)
     return SearchResultOut.of(ops.run_search(state, principal, context, face_index, k=body.k))
+
+
+@router.post(
+    "/searches/{search_id}/faces/{face_index}/rescore",
+    response_model=SearchResultOut,
+    tags=["search"],
+)
+def search_rescore(
+    request: Request,
+    search_id: str,
+    face_index: int,
+    body: RescoreRequest,
+    principal: Searcher,
+) -> SearchResultOut:
+    """The face's candidates judged for another apparent age: the same scores with that age
+    band's threshold, score bands and wording; not searched again, but recorded like a search.
+    The band becomes the search's band for its other faces."""
+    state = web_state(request)
+    context = ops.load_search(state, principal, search_id)
+    return SearchResultOut.of(
+        ops.rescore_search(state, principal, context, face_index, body.age_band)
+    )
 
 
 @router.post(

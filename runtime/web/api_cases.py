@@ -67,6 +67,14 @@ class IngestStart(BaseModel):
         default=DEFAULT_FRAME_INTERVAL_S, description="seconds between sampled video frames"
     )
     retention_until: date | None = Field(default=None, description="keep the case until")
+    may_include_children: bool | None = Field(
+        default=None,
+        description=(
+            "faces may include children: clustered with the child threshold (more, smaller "
+            "clusters), leads judged with the strictest band; null keeps the case's setting "
+            "(on for a new case); false: adults only"
+        ),
+    )
 
 
 class IngestPlanned(BaseModel):
@@ -75,6 +83,7 @@ class IngestPlanned(BaseModel):
     galleries: list[str]
     frame_interval_s: float
     retention_until: date | None
+    may_include_children: bool | None
     expires_after_idle_s: float
 
 
@@ -90,6 +99,7 @@ def ingest_plan(request: Request, body: IngestStart, principal: Searcher) -> Ing
         galleries=body.galleries,
         frame_interval_s=body.frame_interval_s,
         retention_until=body.retention_until.isoformat() if body.retention_until else None,
+        children=body.may_include_children,
     )
     return IngestPlanned(
         ingest_id=plan.entry_id,
@@ -97,6 +107,7 @@ def ingest_plan(request: Request, body: IngestStart, principal: Searcher) -> Ing
         galleries=list(plan.galleries),
         frame_interval_s=plan.frame_interval_s,
         retention_until=plan.retention_until,
+        may_include_children=plan.children,
         expires_after_idle_s=cops.desk(state).plans.ttl_s,
     )
 

@@ -13,11 +13,17 @@ from runtime.audit.justification import (
     MAX_REASON_CHARS,
     MIN_REASON_CHARS,
 )
+from runtime.gallery.age_bands import AgeBand, MeasuredBand
 from runtime.gallery.records import Face, GalleryInfo, Subject
 from runtime.gallery.service import Candidate, Probe, SearchResult
+from runtime.gallery.wording import StrengthLine, calibration_json
 from runtime.services.proposals import Proposal
 
-AgeBandName = Literal["adult", "teen", "child", "unknown"]
+AgeBandName = AgeBand
+AGE_BAND_HELP = (
+    "apparent age of the person in the photo: it chooses the thresholds, score bands and "
+    "wording; unknown uses the strictest band the box holds (child_0_5 for the shipped model)"
+)
 
 
 class _In(BaseModel):
@@ -35,9 +41,7 @@ class SearchStart(_In):
         max_length=MAX_REASON_CHARS,
         description="why this photo is searched, for the audit",
     )
-    age_band: AgeBandName = Field(
-        default="unknown", description="apparent age of the person in the photo"
-    )
+    age_band: AgeBandName = Field(default="unknown", description=AGE_BAND_HELP)
     galleries: list[str] = Field(
         default_factory=list,
         max_length=256,
@@ -94,6 +98,10 @@ class CandidatesRequest(_In):
     k: int = Field(default=10, ge=1, le=100, description="how many candidates, in rank order")
 
 
+class RescoreRequest(_In):
+    age_band: AgeBandName = Field(description=AGE_BAND_HELP)
+
+
 class CandidateOut(BaseModel):
     rank: int
     gallery: str
@@ -101,7 +109,9 @@ class CandidateOut(BaseModel):
     display_name: str
     face_id: str
     score: float = Field(description="cosine similarity of the templates")
-    band: str = Field(description="strong, moderate, weak or below threshold")
+    band: str = Field(
+        description="strong, moderate, weak or below threshold, by the age band's thresholds"
+    )
     above_threshold: bool
 
     @classmethod
@@ -119,18 +129,64 @@ class CandidateOut(BaseModel):
 
 
 class ReliabilityOut(BaseModel):
-    age_band: AgeBandName
-    verification_rate: float | None
+    age_band: AgeBandName = Field(description="as stated")
+    band_used: MeasuredBand = Field(description="the band whose thresholds applied")
+    verification_rate: float | None = Field(
+        description="same person across years verified, for this band; null: not measured"
+    )
     note: str
+
+
+class StrengthOut(BaseModel):
+    band: str
+    from_score: float | None = Field(description="lower edge; null: below the weakest edge")
+    text: str
+
+    @classmethod
+    def of(cls, line: StrengthLine) -> StrengthOut:
+        return cls(band=line.band.value, from_score=line.from_score, text=line.text)
+
+
+class CalibrationOut(BaseModel):
+    """The thresholds a result used, and what may honestly be said of them."""
+
+    age_band_used: MeasuredBand
+    label: str
+    substitution: str | None = Field(
+        description="why another band's thresholds apply (unknown age, band not calibrated)"
+    )
+    threshold_note: str = Field(description="the threshold in words, as every door shows it")
+    fmr_supported: bool = Field(
+        description="whether the band's pairs can support operating_fmr (rule of three)"
+    )
+    stated_fmr: float = Field(
+        description="the finest false-match rate that may be stated for this threshold"
+    )
+    resolution_fmr: float = Field(description="3 / non_mated_pairs, rounded up")
+    non_mated_pairs: int
+    data_set: str
+    measured_by: str
+    measured_in_product: bool = Field(
+        description="false: measured outside this product on data that cannot ship"
+    )
+    date: str
+    strength: list[StrengthOut] = Field(description="what each score band means for this band")
 
 
 class SearchResultOut(BaseModel):
     model_id: str
     galleries: list[str]
-    operating_fmr: float = Field(description="false match rate the threshold was set for")
+    age_band: AgeBandName = Field(description="the probe's apparent age, as stated")
+    operating_fmr: float = Field(
+        description=(
+            "the calibrated false-match rate the threshold was set for within the age band; "
+            "where calibration.fmr_supported is false, only calibration.stated_fmr may be said"
+        )
+    )
     threshold: float
     no_match: bool = Field(description="no candidate scored above the threshold")
     searched_faces: int
+    calibration: CalibrationOut
     reliability: ReliabilityOut
     candidates: list[CandidateOut] = Field(description="leads in rank order, not identifications")
 
@@ -139,12 +195,17 @@ class SearchResultOut(BaseModel):
         return cls(
             model_id=r.model_id,
             galleries=list(r.galleries),
+            age_band=r.age_band,
             operating_fmr=r.operating_fmr,
             threshold=round(r.threshold, 4),
             no_match=r.no_match,
             searched_faces=r.searched_faces,
+            calibration=CalibrationOut.model_validate(
+                calibration_json(r.calibration, r.operating_fmr)
+            ),
             reliability=ReliabilityOut(
                 age_band=r.reliability.age_band,
+                band_used=r.reliability.band_used,
                 verification_rate=r.reliability.verification_rate,
                 note=r.reliability.note,
             ),

@@ -32,6 +32,7 @@ def record(
     candidates: Sequence[Candidate] = (),
     decision: str | None = None,
     subject_id: str | None = None,
+    age_band: str | None = None,
     detail: str | None = None,
 ) -> None:
     state.recorder.record(
@@ -43,6 +44,7 @@ def record(
         candidates=audit_candidates(candidates),
         decision=decision,
         subject_id=subject_id,
+        age_band=age_band,
         detail=detail,
     )
 

@@ -38,6 +38,8 @@ class PendingIngest:
     galleries: tuple[str, ...]
     frame_interval_s: float
     retention_until: date | None
+    # "Faces may include children" (None: keep the case's setting; a new case: on).
+    children: bool | None = None
 
     def nbytes(self) -> int:
         return PLAN_NBYTES

@@ -89,6 +89,7 @@ def plan_ingest(
     galleries: Sequence[str] = (),
     frame_interval_s: str | float | None = None,
     retention_until: str | None = None,
+    children: bool | None = None,
 ) -> PendingIngest:
     """Case number, reason and galleries first, before any media is accepted."""
     cases = desk(state)
@@ -102,10 +103,15 @@ def plan_ingest(
         galleries=choose_galleries(state, principal, galleries, where="plan a case ingest"),
         frame_interval_s=check_frame_interval(frame_interval_s),
         retention_until=check_retention(retention_until),
+        children=children,
     )
     access(state).check_may_ingest_into(principal, why.case, where="plan a case ingest")
     cases.plans.put(plan)
     return plan
+
+
+def _setting(children: bool | None) -> str:
+    return "as the case is set" if children is None else str(children).lower()
 
 
 def load_plan(state: WebState, principal: Principal, entry_id: str) -> PendingIngest:
@@ -141,6 +147,7 @@ def start_ingest(
         frame_interval_s=plan.frame_interval_s,
         retention_until=plan.retention_until,
         source_label=source_label(archive.filename),
+        children=plan.children,
     )
     job = CaseJob(
         job_id=cases.jobs.new_id(),
@@ -158,7 +165,8 @@ def start_ingest(
             source_sha256=archive.sha256,
             detail=(
                 f"archive of {archive.size} bytes uploaded; video frame interval "
-                f"{plan.frame_interval_s:g} s; job {job.job_id}"
+                f"{plan.frame_interval_s:g} s; may include children {_setting(plan.children)}; "
+                f"job {job.job_id}"
             ),
             where="case ingest",
         )

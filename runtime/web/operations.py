@@ -45,7 +45,7 @@ def check_age_band(value: str) -> AgeBand:
     for band in AGE_BANDS:
         if value == band:
             return band
-    raise BadInputError(f"apparent age must be one of {', '.join(AGE_BANDS)}")
+    raise BadInputError(f"the apparent age band must be one of {', '.join(AGE_BANDS)}")
 
 
 def check_top_k(value: str | int | None) -> int:
@@ -195,6 +195,26 @@ def run_search(
 
 def justification(context: SearchContext) -> Justification:
     return Justification(context.case, context.reason)
+
+
+def rescore_search(
+    state: WebState, principal: Principal, context: SearchContext, face_index: int, age_band: str
+) -> SearchResult:
+    """A face's candidates judged for another stated age band: the same scores, that band's
+    threshold, score bands and wording. Nothing is searched again, but a new answer is
+    revealed, so the core records it like a search before it is shown; the band becomes the
+    search's band for its other faces."""
+    band = check_age_band(age_band)
+    result = context.results.get(face_index)
+    if result is None:
+        raise NotFoundError("search this face first")
+    probe = require_probe(context)
+    rescored = state.accountable.rescore(
+        principal, justification(context), probe, face_index, result, band, where="re-score"
+    )
+    context.age_band = band
+    context.results[face_index] = rescored
+    return rescored
 
 
 def find_candidate(context: SearchContext, face_index: int, face_id: str) -> Candidate:

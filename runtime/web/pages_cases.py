@@ -81,12 +81,14 @@ def cases_plan(request: Request, principal: Searcher) -> Response:
             galleries=form.all("gallery"),
             frame_interval_s=form.get("frame_interval"),
             retention_until=form.get("retention_until"),
+            children=bool(form.get("children")),  # an unticked box sends nothing
         )
     except BadInputError as exc:
         values: dict[str, object] = {
             name: form.get(name) for name in ("case", "reason", "frame_interval", "retention_until")
         }
         values["galleries"] = form.all("gallery")
+        values["children"] = bool(form.get("children"))
         return _cases_page(request, principal, error=str(exc), status_code=400, values=values)
     return RedirectResponse(f"/cases/new/{plan.entry_id}", status_code=303)
 

@@ -16,6 +16,7 @@ from starlette.responses import RedirectResponse, Response
 
 from runtime.accounts.roles import Permission
 from runtime.errors import BadInputError
+from runtime.gallery.age_bands import AGE_BAND_LABELS
 from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, MAX_TOP_K
 from runtime.web import operations as ops
 from runtime.web.access import PageAccess, posted
@@ -29,12 +30,6 @@ router = APIRouter(include_in_schema=False)
 
 Searcher = Annotated[Principal, Depends(PageAccess(Permission.SEARCH))]
 CURRENT_SEARCH = "search"
-AGE_BAND_LABELS = {
-    "unknown": "Not known",
-    "adult": "Adult (18+)",
-    "teen": "Teenager (13-17)",
-    "child": "Child (under 13)",
-}
 
 
 def _start_page(
@@ -178,8 +173,23 @@ def search_results(
         face=probe.face(face_index),
         result=result,
         decisions={fid: d for (i, fid), d in context.decisions.items() if i == face_index},
-        age_band_label=AGE_BAND_LABELS[context.age_band],
+        age_band_label=AGE_BAND_LABELS[result.age_band],
+        age_bands=[(b, AGE_BAND_LABELS[b]) for b in AGE_BANDS],
     )
+
+
+@router.post("/search/{search_id}/faces/{face_index}/age-band")
+def search_rescore(
+    request: Request, search_id: str, face_index: int, principal: Searcher
+) -> Response:
+    """The same candidates judged for another apparent age (recorded; not searched again)."""
+    state = web_state(request)
+    context = ops.load_search(state, principal, search_id)
+    result = ops.rescore_search(
+        state, principal, context, face_index, posted(request).get("age_band")
+    )
+    flash(principal, f"Re-scored for: {AGE_BAND_LABELS[result.age_band]}.")
+    return RedirectResponse(f"/search/{search_id}/faces/{face_index}", status_code=303)
 
 
 @router.post("/search/{search_id}/faces/{face_index}/decisions")
