@@ -474,3 +474,9 @@ def test_users_changes_are_recorded_as_the_os_user(
     assert event.action is AuditAction.USER_CREATED
     assert (event.user, event.role) == (ACTOR.user, "operator")
     assert "OS user" not in (event.detail or "")  # the actor names them now
+    before = len(records(home))
+    code, _, err = cli(capsys, home, "users", "reset-password", "ivy")
+    assert code == 0, err
+    (reset,) = added(home, before)
+    assert reset.action is AuditAction.PASSWORD_CHANGED
+    assert (reset.user, reset.role) == (ACTOR.user, "operator")

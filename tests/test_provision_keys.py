@@ -20,6 +20,8 @@ from test_gallery_store import (
 from test_provision_init import snapshot
 
 from edgeid.cli import main
+from runtime.audit import AuditAction, AuditLog
+from runtime.audit.actor import os_actor
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.errors import DecryptionError, KeyProviderError
@@ -313,3 +315,21 @@ def test_rotate_keys_moves_a_key_file_keyring_into_the_tpm(
     assert plain_data_keys(home) == before
     code, result, _ = cli(home, capsys, "selftest")
     assert checks(result)["gallery keys"] == "PASS"
+
+
+def test_rotate_keys_is_recorded_in_the_audit_log_as_the_os_user(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The technician's rotation is a door like any other: recorded before it happens."""
+    provision(home, capsys, "--key-provider", "keyfile")
+    with GalleryStore(home, KeyFileProvider(home / "keys")) as store:
+        AuditLog.open(home, store.keyring).close()  # the box's audit log, as `edgeid init` makes
+    code, done, err = cli(home, capsys, "rotate-keys")
+    assert code == 0, err
+    with (
+        GalleryStore(home, KeyFileProvider(home / "keys")) as store,
+        AuditLog.open(home, store.keyring) as log,
+    ):
+        (latest,) = log.query(action=AuditAction.KEYS_ROTATED, limit=5)
+    assert latest.event.user == os_actor().user and latest.event.role == "operator"
+    assert isinstance(done, dict) and str(done["old_kek_id"]) in (latest.event.detail or "")
