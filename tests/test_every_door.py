@@ -108,6 +108,8 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/search/{search_id}/faces/{face_index}/chip.jpg"): NEITHER,
     ("POST", "/search/{search_id}/faces/{face_index}"): reveals(AuditAction.SEARCH),
     ("GET", "/search/{search_id}/faces/{face_index}"): SHOWS_AGAIN,
+    # The same candidates judged for another age band: a new answer, recorded like a search.
+    ("POST", "/search/{search_id}/faces/{face_index}/age-band"): reveals(AuditAction.SEARCH),
     ("POST", "/search/{search_id}/faces/{face_index}/decisions"): changes(
         AuditAction.DECISION, justified=True
     ),
@@ -169,6 +171,9 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("PUT", f"{API}/searches/{{search_id}}/photo"): NEITHER,
     ("GET", f"{API}/searches/{{search_id}}/faces/{{face_index}}/chip.jpg"): NEITHER,
     ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/candidates"): reveals(
+        AuditAction.SEARCH
+    ),
+    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/rescore"): reveals(
         AuditAction.SEARCH
     ),
     ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/decisions"): changes(
@@ -841,7 +846,24 @@ def _api_reject(w: World) -> Request:
     return lambda: w.supervisor_api.post(f"{API}/approvals/{pid}/reject")
 
 
+def _rescore(w: World) -> Request:
+    search_id, _ = web_searched(w)
+    return lambda: w.investigator.post(
+        f"/search/{search_id}/faces/0/age-band", data={"csrf_token": w.csrf, "age_band": "adult"}
+    )
+
+
+def _api_rescore(w: World) -> Request:
+    search_id = api_search(w)
+    assert w.api.post(f"{API}/searches/{search_id}/faces/0/candidates", json={"k": 5}).is_success
+    return lambda: w.api.post(
+        f"{API}/searches/{search_id}/faces/0/rescore", json={"age_band": "adult"}
+    )
+
+
 EXERCISES: dict[tuple[str, str], Exercise] = {
+    ("POST", "/search/{search_id}/faces/{face_index}/age-band"): _rescore,
+    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/rescore"): _api_rescore,
     ("POST", "/approvals/{proposal_id}/approve"): _approve,
     ("POST", "/approvals/{proposal_id}/reject"): _reject,
     ("POST", f"{API}/approvals/{{proposal_id}}/approve"): _api_approve,
@@ -989,6 +1011,17 @@ UNJUSTIFIED: dict[tuple[str, str], Exercise] = {
         lambda: w.investigator.post(
             "/search",
             data={"csrf_token": w.csrf, "case": WORK_CASE, "reason": "look", "gallery": OFFICE},
+        )
+    ),
+    ("POST", "/search/{search_id}/faces/{face_index}/age-band"): lambda w: (
+        lambda: w.investigator.post(
+            "/search",
+            data={"csrf_token": w.csrf, "case": "", "reason": SEARCH_REASON, "gallery": OFFICE},
+        )
+    ),
+    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/rescore"): lambda w: (
+        lambda: w.api.post(
+            f"{API}/searches", json={"case": WORK_CASE, "reason": "", "galleries": [OFFICE]}
         )
     ),
     ("GET", f"{API}/galleries/{{gallery}}/subjects"): _api_without(

@@ -202,25 +202,13 @@ class AccountableGalleries:
         result = self.galleries.search(
             probe, face_index, galleries, k=k, fmr=fmr, age_band=age_band
         )
-        field, overflow = gallery_field(result.galleries)
         summary = (
             f"face {face_index + 1} of {len(probe.faces)}; top-k {k}; "
             f"age band {age_band} (thresholds of {result.calibration.band}); "
             f"fmr {result.operating_fmr:g}; threshold {result.threshold:.4f}; "
             f"no match {str(result.no_match).lower()}; model {result.model_id}"
         )
-        self.recorder.record(
-            caller.actor,
-            AuditAction.SEARCH,
-            justification=justification,
-            gallery=field,
-            probe_sha256=probe.image_sha256,
-            candidates=audit_candidates(result.candidates),
-            age_band=age_band,
-            detail="; ".join(p for p in (detail, summary, overflow) if p),
-        )
-        for candidate in result.candidates:
-            self.revealed.note(caller.session_key, candidate.gallery, [candidate.face_id])
+        self._record_search(caller, justification, probe, result, [detail, summary])
         return result
 
     def rescore(
@@ -239,28 +227,13 @@ class AccountableGalleries:
         for name in result.galleries:  # access may have been withdrawn since the search
             self.require(caller, Permission.SEARCH, name, where=where, justification=justification)
         rescored = self.galleries.rescore(result, age_band)
-        field, overflow = gallery_field(rescored.galleries)
-        self.recorder.record(
-            caller.actor,
-            AuditAction.SEARCH,
-            justification=justification,
-            gallery=field,
-            probe_sha256=probe.image_sha256,
-            candidates=audit_candidates(rescored.candidates),
-            age_band=age_band,
-            detail="; ".join(
-                p
-                for p in (
-                    f"re-scored, not searched again: face {face_index + 1} of "
-                    f"{len(probe.faces)}; age band {result.age_band} -> {age_band} (thresholds "
-                    f"of {rescored.calibration.band}); fmr {rescored.operating_fmr:g}; "
-                    f"threshold {rescored.threshold:.4f}; "
-                    f"no match {str(rescored.no_match).lower()}",
-                    overflow,
-                )
-                if p
-            ),
+        change = (
+            f"re-scored, not searched again: face {face_index + 1} of {len(probe.faces)}; "
+            f"age band {result.age_band} -> {age_band} (thresholds of "
+            f"{rescored.calibration.band}); fmr {rescored.operating_fmr:g}; "
+            f"threshold {rescored.threshold:.4f}; no match {str(rescored.no_match).lower()}"
         )
+        self._record_search(caller, justification, probe, rescored, [change])
         return rescored
 
     def verify(
@@ -621,6 +594,30 @@ class AccountableGalleries:
         return count
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _record_search(
+        self,
+        caller: Caller,
+        justification: Justification,
+        probe: Probe,
+        result: SearchResult,
+        details: Sequence[str | None],
+    ) -> None:
+        """The search's record (ids, scores and bands of its candidates, never a name); its
+        candidates' photos are then viewable by the same session."""
+        field, overflow = gallery_field(result.galleries)
+        self.recorder.record(
+            caller.actor,
+            AuditAction.SEARCH,
+            justification=justification,
+            gallery=field,
+            probe_sha256=probe.image_sha256,
+            candidates=audit_candidates(result.candidates),
+            age_band=result.age_band,
+            detail="; ".join(p for p in (*details, overflow) if p),
+        )
+        for candidate in result.candidates:
+            self.revealed.note(caller.session_key, candidate.gallery, [candidate.face_id])
 
     def _record_or_undo(
         self, caller: Caller, gallery: str, subject_id: str, write: Callable[[], None]
