@@ -617,3 +617,21 @@ def test_tampered_case_vector_is_refused(target: str, tmp_path: Path) -> None:
     with CaseStore(home, _keyring(home)) as store, pytest.raises(CorruptCaseError):
         case = store.find(CASES["number"])
         case.results()
+
+
+def test_a_case_written_before_age_bands_still_opens_as_adults_only(tmp_path: Path) -> None:
+    """The case format gained its age-band fields (may_include_children, the band its
+    clusters were made with); a case sealed by the earlier version still opens, read as the
+    adults-only case it was, and its results keep their leads."""
+    old = VECTORS / "cases_before_age_bands"
+    before = _json(old / "expected.json")
+    home = _install(old, before["files"], tmp_path)
+    with CaseStore(home, _keyring(home)) as store:
+        case = store.find(before["number"])
+        assert case.case_id == before["case_id"]
+        assert case.meta.may_include_children is False
+        results = case.results()
+        assert results is not None and results.age_band == "adult"
+        assert [c.number for c in results.clusters] == [
+            c["number"] for c in before["results"]["clusters"]
+        ]

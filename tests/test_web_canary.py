@@ -42,6 +42,7 @@ CANARIES = {
     "case": ("CASE-Vexmoor-4471", "Vexmoor"),
     "reason": ("identify a periwinkle lantern victim", "periwinkle"),
     "token label": ("Glimmerdusk canary script", "Glimmerdusk"),
+    "proposal reason": ("grant for the Sablewick operation", "Sablewick"),
 }
 USER, GALLERY, SUBJECT = CANARIES["user"][0], CANARIES["gallery"][0], CANARIES["subject"][0]
 CASE, REASON = CANARIES["case"][0], CANARIES["reason"][0]
@@ -153,9 +154,16 @@ def test_a_full_web_flow_leaves_no_canary_on_disk_or_in_the_log(
 def _flow(box: Box, app: RouteAccessLog, lfw_dir: Path) -> None:
     admin, csrf = sign_in(box, Role.ADMIN)
     admin = _rebind(admin, app)
+    grant_reason = CANARIES["proposal reason"][0]
     made = admin.post(
         "/admin/users",
-        data={"csrf_token": csrf, "username": USER, "role": "investigator", "gallery": OFFICE},
+        data={
+            "csrf_token": csrf,
+            "username": USER,
+            "role": "investigator",
+            "gallery": OFFICE,
+            "reason": grant_reason,
+        },
     )
     once = re.search(r'<code class="token">([^<]+)</code>', made.text)
     assert made.status_code == 200 and once is not None
@@ -163,10 +171,25 @@ def _flow(box: Box, app: RouteAccessLog, lfw_dir: Path) -> None:
     assert (
         admin.post(
             f"/admin/users/{USER}",
-            data={"csrf_token": csrf, "role": "investigator", "gallery": [OFFICE, GALLERY]},
+            data={
+                "csrf_token": csrf,
+                "role": "investigator",
+                "gallery": [OFFICE, GALLERY],
+                "reason": grant_reason,
+            },
         ).status_code
         == 303
     )
+    # Gallery grants wait for a second person (sealed proposals, scanned below as well).
+    supervisor, scsrf = sign_in(box, Role.SUPERVISOR)
+    supervisor = _rebind(supervisor, app)
+    waiting = re.findall(
+        r'action="/approvals/([0-9a-f]+)/approve"', supervisor.get("/approvals").text
+    )
+    assert waiting
+    for proposal_id in waiting:
+        approved = supervisor.post(f"/approvals/{proposal_id}/approve", data={"csrf_token": scsrf})
+        assert approved.status_code == 303
     assert admin.get(f"/admin/users/{USER}").status_code == 200
 
     browser, ucsrf = _sign_in_first_time(app, USER, once.group(1))
