@@ -15,9 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from web_support import build_box, sign_in, tls_settings
 
 from edgeid.cli import main
-from runtime.cases.jobs import IngestJob
+from runtime.accounts.roles import Role
 from runtime.cases.media import (
     UPLOAD_REFUSED,
     RefusedSource,
@@ -26,6 +27,7 @@ from runtime.cases.media import (
     sniff,
     zip_damage,
 )
+from runtime.web.case_uploads import UPLOADS_DIR
 
 CASE = "ARC-2026/0001"
 REASON = "seized laptop, warrant W-13/2026"
@@ -204,25 +206,38 @@ def test_finding_1_damaged_zip_message_for_the_web_has_no_server_path(
     assert RefusedSource("x").for_upload == UPLOAD_REFUSED  # a refusal never leaks by default
 
 
-def test_finding_1_the_web_job_reports_the_refusal_without_the_path(
-    photos: list[bytes], tmp_path: Path
+def test_finding_1_a_cut_zip_uploaded_on_the_web_fails_without_the_server_path(
+    photos: list[bytes], tmp_path: Path, lfw_dir: Path, models_dir: Path
 ) -> None:
-    """The web's ingest job shows ``for_upload``; a service that refuses the source is enough
-    to prove it (the real ingest raises the same exception from ``open_source``)."""
+    """Uploaded through the case pages, the cut zip fails its job with the upload's wording:
+    no server path, no advice to ingest a folder; the archive is shredded, no case made."""
     whole, directory_at = outer_zip(photos, inner_zip(photos[3]), "backup.zip", zipfile.ZIP_STORED)
-    upload = tmp_path / "uploads" / "0f3a9c"
-    upload.parent.mkdir()
-    upload.write_bytes(whole[:directory_at])
-
-    class Refusing:
-        def ingest(self, request: object, **_: object) -> None:
-            what_ingest_reads(upload)
-
-    job = IngestJob(Refusing(), None).start()  # type: ignore[arg-type]
-    assert job.wait(30)
-    assert job.state == "failed" and job.error is not None
-    assert "damaged zip archive" in job.error and "0f3a9c" not in job.error
-    assert str(tmp_path) not in job.error and "folder" not in job.error
+    home = tmp_path / "box"
+    home.mkdir()
+    box = build_box(home, lfw_dir, models_dir, tls_settings(home))
+    try:
+        browser, csrf = sign_in(box, Role.INVESTIGATOR)
+        planned = browser.post("/cases", data={"case": CASE, "reason": REASON, "csrf_token": csrf})
+        assert planned.status_code == 303, planned.text
+        entry = str(planned.headers["location"]).rsplit("/", 1)[1]
+        reply = browser.post(
+            f"/cases/new/{entry}/archive",
+            data={"csrf_token": csrf},
+            files={"archive": ("outer_cut.zip", whole[:directory_at], "application/zip")},
+        )
+        assert reply.status_code == 303, reply.text
+        job_id = str(reply.headers["location"]).rsplit("/", 1)[1]
+        job = box.app.state.web.cases.jobs.get(box.users[Role.INVESTIGATOR], job_id)
+        assert job is not None and job.job.wait(timeout=60)
+        assert job.job.state == "failed"
+        page = browser.get(f"/cases/jobs/{job_id}").text
+        assert "damaged zip archive, nothing read" in page
+        assert "upload the complete archive again" in page
+        assert str(home) not in page and "/uploads" not in page and "folder" not in page
+        assert box.cases is not None and not box.cases.store.exists(CASE)
+        assert sorted((home / UPLOADS_DIR).rglob("*")) == []
+    finally:
+        box.close()
 
 
 # -- nested archives in every path --------------------------------------------------------------
