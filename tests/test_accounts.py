@@ -16,6 +16,7 @@ from runtime.accounts.sessions import SessionStore
 from runtime.accounts.throttle import (
     ADDRESS_MAX_FAILURES,
     MAX_DELAY_S,
+    PAIR_FORGET_S,
     PAIR_FREE_FAILURES,
     LoginThrottle,
     delay_after,
@@ -172,6 +173,16 @@ def test_failures_slow_only_their_account_from_their_address_growing_to_a_cap() 
     assert waits[:4] == [delay_after(1), delay_after(2), delay_after(3), delay_after(4)]
     assert waits == sorted(waits)
     assert waits[0] < waits[3] and waits[-1] == MAX_DELAY_S
+
+
+def test_a_pairs_failures_are_forgotten_after_a_quiet_day() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    for _ in range(PAIR_FREE_FAILURES):
+        throttle.failure("alice", "10.0.0.1")
+    clock.now += PAIR_FORGET_S + 1
+    throttle.failure("alice", "10.0.0.1")  # counts as the first again
+    assert throttle.retry_after("alice", "10.0.0.1") is None
 
 
 def test_a_success_resets_the_pair() -> None:

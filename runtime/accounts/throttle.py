@@ -42,6 +42,8 @@ WINDOW_S = 15 * 60.0
 ACCOUNT_MAX_FAILURES = 30
 # An office shares a few addresses (NAT): allow several people's typos, slow a sweep of names.
 ADDRESS_MAX_FAILURES = 50
+# A pair's failures are forgotten after a day without one (last week's typos do not count).
+PAIR_FORGET_S = 24 * 3600.0
 # A pair that signed in within this time is someone's usual place, spared the wider guards.
 KNOWN_PAIR_S = 30 * 24 * 3600.0
 # Bounds the tables an attacker can grow by trying random names from random addresses.
@@ -111,7 +113,7 @@ class LoginThrottle:
 
     def _wait(self, username: str, address: str, now: float) -> float:
         pair = self._pairs.get((username, address))
-        if pair is None or not pair.failures:
+        if pair is None or not pair.failures or now - pair.last_failure > PAIR_FORGET_S:
             return 0.0
         allowance = PAIR_FREE_FAILURES
         known = pair.signed_in_at is not None and now - pair.signed_in_at < KNOWN_PAIR_S
@@ -131,6 +133,8 @@ class LoginThrottle:
         now = self._clock()
         with self._lock:
             pair = self._touch(self._pairs, (username, address), _Pair)
+            if now - pair.last_failure > PAIR_FORGET_S:
+                pair.failures = 0
             pair.failures += 1
             pair.last_failure = now
             self._touch(self._accounts, username, _Failures).add(now, ACCOUNT_MAX_FAILURES)
