@@ -14,10 +14,12 @@ from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
 from runtime.accounts.sealing import AccountsKey
 from runtime.accounts.sessions import SessionStore
 from runtime.accounts.throttle import (
-    ACCOUNT_LOCKOUT_S,
-    ACCOUNT_MAX_FAILURES,
     ADDRESS_MAX_FAILURES,
+    MAX_DELAY_S,
+    PAIR_FORGET_S,
+    PAIR_FREE_FAILURES,
     LoginThrottle,
+    delay_after,
 )
 from runtime.accounts.tokens import TokenStore
 from runtime.accounts.users import UserStore
@@ -153,36 +155,61 @@ def test_tokens_expire(tmp_path: Path) -> None:
 # -- throttling ------------------------------------------------------------------------------
 
 
-def test_the_eleventh_attempt_after_ten_failures_is_refused_until_the_lockout_ends() -> None:
+def test_failures_slow_only_their_account_from_their_address_growing_to_a_cap() -> None:
     clock = Clock()
     throttle = LoginThrottle(clock)
-    for _ in range(ACCOUNT_MAX_FAILURES):
-        assert throttle.retry_after("alice", "10.0.0.1") is None
+    for _ in range(PAIR_FREE_FAILURES):
         throttle.failure("alice", "10.0.0.1")
-    wait = throttle.retry_after("alice", "10.0.0.2")  # another address does not help
-    assert wait is not None and wait == pytest.approx(ACCOUNT_LOCKOUT_S)
-    assert throttle.retry_after("bob", "10.0.0.1") is None  # other accounts are not locked
-    clock.now += ACCOUNT_LOCKOUT_S + 1
-    assert throttle.retry_after("alice", "10.0.0.1") is None
-    throttle.failure("alice", "10.0.0.1")  # a new count starts after the lockout
+        assert throttle.retry_after("alice", "10.0.0.1") is None  # typos cost nothing
+    waits = []
+    for _ in range(12):
+        throttle.failure("alice", "10.0.0.1")
+        wait = throttle.retry_after("alice", "10.0.0.1")
+        assert wait is not None
+        waits.append(wait)
+        assert throttle.retry_after("alice", "10.0.0.2") is None  # another address: not slowed
+        assert throttle.retry_after("bob", "10.0.0.1") is None  # another account: not slowed
+        clock.now += wait  # the next attempt comes as soon as it may
+    assert waits[:4] == [delay_after(1), delay_after(2), delay_after(3), delay_after(4)]
+    assert waits == sorted(waits)
+    assert waits[0] < waits[3] and waits[-1] == MAX_DELAY_S
+
+
+def test_a_pairs_failures_are_forgotten_after_a_quiet_day() -> None:
+    clock = Clock()
+    throttle = LoginThrottle(clock)
+    for _ in range(PAIR_FREE_FAILURES):
+        throttle.failure("alice", "10.0.0.1")
+    clock.now += PAIR_FORGET_S + 1
+    throttle.failure("alice", "10.0.0.1")  # counts as the first again
     assert throttle.retry_after("alice", "10.0.0.1") is None
 
 
-def test_a_success_resets_the_account_count() -> None:
+def test_a_success_resets_the_pair() -> None:
     throttle = LoginThrottle(Clock())
-    for _ in range(ACCOUNT_MAX_FAILURES - 1):
+    for _ in range(PAIR_FREE_FAILURES + 2):
         throttle.failure("alice", "10.0.0.1")
-    throttle.success("alice")
+    assert throttle.retry_after("alice", "10.0.0.1") is not None
+    throttle.success("alice", "10.0.0.1")
     throttle.failure("alice", "10.0.0.1")
     assert throttle.retry_after("alice", "10.0.0.1") is None
 
 
-def test_an_address_sweeping_many_names_is_throttled() -> None:
+def test_an_address_sweeping_many_names_is_slowed_but_not_its_known_users() -> None:
     throttle = LoginThrottle(Clock())
+    throttle.success("carol", "10.9.9.9")  # carol signs in from the office every day
     for i in range(ADDRESS_MAX_FAILURES):
         throttle.failure(f"user{i}", "10.9.9.9")
+    # Over the limit, a name failing from there waits after its first failure, not its sixth.
+    assert throttle.retry_after("user0", "10.9.9.9") is not None
+    throttle.failure("someone-new", "10.9.9.9")
     assert throttle.retry_after("someone-new", "10.9.9.9") is not None
-    assert throttle.retry_after("someone-new", "10.9.9.8") is None
+    throttle.failure("someone-new", "10.9.9.8")
+    assert throttle.retry_after("someone-new", "10.9.9.8") is None  # elsewhere: as before
+    # Nobody without failures is refused: carol, and dave who never signed in from there.
+    assert throttle.retry_after("dave", "10.9.9.9") is None
+    throttle.failure("carol", "10.9.9.9")  # a typo of a known pair stays free
+    assert throttle.retry_after("carol", "10.9.9.9") is None
 
 
 # -- sessions --------------------------------------------------------------------------------

@@ -373,7 +373,7 @@ def test_bad_input_is_one_line_with_exit_2(
     damaged.write_bytes((tmp_path / "whole.zip").read_bytes()[:20_000])
     cases = (
         (["ingest", str(tmp_path / "nowhere"), "--case", CASE, "--reason", REASON], "no such"),
-        (["ingest", str(damaged), "--case", CASE, "--reason", REASON], "looks like an archive"),
+        (["ingest", str(damaged), "--case", CASE, "--reason", REASON], "damaged zip archive"),
         (["ingest", str(media.folder), "--case", CASE, "--reason", "  "], "reason"),
         (["ingest", str(media.folder), "--case", CASE, "--reason", REASON, "--galleries", "x"],
          "no gallery"),

@@ -185,8 +185,12 @@ def test_damaged_archives_are_refused_with_the_fix(tmp_path: Path, jpeg: bytes) 
         archive.writestr("a.jpg", jpeg)
     cut = tmp_path / "cut.zip"
     cut.write_bytes(whole.read_bytes()[: len(jpeg) // 2])
-    with pytest.raises(RefusedSource, match="looks like an archive"):
+    with pytest.raises(RefusedSource, match=r"damaged zip archive.*central directory"):
         listing(cut)
+    gz = tmp_path / "not_a_tar.gz"
+    gz.write_bytes(b"\x1f\x8b" + bytes(64))
+    with pytest.raises(RefusedSource, match="looks like an archive"):
+        listing(gz)
     with pytest.raises(RefusedSource, match="no such file"):
         listing(tmp_path / "missing")
 

@@ -206,7 +206,7 @@ def test_every_proof_exists(command: str) -> None:
 # Actions no door above classifies: where a test produces and checks each.
 ELSEWHERE: dict[AuditAction, str] = {
     AuditAction.LOGIN_FAILED: (
-        "test_web_security::test_the_eleventh_bad_password_in_a_row_is_throttled_even_if_right"
+        "test_web_security::test_a_wrong_password_past_the_free_ones_delays_that_pair_even_if_right"
     ),
     AuditAction.ACCESS_DENIED: (
         "test_services_accountable::test_refusals_are_recorded_then_rate_limited_and_counted"

@@ -146,6 +146,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/admin/users/{username}"): NEITHER,
     ("POST", "/admin/users/{username}"): changes(AuditAction.USER_DISABLED),
     ("POST", "/admin/users/{username}/password"): changes(AuditAction.PASSWORD_CHANGED),
+    ("POST", "/admin/users/{username}/unlock"): changes(AuditAction.LOCK_CLEARED),
     ("GET", "/admin/galleries"): NEITHER,
     ("POST", "/admin/galleries"): changes(AuditAction.GALLERY_CREATED),
     ("GET", "/admin/galleries/{gallery}/delete"): NEITHER,
@@ -204,6 +205,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", f"{API}/users"): changes(AuditAction.USER_CREATED),
     ("PATCH", f"{API}/users/{{username}}"): changes(AuditAction.ROLE_CHANGED),
     ("POST", f"{API}/users/{{username}}/password-reset"): changes(AuditAction.PASSWORD_CHANGED),
+    ("POST", f"{API}/users/{{username}}/unlock"): changes(AuditAction.LOCK_CLEARED),
     ("GET", f"{API}/tokens"): NEITHER,
     ("DELETE", f"{API}/tokens/{{token_id}}"): changes(AuditAction.TOKEN_REVOKED),
     ("POST", f"{API}/case-ingests"): NEITHER,
@@ -652,6 +654,26 @@ def _admin_password(w: World) -> Request:
     )
 
 
+def slowed_user(w: World, name: str) -> None:
+    """A user whose wrong passwords from one address delay their next sign-in there."""
+    fresh_user(w, name)
+    for _ in range(8):
+        w.box.app.state.web.throttle.failure(name, "10.66.0.1")
+    assert w.box.app.state.web.throttle.is_throttled(name)
+
+
+def _admin_unlock(w: World) -> Request:
+    slowed_user(w, "door-unlock")
+    return lambda: w.admin.post(
+        "/admin/users/door-unlock/unlock", data={"csrf_token": w.admin_csrf}
+    )
+
+
+def _api_unlock(w: World) -> Request:
+    slowed_user(w, "door-api-unlock")
+    return lambda: w.admin_api.post(f"{API}/users/door-api-unlock/unlock")
+
+
 def _admin_gallery_create(w: World) -> Request:
     return lambda: w.admin.post(
         "/admin/galleries", data={"csrf_token": w.admin_csrf, "name": "door-gallery"}
@@ -891,6 +913,7 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("POST", "/admin/users"): _admin_user_create,
     ("POST", "/admin/users/{username}"): _admin_user_disable,
     ("POST", "/admin/users/{username}/password"): _admin_password,
+    ("POST", "/admin/users/{username}/unlock"): _admin_unlock,
     ("POST", "/admin/galleries"): _admin_gallery_create,
     ("POST", "/admin/galleries/{gallery}/delete"): _admin_gallery_delete,
     ("GET", "/audit"): _audit_page,
@@ -909,6 +932,7 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("POST", f"{API}/users"): _api_user_create,
     ("PATCH", f"{API}/users/{{username}}"): _api_user_patch,
     ("POST", f"{API}/users/{{username}}/password-reset"): _api_password_reset,
+    ("POST", f"{API}/users/{{username}}/unlock"): _api_unlock,
     ("DELETE", f"{API}/tokens/{{token_id}}"): _api_token_revoke,
     ("PUT", f"{API}/case-ingests/{{ingest_id}}/archive"): _api_case_archive,
     ("GET", f"{API}/cases/{{case_id}}"): _api_case,

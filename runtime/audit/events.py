@@ -42,6 +42,7 @@ class AuditAction(StrEnum):
     GALLERY_ACCESS_CHANGED = "gallery_access_changed"  # galleries granted to or taken from a user
     TOKEN_CREATED = "token_created"
     TOKEN_REVOKED = "token_revoked"
+    LOCK_CLEARED = "lock_cleared"  # an admin cleared the sign-in delays of an account
     ACCESS_DENIED = "access_denied"  # a refused attempt: role, scope, gallery, another's data
     # What reveals personal or biometric data
     WORK_CONTEXT_SET = "work_context_set"  # "working on case X because Y", stated once a session

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Literal
 
 from runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
+from runtime.cases.media import RefusedSource
 from runtime.cases.service import CaseService
 from runtime.errors import EdgeidError
 
@@ -72,6 +73,8 @@ class IngestJob:
         error: str | None
         try:
             outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
+        except RefusedSource as exc:  # said to the uploader: without the server's path
+            error, state = exc.for_upload, "failed"
         except EdgeidError as exc:
             error, state = str(exc).splitlines()[0], "failed"
         except Exception as exc:  # a worker thread must report, not vanish

@@ -11,6 +11,16 @@ are still listed, each with the reason, and never stop the run:
 
 ``MediaEntry.open()`` returns a binary stream; a member whose real size exceeds its declared
 size fails the read (zipfile checks sizes and CRCs; ``read_limited`` bounds every read).
+
+A source is a zip only when it begins like one (a member's local header, or the end record of
+an empty zip), and its end record must sit exactly at the end of the file and point at a
+central directory that ends where the record begins. Python's zipfile alone would take the
+last end record it finds and treat everything before it as a prefix: a zip cut off before its
+central directory whose last member is a stored zip would be read as that inner zip, the
+outer members skipped in silence. A cut or spliced zip is refused whole as damaged (exit 2);
+its members are not salvaged from their local headers, because only the central directory
+says which of them are current: re-acquire or repair the archive. Archives inside a source are
+never opened (``sniff`` refuses them by content), whatever the outer and inner kinds.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import io
 import lzma
 import os
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -49,6 +60,10 @@ _VIDEO_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".3gp", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
      ".m2ts", ".wmv", ".flv", ".vob", ".ogv"}
 )  # fmt: skip
+# Said of an archive found inside a source, to CLI and web users alike.
+ARCHIVE_INSIDE = (
+    "an archive inside the source; archives in archives are not opened: ingest it on its own"
+)
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif"})
 
 
@@ -59,8 +74,19 @@ _STREAM_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAErro
 READ_ERRORS = (*_STREAM_ERRORS, zipfile.BadZipFile, NotImplementedError)
 
 
+# Said to a web user whose upload is refused: no server path, and no advice to use the CLI.
+UPLOAD_REFUSED = "the uploaded file cannot be read as a zip or tar archive; upload it again"
+
+
 class RefusedSource(BadInputError):
-    """The path given is not a folder, archive or media file we can read."""
+    """The path given is not a folder, archive or media file we can read.
+
+    ``str()`` is for the CLI (it names the path and the fix there); ``for_upload`` is the same
+    refusal for an uploaded archive, without the server's path."""
+
+    def __init__(self, message: str, *, for_upload: str = UPLOAD_REFUSED) -> None:
+        super().__init__(message)
+        self.for_upload = for_upload
 
 
 @dataclass(frozen=True)
@@ -99,9 +125,9 @@ def sniff(head: bytes, name: str) -> tuple[MediaKind, str | None]:
     if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
         return "video", None  # MPEG transport stream: a sync byte every 188 bytes
     if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf")):
-        return "archive", "an archive inside the source; extract it and ingest its folder"
+        return "archive", ARCHIVE_INSIDE
     if head.startswith(b"Rar!") or head[257:262] == b"ustar":
-        return "archive", "an archive inside the source; extract it and ingest its folder"
+        return "archive", ARCHIVE_INSIDE
     if PurePosixPath(name).suffix.lower() in _VIDEO_SUFFIXES and head:
         return "video", None  # containers without a signature at byte 0 (some MPEG-PS, VOB)
     if not head:
@@ -156,19 +182,25 @@ def open_source(path: Path) -> Iterator[MediaSource]:
         source = _folder(path)
     elif not stat.S_ISREG(info.st_mode):
         raise RefusedSource(f"{path} is not a regular file or folder")
-    elif zipfile.is_zipfile(path):
-        source = _zip(path)
-    elif _is_tar(path):
-        source = _tar(path)
     else:
         with _open_regular(path) as stream:
-            kind, _ = sniff(stream.read(SNIFF_BYTES), path.name)
-        if kind == "archive":
-            raise RefusedSource(
-                f"{path} looks like an archive but cannot be opened (damaged, or not zip or "
-                "tar); repair it, or extract it and ingest the folder"
-            )
-        source = MediaSource("file", [_file_entry(path, path.name, info.st_size)])
+            head = stream.read(SNIFF_BYTES)
+        # By the first bytes, never by zipfile.is_zipfile: that finds a zip anywhere in the
+        # last 64 KiB (a tar or an image whose last bytes are a zip would pass for one).
+        if head.startswith((_LOCAL_HEADER, _END_RECORD)):
+            source = _zip(path)
+        elif _is_tar(path):
+            source = _tar(path)
+        else:
+            kind, _ = sniff(head, path.name)
+            if kind == "archive":
+                raise RefusedSource(
+                    f"{path} looks like an archive but cannot be opened (damaged, or not zip or "
+                    "tar); repair it, or extract it and ingest the folder",
+                    for_upload="the uploaded file looks like an archive but cannot be opened "
+                    "(damaged, or not zip or tar); upload a complete zip or tar archive",
+                )
+            source = MediaSource("file", [_file_entry(path, path.name, info.st_size)])
     try:
         yield source
     finally:
@@ -235,12 +267,22 @@ def _folder_entry(root: Path, path: Path) -> MediaEntry:
 
 
 def _zip(path: Path) -> MediaSource:
+    upload_fix = "upload the complete archive again (it was cut off or damaged on the way)"
+    with _open_regular(path) as stream:
+        damage = zip_damage(stream)
+    if damage is not None:
+        raise RefusedSource(
+            f"{path}: damaged zip archive, nothing read: {damage}; copy the complete archive "
+            "again from the original media, or repair it (zip -FF) and ingest the result",
+            for_upload=f"damaged zip archive, nothing read: {damage}; {upload_fix}",
+        )
     try:
         archive = zipfile.ZipFile(path)
         infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise RefusedSource(
-            f"{path}: damaged zip archive ({exc}); repair or re-export it"
+            f"{path}: damaged zip archive ({exc}); repair or re-export it",
+            for_upload=f"damaged zip archive ({exc}); {upload_fix}",
         ) from None
     if len(infos) > MAX_ARCHIVE_MEMBERS:
         archive.close()
@@ -251,6 +293,98 @@ def _zip(path: Path) -> MediaSource:
     entries = [_zip_entry(archive, info) for info in infos if not info.is_dir()]
     entries.sort(key=lambda e: e.name)
     return MediaSource("zip", entries, [archive.close])
+
+
+# -- the layout of a zip -----------------------------------------------------------------------
+
+_LOCAL_HEADER = b"PK\x03\x04"
+_END_RECORD = b"PK\x05\x06"
+_END_RECORD64 = b"PK\x06\x06"
+_END_LOCATOR64 = b"PK\x06\x07"
+_LOCAL = struct.Struct("<4s5H3L2H")  # signature ... compressed size, size, name and extra lengths
+_END = struct.Struct("<4s4H2LH")  # signature, disks, entries, directory size/offset, comment
+_LOCATOR64 = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 end record, disks
+_END64 = struct.Struct("<4sQ2H2L4Q")  # signature, size, versions, disks, entries, directory
+_MAX_COMMENT = 0xFFFF
+_MAX_LISTED = 100_000  # local headers counted for the message about a cut archive
+
+
+def zip_damage(stream: IO[bytes]) -> str | None:
+    """Why this file is not one whole zip starting at its first byte; None when it is.
+
+    The end record must end the file exactly (its comment reaching the last byte), and the
+    central directory it points at must end where the (zip64) end record begins, so that no
+    byte before the archive is assumed; the file must start with a member when it has any."""
+    size = stream.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _END.size - _MAX_COMMENT)
+    stream.seek(tail_start)
+    tail = stream.read()
+    at = _end_record_at(tail)
+    if at is None:
+        return (
+            "its central directory (the list of members at its end) is missing: the file is "
+            f"cut off after {size} bytes; {_unread(stream, size)}"
+        )
+    _, disk, directory_disk, here, total, dir_size, dir_offset, _ = _END.unpack_from(tail, at)
+    end_at = tail_start + at
+    locator_at = end_at - _LOCATOR64.size
+    if locator_at >= 0 and _read(stream, locator_at, 4) == _END_LOCATOR64:
+        _, _, end64_at, _ = _LOCATOR64.unpack(_read(stream, locator_at, _LOCATOR64.size))
+        record = _read(stream, end64_at, _END64.size) if end64_at < locator_at else b""
+        if len(record) < _END64.size or record[:4] != _END_RECORD64:
+            return "its zip64 end record is missing or damaged"
+        _, length, _, _, disk, directory_disk, here, total, dir_size, dir_offset = _END64.unpack(
+            record
+        )
+        if end64_at + 12 + length != locator_at:
+            return "its zip64 end record does not lie where the archive's end says"
+        end_at = end64_at
+    if disk or directory_disk or here != total:
+        return "it is one part of a multi-part (spanned) zip; join the parts into one file first"
+    if dir_offset + dir_size != end_at:
+        return (
+            "the end record at the end of the file is not its own (it is cut off before its "
+            "central directory and its last member is a zip of its own, or bytes were added "
+            f"inside it); {_unread(stream, size)}"
+        )
+    if total and _read(stream, 0, 4) != _LOCAL_HEADER:
+        return "it does not begin with a member (bytes were added before it)"
+    return None
+
+
+def _end_record_at(tail: bytes) -> int | None:
+    """Where in ``tail`` the end record that ends it exactly starts, if there is one."""
+    at = tail.rfind(_END_RECORD)
+    while at >= 0:
+        if at + _END.size <= len(tail):
+            comment = _END.unpack_from(tail, at)[-1]
+            if at + _END.size + comment == len(tail):
+                return at
+        at = tail.rfind(_END_RECORD, 0, at)
+    return None
+
+
+def _unread(stream: IO[bytes], size: int) -> str:
+    """How many members precede the damage, by walking their local headers from byte 0."""
+    offset, members = 0, 0
+    while members < _MAX_LISTED:
+        header = _read(stream, offset, _LOCAL.size)
+        if len(header) < _LOCAL.size or header[:4] != _LOCAL_HEADER:
+            break
+        flags, packed, name_len, extra_len = (_LOCAL.unpack(header)[i] for i in (2, 7, 9, 10))
+        end = offset + _LOCAL.size + name_len + extra_len + packed
+        members += 1
+        if flags & 0x08 or packed == 0xFFFFFFFF or end > size:
+            break  # its size follows its data, or it runs past the end: stop counting
+        offset = end
+    if not members:
+        return "no member was read"
+    return f"none of the {members} member(s) before the damage was read"
+
+
+def _read(stream: IO[bytes], offset: int, count: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(count)
 
 
 def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> MediaEntry:
@@ -284,7 +418,8 @@ def _tar(path: Path) -> MediaSource:
         archive = tarfile.open(path, "r:*")  # noqa: SIM115 - MediaSource.close closes it
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise RefusedSource(
-            f"{path}: damaged tar archive ({exc}); repair or re-export it"
+            f"{path}: damaged tar archive ({exc}); repair or re-export it",
+            for_upload=f"damaged tar archive ({exc}); upload the complete archive again",
         ) from None
     # Listing a compressed tar decompresses it to reach each header: stop listing where the
     # stream has grown past the bomb ratio of the file on disk.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from runtime.accounts.roles import Permission, Role, parse_role, permissions_of
+from runtime.accounts.throttle import LoginThrottle
 from runtime.accounts.tokens import Token, TokenNotFoundError, TokenStore
 from runtime.accounts.users import User, UserExistsError, UserStore, check_username
 from runtime.audit.events import AuditAction
@@ -41,7 +42,8 @@ def _with(detail: str, consent: Consent | None) -> str:
 class AccountAdmin:
     """See the module docstring. ``gallery_names`` lists the box's galleries (a grant of one
     that does not exist is refused); ``end_sessions`` signs a user out everywhere (the web's
-    sessions; nothing at the CLI)."""
+    sessions; nothing at the CLI); ``throttle`` is the service's sign-in throttle (none at the
+    CLI: it lives in the service's memory)."""
 
     def __init__(
         self,
@@ -51,12 +53,14 @@ class AccountAdmin:
         *,
         gallery_names: Callable[[], Iterable[str]],
         end_sessions: Callable[[str], object] = lambda username: None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.users = users
         self.tokens = tokens
         self.recorder = recorder
         self._gallery_names = gallery_names
         self._end_sessions = end_sessions
+        self.throttle = throttle
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -256,6 +260,24 @@ class AccountAdmin:
             detail=f"user {user.username}; reset by an admin to a one-time password",
         )
         return password
+
+    def clear_lock(self, caller: Caller, username: str, *, where: str) -> int:
+        """Clear the sign-in delays of a user's account, from every address (an admin's doing,
+        for a person slowed by someone else's guesses); how many were cleared. Recorded even
+        when none was, so the admin's intervention is on the record."""
+        self.require(caller, where=where, resource=f"user {username}")
+        user = self.users.require(username)
+        if self.throttle is None:
+            raise BadInputError(
+                "sign-in delays live in the running service; clear them on its Users page"
+            )
+        cleared = self.throttle.clear(user.username)
+        self.recorder.record(
+            caller.actor,
+            AuditAction.LOCK_CLEARED,
+            detail=f"user {user.username}; {cleared} sign-in delay(s) cleared",
+        )
+        return cleared
 
     # -- tokens ------------------------------------------------------------------------------
 

@@ -551,6 +551,16 @@ def user_reset(request: Request, username: str, principal: UserAdmin) -> OneTime
     return OneTimePassword(one_time_password=password)
 
 
+@router.post("/users/{username}/unlock", status_code=204, tags=["users"])
+def user_unlock(request: Request, username: str, principal: UserAdmin) -> Response:
+    """Clear the sign-in delays that wrong passwords put on this account, from every address
+    (recorded as ``lock_cleared``)."""
+    web_state(request).accounts.clear_lock(
+        principal, username, where="api /api/v1/users/{username}/unlock"
+    )
+    return Response(status_code=204)
+
+
 @router.get("/tokens", response_model=list[TokenOut], tags=["account"])
 def tokens(request: Request, principal: Anyone) -> list[TokenOut]:
     """This user's tokens (every user's, for a token with the users scope)."""

@@ -166,12 +166,14 @@ def create_app(
     users, tokens = UserStore(home, accounts_sealing), TokenStore(home, accounts_sealing)
     accountable = AccountableGalleries(galleries, recorder, clock=clock)
     case_access = AccountableCases(cases, recorder) if cases is not None else None
+    throttle = LoginThrottle(clock)
     accounts = AccountAdmin(
         users,
         tokens,
         recorder,
         gallery_names=lambda: [g.name for g in galleries.list_galleries()],
         end_sessions=sessions.end_user,
+        throttle=throttle,
     )
     approvals = Approvals(
         ProposalStore(home, galleries.store.keyring),
@@ -193,7 +195,7 @@ def create_app(
         users=users,
         tokens=tokens,
         sessions=sessions,
-        throttle=LoginThrottle(clock),
+        throttle=throttle,
         searches=searches,
         enrolments=enrolments,
         templates=make_environment(),

@@ -100,7 +100,9 @@ async def login(request: Request) -> Response:
             detail=f"throttled; from {address}",
         )
         raise ThrottledError(
-            f"too many failed sign-ins; try again in {max(1, round(wait / 60))} minute(s)", wait
+            f"too many failed sign-ins for this name from here; try again in {_spell(wait)} "
+            "(an admin can clear the delay on the Users page)",
+            wait,
         )
     user = await run_in_threadpool(state.users.authenticate, username, password)
     if user is None:
@@ -117,7 +119,7 @@ async def login(request: Request) -> Response:
             error="Wrong user name or password.",
             username=username if USERNAME.fullmatch(username) else "",
         )
-    state.throttle.success(username)
+    state.throttle.success(username, address)
     await run_in_threadpool(
         record_as,
         state,
@@ -135,6 +137,12 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(target, status_code=303)
     set_session_cookie(response, state, fresh)
     return response
+
+
+def _spell(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} second(s)"
+    return f"{round(seconds / 60)} minute(s)"
 
 
 @router.post("/logout")

@@ -1,4 +1,5 @@
-"""Admin pages: users (roles, galleries, one-time passwords, tokens), galleries, settings.
+"""Admin pages: users (roles, galleries, one-time passwords, tokens, slowed sign-ins),
+galleries, settings.
 
 Admins never see faces or names of enrolled people: the gallery page shows counts only.
 """
@@ -38,12 +39,17 @@ def _users_page(
     status_code: int = 200,
 ) -> Response:
     state = web_state(request)
+    users = state.users.list()
+    # Only accounts that exist: names typed by guessers (or passwords typed into the name
+    # field) are not shown.
+    names = {u.username for u in users}
     return render(
         request,
         "admin_users.html",
         principal=principal,
         status_code=status_code,
-        users=state.users.list(),
+        users=users,
+        throttled=[t for t in state.throttle.throttled() if t.username in names],
         roles=[r.value for r in Role],
         role_permissions={
             r.value: sorted(p.value for p in ps) for r, ps in ROLE_PERMISSIONS.items()
@@ -141,6 +147,16 @@ def user_reset_password(request: Request, username: str, principal: UserAdmin) -
         principal, username, where="web /admin/users/{username}/password"
     )
     return _user_page(request, principal, username, password=password)
+
+
+@router.post("/admin/users/{username}/unlock")
+def user_unlock(request: Request, username: str, principal: UserAdmin) -> Response:
+    """Clear the sign-in delays of an account (recorded as ``lock_cleared``)."""
+    cleared = web_state(request).accounts.clear_lock(
+        principal, username, where="web /admin/users/{username}/unlock"
+    )
+    flash(principal, f"Sign-in delays of {username} cleared ({cleared}).")
+    return RedirectResponse("/admin/users", status_code=303)
 
 
 # -- galleries -------------------------------------------------------------------------------
