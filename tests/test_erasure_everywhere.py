@@ -310,3 +310,66 @@ def test_finding_4_kill_9_at_each_step_of_an_erasure_is_finished_at_the_next_ope
     assert not (home / "galleries" / JOURNAL_FILE).exists()
     assert not state_hits(home, {**_text_needles(CANARY), **_text_needles(canary_id)})
     assert not [p for p in home.rglob("*.retired") if "models" not in p.parts]
+
+
+def test_finding_4_erased_through_the_api_gone_from_case_page_case_json_report_and_searches(
+    tmp_path: Path, lfw_dir: Path, models_dir: Path
+) -> None:
+    from web_support import OFFICE, PEOPLE, build_box, client, lfw_image, sign_in, work_on
+
+    from runtime.accounts.roles import ROLE_PERMISSIONS, Role
+    from runtime.accounts.tokens import TokenStore
+    from runtime.cases.ingest import IngestRequest, Requester
+    from runtime.web.app import API_PREFIX
+
+    (tmp_path / "box").mkdir()
+    box = build_box(tmp_path / "box", lfw_dir, models_dir)
+    try:
+        assert box.cases is not None
+        person, _, probe_number = PEOPLE[0]
+        subject, name = box.subjects[person], "Subject 1"
+        media = tmp_path / "media"
+        media.mkdir()
+        shutil.copy(lfw_image(lfw_dir, person, probe_number), media / "seen.jpg")
+        user = box.users[Role.INVESTIGATOR]
+        box.cases.ingest(IngestRequest(media, CASE, REASON, Requester(user), galleries=(OFFICE,)))
+        case_id = box.cases.store.find(CASE).meta.case_id
+        browser, csrf = sign_in(box, Role.INVESTIGATOR)
+        work_on(browser, csrf, CASE, REASON)
+        _, secret = TokenStore(box.home, box.accounts).create(
+            user,
+            "erasure",
+            ROLE_PERMISSIONS[Role.INVESTIGATOR],
+            allowed=ROLE_PERMISSIONS[Role.INVESTIGATOR],
+        )
+        api = client(box)
+        api.headers.update({"Authorization": f"Bearer {secret}", "Edgeid-Case": CASE,
+                            "Edgeid-Reason": REASON})  # fmt: skip
+
+        def doors() -> list[str]:
+            page = browser.get(f"/cases/{case_id}")
+            as_json = api.get(f"{API_PREFIX}/cases/{case_id}")
+            report = browser.get(f"/cases/{case_id}/report.html")
+            assert page.status_code == as_json.status_code == report.status_code == 200
+            return [page.text, as_json.text, report.text]
+
+        assert all(name in text for text in doors())  # found first
+        held = SearchContext("held", "someone", user, CASE, REASON, "unknown", (OFFICE,))
+        image = lfw_image(lfw_dir, person, probe_number).read_bytes()
+        probe = box.service.analyse(image)
+        held.results[0] = box.service.search(probe, 0, [OFFICE])
+        assert held.results[0].candidates[0].subject_id == subject
+        box.app.state.web.searches.put(held)
+
+        erased = api.request(
+            "DELETE",
+            f"{API_PREFIX}/galleries/{OFFICE}/subjects/{subject}",
+            json={"reason": ERASE_REASON},
+        )
+        assert erased.status_code == 204, erased.text
+        for text in doors():
+            assert name not in text and subject not in text
+        assert all(c.subject_id != subject for c in held.results[0].candidates)
+    finally:
+        box.close()
+    assert not state_hits(box.home, _text_needles(subject))
