@@ -12,6 +12,7 @@ unlinked and the key dropped.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,10 +65,16 @@ class Intent:
 class ErasureJournal:
     """The note of erasures in progress, ``<galleries>/erasures.sealed``."""
 
-    def __init__(self, root: Path, keyring: Keyring, *, writer: FileWriter | None = None) -> None:
+    def __init__(
+        self, root: Path, keyring: Callable[[], Keyring], *, writer: FileWriter | None = None
+    ) -> None:
         self.path = root / JOURNAL_FILE
-        self._keyring = keyring
+        self._keyring_of = keyring  # fetched when needed: a box with no note needs no keyring
         self._writer = writer
+
+    @property
+    def _keyring(self) -> Keyring:
+        return self._keyring_of()
 
     def pending(self) -> list[Intent]:
         if not self.path.exists():

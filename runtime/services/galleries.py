@@ -154,7 +154,7 @@ class AccountableGalleries:
         self.revealed = RevealLedger(clock)
         self.participants: list[ErasureParticipant] = list(participants)
         self.erasures = ErasureJournal(
-            galleries.store.root, galleries.store.keyring, writer=galleries.writer
+            galleries.store.root, lambda: galleries.store.keyring, writer=galleries.writer
         )
 
     def add_participant(self, participant: ErasureParticipant) -> None:
