@@ -21,7 +21,7 @@ from runtime.config.settings import Settings
 from runtime.errors import AccessDeniedError, BadInputError, StorageWriteError
 from runtime.gallery.service import DuplicateSubjectError, GalleryService
 from runtime.inference.pipeline import FacePipeline
-from runtime.services.galleries import AccountableGalleries
+from runtime.services.galleries import AccountableGalleries, ErasureUnfinishedError
 
 WHY = Justification.of("2026/0042", "identify the child in the seized photos")
 
@@ -140,11 +140,11 @@ def test_an_erasure_is_recorded_first_and_a_failure_after_it_too(
 ) -> None:
     subject = box.subjects[PEOPLE[0][0]]
 
-    def broken(gallery: str, subject_id: str) -> None:
+    def broken(gallery: str, subject_id: str, *, key_before: str | None = None) -> None:
         raise StorageWriteError("the disk failed mid-erasure")
 
-    monkeypatch.setattr(box.service, "delete_subject", broken)
-    with pytest.raises(StorageWriteError):
+    monkeypatch.setattr(box.service, "erase_subject", broken)
+    with pytest.raises(ErasureUnfinishedError, match="unfinished"):
         box.core.delete_subject(
             Investigator(), OFFICE, subject, reason="erasure ordered by the court", where="t"
         )

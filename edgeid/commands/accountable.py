@@ -80,24 +80,11 @@ def _gallery_service(home: Path, *, inference: bool) -> Iterator[GalleryService]
 @contextmanager
 def galleries(home: Path, *, inference: bool = False) -> Iterator[GalleryDoor]:
     """The galleries through the service layer; ``inference`` for commands that detect or
-    embed (enrol, search, verify, re-embed)."""
-    from runtime.services.galleries import AccountableGalleries
-
-    with (
-        _gallery_service(home, inference=inference) as service,
-        open_audit_log(home, service.store.keyring, busy_hint="stop it first") as log,
-    ):
-        recorder = Recorder(log)
-        yield GalleryDoor(
-            LocalOperator.current(), AccountableGalleries(service, recorder), recorder
-        )
-
-
-@contextmanager
-def cases(home: Path, *, inference: bool = False) -> Iterator[CaseDoor]:
-    """The cases through the service layer; ``inference`` for an ingest."""
+    embed (enrol, search, verify, re-embed). The cases are opened too: a subject's erasure
+    reaches their leads and reports (and an erasure left unfinished is finished first)."""
     from runtime.cases.service import CaseService
     from runtime.services.cases import AccountableCases
+    from runtime.services.galleries import AccountableGalleries
 
     settings = load_settings(home)
     with (
@@ -105,9 +92,30 @@ def cases(home: Path, *, inference: bool = False) -> Iterator[CaseDoor]:
         open_audit_log(home, service.store.keyring, busy_hint="stop it first") as log,
         CaseService(home, service, log, detector=settings.inference.detector) as case_service,
     ):
-        yield CaseDoor(
-            LocalOperator.current(), AccountableCases(case_service, Recorder(log)), service
-        )
+        recorder = Recorder(log)
+        case_access = AccountableCases(case_service, recorder)
+        accountable = AccountableGalleries(service, recorder, participants=[case_access])
+        accountable.finish_pending()
+        yield GalleryDoor(LocalOperator.current(), accountable, recorder)
+
+
+@contextmanager
+def cases(home: Path, *, inference: bool = False) -> Iterator[CaseDoor]:
+    """The cases through the service layer; ``inference`` for an ingest."""
+    from runtime.cases.service import CaseService
+    from runtime.services.cases import AccountableCases
+    from runtime.services.galleries import AccountableGalleries
+
+    settings = load_settings(home)
+    with (
+        _gallery_service(home, inference=inference) as service,
+        open_audit_log(home, service.store.keyring, busy_hint="stop it first") as log,
+        CaseService(home, service, log, detector=settings.inference.detector) as case_service,
+    ):
+        case_access = AccountableCases(case_service, Recorder(log))
+        # An erasure a crash left unfinished reaches the cases before any is shown.
+        AccountableGalleries(service, Recorder(log), participants=[case_access]).finish_pending()
+        yield CaseDoor(LocalOperator.current(), case_access, service)
 
 
 # -- options -----------------------------------------------------------------------------------

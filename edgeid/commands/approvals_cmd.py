@@ -65,7 +65,11 @@ def administration(home: Path, *, galleries: bool = False) -> Iterator[Approvals
             ProposalStore(home, store.keyring),
             recorder,
             accounts,
-            galleries=AccountableGalleries(service, recorder) if service else None,
+            galleries=(
+                AccountableGalleries(service, recorder, participants=[cases] if cases else ())
+                if service
+                else None
+            ),
             cases=cases,
             dual_control=settings.security.dual_control,
             ttl=timedelta(days=settings.security.proposal_ttl_days),

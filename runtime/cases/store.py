@@ -12,6 +12,12 @@ keyring (the galleries' ``keyring.json``) under the scope ``case-<id>``, and bou
 case, its kind, id and version. Purging a case drops that key first (crypto-erase), then
 zero-fills and unlinks the files; a crash in between is finished on the next open.
 
+The results (leads name gallery subjects) are sealed under a key of their own, scope
+``leads-<id>``: erasing a subject from the galleries rewrites every case's results without it
+under a new results key and drops the old one (``CaseStore.erase_subjects``), so the old
+ciphertext is unreadable wherever a copy of it survives. Results written before that scope
+existed are under the case key; their file is zero-filled when first rewritten.
+
 A source file and its faces are written as one unit: thumbnails first, then the faces and,
 last, the file's own record; a file whose record never landed (a kill mid-write) has its
 faces ignored on load and is read again on resume. So a resumed ingest neither loses nor
@@ -39,7 +45,7 @@ import numpy as np
 
 from runtime.audit.justification import check_case
 from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
-from runtime.cases.records import CaseFace, CaseMeta, CaseResults, SourceFile
+from runtime.cases.records import CaseFace, CaseMeta, CaseResults, ClusterSearch, SourceFile
 from runtime.errors import BadInputError, StorageWriteError
 from runtime.gallery.errors import GalleryError
 from runtime.gallery.records import ID_HEX, pack, unpack
@@ -47,6 +53,7 @@ from runtime.inference.types import FloatArray
 from runtime.storage.durable import (
     FileWriter,
     OsFileWriter,
+    fsync_directory,
     lock_exclusively,
     make_private_dir,
     shred_and_unlink,
@@ -86,6 +93,8 @@ THUMBS_LOG = "thumbs.log"
 META_FILE = "case.sealed"
 RESULTS_FILE = "results.sealed"
 KEY_SCOPE_PREFIX = "case-"  # not a gallery scope: GalleryStore's recovery leaves it alone
+RESULTS_SCOPE_PREFIX = "leads-"  # the results' own key, rotated when a subject is erased
+RETIRED_RESULTS = RESULTS_FILE + ".retired"  # the replaced results, zero-filled after commit
 # Faces per records frame: keeps a frame small (a crowded video can hold tens of thousands of
 # faces) and far below the log's 65,535 entries per frame.
 FACES_PER_FRAME = 1000
@@ -101,6 +110,31 @@ _RESULTS_ID = b"case-results"
 
 def key_scope(case_id: str) -> str:
     return KEY_SCOPE_PREFIX + case_id
+
+
+def results_scope(case_id: str) -> str:
+    return RESULTS_SCOPE_PREFIX + case_id
+
+
+def without_subjects(
+    results: CaseResults, gallery: str, subject_ids: frozenset[str]
+) -> CaseResults | None:
+    """``results`` without the leads of these subjects of ``gallery``; None if none held."""
+
+    def keep(search: ClusterSearch | None) -> ClusterSearch | None:
+        if search is None:
+            return None
+        leads = tuple(
+            lead
+            for lead in search.leads
+            if not (lead.gallery == gallery and lead.subject_id in subject_ids)
+        )
+        return search if len(leads) == len(search.leads) else replace(search, leads=leads)
+
+    clusters = tuple(replace(c, search=keep(c.search)) for c in results.clusters)
+    if all(new.search is old.search for new, old in zip(clusters, results.clusters, strict=True)):
+        return None
+    return replace(results, clusters=clusters)
 
 
 def check_case_number(number: str) -> str:
@@ -175,6 +209,7 @@ class Case:
         self._write_lock = threading.RLock()  # one writer of the files at a time
         self._ingesting = threading.Lock()  # one ingest (or purge) at a time per case
         self.where = f"case {case_id}"
+        self.erased: set[tuple[str, str]] = set()  # (gallery, subject id); CaseStore's own
         self._load()
 
     # -- loading -----------------------------------------------------------------------------
@@ -439,21 +474,116 @@ class Case:
             self.meta = meta
 
     def results(self) -> CaseResults | None:
+        results = self._stored_results()
+        # An erasure in this process reaches results written by a run that searched before it.
+        for gallery, subject_ids in self._erased_by_gallery().items():
+            if results is not None:
+                results = without_subjects(results, gallery, subject_ids) or results
+        return results
+
+    def _stored_results(self) -> CaseResults | None:
         path = self.directory / RESULTS_FILE
         if not path.exists():
             return None
-        head = self._open_blob(_RESULTS_KIND, _RESULTS_ID, path.read_bytes())
+        blob = path.read_bytes()
+        key_id = blob[:ID_BYTES].hex()
+        if key_id == self._key_id:  # written before results had a key of their own
+            head = self._open_blob(_RESULTS_KIND, _RESULTS_ID, blob)
+        else:
+            cipher = self._results_cipher(key_id)
+            head = _unseal(cipher, key_id, _RESULTS_KIND, _RESULTS_ID, blob, self.where)
         return CaseResults.from_head(head)
 
     def save_results(self, results: CaseResults) -> None:
         with self._write_lock:
-            blob = self._seal_blob(_RESULTS_KIND, _RESULTS_ID, results.to_head())
-            write_file_atomically(
-                self.directory / RESULTS_FILE,
-                blob,
-                writer=self._writer,
-                action="writing the case results",
-            )
+            for gallery, subject_ids in self._erased_by_gallery().items():
+                results = without_subjects(results, gallery, subject_ids) or results
+            self._write_results(results, self._results_key_id())
+
+    # -- erasure of gallery subjects from the leads -------------------------------------------
+
+    def erase_leads(self, gallery: str, subject_ids: frozenset[str]) -> bool:
+        """Rewrite the results without these subjects' leads under a new results key, then
+        zero-fill the old file and drop the old key. True if any lead was removed; a repeat
+        (after a crash) finishes the tidying and changes nothing else."""
+        with self._write_lock:
+            self._tidy_results()
+            path = self.directory / RESULTS_FILE
+            if not path.exists():
+                return False
+            current = self._stored_results()
+            cleaned = None if current is None else without_subjects(current, gallery, subject_ids)
+            blob = path.read_bytes()
+            if cleaned is None and blob[:ID_BYTES].hex() != self._key_id:
+                return False
+            # Rewritten even when nothing matched if still under the case key (the old layout):
+            # its file then holds no erased lead, but other erasures may need its key gone.
+            cleaned = cleaned or current
+            assert cleaned is not None
+            key_id = self._keyring.new_data_key(results_scope(self.case_id))[0]
+            retired = self.directory / RETIRED_RESULTS
+            os.link(path, retired)
+            fsync_directory(self.directory)
+            try:
+                self._write_results(cleaned, key_id)  # the commit point
+            except BaseException:
+                retired.unlink(missing_ok=True)  # still the live file's inode: never zero-fill
+                raise
+            self._tidy_results()
+            return cleaned is not current
+
+    def _tidy_results(self) -> None:
+        """Zero-fill the results file a rewrite replaced, and keep only the key of the live
+        one (finishing a rewrite a crash interrupted)."""
+        path = self.directory / RESULTS_FILE
+        retired = self.directory / RETIRED_RESULTS
+        if retired.exists():
+            if path.exists() and os.path.samefile(retired, path):
+                retired.unlink()  # the crash came before the commit: this is the live file
+            else:
+                shred_and_unlink(retired)
+        live = path.read_bytes()[:ID_BYTES].hex() if path.exists() else None
+        scope = results_scope(self.case_id)
+        keep = [k for k in self._keyring.key_ids(scope) if k == live]
+        if self._keyring.key_ids(scope) != keep:
+            self._keyring.retain_only(scope, keep)
+
+    def _results_key_id(self) -> str:
+        """The results key now in use, or a new one."""
+        path = self.directory / RESULTS_FILE
+        keys = self._keyring.key_ids(results_scope(self.case_id))
+        live = path.read_bytes()[:ID_BYTES].hex() if path.exists() else None
+        if live in keys:
+            return str(live)
+        if keys:
+            return keys[0]
+        return self._keyring.new_data_key(results_scope(self.case_id))[0]
+
+    def _results_cipher(self, key_id: str) -> RecordCipher:
+        try:
+            key = self._keyring.data_key(results_scope(self.case_id), key_id)
+        except (GalleryError, VaultError):
+            raise CorruptCaseError(
+                f"{self.where}: the key of its results is not in the keyring (erased, or the "
+                "keyring is from another box); ingest the case again to rebuild its results"
+            ) from None
+        return RecordCipher(key, self._cid, random=self._random)
+
+    def _write_results(self, results: CaseResults, key_id: str) -> None:
+        cipher = self._results_cipher(key_id)
+        sealed = cipher.seal(_RESULTS_KIND, _RESULTS_ID, 1, pack(results.to_head()))
+        write_file_atomically(
+            self.directory / RESULTS_FILE,
+            bytes.fromhex(key_id) + sealed.nonce + sealed.ciphertext,
+            writer=self._writer,
+            action="writing the case results",
+        )
+
+    def _erased_by_gallery(self) -> dict[str, frozenset[str]]:
+        grouped: dict[str, set[str]] = {}
+        for gallery, subject_id in self.erased:
+            grouped.setdefault(gallery, set()).add(subject_id)
+        return {g: frozenset(ids) for g, ids in grouped.items()}
 
 
 # -- every case of the box -------------------------------------------------------------------
@@ -499,6 +629,7 @@ class CaseStore:
         self._random = random
         self._writer = writer or OsFileWriter()
         self._open: dict[str, Case] = {}
+        self._erased: set[tuple[str, str]] = set()  # subjects erased while this store is open
         self._mutex = threading.RLock()
         make_private_dir(self.root)
         self._lock_fd: int | None = lock_exclusively(
@@ -565,7 +696,7 @@ class CaseStore:
     def _case(self, case_id: str) -> Case:
         with self._mutex:
             if case_id not in self._open:
-                self._open[case_id] = Case(
+                case = Case(
                     self.root / case_id,
                     case_id,
                     self._keyring,
@@ -573,6 +704,8 @@ class CaseStore:
                     random=self._random,
                     writer=self._writer,
                 )
+                case.erased = self._erased
+                self._open[case_id] = case
             return self._open[case_id]
 
     def _ids(self) -> list[str]:
@@ -693,10 +826,30 @@ class CaseStore:
         with case.ingest_exclusively(), case.lock, self._mutex:
             meta = case.meta
             self._keyring.retain_only(key_scope(case.case_id), [])
+            self._keyring.retain_only(results_scope(case.case_id), [])
             self._open.pop(case.case_id, None)
             shred_tree(case.directory)
         logger.info("purged case %s", case.case_id)
         return meta
+
+    def erase_subjects(self, gallery: str, subject_ids: frozenset[str]) -> int:
+        """A gallery erasure reaches the cases: every case's leads of these subjects are
+        removed and the results re-sealed under a new key (``Case.erase_leads``), and results
+        saved later by a run that searched before the erasure leave them out. Returns the
+        number of cases changed; a case that cannot be opened raises (the erasure stays
+        pending and is retried)."""
+        with self._mutex:
+            self._erased.update((gallery, s) for s in subject_ids)
+        self._forget_orphan_result_keys()
+        return sum(1 for cid in self._ids() if self._case(cid).erase_leads(gallery, subject_ids))
+
+    def _forget_orphan_result_keys(self) -> None:
+        """Results keys of cases that are gone (a purge interrupted between its two keys)."""
+        keyed = self._scoped()
+        for scope in self._keyring.wrapped_keys():
+            case_id = scope[len(RESULTS_SCOPE_PREFIX) :]
+            if scope.startswith(RESULTS_SCOPE_PREFIX) and case_id not in keyed:
+                self._keyring.retain_only(scope, [])
 
     def expired(self, today: date | None = None) -> list[CaseMeta]:
         """Cases whose retention date has passed (to review and purge)."""

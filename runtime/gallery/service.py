@@ -9,6 +9,11 @@ folder) on ``flush()`` and ``close()``. The store is the source of truth: on ope
 reconciled with the store's live faces (faces enrolled after the last flush are added, faces
 deleted since are removed), and one that fails authentication (e.g. after a compaction erased
 its key) or is missing is rebuilt from the store.
+
+Because the store is the source of truth, the index file is a cache: a change is acknowledged
+once the store holds it, and an index that cannot be written (a full disk) is only a warning,
+kept in memory and written later, or rebuilt at the next open. So an enrolment is never reported
+failed after it became durable, and a search (a read) never fails for want of disk space.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.config.settings import Settings, load_settings
-from runtime.errors import BadInputError, EdgeidError
+from runtime.errors import BadInputError, EdgeidError, StorageWriteError
 from runtime.gallery.age_bands import AGE_BANDS as AGE_BANDS
 from runtime.gallery.age_bands import AgeBand as AgeBand
 from runtime.gallery.age_bands import MeasuredBand
@@ -56,7 +61,7 @@ from runtime.inference.activity import InferenceActivity
 from runtime.inference.image_decode import decode_image
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from runtime.inference.types import FloatArray, RGBImage
-from runtime.storage.durable import write_file_atomically
+from runtime.storage.durable import FileWriter, shred_and_unlink, write_file_atomically
 from runtime.vault.key_choice import provider_for
 
 logger = logging.getLogger(__name__)
@@ -312,8 +317,11 @@ class GalleryService:
         pipeline: FacePipeline,
         calibration: Calibration,
         activity: InferenceActivity | None = None,
+        *,
+        writer: FileWriter | None = None,
     ) -> None:
         self.store = store
+        self._writer = writer  # for the index files (tests inject a full disk)
         self.pipeline = pipeline
         self.activity = activity or InferenceActivity()
         self.model_id = calibration.model_id
@@ -347,6 +355,11 @@ class GalleryService:
             store.close()
             raise
 
+    @property
+    def writer(self) -> FileWriter | None:
+        """The file writer for what sits beside the store (indexes, notes); None: the OS."""
+        return self._writer
+
     def __enter__(self) -> GalleryService:
         return self
 
@@ -365,11 +378,16 @@ class GalleryService:
             self.store.close()
 
     def flush(self) -> None:
-        """Persist every index changed since it was loaded (sealed; atomic replace)."""
+        """Persist every index changed since it was loaded (sealed; atomic replace). One that
+        cannot be written stays changed in memory (see the module docstring)."""
         with self._lock:
             for gid in sorted(self._dirty):
-                self._persist(self._gallery_by_id(gid), self._indexes[gid])
-            self._dirty.clear()
+                try:
+                    gallery = self._gallery_by_id(gid)
+                except GalleryNotFoundError:
+                    self._dirty.discard(gid)
+                    continue
+                self._persist(gallery, self._indexes[gid])
 
     # -- galleries ---------------------------------------------------------------------------
 
@@ -577,18 +595,32 @@ class GalleryService:
     def delete_subject(self, gallery_name: str, subject_id: str) -> None:
         """Erase a subject: store compaction under a new key, index rebuilt without it and
         re-sealed under that key, so no file keeps its template, name or thumbnail."""
+        self.erase_subject(gallery_name, subject_id)
+
+    def erase_subject(
+        self, gallery_name: str, subject_id: str, *, key_before: str | None = None
+    ) -> None:
+        """Erase a subject, or finish its erasure where a crash or a failure left it (a
+        tombstone without the compaction that makes it real): a repeat does what is left.
+        ``key_before`` is the gallery's data key when the erasure began; while it still
+        seals the gallery, the compaction has not happened."""
         with self._lock:
             gallery = self.store.open_gallery(gallery_name)
-            face_ids = [f.face_id for f in gallery.faces(subject_id)]
             index = self._index(gallery)
-            gallery.delete_subject(subject_id, compact=True)
-            indexed = set(index.face_ids())
-            live = [f for f in face_ids if f in indexed]
-            if live:
-                index.delete(live, compact_when_due=False)
-            index.compact()
-            self._persist(gallery, index)
-            self._dirty.discard(gallery.gallery_id)
+            try:
+                if any(s.subject_id == subject_id for s in gallery.subjects()):
+                    gallery.delete_subject(subject_id, compact=True)
+                elif key_before is not None and gallery.key_id == key_before:
+                    gallery.compact()
+            finally:  # a tombstone written before a failed compaction hides the faces too
+                live = set(gallery.embeddings(self.model_id)[0])
+                gone = [f for f in index.face_ids() if f not in live]
+                if gone:
+                    index.delete(gone, compact_when_due=False)
+                index.compact()
+                if not self._persist(gallery, index):
+                    # The file left is sealed under the erased key: unreadable, but not kept.
+                    shred_and_unlink(self._index_path(gallery))
 
     def delete_face(self, gallery_name: str, face_id: str) -> None:
         """Erase one face (store compaction under a new key, index re-sealed without it)."""
@@ -599,8 +631,8 @@ class GalleryService:
             if face_id in index:
                 index.delete([face_id], compact_when_due=False)
             index.compact()
-            self._persist(gallery, index)
-            self._dirty.discard(gallery.gallery_id)
+            if not self._persist(gallery, index):
+                shred_and_unlink(self._index_path(gallery))
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -647,8 +679,8 @@ class GalleryService:
                     progress(done, len(stale))
             if stale:
                 gallery.compact()
-                self._persist(gallery, self._index(gallery))
-                self._dirty.discard(gallery.gallery_id)
+                if not self._persist(gallery, self._index(gallery)):
+                    shred_and_unlink(self._index_path(gallery))
         return len(stale)
 
     # -- internals ---------------------------------------------------------------------------
@@ -743,13 +775,31 @@ class GalleryService:
         changed = loaded.rebuilt or _reconcile(index, face_ids, vectors, self.model_id)
         self._indexes[gid] = index
         if changed:
-            self._persist(gallery, index)
+            # Written at the next flush: a search or an enrolment never waits on (or fails
+            # for) this cache; a rebuild on every open costs time, not correctness.
+            self._dirty.add(gid)
         return index
 
-    def _persist(self, gallery: Gallery, index: GalleryIndex) -> None:
+    def _persist(self, gallery: Gallery, index: GalleryIndex) -> bool:
+        """Write the index sealed; False (with a warning) when it cannot be written now. It
+        stays changed in memory and the store still holds everything it is made from."""
         blob = f"index:{self.model_id}"
-        sealed = index.seal_with(lambda data: gallery.seal_blob(blob, data))
-        write_file_atomically(self._index_path(gallery), sealed, action="writing the index")
+        try:
+            sealed = index.seal_with(lambda data: gallery.seal_blob(blob, data))
+            write_file_atomically(
+                self._index_path(gallery), sealed, writer=self._writer, action="writing the index"
+            )
+        except StorageWriteError as exc:
+            self._dirty.add(gallery.gallery_id)
+            logger.warning(
+                "gallery %s: the search index is not saved (%s); nothing is lost, it is "
+                "rebuilt from the store when next opened",
+                gallery.gallery_id,
+                exc,
+            )
+            return False
+        self._dirty.discard(gallery.gallery_id)
+        return True
 
     def _gallery_by_id(self, gallery_id: str) -> Gallery:
         for info in self.store.list_galleries():
@@ -772,7 +822,7 @@ def _reconcile(
     if missing:
         index.add([face_ids[i] for i in missing], vectors[missing], model_id)
     if missing or extra:
-        logger.warning(
+        logger.info(
             "search index reconciled with the store: %d added, %d removed", len(missing), len(extra)
         )
     return bool(missing or extra)

@@ -56,6 +56,13 @@ class AccountableCases:
         self._shown: OrderedDict[tuple[str, str], float] = OrderedDict()  # (session, case id)
         self._lock = threading.Lock()
 
+    # -- erasure ----------------------------------------------------------------------------
+
+    def erase_subjects(self, gallery: str, subject_ids: frozenset[str]) -> int:
+        """An ``ErasureParticipant``: a gallery subject's erasure reaches every case's leads
+        and reports (``CaseStore.erase_subjects``). Recorded with the erasure itself."""
+        return self.cases.store.erase_subjects(gallery, subject_ids)
+
     # -- access ------------------------------------------------------------------------------
 
     def owns(self, caller: Caller, meta: CaseMeta) -> bool:

@@ -6,6 +6,12 @@ Reveals (search, verify, subject list, subject record, enrolled photos, gallery 
 they are acknowledged: an erasure (which cannot be undone) is recorded first, and a failure
 after the record is recorded as ``operation_failed``; an enrolment is undone (erased) if its
 record cannot be written.
+
+A subject's erasure is one transaction everywhere: its gallery (store, index), every
+``ErasureParticipant`` (each case's leads and reports, the web's held search results) and the
+reveal ledger. It is noted durably first (``runtime.services.erasures``) and rolls forward: a
+step that fails leaves the note, the erasure is reported unfinished, and it is finished at the
+next open or the next erasure.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from runtime.audit.events import AuditAction
 from runtime.audit.events import Candidate as AuditCandidate
 from runtime.audit.justification import Justification, check_reason
 from runtime.audit.recorder import Recorder
-from runtime.errors import AccessDeniedError, BadInputError
+from runtime.errors import AccessDeniedError, BadInputError, EdgeidError
 from runtime.gallery.backup import export_gallery, import_gallery
+from runtime.gallery.errors import GalleryNotFoundError
 from runtime.gallery.records import Face, GalleryInfo, Subject
 from runtime.gallery.service import (
     DEFAULT_TOP_K,
@@ -41,6 +48,7 @@ from runtime.gallery.service import (
 from runtime.gallery.thresholds import DEFAULT_OPERATING_FMR
 from runtime.services.caller import Caller
 from runtime.services.consent import ChangeKind, Consent, redeem
+from runtime.services.erasures import ErasureJournal, ErasureParticipant, Intent
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,11 @@ class SubjectRecord:
     gallery: str
     subject: Subject
     faces: tuple[Face, ...]
+
+
+class ErasureUnfinishedError(EdgeidError):
+    """An erasure was decided and begun but has not reached every place yet; it is noted and
+    finished at the next open (or the next erasure)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,14 @@ class RevealLedger:
                 for key in [k for k in seen if k[0] == gallery]:
                     del seen[key]
 
+    def forget_faces(self, gallery: str, face_ids: Sequence[str]) -> None:
+        """An erased subject's faces: no session keeps a right to see them."""
+        gone = {(gallery, f) for f in face_ids}
+        with self._lock:
+            for seen in self._seen.values():
+                for key in gone & seen.keys():
+                    del seen[key]
+
 
 class AccountableGalleries:
     """See the module docstring. ``galleries`` does the work; ``recorder`` accounts for it."""
@@ -126,10 +147,44 @@ class AccountableGalleries:
         recorder: Recorder,
         *,
         clock: Callable[[], float] = time.monotonic,
+        participants: Sequence[ErasureParticipant] = (),
     ) -> None:
         self.galleries = galleries
         self.recorder = recorder
         self.revealed = RevealLedger(clock)
+        self.participants: list[ErasureParticipant] = list(participants)
+        self.erasures = ErasureJournal(
+            galleries.store.root, lambda: galleries.store.keyring, writer=galleries.writer
+        )
+
+    def add_participant(self, participant: ErasureParticipant) -> None:
+        """Something else that holds subjects (cases, web workspaces) erases with them."""
+        self.participants.append(participant)
+
+    def finish_pending(self) -> int:
+        """Finish erasures a crash or a failure interrupted (at open, once every participant
+        is wired); one still failing is logged and stays noted. Returns how many finished."""
+        finished = 0
+        try:
+            pending = self.erasures.pending()
+        except EdgeidError as exc:
+            logger.error("erasures in progress cannot be finished: %s", exc)
+            return 0
+        by_gallery: dict[tuple[str, str], list[Intent]] = {}
+        for intent in pending:
+            by_gallery.setdefault((intent.gallery_id, intent.gallery), []).append(intent)
+        for intents in by_gallery.values():
+            try:
+                self._finish(intents, ())
+            except ErasureUnfinishedError as exc:  # one must not block the others, or open
+                logger.error(  # ids only: the message may name a gallery
+                    "%d erasure(s) still unfinished (%s); retried at the next erasure or open",
+                    len(intents),
+                    type(exc.__cause__).__name__,
+                )
+            else:
+                finished += len(intents)
+        return finished
 
     # -- access ------------------------------------------------------------------------------
 
@@ -411,8 +466,15 @@ class AccountableGalleries:
             detail="; ".join(p for p in (counts, consent.detail(), detail) if p),
         )
         with self._failure_recorded(caller, AuditAction.GALLERY_DELETED, name):
+            gallery = self.galleries.gallery(name)
+            intents = [
+                Intent(gallery.gallery_id, name, s.subject_id, gallery.key_id)
+                for s in gallery.subjects()
+            ]
+            self.erasures.add(*intents)  # its subjects leave the cases' leads too
             self.galleries.delete_gallery(name)
-        self.revealed.forget_gallery(name)
+            self.revealed.forget_gallery(name)
+            self._finish(intents, ())
         return erased
 
     def enroll(
@@ -524,6 +586,7 @@ class AccountableGalleries:
         """Erase a subject. Investigators erase in their galleries; holders of ``retention``
         erase subjects past their retention date in any gallery. Recorded first."""
         reason = check_reason(reason)
+        self.finish_pending()  # an earlier erasure left unfinished goes first
         subject = self.galleries.subject(gallery, subject_id)
         expired = subject.retention_until is not None and subject.retention_until < date.today()
         if by_retention:
@@ -535,7 +598,7 @@ class AccountableGalleries:
                 )
         else:
             self.require(caller, Permission.SUBJECTS_DELETE, gallery, where=where)
-        faces = len(self.galleries.faces(gallery, subject_id))
+        faces = [f.face_id for f in self.galleries.faces(gallery, subject_id)]
         self.recorder.record(
             caller.actor,
             AuditAction.DELETE_SUBJECT,
@@ -544,12 +607,50 @@ class AccountableGalleries:
             reason=reason,
             detail="; ".join(
                 p
-                for p in (f"{faces} faces", "retention period over" if by_retention else None)
+                for p in (f"{len(faces)} faces", "retention period over" if by_retention else None)
                 if p
             ),
         )
         with self._failure_recorded(caller, AuditAction.DELETE_SUBJECT, gallery, subject_id):
-            self.galleries.delete_subject(gallery, subject_id)
+            intent = Intent(
+                self.galleries.gallery(gallery).gallery_id,
+                gallery,
+                subject_id,
+                self.galleries.gallery(gallery).key_id,
+            )
+            self.erasures.add(intent)  # fails with nothing changed (e.g. a full disk)
+            self._finish([intent], faces)
+
+    def _finish(self, intents: Sequence[Intent], face_ids: Sequence[str]) -> None:
+        """Erase noted subjects of one gallery everywhere (or what is left of them), then drop
+        their notes."""
+        if not intents:
+            return
+        name = intents[0].gallery
+        try:
+            for intent in intents:
+                try:
+                    if self.galleries.gallery(name).gallery_id == intent.gallery_id:
+                        self.galleries.erase_subject(
+                            name, intent.subject_id, key_before=intent.key_before
+                        )
+                except GalleryNotFoundError:
+                    pass  # the whole gallery has been erased since
+            subjects = frozenset(i.subject_id for i in intents)
+            for participant in self.participants:
+                participant.erase_subjects(name, subjects)
+            self.revealed.forget_faces(name, face_ids)
+            self.erasures.done(*intents)
+        except (EdgeidError, OSError) as exc:
+            which = (
+                f"subject {intents[0].subject_id}"
+                if len(intents) == 1
+                else f"{len(intents)} subjects"
+            )
+            raise ErasureUnfinishedError(
+                f"erasing {which} is unfinished ({exc}); it is noted and finished when the "
+                "galleries are next opened, or retry after fixing the cause"
+            ) from exc
 
     def import_gallery(
         self, caller: Caller, src: Path, passphrase: str, *, name: str | None, reason: str

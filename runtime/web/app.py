@@ -40,6 +40,7 @@ from runtime.gallery.service import DuplicateSubjectError, GalleryService, Quali
 from runtime.services.accounts import AccountAdmin
 from runtime.services.approvals import Approvals
 from runtime.services.cases import AccountableCases
+from runtime.services.erasures import ErasureParticipant
 from runtime.services.galleries import AccountableGalleries
 from runtime.services.proposals import ProposalNotFoundError, ProposalStore
 from runtime.system.metrics import SERVICE_METRICS
@@ -72,7 +73,7 @@ from runtime.web.forms import BodyTooLargeError, UnsupportedBodyError
 from runtime.web.rendering import STATIC_DIR, make_environment, render
 from runtime.web.state import WebState, web_state
 from runtime.web.work_context import WorkContextRequiredError
-from runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
+from runtime.web.workspace import HeldSearches, PendingEnrolment, SearchContext, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +165,14 @@ def create_app(
     # The service holds the galleries' lock, so its keyring may gain the accounts key.
     accounts_sealing = accounts_key(galleries.store.keyring)
     users, tokens = UserStore(home, accounts_sealing), TokenStore(home, accounts_sealing)
-    accountable = AccountableGalleries(galleries, recorder, clock=clock)
     case_access = AccountableCases(cases, recorder) if cases is not None else None
     throttle = LoginThrottle(clock)
+    # An erasure reaches the cases' leads and the search results held here, or says it could not.
+    participants: list[ErasureParticipant] = [HeldSearches(searches)]
+    if case_access is not None:
+        participants.append(case_access)
+    accountable = AccountableGalleries(galleries, recorder, clock=clock, participants=participants)
+    accountable.finish_pending()  # erasures a crash or a failure left unfinished
     accounts = AccountAdmin(
         users,
         tokens,

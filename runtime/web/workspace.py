@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Generic, Protocol, TypeVar
 
@@ -151,9 +151,44 @@ class Workspace(Generic[T]):
         with self._lock:
             return len(self._slots)
 
+    def items(self) -> list[T]:
+        """Every entry held now, whoever owns it (for an erasure)."""
+        with self._lock:
+            return [s.item for s in self._slots.values()]
+
     def _total(self) -> int:
         return sum(s.item.nbytes() for s in self._slots.values())
 
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._slots.items() if now - s.last_used > self.ttl_s]:
             del self._slots[key]
+
+
+class HeldSearches:
+    """The search results held for investigators, as an erasure participant
+    (``runtime.services.erasures``): an erased subject leaves every held result at once."""
+
+    def __init__(self, searches: Workspace[SearchContext]) -> None:
+        self.searches = searches
+
+    def erase_subjects(self, gallery: str, subject_ids: frozenset[str]) -> int:
+        changed = 0
+        for context in self.searches.items():
+            for face_index, result in list(context.results.items()):
+                gone = {
+                    c.face_id
+                    for c in result.candidates
+                    if c.gallery == gallery and c.subject_id in subject_ids
+                }
+                if not gone:
+                    continue
+                kept = tuple(
+                    c
+                    for c in result.candidates
+                    if not (c.gallery == gallery and c.subject_id in subject_ids)
+                )
+                context.results[face_index] = replace(result, candidates=kept)
+                for key in [k for k in context.decisions if k[0] == face_index and k[1] in gone]:
+                    del context.decisions[key]
+                changed += 1
+        return changed
