@@ -81,6 +81,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
+# An overloaded service without a better estimate asks clients to come back after this long.
+OVERLOADED_RETRY_AFTER_S = 5
 # HTTP status for each refusal; the first matching class wins (subclasses before bases).
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LoginRequiredError, 401),
@@ -339,8 +341,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _error_response(request: Request, exc: Exception, status: int, message: str) -> Response:
     headers: dict[str, str] = {}
-    if isinstance(exc, ThrottledError):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, ThrottledError | OverloadedError):
+        # Throttled logins and a saturated inference queue say when to come back.
+        retry_after_s = getattr(exc, "retry_after_s", OVERLOADED_RETRY_AFTER_S)
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
     if _is_api(request):
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
