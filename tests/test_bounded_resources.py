@@ -161,12 +161,19 @@ def test_finding_10_faces_beyond_the_cap_are_counted_not_analysed(
 
 def test_finding_10_admission_beyond_the_slots_is_refused_at_once() -> None:
     activity = InferenceActivity(limits=InferenceLimits(max_running=1, max_waiting=0))
-    with activity.job():
-        with pytest.raises(InferenceBusyError) as refused, activity.job():
-            pass
+    with activity.job(), pytest.raises(InferenceBusyError) as refused, activity.job():
+        pass
     assert refused.value.retry_after_s == InferenceLimits().retry_after_s
     with activity.job():  # the slot is free again
         pass
+    # A large photo needs a large slot too: one large job leaves the other slot to the rest.
+    two = InferenceLimits(max_running=2, max_large_running=1, max_waiting=0)
+    both = InferenceActivity(limits=two)
+    with both.job(large=True):
+        with pytest.raises(InferenceBusyError), both.job(large=True):
+            pass
+        with both.job():
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +229,10 @@ with GalleryService.open(home) as service:
     after = rss_mb()
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked (pytest) parent.
 peak = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
-print(json.dumps({"faces": len(probe.faces), "box": probe.faces[0].box if probe.faces else None,
-                  "before": before, "after": after, "peak": peak, "size": [probe.width, probe.height]}))
+box = probe.faces[0].box if probe.faces else None
+size = [probe.width, probe.height]
+print(json.dumps({"faces": len(probe.faces), "box": box, "before": before, "after": after,
+                  "peak": peak, "size": size}))
 """
 
 
@@ -335,4 +344,3 @@ def test_finding_12_malformed_uploads_close_cleanly_with_one_log_line(box: Box) 
     assert not any("Fatal error" in r.getMessage() for r in records.records)
     assert not [r for r in records.records if r.levelno >= logging.ERROR]
     assert any("connection closed" in r.getMessage() for r in records.records)
-

@@ -74,6 +74,16 @@ class InferenceSettings(_Section):
         title="Photos analysed at once",
         description="Analyses that run in parallel; one per CPU core is enough.",
     )
+    max_large_running_jobs: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        title="Large photos analysed at once",
+        description=(
+            "Of the analyses running at once, how many may be photos over the working size "
+            "(they cost the most memory); the other slots stay free for ordinary photos."
+        ),
+    )
     max_waiting_jobs: int = Field(
         default=6,
         ge=0,
@@ -91,6 +101,12 @@ class InferenceSettings(_Section):
         title="Longest wait for a slot (seconds)",
         description="A waiting analysis that gets no slot within this time is refused (503).",
     )
+
+    @model_validator(mode="after")
+    def _large_within_running(self) -> InferenceSettings:
+        if self.max_large_running_jobs > self.max_running_jobs:
+            raise ValueError("max_large_running_jobs must be at most max_running_jobs")
+        return self
 
 
 class WebSettings(_Section):

@@ -53,7 +53,7 @@ from runtime.gallery.wording import (
     verification_rate,
 )
 from runtime.inference.activity import InferenceActivity, InferenceLimits
-from runtime.inference.image_decode import decode_image, decode_working
+from runtime.inference.image_decode import declared_pixels, decode_image, decode_working
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from runtime.inference.types import FloatArray, RGBImage
 from runtime.storage.durable import write_file_atomically
@@ -401,7 +401,8 @@ class GalleryService:
         Bounded by the activity's limits: admitted or refused (503) before decoding, detection
         on the photo reduced to the working size, at most ``max_faces`` faces analysed."""
         limits = self.activity.limits
-        with self.activity.job():
+        large = declared_pixels(image_bytes) > limits.max_working_pixels
+        with self.activity.job(large=large):
             work = decode_working(
                 image_bytes, name=name, max_working_pixels=limits.max_working_pixels
             )

@@ -43,6 +43,9 @@ class InferenceLimits:
 
     # Two jobs keep both cores of a small box busy; each more only adds its memory.
     max_running: int = 2
+    # Of which photos over the working size (reduced for detection: the heavy ones): one, so a
+    # burst of large uploads never takes every slot from ordinary searches.
+    max_large_running: int = 1
     # A few more wait their turn (a search takes about a second); more are refused.
     max_waiting: int = 6
     # Waiting longer than this means the box is saturated: refuse rather than time out.
@@ -59,6 +62,7 @@ class InferenceLimits:
         """The limits the ``[inference]`` section of edgeid.toml sets."""
         return cls(
             max_running=section.max_running_jobs,
+            max_large_running=section.max_large_running_jobs,
             max_waiting=section.max_waiting_jobs,
             wait_s=section.admission_wait_s,
             max_working_pixels=section.max_working_pixels,
@@ -92,6 +96,7 @@ class InferenceActivity:
         self._clock = clock
         self.limits = limits or InferenceLimits()
         self._slots = threading.BoundedSemaphore(self.limits.max_running)
+        self._large_slots = threading.BoundedSemaphore(self.limits.max_large_running)
         self._waiting = 0
         self._lock = threading.Lock()
         self._running: dict[int, float] = {}  # job number -> start time
@@ -100,9 +105,20 @@ class InferenceActivity:
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def job(self) -> Iterator[None]:
-        """One inference job, admitted within the limits or refused with InferenceBusyError."""
-        self._admit()
+    def job(self, *, large: bool = False) -> Iterator[None]:
+        """One inference job, admitted within the limits or refused with InferenceBusyError;
+        a ``large`` one (a photo over the working size) also needs one of the large slots."""
+        gates = (self._large_slots, self._slots) if large else (self._slots,)
+        deadline = self._clock() + self.limits.wait_s
+        taken: list[threading.BoundedSemaphore] = []
+        try:
+            for gate in gates:
+                self._admit(gate, deadline)
+                taken.append(gate)
+        except InferenceBusyError:
+            for gate in taken:
+                gate.release()
+            raise
         number = next(self._numbers)
         with self._lock:
             self._running[number] = self._clock()
@@ -114,20 +130,20 @@ class InferenceActivity:
                 del self._running[number]
                 self._metrics.set_queue_depth(len(self._running) + self._waiting)
                 last = not self._running
-            self._slots.release()
+            for gate in gates:
+                gate.release()
             if last:
                 release_memory()
 
-    def _admit(self) -> None:
-        limits = self.limits
+    def _admit(self, gate: threading.BoundedSemaphore, deadline: float) -> None:
         with self._lock:
-            if self._slots.acquire(blocking=False):
+            if gate.acquire(blocking=False):
                 return
-            if self._waiting >= limits.max_waiting:
+            if self._waiting >= self.limits.max_waiting:
                 raise self._busy()
             self._waiting += 1
         try:
-            admitted = self._slots.acquire(timeout=limits.wait_s)
+            admitted = gate.acquire(timeout=max(0.0, deadline - self._clock()))
         finally:
             with self._lock:
                 self._waiting -= 1

@@ -124,6 +124,19 @@ def decode_working(
     )
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height as the header states it (0 if unreadable; decoding then says why):
+    read before admission, so a large photo waits for a large-photo slot."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return 0
+    return width * height
+
+
 @contextmanager
 def _opened(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Iterator[Image.Image]:
     """The image with its pixels loaded, after the byte, format and pixel limits; every decoding
