@@ -211,6 +211,10 @@ def test_finding_10_a_full_box_answers_503_with_retry_after(box: Box, lfw_dir: P
         assert busy.headers["Retry-After"] == "5"
         assert "busy" in busy.json()["error"]
         assert api.put(url, content=photo, headers=jpeg).status_code == 200
+        # This photo shows two faces: with a cap of one, the other is counted, not analysed.
+        box.service.activity = InferenceActivity(limits=InferenceLimits(max_faces=1))
+        capped = api.put(url, content=photo, headers=jpeg).json()
+        assert (len(capped["faces"]), capped["faces_not_analysed"]) == (1, 1)
     finally:
         box.service.activity = saved
 
