@@ -194,7 +194,7 @@ def _to_eight_bit(img: Image.Image) -> Image.Image:
         wide: npt.NDArray[np.generic] = np.asarray(img)
         return _grey(np.right_shift(wide.astype(np.uint16, copy=False), 8))
     if img.mode in ("I", "F"):
-        values = np.asarray(img)
+        values = np.nan_to_num(np.asarray(img), nan=0.0, posinf=0.0, neginf=0.0)
         top = float(values.max(initial=0))
         if img.mode == "F" and top <= 1.0:
             return _grey(np.clip(values, 0.0, 1.0) * _MAX_8)
@@ -207,7 +207,10 @@ def _to_eight_bit(img: Image.Image) -> Image.Image:
 
 
 def _grey(values: npt.NDArray[np.generic]) -> Image.Image:
-    return Image.fromarray(np.asarray(values).astype(np.uint8), mode="L")
+    samples = np.asarray(values)
+    if samples.dtype.kind == "f":
+        samples = np.rint(samples)
+    return Image.fromarray(samples.astype(np.uint8), mode="L")
 
 
 def load_image(path: Path, *, max_bytes: int = MAX_IMAGE_BYTES) -> RGBImage:
