@@ -14,6 +14,7 @@ from benchmarks import (
     cluster_bench,
     detectors,
     gallery_open_bench,
+    hostile_load,
     ingest_bench,
     lfw_vs_dlib,
     pipeline_bench,
@@ -92,6 +93,8 @@ def main() -> int:
         # Case ingest: clustering beside dlib's Chinese whispers, ingest beside the bare pipeline.
         "clustering": cluster_bench.run(args.data, models),
         "case_ingest": ingest_bench.run(args.data, models),
+        # Ordinary searches alone and beside 8 concurrent hostile uploads; the service's RSS.
+        "hostile_load": hostile_load.run(args.data, models),
     }
     json.dump(results, sys.stdout, indent=2)
     print()

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: the web stack is heavy and no other command needs it.
     from firmware.update.events import deliver_events
     from runtime.config.settings import load_settings
-    from runtime.inference.activity import InferenceActivity
+    from runtime.inference.activity import InferenceActivity, InferenceLimits
     from runtime.inference.pipeline import FacePipeline
     from runtime.system.journal import configure_logging
     from runtime.system.lifecycle import service_lifecycle
@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
             backend=inference.backend,
         )
         SERVICE_METRICS.set_backend_state(pipeline.backend_state)
-        activity = InferenceActivity(life.heartbeat("inference").beat)
+        activity = InferenceActivity(
+            life.heartbeat("inference").beat, limits=InferenceLimits.of(inference)
+        )
         agent = TelemetryAgent(
             home, settings, __version__, backend_state=lambda: pipeline.backend_state
         )

@@ -45,6 +45,68 @@ class InferenceSettings(_Section):
     detector: Literal["mtcnn", "mmod"] = "mtcnn"
     backend: Literal["auto", "cpu", "tensorrt"] = "auto"
     threads: int | None = Field(default=None, ge=1, le=256)
+    # Bounds on what one photo and a burst of photos may cost (README "Speed and limits").
+    max_working_pixels: int = Field(
+        default=3_000_000,
+        ge=250_000,
+        le=50_000_000,
+        title="Detection working size (pixels)",
+        description=(
+            "A larger photo is reduced to at most this many pixels for face detection; faces "
+            "are then cut from the full-resolution photo. Higher finds smaller faces in large "
+            "photos at the cost of memory and time (about 100 bytes per pixel)."
+        ),
+    )
+    max_faces_per_image: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        title="Faces analysed per photo",
+        description=(
+            "The most confident faces of a photo that are analysed; the rest are counted and "
+            "reported as not analysed."
+        ),
+    )
+    max_running_jobs: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        title="Photos analysed at once",
+        description="Analyses that run in parallel; one per CPU core is enough.",
+    )
+    max_large_running_jobs: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        title="Large photos analysed at once",
+        description=(
+            "Of the analyses running at once, how many may be photos over the working size "
+            "(they cost the most memory); the other slots stay free for ordinary photos."
+        ),
+    )
+    max_waiting_jobs: int = Field(
+        default=6,
+        ge=0,
+        le=256,
+        title="Photos waiting their turn",
+        description=(
+            "Analyses that wait for a free slot; beyond this a request is refused with HTTP 503 "
+            "and Retry-After."
+        ),
+    )
+    admission_wait_s: float = Field(
+        default=20.0,
+        ge=1.0,
+        le=300.0,
+        title="Longest wait for a slot (seconds)",
+        description="A waiting analysis that gets no slot within this time is refused (503).",
+    )
+
+    @model_validator(mode="after")
+    def _large_within_running(self) -> InferenceSettings:
+        if self.max_large_running_jobs > self.max_running_jobs:
+            raise ValueError("max_large_running_jobs must be at most max_running_jobs")
+        return self
 
 
 class WebSettings(_Section):

@@ -57,8 +57,8 @@ from runtime.gallery.wording import (
     threshold_sentence,
     verification_rate,
 )
-from runtime.inference.activity import InferenceActivity
-from runtime.inference.image_decode import decode_image
+from runtime.inference.activity import InferenceActivity, InferenceLimits
+from runtime.inference.image_decode import declared_pixels, decode_image, decode_working
 from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from runtime.inference.types import FloatArray, RGBImage
 from runtime.storage.durable import FileWriter, shred_and_unlink, write_file_atomically
@@ -119,6 +119,8 @@ class Probe:
     model_id: str
     _templates: FloatArray = field(repr=False)
     _chips: tuple[RGBImage, ...] = field(repr=False)
+    # Faces found beyond the per-photo cap (the least confident), counted but not analysed.
+    faces_not_analysed: int = 0
 
     def face(self, index: int) -> ProbeFace:
         if not 0 <= index < len(self.faces):
@@ -350,6 +352,7 @@ class GalleryService:
             )
         store = GalleryStore(home, provider_for(home, settings.keys, passphrase=passphrase))
         try:
+            activity = activity or InferenceActivity(limits=InferenceLimits.of(settings.inference))
             return cls(store, pipeline, load_calibration(EMBEDDER_MODEL), activity)
         except BaseException:
             store.close()
@@ -411,13 +414,25 @@ class GalleryService:
     # -- photos ------------------------------------------------------------------------------
 
     def analyse(self, image_bytes: bytes, *, name: str = "photo") -> Probe:
-        """Decode (with size and pixel limits), detect, assess and embed every face."""
-        with self.activity.job():
-            image = decode_image(image_bytes, name=name)
-            faces = self.pipeline.detect(image)
-            chips = self.pipeline.chips(image, faces)
+        """Decode (with size and pixel limits), detect, assess and embed every face.
+
+        Bounded by the activity's limits: admitted or refused (503) before decoding, detection
+        on the photo reduced to the working size, at most ``max_faces`` faces analysed."""
+        limits = self.activity.limits
+        large = declared_pixels(image_bytes) > limits.max_working_pixels
+        with self.activity.job(large=large):
+            work = decode_working(
+                image_bytes, name=name, max_working_pixels=limits.max_working_pixels
+            )
+            faces, chips, skipped = self.pipeline.detect_working(work, max_faces=limits.max_faces)
             templates = (
                 self.pipeline.embed_chips(chips) if chips else np.zeros((0, 0), dtype=np.float32)
+            )
+            width, height = work.full_size
+            del work  # the full-resolution pixels go before the memory is handed back
+        if skipped:
+            logger.info(
+                "analysed the %d most confident faces; %d not analysed", len(faces), skipped
             )
         described = []
         for i, face in enumerate(faces):
@@ -436,12 +451,13 @@ class GalleryService:
             )
         return Probe(
             image_sha256=hashlib.sha256(image_bytes).hexdigest(),
-            width=int(image.shape[1]),
-            height=int(image.shape[0]),
+            width=width,
+            height=height,
             faces=tuple(described),
             model_id=self.model_id,
             _templates=templates,
             _chips=tuple(chips),
+            faces_not_analysed=skipped,
         )
 
     # -- search ------------------------------------------------------------------------------

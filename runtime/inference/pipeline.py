@@ -15,6 +15,7 @@ from runtime.inference.alignment import face_chip
 from runtime.inference.backends.selection import BackendChoice, BackendState, SessionFactory
 from runtime.inference.backends.session import ModelOpener
 from runtime.inference.embedder import Embedder
+from runtime.inference.image_decode import WorkingImage
 from runtime.inference.landmarks import ShapePredictor
 from runtime.inference.manifest import read_verified_model
 from runtime.inference.quality import FaceQuality, assess
@@ -35,6 +36,12 @@ CHIP_PADDING = 0.25
 # Stage names a StageTimer records, in pipeline order; "decode" is timed by the caller, which
 # owns the image bytes (the pipeline starts from pixels).
 STAGES = ("decode", "detect", "landmarks_align", "quality", "embed")
+# A face found on a reduced photo is re-read from the full-resolution photo within its box
+# widened by this fraction on each side (the padded chip reaches about 0.4 beyond the box).
+REGION_MARGIN = 0.6
+# ...and at most this many pixels on the region's longer side: 4x the chip keeps the 150-px chip
+# sharp while a face filling a 50-megapixel photo costs a 600-px crop, not its full size.
+REGION_MAX_SIDE = 4 * CHIP_SIZE
 # Floor for the norm when renormalising the flip-averaged template (as the embedder does).
 _MIN_NORM = 1e-12
 
@@ -220,7 +227,7 @@ class FacePipeline:
         """Every face of the image, embedded in one batch."""
         if self.embedder is None:
             raise RuntimeError("pipeline was loaded without an embedder")
-        faces, chips = self._analyse(image, timer)
+        faces, chips, _ = self._analyse(image, timer)
         if not faces:
             return []
         with _stage(timer, "embed"):
@@ -240,14 +247,63 @@ class FacePipeline:
         averaged: FloatArray = mean / np.maximum(norms, np.float32(_MIN_NORM))
         return averaged
 
-    def _analyse(
-        self, image: RGBImage, timer: StageTimer | None
-    ) -> tuple[list[Face], list[RGBImage]]:
-        """Faces with landmarks and quality, and their aligned chips (same order)."""
+    def detect_working(
+        self, work: WorkingImage, *, max_faces: int, timer: StageTimer | None = None
+    ) -> tuple[list[Face], list[RGBImage], int]:
+        """Faces (at most ``max_faces``, the most confident), their chips, and how many faces
+        were found but not analysed. Boxes and landmarks are in full-resolution coordinates."""
+        if not work.reduced:
+            return self._analyse(work.pixels, timer, max_faces)
         with _stage(timer, "detect"):
-            detections = self.detector.detect(image)
+            detections = self.detector.detect(work.pixels)
+        kept = _most_confident(detections, max_faces)
+        faces: list[Face] = []
+        chips: list[RGBImage] = []
+        with _stage(timer, "landmarks_align"):
+            for det in kept:
+                face, chip = self._from_full_resolution(work, det)
+                faces.append(face)
+                chips.append(chip)
+        return faces, chips, len(detections) - len(kept)
+
+    def _from_full_resolution(self, work: WorkingImage, det: Detection) -> tuple[Face, RGBImage]:
+        """One face found on the reduced photo, re-read from a bounded full-resolution crop."""
+        box = _scaled(det.box, 1 / work.scale)
+        wide = _scaled(self.detector.landmark_box(det), 1 / work.scale)
+        margin_x, margin_y = REGION_MARGIN * wide.width, REGION_MARGIN * wide.height
+        region = work.region(
+            wide.x0 - margin_x,
+            wide.y0 - margin_y,
+            wide.x1 + margin_x,
+            wide.y1 + margin_y,
+            REGION_MAX_SIDE,
+        )
+        ox, oy = region.origin
+        local = Box(
+            (wide.x0 - ox) * region.scale,
+            (wide.y0 - oy) * region.scale,
+            (wide.x1 - ox) * region.scale,
+            (wide.y1 - oy) * region.scale,
+        )
+        points = self.landmarks.predict_many(region.pixels, [local])[0]
+        chip = face_chip(region.pixels, points, CHIP_SIZE, CHIP_PADDING)
+        full_points = (points / np.float32(region.scale) + np.array([ox, oy], np.float32)).astype(
+            np.float32
+        )
+        quality = assess(full_points, chip, padding=CHIP_PADDING)
+        return Face(box=box, score=det.score, landmarks=full_points, quality=quality), chip
+
+    def _analyse(
+        self, image: RGBImage, timer: StageTimer | None, max_faces: int | None = None
+    ) -> tuple[list[Face], list[RGBImage], int]:
+        """Faces with landmarks and quality, their aligned chips (same order), and how many
+        faces beyond ``max_faces`` were left out."""
+        with _stage(timer, "detect"):
+            found = self.detector.detect(image)
+        detections = found if max_faces is None else _most_confident(found, max_faces)
+        skipped = len(found) - len(detections)
         if not detections:
-            return [], []
+            return [], [], skipped
         with _stage(timer, "landmarks_align"):
             boxes = [self.detector.landmark_box(det) for det in detections]
             points = list(self.landmarks.predict_many(image, boxes))
@@ -260,4 +316,16 @@ class FacePipeline:
             Face(box=det.box, score=det.score, landmarks=p, quality=q)
             for det, p, q in zip(detections, points, qualities, strict=True)
         ]
-        return faces, chips
+        return faces, chips, skipped
+
+
+def _most_confident(detections: list[Detection], limit: int) -> list[Detection]:
+    """At most ``limit`` detections, the most confident, in the detector's order."""
+    if len(detections) <= limit:
+        return detections
+    ranked = sorted(range(len(detections)), key=lambda i: -detections[i].score)[:limit]
+    return [detections[i] for i in sorted(ranked)]
+
+
+def _scaled(box: Box, factor: float) -> Box:
+    return Box(box.x0 * factor, box.y0 * factor, box.x1 * factor, box.y1 * factor)

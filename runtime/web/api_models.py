@@ -72,6 +72,10 @@ class ProbeOut(BaseModel):
     width: int
     height: int
     faces: list[ProbeFaceOut]
+    faces_not_analysed: int = Field(
+        default=0,
+        description="faces found beyond the per-photo cap (the least confident), not analysed",
+    )
 
     @classmethod
     def of(cls, search_id: str, probe: Probe) -> ProbeOut:
@@ -91,6 +95,7 @@ class ProbeOut(BaseModel):
                 )
                 for f in probe.faces
             ],
+            faces_not_analysed=probe.faces_not_analysed,
         )
 
 

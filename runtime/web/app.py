@@ -19,7 +19,7 @@ from urllib.parse import quote
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -82,6 +82,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
+# An overloaded service without a better estimate asks clients to come back after this long.
+OVERLOADED_RETRY_AFTER_S = 5
 # HTTP status for each refusal; the first matching class wins (subclasses before bases).
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (LoginRequiredError, 401),
@@ -347,8 +349,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _error_response(request: Request, exc: Exception, status: int, message: str) -> Response:
     headers: dict[str, str] = {}
-    if isinstance(exc, ThrottledError):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if isinstance(exc, ThrottledError | OverloadedError):
+        # Throttled logins and a saturated inference queue say when to come back.
+        retry_after_s = getattr(exc, "retry_after_s", OVERLOADED_RETRY_AFTER_S)
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
     if _is_api(request):
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
@@ -452,6 +456,11 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, bounded_receive, send_and_note)
+        except ClientDisconnect:
+            # The client hung up (or lied about its body's length): nobody to answer and
+            # nothing broken on our side, so one line, not an error with a stack.
+            route = getattr(scope.get("route"), "path", "-")
+            logger.info("%s %s: the client went away mid-request", scope["method"], route)
         finally:
             _meter(path, started, status)
 

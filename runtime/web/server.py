@@ -15,8 +15,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runtime.config.settings import Settings
 from runtime.errors import BadInputError
@@ -29,6 +31,32 @@ logger = logging.getLogger(__name__)
 KEEP_ALIVE_S = 5
 # More concurrent requests than this get 503: the CPU cannot serve them anyway.
 MAX_CONCURRENT_REQUESTS = 64
+
+
+class SturdyH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing cleanly on malformed input it cannot answer.
+
+    A request refused early (413 while its body still arrives) followed by broken framing (a
+    lying Content-Length, a bad chunk) makes uvicorn answer 400 on a connection whose response
+    is already sent; h11 refuses, and asyncio logs "Fatal error on SSL protocol" with a
+    traceback. Here the connection is closed and one line is logged instead.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            super().data_received(data)
+        except h11.LocalProtocolError:
+            self._drop("malformed request data after the response")
+
+    def send_400_response(self, msg: str) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self._drop("malformed request data after the response")  # no second answer
+            return
+        super().send_400_response(msg)
+
+    def _drop(self, why: str) -> None:
+        logger.warning("connection closed: %s", why)
+        self.transport.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -71,6 +99,7 @@ def make_server(
         proxy_headers=False,  # no proxy in front: the peer address is the client's
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=MAX_CONCURRENT_REQUESTS,
+        http=SturdyH11Protocol,
     )
     return uvicorn.Server(config)
 
