@@ -504,6 +504,23 @@ class Gallery:
                 if len(item.entries) == 1 and fid in self._faces:
                     self._thumbs[fid] = _ThumbRef(item.offset, item.size)
 
+    def check_thumbnails(self) -> list[str]:
+        """Read and authenticate every thumbnail (salvage mode, for scrub); return the face
+        ids whose thumbnail is damaged or missing. Writes nothing."""
+        lost: list[str] = []
+        with contextlib.ExitStack() as stack:
+            stream = (
+                stack.enter_context(open(self._thumbs_path, "rb"))
+                if self._thumbs_path.exists()
+                else None
+            )
+            for face_id in sorted(self._faces):
+                head, _ = self._salvaged_thumbnail(stream, face_id, self._thumbs.get(face_id))
+                if head.get("lost"):
+                    lost.append(face_id)
+        self.lost_thumbnails = []
+        return lost
+
     def _open(self, entry: Entry, offset: int) -> bytes:
         try:
             return self._cipher.open(
@@ -1310,6 +1327,20 @@ class GalleryStore:
             return str(unpack(plain, gid)[0]["name"])
         except (*DAMAGE_ERRORS, GalleryError, StopIteration, KeyError, IndexError):
             return ""
+
+    def gallery_ids(self) -> list[str]:
+        """Every gallery's id, damaged or not."""
+        return self._keyring.gallery_ids() if self._keyring is not None else []
+
+    def check(self, gid: str) -> tuple[str | None, Gallery]:
+        """For scrub: the strict load's problem (None when it opens), and the gallery as a
+        salvage reads it. Writes nothing (an unfinished erasure is not finished here)."""
+        problem = None
+        try:
+            self._gallery(gid)
+        except (*DAMAGE_ERRORS, GalleryError) as exc:
+            problem = str(exc) or type(exc).__name__
+        return problem, self._gallery(gid, salvage=True)
 
     def list_galleries(self) -> list[GalleryInfo]:
         """The galleries that open (see ``damaged_galleries`` for the rest)."""
