@@ -153,6 +153,7 @@ def salvage_case(directory: Path, keyring: Keyring) -> SalvagedCase:
         for item in salvage_frames(stream):
             if isinstance(item, DamagedSpan):
                 salvaged.damaged_spans += 1
+                salvaged.lost_records += [e.record_id.hex() for e in item.entries]
                 continue
             for entry in item.entries:
                 _salvage_entry(cipher, entry, salvaged, faces)

@@ -654,11 +654,12 @@ class CaseStore:
 
     def _peek_meta(self, case_id: str) -> CaseMeta:
         directory = self.root / case_id
-        with open(directory / RECORDS_LOG, "rb") as stream:
-            key_id = read_header(stream, f"case {case_id}").key_id.hex()
+        blob = (directory / META_FILE).read_bytes()
+        # The blob names its key (its first bytes), so damage to the records log's header
+        # does not hide the case's number; the whole case is checked when it is opened.
+        key_id = blob[:ID_BYTES].hex()
         key = case_key(self._keyring, case_id, key_id)
         cipher = RecordCipher(key, bytes.fromhex(case_id))
-        blob = (directory / META_FILE).read_bytes()
         head = _unseal(cipher, key_id, _META_KIND, bytes.fromhex(case_id), blob, f"case {case_id}")
         return CaseMeta.from_head(head)
 
@@ -668,6 +669,13 @@ class CaseStore:
         for meta in self.list_cases():
             if meta.number == wanted:
                 return self._case(meta.case_id)
+        if self._damaged:  # it may be one whose number can no longer be read
+            ids = ", ".join(self._damaged)
+            raise DamagedCaseError(
+                f"no readable case {wanted!r}; the number of damaged case(s) {ids} cannot be "
+                "read (it may be one of them): see edgeid case list, run `edgeid case repair "
+                "ID`"
+            )
         raise CaseNotFoundError(f"no case {wanted!r} on this box; list them with edgeid case list")
 
     def case_id_of(self, ref: str) -> str:

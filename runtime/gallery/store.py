@@ -398,6 +398,7 @@ class Gallery:
         for position, item in enumerate(rest):
             if isinstance(item, DamagedSpan):
                 self.damaged_spans += 1
+                self._salvage_damaged(item)
             elif position < batches and _is_batch(item):
                 self._salvage_batch(item, position, batches)
             else:
@@ -469,6 +470,16 @@ class Gallery:
             self._faces[face.face_id] = face
             self._by_subject.setdefault(face.subject_id, []).append(face.face_id)
             self._versions[bytes.fromhex(face.face_id)] = BATCH_VERSION
+
+    def _salvage_damaged(self, span: DamagedSpan) -> None:
+        """A frame that fails its checksum: what it held is lost, named by the ids it
+        carries in the clear; a tombstone among them is still honoured (erasing is safe)."""
+        for entry in span.entries:
+            if entry.kind is RecordKind.TOMBSTONE:
+                with contextlib.suppress(ValueError, KeyError):
+                    self._forget(entry.record_id.hex())
+            elif entry.record_id.hex() not in self.lost_records:
+                self.lost_records.append(entry.record_id.hex())
 
     def _salvage_entry(self, entry: Entry, offset: int) -> None:
         """One single record (enrolment, tombstone), kept only if it authenticates; a

@@ -211,6 +211,9 @@ class DamagedSpan:
 
     offset: int
     size: int
+    # The entries as read, when the frame's head held and its body still parses: their ids
+    # and kinds (in the clear) name what was lost; their ciphertexts are not to be trusted.
+    entries: tuple[Entry, ...] = ()
 
 
 def salvage_frames(stream: BinaryIO, *, start: int = HEADER_BYTES) -> Iterator[Frame | DamagedSpan]:
@@ -236,12 +239,18 @@ def salvage_frames(stream: BinaryIO, *, start: int = HEADER_BYTES) -> Iterator[F
             if _rest_is_zero(stream):
                 return
         skip = _next_frame(stream, offset + 1, file_end)
+        entries: tuple[Entry, ...] = ()
         if _head_ok(head):  # skip by the stated length when it lands on a frame or the end
             (body_len,) = struct.unpack_from(">I", head, 4)
             stated = offset + FRAME_HEAD_BYTES + body_len
             if stated <= file_end and (stated == file_end or _head_at(stream, stated)):
                 skip = stated
-        yield DamagedSpan(offset, skip - offset)
+                stream.seek(offset + FRAME_HEAD_BYTES)
+                try:
+                    entries = _decode_body(stream.read(body_len), "salvage")
+                except CorruptDataError:
+                    entries = ()
+        yield DamagedSpan(offset, skip - offset, entries)
         offset = skip
 
 
