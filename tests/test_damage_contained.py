@@ -160,7 +160,7 @@ def test_finding_5_a_compacted_gallery_is_many_bounded_batches(tmp_path: Path) -
 
 
 def test_finding_5_one_damaged_gallery_blocks_no_other(
-    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, models_dir: Path, lfw_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A flipped byte near the end of one gallery's records.log made `gallery list`, a search
     of another gallery, `gallery delete bad --yes` and import all exit 1."""
@@ -182,6 +182,10 @@ def test_finding_5_one_damaged_gallery_blocks_no_other(
     code, out, err = cli(capsys, home, "gallery", "subjects", "bad", "--case", CASE_A,
                          "--reason", REASON)  # fmt: skip
     assert code == 1 and bad_id in err and "gallery repair bad" in err
+    photo = str(sorted((lfw_dir / "images").glob("*/*.jpg"))[0])
+    code, out, err = cli(capsys, home, "gallery", "search", photo, "--gallery", "good",
+                         "--face", "0", "--case", CASE_A, "--reason", REASON)  # fmt: skip
+    assert code == 0, err
     with _galleries(home) as store:
         store.open_gallery("good").enroll(NewSubject("Ana Lima", "warrant W-2", "officer-2"))
         store.create_gallery("new")
