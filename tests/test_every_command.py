@@ -130,6 +130,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "gallery export": Command(REVEALS, AuditAction.GALLERY_EXPORTED, f"{CLI}::ONE_RECORD[export]"),
     "gallery import": Command(CHANGES, AuditAction.GALLERY_IMPORTED, f"{CLI}::ONE_RECORD[import]"),
+    "gallery repair": Command(
+        CHANGES,
+        AuditAction.STORE_REPAIRED,
+        "test_damage_contained::test_finding_5_gallery_repair_keeps_every_intact_batch_and_is_recorded",
+    ),
     "gallery rotate-key": Command(
         CHANGES, AuditAction.KEYS_ROTATED, f"{CLI}::ONE_RECORD[rotate-key]"
     ),
@@ -141,6 +146,7 @@ COMMANDS: dict[str, Command] = {
     "audit export": Command(
         REVEALS, AuditAction.AUDIT_EXPORTED, f"{CLI}::ONE_RECORD[audit-export]"
     ),
+    "scrub": Command(NEITHER, why="object kinds, ids, file names and counts; no content"),
     # Cases
     "case ingest": Command(
         CHANGES,
@@ -157,6 +163,11 @@ COMMANDS: dict[str, Command] = {
         REVEALS,
         AuditAction.CASE_REPORT,
         f"{CLI}::test_case_show_report_and_purge_each_write_one_record",
+    ),
+    "case repair": Command(
+        CHANGES,
+        AuditAction.STORE_REPAIRED,
+        "test_damage_contained::test_finding_6_case_repair_keeps_what_authenticates_and_is_recorded",
     ),
     "case purge": Command(
         CHANGES,

@@ -208,8 +208,11 @@ def list_cases(args: argparse.Namespace) -> int:
     with _case_store(args) as store:
         metas = store.list_cases()
         expired = {m.case_id for m in store.expired()}
+        damaged = store.damaged_cases()
     payload = [{**meta_json(m), "expired": m.case_id in expired} for m in metas]
+    payload += [{"id": cid, "damaged": problem} for cid, problem in damaged.items()]
     lines = [_meta_line(m) + ("  EXPIRED" if m.case_id in expired else "") for m in metas]
+    lines += [f"{cid:20} DAMAGED: {problem}" for cid, problem in damaged.items()]
     emit(args, payload, "\n".join(lines) or "no cases")
     return EXIT_OK
 
@@ -286,6 +289,31 @@ def purge(args: argparse.Namespace) -> int:
             purged = [cases.purge(caller, m.case_id, reason, where=where) for m in cases.expired()]
     text = "\n".join(f"purged case {m.number}" for m in purged)
     emit(args, {"purged": [m.number for m in purged]}, text or "no case is past its retention date")
+    return EXIT_OK
+
+
+def repair(args: argparse.Namespace) -> int:
+    from runtime.services.repair import AccountableRepair
+
+    reason = check_reason(args.reason)
+    with accountable.cases(args.home_dir) as door:
+        repairs = AccountableRepair(door.galleries, door.cases.recorder, door.cases.cases.store)
+        salvaged = repairs.repair_case(
+            door.caller, args.case, reason=reason, where=f"{WHERE} repair"
+        )
+    payload = {
+        "case_id": salvaged.case_id,
+        "files": len(salvaged.files),
+        "faces": len(salvaged.faces),
+        "lost_records": salvaged.lost_records,
+        "faces_of_lost_files": salvaged.orphaned_faces,
+        "faces_without_thumbnail": salvaged.lost_thumbnails,
+        "damaged_spans": salvaged.damaged_spans,
+        "results_lost": salvaged.results_lost,
+    }
+    lines = [f"repaired case {salvaged.case_id}: {salvaged.summary()}"]
+    lines += [f"lost record {rid}" for rid in salvaged.lost_records]
+    emit(args, payload, "\n".join(lines))
     return EXIT_OK
 
 
@@ -373,3 +401,10 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     accountable.reason_option(p, "why it is erased")
     p.add_argument("--yes", action="store_true", help="confirm the erasure")
     p.set_defaults(handler=purge)
+
+    p = actions.add_parser(
+        "repair", parents=[common], help="rewrite a damaged case from what still reads"
+    )
+    p.add_argument("case", metavar="N", help="case number, or its id when the number is lost")
+    accountable.reason_option(p, "why it is repaired")
+    p.set_defaults(handler=repair)

@@ -1,5 +1,5 @@
 """`edgeid gallery ...`: create, list, subjects, enroll, search, verify, delete, export, import,
-rotate-key, re-embed.
+repair, rotate-key, re-embed.
 
 The galleries are opened by one process at a time: stop `edgeid serve` before using these on
 the same state directory. Every command but ``list`` goes through the accountable service
@@ -100,8 +100,14 @@ def list_galleries(args: argparse.Namespace) -> int:
     # Names and counts only (not personal data): no record, and no audit lock needed.
     with _store(args) as store:
         infos = store.list_galleries()
+        damaged = store.damaged_galleries()
     lines = [f"{i.name:24} {i.subjects:>8} subjects {i.faces:>9} faces" for i in infos]
-    emit(args, [_info_json(i) for i in infos], "\n".join(lines) or "no galleries")
+    # A damaged gallery is listed, marked, with what is wrong (ids only) and the repair.
+    lines += [f"{d.name or d.gallery_id:24} DAMAGED: {d.problem}" for d in damaged]
+    payload = [_info_json(i) for i in infos] + [
+        {"id": d.gallery_id, "name": d.name or None, "damaged": d.problem} for d in damaged
+    ]
+    emit(args, payload, "\n".join(lines) or "no galleries")
     return EXIT_OK
 
 
@@ -260,6 +266,33 @@ def import_(args: argparse.Namespace) -> int:
             door.caller, Path(args.file), passphrase, name=args.name, reason=reason
         )
     emit(args, _info_json(info), f"imported gallery {info.name!r} ({info.faces} faces)")
+    return EXIT_OK
+
+
+def repair(args: argparse.Namespace) -> int:
+    from runtime.services.repair import AccountableRepair
+
+    reason = check_reason(args.reason)
+    with accountable.galleries(args.home_dir) as door:
+        repairs = AccountableRepair(door.galleries.galleries, door.recorder)
+        report = repairs.repair_gallery(
+            door.caller, args.gallery, reason=reason, where=f"{WHERE} repair"
+        )
+    payload = {
+        "gallery_id": report.gallery_id,
+        "subjects": report.subjects,
+        "faces": report.faces,
+        "lost_records": list(report.lost_records),
+        "lost_subjects": report.lost_subjects,
+        "faces_without_thumbnail": list(report.lost_thumbnails),
+        "damaged_spans": report.damaged_spans,
+    }
+    lines = [f"repaired gallery {report.gallery_id}: {report.summary()}"]
+    if report.lost_subjects:
+        lines.append(f"subjects lost with damaged batches: {report.lost_subjects}")
+    lines += [f"lost record {rid}" for rid in report.lost_records]
+    lines += [f"face {fid} kept without its thumbnail" for fid in report.lost_thumbnails]
+    emit(args, payload, "\n".join(lines))
     return EXIT_OK
 
 
@@ -440,6 +473,13 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     accountable.reason_option(p, "why it is restored")
     _passphrase_option(p)
     p.set_defaults(handler=import_)
+
+    p = actions.add_parser(
+        "repair", parents=[common], help="rewrite a damaged gallery from what still reads"
+    )
+    p.add_argument("gallery", help="its name, or its id when the name is unreadable")
+    accountable.reason_option(p, "why it is repaired")
+    p.set_defaults(handler=repair)
 
     p = actions.add_parser(
         "rotate-key", parents=[common], help="new key-encryption key; data keys re-wrapped"

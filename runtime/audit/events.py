@@ -69,6 +69,7 @@ class AuditAction(StrEnum):
     KEYS_ROTATED = "keys_rotated"
     CASE_INGESTED = "case_ingested"  # a case ingest started (its cluster searches follow)
     CASE_PURGED = "case_purged"
+    STORE_REPAIRED = "store_repaired"  # a damaged gallery or case rewritten from what survived
     # Two-person rule
     CHANGE_PROPOSED = "change_proposed"
     CHANGE_APPROVED = "change_approved"
@@ -110,6 +111,7 @@ REASON_REQUIRED = CASE_REQUIRED - {AuditAction.DECISION, AuditAction.CASE_REPORT
     AuditAction.GALLERY_IMPORTED,
     AuditAction.CASE_PURGED,
     AuditAction.CHANGE_PROPOSED,
+    AuditAction.STORE_REPAIRED,
 }
 PROBE_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.VERIFY})
 

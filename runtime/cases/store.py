@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -69,7 +69,7 @@ from runtime.vault.crypto import (
     system_random,
     utc_now,
 )
-from runtime.vault.errors import CorruptDataError, DecryptionError, VaultError
+from runtime.vault.errors import CorruptDataError, DecryptionError, UnknownKeyError, VaultError
 from runtime.vault.framed_log import (
     ID_BYTES,
     Entry,
@@ -83,6 +83,9 @@ from runtime.vault.framed_log import (
     scan_frames,
 )
 from runtime.vault.keys import Keyring
+
+if TYPE_CHECKING:
+    from runtime.cases.repair import SalvagedCase
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,37 @@ def without_subjects(
     if all(new.search is old.search for new, old in zip(clusters, results.clusters, strict=True)):
         return None
     return replace(results, clusters=clusters)
+
+
+def case_key(keyring: Keyring, case_id: str, key_id: str) -> bytes:
+    """A case's data key, or ``CorruptCaseError`` saying truly why not: missing from the
+    keyring, or present but damaged there (it fails authentication)."""
+    where = f"case {case_id}"
+    try:
+        return keyring.data_key(key_scope(case_id), key_id)
+    except UnknownKeyError:
+        raise CorruptCaseError(
+            f"{where}: its key is not in the keyring (purged, or the keyring is from another "
+            "box); restore the keyring from the box's backup"
+        ) from None
+    except (DecryptionError, ValueError):  # altered bytes, or hex that is no longer hex
+        raise CorruptCaseError(
+            f"{where}: its wrapped key in the keyring is damaged (it fails authentication); "
+            "nothing of this case can be read; restore the keyring from the box's backup or "
+            "purge the case; other cases are unaffected"
+        ) from None
+
+
+class DamagedCaseError(CorruptCaseError):
+    """The case asked for is damaged: the message names it and the repair."""
+
+
+def repair_hint(case_id: str) -> str:
+    """Named by id: an error message never carries the case number (it may be logged)."""
+    return (
+        f"; other cases are unaffected; run `edgeid case repair {case_id}` to keep what still "
+        "authenticates"
+    )
 
 
 def check_case_number(number: str) -> str:
@@ -228,13 +262,7 @@ class Case:
             if header.scope_id != self._cid:
                 raise CorruptCaseError(f"{self.where}: {RECORDS_LOG} belongs to another case")
             self._key_id = header.key_id.hex()
-            try:
-                key = self._keyring.data_key(key_scope(self.case_id), self._key_id)
-            except (GalleryError, VaultError):
-                raise CorruptCaseError(
-                    f"{self.where}: its key is not in the keyring (purged, or the keyring is "
-                    "from another box); restore the keyring from the box's backup"
-                ) from None
+            key = case_key(self._keyring, self.case_id, self._key_id)
             self._cipher = RecordCipher(key, self._cid, random=self._random)
             files: dict[str, SourceFile] = {}
             faces: dict[str, CaseFace] = {}
@@ -338,7 +366,12 @@ class Case:
         entry = frame.entries[0]
         if entry.kind is not _THUMB_KIND or entry.record_id.hex() != face_id:
             raise CorruptCaseError(f"{self.where}: a thumbnail belongs to another face")
-        return self._open_entry(entry)[1]
+        head, jpeg = self._open_entry(entry)
+        if head.get("lost"):
+            raise CorruptCaseError(
+                f"{self.where}: the thumbnail of face {face_id} was lost to damage"
+            )
+        return jpeg
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -589,6 +622,14 @@ class Case:
 # -- every case of the box -------------------------------------------------------------------
 
 
+def _problem(case_id: str, exc: BaseException) -> str:
+    """What is wrong with a case, as one line naming it by id (never its content)."""
+    if isinstance(exc, DecryptionError):
+        return f"case {case_id}: a record fails authentication (altered or damaged)"
+    text = str(exc).replace("restore it from", "restore the case from") or type(exc).__name__
+    return text if text.startswith(f"case {case_id}") else f"case {case_id}: {text}"
+
+
 def _unseal(
     cipher: RecordCipher, key_id: str, kind: RecordKind, rid: bytes, blob: bytes, where: str
 ) -> dict[str, Any]:
@@ -630,6 +671,7 @@ class CaseStore:
         self._writer = writer or OsFileWriter()
         self._open: dict[str, Case] = {}
         self._erased: set[tuple[str, str]] = set()  # subjects erased while this store is open
+        self._damaged: dict[str, str] = {}  # case id -> what is wrong (its meta unreadable)
         self._mutex = threading.RLock()
         make_private_dir(self.root)
         self._lock_fd: int | None = lock_exclusively(
@@ -694,16 +736,23 @@ class CaseStore:
     # -- cases -------------------------------------------------------------------------------
 
     def _case(self, case_id: str) -> Case:
+        """An open case; a damaged one is named with its repair, and blocks no other."""
         with self._mutex:
             if case_id not in self._open:
-                case = Case(
-                    self.root / case_id,
-                    case_id,
-                    self._keyring,
-                    clock=self._clock,
-                    random=self._random,
-                    writer=self._writer,
-                )
+                try:
+                    case = Case(
+                        self.root / case_id,
+                        case_id,
+                        self._keyring,
+                        clock=self._clock,
+                        random=self._random,
+                        writer=self._writer,
+                    )
+                except (CorruptDataError, CorruptCaseError, VaultError, OSError, ValueError) as exc:
+                    logger.warning("case %s is damaged", case_id)
+                    raise DamagedCaseError(
+                        f"{_problem(case_id, exc)}{repair_hint(case_id)}"
+                    ) from None
                 case.erased = self._erased
                 self._open[case_id] = case
             return self._open[case_id]
@@ -722,19 +771,28 @@ class CaseStore:
         for case_id in self._ids():
             with self._mutex:
                 case = self._open.get(case_id)
-            metas.append(case.meta if case else self._peek_meta(case_id))
+            try:
+                metas.append(case.meta if case else self._peek_meta(case_id))
+            except (CorruptDataError, CorruptCaseError, VaultError, OSError, ValueError) as exc:
+                # Its number is unreadable: named by id in damaged_cases(), never blocking.
+                self._damaged[case_id] = _problem(case_id, exc)
+                continue
+            self._damaged.pop(case_id, None)
         return sorted(metas, key=lambda m: m.created_at)
+
+    def damaged_cases(self) -> dict[str, str]:
+        """Cases whose own record cannot be read, by id, with what is wrong."""
+        self.list_cases()
+        return dict(sorted(self._damaged.items()))
 
     def _peek_meta(self, case_id: str) -> CaseMeta:
         directory = self.root / case_id
-        with open(directory / RECORDS_LOG, "rb") as stream:
-            key_id = read_header(stream, f"case {case_id}").key_id.hex()
-        try:
-            key = self._keyring.data_key(key_scope(case_id), key_id)
-        except (GalleryError, VaultError):
-            raise CorruptCaseError(f"case {case_id}: its key is not in the keyring") from None
-        cipher = RecordCipher(key, bytes.fromhex(case_id))
         blob = (directory / META_FILE).read_bytes()
+        # The blob names its key (its first bytes), so damage to the records log's header
+        # does not hide the case's number; the whole case is checked when it is opened.
+        key_id = blob[:ID_BYTES].hex()
+        key = case_key(self._keyring, case_id, key_id)
+        cipher = RecordCipher(key, bytes.fromhex(case_id))
         head = _unseal(cipher, key_id, _META_KIND, bytes.fromhex(case_id), blob, f"case {case_id}")
         return CaseMeta.from_head(head)
 
@@ -744,7 +802,39 @@ class CaseStore:
         for meta in self.list_cases():
             if meta.number == wanted:
                 return self._case(meta.case_id)
+        if self._damaged:  # it may be one whose number can no longer be read
+            ids = ", ".join(self._damaged)
+            raise DamagedCaseError(
+                f"no readable case {wanted!r}; the number of damaged case(s) {ids} cannot be "
+                "read (it may be one of them): see edgeid case list, run `edgeid case repair "
+                "ID`"
+            )
         raise CaseNotFoundError(f"no case {wanted!r} on this box; list them with edgeid case list")
+
+    def case_id_of(self, ref: str) -> str:
+        """A case's id by its number, or by its id (a damaged case may have no number)."""
+        if ID_HEX.fullmatch(ref) and ref in self._ids():
+            return ref
+        wanted = check_case_number(ref)
+        for meta in self.list_cases():
+            if meta.number == wanted:
+                return meta.case_id
+        raise CaseNotFoundError(f"no case {wanted!r} on this box; list them with edgeid case list")
+
+    def repair(self, ref: str) -> SalvagedCase:
+        """Rewrite a case from what of it still authenticates, under a new key."""
+        from runtime.cases.repair import repair_case  # the repair needs this module's names
+
+        with self._mutex:
+            case_id = self.case_id_of(ref)
+            case = self._open.pop(case_id, None)
+            with case.ingest_exclusively() if case else contextlib.nullcontext():
+                salvaged = repair_case(
+                    self.root / case_id, self._keyring, random=self._random, writer=self._writer
+                )
+            self._damaged.pop(case_id, None)
+        logger.info("repaired case %s", case_id)
+        return salvaged
 
     def exists(self, number: str) -> bool:
         wanted = check_case_number(number)

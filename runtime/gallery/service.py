@@ -24,7 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -39,7 +39,7 @@ from runtime.gallery.age_bands import MeasuredBand
 from runtime.gallery.errors import DecryptionError, GalleryNotFoundError
 from runtime.gallery.index import GalleryIndex, load_or_rebuild
 from runtime.gallery.records import Face, GalleryInfo, NewFace, NewSubject, Subject
-from runtime.gallery.store import Gallery, GalleryStore
+from runtime.gallery.store import DamagedGallery, Gallery, GalleryStore, RepairReport
 from runtime.gallery.thresholds import (
     DEFAULT_OPERATING_FMR,
     BandCalibration,
@@ -403,10 +403,33 @@ class GalleryService:
 
     def delete_gallery(self, name: str) -> None:
         with self._lock:
-            gallery = self.store.open_gallery(name)
-            self._indexes.pop(gallery.gallery_id, None)
-            self._dirty.discard(gallery.gallery_id)
+            gid = self.store.gallery_id_of(name)  # a damaged gallery can be deleted too
+            self._indexes.pop(gid, None)
+            self._dirty.discard(gid)
             self.store.delete_gallery(name)
+
+    def gallery_info(self, name: str) -> GalleryInfo:
+        """A gallery's info; a damaged one's has its id and name and no counts."""
+        for damaged in self.store.damaged_galleries():
+            if name in (damaged.name, damaged.gallery_id):
+                return GalleryInfo(damaged.gallery_id, name, "", datetime.min, 0, 0)
+        return self.store.open_gallery(name).info()
+
+    def damaged_galleries(self) -> list[DamagedGallery]:
+        return self.store.damaged_galleries()
+
+    def repair_gallery(self, name: str) -> RepairReport:
+        """Rewrite a gallery from what still authenticates (store ``repair_gallery``), and
+        rebuild its index under the new key."""
+        with self._lock:
+            gid = self.store.gallery_id_of(name)
+            self._indexes.pop(gid, None)
+            self._dirty.discard(gid)
+            report = self.store.repair_gallery(name)
+            gallery = self._gallery_by_id(gid)
+            self._index(gallery)
+            self._persist(gallery, self._indexes[gid])
+            return report
 
     def gallery(self, name: str) -> Gallery:
         return self.store.open_gallery(name)

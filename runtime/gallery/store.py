@@ -108,7 +108,7 @@ from runtime.vault.crypto import (
     system_random,
     utc_now,
 )
-from runtime.vault.errors import VaultError
+from runtime.vault.errors import CorruptDataError, UnknownKeyError, VaultError
 from runtime.vault.framed_log import (
     BATCHED_LOG_FORMAT,
     FRAME_HEAD_BYTES,
@@ -117,6 +117,7 @@ from runtime.vault.framed_log import (
     LOG_FORMAT_VERSION,
     MAX_ENTRIES_PER_FRAME,
     MAX_FRAME_BYTES,
+    DamagedSpan,
     Entry,
     Frame,
     LogAppender,
@@ -127,6 +128,7 @@ from runtime.vault.framed_log import (
     encode_header,
     read_frame,
     read_header,
+    salvage_frames,
     scan_frames,
 )
 from runtime.vault.key_choice import GALLERIES_DIR, KEYRING_FILE
@@ -139,16 +141,72 @@ RECORDS_LOG = "records.log"
 STAGED_SUFFIX = ".new"  # a compaction's output before its commit
 RETIRED_SUFFIX = ".retired"  # a hard link to the pre-compaction log, zero-filled after commit
 RECORDS_LOG_FORMATS = (LOG_FORMAT_VERSION, BATCHED_LOG_FORMAT)
-# Faces per batch record (about 10 MB at 128-d): opening 200k faces cost the same CPU time
-# with 4k or 16k per batch, 1.5x more with 1k (per-batch work) or 64k (buffers outgrow the
-# caches); a compaction holds one batch's objects in memory at a time.
-BATCH_FACES = 16384
+# Subjects and faces per batch record: a batch is one frame, so one flipped byte costs at
+# most its members (a repair names them and keeps every other batch). Opening 200k faces
+# cost 1.5x the CPU time of 16k per batch (per-batch work); bounded damage is worth that.
+BATCH_SUBJECTS = 256
+BATCH_FACES = 1024
 BATCH_BYTES = 32 << 20  # and a cap for subjects with long notes or large embeddings
 THUMBS_FLUSH_BYTES = 8 << 20  # a compaction writes re-sealed thumbnails in pieces this large
+LOST_THUMBNAIL = {"lost": True}  # the head of a thumbnail frame standing in for a damaged one
+# What opening a damaged gallery or reading a damaged file can raise: contained, never fatal.
+DAMAGE_ERRORS = (CorruptDataError, DecryptionError, VaultError, OSError, ValueError)
 
 
 def thumbs_log_name(key_id: str) -> str:
     return f"thumbs-{key_id}.log"
+
+
+@dataclass(frozen=True)
+class DamagedGallery:
+    """A gallery that failed to open: its id, its name when its own record still reads, and
+    what is wrong. Every other gallery opens as usual."""
+
+    gallery_id: str
+    name: str
+    problem: str
+    unreadable: bool = False  # a record failed authentication (not a checksum or a format)
+
+    @property
+    def label(self) -> str:
+        return repr(self.name) if self.name else f"gallery {self.gallery_id}"
+
+
+class DamagedGalleryError(CorruptGalleryError):
+    """The gallery asked for is damaged: it names the repair."""
+
+
+class UnreadableGalleryError(DamagedGalleryError, DecryptionError):
+    """The gallery asked for holds a record that fails authentication: it names the repair."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What a repair kept and what it could not: counts and record ids, never content."""
+
+    gallery_id: str
+    subjects: int
+    faces: int
+    lost_records: tuple[str, ...]  # ids of subjects, faces and batches that were lost
+    lost_thumbnails: tuple[str, ...]  # face ids kept without their thumbnail
+    damaged_spans: int  # stretches of a log that held no whole frame
+    lost_subjects: int = 0  # subjects known to be lost (a batch's count, when it read)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.lost_records or self.lost_thumbnails or self.damaged_spans)
+
+    def summary(self) -> str:
+        lost = (
+            f"lost {len(self.lost_records)} record(s), {len(self.lost_thumbnails)} "
+            f"thumbnail(s), {self.damaged_spans} damaged stretch(es)"
+            if not self.clean
+            else "nothing lost"
+        )
+        return f"kept {self.subjects} subjects and {self.faces} faces; {lost}"
 
 
 @dataclass(frozen=True)
@@ -174,6 +232,7 @@ class Gallery:
         clock: Clock,
         random: RandomSource,
         writer: FileWriter,
+        salvage: bool = False,
     ) -> None:
         self.directory = directory
         self.gallery_id = gallery_id
@@ -184,7 +243,14 @@ class Gallery:
         self._writer = writer
         self._lock = threading.RLock()
         self.name = ""
-        self._load()
+        self.lost_records: list[str] = []
+        self.lost_thumbnails: list[str] = []
+        self.damaged_spans = 0
+        self.lost_subjects = 0
+        if salvage:
+            self._salvage()
+        else:
+            self._load()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -219,6 +285,7 @@ class Gallery:
         self._versions: dict[bytes, int] = {}
         self._thumbs_end = HEADER_BYTES
         self.torn_bytes = 0
+        self.pending_erasures = 0  # tombstones after the batches: an unfinished erasure
 
     def _load(self) -> None:
         self._reset()
@@ -244,6 +311,7 @@ class Gallery:
                 for entry in frame.entries:
                     self._check_new(entry)  # before decrypting: a replay is named as one
                     self._apply(entry, self._open(entry, frame.offset))
+                    self.pending_erasures += entry.kind is RecordKind.TOMBSTONE
         if not self.name:
             raise CorruptGalleryError(f"{where}: {RECORDS_LOG} holds no gallery record")
         self.torn_bytes = state.torn_bytes
@@ -305,6 +373,164 @@ class Gallery:
                 "%s: record at byte %d failed authentication", self.log_name, frame.offset
             )
             raise
+
+    # -- salvage (repair) ------------------------------------------------------------------
+
+    def _salvage(self) -> None:
+        """Load whatever still authenticates, going on past damage, for ``repair()``: a
+        batch, record or thumbnail that fails is skipped and named by its id, and
+        ``compact()`` then writes the rest as a fresh gallery under a new key."""
+        self._reset()
+        path = self.directory / RECORDS_LOG
+        with open(path, "rb") as stream:
+            self._key_id = self._salvage_key_id(stream)
+            self._data_key = self._keyring.data_key(self.gallery_id, self._key_id)
+            self._cipher = RecordCipher(self._data_key, self._gid, random=self._random)
+            items = list(salvage_frames(stream))
+        rest = self._salvage_gallery_record(items)
+        counts = self._batch_counts
+        lead = 0
+        for item in rest:
+            if not (isinstance(item, DamagedSpan) or _is_batch(item)):
+                break
+            lead += 1
+        batches = counts[0] if counts is not None else lead
+        for position, item in enumerate(rest):
+            if isinstance(item, DamagedSpan):
+                self.damaged_spans += 1
+                self._salvage_damaged(item)
+            elif position < batches and _is_batch(item):
+                self._salvage_batch(item, position, batches)
+            else:
+                for entry in item.entries:
+                    self._salvage_entry(entry, item.offset)
+        if counts is not None:
+            self.lost_subjects = max(0, counts[1] - len(self._subjects))
+        self._salvage_thumbnails()
+        self._records = LogAppender(path, path.stat().st_size, self.log_name, self._writer)
+
+    def _salvage_key_id(self, stream: BinaryIO) -> str:
+        try:
+            return read_header(stream, self.where, formats=RECORDS_LOG_FORMATS).key_id.hex()
+        except CorruptDataError:
+            self.damaged_spans += 1
+            keys = self._keyring.key_ids(self.gallery_id)
+            if len(keys) != 1:
+                raise CorruptGalleryError(
+                    f"{self.where}: {RECORDS_LOG} has a damaged header and no one key to try; "
+                    "restore the gallery from a backup"
+                ) from None
+            return keys[0]
+
+    def _salvage_gallery_record(
+        self, items: list[Frame | DamagedSpan]
+    ) -> list[Frame | DamagedSpan]:
+        """Apply the gallery's own record (the first frame); return what follows it."""
+        first = items[0] if items else None
+        if isinstance(first, Frame) and [e.kind for e in first.entries] == [RecordKind.GALLERY]:
+            entry = first.entries[0]
+            try:
+                self._apply(entry, self._open(entry, first.offset))
+                return items[1:]
+            except DAMAGE_ERRORS:
+                pass
+        # Its own record is lost: the gallery keeps its id under a recovered name.
+        self._reset()
+        self.name = f"recovered-{self.gallery_id[:8]}"
+        self.created_at = self._clock()
+        self.lost_records.append(self.gallery_id)
+        gallery_frame = isinstance(first, Frame) and first.entries[0].kind is RecordKind.GALLERY
+        return items[1:] if isinstance(first, DamagedSpan) or gallery_frame else items
+
+    def _salvage_batch(self, frame: Frame, index: int, count: int) -> None:
+        batch_id = frame.entries[0].record_id
+        try:
+            columns, embeddings = (
+                open_sealed(
+                    self._data_key,
+                    e.nonce,
+                    e.ciphertext,
+                    batch_aad(self._gid, e.kind, batch_id, index, count),
+                )
+                for e in frame.entries
+            )
+            batch = decode_batch(columns, embeddings, self.where)
+            table = BatchTable(len(batch.subject_id), len(batch.face_id))
+            table.add(batch)
+            table.finish(HEADER_BYTES)
+        except (*DAMAGE_ERRORS, GalleryError):
+            logger.warning("%s: batch at byte %d is lost", self.log_name, frame.offset)
+            self.lost_records.append(batch_id.hex())
+            return
+        for subject in table.subjects_at(range(table.subjects), keep=False):
+            self._subjects[subject.subject_id] = subject
+            self._by_subject.setdefault(subject.subject_id, [])
+            self._versions[bytes.fromhex(subject.subject_id)] = BATCH_VERSION
+        for face in table.faces_at(range(table.faces), keep=False):
+            self._faces[face.face_id] = face
+            self._by_subject.setdefault(face.subject_id, []).append(face.face_id)
+            self._versions[bytes.fromhex(face.face_id)] = BATCH_VERSION
+
+    def _salvage_damaged(self, span: DamagedSpan) -> None:
+        """A frame that fails its checksum: what it held is lost, named by the ids it
+        carries in the clear; a tombstone among them is still honoured (erasing is safe)."""
+        for entry in span.entries:
+            if entry.kind is RecordKind.TOMBSTONE:
+                with contextlib.suppress(ValueError, KeyError):
+                    self._forget(entry.record_id.hex())
+            elif entry.record_id.hex() not in self.lost_records:
+                self.lost_records.append(entry.record_id.hex())
+
+    def _salvage_entry(self, entry: Entry, offset: int) -> None:
+        """One single record (enrolment, tombstone), kept only if it authenticates; a
+        tombstone is honoured even if it does not, since erasing is the safe side."""
+        rid = entry.record_id.hex()
+        if entry.kind is RecordKind.TOMBSTONE:
+            with contextlib.suppress(ValueError, KeyError):
+                self._forget(rid)
+            self._versions[entry.record_id] = entry.version
+            return
+        if entry.version <= self._versions.get(entry.record_id, 0):
+            return  # an old version of what is already known: a replay adds nothing
+        try:
+            self._apply(entry, self._open(entry, offset))
+        except (*DAMAGE_ERRORS, GalleryError):
+            logger.warning("%s: record %s at byte %d is lost", self.log_name, rid, offset)
+            self.lost_records.append(rid)
+
+    def _salvage_thumbnails(self) -> None:
+        """Where each known face's thumbnail frame is, found by its id in the clear; a face
+        whose frame is missing keeps no reference and is re-sealed without its thumbnail."""
+        self._thumbs = {}
+        self._thumbs_path = self.directory / thumbs_log_name(self._key_id)
+        self._thumb_appender = None
+        if not self._thumbs_path.exists():
+            return
+        with open(self._thumbs_path, "rb") as stream:
+            for item in salvage_frames(stream):
+                if isinstance(item, DamagedSpan):
+                    self.damaged_spans += 1
+                    continue
+                fid = item.entries[0].record_id.hex()
+                if len(item.entries) == 1 and fid in self._faces:
+                    self._thumbs[fid] = _ThumbRef(item.offset, item.size)
+
+    def check_thumbnails(self) -> list[str]:
+        """Read and authenticate every thumbnail (salvage mode, for scrub); return the face
+        ids whose thumbnail is damaged or missing. Writes nothing."""
+        lost: list[str] = []
+        with contextlib.ExitStack() as stack:
+            stream = (
+                stack.enter_context(open(self._thumbs_path, "rb"))
+                if self._thumbs_path.exists()
+                else None
+            )
+            for face_id in sorted(self._faces):
+                head, _ = self._salvaged_thumbnail(stream, face_id, self._thumbs.get(face_id))
+                if head.get("lost"):
+                    lost.append(face_id)
+        self.lost_thumbnails = []
+        return lost
 
     def _open(self, entry: Entry, offset: int) -> bytes:
         try:
@@ -471,8 +697,37 @@ class Gallery:
         entry = frame.entries[0]
         if entry.kind is not RecordKind.THUMBNAIL or entry.record_id.hex() != face_id:
             raise CorruptGalleryError(f"{self.where}: thumbnail frame belongs to another face")
-        _, jpeg = unpack(self._open(entry, ref.offset), self.where)
+        head, jpeg = unpack(self._open(entry, ref.offset), self.where)
+        if head.get("lost"):
+            raise CorruptGalleryError(
+                f"{self.where}: the thumbnail of face {face_id} was lost to damage (the face "
+                "is kept); add the photo again to have one"
+            )
         return jpeg
+
+    def _salvaged_thumbnail(
+        self, stream: BinaryIO | None, face_id: str, ref: _ThumbRef | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """A thumbnail's head and JPEG for a compaction; a damaged or missing one becomes a
+        marked stand-in, so damage in the thumbnail log never blocks an erasure."""
+        if stream is not None and ref is not None:
+            try:
+                frame = read_frame(stream, ref.offset, self.where)
+                entry = frame.entries[0]
+                if (
+                    len(frame.entries) == 1
+                    and frame.size == ref.size
+                    and entry.kind is RecordKind.THUMBNAIL
+                    and entry.record_id.hex() == face_id
+                ):
+                    return unpack(self._open(entry, ref.offset), self.where)
+            except (CorruptDataError, DecryptionError):
+                pass
+        logger.warning(
+            "%s: the thumbnail of face %s is damaged; kept without it", self.log_name, face_id
+        )
+        self.lost_thumbnails.append(face_id)
+        return LOST_THUMBNAIL, b""
 
     def expired_subjects(self, today: date | None = None) -> list[Subject]:
         """Subjects whose retention date has passed (to review and delete)."""
@@ -670,15 +925,36 @@ class Gallery:
         Pass ``compact=False`` to delete several and compact once.
         """
         with self._lock:
-            self._tombstone(self.subject(subject_id).version, subject_id)
-            if compact:
-                self.compact()
+            self._erase(self.subject(subject_id).version, subject_id, compact)
 
     def delete_face(self, face_id: str, *, compact: bool = True) -> None:
         with self._lock:
-            self._tombstone(self.face(face_id).version, face_id)
-            if compact:
-                self.compact()
+            self._erase(self.face(face_id).version, face_id, compact)
+
+    def _erase(self, version: int, rid: str, compact: bool) -> None:
+        """A tombstone, then the compaction that makes it real, all or nothing: if the
+        compaction fails the tombstone is taken back and the gallery is as it was (a crash
+        in between is finished when the gallery is next opened: ``pending_erasures``)."""
+        before, key_id = self._records.valid_end, self._key_id
+        self._tombstone(version, rid)
+        if not compact:
+            return
+        try:
+            self.compact()
+        except (GalleryError, VaultError, StorageWriteError, OSError):
+            if self._committed_key() == key_id:  # not committed: take the tombstone back
+                self._records.roll_back_to(before)
+                self._load()
+            raise
+
+    def _committed_key(self) -> str | None:
+        """The key id the records log on disk names (None if unreadable)."""
+        try:
+            with open(self.directory / RECORDS_LOG, "rb") as stream:
+                header = read_header(stream, self.where, formats=RECORDS_LOG_FORMATS)
+                return header.key_id.hex()
+        except (OSError, CorruptDataError):
+            return None
 
     def _tombstone(self, version: int, rid: str) -> None:
         plain = pack({"deleted_at": self._clock().isoformat()})
@@ -695,6 +971,7 @@ class Gallery:
         leaves either the old or the new gallery, and ``GalleryStore`` tidies the rest.
         """
         with self._lock:
+            self.lost_thumbnails = []
             old_key_id, old_thumbs = self._key_id, self._thumbs_path
             key_id, key = self._keyring.new_data_key(self.gallery_id)
             staged = self.directory / (RECORDS_LOG + STAGED_SUFFIX)
@@ -762,7 +1039,11 @@ class Gallery:
         batch: list[int | str] = []
         batch_faces = batch_bytes = 0
         for ref, count, size in items:
-            if batch and (batch_faces + count > BATCH_FACES or batch_bytes + size > BATCH_BYTES):
+            if batch and (
+                len(batch) >= BATCH_SUBJECTS
+                or batch_faces + count > BATCH_FACES
+                or batch_bytes + size > BATCH_BYTES
+            ):
                 plan.append(batch)
                 batch, batch_faces, batch_bytes = [], 0, 0
             batch.append(ref)
@@ -785,7 +1066,7 @@ class Gallery:
         members += [(self._subjects[ref], []) for ref in refs if isinstance(ref, str)]
         for subject, own in members:
             for face_id in self._by_subject.get(subject.subject_id, []):
-                own.append((self._faces[face_id], self._thumbs[face_id]))
+                own.append((self._faces[face_id], self._thumbs.get(face_id, _NO_THUMB)))
         return members
 
     def _reseal_thumbnails(
@@ -796,16 +1077,16 @@ class Gallery:
         thumbs_fd: int,
     ) -> list[int]:
         """Append the members' thumbnails, read from the old log and sealed under the new
-        key, to the new thumbnail log; return the size of each frame."""
+        key, to the new thumbnail log; return the size of each frame. A damaged thumbnail is
+        replaced by a marked stand-in (``lost_thumbnails`` names its face)."""
         pending: list[bytes] = []
         pending_bytes = 0
         sizes = []
         for _, own in members:
             for face, ref in own:
-                assert old_thumbs is not None  # there are faces, so there is a thumbnail log
-                jpeg = self._read_thumbnail(old_thumbs, face.face_id, ref)
+                head, jpeg = self._salvaged_thumbnail(old_thumbs, face.face_id, ref)
                 fid = bytes.fromhex(face.face_id)
-                thumb = _seal_entry(cipher, RecordKind.THUMBNAIL, fid, 1, pack({}, jpeg))
+                thumb = _seal_entry(cipher, RecordKind.THUMBNAIL, fid, 1, pack(head, jpeg))
                 frame = encode_frame([thumb])
                 pending.append(frame)
                 sizes.append(len(frame))
@@ -834,7 +1115,11 @@ class Gallery:
         with contextlib.ExitStack() as stack:
             thumbs_fd = stack.enter_context(_durable_file(thumbs_path, self._writer))
             records_fd = stack.enter_context(_durable_file(staged, self._writer))
-            old_thumbs = stack.enter_context(open(self._thumbs_path, "rb")) if faces else None
+            old_thumbs = (
+                stack.enter_context(open(self._thumbs_path, "rb"))
+                if faces and self._thumbs_path.exists()
+                else None
+            )
             write_all(self._writer, thumbs_fd, encode_header(LogHeader(self._gid, key_id)))
             header = LogHeader(self._gid, key_id, BATCHED_LOG_FORMAT)
             write_all(self._writer, records_fd, encode_header(header))
@@ -889,6 +1174,7 @@ class GalleryStore:
         self._random = random
         self._writer = writer or OsFileWriter()
         self._galleries: dict[str, Gallery] = {}
+        self._damaged: dict[str, DamagedGallery] = {}
         make_private_dir(self.root)
         self._lock_fd: int | None = lock_exclusively(
             self.root / LOCK_FILE,
@@ -961,7 +1247,10 @@ class GalleryStore:
                 logger.warning("removing %s: an interrupted create or delete", directory.name)
                 shred_tree(directory)
             else:
-                self._tidy(directory)
+                try:
+                    self._tidy(directory)
+                except (CorruptDataError, OSError) as exc:  # reported when it is opened
+                    logger.warning("gallery %s: not tidied: %s", directory.name, exc)
         for gid in known:
             if not (self.root / gid / RECORDS_LOG).exists():
                 logger.warning("forgetting the key of gallery %s: it has no files", gid)
@@ -990,34 +1279,143 @@ class GalleryStore:
     # -- galleries -------------------------------------------------------------------------
 
     def _all(self) -> list[Gallery]:
+        """Every gallery that opens; one that does not is set aside as damaged (named by
+        ``damaged_galleries``), so it never blocks the others."""
         if self._keyring is None:
             return []
         for gid in self._keyring.gallery_ids():
-            if gid not in self._galleries:
-                self._galleries[gid] = Gallery(
-                    self.root / gid,
-                    gid,
-                    self._keyring,
-                    clock=self._clock,
-                    random=self._random,
-                    writer=self._writer,
-                )
+            if gid not in self._galleries and gid not in self._damaged:
+                self._open_one(gid)
         return list(self._galleries.values())
 
+    def _open_one(self, gid: str) -> None:
+        try:
+            gallery = self._gallery(gid)
+            if gallery.pending_erasures:
+                # A crash came between an erasure's tombstone and its compaction: finish it.
+                logger.warning("gallery %s: finishing an interrupted erasure", gid)
+                gallery.compact()
+        except (*DAMAGE_ERRORS, GalleryError, StorageWriteError) as exc:
+            problem = str(exc) or type(exc).__name__
+            if isinstance(exc, UnknownKeyError):
+                problem = f"gallery {gid}: its data key is not in the keyring"
+            elif isinstance(exc, DecryptionError | ValueError):
+                problem = f"gallery {gid}: a record or its wrapped key fails authentication"
+            logger.warning("gallery %s is damaged and set aside", gid)
+            unreadable = isinstance(exc, DecryptionError)
+            self._damaged[gid] = DamagedGallery(gid, self._peek_name(gid), problem, unreadable)
+            return
+        self._galleries[gid] = gallery
+
+    def _gallery(self, gid: str, *, salvage: bool = False) -> Gallery:
+        return Gallery(
+            self.root / gid,
+            gid,
+            self.keyring,
+            clock=self._clock,
+            random=self._random,
+            writer=self._writer,
+            salvage=salvage,
+        )
+
+    def _peek_name(self, gid: str) -> str:
+        """A damaged gallery's name, if its own record (the first frame) still reads."""
+        try:
+            with open(self.root / gid / RECORDS_LOG, "rb") as stream:
+                try:
+                    key_id = read_header(stream, gid, formats=RECORDS_LOG_FORMATS).key_id.hex()
+                except CorruptDataError:  # a damaged header: the gallery's one key may do
+                    key_id = self.keyring.key_ids(gid)[0]
+                key = self.keyring.data_key(gid, key_id)
+                frame = next(salvage_frames(stream))
+            entry = frame.entries[0] if isinstance(frame, Frame) else None
+            if entry is None or entry.kind is not RecordKind.GALLERY:
+                return ""
+            cipher = RecordCipher(key, bytes.fromhex(gid), random=self._random)
+            plain = cipher.open(
+                entry.kind, entry.record_id, entry.version, entry.nonce, entry.ciphertext
+            )
+            return str(unpack(plain, gid)[0]["name"])
+        except (*DAMAGE_ERRORS, GalleryError, StopIteration, KeyError, IndexError):
+            return ""
+
+    def gallery_ids(self) -> list[str]:
+        """Every gallery's id, damaged or not."""
+        return self._keyring.gallery_ids() if self._keyring is not None else []
+
+    def check(self, gid: str) -> tuple[str | None, Gallery]:
+        """For scrub: the strict load's problem (None when it opens), and the gallery as a
+        salvage reads it. Writes nothing (an unfinished erasure is not finished here)."""
+        problem = None
+        try:
+            self._gallery(gid)
+        except (*DAMAGE_ERRORS, GalleryError) as exc:
+            problem = str(exc) or type(exc).__name__
+        return problem, self._gallery(gid, salvage=True)
+
     def list_galleries(self) -> list[GalleryInfo]:
+        """The galleries that open (see ``damaged_galleries`` for the rest)."""
         return sorted((g.info() for g in self._all()), key=lambda info: info.name)
+
+    def damaged_galleries(self) -> list[DamagedGallery]:
+        """Galleries that failed to open, with what is wrong: to repair or delete."""
+        self._all()
+        return sorted(self._damaged.values(), key=lambda d: (d.name, d.gallery_id))
+
+    def _find_damaged(self, name: str) -> DamagedGallery | None:
+        """A damaged gallery by its name, or by its id when its name is unreadable."""
+        for damaged in self.damaged_galleries():
+            if name in (damaged.name, damaged.gallery_id):
+                return damaged
+        return None
 
     def open_gallery(self, name: str) -> Gallery:
         for gallery in self._all():
             if gallery.name == name:
                 return gallery
+        damaged = self._find_damaged(name)
+        if damaged is not None:
+            error = UnreadableGalleryError if damaged.unreadable else DamagedGalleryError
+            raise error(
+                f"{damaged.problem}; the other galleries are unaffected; run `edgeid gallery "
+                f"repair {damaged.name or damaged.gallery_id}` to keep what still "
+                "authenticates, or delete the gallery"
+            )
         raise GalleryNotFoundError(f"no gallery named {name!r}; list them with edgeid gallery list")
+
+    def gallery_id_of(self, name: str) -> str:
+        """The id of a gallery by name, damaged or not (to delete or repair it)."""
+        damaged = self._find_damaged(name)
+        return damaged.gallery_id if damaged else self.open_gallery(name).gallery_id
+
+    def repair_gallery(self, name: str) -> RepairReport:
+        """Rewrite a gallery from everything in it that still authenticates, under a new
+        data key (the old one is erased with the old files); report what was lost."""
+        gid = self.gallery_id_of(name)
+        self._galleries.pop(gid, None)
+        salvaged = self._gallery(gid, salvage=True)
+        report_lost = (tuple(salvaged.lost_records), salvaged.damaged_spans)
+        lost_subjects = salvaged.lost_subjects
+        salvaged.compact()  # a fresh, strict load of the new files ends it
+        self._damaged.pop(gid, None)
+        self._galleries[gid] = salvaged
+        info = salvaged.info()
+        logger.info("gallery %s repaired", gid)
+        return RepairReport(
+            gid,
+            info.subjects,
+            info.faces,
+            report_lost[0],
+            tuple(salvaged.lost_thumbnails),
+            report_lost[1],
+            lost_subjects,
+        )
 
     def create_gallery(self, name: str, *, description: str = "") -> Gallery:
         """A new, empty gallery with its own data key."""
         check_text(name, "name", required=True)
         check_text(description, "description", required=False)
-        if any(g.name == name for g in self._all()):
+        if any(g.name == name for g in self._all()) or self._find_damaged(name):
             raise GalleryExistsError(f"a gallery named {name!r} exists; choose another name")
         gid = self._random(ID_BYTES).hex()
         key_id, key = self.keyring.new_data_key(gid)
@@ -1044,26 +1442,22 @@ class GalleryStore:
                 shred_tree(directory)
             self.keyring.retain_only(gid, [])
             raise
-        gallery = Gallery(
-            directory,
-            gid,
-            self.keyring,
-            clock=self._clock,
-            random=self._random,
-            writer=self._writer,
-        )
+        gallery = self._gallery(gid)
         self._galleries[gid] = gallery
         logger.info("created gallery %s", gid)
         return gallery
 
     def delete_gallery(self, name: str) -> None:
-        """Erase a gallery: zero-fill and unlink its files, then forget its data keys."""
-        gallery = self.open_gallery(name)
-        with gallery._lock:
-            self.keyring.retain_only(gallery.gallery_id, [])  # crypto-erase first, then bytes
-            del self._galleries[gallery.gallery_id]
-            shred_tree(gallery.directory)
-        logger.info("deleted gallery %s", gallery.gallery_id)
+        """Erase a gallery (a damaged one too): forget its data keys, then zero-fill and
+        unlink its files."""
+        gid = self.gallery_id_of(name)
+        gallery = self._galleries.get(gid)
+        with gallery._lock if gallery else contextlib.nullcontext():
+            self.keyring.retain_only(gid, [])  # crypto-erase first, then bytes
+            self._galleries.pop(gid, None)
+            self._damaged.pop(gid, None)
+            shred_tree(self.root / gid)
+        logger.info("deleted gallery %s", gid)
 
     def rotate_kek(self, new_provider: KekProvider) -> None:
         """Re-wrap every gallery's data key under a new KEK; the old one opens nothing after."""
@@ -1097,6 +1491,21 @@ def _one_frame(entries: list[Entry]) -> bytes:
             f"one enrolment is at most {MAX_FRAME_BYTES >> 20} MiB when sealed; split it"
         )
     return frame
+
+
+_NO_THUMB = _ThumbRef(0, 0)  # a salvaged face whose thumbnail frame was not found
+
+
+def _is_batch(frame: Frame | DamagedSpan) -> bool:
+    """A frame shaped as a batch record (its two entries, one id, version 1)."""
+    if not isinstance(frame, Frame):
+        return False
+    entries = frame.entries
+    return (
+        [e.kind for e in entries] == [RecordKind.SUBJECT, RecordKind.FACE]
+        and entries[0].record_id == entries[1].record_id
+        and all(e.version == BATCH_VERSION for e in entries)
+    )
 
 
 def _face_bytes(face: Face) -> int:

@@ -143,7 +143,7 @@ class Approvals:
         galleries = self._need_galleries()
         galleries.require(caller, Permission.GALLERIES, None, where=where)
         reason = check_reason(reason)
-        galleries.galleries.gallery(name)  # a missing gallery is refused before any record
+        galleries.galleries.gallery_info(name)  # a missing gallery is refused before any record
         return self._ask(caller, _Change(ChangeKind.ERASE_GALLERY, name), reason, where)
 
     def grant_galleries(

@@ -454,7 +454,7 @@ class AccountableGalleries:
         if consent is None or not consent.approved:
             self.require(caller, Permission.GALLERIES, None, where=where)
         reason = check_reason(reason)
-        info = self.galleries.gallery(name).info()
+        info = self.galleries.gallery_info(name)  # a damaged gallery can be erased too
         consent = redeem(consent, ChangeKind.ERASE_GALLERY, name, what="erasing a whole gallery")
         erased = GalleryErased(info.name, info.subjects, info.faces)
         counts = f"{erased.subjects} subjects, {erased.faces} faces erased"

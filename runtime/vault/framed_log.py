@@ -205,6 +205,105 @@ def scan_frames(
         state.valid_end = offset
 
 
+@dataclass(frozen=True)
+class DamagedSpan:
+    """Bytes of a log that hold no whole, checksummed frame (what a salvage skips)."""
+
+    offset: int
+    size: int
+    # The entries as read, when the frame's head held and its body still parses: their ids
+    # and kinds (in the clear) name what was lost; their ciphertexts are not to be trusted.
+    entries: tuple[Entry, ...] = ()
+
+
+def salvage_frames(stream: BinaryIO, *, start: int = HEADER_BYTES) -> Iterator[Frame | DamagedSpan]:
+    """Every frame that passes its checksums, and the damaged spans between them: for repair
+    and scrub, which must go on past damage where ``scan_frames`` stops.
+
+    A frame whose head is intact but whose body fails is skipped by its stated length; a
+    damaged head is skipped to the next frame magic whose head checksum holds.
+    """
+    stream.seek(0, os.SEEK_END)
+    file_end = stream.tell()
+    offset = start
+    while offset < file_end:
+        stream.seek(offset)
+        head = stream.read(FRAME_HEAD_BYTES)
+        frame = _frame_at(stream, offset, head, file_end)
+        if frame is not None:
+            yield frame
+            offset += frame.size
+            continue
+        if head.count(0) == len(head):  # a zero-filled torn tail is no damage
+            stream.seek(offset)
+            if _rest_is_zero(stream):
+                return
+        skip = _next_frame(stream, offset + 1, file_end)
+        entries: tuple[Entry, ...] = ()
+        if _head_ok(head):  # skip by the stated length when it lands on a frame or the end
+            (body_len,) = struct.unpack_from(">I", head, 4)
+            stated = offset + FRAME_HEAD_BYTES + body_len
+            if stated <= file_end and (stated == file_end or _head_at(stream, stated)):
+                skip = stated
+                stream.seek(offset + FRAME_HEAD_BYTES)
+                try:
+                    entries = _decode_body(stream.read(body_len), "salvage")
+                except CorruptDataError:
+                    entries = ()
+        yield DamagedSpan(offset, skip - offset, entries)
+        offset = skip
+
+
+def _head_ok(head: bytes) -> bool:
+    if len(head) != FRAME_HEAD_BYTES:
+        return False
+    magic, body_len, _ = _FRAME_HEAD.unpack_from(head, 0)
+    (head_crc,) = struct.unpack_from(">I", head, _FRAME_HEAD.size)
+    return bool(
+        magic == FRAME_MAGIC
+        and zlib.crc32(head[: _FRAME_HEAD.size]) == head_crc
+        and body_len <= MAX_FRAME_BYTES
+    )
+
+
+def _head_at(stream: BinaryIO, offset: int) -> bool:
+    stream.seek(offset)
+    return _head_ok(stream.read(FRAME_HEAD_BYTES))
+
+
+def _frame_at(stream: BinaryIO, offset: int, head: bytes, file_end: int) -> Frame | None:
+    """The whole, checked frame at ``offset``, or None."""
+    if not _head_ok(head):
+        return None
+    _, body_len, body_crc = _FRAME_HEAD.unpack_from(head, 0)
+    if offset + FRAME_HEAD_BYTES + body_len > file_end:
+        return None
+    body = stream.read(body_len)
+    if zlib.crc32(body) != body_crc:
+        return None
+    try:
+        return Frame(offset, FRAME_HEAD_BYTES + body_len, _decode_body(body, "salvage"))
+    except CorruptDataError:
+        return None
+
+
+def _next_frame(stream: BinaryIO, offset: int, file_end: int) -> int:
+    """Where the next plausible frame head starts after ``offset``, or the file's end."""
+    chunk_bytes = 1 << 16
+    while offset < file_end:
+        stream.seek(offset)
+        chunk = stream.read(chunk_bytes + FRAME_HEAD_BYTES)
+        at = chunk.find(FRAME_MAGIC)
+        while at != -1 and at < chunk_bytes:
+            if _head_ok(chunk[at : at + FRAME_HEAD_BYTES]) or (
+                len(chunk) - at < FRAME_HEAD_BYTES and _head_at(stream, offset + at)
+            ):
+                return offset + at
+            at = chunk.find(FRAME_MAGIC, at + 1)
+        offset += chunk_bytes
+    return file_end
+
+
 def read_frame_at(path: Path, offset: int, where: str) -> Frame:
     """Read and check one frame at a known offset (a thumbnail)."""
     with open(path, "rb") as stream:

@@ -1,0 +1,105 @@
+"""Repairing damaged galleries and cases through the accountable layer.
+
+A repair rewrites a gallery or case from everything in it that still authenticates, under a
+new data key, and drops what does not (it was unreadable already). It needs a reason and is
+recorded as ``store_repaired`` with what was kept and lost (counts and record ids, never
+content) before it is acknowledged; a repair that fails after it started is recorded as
+``operation_failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from runtime.accounts.roles import Permission
+from runtime.audit.events import AuditAction
+from runtime.audit.justification import check_reason
+from runtime.audit.recorder import Recorder
+from runtime.cases.repair import SalvagedCase
+from runtime.cases.store import CaseStore
+from runtime.errors import AccessDeniedError, EdgeidError
+from runtime.gallery.service import GalleryService
+from runtime.gallery.store import RepairReport
+from runtime.services.caller import Caller
+
+logger = logging.getLogger(__name__)
+
+MAX_IDS_RECORDED = 20  # lost record ids named in the record; the rest are counted
+
+
+def lost_ids(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:MAX_IDS_RECORDED])
+    more = len(ids) - MAX_IDS_RECORDED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+class AccountableRepair:
+    """``repair_gallery`` and ``repair_case``, each allowed, recorded, then acknowledged."""
+
+    def __init__(
+        self, galleries: GalleryService, recorder: Recorder, cases: CaseStore | None = None
+    ) -> None:
+        self.galleries = galleries
+        self.recorder = recorder
+        self.cases = cases
+
+    def _require(self, caller: Caller, permission: Permission, where: str, resource: str) -> None:
+        if caller.may(permission):
+            return
+        self.recorder.denied(
+            caller.actor, where=where, resource=resource, why=f"needs {permission.value}"
+        )
+        raise AccessDeniedError(f"repairing {resource} needs {permission.value}", recorded=True)
+
+    def _failed(self, caller: Caller, what: str, exc: BaseException) -> None:
+        try:
+            self.recorder.record(
+                caller.actor,
+                AuditAction.OPERATION_FAILED,
+                detail=f"{AuditAction.STORE_REPAIRED.value} of {what} failed: {type(exc).__name__}",
+            )
+        except EdgeidError:  # the original failure matters more than its follow-up record
+            logger.exception("could not record that a repair failed")
+
+    def repair_gallery(self, caller: Caller, name: str, *, reason: str, where: str) -> RepairReport:
+        self._require(caller, Permission.GALLERIES, where, f"gallery {name}")
+        reason = check_reason(reason)
+        try:
+            report = self.galleries.repair_gallery(name)
+        except EdgeidError as exc:
+            self._failed(caller, f"gallery {name}", exc)
+            raise
+        lost = f"; lost ids: {lost_ids(report.lost_records)}" if report.lost_records else ""
+        no_thumbs = (
+            f"; faces without thumbnail: {lost_ids(report.lost_thumbnails)}"
+            if report.lost_thumbnails
+            else ""
+        )
+        self.recorder.record(
+            caller.actor,
+            AuditAction.STORE_REPAIRED,
+            gallery=name,
+            reason=reason,
+            detail=f"gallery {report.gallery_id}: {report.summary()}{lost}{no_thumbs}",
+        )
+        return report
+
+    def repair_case(self, caller: Caller, ref: str, *, reason: str, where: str) -> SalvagedCase:
+        if self.cases is None:
+            raise ValueError("no case store given")
+        self._require(caller, Permission.CASES_ANY, where, f"case {ref}")
+        reason = check_reason(reason)
+        try:
+            salvaged = self.cases.repair(ref)
+        except EdgeidError as exc:
+            self._failed(caller, f"case {ref}", exc)
+            raise
+        lost = f"; lost ids: {lost_ids(salvaged.lost_records)}" if salvaged.lost_records else ""
+        self.recorder.record(
+            caller.actor,
+            AuditAction.STORE_REPAIRED,
+            reason=reason,
+            detail=f"case {salvaged.case_id}: {salvaged.summary()}{lost}",
+        )
+        return salvaged
