@@ -373,3 +373,42 @@ def test_finding_4_erased_through_the_api_gone_from_case_page_case_json_report_a
     finally:
         box.close()
     assert not state_hits(box.home, _text_needles(subject))
+
+
+def test_erasing_a_damaged_gallery_whole_still_takes_its_leads_out_of_every_case(
+    tmp_path: Path,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    cast: Cast,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A gallery whose records no longer all read (one flipped byte) cannot list its subjects,
+    yet erasing it whole must still remove every lead it gave a case, named or not."""
+    home = found_in_a_case(tmp_path, models_dir, pipeline, cast)
+    canary_id = (tmp_path / "canary.id").read_text()
+
+    def leads_of_the_gallery() -> list[str]:
+        code, shown = case_cli(home, capsys, "show", CASE, "--reason", REASON, "--json")
+        assert code == 0, shown
+        view = json.loads(shown)
+        return [
+            lead["subject_id"]
+            for cluster in view["clusters"]
+            for lead in (cluster.get("search") or {}).get("leads", [])
+            if lead["gallery"] == GALLERY
+        ]
+
+    assert canary_id in leads_of_the_gallery()  # the case holds the canary as a lead
+    (home / "edgeid.toml").write_text("[security]\ndual_control = false\n")  # a lab box
+    (gallery_dir,) = [d for d in (home / "galleries").iterdir() if d.is_dir()]
+    records = gallery_dir / "records.log"
+    data = bytearray(records.read_bytes())
+    data[-5] ^= 0x20  # inside the last frame's tag: that frame no longer authenticates
+    records.write_bytes(bytes(data))
+    capsys.readouterr()
+    code = main(
+        ["gallery", "delete", GALLERY, "--yes", "--reason", ERASE_REASON, "--home", str(home)]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert leads_of_the_gallery() == []
+    assert not state_hits(home, {**_text_needles(CANARY), **_text_needles(canary_id)})

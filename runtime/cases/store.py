@@ -48,7 +48,7 @@ from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseEr
 from runtime.cases.records import CaseFace, CaseMeta, CaseResults, ClusterSearch, SourceFile
 from runtime.errors import BadInputError, StorageWriteError
 from runtime.gallery.errors import GalleryError
-from runtime.gallery.records import ID_HEX, pack, unpack
+from runtime.gallery.records import ID_HEX, among, pack, unpack
 from runtime.inference.types import FloatArray
 from runtime.storage.durable import (
     FileWriter,
@@ -130,7 +130,7 @@ def without_subjects(
         leads = tuple(
             lead
             for lead in search.leads
-            if not (lead.gallery == gallery and lead.subject_id in subject_ids)
+            if not (lead.gallery == gallery and among(lead.subject_id, subject_ids))
         )
         return search if len(leads) == len(search.leads) else replace(search, leads=leads)
 

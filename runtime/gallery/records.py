@@ -78,6 +78,17 @@ class NewFace:
     thumbnail_jpeg: bytes
 
 
+# Stands for every subject of a gallery in an erasure that reaches outside it (a case's leads,
+# a held search): used when a damaged gallery is erased whole and its subjects cannot all be
+# read. Real subject ids are hex, so it matches no single subject.
+ANY_SUBJECT = "*"
+
+
+def among(subject_id: str, subject_ids: frozenset[str]) -> bool:
+    """Whether ``subject_id`` is one of ``subject_ids`` (``ANY_SUBJECT`` holds them all)."""
+    return subject_id in subject_ids or ANY_SUBJECT in subject_ids
+
+
 @dataclass(frozen=True)
 class Subject:
     subject_id: str

@@ -33,7 +33,7 @@ from runtime.audit.recorder import Recorder
 from runtime.errors import AccessDeniedError, BadInputError, EdgeidError
 from runtime.gallery.backup import export_gallery, import_gallery
 from runtime.gallery.errors import GalleryNotFoundError
-from runtime.gallery.records import Face, GalleryInfo, Subject
+from runtime.gallery.records import ANY_SUBJECT, Face, GalleryInfo, Subject
 from runtime.gallery.service import (
     DEFAULT_TOP_K,
     AgeBand,
@@ -45,6 +45,7 @@ from runtime.gallery.service import (
     SearchResult,
     VerifyResult,
 )
+from runtime.gallery.store import DamagedGalleryError
 from runtime.gallery.thresholds import DEFAULT_OPERATING_FMR
 from runtime.services.caller import Caller
 from runtime.services.consent import ChangeKind, Consent, redeem
@@ -466,11 +467,14 @@ class AccountableGalleries:
             detail="; ".join(p for p in (counts, consent.detail(), detail) if p),
         )
         with self._failure_recorded(caller, AuditAction.GALLERY_DELETED, name):
-            gallery = self.galleries.gallery(name)
-            intents = [
-                Intent(gallery.gallery_id, name, s.subject_id, gallery.key_id)
-                for s in gallery.subjects()
-            ]
+            try:
+                gallery = self.galleries.gallery(name)
+                intents = [
+                    Intent(gallery.gallery_id, name, s.subject_id, gallery.key_id)
+                    for s in gallery.subjects()
+                ]
+            except DamagedGalleryError:  # its subjects cannot all be read: every lead goes
+                intents = [Intent(info.gallery_id, name, ANY_SUBJECT, "")]
             self.erasures.add(*intents)  # its subjects leave the cases' leads too
             self.galleries.delete_gallery(name)
             self.revealed.forget_gallery(name)
@@ -629,6 +633,8 @@ class AccountableGalleries:
         name = intents[0].gallery
         try:
             for intent in intents:
+                if intent.subject_id == ANY_SUBJECT:
+                    continue  # a whole gallery: its own erasure removed it
                 try:
                     if self.galleries.gallery(name).gallery_id == intent.gallery_id:
                         self.galleries.erase_subject(

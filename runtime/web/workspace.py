@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Generic, Protocol, TypeVar
 
+from runtime.gallery.records import among
 from runtime.gallery.service import AgeBand, Probe, SearchResult
 
 # A few photos per person at once; 256 MiB of photos is what a 4 GB box can spare.
@@ -178,14 +179,14 @@ class HeldSearches:
                 gone = {
                     c.face_id
                     for c in result.candidates
-                    if c.gallery == gallery and c.subject_id in subject_ids
+                    if c.gallery == gallery and among(c.subject_id, subject_ids)
                 }
                 if not gone:
                     continue
                 kept = tuple(
                     c
                     for c in result.candidates
-                    if not (c.gallery == gallery and c.subject_id in subject_ids)
+                    if not (c.gallery == gallery and among(c.subject_id, subject_ids))
                 )
                 context.results[face_index] = replace(result, candidates=kept)
                 for key in [k for k in context.decisions if k[0] == face_index and k[1] in gone]:
