@@ -67,7 +67,7 @@ def read_user_file(
             raise BadInputError(f"{path}: is {file_kind(info.st_mode)}; give a regular {what}")
         if info.st_size > max_bytes:
             raise BadInputError(
-                f"{path}: {info.st_size} bytes is over the {max_bytes}-byte limit for a {what}"
+                f"{path}: {info.st_size} bytes is over the {max_bytes}-byte limit for this {what}"
             )
         os.set_blocking(fd, True)
         chunks: list[bytes] = []
