@@ -380,9 +380,7 @@ def test_finding_15_bad_input_exits_2(home: Path, tmp_path: Path) -> None:
 # -- finding 16 --------------------------------------------------------------------------------
 
 
-def test_finding_16_wrong_values_refused_and_names_shown_safely(
-    home: Path, tmp_path: Path
-) -> None:
+def test_finding_16_wrong_values_refused_and_names_shown_safely(home: Path, tmp_path: Path) -> None:
     """A past --retain-until, --frame-interval inf; names with newlines or escapes printed
     raw; direction marks obeyed on pages and in the report; 20,000-character names."""
     media = tmp_path / "media"
@@ -421,9 +419,7 @@ def test_finding_16_wrong_values_refused_and_names_shown_safely(
 # -- finding 17 --------------------------------------------------------------------------------
 
 
-def test_finding_17_messages_say_what_and_how(
-    home: Path, lfw_dir: Path, tmp_path: Path
-) -> None:
+def test_finding_17_messages_say_what_and_how(home: Path, lfw_dir: Path, tmp_path: Path) -> None:
     """Every CLI enrol warned "search index reconciled"; the duplicate refusal never named
     --allow-duplicate; `audit verify` said "record None" with head.json gone."""
     person = next(

@@ -100,11 +100,11 @@ def _keyring_holds_audit_key(home: Path) -> bool:
         return False
 
 
-def _where_bad(report: VerifyReport) -> str:
+def _where_bad(report: VerifyReport, first: str = "first bad ") -> str:
     # No bad record when only the signed head file is gone or bad: say that, not "record None".
     if report.first_bad_seq is None:
         return "the signed head (head.json)"
-    return f"first bad record {report.first_bad_seq}"
+    return f"{first}record {report.first_bad_seq}"
 
 
 def _verify_text(report: VerifyReport) -> str:
@@ -143,7 +143,7 @@ def verify(args: argparse.Namespace) -> int:
     if report.ok:
         return EXIT_OK
     print(
-        f"edgeid: error: the audit log fails verification at {_where_bad(report)} "
+        f"edgeid: error: the audit log fails verification at {_where_bad(report, '')} "
         f"({report.reason}); keep {directory} unchanged as evidence",
         file=sys.stderr,
     )
