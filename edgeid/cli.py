@@ -97,7 +97,10 @@ def safe_text(text: object) -> str:
 
 
 def _safe_lines(text: str) -> str:
-    return "\n".join(terminal_safe(line.replace("\t", "    ")) for line in text.split("\n"))
+    # Our own line breaks and tab separators (users list, approvals list) stay.
+    return "\n".join(
+        "\t".join(terminal_safe(part) for part in line.split("\t")) for line in text.split("\n")
+    )
 
 
 def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
