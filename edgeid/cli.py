@@ -27,6 +27,7 @@ from edgeid.options import common_options
 from edgeid.paths import HOME_ENV, resolve_home
 from runtime.display import terminal_safe
 from runtime.errors import BadInputError, EdgeidError
+from runtime.storage.safe_read import file_kind
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE
@@ -165,10 +166,7 @@ def _refuse_special(path: Path) -> None:
     except (OSError, ValueError):
         return  # missing or unreadable: the command's own reader says so
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        )
-        raise BadInputError(f"{path}: is {kind}; give a regular file or folder")
+        raise BadInputError(f"{path}: is {file_kind(mode)}; give a regular file or folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
