@@ -306,7 +306,8 @@ def test_export_import_and_wrong_passphrase(
     restore = ("--reason", "restore onto the replacement box")
     code, _, err = run(home, capsys, "gallery", "import", str(backup), "--name", "copy",
                        "--passphrase-file", str(wrong), *restore)  # fmt: skip
-    assert code == 1 and "decryption failed" in err
+    # Bad input (exit 2), and the box's key provider is not blamed (issue 13, finding 15).
+    assert code == 2 and "wrong backup passphrase" in err and "key provider" not in err
     code, out, _ = run(home, capsys, "gallery", "import", str(backup), "--name", "copy",
                        "--passphrase-file", str(secret), *restore)  # fmt: skip
     assert code == 0 and isinstance(out, dict) and out["subjects"] == 5

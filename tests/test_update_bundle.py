@@ -203,7 +203,7 @@ def test_vendor_to_box_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFix
     assert status == 0 and out.endswith("installable here\n")
     status, out = run("update", "install", str(bundle))
     assert status == 0 and "1.0.0 committed on slot a (health check passed)" in out
-    status, out = run("update", "verify", str(bundle))
-    assert "not newer than the installed 1.0.0" in out
+    status, out = run("update", "verify", str(bundle))  # valid, but a reinstall: not a pass
+    assert status == 2 and "not newer than the installed 1.0.0" in out
     status, out = run("update", "status")
     assert "active:   a (1.0.0)" in out and "inactive: b (empty)" in out

@@ -37,6 +37,7 @@ from runtime.audit.layout import CREATING_MARKER, LOG_FILE
 from runtime.errors import BadInputError
 from runtime.gallery.errors import GalleryError
 from runtime.identity.device_key import DeviceKeyError, fingerprint, load_device_key
+from runtime.storage.safe_read import MAX_TEXT_BYTES, check_output_path, read_user_file
 
 
 def _moment(value: str, *, end_of_day: bool) -> datetime:
@@ -69,8 +70,9 @@ def _public_key(args: argparse.Namespace) -> Ed25519PublicKey:
     """--public-key FILE (PEM), else the device key of --home."""
     if args.public_key is not None:
         try:
-            key = serialization.load_pem_public_key(Path(args.public_key).read_bytes())
-        except (OSError, ValueError) as exc:
+            pem = read_user_file(args.public_key, max_bytes=MAX_TEXT_BYTES, what="PEM key file")
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as exc:
             raise BadInputError(
                 f"cannot read a PEM public key from {args.public_key} ({exc}); give the "
                 "device's public key file"
@@ -98,11 +100,16 @@ def _keyring_holds_audit_key(home: Path) -> bool:
         return False
 
 
+def _where_bad(report: VerifyReport, first: str = "first bad ") -> str:
+    # No bad record when only the signed head file is gone or bad: say that, not "record None".
+    if report.first_bad_seq is None:
+        return "the signed head (head.json)"
+    return f"{first}record {report.first_bad_seq}"
+
+
 def _verify_text(report: VerifyReport) -> str:
     if not report.ok:
-        return f"audit log {report.status.upper()}: first bad record {report.first_bad_seq}: " + (
-            report.problem or ""
-        )
+        return f"audit log {report.status.upper()}: {_where_bad(report)}: " + (report.problem or "")
     text = (
         f"audit log OK: {report.records} records, {report.checkpoints} signed checkpoint(s), "
         f"head signed through record {report.head_seq} (key {report.key_fingerprint[:16]})"
@@ -136,7 +143,7 @@ def verify(args: argparse.Namespace) -> int:
     if report.ok:
         return EXIT_OK
     print(
-        f"edgeid: error: the audit log fails verification at record {report.first_bad_seq} "
+        f"edgeid: error: the audit log fails verification at {_where_bad(report, '')} "
         f"({report.reason}); keep {directory} unchanged as evidence",
         file=sys.stderr,
     )
@@ -201,6 +208,7 @@ def export(args: argparse.Namespace) -> int:
         raise AuditNotFoundError(f"no audit log under {directory}; check --home")
     if args.output.exists():  # refused before anything is recorded
         raise BadInputError(f"{args.output} already exists; choose another name or move it away")
+    check_output_path(args.output, force=False)  # a dangling symlink is not written through
     settings = load_settings(home)
     # The keyring read-only (no galleries' lock); the audit log's writer lock for the record.
     keyring = Keyring.open(keyring_path(home), provider_for(home, settings.keys))

@@ -14,12 +14,12 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import date
 from pathlib import Path
 from types import FrameType
 
-from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
+from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg, safe_text
 from edgeid.commands import accountable
 from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers
@@ -33,6 +33,7 @@ from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
 from runtime.gallery.store import GalleryStore
 from runtime.services.caller import LocalOperator
+from runtime.storage.safe_read import check_output_path
 from runtime.vault.key_choice import provider_for
 
 PROGRESS_REFRESH_S = 0.2  # terminal progress bar redraws at most this often
@@ -187,10 +188,16 @@ def ingest(args: argparse.Namespace) -> int:
     ]
     if outcome.failed:
         lines.append("files not read (name: reason):")
-        lines += [f"  {', '.join(f.names)}: {f.reason}" for f in outcome.failed]
+        lines += [f"  {_names(f.names)}: {safe_text(f.reason)}" for f in outcome.failed]
     lines.append(f"see the clusters with: edgeid case show {outcome.case.meta.number!r}")
     emit(args, payload, "\n".join(lines))
     return EXIT_OK if outcome.run.status == "complete" else EXIT_FAILED
+
+
+def _names(names: Iterable[str]) -> str:
+    # File names come from seized media: a newline or an escape sequence in one must not
+    # forge an output line or clear the operator's screen.
+    return ", ".join(safe_text(n) for n in names)
 
 
 def _meta_line(meta: CaseMeta) -> str:
@@ -198,7 +205,8 @@ def _meta_line(meta: CaseMeta) -> str:
     s = meta.summary
     retention = meta.retention_until.isoformat() if meta.retention_until else "-"
     return (
-        f"{meta.number:20} {meta.created_at:%Y-%m-%d}  {s.files:>6} files {s.faces:>7} faces "
+        f"{safe_text(meta.number):20} {meta.created_at:%Y-%m-%d}  {s.files:>6} files "
+        f"{s.faces:>7} faces "
         f"{s.clusters:>6} clusters {s.leads_above_threshold:>5} with leads  retain until "
         f"{retention}  last run: {last.status if last else 'none'}"
     )
@@ -220,7 +228,7 @@ def list_cases(args: argparse.Namespace) -> int:
 def _show_text(view: CaseView) -> str:
     meta = view.meta
     lines = [
-        f"case {meta.number}: {len(view.files)} files, {view.faces} faces, "
+        f"case {safe_text(meta.number)}: {len(view.files)} files, {view.faces} faces, "
         f"{len(view.clusters)} clusters",
     ]
     if view.results and view.stale:
@@ -230,11 +238,12 @@ def _show_text(view: CaseView) -> str:
     for c in view.clusters:
         top = ""
         if c.search and c.search.error:
-            top = f"; search failed: {c.search.error}"
+            top = f"; search failed: {safe_text(c.search.error)}"
         elif c.search and c.search.leads:
             lead = c.search.leads[0]
             top = (
-                f"; top lead {lead.gallery}/{lead.subject_id} {lead.display_name} "
+                f"; top lead {safe_text(lead.gallery)}/{lead.subject_id} "
+                f"{safe_text(lead.display_name)} "
                 f"{lead.score:.4f} ({lead.band})"
             )
         elif c.search:
@@ -243,7 +252,7 @@ def _show_text(view: CaseView) -> str:
             f"cluster {c.number:>4}: {len(c.faces):>4} faces in {len(c.appearances):>4} files{top}"
         )
     for f in view.failed + view.partial:
-        lines.append(f"{f.status}: {', '.join(f.names)}: {f.reason}")
+        lines.append(f"{f.status}: {_names(f.names)}: {safe_text(f.reason)}")
     return "\n".join(lines)
 
 
@@ -256,8 +265,9 @@ def show(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     out: Path = args.out
-    if out.exists() and not args.force:  # refused before the report is made and recorded
-        raise BadInputError(f"{out} exists; choose a new file name or add --force")
+    # Refused before the report is made and recorded: only a new file, or with --force a
+    # regular file (never a device, FIFO or symlink).
+    check_output_path(out, force=args.force)
     with accountable.cases(args.home_dir) as door:
         written = door.cases.write_report(
             door.caller, args.case, args.reason, out, overwrite=args.force, where=f"{WHERE} report"
@@ -327,14 +337,30 @@ def _date(value: str) -> date:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {value!r}") from None
 
 
+def _retain_until(value: str) -> date:
+    """A retention date not yet past: a past one would let the next ``purge --expired`` erase
+    the case just ingested."""
+    day = _date(value)
+    if day < date.today():
+        raise argparse.ArgumentTypeError(
+            f"{value} is in the past; give the date until which the case must be kept"
+        )
+    return day
+
+
+# Longer than any video a seized device holds: beyond it one frame per video is sampled anyway.
+MAX_FRAME_INTERVAL_S = 24 * 3600.0
+
+
 def _interval(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds >= MIN_FRAME_INTERVAL_S:
+    if not MIN_FRAME_INTERVAL_S <= seconds <= MAX_FRAME_INTERVAL_S:  # also refuses nan, inf
         raise argparse.ArgumentTypeError(
-            f"expected seconds between sampled video frames, at least {MIN_FRAME_INTERVAL_S}"
+            f"expected seconds between sampled video frames, from {MIN_FRAME_INTERVAL_S:g} to "
+            f"{MAX_FRAME_INTERVAL_S:g}, got {value!r}"
         )
     return seconds
 
@@ -366,7 +392,9 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds between sampled video frames (default {DEFAULT_FRAME_INTERVAL_S:g})",
     )
-    p.add_argument("--retain-until", type=_date, help="the case's retention date, YYYY-MM-DD")
+    p.add_argument(
+        "--retain-until", type=_retain_until, help="the case's retention date, YYYY-MM-DD"
+    )
     p.add_argument(
         "--children",
         action=argparse.BooleanOptionalAction,

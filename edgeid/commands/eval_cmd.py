@@ -23,7 +23,10 @@ def _progress(done: int, total: int) -> None:
 
 
 def lfw(args: argparse.Namespace) -> int:
-    pairs = parse_pairs(Path(args.pairs))
+    try:
+        pairs = parse_pairs(Path(args.pairs))
+    except UnicodeDecodeError:
+        raise BadInputError(f"{args.pairs}: is not UTF-8 text; give an LFW pairs file") from None
     images_dir = Path(args.images)
     if not images_dir.is_dir():
         raise BadInputError(f"{images_dir}: not a folder of LFW images")

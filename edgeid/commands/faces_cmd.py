@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeid.cli import EXIT_BAD_INPUT, EXIT_OK, emit
+from edgeid.cli import EXIT_BAD_INPUT, EXIT_OK, emit, safe_text
 from edgeid.options import detector_options
 from edgeid.paths import models_dir
 from runtime.errors import BadInputError
-from runtime.inference.image_decode import load_image
+from runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_image
 from runtime.inference.pipeline import FacePipeline
+from runtime.storage.safe_read import read_user_file
 
 
 def _run(args: argparse.Namespace, with_embedding: bool) -> int:
@@ -30,19 +31,22 @@ def _run(args: argparse.Namespace, with_embedding: bool) -> int:
     for name in args.images:
         entry: dict[str, Any] = {"image": name, "faces": []}
         try:
-            image = load_image(Path(name))
+            # Only a regular file, its size checked before reading (a FIFO or /dev/zero is
+            # refused instead of blocking or filling memory).
+            data = read_user_file(Path(name), max_bytes=MAX_IMAGE_BYTES, what="image file")
+            image = decode_image(data, name=name)
             faces = pipeline.embed(image) if with_embedding else pipeline.detect(image)
             entry["faces"] = [face.to_json() for face in faces]
             if not faces:
                 raise BadInputError(f"{name}: no face found")
-            lines.append(f"{name}: {len(faces)} face(s)")
+            lines.append(f"{safe_text(name)}: {len(faces)} face(s)")
             for face in faces:
                 box = ", ".join(f"{v:.0f}" for v in face.box.as_list())
                 lines.append(f"  box [{box}] score {face.score:.3f}")
         except BadInputError as exc:
             bad += 1
             entry["error"] = str(exc)
-            print(f"edgeid: error: {exc}", file=sys.stderr)
+            print(f"edgeid: error: {safe_text(exc)}", file=sys.stderr)
         results.append(entry)
     emit(args, results, "\n".join(lines))
     return EXIT_BAD_INPUT if bad else EXIT_OK

@@ -18,19 +18,28 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
-from edgeid.cli import EXIT_OK, emit
+from edgeid.cli import EXIT_OK, emit, safe_text
 from edgeid.commands import accountable
 from edgeid.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.options import Subparsers, positive_int
 from runtime.audit.justification import Justification, check_reason
 from runtime.config.settings import load_settings
 from runtime.errors import BadInputError
+from runtime.gallery.errors import BackupError
 from runtime.gallery.records import GalleryInfo
-from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K
+from runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, DuplicateSubjectError
 from runtime.gallery.store import GalleryStore
 from runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
+from runtime.inference.image_decode import MAX_IMAGE_BYTES
 from runtime.services.caller import LocalOperator
 from runtime.services.keys import rotate_kek
+from runtime.storage.safe_read import (
+    check_output_path,
+    check_regular_file,
+    read_user_file,
+    read_user_text,
+)
+from runtime.vault.errors import DecryptionError
 from runtime.vault.key_choice import best_available, make_provider, provider_for
 
 BACKUP_PASSPHRASE_ENV = "EDGEID_BACKUP_PASSPHRASE"
@@ -45,10 +54,20 @@ def _store(args: argparse.Namespace) -> Iterator[GalleryStore]:
 
 
 def _read_image(path: str) -> bytes:
+    # Only a regular file, its size checked before reading: a FIFO, /dev/zero or a huge
+    # sparse file is refused instead of blocking or filling memory.
+    return read_user_file(Path(path), max_bytes=MAX_IMAGE_BYTES, what="image file")
+
+
+@contextmanager
+def _name_the_flag() -> Iterator[None]:
+    """The duplicate refusal names the flag that overrides it at this door."""
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"cannot read {path}: {exc.strerror}") from None
+        yield
+    except DuplicateSubjectError as exc:
+        raise BadInputError(
+            f"{exc} (to enrol anyway, run the command again with --allow-duplicate)"
+        ) from None
 
 
 def _info_json(info: GalleryInfo) -> dict[str, object]:
@@ -64,7 +83,7 @@ def _info_json(info: GalleryInfo) -> dict[str, object]:
 
 def _backup_passphrase(args: argparse.Namespace) -> str:
     if args.passphrase_file:
-        secret = Path(args.passphrase_file).read_text(encoding="utf-8").strip()
+        secret = read_user_text(Path(args.passphrase_file), what="passphrase file").strip()
     elif os.environ.get(BACKUP_PASSPHRASE_ENV):
         secret = os.environ[BACKUP_PASSPHRASE_ENV]
     elif sys.stdin.isatty():
@@ -101,9 +120,9 @@ def list_galleries(args: argparse.Namespace) -> int:
     with _store(args) as store:
         infos = store.list_galleries()
         damaged = store.damaged_galleries()
-    lines = [f"{i.name:24} {i.subjects:>8} subjects {i.faces:>9} faces" for i in infos]
+    lines = [f"{safe_text(i.name):24} {i.subjects:>8} subjects {i.faces:>9} faces" for i in infos]
     # A damaged gallery is listed, marked, with what is wrong (ids only) and the repair.
-    lines += [f"{d.name or d.gallery_id:24} DAMAGED: {d.problem}" for d in damaged]
+    lines += [f"{safe_text(d.name or d.gallery_id):24} DAMAGED: {d.problem}" for d in damaged]
     payload = [_info_json(i) for i in infos] + [
         {"id": d.gallery_id, "name": d.name or None, "damaged": d.problem} for d in damaged
     ]
@@ -128,7 +147,7 @@ def subjects(args: argparse.Namespace) -> int:
             }
             for s in listed
         ]
-    text = "\n".join(f"{r['subject_id']}  {r['display_name']}" for r in rows)
+    text = "\n".join(f"{r['subject_id']}  {safe_text(r['display_name'])}" for r in rows)
     emit(args, rows, text or "no subjects")
     return EXIT_OK
 
@@ -140,7 +159,7 @@ def enroll(args: argparse.Namespace) -> int:
             "put anything else in --notes"
         )
     image = _read_image(args.image)
-    with accountable.galleries(args.home_dir, inference=True) as door:
+    with accountable.galleries(args.home_dir, inference=True) as door, _name_the_flag():
         done = door.galleries.enroll(
             door.caller,
             args.gallery,
@@ -183,7 +202,8 @@ def search(args: argparse.Namespace) -> int:
         )
     payload = {"case": why.case, "face": face, **result.to_json()}
     lines = [
-        f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {c.gallery}/{c.subject_id} {c.display_name}"
+        f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {safe_text(c.gallery)}/{c.subject_id} "
+        f"{safe_text(c.display_name)}"
         for c in result.candidates
     ]
     answer = "no match" if result.no_match else f"{len(result.matches)} above threshold"
@@ -251,6 +271,7 @@ def export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise BadInputError(f"{out} exists; choose a new file name")
+    check_output_path(out, force=False)  # also a dangling symlink: never written through
     passphrase = _backup_passphrase(args)
     with accountable.galleries(args.home_dir) as door:
         door.galleries.export(door.caller, why, args.gallery, out, passphrase)
@@ -261,10 +282,21 @@ def export(args: argparse.Namespace) -> int:
 def import_(args: argparse.Namespace) -> int:
     reason = check_reason(args.reason)
     passphrase = _backup_passphrase(args)
+    source = Path(args.file)
+    check_regular_file(source, what="gallery export")  # a FIFO would block the import
     with accountable.galleries(args.home_dir) as door:
-        info = door.galleries.import_gallery(
-            door.caller, Path(args.file), passphrase, name=args.name, reason=reason
-        )
+        try:
+            info = door.galleries.import_gallery(
+                door.caller, source, passphrase, name=args.name, reason=reason
+            )
+        except DecryptionError:
+            # The export's own passphrase, not the box's keys: the key provider is not it.
+            raise BadInputError(
+                f"{source}: wrong backup passphrase, or the export was altered; give the "
+                "passphrase it was made with"
+            ) from None
+        except BackupError as exc:  # not an export, damaged or truncated: the input is bad
+            raise BadInputError(str(exc)) from None
     emit(args, _info_json(info), f"imported gallery {info.name!r} ({info.faces} faces)")
     return EXIT_OK
 

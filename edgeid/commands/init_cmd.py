@@ -18,8 +18,10 @@ from edgeid.options import Subparsers
 from runtime.accounts.roles import Role
 from runtime.accounts.users import UserStore, check_username
 from runtime.audit import AuditAction
+from runtime.audit.layout import LOG_FILE, audit_dir
 from runtime.config.settings import load_settings, save_settings
-from runtime.identity.device_key import ensure_device_key, fingerprint
+from runtime.errors import EdgeidError
+from runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
 from runtime.web.server import web_url
 from runtime.web.tls import certificate_sha256, make_certificate
 
@@ -29,7 +31,10 @@ DEFAULT_ADMIN = "admin"
 def run(args: argparse.Namespace) -> int:
     home = args.home_dir
     check_username(args.admin)
-    os.makedirs(home, exist_ok=True)
+    _refuse_lost_device_key(home)
+    # The last part only: its parent must exist (checked by the CLI), so a mistyped path
+    # is refused instead of growing a tree somewhere unexpected.
+    os.makedirs(home, mode=0o700, exist_ok=True)
     settings = load_settings(home)
     key = ensure_device_key(home)
 
@@ -80,6 +85,17 @@ def run(args: argparse.Namespace) -> int:
         lines.append("users exist already: no admin created (edgeid users reset-password NAME)")
     emit(args, result, "\n".join(lines))
     return EXIT_OK
+
+
+def _refuse_lost_device_key(home: Path) -> None:
+    """An audit log whose signing key is gone: a new key would sign on from there and every
+    later ``audit verify`` would report the log TAMPERED. Refused before anything is written."""
+    key = device_key_path(home)
+    if (audit_dir(home) / LOG_FILE).exists() and not key.exists():
+        raise EdgeidError(
+            f"the audit log exists but its signing key {key} is gone; restore that file from "
+            "the box's backup and run edgeid init again (nothing was changed)"
+        )
 
 
 def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
+from edgeid.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, emit, path_arg
 from edgeid.options import Subparsers
 from firmware.update.bundle import build_bundle, sign_bundle
 from firmware.update.manager import Result, UpdateManager
@@ -25,6 +25,7 @@ from firmware.update.signing import (
 )
 from firmware.update.state import Kind, Outcome
 from runtime.errors import EdgeidError
+from runtime.storage.safe_read import check_output_path
 
 
 def _manager(args: argparse.Namespace) -> UpdateManager:
@@ -32,6 +33,7 @@ def _manager(args: argparse.Namespace) -> UpdateManager:
 
 
 def keygen(args: argparse.Namespace) -> int:
+    check_output_path(args.out)  # never a device, FIFO or symlink
     public = generate_key(args.out)
     key = load_public_key(public)
     payload = {"private_key": str(args.out), "public_key": str(public), "key": fingerprint(key)}
@@ -40,6 +42,7 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
+    check_output_path(args.out)
     manifest = build_bundle(args.payload, args.version, args.hardware, args.out)
     payload = {
         "bundle": str(args.out),
@@ -61,6 +64,7 @@ def build(args: argparse.Namespace) -> int:
 def sign(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     out = args.out or args.bundle
+    check_output_path(out)
     manifest = sign_bundle(args.bundle, key, out)
     payload = {"bundle": str(out), "version": manifest.version, "key": fingerprint(key)}
     emit(args, payload, f"signed {out} (version {manifest.version}) with key {fingerprint(key)}")
@@ -94,6 +98,12 @@ def verify(args: argparse.Namespace) -> int:
             payload["installable"], payload["reason"] = False, str(exc)
         text += "; installable here" if payload["installable"] else f"; {payload['reason']}"
     emit(args, payload, text)
+    if payload.get("installable") is False:
+        # Valid, but not for this box (other hardware, or not newer): a bundle install would
+        # refuse is not a pass.
+        print(f"edgeid: error: {args.bundle}: not installable here: {payload['reason']}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

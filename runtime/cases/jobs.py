@@ -68,6 +68,13 @@ class IngestJob:
         with self._lock:
             self._progress = replace(progress)
 
+    def _shown(self, message: str) -> str:
+        # A web upload is read from a temporary copy under the server's state folder: its
+        # path means nothing to the user and tells them how the server is laid out.
+        request = self._request
+        label = request.source_label or request.source.name
+        return message.replace(str(request.source), label)
+
     def _work(self) -> None:
         state: JobState
         error: str | None
@@ -76,7 +83,7 @@ class IngestJob:
         except RefusedSource as exc:  # said to the uploader: without the server's path
             error, state = exc.for_upload, "failed"
         except EdgeidError as exc:
-            error, state = str(exc).splitlines()[0], "failed"
+            error, state = self._shown(str(exc).splitlines()[0]), "failed"
         except Exception as exc:  # a worker thread must report, not vanish
             logger.error("case ingest job failed: %s", type(exc).__name__)
             error, state = f"internal error ({type(exc).__name__})", "failed"

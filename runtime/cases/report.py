@@ -16,8 +16,9 @@ from pathlib import Path
 
 from runtime.cases.records import ClusterSearch, SourceFile
 from runtime.cases.views import CaseView, ClusterView, clustering_note, search_note
+from runtime.display import visible_bidi
 from runtime.errors import BadInputError
-from runtime.storage.durable import write_file_atomically
+from runtime.storage.safe_read import write_user_file
 
 Thumbnail = Callable[[str], bytes]  # face id -> JPEG
 
@@ -47,7 +48,8 @@ th { background: #eee; }
 
 
 def _e(value: object) -> str:
-    return escape(str(value), quote=True)
+    # Direction marks shown, not obeyed: "ok/\u202egpj.exe" must not read as "ok/exe.jpg".
+    return escape(visible_bidi(str(value)), quote=True)
 
 
 def _time(moment: datetime | None) -> str:
@@ -224,13 +226,10 @@ faces the model finds alike: check them before relying on them.</p>
 
 
 def write_report(html: str, out: Path, *, overwrite: bool = False) -> Path:
-    """Write the report to ``out`` (mode 0600, atomically); refuse an existing file unless
-    ``overwrite``."""
-    if out.is_dir():
+    """Write the report to ``out`` (mode 0600, atomically: a temporary file renamed over it);
+    refuse an existing file unless ``overwrite``, and anything but a regular file always (a
+    device node, FIFO or symlink is never replaced by a file of case data)."""
+    if out.is_dir() and not out.is_symlink():
         raise BadInputError(f"{out} is a folder; give a file name such as report.html")
-    if out.exists() and not overwrite:
-        raise BadInputError(f"{out} exists; choose a new file name or add --force")
-    if not out.parent.is_dir():
-        raise BadInputError(f"{out.parent} does not exist; create it or choose another place")
-    write_file_atomically(out, html.encode("utf-8"), action="writing the report")
+    write_user_file(out, html.encode("utf-8"), force=overwrite, action="writing the report")
     return out

@@ -44,6 +44,10 @@ from runtime.gallery.errors import CorruptGalleryError, GalleryNotFoundError, In
 from runtime.vault.crypto import RecordKind, record_aad
 
 MAX_TEXT_CHARS = 20_000  # notes longer than a few pages are a paste error, not a note
+MAX_NAME_CHARS = 200  # a display name is a name, not a note: the web form's limit, for every door
+# A name never holds a line break, escape or other control character: it would forge lines
+# or rewrite the screen wherever it is printed.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_EMBEDDING_DIM = 4096  # larger than any face embedder we ship or expect
 MAX_THUMBNAIL_BYTES = 1 << 20  # an aligned chip is a few KB; a megabyte is not a thumbnail
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -145,18 +149,27 @@ def unpack(plain: bytes, where: str) -> tuple[dict[str, Any], bytes]:
     return head, plain[4 + size :]
 
 
-def check_text(value: str, field: str, *, required: bool) -> str:
+def check_text(value: str, field: str, *, required: bool, max_chars: int = MAX_TEXT_CHARS) -> str:
     if not isinstance(value, str):
         raise InvalidRecordError(f"{field} must be text")
     if required and not value.strip():
         raise InvalidRecordError(f"{field} is empty; give a {field.replace('_', ' ')}")
-    if len(value) > MAX_TEXT_CHARS:
-        raise InvalidRecordError(f"{field} is longer than {MAX_TEXT_CHARS} characters")
+    if len(value) > max_chars:
+        raise InvalidRecordError(f"{field} is longer than {max_chars} characters")
+    return value
+
+
+def check_name(value: str, field: str = "display_name") -> str:
+    check_text(value, field, required=True, max_chars=MAX_NAME_CHARS)
+    if CONTROL_CHARS.search(value):
+        raise InvalidRecordError(
+            f"{field} holds a line break or control character; give the name on one line"
+        )
     return value
 
 
 def check_subject(subject: NewSubject) -> None:
-    check_text(subject.display_name, "display_name", required=True)
+    check_name(subject.display_name)
     check_text(subject.legal_basis, "legal_basis", required=True)
     check_text(subject.enrolled_by, "enrolled_by", required=True)
     check_text(subject.notes, "notes", required=False)

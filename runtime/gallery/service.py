@@ -861,6 +861,8 @@ def _reconcile(
     if missing:
         index.add([face_ids[i] for i in missing], vectors[missing], model_id)
     if missing or extra:
+        # Routine, not a warning: the index is written lazily, so the next process to open a
+        # gallery (after any CLI enrol or delete, or a crash) brings it up to date here.
         logger.info(
             "search index reconciled with the store: %d added, %d removed", len(missing), len(extra)
         )

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from runtime.accounts.roles import Permission
+from runtime.display import visible_bidi
 from runtime.web.principal import Principal
 from runtime.web.state import web_state
 
@@ -33,6 +35,12 @@ NAVIGATION: tuple[tuple[Permission, str, str], ...] = (
 )
 
 
+def _shown(value: Any) -> Any:
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return visible_bidi(value)
+    return value
+
+
 def make_environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
@@ -40,7 +48,11 @@ def make_environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Every value a page shows, before escaping: Unicode direction marks are shown as
+        # ⟨U+202E⟩, never obeyed, so a file name or display name cannot disguise itself.
+        finalize=_shown,
     )
+    env.filters["visible"] = lambda value: visible_bidi(str(value))
     env.filters["pct"] = lambda value: "not measured" if value is None else f"{value:.0%}"
     env.filters["score"] = lambda value: f"{value:.3f}"
     return env
