@@ -348,3 +348,40 @@ def test_finding_12_malformed_uploads_close_cleanly_with_one_log_line(box: Box) 
     assert not any("Fatal error" in r.getMessage() for r in records.records)
     assert not [r for r in records.records if r.levelno >= logging.ERROR]
     assert any("connection closed" in r.getMessage() for r in records.records)
+
+
+def test_finding_10_case_ingest_takes_the_same_bounded_path_as_a_search(
+    tmp_path: Path,
+    models_dir: Path,
+    face_photo: Image.Image,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A seized 12-megapixel photo was detected on every pixel by case ingest; it now goes
+    through the working size (the detector never sees more) and its face comes back in
+    full-resolution coordinates, with the photo's full size on record."""
+    from test_case_ingest import make_home, request, service
+
+    canvas = Image.new("RGB", (4000, 3000), (118, 121, 119))
+    canvas.paste(face_photo.resize((750, 750)), (2300, 1200))
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "big.png").write_bytes(_png(canvas))
+    pipeline = FacePipeline.load(models_dir)  # with its embedder: the case keeps templates
+    seen: list[int] = []
+    detect = type(pipeline.detector).detect
+
+    def counting(self: object, pixels: np.ndarray) -> object:
+        seen.append(int(pixels.shape[0] * pixels.shape[1]))
+        return detect(self, pixels)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(pipeline.detector), "detect", counting)
+    home = make_home(tmp_path, models_dir)
+    with service(home, pipeline) as cases:
+        limit = cases.galleries.activity.limits.max_working_pixels
+        outcome = cases.ingest(request(media))
+        (file,) = outcome.case.files()
+        (face,) = outcome.case.faces()
+    assert seen and max(seen) <= limit < 4000 * 3000
+    assert (file.width, file.height) == (4000, 3000)
+    x0, y0, x1, y1 = face.box
+    assert 2300 <= x0 < x1 <= 3050 and 1200 <= y0 < y1 <= 1950

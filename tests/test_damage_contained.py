@@ -513,3 +513,22 @@ def _check_case_fault(home: Path, cid: str, file: str, fault: Fault, what: str) 
             assert files == fault.cut // 2, what  # every file whose record is before the cut
         else:
             assert files >= 2, what  # at most the file of the damaged frame is lost
+
+
+def test_finding_17_a_damaged_thumbnail_names_its_file_and_the_repair(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """Finding 17: a thumbnail checksum error named neither the file nor a remedy."""
+    home = _home(tmp_path, models_dir)
+    with _galleries(home) as store:
+        (subject,) = _fill(store, "g", 1)
+        gallery = store.open_gallery("g")
+        (face,) = gallery.faces(subject)
+        thumbs = next(gallery.directory.glob("thumbs*"))
+        frame = _frames(thumbs)[0]
+        _flip(thumbs, frame.offset + frame.size - 3)
+        with pytest.raises(CorruptDataError) as caught:
+            gallery.thumbnail(face.face_id)
+    message = str(caught.value)
+    assert thumbs.name in message and "edgeid gallery repair" in message
+    assert CANARY not in message

@@ -8,7 +8,8 @@ import io
 from PIL import Image
 
 from runtime.cases.store import NewFace
-from runtime.inference.pipeline import FacePipeline
+from runtime.inference.image_decode import WorkingImage
+from runtime.inference.pipeline import Face, FacePipeline
 from runtime.inference.types import RGBImage
 
 THUMBNAIL_JPEG_QUALITY = 92  # as the galleries' thumbnails: chips stay comparable side by side
@@ -31,7 +32,29 @@ def analyse_pixels(
     faces = pipeline.detect(image)
     if not faces:
         return []
-    chips = pipeline.chips(image, faces)
+    return _described(pipeline, faces, pipeline.chips(image, faces), frame, time_s)
+
+
+def analyse_working(
+    pipeline: FacePipeline, work: WorkingImage, *, max_faces: int
+) -> tuple[list[NewFace], int]:
+    """A photo's faces as the search path finds them: detection on the photo reduced to the
+    working size, chips cut at full resolution, at most ``max_faces`` (the most confident);
+    with how many more were found but not analysed. Bounds a seized 50-megapixel photo's
+    memory as an uploaded one's."""
+    faces, chips, skipped = pipeline.detect_working(work, max_faces=max_faces)
+    if not faces:
+        return [], skipped
+    return _described(pipeline, faces, chips, None, None), skipped
+
+
+def _described(
+    pipeline: FacePipeline,
+    faces: list[Face],
+    chips: list[RGBImage],
+    frame: int | None,
+    time_s: float | None,
+) -> list[NewFace]:
     templates = pipeline.embed_chips(chips)
     found = []
     for face, chip, template in zip(faces, chips, templates, strict=True):

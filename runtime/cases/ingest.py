@@ -36,7 +36,7 @@ import numpy as np
 
 from runtime.audit.errors import AuditError
 from runtime.audit.events import AuditAction, AuditEvent, check_event
-from runtime.cases.analysis import analyse_pixels
+from runtime.cases.analysis import analyse_pixels, analyse_working
 from runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, groups
 from runtime.cases.errors import CaseModelError
 from runtime.cases.leads import AuditSink, search_cluster
@@ -68,7 +68,7 @@ from runtime.cases.video import (
 from runtime.errors import BadInputError, EdgeidError, StorageWriteError
 from runtime.gallery.service import AgeBand, GalleryService
 from runtime.gallery.wording import cluster_note
-from runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_image
+from runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_working
 from runtime.vault.crypto import Clock, utc_now
 
 logger = logging.getLogger(__name__)
@@ -361,15 +361,22 @@ class CaseIngest:
         if self._known(case, sha256, name, counts):
             return
         base = SourceFile("", sha256, (name,), "image", "done", None, 0, run.number)
+        limits = self.service.activity.limits
         try:
-            pixels = decode_image(data, name="image")
+            work = decode_working(data, name="image", max_working_pixels=limits.max_working_pixels)
         except BadInputError as exc:
             case.add_file(replace(base, status="failed", reason=_reason(exc)))
             counts.files_failed += 1
             return
-        faces = analyse_pixels(self.service.pipeline, pixels)
-        height, width = pixels.shape[:2]
-        case.add_file(replace(base, width=int(width), height=int(height)), faces)
+        faces, skipped = analyse_working(self.service.pipeline, work, max_faces=limits.max_faces)
+        width, height = work.full_size
+        del work  # the full-resolution pixels go before the next file is read
+        note = (
+            f"{skipped} more faces found but not analysed (the least confident)"
+            if skipped
+            else None
+        )
+        case.add_file(replace(base, width=int(width), height=int(height), reason=note), faces)
         counts.files_new += 1
         counts.faces_new += len(faces)
 

@@ -188,6 +188,29 @@ class SecuritySettings(_Section):
     )
 
 
+class MaintenanceSettings(_Section):
+    # Weekly: damage is found within days of happening, and a scrub of a 1M-face box (a
+    # minute or so of reads, writes held off) stays a rare event.
+    scrub_interval_hours: float | None = Field(
+        default=168.0,
+        ge=1.0,
+        le=24.0 * 90,
+        title="Hours between scrubs",
+        description=(
+            "The service reads and authenticates every sealed file this often and reports the "
+            "counts in health telemetry; damaged objects are named (by id) in its log. None: "
+            "never (run edgeid scrub by hand)."
+        ),
+    )
+    scrub_first_after_minutes: float = Field(
+        default=30.0,
+        ge=0.0,
+        le=24.0 * 60,
+        title="Minutes before the first scrub",
+        description="After the service starts, so a restart does not begin with a full read.",
+    )
+
+
 class Settings(_Section):
     device: DeviceSettings = DeviceSettings()
     keys: KeySettings = KeySettings()
@@ -196,6 +219,7 @@ class Settings(_Section):
     telemetry: TelemetrySettings = TelemetrySettings()
     updates: UpdateSettings = UpdateSettings()
     security: SecuritySettings = SecuritySettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
 
 
 def config_path(home: Path) -> Path:

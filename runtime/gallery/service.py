@@ -18,11 +18,12 @@ failed after it became durable, and a search (a read) never fails for want of di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
@@ -379,6 +380,12 @@ class GalleryService:
             self.flush()
         finally:
             self.store.close()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No enrolment, erasure or index write runs in this block (a scrub reads here)."""
+        with self._lock:
+            yield
 
     def flush(self) -> None:
         """Persist every index changed since it was loaded (sealed; atomic replace). One that

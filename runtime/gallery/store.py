@@ -691,7 +691,13 @@ class Gallery:
                 return self._read_thumbnail(stream, face_id, ref)
 
     def _read_thumbnail(self, stream: BinaryIO, face_id: str, ref: _ThumbRef) -> bytes:
-        frame = read_frame(stream, ref.offset, self.where)
+        try:
+            frame = read_frame(stream, ref.offset, f"{self.where}, {self._thumbs_path.name}")
+        except CorruptDataError as exc:
+            raise CorruptGalleryError(
+                f"{exc}; the photo of face {face_id} cannot be shown; run `edgeid gallery "
+                f"repair {self.gallery_id}` to keep everything that still authenticates"
+            ) from None
         if len(frame.entries) != 1 or frame.size != ref.size:
             raise CorruptGalleryError(f"{self.where}: thumbnail frame is not where it was put")
         entry = frame.entries[0]

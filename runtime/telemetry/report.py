@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import get_args
 
+from runtime.system.integrity import INTEGRITY, IntegrityStatus
 from runtime.system.metrics import BackendState, MetricsSnapshot, ServiceMetrics
 from runtime.telemetry.host import (
     PROC,
@@ -22,6 +23,7 @@ from runtime.telemetry.schema import (
     MODEL_ID_PATTERN,
     HealthReport,
     Inference,
+    Integrity,
     Software,
     SpoolState,
     coarse,
@@ -55,6 +57,7 @@ class HealthCollector:
         backend_state: BackendSource,
         model_ids: ModelIdSource,
         enrolled_faces: CountSource | None = None,
+        scrub: IntegrityStatus = INTEGRITY,
         proc: Path = PROC,
         sensors: SensorReader | None = None,
         clock: Callable[[], float] = time.time,
@@ -66,6 +69,7 @@ class HealthCollector:
         self._backend_state = backend_state
         self._model_ids = model_ids
         self._enrolled_faces = enrolled_faces
+        self._scrub = scrub
         self._proc = proc
         self._sensors = sensors or SensorReader()
         self._clock = clock
@@ -90,6 +94,17 @@ class HealthCollector:
             software=Software(edgeid=self._version, models=self._models()),
             spool=spool,
             enrolled_faces=self._count(),
+            integrity=self._integrity(),
+        )
+
+    def _integrity(self) -> Integrity | None:
+        last = self._scrub.last()
+        if last is None:
+            return None
+        return Integrity(
+            objects_checked=last.objects_checked,
+            damaged=last.damaged,
+            finished_at=coarse(last.finished_at),
         )
 
     def backend(self) -> BackendState | None:

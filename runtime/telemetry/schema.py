@@ -142,6 +142,14 @@ class SpoolState(_Strict):
     dropped_total: Count  # reports the size cap pushed out, since the box was set up
 
 
+class Integrity(_Strict):
+    """The last scrub of the box's sealed files: counts only, never which or what."""
+
+    objects_checked: Count
+    damaged: Count
+    finished_at: Seconds  # Unix time on the box
+
+
 class HealthReport(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     seq: Count  # per device, shared with events; the fleet uses it to drop duplicates
@@ -157,6 +165,7 @@ class HealthReport(_Strict):
     software: Software
     spool: SpoolState
     enrolled_faces: Count | None = None  # only with telemetry.report_enrolled_counts
+    integrity: Integrity | None = None  # None until the service's first scrub
 
 
 class EventReport(_Strict):

@@ -17,6 +17,8 @@ from runtime.config.settings import Settings
 from runtime.gallery.service import GalleryService
 from runtime.inference.activity import InferenceActivity
 from runtime.inference.pipeline import FacePipeline
+from runtime.services.scrub_schedule import ScrubSchedule
+from runtime.system.integrity import INTEGRITY
 from runtime.web.app import create_app
 
 # At shutdown a running case ingest stops after the file in hand; it resumes on the next one.
@@ -56,4 +58,16 @@ def open_web_app(
         )
         desk = app.state.web.cases
         stack.callback(desk.jobs.stop_all, INGEST_STOP_WAIT_S)
+        every = settings.maintenance.scrub_interval_hours
+        if every is not None:
+            schedule = ScrubSchedule(
+                home,
+                galleries,
+                INTEGRITY,
+                interval_s=every * 3600,
+                first_after_s=settings.maintenance.scrub_first_after_minutes * 60,
+                busy=desk.jobs.busy,
+            )
+            schedule.start()
+            stack.callback(schedule.stop)
         yield app
