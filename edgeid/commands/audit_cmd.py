@@ -164,22 +164,6 @@ def _check_file(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _describe(wanted: RecordFilter) -> str:
-    """The export's filters, as the web audit page records them."""
-    parts = [
-        f"{name} {value}"
-        for name, value in (
-            ("user", wanted.user),
-            ("case", wanted.case),
-            ("action", wanted.action),
-            ("since", wanted.since.isoformat() if wanted.since else None),
-            ("until", wanted.until.isoformat() if wanted.until else None),
-        )
-        if value
-    ]
-    return "filters: " + (", ".join(parts) if parts else "none")
-
-
 def export(args: argparse.Namespace) -> int:
     if args.verify_file is not None:
         if args.output is not None or any(
@@ -219,7 +203,7 @@ def export(args: argparse.Namespace) -> int:
         Recorder(log).record(
             os_actor(),
             AuditAction.AUDIT_EXPORTED,
-            detail=f"{_describe(wanted)}; to {args.output.name}",
+            detail=f"{wanted.describe()}; to {args.output.name}",
         )
         summary = export_log(
             directory, keyring, signer, args.output, wanted=wanted,

@@ -89,6 +89,21 @@ class RecordFilter:
     since: datetime | None = None
     until: datetime | None = None
 
+    def describe(self) -> str:
+        """The filters as an audit record of a view or an export states them."""
+        parts = [
+            f"{name} {value}"
+            for name, value in (
+                ("user", self.user),
+                ("case", self.case),
+                ("action", self.action),
+                ("since", self.since.isoformat() if self.since else None),
+                ("until", self.until.isoformat() if self.until else None),
+            )
+            if value
+        ]
+        return "filters: " + (", ".join(parts) if parts else "none")
+
     def normalised(self) -> RecordFilter:
         try:
             action = None if self.action is None else AuditAction(self.action)

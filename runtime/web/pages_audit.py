@@ -59,21 +59,6 @@ def audit_filter(params: dict[str, str]) -> RecordFilter:
     )
 
 
-def _describe(wanted: RecordFilter) -> str:
-    parts = [
-        f"{name} {value}"
-        for name, value in (
-            ("user", wanted.user),
-            ("case", wanted.case),
-            ("action", wanted.action),
-            ("since", wanted.since.isoformat() if wanted.since else None),
-            ("until", wanted.until.isoformat() if wanted.until else None),
-        )
-        if value
-    ]
-    return "filters: " + (", ".join(parts) if parts else "none")
-
-
 @router.get("/audit")
 def audit_page(request: Request, principal: Auditor) -> Response:
     state = web_state(request)
@@ -94,7 +79,7 @@ def audit_page(request: Request, principal: Auditor) -> Response:
             limit=AUDIT_PAGE_SIZE,
             before_seq=before,
         )
-        record(state, principal, AuditAction.AUDIT_VIEWED, detail=_describe(wanted))
+        record(state, principal, AuditAction.AUDIT_VIEWED, detail=wanted.describe())
     except BadInputError as exc:
         error = str(exc)
     older = None
@@ -121,7 +106,7 @@ def audit_export(request: Request, principal: Auditor) -> Response:
     state = web_state(request)
     form = posted(request)
     wanted = audit_filter({k: form.get(k) for k in ("user", "case", "action", "since", "until")})
-    record(state, principal, AuditAction.AUDIT_EXPORTED, detail=_describe(wanted))
+    record(state, principal, AuditAction.AUDIT_EXPORTED, detail=wanted.describe())
     with tempfile.TemporaryDirectory(prefix=".audit-export-", dir=state.home) as folder:
         output = Path(folder) / "export.jsonl"
         export_log(
