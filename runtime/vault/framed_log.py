@@ -188,8 +188,8 @@ def scan_frames(
             # A crash mid-append leaves this, and nothing acknowledged is lost; a file cut
             # short leaves it too, and then the store says what is missing and how to repair.
             logger.warning(
-                "%s: the file ends inside a frame (%d bytes at byte %d): an append cut short "
-                "by a crash, or the file was truncated; reading what precedes it",
+                "%s: a torn tail of %d bytes at byte %d (an append cut short by a crash, or "
+                "the file was truncated); reading what precedes it",
                 where,
                 remaining,
                 offset,
