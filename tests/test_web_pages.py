@@ -474,3 +474,41 @@ def test_users_manage_their_own_tokens(box: Box) -> None:
     assert api.get("/api/v1/health").status_code == 401
     assert secret.group(1) not in browser.get("/account/tokens").text
     assert csrf_of(browser.get("/account/tokens").text) == csrf
+
+
+def test_the_api_lists_the_galleries_a_token_may_search(box: Box) -> None:
+    """Investigators could not list the galleries they may search (the list was admins')."""
+    investigator = api_client(box, Role.INVESTIGATOR).get("/api/v1/galleries")
+    assert investigator.status_code == 200
+    assert [g["name"] for g in investigator.json()] == [OFFICE]  # not the other unit's
+    admin = api_client(box, Role.ADMIN).get("/api/v1/galleries")
+    assert {g["name"] for g in admin.json()} >= {OFFICE, "other"}
+    technician = api_client(box, Role.TECHNICIAN).get("/api/v1/galleries")
+    assert technician.status_code == 200 and technician.json() == []
+
+
+def test_api_enrolment_from_a_group_photo_lists_the_faces_to_choose_from(
+    box: Box, scenes_dir: Path
+) -> None:
+    """A group photo without face_index was answered only "send face_index"."""
+    api = api_client(box, Role.INVESTIGATOR)
+    photo = (scenes_dir / GROUP_PHOTO).read_bytes()
+    form = {"display_name": "Subject Group", "legal_basis": "court order 21/2026"}
+    before = len(box.service.subjects(OFFICE))
+    asked = api.post(
+        f"/api/v1/galleries/{OFFICE}/subjects", data=form, files={"photo": ("g.jpg", photo)}
+    )
+    assert asked.status_code == 422 and "face_index" in asked.json()["error"]
+    faces = asked.json()["faces"]
+    assert len(faces) == len(box.service.analyse(photo).faces) > 1
+    assert all({"index", "box", "quality", "enrollable"} <= set(f) for f in faces)
+    assert len(box.service.subjects(OFFICE)) == before  # nothing enrolled yet
+    chosen = max(faces, key=lambda f: f["quality"])
+    assert chosen["enrollable"]
+    made = api.post(
+        f"/api/v1/galleries/{OFFICE}/subjects",
+        data={**form, "face_index": str(chosen["index"]), "allow_duplicate": "yes"},
+        files={"photo": ("g.jpg", photo)},
+    )
+    assert made.status_code == 201, made.text
+    assert len(box.service.subjects(OFFICE)) == before + 1

@@ -19,7 +19,6 @@ from runtime.accounts.tokens import Token
 from runtime.accounts.users import User
 from runtime.audit import AuditAction
 from runtime.audit.justification import CASE_NUMBER_PATTERN, MAX_CASE_CHARS, MIN_REASON_CHARS
-from runtime.errors import BadInputError
 from runtime.gallery.service import DuplicateSubjectError
 from runtime.services import user_requests
 from runtime.services.proposals import Proposal
@@ -232,8 +231,15 @@ def search_decision(
 
 
 @router.get("/galleries", response_model=list[GalleryOut], tags=["galleries"])
-def galleries(request: Request, principal: GalleryAdmin) -> list[GalleryOut]:
-    return [GalleryOut.of(g) for g in web_state(request).galleries.list_galleries()]
+def galleries(request: Request, principal: Anyone) -> list[GalleryOut]:
+    """The galleries this token may use: every gallery for a gallery admin (scope
+    `galleries`), otherwise those its owner may search (names and counts only)."""
+    state = web_state(request)
+    infos = state.galleries.list_galleries()
+    if not principal.may(Permission.GALLERIES):
+        mine = set(state.accountable.usable(principal, Permission.SEARCH))
+        infos = [g for g in infos if g.name in mine]
+    return [GalleryOut.of(g) for g in infos]
 
 
 @router.post("/galleries", response_model=GalleryOut, status_code=201, tags=["galleries"])
@@ -352,7 +358,10 @@ def thumbnail(
     status_code=201,
     tags=["subjects"],
     openapi_extra=ENROL_BODY,
-    responses={409: {"description": "the face already matches an enrolled subject"}},
+    responses={
+        409: {"description": "the face already matches an enrolled subject"},
+        422: {"description": "several faces and no face_index: the faces found are listed"},
+    },
 )
 async def enrol(request: Request, gallery: str, principal: Enroller) -> Response:
     """Enrol a subject from one face of a photo: quality gate, then duplicate check (409
@@ -380,8 +389,15 @@ async def enrol(request: Request, gallery: str, principal: Enroller) -> Response
             face_index = ops.check_face_index(index_text) if index_text else None
             if face_index is None:
                 if len(pending.probe.faces) > 1:
-                    raise BadInputError(
-                        f"the photo has {len(pending.probe.faces)} faces; send face_index"
+                    # The faces found, so a client can show them and send the one it means.
+                    faces = ProbeOut.of("", pending.probe).model_dump(mode="json")["faces"]
+                    return JSONResponse(
+                        {
+                            "error": f"the photo has {len(faces)} faces; send face_index with "
+                            "the index of the face to enrol (faces numbered as listed here)",
+                            "faces": faces,
+                        },
+                        status_code=422,
                     )
                 face_index = 0
             try:
