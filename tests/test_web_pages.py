@@ -266,6 +266,28 @@ def test_the_openapi_document_names_the_scope_of_every_operation(box: Box) -> No
     search = doc["paths"]["/api/v1/searches/{search_id}/faces/{face_index}/candidates"]["post"]
     assert search["x-edgeid-scope"] == "search"
     assert not any(path.startswith("/search") for path in doc["paths"])  # pages stay out
+    # The API's refusals in their real shape ({"error": ...}), not FastAPI's default 422 body.
+    assert doc["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    error = {"$ref": "#/components/schemas/Error"}
+    for op in operations:
+        for status in ("400", "401", "403", "404", "422"):
+            assert op["responses"][status]["content"]["application/json"]["schema"] == error
+    photo = doc["paths"]["/api/v1/searches/{search_id}/photo"]["put"]["responses"]
+    assert "413" in photo and "415" in photo
+    enrol = doc["paths"]["/api/v1/galleries/{gallery}/subjects"]["post"]["responses"]
+    assert "several faces" in enrol["422"]["description"]
+
+
+def test_api_refusals_have_the_documented_shape(box: Box) -> None:
+    api = api_client(box, Role.TECHNICIAN)
+    for reply in (
+        client(box).get("/api/v1/me"),  # 401
+        api.post("/api/v1/searches", json={"case": "C-1", "reason": "identify the child"}),  # 403
+        api_client(box, Role.INVESTIGATOR).post("/api/v1/searches", json={"case": "C-1"}),  # 422
+    ):
+        assert reply.status_code in (401, 403, 422)
+        assert set(reply.json()) == {"error"} and reply.json()["error"]
 
 
 # -- the supervisor ----------------------------------------------------------------------------

@@ -276,6 +276,10 @@ def _document_bearer_tokens(app: FastAPI) -> None:
                 }
             }
             doc["security"] = [{"token": []}]
+            schemas = doc["components"].setdefault("schemas", {})
+            schemas["Error"] = ERROR_SCHEMA
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
             for route in (r for api_router in API_ROUTERS for r in api_router.routes):
                 requirement = requirement_of(route)
                 for method in getattr(route, "methods", set()) - {"HEAD"}:
@@ -288,6 +292,7 @@ def _document_bearer_tokens(app: FastAPI) -> None:
                         else None
                     )
                     operation["x-edgeid-scope"] = scope
+                    _document_errors(operation)
                     note = f"Needs the token scope `{scope}`." if scope else "Any valid token."
                     operation["description"] = (
                         f"{operation.get('description', '')}\n\n{note}".strip()
@@ -296,6 +301,38 @@ def _document_bearer_tokens(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = schema  # type: ignore[method-assign]
+
+
+# Every refusal of the API has one shape, ``{"error": "..."}`` (``_error_response``); these are
+# the statuses any operation may answer, and those only an operation with a body may.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "what is wrong and the fix"}},
+}
+ERRORS_OF_EVERY_OPERATION = {
+    "400": "bad input: a missing or malformed field, case number or reason",
+    "401": "no valid token (Authorization: Bearer edgeid_...)",
+    "403": "the token's scope, its owner's role or gallery list does not allow it (recorded)",
+    "404": "no such search, gallery, subject, case or token among the caller's",
+    "422": "a field of the request does not match this schema",
+}
+ERRORS_OF_A_BODY = {
+    "413": "the body is over the upload limit",
+    "415": "the body is not of a type this operation takes",
+}
+
+
+def _document_errors(operation: dict[str, Any]) -> None:
+    """The API's real error responses, in its real shape, beside the operation's own."""
+    responses = operation.setdefault("responses", {})
+    errors = dict(ERRORS_OF_EVERY_OPERATION)
+    if "requestBody" in operation:
+        errors |= ERRORS_OF_A_BODY
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for status, meaning in errors.items():
+        known = responses.get(status, {})
+        responses[status] = {"description": known.get("description") or meaning, "content": content}
 
 
 # -- errors ----------------------------------------------------------------------------------
