@@ -9,16 +9,20 @@ refusals it suppresses are counted and reported in that actor's next recorded re
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from runtime.audit.actor import Actor
 from runtime.audit.events import AuditAction, AuditEvent, Candidate
 from runtime.audit.justification import Justification
+
+logger = logging.getLogger(__name__)
 
 # At most this many refusals per actor per window are written; a client hammering a door it
 # may not use costs a few records a minute, not a record per request.
@@ -93,6 +97,35 @@ class Recorder:
                 detail=_with_via(actor, detail),
             )
         )
+
+    @contextlib.contextmanager
+    def failure_recorded(
+        self,
+        actor: Actor,
+        action: AuditAction,
+        *,
+        gallery: str | None = None,
+        subject_id: str | None = None,
+        about: str | None = None,
+    ) -> Iterator[None]:
+        """Around a change already recorded as ``action``: if it then fails, an
+        ``operation_failed`` record follows, and the change's own error goes on up (a failure
+        to write that second record is logged, never put in its place)."""
+        try:
+            yield
+        except BaseException as exc:
+            what = f"{action.value} failed" + (f" for {about}" if about else "")
+            try:
+                self.record(
+                    actor,
+                    AuditAction.OPERATION_FAILED,
+                    gallery=gallery,
+                    subject_id=subject_id,
+                    detail=f"{what}: {type(exc).__name__}",
+                )
+            except Exception:
+                logger.exception("could not record that a %s failed", action.value)
+            raise
 
     def denied(
         self,

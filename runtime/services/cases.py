@@ -303,15 +303,10 @@ class AccountableCases:
                 if p
             ),
         )
-        try:
+        with self.recorder.failure_recorded(
+            caller.actor, AuditAction.CASE_PURGED, about=f"case {meta.case_id}"
+        ):
             return self.cases.purge(meta.number)
-        except BaseException as exc:
-            self.recorder.record(
-                caller.actor,
-                AuditAction.OPERATION_FAILED,
-                detail=f"case_purged failed for case {meta.case_id}: {type(exc).__name__}",
-            )
-            raise
 
     def expired(self, today: date | None = None) -> list[CaseMeta]:
         return self.cases.expired(today)

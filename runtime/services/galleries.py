@@ -16,6 +16,7 @@ next open or the next erasure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -738,39 +739,7 @@ class AccountableGalleries:
 
     def _failure_recorded(
         self, caller: Caller, action: AuditAction, gallery: str, subject_id: str | None = None
-    ) -> _FailureRecorder:
-        return _FailureRecorder(self.recorder, caller, action, gallery, subject_id)
-
-
-class _FailureRecorder:
-    """A change already recorded that then fails gets an ``operation_failed`` record."""
-
-    def __init__(
-        self,
-        recorder: Recorder,
-        caller: Caller,
-        action: AuditAction,
-        gallery: str,
-        subject_id: str | None,
-    ) -> None:
-        self.recorder = recorder
-        self.caller = caller
-        self.action = action
-        self.gallery = gallery
-        self.subject_id = subject_id
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            try:
-                self.recorder.record(
-                    self.caller.actor,
-                    AuditAction.OPERATION_FAILED,
-                    gallery=self.gallery,
-                    subject_id=self.subject_id,
-                    detail=f"{self.action.value} failed: {exc_type.__name__}",
-                )
-            except Exception:  # the original failure matters more than its follow-up record
-                logger.exception("could not record that a %s failed", self.action.value)
+    ) -> contextlib.AbstractContextManager[None]:
+        return self.recorder.failure_recorded(
+            caller.actor, action, gallery=gallery, subject_id=subject_id
+        )

@@ -22,13 +22,6 @@ def rotate_kek(
         AuditAction.KEYS_ROTATED,
         detail=f"key-encryption key {old} replaced by a new {new_provider.kind} key",
     )
-    try:
+    with recorder.failure_recorded(caller.actor, AuditAction.KEYS_ROTATED):
         store.rotate_kek(new_provider)
-    except BaseException as exc:
-        recorder.record(
-            caller.actor,
-            AuditAction.OPERATION_FAILED,
-            detail=f"{AuditAction.KEYS_ROTATED.value} failed: {type(exc).__name__}",
-        )
-        raise
     return store.keyring.kek_id

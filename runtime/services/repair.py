@@ -9,7 +9,6 @@ content) before it is acknowledged; a repair that fails after it started is reco
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from runtime.accounts.roles import Permission
@@ -18,12 +17,10 @@ from runtime.audit.justification import check_reason
 from runtime.audit.recorder import Recorder
 from runtime.cases.repair import SalvagedCase
 from runtime.cases.store import CaseStore
-from runtime.errors import AccessDeniedError, EdgeidError
+from runtime.errors import AccessDeniedError
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import RepairReport
 from runtime.services.caller import Caller
-
-logger = logging.getLogger(__name__)
 
 MAX_IDS_RECORDED = 20  # lost record ids named in the record; the rest are counted
 
@@ -52,24 +49,13 @@ class AccountableRepair:
         )
         raise AccessDeniedError(f"repairing {resource} needs {permission.value}", recorded=True)
 
-    def _failed(self, caller: Caller, what: str, exc: BaseException) -> None:
-        try:
-            self.recorder.record(
-                caller.actor,
-                AuditAction.OPERATION_FAILED,
-                detail=f"{AuditAction.STORE_REPAIRED.value} of {what} failed: {type(exc).__name__}",
-            )
-        except EdgeidError:  # the original failure matters more than its follow-up record
-            logger.exception("could not record that a repair failed")
-
     def repair_gallery(self, caller: Caller, name: str, *, reason: str, where: str) -> RepairReport:
         self._require(caller, Permission.GALLERIES, where, f"gallery {name}")
         reason = check_reason(reason)
-        try:
+        with self.recorder.failure_recorded(
+            caller.actor, AuditAction.STORE_REPAIRED, about=f"gallery {name}"
+        ):
             report = self.galleries.repair_gallery(name)
-        except EdgeidError as exc:
-            self._failed(caller, f"gallery {name}", exc)
-            raise
         lost = f"; lost ids: {lost_ids(report.lost_records)}" if report.lost_records else ""
         no_thumbs = (
             f"; faces without thumbnail: {lost_ids(report.lost_thumbnails)}"
@@ -90,11 +76,10 @@ class AccountableRepair:
             raise ValueError("no case store given")
         self._require(caller, Permission.CASES_ANY, where, f"case {ref}")
         reason = check_reason(reason)
-        try:
+        with self.recorder.failure_recorded(
+            caller.actor, AuditAction.STORE_REPAIRED, about=f"case {ref}"
+        ):
             salvaged = self.cases.repair(ref)
-        except EdgeidError as exc:
-            self._failed(caller, f"case {ref}", exc)
-            raise
         lost = f"; lost ids: {lost_ids(salvaged.lost_records)}" if salvaged.lost_records else ""
         self.recorder.record(
             caller.actor,
