@@ -21,6 +21,7 @@ from typing import Protocol
 from runtime.audit.actor import Actor
 from runtime.audit.events import AuditAction, AuditEvent, Candidate
 from runtime.audit.justification import Justification
+from runtime.errors import AccessDeniedError
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,22 @@ class Recorder:
             except Exception:
                 logger.exception("could not record that a %s failed", action.value)
             raise
+
+    def refused(
+        self,
+        actor: Actor,
+        message: str,
+        *,
+        where: str,
+        resource: str | None = None,
+        why: str,
+        justification: Justification | None = None,
+    ) -> AccessDeniedError:
+        """Record a refusal (as ``denied``) and return the error to raise, marked recorded:
+        callers write ``raise recorder.refused(...)``, so a refusal is neither raised
+        unrecorded nor recorded twice by a front end."""
+        self.denied(actor, where=where, resource=resource, why=why, justification=justification)
+        return AccessDeniedError(message, recorded=True)
 
     def denied(
         self,

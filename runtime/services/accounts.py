@@ -18,7 +18,7 @@ from runtime.accounts.tokens import Token, TokenNotFoundError, TokenStore
 from runtime.accounts.users import User, UserExistsError, UserStore, check_username
 from runtime.audit.events import AuditAction
 from runtime.audit.recorder import Recorder
-from runtime.errors import AccessDeniedError, BadInputError
+from runtime.errors import BadInputError
 from runtime.services.caller import Caller, same_person
 from runtime.services.consent import ChangeKind, Consent, redeem
 
@@ -67,8 +67,13 @@ class AccountAdmin:
     def require(self, caller: Caller, *, where: str, resource: str | None = None) -> None:
         if caller.may(Permission.USERS):
             return
-        self.recorder.denied(caller.actor, where=where, resource=resource, why="needs users")
-        raise AccessDeniedError("only admins change users (needs users)", recorded=True)
+        raise self.recorder.refused(
+            caller.actor,
+            "only admins change users (needs users)",
+            where=where,
+            resource=resource,
+            why="needs users",
+        )
 
     def _allowed(
         self, caller: Caller, consent: Consent | None, *, where: str, resource: str
@@ -91,11 +96,12 @@ class AccountAdmin:
         people = (caller.actor.user, *(consent.people() if consent else ()))
         if not any(same_person(p, username) for p in people):
             return
-        self.recorder.denied(
-            caller.actor, where=where, resource=f"user {username}", why=f"{what} for oneself"
-        )
-        raise AccessDeniedError(
-            f"nobody may {what} for themselves; ask another admin", recorded=True
+        raise self.recorder.refused(
+            caller.actor,
+            f"nobody may {what} for themselves; ask another admin",
+            where=where,
+            resource=f"user {username}",
+            why=f"{what} for oneself",
         )
 
     def known_galleries(self, names: Sequence[str]) -> list[str]:

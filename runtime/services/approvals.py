@@ -31,7 +31,7 @@ from runtime.audit.events import AuditAction
 from runtime.audit.justification import Justification, check_reason
 from runtime.audit.recorder import Recorder
 from runtime.cases.records import CaseMeta
-from runtime.errors import AccessDeniedError, BadInputError, EdgeidError
+from runtime.errors import BadInputError, EdgeidError
 from runtime.services.accounts import AccountAdmin
 from runtime.services.caller import Caller, same_person
 from runtime.services.cases import AccountableCases
@@ -216,20 +216,20 @@ class Approvals:
         proposal = self._open(proposal_id)
         resource = f"proposal {proposal_id}"
         if same_person(caller.actor.user, proposal.proposer):
-            self.recorder.denied(
-                caller.actor, where=where, resource=resource, why="approving one's own proposal"
-            )
-            raise AccessDeniedError(
+            raise self.recorder.refused(
+                caller.actor,
                 "nobody approves their own proposal; another admin or supervisor must",
-                recorded=True,
+                where=where,
+                resource=resource,
+                why="approving one's own proposal",
             )
         if proposal.kind in GIVES_ACCESS and same_person(caller.actor.user, proposal.target):
-            self.recorder.denied(
-                caller.actor, where=where, resource=resource, why="approving access for oneself"
-            )
-            raise AccessDeniedError(
+            raise self.recorder.refused(
+                caller.actor,
                 "nobody approves access for themselves; another admin or supervisor must",
-                recorded=True,
+                where=where,
+                resource=resource,
+                why="approving access for oneself",
             )
         if not self._proposer_still_may(proposal):
             raise BadInputError(
@@ -375,11 +375,12 @@ class Approvals:
     def _require_approver(self, caller: Caller, proposal_id: str, *, where: str) -> None:
         if caller.may(Permission.APPROVALS):
             return
-        self.recorder.denied(
-            caller.actor, where=where, resource=f"proposal {proposal_id}", why="needs approvals"
-        )
-        raise AccessDeniedError(
-            "only admins and supervisors decide proposals (needs approvals)", recorded=True
+        raise self.recorder.refused(
+            caller.actor,
+            "only admins and supervisors decide proposals (needs approvals)",
+            where=where,
+            resource=f"proposal {proposal_id}",
+            why="needs approvals",
         )
 
     def _open(self, proposal_id: str) -> Proposal:

@@ -28,7 +28,7 @@ from runtime.cases.report import render_report, write_report
 from runtime.cases.service import CaseService
 from runtime.cases.store import Case
 from runtime.cases.views import CaseView, case_view
-from runtime.errors import AccessDeniedError, BadInputError
+from runtime.errors import BadInputError
 from runtime.services.caller import Caller
 from runtime.services.consent import ChangeKind, Consent, redeem
 from runtime.services.galleries import gallery_field
@@ -78,15 +78,12 @@ class AccountableCases:
         for meta in self.cases.list_cases():
             if case_ref in (meta.case_id, meta.number):
                 if not self.owns(caller, meta):
-                    self.recorder.denied(
+                    raise self.recorder.refused(
                         caller.actor,
+                        "this case was opened by another investigator; ask them, or an admin",
                         where=where,
                         resource=f"case {meta.case_id}",
                         why="the case was opened by another investigator",
-                    )
-                    raise AccessDeniedError(
-                        "this case was opened by another investigator; ask them, or an admin",
-                        recorded=True,
                     )
                 return self.cases.store.find(meta.number)
         raise CaseNotFoundError(f"no case {case_ref!r} on this box")
@@ -105,26 +102,23 @@ class AccountableCases:
         except CaseNotFoundError:
             return
         if not self.owns(caller, meta):
-            self.recorder.denied(
+            raise self.recorder.refused(
                 caller.actor,
+                f"case {number} was opened by another investigator; ask them to add this media",
                 where=where,
                 resource=f"case {meta.case_id}",
                 why="adding media to another investigator's case",
-            )
-            raise AccessDeniedError(
-                f"case {number} was opened by another investigator; ask them to add this media",
-                recorded=True,
             )
 
     def check_galleries(self, caller: Caller, galleries: Sequence[str], *, where: str) -> None:
         for name in galleries:
             if not caller.may_use_gallery(Permission.SEARCH, name):
-                self.recorder.denied(
-                    caller.actor, where=where, resource=f"gallery {name}", why="needs search"
-                )
-                raise AccessDeniedError(
+                raise self.recorder.refused(
+                    caller.actor,
                     f"you may not search gallery {name!r}; ask an admin for access",
-                    recorded=True,
+                    where=where,
+                    resource=f"gallery {name}",
+                    why="needs search",
                 )
 
     # -- ingest ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from runtime.audit.events import AuditAction
 from runtime.audit.events import Candidate as AuditCandidate
 from runtime.audit.justification import Justification, check_reason
 from runtime.audit.recorder import Recorder
-from runtime.errors import AccessDeniedError, BadInputError, EdgeidError
+from runtime.errors import BadInputError, EdgeidError
 from runtime.gallery.backup import export_gallery, import_gallery
 from runtime.gallery.errors import GalleryNotFoundError
 from runtime.gallery.records import ANY_SUBJECT, Face, GalleryInfo, Subject
@@ -207,18 +207,14 @@ class AccountableGalleries:
         )
         if allowed:
             return
-        resource = f"gallery {gallery}" if gallery else None
-        self.recorder.denied(
+        what = f"gallery {gallery!r}" if gallery else "this"
+        raise self.recorder.refused(
             caller.actor,
+            f"you may not use {what} for {permission.value}; ask an admin for access",
             where=where,
-            resource=resource,
+            resource=f"gallery {gallery}" if gallery else None,
             why=f"needs {permission.value}",
             justification=justification,
-        )
-        what = f"gallery {gallery!r}" if gallery else "this"
-        raise AccessDeniedError(
-            f"you may not use {what} for {permission.value}; ask an admin for access",
-            recorded=True,
         )
 
     def usable(self, caller: Caller, permission: Permission) -> list[str]:

@@ -17,7 +17,6 @@ from runtime.audit.justification import check_reason
 from runtime.audit.recorder import Recorder
 from runtime.cases.repair import SalvagedCase
 from runtime.cases.store import CaseStore
-from runtime.errors import AccessDeniedError
 from runtime.gallery.service import GalleryService
 from runtime.gallery.store import RepairReport
 from runtime.services.caller import Caller
@@ -44,10 +43,13 @@ class AccountableRepair:
     def _require(self, caller: Caller, permission: Permission, where: str, resource: str) -> None:
         if caller.may(permission):
             return
-        self.recorder.denied(
-            caller.actor, where=where, resource=resource, why=f"needs {permission.value}"
+        raise self.recorder.refused(
+            caller.actor,
+            f"repairing {resource} needs {permission.value}",
+            where=where,
+            resource=resource,
+            why=f"needs {permission.value}",
         )
-        raise AccessDeniedError(f"repairing {resource} needs {permission.value}", recorded=True)
 
     def repair_gallery(self, caller: Caller, name: str, *, reason: str, where: str) -> RepairReport:
         self._require(caller, Permission.GALLERIES, where, f"gallery {name}")
