@@ -1,7 +1,7 @@
-"""Regenerate the shipped open-set calibration: ``runtime/gallery/calibration/<model>.json``.
+"""Regenerate the shipped open-set calibration: ``edgeid/runtime/gallery/calibration/<model>.json``.
 
 Embeds every LFW dev image once with the product pipeline (default detector, the most central
-face, no flip TTA) and measures the **adult** band with ``runtime.evaluation.calibration``:
+face, no flip TTA) and measures the **adult** band with ``edgeid.runtime.evaluation.calibration``:
 
 - the **non-mated** distribution: every pair of images of two different people (with the 1,549
   images of 963 people, about 1.2 million comparisons);
@@ -9,7 +9,8 @@ face, no flip TTA) and measures the **adult** band with ``runtime.evaluation.cal
 
 The threshold for a false-match rate ``fmr`` is the lowest score at which at most
 ``floor(fmr * comparisons)`` non-mated comparisons score at or above it (as
-``runtime.evaluation.lfw.tar_at_fmr``). These pairs share images (each image is in about 1,500
+``edgeid.runtime.evaluation.lfw.tar_at_fmr``). These pairs share images (each image is in about
+1,500
 of them), so they are not independent draws: the tail thresholds (1e-5 rests on about a dozen
 pairs) are estimates, and the JSON says how many non-mated pairs lie above each one.
 
@@ -35,22 +36,22 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from runtime.evaluation.calibration import (
+from edgeid.runtime.evaluation.calibration import (
     LabelledTemplates,
     Source,
     calibrate_bands,
     calibration_data,
 )
-from runtime.evaluation.lfw import central_face_embedder
-from runtime.gallery.age_bands import MeasuredBand
-from runtime.gallery.thresholds import (
+from edgeid.runtime.evaluation.lfw import central_face_embedder
+from edgeid.runtime.gallery.age_bands import MeasuredBand
+from edgeid.runtime.gallery.thresholds import (
     BandData,
     CalibrationData,
     CalibrationError,
     calibration_path,
     parse_calibration,
 )
-from runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
+from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
 
 logger = logging.getLogger(__name__)
 

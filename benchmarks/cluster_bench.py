@@ -4,7 +4,8 @@ same run; and clustering time at case scale on synthetic templates.
 Quality: the central face of each of LFW dev's 1,549 images (963 people, 602 of them with one
 image) is embedded by our default pipeline; every method then clusters the same templates at
 the calibrated threshold of each false-match rate, and is scored against the people by
-pairwise precision/recall/F1 and BCubed precision/recall/F1 (``runtime/cases/cluster_metrics``).
+pairwise precision/recall/F1 and BCubed precision/recall/F1
+(``edgeid/runtime/cases/cluster_metrics``).
 dlib's ``chinese_whispers_clustering`` (dlib-bin, the reference) gets the same threshold as a
 Euclidean distance: for unit templates ``d = sqrt(2 - 2 cos)``. Caveat: the thresholds were
 calibrated on these same LFW dev images, so these are in-sample figures; LFW dev has at most 7
@@ -31,11 +32,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from runtime.cases.cluster_metrics import score_clusters
-from runtime.cases.clustering import DEFAULT_METHOD, METHODS, cluster
-from runtime.cases.ingest import CLUSTER_FMR
-from runtime.gallery.thresholds import CALIBRATED_FMRS, load_calibration
-from runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.cases.cluster_metrics import score_clusters
+from edgeid.runtime.cases.clustering import DEFAULT_METHOD, METHODS, cluster
+from edgeid.runtime.cases.ingest import CLUSTER_FMR
+from edgeid.runtime.gallery.thresholds import CALIBRATED_FMRS, load_calibration
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.evaluation.detection import read_imglab, score
-from runtime.evaluation.lfw import central_face_embedder, evaluate, parse_pairs
-from runtime.inference.image_decode import load_image
-from runtime.inference.mtcnn_detector import dlib_style_box
-from runtime.inference.pipeline import DETECTOR_NAMES, DetectorName, FacePipeline
-from runtime.inference.types import Box
+from edgeid.runtime.evaluation.detection import read_imglab, score
+from edgeid.runtime.evaluation.lfw import central_face_embedder, evaluate, parse_pairs
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.mtcnn_detector import dlib_style_box
+from edgeid.runtime.inference.pipeline import DETECTOR_NAMES, DetectorName, FacePipeline
+from edgeid.runtime.inference.types import Box
 
 
 def scenes(

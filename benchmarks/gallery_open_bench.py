@@ -43,12 +43,12 @@ import numpy.typing as npt
 from PIL import Image
 
 from benchmarks.search_bench import GENERATOR_CACHE, TemplateModel, template_model
-from runtime.errors import BadInputError
-from runtime.gallery.records import NewFace, NewSubject
-from runtime.gallery.store import RECORDS_LOG, Gallery, GalleryStore, thumbs_log_name
-from runtime.inference.pipeline import EMBEDDER_MODEL
-from runtime.vault.framed_log import MAX_ENTRIES_PER_FRAME
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.records import NewFace, NewSubject
+from edgeid.runtime.gallery.store import RECORDS_LOG, Gallery, GalleryStore, thumbs_log_name
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.vault.framed_log import MAX_ENTRIES_PER_FRAME
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 GALLERY_NAME = "bench"
 THUMB_SIDE = 150  # the aligned chip's size

@@ -88,16 +88,16 @@ def _lfw_people(data: Path, count: int) -> list[list[Path]]:
 
 def serve(home: Path, port: int, data: Path) -> None:
     """The real app over a fresh home, on 127.0.0.1:``port``; prints its API token, then serves."""
-    from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-    from runtime.accounts.sealing import accounts_key
-    from runtime.accounts.tokens import TokenStore
-    from runtime.accounts.users import UserStore
-    from runtime.audit import AuditLog
-    from runtime.cases.service import CaseService
-    from runtime.config.settings import load_settings
-    from runtime.gallery.service import GalleryService
-    from runtime.web.app import create_app
-    from runtime.web.server import run_web
+    from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+    from edgeid.runtime.accounts.sealing import accounts_key
+    from edgeid.runtime.accounts.tokens import TokenStore
+    from edgeid.runtime.accounts.users import UserStore
+    from edgeid.runtime.audit import AuditLog
+    from edgeid.runtime.cases.service import CaseService
+    from edgeid.runtime.config.settings import load_settings
+    from edgeid.runtime.gallery.service import GalleryService
+    from edgeid.runtime.web.app import create_app
+    from edgeid.runtime.web.server import run_web
 
     settings = load_settings(home)
     with GalleryService.open(home, settings) as galleries:

@@ -37,19 +37,19 @@ import av
 import numpy as np
 from PIL import Image
 
-from runtime.audit import AuditLog
-from runtime.cases.analysis import analyse_pixels
-from runtime.cases.ingest import IngestProgress, IngestRequest, Requester
-from runtime.cases.records import SourceFile
-from runtime.cases.service import CaseService
-from runtime.cases.store import CaseStore, NewFace
-from runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
-from runtime.errors import BadInputError
-from runtime.gallery.service import GalleryService
-from runtime.gallery.store import GalleryStore
-from runtime.inference.image_decode import decode_image
-from runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.audit import AuditLog
+from edgeid.runtime.cases.analysis import analyse_pixels
+from edgeid.runtime.cases.ingest import IngestProgress, IngestRequest, Requester
+from edgeid.runtime.cases.records import SourceFile
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.cases.store import CaseStore, NewFace
+from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.inference.image_decode import decode_image
+from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 logger = logging.getLogger(__name__)
 

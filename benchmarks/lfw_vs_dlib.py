@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from runtime.evaluation.lfw import (
+from edgeid.runtime.evaluation.lfw import (
     LfwReport,
     central_face_embedder,
     central_index,
     evaluate,
     parse_pairs,
 )
-from runtime.inference.pipeline import FacePipeline
-from runtime.inference.types import FloatArray
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.inference.types import FloatArray
 
 
 def _dlib_embedder(weights: Path, upsample: int) -> Any:

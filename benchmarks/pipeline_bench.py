@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import BadInputError
-from runtime.inference.image_decode import load_image
-from runtime.inference.onnx_backend import cpu_threads
-from runtime.inference.pipeline import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.onnx_backend import cpu_threads
+from edgeid.runtime.inference.pipeline import (
     CHIP_PADDING,
     CHIP_SIZE,
     DEFAULT_DETECTOR,

@@ -20,8 +20,8 @@ from benchmarks import (
     pipeline_bench,
     search_bench,
 )
-from runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
-from runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
+from edgeid.runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
+from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
 
 # Gallery sizes for the search bench; 1,000,000 is the goal size (its build takes minutes).
 SEARCH_SIZES = (100_000, 1_000_000)

@@ -43,10 +43,10 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runtime.errors import BadInputError
-from runtime.gallery.index import GalleryIndex, IndexParams
-from runtime.inference.manifest import load_manifest, manifest_path
-from runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.index import GalleryIndex, IndexParams
+from edgeid.runtime.inference.manifest import load_manifest, manifest_path
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -30,19 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.evaluation.detection import iou
-from runtime.inference.backends import ModelSession, open_session
-from runtime.inference.backends import tensorrt_backend as trtb
-from runtime.inference.backends.engine_cache import EngineCache
-from runtime.inference.embedder import Embedder
-from runtime.inference.image_decode import load_image
-from runtime.inference.manifest import read_verified_model
-from runtime.inference.mmod_detector import MmodDetector
-from runtime.inference.mtcnn_detector import MODEL_NAMES as MTCNN_MODELS
-from runtime.inference.mtcnn_detector import MtcnnDetector, MtcnnParameters
-from runtime.inference.onnx_backend import create_cpu_session
-from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
-from runtime.inference.types import Detection, RGBImage
+from edgeid.runtime.evaluation.detection import iou
+from edgeid.runtime.inference.backends import ModelSession, open_session
+from edgeid.runtime.inference.backends import tensorrt_backend as trtb
+from edgeid.runtime.inference.backends.engine_cache import EngineCache
+from edgeid.runtime.inference.embedder import Embedder
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.manifest import read_verified_model
+from edgeid.runtime.inference.mmod_detector import MmodDetector
+from edgeid.runtime.inference.mtcnn_detector import MODEL_NAMES as MTCNN_MODELS
+from edgeid.runtime.inference.mtcnn_detector import MtcnnDetector, MtcnnParameters
+from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
+from edgeid.runtime.inference.types import Detection, RGBImage
 
 EXIT_OK = 0
 EXIT_FAILED = 1

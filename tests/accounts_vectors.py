@@ -1,4 +1,4 @@
-"""Known-answer vectors for the sealed accounts files (``runtime/accounts/sealing.py``).
+"""Known-answer vectors for the sealed accounts files (``edgeid/runtime/accounts/sealing.py``).
 
     .venv/bin/python tests/accounts_vectors.py tests/vectors/accounts
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.accounts.sealing import AccountsKey, file_tag, seal_file
+from edgeid.runtime.accounts.sealing import AccountsKey, file_tag, seal_file
 
 VECTORS_DIR = Path(__file__).parent / "vectors" / "accounts"
 KEY_ID = "0123456789abcdef0123456789abcdef"

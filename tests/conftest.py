@@ -56,7 +56,7 @@ def edgeid_home() -> Path:
 @pytest.fixture(scope="session")
 def models_dir(edgeid_home: Path) -> Path:
     """Built models, verified against the pinned checksums (a no-op when already up to date)."""
-    from models.build import build_models
+    from edgeid.models.build import build_models
 
     folder = edgeid_home / "models"
     build_models(folder, edgeid_home / "wheelhouse")

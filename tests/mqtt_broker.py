@@ -39,7 +39,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from runtime.config.settings import DeviceSettings, Settings, TelemetrySettings, save_settings
+from edgeid.runtime.config.settings import (
+    DeviceSettings,
+    Settings,
+    TelemetrySettings,
+    save_settings,
+)
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
 REPO_ROOT = Path(__file__).resolve().parent.parent

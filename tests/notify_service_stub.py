@@ -2,7 +2,7 @@
 
     python tests/notify_service_stub.py WORKER_MAX_AGE_S
 
-It talks to systemd exactly as the service does (runtime.system.lifecycle, so NOTIFY_SOCKET
+It talks to systemd exactly as the service does (edgeid.runtime.system.lifecycle, so NOTIFY_SOCKET
 and WATCHDOG_USEC come from the environment) and runs an inference worker that beats its
 heartbeat after each job and while idle. Commands on stdin: ``job`` (one quick job), ``hang``
 (a job that never returns, like a stuck inference call), ``release`` (the stuck job returns),
@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 
-from runtime.system.lifecycle import service_lifecycle
+from edgeid.runtime.system.lifecycle import service_lifecycle
 
 IDLE_BEATS_PER_MAX_AGE = 10  # an idle worker beats often enough never to look stuck
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.accounts.passwords import PasswordRuleError
-from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
-from runtime.accounts.sealing import AccountsKey
-from runtime.accounts.sessions import SessionStore
-from runtime.accounts.throttle import (
+from edgeid.runtime.accounts.passwords import PasswordRuleError
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from edgeid.runtime.accounts.sealing import AccountsKey
+from edgeid.runtime.accounts.sessions import SessionStore
+from edgeid.runtime.accounts.throttle import (
     ADDRESS_MAX_FAILURES,
     MAX_DELAY_S,
     PAIR_FORGET_S,
@@ -21,9 +21,9 @@ from runtime.accounts.throttle import (
     LoginThrottle,
     delay_after,
 )
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.errors import BadInputError
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.errors import BadInputError
 
 NEW_PASSWORD = "a long enough passphrase"
 KEY = AccountsKey.derive("ab" * 16, bytes(range(32)))  # a fixed accounts key

@@ -27,20 +27,20 @@ from accounts_vectors import (
 from test_gallery_store import _hits, _text_needles
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, main
-from edgeid.commands.users_cmd import reading_key
-from runtime.accounts.files import AccountsFileError
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.sealing import (
+from edgeid.cli.commands.users_cmd import reading_key
+from edgeid.runtime.accounts.files import AccountsFileError
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.sealing import (
     ACCOUNTS_KEY_SCOPE,
     AccountsKey,
     accounts_key,
     existing_accounts_key,
     seal_file,
 )
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.gallery.store import GalleryStore
-from runtime.vault.keys import KeyFileProvider, Keyring
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault.keys import KeyFileProvider, Keyring
 
 EXPECTED: dict[str, str | None] = json.loads((VECTORS_DIR / "expected.json").read_text())
 CANARY_USER = "quillon.canary"
@@ -166,7 +166,7 @@ def test_two_processes_see_each_others_changes(tmp_path: Path) -> None:
 
 
 def _legacy(list_key: str, items: dict[str, dict[str, object]]) -> bytes:
-    """A file as the previous version wrote it (runtime/accounts/files.py write_json)."""
+    """A file as the previous version wrote it (edgeid/runtime/accounts/files.py write_json)."""
     body = {"version": 1, list_key: list(items.values())}
     return json.dumps(body, indent=1, sort_keys=True).encode("utf-8")
 

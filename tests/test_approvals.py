@@ -21,36 +21,36 @@ from pathlib import Path
 import pytest
 from web_support import PASSWORD, free_port, make_user, serving, tls_settings
 
-from edgeid.commands.users_cmd import reading_key
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.sealing import accounts_key
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction, AuditLog
-from runtime.audit.events import AuditEvent
-from runtime.audit.recorder import Recorder
-from runtime.cases.service import CaseService
-from runtime.config.settings import Settings
-from runtime.errors import AccessDeniedError, BadInputError
-from runtime.gallery.service import GalleryService
-from runtime.gallery.store import GalleryStore
-from runtime.inference.pipeline import FacePipeline
-from runtime.services import user_requests
-from runtime.services.accounts import AccountAdmin
-from runtime.services.approvals import Approvals, NotPendingError
-from runtime.services.cases import AccountableCases
-from runtime.services.consent import ChangeKind, Consent, DualControlError, issue
-from runtime.services.galleries import AccountableGalleries
-from runtime.services.proposals import (
+from edgeid.cli.commands.users_cmd import reading_key
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.sealing import accounts_key
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction, AuditLog
+from edgeid.runtime.audit.events import AuditEvent
+from edgeid.runtime.audit.recorder import Recorder
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.config.settings import Settings
+from edgeid.runtime.errors import AccessDeniedError, BadInputError
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.services import user_requests
+from edgeid.runtime.services.accounts import AccountAdmin
+from edgeid.runtime.services.approvals import Approvals, NotPendingError
+from edgeid.runtime.services.cases import AccountableCases
+from edgeid.runtime.services.consent import ChangeKind, Consent, DualControlError, issue
+from edgeid.runtime.services.galleries import AccountableGalleries
+from edgeid.runtime.services.proposals import (
     APPROVALS_DIR,
     PROPOSALS_FILE,
     ProposalsFileError,
     ProposalStatus,
     ProposalStore,
 )
-from runtime.vault.key_choice import provider_for
-from runtime.web.app import create_app
-from runtime.web.principal import Principal
+from edgeid.runtime.vault.key_choice import provider_for
+from edgeid.runtime.web.app import create_app
+from edgeid.runtime.web.principal import Principal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OFFICE, OTHER = "office", "other"

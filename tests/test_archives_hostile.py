@@ -18,8 +18,8 @@ import pytest
 from web_support import build_box, sign_in, tls_settings
 
 from edgeid.cli import main
-from runtime.accounts.roles import Role
-from runtime.cases.media import (
+from edgeid.runtime.accounts.roles import Role
+from edgeid.runtime.cases.media import (
     UPLOAD_REFUSED,
     RefusedSource,
     head_of,
@@ -27,7 +27,7 @@ from runtime.cases.media import (
     sniff,
     zip_damage,
 )
-from runtime.web.case_uploads import UPLOADS_DIR
+from edgeid.runtime.web.case_uploads import UPLOADS_DIR
 
 CASE = "ARC-2026/0001"
 REASON = "seized laptop, warrant W-13/2026"

@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeid.cli import main
-from runtime.audit import (
+from edgeid.runtime.audit import (
     AuditAction,
     AuditEvent,
     AuditLog,
@@ -34,7 +34,7 @@ from runtime.audit import (
     audit_dir,
     verify_chain,
 )
-from runtime.audit.frames import (
+from edgeid.runtime.audit.frames import (
     HEADER_BYTES,
     Checkpoint,
     Frame,
@@ -46,17 +46,17 @@ from runtime.audit.frames import (
     parse_header,
     scan_frames,
 )
-from runtime.audit.layout import HEAD_FILE, LOG_FILE
-from runtime.audit.signing import sign_checkpoint, sign_head, write_head
-from runtime.gallery.store import GalleryStore
-from runtime.identity.device_key import (
+from edgeid.runtime.audit.layout import HEAD_FILE, LOG_FILE
+from edgeid.runtime.audit.signing import sign_checkpoint, sign_head, write_head
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.identity.device_key import (
     ensure_device_key,
     fingerprint,
     load_device_key,
     public_key_pem,
 )
-from runtime.vault.key_choice import keys_dir
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.vault.key_choice import keys_dir
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EDGEID = str(Path(sys.executable).parent / "edgeid")
@@ -360,11 +360,11 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from runtime.audit import AuditAction, AuditEvent, AuditLog
-    from runtime.vault.key_choice import keys_dir
-    from runtime.vault.keys import KeyFileProvider
-    from runtime.gallery.store import GalleryStore
-    from runtime.storage.durable import OsFileWriter
+    from edgeid.runtime.audit import AuditAction, AuditEvent, AuditLog
+    from edgeid.runtime.vault.key_choice import keys_dir
+    from edgeid.runtime.vault.keys import KeyFileProvider
+    from edgeid.runtime.gallery.store import GalleryStore
+    from edgeid.runtime.storage.durable import OsFileWriter
 
     home, mode, stop_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     count = {"frame": 0, "head": 0}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit import (
+from edgeid.runtime.audit import (
     AuditAction,
     AuditBusyError,
     AuditEvent,
@@ -28,13 +28,13 @@ from runtime.audit import (
     audit_dir,
     verify_chain,
 )
-from runtime.audit.frames import FRAME_MAGIC, ScanState, scan_frames
-from runtime.audit.layout import AUDIT_KEY_SCOPE, CREATING_MARKER, HEAD_FILE, LOG_FILE
-from runtime.errors import BadInputError, DiskFullError
-from runtime.gallery.store import GalleryStore
-from runtime.identity.device_key import ensure_device_key
-from runtime.vault.key_choice import keys_dir
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.audit.frames import FRAME_MAGIC, ScanState, scan_frames
+from edgeid.runtime.audit.layout import AUDIT_KEY_SCOPE, CREATING_MARKER, HEAD_FILE, LOG_FILE
+from edgeid.runtime.errors import BadInputError, DiskFullError
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.identity.device_key import ensure_device_key
+from edgeid.runtime.vault.key_choice import keys_dir
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 PROBE = hashlib.sha256(b"probe image bytes").hexdigest()
@@ -88,7 +88,7 @@ def log_bytes(home: Path) -> bytes:
 
 
 def verify(home: Path) -> VerifyReport:
-    from runtime.identity.device_key import load_device_key
+    from edgeid.runtime.identity.device_key import load_device_key
 
     return verify_chain(audit_dir(home), load_device_key(home).public_key())
 
@@ -318,7 +318,7 @@ def test_a_deleted_log_is_not_silently_replaced(store: GalleryStore) -> None:
     (audit_dir(home) / HEAD_FILE).unlink()
     with pytest.raises(AuditTamperedError, match="deleted or moved"):
         open_log(store)
-    from runtime.identity.device_key import load_device_key
+    from edgeid.runtime.identity.device_key import load_device_key
 
     report = verify_chain(audit_dir(home), load_device_key(home).public_key(), expect_log=True)
     assert report.status is VerifyStatus.MISSING and not report.ok
@@ -383,7 +383,7 @@ def test_the_audit_key_lives_beside_gallery_keys_and_survives_store_reopen_and_r
 def test_a_record_forged_onto_the_end_is_not_signed_into_the_chain(store: GalleryStore) -> None:
     """Verify needs no key, so one well-chained frame after the signed head looks like a crash
     between append and head; the writer decrypts it before signing and refuses a forgery."""
-    from runtime.audit.frames import FrameKind, encode_frame
+    from edgeid.runtime.audit.frames import FrameKind, encode_frame
 
     home = store.root.parent
     with open_log(store) as log:

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import BadInputError, ModelError, ModelIntegrityError
-from runtime.inference.backends import ModelSession, TensorInfo, open_session
-from runtime.inference.backends import engine_cache as ec
-from runtime.inference.backends import tensorrt_backend as trtb
-from runtime.inference.backends.engine_cache import (
+from edgeid.runtime.errors import BadInputError, ModelError, ModelIntegrityError
+from edgeid.runtime.inference.backends import ModelSession, TensorInfo, open_session
+from edgeid.runtime.inference.backends import engine_cache as ec
+from edgeid.runtime.inference.backends import tensorrt_backend as trtb
+from edgeid.runtime.inference.backends.engine_cache import (
     EngineCache,
     EngineKey,
     EngineLoadError,
@@ -32,9 +32,9 @@ from runtime.inference.backends.engine_cache import (
     atomic_write_bytes,
     open_cached_engine,
 )
-from runtime.inference.embedder import Embedder
-from runtime.inference.manifest import read_verified_model
-from runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.embedder import Embedder
+from edgeid.runtime.inference.manifest import read_verified_model
+from edgeid.runtime.inference.onnx_backend import create_cpu_session
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -445,7 +445,7 @@ def test_mmod_gets_a_dynamic_height_and_width_profile(
 
 
 def test_profile_covers_the_mmod_canvas_of_a_4k_frame() -> None:
-    from runtime.inference.image_pyramid import tiled_pyramid_layout
+    from edgeid.runtime.inference.image_pyramid import tiled_pyramid_layout
 
     layout = tiled_pyramid_layout(2160, 3840, 6, 10, 11)
     assert layout.height <= trtb.DYNAMIC_MAX_HEIGHT

@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from runtime.errors import BadInputError, EdgeidError, OverloadedError
-from runtime.inference.batched_embedder import BatchedEmbedder
-from runtime.inference.batching import BatcherClosedError, MicroBatcher
-from runtime.inference.embedder import Embedder
-from runtime.inference.image_decode import load_image
-from runtime.inference.manifest import read_verified_model
-from runtime.inference.onnx_backend import create_cpu_session
-from runtime.inference.types import FloatArray, RGBImage
+from edgeid.runtime.errors import BadInputError, EdgeidError, OverloadedError
+from edgeid.runtime.inference.batched_embedder import BatchedEmbedder
+from edgeid.runtime.inference.batching import BatcherClosedError, MicroBatcher
+from edgeid.runtime.inference.embedder import Embedder
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.manifest import read_verified_model
+from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.types import FloatArray, RGBImage
 
 # Hang guard only: a broken batcher fails the test instead of hanging it. No test measures time.
 WAIT_S = 60.0

@@ -36,11 +36,11 @@ from web_support import (
     tls_settings,
 )
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.tokens import TokenStore
-from runtime.inference.activity import InferenceActivity, InferenceBusyError, InferenceLimits
-from runtime.inference.image_decode import decode_image, decode_working
-from runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.inference.activity import InferenceActivity, InferenceBusyError, InferenceLimits
+from edgeid.runtime.inference.image_decode import decode_image, decode_working
+from edgeid.runtime.inference.pipeline import FacePipeline
 
 MAX_UPLOAD = 1024 * 1024
 # The issue's goal for one 50-megapixel photo on this box (it peaked at 2.5-4.0 GB before).
@@ -222,7 +222,7 @@ def test_finding_10_a_full_box_answers_503_with_retry_after(box: Box, lfw_dir: P
 _CHILD = """
 import json, sys
 from pathlib import Path
-from runtime.gallery.service import GalleryService
+from edgeid.runtime.gallery.service import GalleryService
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
 home, big, small = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]).read_bytes()

@@ -29,24 +29,24 @@ from PIL import Image
 from test_case_video import FPS, write_video
 
 from edgeid.cli import main
-from runtime.audit import AuditAction, AuditLog
-from runtime.cases.ingest import (
+from edgeid.runtime.audit import AuditAction, AuditLog
+from edgeid.runtime.cases.ingest import (
     CLUSTER_BANDS,
     CLUSTER_FMR,
     IngestProgress,
     IngestRequest,
     Requester,
 )
-from runtime.cases.jobs import IngestJob
-from runtime.cases.service import CaseService
-from runtime.cases.store import CASES_DIR, RECORDS_LOG, CaseStore
-from runtime.gallery.service import GalleryService
-from runtime.gallery.store import GalleryStore
-from runtime.gallery.thresholds import load_calibration
-from runtime.inference.image_decode import load_image
-from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
-from runtime.vault.framed_log import HEADER_BYTES
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.cases.jobs import IngestJob
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.cases.store import CASES_DIR, RECORDS_LOG, CaseStore
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.gallery.thresholds import load_calibration
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
+from edgeid.runtime.vault.framed_log import HEADER_BYTES
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 CASE = "VID-2024/0173"
 REASON = "seized phone of suspect, warrant W-17/2024"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cases.media import (
+from edgeid.runtime.cases.media import (
     MAX_COMPRESSION_RATIO,
     MediaEntry,
     RefusedSource,
@@ -20,7 +20,7 @@ from runtime.cases.media import (
     sniff,
     unsafe_member_name,
 )
-from runtime.errors import BadInputError
+from edgeid.runtime.errors import BadInputError
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
-from runtime.cases.records import (
+from edgeid.runtime.cases.errors import CaseBusyError, CaseNotFoundError, CorruptCaseError
+from edgeid.runtime.cases.records import (
     CaseMeta,
     CaseResults,
     Cluster,
@@ -27,7 +27,7 @@ from runtime.cases.records import (
     Lead,
     SourceFile,
 )
-from runtime.cases.store import (
+from edgeid.runtime.cases.store import (
     CASES_DIR,
     META_FILE,
     RECORDS_LOG,
@@ -36,11 +36,17 @@ from runtime.cases.store import (
     NewFace,
     key_scope,
 )
-from runtime.cases.views import clustering_note, search_note
-from runtime.errors import BadInputError, DiskFullError
-from runtime.gallery.store import GalleryStore
-from runtime.vault.framed_log import FRAME_HEAD_BYTES, Frame, ScanState, read_header, scan_frames
-from runtime.vault.keys import KeyFileProvider
+from edgeid.runtime.cases.views import clustering_note, search_note
+from edgeid.runtime.errors import BadInputError, DiskFullError
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault.framed_log import (
+    FRAME_HEAD_BYTES,
+    Frame,
+    ScanState,
+    read_header,
+    scan_frames,
+)
+from edgeid.runtime.vault.keys import KeyFileProvider
 
 NUMBER = "VID-2024/0173"
 NAME = "victim_jane_doe_bedroom.jpg"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.cases.video import VideoDamaged, VideoSummary, sample_frames
-from runtime.errors import BadInputError
-from runtime.inference.types import RGBImage
+from edgeid.runtime.cases.video import VideoDamaged, VideoSummary, sample_frames
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.inference.types import RGBImage
 
 FPS = 5
 

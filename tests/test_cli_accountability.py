@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from edgeid.cli import main
-from runtime.audit import AuditAction, AuditEvent, AuditLog
-from runtime.audit.actor import os_actor
-from runtime.cases.store import CaseStore
-from runtime.config.settings import load_settings
-from runtime.gallery.store import GalleryStore
-from runtime.inference.pipeline import EMBEDDER_MODEL
-from runtime.vault.key_choice import provider_for
+from edgeid.runtime.audit import AuditAction, AuditEvent, AuditLog
+from edgeid.runtime.audit.actor import os_actor
+from edgeid.runtime.cases.store import CaseStore
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.vault.key_choice import provider_for
 
 GALLERY = "wanted"
 CASE = "CLI-2025/0042"
@@ -47,8 +47,8 @@ class Box:
 @pytest.fixture(scope="module")
 def photos(lfw_dir: Path, models_dir: Path) -> list[list[Path]]:
     """Three LFW people (sorted: the same every run) with two single-face photos each."""
-    from runtime.inference.image_decode import load_image
-    from runtime.inference.pipeline import FacePipeline
+    from edgeid.runtime.inference.image_decode import load_image
+    from edgeid.runtime.inference.pipeline import FacePipeline
 
     pipeline = FacePipeline.load(models_dir, with_embedder=False)
     chosen: list[list[Path]] = []

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from edgeid.cli import main
-from runtime.inference.image_decode import load_image
-from runtime.inference.pipeline import STAGES, FacePipeline, StageTimer
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.pipeline import STAGES, FacePipeline, StageTimer
 
 # Mirror-image chips are the same face, slightly re-framed (dlib's template is not exactly
 # symmetric): the flip-averaged template must stay close to the plain one.

@@ -92,8 +92,8 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
 def test_finding_8_out_never_replaces_a_fifo_symlink_or_device(tmp_path: Path, home: Path) -> None:
     """`case report --out PATH --force` replaced a device node, FIFO or symlink with a regular
     file of case data; now only a new file or a regular file (atomically) is written."""
-    from runtime.cases.report import write_report
-    from runtime.errors import BadInputError
+    from edgeid.runtime.cases.report import write_report
+    from edgeid.runtime.errors import BadInputError
 
     fifo = tmp_path / "report.fifo"
     os.mkfifo(fifo)
@@ -156,8 +156,8 @@ def test_finding_9_image_commands_refuse_fifos_devices_and_oversized_files(
 
 
 def test_finding_9_the_safe_reader_checks_before_reading(hostile: dict[str, Path]) -> None:
-    from runtime.errors import BadInputError
-    from runtime.storage.safe_read import read_user_file
+    from edgeid.runtime.errors import BadInputError
+    from edgeid.runtime.storage.safe_read import read_user_file
 
     for kind, words in (("fifo", "a FIFO"), ("zero", "a device"), ("dir", "a folder"),
                         ("missing", "no such file"), ("sparse", "over the")):  # fmt: skip
@@ -409,10 +409,10 @@ def test_finding_16_wrong_values_refused_and_names_shown_safely(home: Path, tmp_
     assert "\x1b" not in done.stdout and "evil\\x1b[2J\\x0aforged line.jpg" in done.stdout
     assert not any(line.startswith("forged line") for line in done.stdout.splitlines())
 
-    from runtime.cases.report import _e
-    from runtime.gallery.errors import InvalidRecordError
-    from runtime.gallery.records import NewSubject, check_subject
-    from runtime.web.rendering import make_environment
+    from edgeid.runtime.cases.report import _e
+    from edgeid.runtime.gallery.errors import InvalidRecordError
+    from edgeid.runtime.gallery.records import NewSubject, check_subject
+    from edgeid.runtime.web.rendering import make_environment
 
     shown = make_environment().from_string("<td>{{ name }}</td>").render(name="ok/\u202egpj.exe")
     assert "\u202e" not in shown and "ok/\u27e8U+202E\u27e9gpj.exe" in shown
@@ -458,9 +458,9 @@ def test_finding_17_a_damaged_upload_error_names_the_upload_not_the_server_path(
     import io
     import zipfile
 
-    from edgeid.commands import accountable
-    from runtime.cases.ingest import IngestRequest, Requester
-    from runtime.cases.jobs import IngestJob
+    from edgeid.cli.commands import accountable
+    from edgeid.runtime.cases.ingest import IngestRequest, Requester
+    from edgeid.runtime.cases.jobs import IngestJob
 
     data = io.BytesIO()
     with zipfile.ZipFile(data, "w") as archive:

@@ -9,8 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from runtime.cases.cluster_metrics import score_clusters
-from runtime.cases.clustering import (
+from edgeid.runtime.cases.cluster_metrics import score_clusters
+from edgeid.runtime.cases.clustering import (
     NeighbourGraph,
     average_linkage,
     average_linkage_dense,
@@ -20,9 +20,9 @@ from runtime.cases.clustering import (
     groups,
     neighbour_graph,
 )
-from runtime.errors import BadInputError
-from runtime.gallery.thresholds import load_calibration
-from runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.thresholds import load_calibration
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 Vectors = npt.NDArray[np.float32]
 PEOPLE = 24  # LFW dev people with at least two photos, two or three photos each
@@ -31,8 +31,8 @@ PEOPLE = 24  # LFW dev people with at least two photos, two or three photos each
 @pytest.fixture(scope="module")
 def lfw_templates(lfw_dir: Path, models_dir: Path) -> tuple[Vectors, list[str]]:
     """Central-face templates of the first PEOPLE people (sorted) with 2+ photos."""
-    from runtime.evaluation.lfw import central_face_embedder
-    from runtime.inference.pipeline import FacePipeline
+    from edgeid.runtime.evaluation.lfw import central_face_embedder
+    from edgeid.runtime.inference.pipeline import FacePipeline
 
     embed = central_face_embedder(FacePipeline.load(models_dir))
     vectors, people = [], []

@@ -20,30 +20,37 @@ import numpy as np
 import pytest
 
 from edgeid.cli import main
-from runtime.audit import AuditAction, AuditEvent, AuditLog
-from runtime.audit.actor import os_actor
-from runtime.cases.errors import CorruptCaseError
-from runtime.cases.records import SourceFile
-from runtime.cases.store import META_FILE, RECORDS_LOG, THUMBS_LOG, CaseStore, NewFace, key_scope
-from runtime.config.settings import load_settings
-from runtime.errors import EdgeidError
-from runtime.gallery.records import NewFace as GalleryFace
-from runtime.gallery.records import NewSubject
-from runtime.gallery.store import (
+from edgeid.runtime.audit import AuditAction, AuditEvent, AuditLog
+from edgeid.runtime.audit.actor import os_actor
+from edgeid.runtime.cases.errors import CorruptCaseError
+from edgeid.runtime.cases.records import SourceFile
+from edgeid.runtime.cases.store import (
+    META_FILE,
+    RECORDS_LOG,
+    THUMBS_LOG,
+    CaseStore,
+    NewFace,
+    key_scope,
+)
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.gallery.records import NewFace as GalleryFace
+from edgeid.runtime.gallery.records import NewSubject
+from edgeid.runtime.gallery.store import (
     BATCH_SUBJECTS,
     DamagedGalleryError,
     GalleryStore,
     thumbs_log_name,
 )
-from runtime.inference.pipeline import EMBEDDER_MODEL
-from runtime.vault.errors import CorruptDataError
-from runtime.vault.framed_log import (
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.vault.errors import CorruptDataError
+from edgeid.runtime.vault.framed_log import (
     FRAME_HEAD_BYTES,
     DamagedSpan,
     Frame,
     salvage_frames,
 )
-from runtime.vault.key_choice import provider_for
+from edgeid.runtime.vault.key_choice import provider_for
 
 DIM = 128
 REASON = "the nightly scrub found damage"

@@ -19,13 +19,13 @@ import pytest
 from test_case_ingest import cast as cast
 from test_case_ingest import pipeline as pipeline
 
-from runtime.config.settings import load_settings
-from runtime.errors import StorageWriteError
-from runtime.gallery.service import INDEX_FILE, DuplicateSubjectError, GalleryService, Probe
-from runtime.gallery.store import GalleryStore
-from runtime.gallery.thresholds import load_calibration
-from runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
-from runtime.vault.key_choice import provider_for
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.errors import StorageWriteError
+from edgeid.runtime.gallery.service import INDEX_FILE, DuplicateSubjectError, GalleryService, Probe
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.gallery.thresholds import load_calibration
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
+from edgeid.runtime.vault.key_choice import provider_for
 
 GALLERY = "g"
 Cast = tuple[dict[str, list[Path]], list[Path]]

@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from models.conversion import ConvertedModel
-from models.dlib_dnn import (
+from edgeid.models.conversion import ConvertedModel
+from edgeid.models.dlib_dnn import (
     AffineLayer,
     ConLayer,
     PoolLayer,
@@ -26,9 +26,9 @@ from models.dlib_dnn import (
     parse_network,
     resnet_architecture,
 )
-from models.dlib_onnx import convert_dlib_mmod, convert_dlib_resnet
-from models.dlib_serialization import DlibReader
-from runtime.errors import ModelError
+from edgeid.models.dlib_onnx import convert_dlib_mmod, convert_dlib_resnet
+from edgeid.models.dlib_serialization import DlibReader
+from edgeid.runtime.errors import ModelError
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -23,18 +23,18 @@ from test_case_ingest import pipeline as pipeline
 from test_gallery_store import _text_needles
 
 from edgeid.cli import main
-from runtime.audit import AuditLog
-from runtime.audit.recorder import Recorder
-from runtime.cases.service import CaseService
-from runtime.cases.store import CASES_DIR, RESULTS_FILE, RESULTS_SCOPE_PREFIX, CaseStore
-from runtime.gallery.service import GalleryService, SearchResult
-from runtime.inference.pipeline import FacePipeline
-from runtime.services.caller import LocalOperator
-from runtime.services.cases import AccountableCases
-from runtime.services.erasures import JOURNAL_FILE, KEY_SCOPE
-from runtime.services.galleries import AccountableGalleries, ErasureUnfinishedError
-from runtime.vault.keys import read_keyring
-from runtime.web.workspace import HeldSearches, SearchContext, Workspace
+from edgeid.runtime.audit import AuditLog
+from edgeid.runtime.audit.recorder import Recorder
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.cases.store import CASES_DIR, RESULTS_FILE, RESULTS_SCOPE_PREFIX, CaseStore
+from edgeid.runtime.gallery.service import GalleryService, SearchResult
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.services.caller import LocalOperator
+from edgeid.runtime.services.cases import AccountableCases
+from edgeid.runtime.services.erasures import JOURNAL_FILE, KEY_SCOPE
+from edgeid.runtime.services.galleries import AccountableGalleries, ErasureUnfinishedError
+from edgeid.runtime.vault.keys import read_keyring
+from edgeid.runtime.web.workspace import HeldSearches, SearchContext, Workspace
 
 GALLERY = "missing"
 CANARY = "Quintessa Velvetmoor-Canary"
@@ -141,7 +141,7 @@ def test_finding_4_erasure_reaches_every_case_lead_report_and_held_search(
     with core(home, pipeline) as (accountable, _cases):
         accountable.add_participant(HeldSearches(searches))
         operator = LocalOperator.current()
-        from runtime.audit.justification import Justification
+        from edgeid.runtime.audit.justification import Justification
 
         why = Justification.of(CASE, REASON)
         probe = accountable.analyse(probe_photo.read_bytes())
@@ -219,15 +219,15 @@ CHILD_KILLED = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from runtime.audit import AuditLog
-    from runtime.audit.recorder import Recorder
-    from runtime.cases.service import CaseService
-    import runtime.cases.store as case_store
-    import runtime.gallery.service as gallery_service
-    from runtime.gallery.service import GalleryService
-    from runtime.services.caller import LocalOperator
-    from runtime.services.cases import AccountableCases
-    from runtime.services.galleries import AccountableGalleries
+    from edgeid.runtime.audit import AuditLog
+    from edgeid.runtime.audit.recorder import Recorder
+    from edgeid.runtime.cases.service import CaseService
+    import edgeid.runtime.cases.store as case_store
+    import edgeid.runtime.gallery.service as gallery_service
+    from edgeid.runtime.gallery.service import GalleryService
+    from edgeid.runtime.services.caller import LocalOperator
+    from edgeid.runtime.services.cases import AccountableCases
+    from edgeid.runtime.services.galleries import AccountableGalleries
 
     home, subject, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -246,7 +246,7 @@ CHILD_KILLED = textwrap.dedent(
     elif where == "results":
         case_store.Case._write_results = killer(case_store.Case._write_results)
     elif where == "compaction":
-        import runtime.gallery.store as gallery_store
+        import edgeid.runtime.gallery.store as gallery_store
         gallery_store.Gallery.compact = killer(gallery_store.Gallery.compact)
     with (
         GalleryService.open(home) as galleries,
@@ -317,10 +317,10 @@ def test_finding_4_erased_through_the_api_gone_from_case_page_case_json_report_a
 ) -> None:
     from web_support import OFFICE, PEOPLE, build_box, client, lfw_image, sign_in, work_on
 
-    from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-    from runtime.accounts.tokens import TokenStore
-    from runtime.cases.ingest import IngestRequest, Requester
-    from runtime.web.app import API_PREFIX
+    from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+    from edgeid.runtime.accounts.tokens import TokenStore
+    from edgeid.runtime.cases.ingest import IngestRequest, Requester
+    from edgeid.runtime.web.app import API_PREFIX
 
     (tmp_path / "box").mkdir()
     box = build_box(tmp_path / "box", lfw_dir, models_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edgeid.cli import build_parser
-from runtime.audit import AuditAction
+from edgeid.runtime.audit import AuditAction
 
 REVEALS, CHANGES, NEITHER = "reveals", "changes", "neither"
 ERASES_THE_LOG = "erases everything, the audit log included"
@@ -244,7 +244,7 @@ def test_every_action_is_produced_by_some_path() -> None:
     a classified door or by a named test's path; none is dead."""
     from test_every_door import WEB_DOORS
 
-    from runtime.audit.events import LEGACY_ACTIONS
+    from edgeid.runtime.audit.events import LEGACY_ACTIONS
 
     produced = {a for door in WEB_DOORS.values() for a in door.actions}
     produced |= {c.action for c in COMMANDS.values() if c.action is not None}

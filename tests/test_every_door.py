@@ -40,11 +40,11 @@ from web_support import (
     work_on,
 )
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction, AuditRecord
-from runtime.audit.events import CASE_REQUIRED
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction, AuditRecord
+from edgeid.runtime.audit.events import CASE_REQUIRED
 
 CASE = "DOOR-2026/7"
 REASON = "identifying a victim in media seized under warrant W-7"
@@ -596,7 +596,7 @@ def _enrol_direct(w: World) -> Request:
 def _enrol_pending(w: World, display_name: str) -> str:
     photo = lfw_image(w.lfw_dir, *PEOPLE[0][:1], 5).read_bytes()
     web = w.box.app.state.web
-    from runtime.web import operations as ops
+    from edgeid.runtime.web import operations as ops
 
     principal = _principal(w)
     form = ops.check_enrolment(
@@ -607,7 +607,7 @@ def _enrol_pending(w: World, display_name: str) -> str:
 
 def _principal(w: World):  # type: ignore[no-untyped-def]
     web = w.box.app.state.web
-    from runtime.web.access import session_principal
+    from edgeid.runtime.web.access import session_principal
 
     session = web.sessions.get(w.investigator.cookies.get(web.cookie_name))
     return session_principal(web.users.require(session.username), session)

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet import dashboard, prometheus
-from fleet.devices import DeviceView, FleetState, Point, parse_topic
-from fleet.homeassistant import SENSORS, discovery_messages
-from runtime.telemetry.schema import EventKind, EventReport, HealthReport, check_payload, encode
+from edgeid.fleet import dashboard, prometheus
+from edgeid.fleet.devices import DeviceView, FleetState, Point, parse_topic
+from edgeid.fleet.homeassistant import SENSORS, discovery_messages
+from edgeid.runtime.telemetry.schema import (
+    EventKind,
+    EventReport,
+    HealthReport,
+    check_payload,
+    encode,
+)
 
 VECTORS = Path(__file__).parent / "data" / "telemetry"
 BASE = check_payload("health", (VECTORS / "valid" / "health-full.json").read_bytes())

@@ -20,9 +20,9 @@ import numpy.typing as npt
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runtime.errors import BadInputError
-from runtime.gallery import index as index_module
-from runtime.gallery.index import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery import index as index_module
+from edgeid.runtime.gallery.index import (
     DELETE_REBUILD_FRACTION,
     MIN_CAPACITY,
     DuplicateFaceError,
@@ -33,7 +33,7 @@ from runtime.gallery.index import (
     UnknownFaceError,
     load_or_rebuild,
 )
-from runtime.gallery.thresholds import (
+from edgeid.runtime.gallery.thresholds import (
     CALIBRATED_FMRS,
     CalibrationError,
     ScoreBand,
@@ -41,7 +41,7 @@ from runtime.gallery.thresholds import (
     operating_fmr_for_fpir,
     parse_calibration,
 )
-from runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 MATED_PEOPLE = 40
 SINGLE_PEOPLE = 60
@@ -65,8 +65,8 @@ class RealSet:
 
 @pytest.fixture(scope="module")
 def real(lfw_dir: Path, models_dir: Path) -> RealSet:
-    from runtime.evaluation.lfw import central_face_embedder
-    from runtime.inference.pipeline import FacePipeline
+    from edgeid.runtime.evaluation.lfw import central_face_embedder
+    from edgeid.runtime.inference.pipeline import FacePipeline
 
     images = lfw_dir / "images"
     folders = sorted(p for p in images.iterdir() if p.is_dir())
@@ -295,10 +295,10 @@ def test_index_sealed_by_the_gallery_store_and_rebuilt_from_it(
 ) -> None:
     """The store's AES-GCM plugged in: its sealed blob loads; a flipped bit, or a blob left
     from before a compaction (whose data key is erased), is rebuilt from the store's faces."""
-    from runtime.gallery.errors import DecryptionError
-    from runtime.gallery.records import NewFace, NewSubject
-    from runtime.gallery.store import GalleryStore
-    from runtime.vault.keys import KeyFileProvider
+    from edgeid.runtime.gallery.errors import DecryptionError
+    from edgeid.runtime.gallery.records import NewFace, NewSubject
+    from edgeid.runtime.gallery.store import GalleryStore
+    from edgeid.runtime.vault.keys import KeyFileProvider
 
     with GalleryStore(tmp_path / "state", KeyFileProvider(tmp_path / "state" / "keys")) as store:
         gallery = store.create_gallery("missing-persons")

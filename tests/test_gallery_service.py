@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from edgeid.cli import main
-from runtime.config.settings import load_settings
-from runtime.gallery.records import NewFace, NewSubject
-from runtime.gallery.service import GalleryService, ModelChangedError
-from runtime.gallery.store import GalleryStore
-from runtime.vault.key_choice import provider_for
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.gallery.records import NewFace, NewSubject
+from edgeid.runtime.gallery.service import GalleryService, ModelChangedError
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault.key_choice import provider_for
 
 GALLERY = "missing-persons"
 REASON = "identify the victim in photo 3"  # the core rule: at least ten characters
@@ -29,8 +29,8 @@ People = list[tuple[str, list[Path]]]
 def people(lfw_dir: Path, models_dir: Path) -> People:
     """The first ten people (sorted: the same every run) with two photos that each show
     exactly one face, so the CLI needs no --face."""
-    from runtime.inference.image_decode import load_image
-    from runtime.inference.pipeline import FacePipeline
+    from edgeid.runtime.inference.image_decode import load_image
+    from edgeid.runtime.inference.pipeline import FacePipeline
 
     pipeline = FacePipeline.load(models_dir, with_embedder=False)
     chosen: People = []

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import BadInputError
-from runtime.gallery.backup import export_gallery, import_gallery
-from runtime.gallery.errors import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.backup import export_gallery, import_gallery
+from edgeid.runtime.gallery.errors import (
     BackupError,
     DecryptionError,
     GalleryBusyError,
@@ -37,7 +37,7 @@ from runtime.gallery.errors import (
     KeyProviderError,
     StorageFullError,
 )
-from runtime.gallery.records import (
+from edgeid.runtime.gallery.records import (
     BatchTable,
     Face,
     NewFace,
@@ -46,7 +46,7 @@ from runtime.gallery.records import (
     decode_batch,
     encode_batch,
 )
-from runtime.gallery.store import (
+from edgeid.runtime.gallery.store import (
     GALLERIES_DIR,
     KEYRING_FILE,
     RECORDS_LOG,
@@ -54,9 +54,9 @@ from runtime.gallery.store import (
     Gallery,
     GalleryStore,
 )
-from runtime.vault.crypto import RecordCipher, RecordKind, unwrap_key
-from runtime.vault.errors import CorruptDataError
-from runtime.vault.framed_log import (
+from edgeid.runtime.vault.crypto import RecordCipher, RecordKind, unwrap_key
+from edgeid.runtime.vault.errors import CorruptDataError
+from edgeid.runtime.vault.framed_log import (
     HEADER_BYTES,
     MAX_ENTRIES_PER_FRAME,
     Entry,
@@ -67,7 +67,7 @@ from runtime.vault.framed_log import (
     read_header,
     scan_frames,
 )
-from runtime.vault.keys import (
+from edgeid.runtime.vault.keys import (
     KeyFileProvider,
     PassphraseProvider,
     SystemdCredsProvider,
@@ -296,8 +296,8 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     import numpy as np
-    from runtime.vault.keys import KeyFileProvider
-    from runtime.gallery.store import GalleryStore, NewFace, NewSubject
+    from edgeid.runtime.vault.keys import KeyFileProvider
+    from edgeid.runtime.gallery.store import GalleryStore, NewFace, NewSubject
 
     state = Path(sys.argv[1])
     store = GalleryStore(state, KeyFileProvider(state / "keys"))
@@ -876,7 +876,7 @@ def test_clock_drives_expiry(tmp_path: Path) -> None:
 # -- batch records (compaction) --------------------------------------------------------------
 
 OTHER_MODEL, OTHER_DIM = "other_model_v2", 64
-BATCH_FACES = "runtime.gallery.store.BATCH_FACES"
+BATCH_FACES = "edgeid.runtime.gallery.store.BATCH_FACES"
 
 
 def _other_face(rng: np.random.Generator) -> NewFace:
@@ -1153,9 +1153,9 @@ CHILD_COMPACTING = textwrap.dedent(
     import sys
     from pathlib import Path
     import numpy as np
-    import runtime.gallery.store as store_module
-    from runtime.vault.keys import KeyFileProvider
-    from runtime.gallery.store import GalleryStore, NewFace, NewSubject
+    import edgeid.runtime.gallery.store as store_module
+    from edgeid.runtime.vault.keys import KeyFileProvider
+    from edgeid.runtime.gallery.store import GalleryStore, NewFace, NewSubject
 
     store_module.BATCH_FACES = 4
     state = Path(sys.argv[1])

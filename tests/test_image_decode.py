@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import BadInputError
-from runtime.inference.image_decode import decode_image, load_image
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.inference.image_decode import decode_image, load_image
 
 
 def _jpeg(width: int = 64, height: int = 48, exif_orientation: int | None = None) -> bytes:

@@ -2,7 +2,8 @@
 
 dlib (``dlib-bin``) is the test-only reference: the same weights run through
 ``dlib.shape_predictor`` and ``dlib.get_face_chip(s)`` must give the same landmarks and chips as
-``runtime.inference.landmarks`` / ``runtime.inference.alignment`` on the converted ertree file.
+``edgeid.runtime.inference.landmarks`` / ``edgeid.runtime.inference.alignment`` on the converted
+ertree file.
 """
 
 from __future__ import annotations
@@ -19,28 +20,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.dlib_shape_predictor import (
+from edgeid.models.dlib_shape_predictor import (
     MODEL_NAME,
     OUTPUT_FILENAME,
     convert_shape_predictor,
     parse_shape_predictor,
 )
-from runtime.errors import BadInputError, ModelError
-from runtime.inference.alignment import (
+from edgeid.runtime.errors import BadInputError, ModelError
+from edgeid.runtime.inference.alignment import (
     ChipDetails,
     extract_image_chips,
     face_chip,
     face_chip_details,
     face_chips,
 )
-from runtime.inference.landmarks import (
+from edgeid.runtime.inference.landmarks import (
     ERTREE_FORMAT,
     ErtreeModel,
     ShapePredictor,
     decode_ertree,
     encode_ertree,
 )
-from runtime.inference.types import Box
+from edgeid.runtime.inference.types import Box
 
 dlib = pytest.importorskip("dlib")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import BadInputError
-from runtime.evaluation.lfw import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.evaluation.lfw import (
     NO_FACE_SCORE,
     best_threshold,
     evaluate,

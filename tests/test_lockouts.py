@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from web_support import PASSWORD, Box, build_box, client, csrf_of, sign_in
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.throttle import ADDRESS_MAX_FAILURES, PAIR_FREE_FAILURES, delay_after
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.throttle import ADDRESS_MAX_FAILURES, PAIR_FREE_FAILURES, delay_after
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from runtime.errors import BadInputError, ModelError
-from runtime.evaluation.detection import iou as box_iou
-from runtime.inference.image_pyramid import (
+from edgeid.runtime.errors import BadInputError, ModelError
+from edgeid.runtime.evaluation.detection import iou as box_iou
+from edgeid.runtime.inference.image_pyramid import (
     Rect,
     lround,
     pyramid_level_sizes,
@@ -33,10 +33,10 @@ from runtime.inference.image_pyramid import (
     tiled_pyramid_layout,
     tiled_pyramid_to_image,
 )
-from runtime.inference.manifest import read_verified_model
-from runtime.inference.mmod_detector import MmodDetector, _non_max_suppression
-from runtime.inference.onnx_backend import create_cpu_session
-from runtime.inference.types import Box, Detection
+from edgeid.runtime.inference.manifest import read_verified_model
+from edgeid.runtime.inference.mmod_detector import MmodDetector, _non_max_suppression
+from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.types import Box, Detection
 
 MIN_IOU = 0.9
 # Ours and dlib differ only in float summation order inside the convolutions (~1e-6).

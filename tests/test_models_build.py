@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from edgeid.cli import main
-from models.build import STEPS, build_models, expected_checksums
-from models.sources import sha256_file
-from runtime.errors import ModelError, ModelIntegrityError
-from runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.models.build import STEPS, build_models, expected_checksums
+from edgeid.models.sources import sha256_file
+from edgeid.runtime.errors import ModelError, ModelIntegrityError
+from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
 
 ALL_MODELS = {name for step in STEPS for name in step.outputs}
 

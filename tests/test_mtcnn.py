@@ -20,13 +20,13 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from models.build import build_models
-from models.mtcnn import convert_mtcnn
-from models.sources import FACENET_WHEEL
-from models.torch_weights import load_state_dict
-from runtime.errors import BadInputError, ModelError
-from runtime.evaluation.detection import MATCH_IOU, iou, read_imglab, score
-from runtime.inference.mtcnn_detector import (
+from edgeid.models.build import build_models
+from edgeid.models.mtcnn import convert_mtcnn
+from edgeid.models.sources import FACENET_WHEEL
+from edgeid.models.torch_weights import load_state_dict
+from edgeid.runtime.errors import BadInputError, ModelError
+from edgeid.runtime.evaluation.detection import MATCH_IOU, iou, read_imglab, score
+from edgeid.runtime.inference.mtcnn_detector import (
     MODEL_NAMES,
     MtcnnDetector,
     MtcnnParameters,
@@ -34,7 +34,7 @@ from runtime.inference.mtcnn_detector import (
     _nms,
     dlib_style_box,
 )
-from runtime.inference.types import Box, Detection
+from edgeid.runtime.inference.types import Box, Detection
 
 # sha256 over (key, little-endian float32 bytes) of each state_dict, sorted by key, as read by
 # torch.load from the same wheel (developer check with torch 2.13).
@@ -228,7 +228,7 @@ def test_conversion_is_byte_reproducible(facenet_wheel: Path, tmp_path: Path) ->
 
 
 def test_manifest_parameters_are_the_detector_defaults(mtcnn_dir: Path) -> None:
-    from runtime.inference.manifest import load_manifest, manifest_path
+    from edgeid.runtime.inference.manifest import load_manifest, manifest_path
 
     pnet, rnet, onet = (load_manifest(manifest_path(mtcnn_dir, n)) for n in MODEL_NAMES)
     parameters = MtcnnParameters.from_manifest(

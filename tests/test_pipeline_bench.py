@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edgeid.cli import main
-from edgeid.commands.bench_cmd import load_benchmark
-from runtime.errors import BadInputError
+from edgeid.cli.commands.bench_cmd import load_benchmark
+from edgeid.runtime.errors import BadInputError
 
 # benchmarks/ is not an installed package; the command finds it beside edgeid, and so do we.
 find_images = load_benchmark("pipeline_bench").find_images

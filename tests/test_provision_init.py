@@ -24,12 +24,12 @@ from mqtt_broker import (
 from test_gallery_store import swtpm  # noqa: F401 (fixture: a software TPM on loopback)
 
 from edgeid.cli import main
-from provisioning.certificates import CertRequest, provision_service
-from provisioning.certificates import default_paths as tls_default_paths
-from provisioning.kek import choose_provider
-from runtime.config.settings import KeySettings, load_settings
-from runtime.errors import BadInputError
-from runtime.vault.keys import SystemdCredsProvider
+from edgeid.provisioning.certificates import CertRequest, provision_service
+from edgeid.provisioning.certificates import default_paths as tls_default_paths
+from edgeid.provisioning.kek import choose_provider
+from edgeid.runtime.config.settings import KeySettings, load_settings
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.vault.keys import SystemdCredsProvider
 
 IDENTITY = ("--device-id", "box-07", "--site", "lab-a")
 STEPS = (

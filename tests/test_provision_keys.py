@@ -20,17 +20,17 @@ from test_gallery_store import (
 from test_provision_init import snapshot
 
 from edgeid.cli import main
-from runtime.audit import AuditAction, AuditLog
-from runtime.audit.actor import os_actor
-from runtime.config.settings import load_settings
-from runtime.errors import BadInputError
-from runtime.gallery.errors import DecryptionError, KeyProviderError
-from runtime.gallery.records import NewFace, NewSubject
-from runtime.gallery.service import GalleryService
-from runtime.gallery.store import GalleryStore
-from runtime.vault.crypto import unwrap_key
-from runtime.vault.key_choice import GALLERIES_DIR, keyring_path, provider_for
-from runtime.vault.keys import KeyFileProvider, read_keyring
+from edgeid.runtime.audit import AuditAction, AuditLog
+from edgeid.runtime.audit.actor import os_actor
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.errors import DecryptionError, KeyProviderError
+from edgeid.runtime.gallery.records import NewFace, NewSubject
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault.crypto import unwrap_key
+from edgeid.runtime.vault.key_choice import GALLERIES_DIR, keyring_path, provider_for
+from edgeid.runtime.vault.keys import KeyFileProvider, read_keyring
 
 CANARY_NAME = "Quillon Marrowbyte-Canary"
 CANARY_NOTES = "canary note: periwinkle lantern 5521"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from edgeid.cli import main
-from models.build import build_models
-from models.selftest_image import (
+from edgeid.models.build import build_models
+from edgeid.models.selftest_image import (
     IMAGE_MEMBER,
     REFERENCE_FILE,
     SKIMAGE_WHEEL,
@@ -30,13 +30,13 @@ from models.selftest_image import (
     record_reference,
     reference_bytes,
 )
-from provisioning.report import Outcome
-from provisioning.selftest import compare_faces
-from runtime.errors import ModelError
-from runtime.evaluation.detection import iou
-from runtime.inference.image_decode import load_image
-from runtime.inference.pipeline import Face
-from runtime.inference.types import Box
+from edgeid.provisioning.report import Outcome
+from edgeid.provisioning.selftest import compare_faces
+from edgeid.runtime.errors import ModelError
+from edgeid.runtime.evaluation.detection import iou
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.pipeline import Face
+from edgeid.runtime.inference.types import Box
 
 MIN_DLIB_COSINE = 0.9999  # the bar README's parity table holds the embedder to
 # Same code, same models: only float reordering across CPUs may move the result.

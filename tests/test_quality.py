@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from runtime.errors import BadInputError
-from runtime.evaluation.lfw import central_index
-from runtime.inference.alignment import FACE_TEMPLATE_5, face_chip
-from runtime.inference.image_decode import load_image
-from runtime.inference.pipeline import CHIP_PADDING, CHIP_SIZE, Face, FacePipeline
-from runtime.inference.quality import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.evaluation.lfw import central_index
+from edgeid.runtime.inference.alignment import FACE_TEMPLATE_5, face_chip
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.pipeline import CHIP_PADDING, CHIP_SIZE, Face, FacePipeline
+from edgeid.runtime.inference.quality import (
     IOD_MIN_PX,
     ROLL_FULL_DEG,
     YAW_FULL_DEG,
@@ -35,7 +35,7 @@ from runtime.inference.quality import (
     log_ramp,
     native_inter_ocular,
 )
-from runtime.inference.types import FloatArray, RGBImage
+from edgeid.runtime.inference.types import FloatArray, RGBImage
 
 # Evenly spaced LFW images: many people and conditions, a few seconds of detection.
 LFW_SAMPLE = 40

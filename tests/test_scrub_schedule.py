@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from test_damage_contained import CANARY, _fill, _flip, _frames, _gallery_dir, _home
 
-from runtime.config.settings import load_settings
-from runtime.gallery.service import GalleryService
-from runtime.inference.pipeline import FacePipeline
-from runtime.services.scrub_schedule import ScrubSchedule
-from runtime.system.integrity import IntegrityStatus, ScrubFigures
-from runtime.system.metrics import ServiceMetrics
-from runtime.telemetry.report import HealthCollector
-from runtime.telemetry.schema import SpoolState, check_payload, encode
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.services.scrub_schedule import ScrubSchedule
+from edgeid.runtime.system.integrity import IntegrityStatus, ScrubFigures
+from edgeid.runtime.system.metrics import ServiceMetrics
+from edgeid.runtime.telemetry.report import HealthCollector
+from edgeid.runtime.telemetry.schema import SpoolState, check_payload, encode
 
 POLL_S = 0.05
 WAIT_S = 60.0  # bounds a hung thread; the scrub itself takes well under a second here

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.inference.pipeline import FacePipeline
 
 START_TIMEOUT_S = 120.0
 

@@ -1,4 +1,5 @@
-"""The accountable core itself (runtime/services), without a front end: records written before
+"""The accountable core itself (edgeid/runtime/services), without a front end: records written
+before
 data is returned or a change acknowledged, nothing revealed or changed when the record cannot
 be written, refusals recorded and rate-limited, one justification rule for every door."""
 
@@ -11,17 +12,17 @@ from pathlib import Path
 import pytest
 from web_support import OFFICE, OTHER, PEOPLE, central_face, lfw_image, populate
 
-from runtime.accounts.roles import GALLERY_SCOPED, Permission
-from runtime.audit import AuditAction, AuditEvent
-from runtime.audit.actor import Actor
-from runtime.audit.events import check_event
-from runtime.audit.justification import Justification, JustificationError
-from runtime.audit.recorder import DENIALS_PER_WINDOW, Recorder
-from runtime.config.settings import Settings
-from runtime.errors import AccessDeniedError, BadInputError, StorageWriteError
-from runtime.gallery.service import DuplicateSubjectError, GalleryService
-from runtime.inference.pipeline import FacePipeline
-from runtime.services.galleries import AccountableGalleries, ErasureUnfinishedError
+from edgeid.runtime.accounts.roles import GALLERY_SCOPED, Permission
+from edgeid.runtime.audit import AuditAction, AuditEvent
+from edgeid.runtime.audit.actor import Actor
+from edgeid.runtime.audit.events import check_event
+from edgeid.runtime.audit.justification import Justification, JustificationError
+from edgeid.runtime.audit.recorder import DENIALS_PER_WINDOW, Recorder
+from edgeid.runtime.config.settings import Settings
+from edgeid.runtime.errors import AccessDeniedError, BadInputError, StorageWriteError
+from edgeid.runtime.gallery.service import DuplicateSubjectError, GalleryService
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.services.galleries import AccountableGalleries, ErasureUnfinishedError
 
 WHY = Justification.of("2026/0042", "identify the child in the seized photos")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.system.journal import (
+from edgeid.runtime.system.journal import (
     JournalHandler,
     configure_logging,
     decode_native,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.system.lifecycle import ServiceLifecycle
-from runtime.system.notify import Notifier, notify_ready
-from runtime.system.watchdog import Watchdog
+from edgeid.runtime.system.lifecycle import ServiceLifecycle
+from edgeid.runtime.system.notify import Notifier, notify_ready
+from edgeid.runtime.system.watchdog import Watchdog
 
 STUB = Path(__file__).resolve().parent / "notify_service_stub.py"
 REPO_ROOT = STUB.parent.parent

@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 
 from edgeid.cli import main
-from runtime.config.settings import (
+from edgeid.runtime.config.settings import (
     ConfigError,
     DeviceSettings,
     Settings,
     TelemetrySettings,
     save_settings,
 )
-from runtime.system.metrics import BackendState, ServiceMetrics
-from runtime.telemetry.agent import TelemetryAgent, TelemetryAgentBusyError
-from runtime.telemetry.report import HealthCollector
-from runtime.telemetry.schema import (
+from edgeid.runtime.system.metrics import BackendState, ServiceMetrics
+from edgeid.runtime.telemetry.agent import TelemetryAgent, TelemetryAgentBusyError
+from edgeid.runtime.telemetry.report import HealthCollector
+from edgeid.runtime.telemetry.schema import (
     EventReport,
     HealthReport,
     SpoolState,

@@ -14,16 +14,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from runtime.system.metrics import ServiceMetrics, percentile
-from runtime.telemetry.backoff import Backoff
-from runtime.telemetry.host import (
+from edgeid.runtime.system.metrics import ServiceMetrics, percentile
+from edgeid.runtime.telemetry.backoff import Backoff
+from edgeid.runtime.telemetry.host import (
     CpuSampler,
     read_cpu,
     read_disk,
     read_host_uptime,
     read_memory,
 )
-from runtime.telemetry.sensors import (
+from edgeid.runtime.telemetry.sensors import (
     NvmlReader,
     SensorReader,
     read_jetson_gpu,

@@ -26,19 +26,19 @@ from mqtt_broker import Broker, Pki, Received, Recorder
 
 from edgeid import __version__
 from edgeid.cli import main
-from runtime.config.settings import (
+from edgeid.runtime.config.settings import (
     DeviceSettings,
     Settings,
     TelemetrySettings,
     load_settings,
     save_settings,
 )
-from runtime.gallery.service import GalleryService
-from runtime.inference.image_decode import load_image
-from runtime.inference.pipeline import FacePipeline
-from runtime.system.metrics import ServiceMetrics
-from runtime.telemetry.agent import TelemetryAgent
-from runtime.telemetry.schema import HealthReport, check_payload
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.system.metrics import ServiceMetrics
+from edgeid.runtime.telemetry.agent import TelemetryAgent
+from edgeid.runtime.telemetry.schema import HealthReport, check_payload
 
 CANARY_NAMES = ("Quillon Vexmarrow", "Odalys Brennquist", "Tamsin Wolversaint")
 CASE = "CANARY-CASE-88412"
@@ -305,6 +305,6 @@ def test_nothing_personal_or_biometric_is_ever_published(
     assert findings == [], f"{len(findings)} leak(s) in {len(messages)} messages"
     # Nor did the telemetry code log anything personal.
     telemetry_logs = "\n".join(
-        r.getMessage() for r in caplog.records if r.name.startswith("runtime.telemetry")
+        r.getMessage() for r in caplog.records if r.name.startswith("edgeid.runtime.telemetry")
     )
     assert scan([("log", telemetry_logs.encode())], text_needles(texts)) == []

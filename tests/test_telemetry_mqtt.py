@@ -32,7 +32,7 @@ from mqtt_broker import (
     issue,
 )
 
-from runtime.telemetry.schema import EventReport, HealthReport, check_payload
+from edgeid.runtime.telemetry.schema import EventReport, HealthReport, check_payload
 
 
 @pytest.fixture

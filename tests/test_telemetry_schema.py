@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.telemetry.schema import (
+from edgeid.runtime.telemetry.schema import (
     MAX_PAYLOAD_BYTES,
     EventKind,
     EventReport,

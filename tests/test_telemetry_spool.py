@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import DiskFullError
-from runtime.telemetry.local_log import JsonLinesLog
-from runtime.telemetry.spool import Spool, TelemetryState
+from edgeid.runtime.errors import DiskFullError
+from edgeid.runtime.telemetry.local_log import JsonLinesLog
+from edgeid.runtime.telemetry.spool import Spool, TelemetryState
 
 
 def _payload(seq: int, size: int = 100) -> bytes:

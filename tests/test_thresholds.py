@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import BadInputError
-from runtime.evaluation.calibration import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.evaluation.calibration import (
     MIN_BAND_NON_MATED_PAIRS,
     LabelledTemplates,
     Source,
@@ -21,9 +21,9 @@ from runtime.evaluation.calibration import (
     pair_scores,
     resolution_for,
 )
-from runtime.gallery.age_bands import AGE_BANDS, MEASURED_BANDS, bands_of_age
-from runtime.gallery.service import Candidate, Reliability, SearchResult, reliability_of
-from runtime.gallery.thresholds import (
+from edgeid.runtime.gallery.age_bands import AGE_BANDS, MEASURED_BANDS, bands_of_age
+from edgeid.runtime.gallery.service import Candidate, Reliability, SearchResult, reliability_of
+from edgeid.runtime.gallery.thresholds import (
     CALIBRATED_FMRS,
     DEFAULT_OPERATING_FMR,
     Calibration,
@@ -32,13 +32,13 @@ from runtime.gallery.thresholds import (
     load_calibration,
     parse_calibration,
 )
-from runtime.gallery.wording import (
+from edgeid.runtime.gallery.wording import (
     one_in,
     reliability_note,
     strength_lines,
     threshold_note,
 )
-from runtime.inference.pipeline import EMBEDDER_MODEL
+from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "calibration"
 # The figures of issue 21, measured outside this product: thresholds that give FMR 1e-2,

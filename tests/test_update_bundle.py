@@ -12,7 +12,8 @@ from update_box import EPOCH, HARDWARE, VECTORS_DIR, make_bundle, signing_key, w
 from update_vectors import generate
 
 from edgeid.cli import main
-from firmware.update.bundle import (
+from edgeid.runtime.errors import BadInputError
+from edgeid.updater.bundle import (
     MANIFEST_MEMBER,
     SIGNATURE_MEMBER,
     build_bundle,
@@ -20,9 +21,8 @@ from firmware.update.bundle import (
     sign_bundle,
     verify_bundle,
 )
-from firmware.update.errors import BundleRejectedError, UpdateError
-from firmware.update.signing import TrustedKey, trust_key, trusted_keys
-from runtime.errors import BadInputError
+from edgeid.updater.errors import BundleRejectedError, UpdateError
+from edgeid.updater.signing import TrustedKey, trust_key, trusted_keys
 
 EXPECTED = json.loads((VECTORS_DIR / "expected.json").read_text())
 

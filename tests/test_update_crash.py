@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from update_box import REPO_ROOT, Box, make_bundle, tree
 
-from firmware.update.crashpoints import CRASH_ENV
-from firmware.update.events import UPDATE_APPLIED, UPDATE_ROLLED_BACK, EventOutbox
-from firmware.update.manager import UpdateManager, resume
-from firmware.update.slots import DirectorySlots
-from firmware.update.state import StateJournal
+from edgeid.updater.crashpoints import CRASH_ENV
+from edgeid.updater.events import UPDATE_APPLIED, UPDATE_ROLLED_BACK, EventOutbox
+from edgeid.updater.manager import UpdateManager, resume
+from edgeid.updater.slots import DirectorySlots
+from edgeid.updater.state import StateJournal
 
 MIN_CRASH_POINTS = 20  # the issue's bar
 MAX_CRASH_POINTS = 60  # a run that never completes is a bug, not a longer test
@@ -38,7 +38,7 @@ KILLED_AT = re.compile(r"killing this process at (.+)$", re.MULTILINE)
 INSTALL = """
 import logging, sys
 from pathlib import Path
-from firmware.update.manager import UpdateManager
+from edgeid.updater.manager import UpdateManager
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 result = UpdateManager.for_home(Path(sys.argv[1])).install(Path(sys.argv[2]))
 sys.exit(0 if result.ok else 1)

@@ -12,16 +12,16 @@ import pytest
 from update_box import VECTORS_DIR, Box, make_bundle, snapshot, tree
 
 from edgeid.cli import main
-from firmware.update import health
-from firmware.update.errors import UpdateError
-from firmware.update.events import UPDATE_APPLIED, UPDATE_ROLLED_BACK, EventOutbox, deliver_events
-from firmware.update.health import UpdatePolicy
-from firmware.update.jsonlog import JsonLog
-from firmware.update.manager import UpdateManager, resume
-from firmware.update.slots import DirectorySlots
-from firmware.update.state import Outcome, Phase, StateJournal, UpdateState
-from runtime.config.settings import ConfigError, load_settings
-from runtime.errors import DiskFullError
+from edgeid.runtime.config.settings import ConfigError, load_settings
+from edgeid.runtime.errors import DiskFullError
+from edgeid.updater import health
+from edgeid.updater.errors import UpdateError
+from edgeid.updater.events import UPDATE_APPLIED, UPDATE_ROLLED_BACK, EventOutbox, deliver_events
+from edgeid.updater.health import UpdatePolicy
+from edgeid.updater.jsonlog import JsonLog
+from edgeid.updater.manager import UpdateManager, resume
+from edgeid.updater.slots import DirectorySlots
+from edgeid.updater.state import Outcome, Phase, StateJournal, UpdateState
 
 
 class _Killed(BaseException):

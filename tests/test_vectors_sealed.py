@@ -26,22 +26,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from PIL import Image
 
-from runtime.audit.errors import AuditTamperedError
-from runtime.audit.events import AuditAction, AuditEvent, event_to_json
-from runtime.audit.frames import FrameKind
-from runtime.audit.frames import ScanState as AuditScanState
-from runtime.audit.frames import parse_header as parse_audit_header
-from runtime.audit.frames import scan_frames as scan_audit_frames
-from runtime.audit.layout import AUDIT_KEY_SCOPE, HEAD_FILE, LOG_FILE
-from runtime.audit.log import AuditLog
-from runtime.audit.sealing import open_event
-from runtime.audit.verify import VerifyStatus, verify_chain
-from runtime.cases.errors import CorruptCaseError
-from runtime.cases.store import CaseStore
-from runtime.gallery.records import batch_aad, unpack
-from runtime.gallery.store import GalleryStore
-from runtime.vault import errors as vault_errors
-from runtime.vault.crypto import (
+from edgeid.runtime.audit.errors import AuditTamperedError
+from edgeid.runtime.audit.events import AuditAction, AuditEvent, event_to_json
+from edgeid.runtime.audit.frames import FrameKind
+from edgeid.runtime.audit.frames import ScanState as AuditScanState
+from edgeid.runtime.audit.frames import parse_header as parse_audit_header
+from edgeid.runtime.audit.frames import scan_frames as scan_audit_frames
+from edgeid.runtime.audit.layout import AUDIT_KEY_SCOPE, HEAD_FILE, LOG_FILE
+from edgeid.runtime.audit.log import AuditLog
+from edgeid.runtime.audit.sealing import open_event
+from edgeid.runtime.audit.verify import VerifyStatus, verify_chain
+from edgeid.runtime.cases.errors import CorruptCaseError
+from edgeid.runtime.cases.store import CaseStore
+from edgeid.runtime.gallery.records import batch_aad, unpack
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault import errors as vault_errors
+from edgeid.runtime.vault.crypto import (
     RecordCipher,
     RecordKind,
     ScryptParams,
@@ -51,8 +51,8 @@ from runtime.vault.crypto import (
     unwrap_key,
     wrap_key,
 )
-from runtime.vault.errors import CorruptDataError, DecryptionError
-from runtime.vault.framed_log import (
+from edgeid.runtime.vault.errors import CorruptDataError, DecryptionError
+from edgeid.runtime.vault.framed_log import (
     BATCHED_LOG_FORMAT,
     HEADER_BYTES,
     Entry,
@@ -64,8 +64,8 @@ from runtime.vault.framed_log import (
     read_header,
     scan_frames,
 )
-from runtime.vault.key_choice import KEYS_DIR
-from runtime.vault.keys import KeyFileProvider, Keyring
+from edgeid.runtime.vault.key_choice import KEYS_DIR
+from edgeid.runtime.vault.keys import KeyFileProvider, Keyring
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 

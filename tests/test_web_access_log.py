@@ -1,4 +1,5 @@
-"""The access log (runtime/web/access_log.py) on a small app: route templates with and without
+"""The access log (edgeid/runtime/web/access_log.py) on a small app: route templates with and
+without
 a router prefix, no path or query in any line, and an escaping exception logged without its
 message. No face models needed; the full flow is in test_web_canary.py."""
 
@@ -10,9 +11,9 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 
-from runtime.config.settings import Settings, WebSettings
-from runtime.web.access_log import ACCESS_LOGGER, RouteAccessLog
-from runtime.web.server import make_server
+from edgeid.runtime.config.settings import Settings, WebSettings
+from edgeid.runtime.web.access_log import ACCESS_LOGGER, RouteAccessLog
+from edgeid.runtime.web.server import make_server
 
 SECRET = "Zephyrine Canary"
 

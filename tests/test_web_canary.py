@@ -27,9 +27,9 @@ from web_support import (
     sign_in,
 )
 
-from runtime.accounts.roles import Role
-from runtime.web.access_log import ACCESS_LOGGER, RouteAccessLog
-from runtime.web.server import access_logged
+from edgeid.runtime.accounts.roles import Role
+from edgeid.runtime.web.access_log import ACCESS_LOGGER, RouteAccessLog
+from edgeid.runtime.web.server import access_logged
 
 # Each canary holds a word found nowhere else, so that any encoding that keeps a word whole
 # (a URL, a repr, a traceback) still shows it.

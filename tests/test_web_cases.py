@@ -28,16 +28,16 @@ from web_support import (
     tls_settings,
 )
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction, AuditEvent
-from runtime.audit.errors import AuditInputError
-from runtime.audit.events import check_event
-from runtime.cases.ingest import IngestProgress, IngestRequest, ProgressCallback
-from runtime.errors import BadInputError
-from runtime.web.case_jobs import CaseJob
-from runtime.web.case_uploads import UPLOADS_DIR, CaseUploads
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction, AuditEvent
+from edgeid.runtime.audit.errors import AuditInputError
+from edgeid.runtime.audit.events import check_event
+from edgeid.runtime.cases.ingest import IngestProgress, IngestRequest, ProgressCallback
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.web.case_jobs import CaseJob
+from edgeid.runtime.web.case_uploads import UPLOADS_DIR, CaseUploads
 
 MAX_CASE_UPLOAD = 1024 * 1024  # small, so the oversize tests send little
 CASE = "VID-2025/0042"

@@ -14,17 +14,17 @@ from cryptography import x509
 from fastapi import FastAPI
 
 from edgeid.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
-from edgeid.commands.users_cmd import reading_key
-from runtime.accounts.roles import Role
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction
-from runtime.audit.actor import os_actor
-from runtime.config.settings import Settings, WebSettings, load_settings
-from runtime.errors import BadInputError
-from runtime.gallery.store import GalleryStore
-from runtime.vault.key_choice import provider_for
-from runtime.web.server import make_server
+from edgeid.cli.commands.users_cmd import reading_key
+from edgeid.runtime.accounts.roles import Role
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction
+from edgeid.runtime.audit.actor import os_actor
+from edgeid.runtime.config.settings import Settings, WebSettings, load_settings
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.vault.key_choice import provider_for
+from edgeid.runtime.web.server import make_server
 
 
 def run(*argv: str) -> tuple[int, dict[str, object] | list[object], str]:
@@ -179,9 +179,9 @@ def test_plain_http_is_refused_off_loopback(tmp_path: Path) -> None:
 SERVE_SCRIPT = """
 import sys
 from pathlib import Path
-from runtime.config.settings import load_settings
-from runtime.web.bootstrap import open_web_app
-from runtime.web.server import run_web
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.web.bootstrap import open_web_app
+from edgeid.runtime.web.server import run_web
 home = Path(sys.argv[1])
 settings = load_settings(home)
 with open_web_app(home, settings, version="test") as app:

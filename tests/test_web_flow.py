@@ -22,11 +22,11 @@ from playwright.sync_api import Page, expect, sync_playwright
 from web_support import OFFICE, PEOPLE, central_face, free_port, lfw_image, populate, serving
 
 from edgeid.cli import main
-from runtime.audit import AuditLog
-from runtime.config.settings import load_settings
-from runtime.gallery.service import GalleryService
-from runtime.inference.pipeline import FacePipeline
-from runtime.web.app import create_app
+from edgeid.runtime.audit import AuditLog
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.web.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -25,11 +25,11 @@ from web_support import (
     work_on,
 )
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Role
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction, verify_export
-from runtime.identity.device_key import load_device_key
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction, verify_export
+from edgeid.runtime.identity.device_key import load_device_key
 
 NEW_PERSON = ("Amelie_Mauresmo", 1)
 GROUP_PHOTO = "dlib-faces/2008_002079.jpg"  # several faces, some too poor to enrol

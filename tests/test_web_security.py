@@ -44,16 +44,16 @@ from web_support import (
     work_on,
 )
 
-from runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
-from runtime.accounts.throttle import PAIR_FREE_FAILURES
-from runtime.accounts.tokens import TokenStore
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditAction
-from runtime.audit.recorder import DENIAL_WINDOW_S
-from runtime.config.settings import Settings, WebSettings
-from runtime.inference.image_decode import decode_image
-from runtime.web.access import ApiAccess, Requirement
-from runtime.web.app import create_app
+from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from edgeid.runtime.accounts.throttle import PAIR_FREE_FAILURES
+from edgeid.runtime.accounts.tokens import TokenStore
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditAction
+from edgeid.runtime.audit.recorder import DENIAL_WINDOW_S
+from edgeid.runtime.config.settings import Settings, WebSettings
+from edgeid.runtime.inference.image_decode import decode_image
+from edgeid.runtime.web.access import ApiAccess, Requirement
+from edgeid.runtime.web.app import create_app
 
 MAX_UPLOAD = 1024 * 1024  # small, so the oversize test sends little
 PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz")}

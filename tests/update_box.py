@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.update.bundle import build_bundle, sign_bundle
-from firmware.update.signing import public_pem
+from edgeid.updater.bundle import build_bundle, sign_bundle
+from edgeid.updater.signing import public_pem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors" / "update"

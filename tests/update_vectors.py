@@ -21,9 +21,9 @@ from pathlib import Path
 
 from update_box import EPOCH, HARDWARE, signing_key, write_payload, write_public_key
 
-from firmware.update.bundle import MANIFEST_MEMBER, PAYLOAD_PREFIX, SIGNATURE_MEMBER, build_bundle
-from firmware.update.manifest import Manifest
-from firmware.update.signing import sign_manifest
+from edgeid.updater.bundle import MANIFEST_MEMBER, PAYLOAD_PREFIX, SIGNATURE_MEMBER, build_bundle
+from edgeid.updater.manifest import Manifest
+from edgeid.updater.signing import sign_manifest
 
 Member = tuple[tarfile.TarInfo, bytes]
 

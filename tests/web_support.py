@@ -19,17 +19,17 @@ import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from runtime.accounts.roles import Role
-from runtime.accounts.sealing import AccountsKey, accounts_key
-from runtime.accounts.users import UserStore
-from runtime.audit import AuditLog
-from runtime.cases.service import CaseService
-from runtime.config.settings import Settings, WebSettings
-from runtime.gallery.service import GalleryService
-from runtime.inference.pipeline import FacePipeline
-from runtime.web.app import create_app
-from runtime.web.server import make_server
-from runtime.web.tls import make_certificate
+from edgeid.runtime.accounts.roles import Role
+from edgeid.runtime.accounts.sealing import AccountsKey, accounts_key
+from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.audit import AuditLog
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.config.settings import Settings, WebSettings
+from edgeid.runtime.gallery.service import GalleryService
+from edgeid.runtime.inference.pipeline import FacePipeline
+from edgeid.runtime.web.app import create_app
+from edgeid.runtime.web.server import make_server
+from edgeid.runtime.web.tls import make_certificate
 
 OFFICE = "office"  # the investigators' gallery
 OTHER = "other"  # a gallery the investigator may not use
@@ -204,7 +204,7 @@ def sign_in(box: Box, role: Role, *, password: str = PASSWORD) -> tuple[TestClie
 
 WORK_CASE = "2026/0042"
 WORK_REASON = "identifying the child seen in the seized photos"
-# What an API call states to browse a gallery or a case (runtime/web/work_context.py).
+# What an API call states to browse a gallery or a case (edgeid/runtime/web/work_context.py).
 WORK_HEADERS = {"Edgeid-Case": WORK_CASE, "Edgeid-Reason": WORK_REASON}
 
 

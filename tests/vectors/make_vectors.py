@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from runtime.audit.events import AuditAction, AuditEvent, Candidate, event_to_json
-from runtime.audit.frames import FrameKind
-from runtime.audit.frames import ScanState as AuditScanState
-from runtime.audit.frames import encode_frame as encode_audit_frame
-from runtime.audit.frames import scan_frames as scan_audit_frames
-from runtime.audit.layout import AUDIT_KEY_SCOPE, HEAD_FILE, LOG_FILE
-from runtime.audit.log import AuditLog
-from runtime.cases.records import (
+from edgeid.runtime.audit.events import AuditAction, AuditEvent, Candidate, event_to_json
+from edgeid.runtime.audit.frames import FrameKind
+from edgeid.runtime.audit.frames import ScanState as AuditScanState
+from edgeid.runtime.audit.frames import encode_frame as encode_audit_frame
+from edgeid.runtime.audit.frames import scan_frames as scan_audit_frames
+from edgeid.runtime.audit.layout import AUDIT_KEY_SCOPE, HEAD_FILE, LOG_FILE
+from edgeid.runtime.audit.log import AuditLog
+from edgeid.runtime.cases.records import (
     CaseResults,
     CaseSummary,
     Cluster,
@@ -51,12 +51,12 @@ from runtime.cases.records import (
     Lead,
     SourceFile,
 )
-from runtime.cases.store import CASES_DIR, CaseStore, key_scope
-from runtime.cases.store import NewFace as CaseNewFace
-from runtime.gallery.records import NewFace, NewSubject
-from runtime.gallery.store import RECORDS_LOG, GalleryStore, thumbs_log_name
-from runtime.identity.device_key import fingerprint
-from runtime.vault.crypto import (
+from edgeid.runtime.cases.store import CASES_DIR, CaseStore, key_scope
+from edgeid.runtime.cases.store import NewFace as CaseNewFace
+from edgeid.runtime.gallery.records import NewFace, NewSubject
+from edgeid.runtime.gallery.store import RECORDS_LOG, GalleryStore, thumbs_log_name
+from edgeid.runtime.identity.device_key import fingerprint
+from edgeid.runtime.vault.crypto import (
     RECORD_FORMAT_VERSION,
     RecordCipher,
     RecordKind,
@@ -66,7 +66,7 @@ from runtime.vault.crypto import (
     seal,
     wrap_key,
 )
-from runtime.vault.framed_log import (
+from edgeid.runtime.vault.framed_log import (
     FRAME_MAGIC,
     LOG_MAGIC,
     Entry,
@@ -74,8 +74,8 @@ from runtime.vault.framed_log import (
     encode_frame,
     encode_header,
 )
-from runtime.vault.key_choice import GALLERIES_DIR, KEYRING_FILE, KEYS_DIR
-from runtime.vault.keys import KeyFileProvider, Keyring
+from edgeid.runtime.vault.key_choice import GALLERIES_DIR, KEYRING_FILE, KEYS_DIR
+from edgeid.runtime.vault.keys import KeyFileProvider, Keyring
 
 HERE = Path(__file__).resolve().parent
 DOMAINS = ("vault", "gallery", "audit", "cases")

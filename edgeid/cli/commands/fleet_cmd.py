@@ -1,0 +1,76 @@
+"""`edgeid fleet serve`: the fleet manager's dashboard, /metrics and Home Assistant discovery."""
+
+from __future__ import annotations
+
+import argparse
+
+from edgeid.cli import EXIT_OK, path_arg
+from edgeid.cli.options import Subparsers
+from edgeid.runtime.errors import BadInputError
+
+DEFAULT_LISTEN = "127.0.0.1:8090"
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT such as {DEFAULT_LISTEN}, got {value!r}"
+        )
+    return host.strip("[]"), int(port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from edgeid.fleet.server import FleetOptions, serve
+
+    if args.stale_after <= 0:
+        raise BadInputError("--stale-after must be a positive number of seconds")
+    host, port = args.listen
+    serve(
+        FleetOptions(
+            broker_host=args.broker_host,
+            broker_port=args.broker_port,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            listen_host=host,
+            listen_port=port,
+            stale_after_s=args.stale_after,
+            homeassistant_prefix=args.homeassistant_prefix if args.homeassistant else None,
+        )
+    )
+    return EXIT_OK
+
+
+def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    fleet = sub.add_parser("fleet", help="the fleet manager (runs on the admins' machine)")
+    actions = fleet.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = actions.add_parser(
+        "serve",
+        parents=[common],
+        help="subscribe to every device's telemetry; serve the dashboard and /metrics",
+    )
+    serve.add_argument("--broker-host", default="127.0.0.1")
+    serve.add_argument("--broker-port", type=int, default=8883)
+    serve.add_argument("--ca", type=path_arg, required=True, help="the fleet CA (PEM)")
+    serve.add_argument("--cert", type=path_arg, required=True, help="this manager's certificate")
+    serve.add_argument("--key", type=path_arg, required=True, help="its private key (PEM)")
+    serve.add_argument(
+        "--listen",
+        type=listen_address,
+        default=listen_address(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"dashboard address (default {DEFAULT_LISTEN}; the page has no login)",
+    )
+    serve.add_argument(
+        "--stale-after",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="an online device silent this long is shown stale (default 90)",
+    )
+    serve.add_argument(
+        "--homeassistant", action="store_true", help="publish Home Assistant MQTT discovery"
+    )
+    serve.add_argument("--homeassistant-prefix", default="homeassistant", metavar="PREFIX")
+    serve.set_defaults(handler=run_serve)

@@ -1,0 +1,49 @@
+"""Argument helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TypeAlias
+
+# What `register(sub, common)` in each command module receives.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def common_options() -> argparse.ArgumentParser:
+    """``--home`` and ``--json``, taken by every command (the command-line contract)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="state directory (default: $EDGEID_HOME)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def detector_options(parser: argparse.ArgumentParser) -> None:
+    from edgeid.runtime.inference.backends.selection import BACKEND_CHOICES
+    from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, DETECTOR_NAMES
+
+    parser.add_argument("--detector", choices=DETECTOR_NAMES, default=DEFAULT_DETECTOR)
+    parser.add_argument(
+        "--upsample",
+        type=int,
+        default=0,
+        choices=range(0, 3),
+        metavar="{0,1,2}",
+        help="MMOD only: upsample the image N times to find smaller faces (slower)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="auto: TensorRT where a GPU answers, else ONNX Runtime on the CPU",
+    )
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value!r}")
+    return number

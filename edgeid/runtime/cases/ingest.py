@@ -1,0 +1,602 @@
+"""Case ingest: a folder or archive of seized media in, clustered faces and ranked leads out.
+
+One run, in order:
+
+1. **Read** every entry of the source (``media.py``). Each file is hashed; a hash the case
+   already holds is not read again (a duplicate under another name gets its name added; the
+   same name is a file finished by an earlier, stopped run). New images are decoded with the
+   size and pixel limits, videos sampled every ``frame_interval_s`` seconds; every face is
+   detected, quality-scored, aligned and embedded, and the file is written with its faces as
+   one durable unit. A damaged, unsupported or refused file is recorded with its reason and
+   the run goes on.
+2. **Cluster** every face of the case (``clustering.py``) at the calibrated threshold of the
+   case's age setting: a case whose faces may include children (the default for a new case)
+   is clustered with the child band's threshold, stricter than the adult one (more, smaller
+   clusters, but different children are not merged); a case of adults only with the adult one.
+3. **Search** each cluster's best faces in the galleries the user may search (``leads.py``),
+   each search audited under the case and its reason, with its age band: ``unknown`` (the
+   strictest band) when the case may include children, ``adult`` otherwise.
+
+Progress is reported as counts only. ``stop`` (a ``threading.Event``) ends the run between
+files or video frames; the file in hand is dropped whole and read again by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from threading import Event
+from typing import IO, Literal
+
+import numpy as np
+
+from edgeid.runtime.audit.errors import AuditError
+from edgeid.runtime.audit.events import AuditAction, AuditEvent, check_event
+from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
+from edgeid.runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, groups
+from edgeid.runtime.cases.errors import CaseModelError
+from edgeid.runtime.cases.leads import AuditSink, search_cluster
+from edgeid.runtime.cases.media import (
+    READ_ERRORS,
+    MediaEntry,
+    head_of,
+    open_source,
+    read_limited,
+    sniff,
+)
+from edgeid.runtime.cases.records import (
+    CaseFace,
+    CaseResults,
+    CaseSummary,
+    Cluster,
+    ClusterSearch,
+    FileStatus,
+    IngestRun,
+    RunStatus,
+    SourceFile,
+)
+from edgeid.runtime.cases.store import Case, CaseStore, FileWrite, check_text
+from edgeid.runtime.cases.video import (
+    DEFAULT_FRAME_INTERVAL_S,
+    VideoSummary,
+    sample_frames,
+)
+from edgeid.runtime.errors import BadInputError, EdgeidError, StorageWriteError
+from edgeid.runtime.gallery.service import AgeBand, GalleryService
+from edgeid.runtime.gallery.wording import cluster_note
+from edgeid.runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_working
+from edgeid.runtime.vault.crypto import Clock, utc_now
+
+logger = logging.getLogger(__name__)
+
+# Faces are clustered at the calibrated threshold of this false-match rate: on LFW dev it
+# gave average linkage its best pairwise and BCubed F1 (benchmarks/cluster_bench.py). A
+# case of 10,000 faces holds 5e7 pairs, so a laxer rate would link thousands of strangers.
+CLUSTER_FMR = 1e-4
+# The age band whose threshold clusters a case, by its "faces may include children" setting:
+# at the adult FMR 1e-4 threshold different children were merged (pairwise precision 0.375 on
+# children against 0.998 on adults, measured outside this product; see the calibration file).
+CLUSTER_BANDS: dict[bool, AgeBand] = {True: "child", False: "adult"}
+# The age band a cluster's leads are judged with: nobody states a cluster's age, so a case
+# that may hold children takes the strictest band ("unknown").
+LEAD_BANDS: dict[bool, AgeBand] = {True: "unknown", False: "adult"}
+HASH_CHUNK_BYTES = 1 << 20  # videos are hashed in 1 MiB reads: bounded memory
+VIDEO_FLUSH_FACES = 200  # a video's faces are written in batches of this many (bounded memory)
+
+Phase = Literal["listing", "reading", "clustering", "searching", "done", "stopped"]
+
+
+@dataclass
+class IngestProgress:
+    """Counts only: no names, no faces. Sent to the progress callback as the run goes."""
+
+    phase: Phase = "listing"
+    files_total: int = 0
+    files_seen: int = 0
+    files_new: int = 0  # read and analysed by this run
+    files_duplicate: int = 0  # same content as a file already in the case: name added
+    files_already_done: int = 0  # finished by an earlier run (resume)
+    files_failed: int = 0  # damaged, unsupported or refused, recorded by this run
+    faces_new: int = 0
+    video_frames: int = 0
+    clusters: int = 0
+    clusters_searched: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+ProgressCallback = Callable[[IngestProgress], None]
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who runs the ingest, as the audit log records them."""
+
+    user: str
+    role: str = "investigator"
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    source: Path
+    case_number: str
+    reason: str
+    requester: Requester
+    galleries: tuple[str, ...] | None = None  # None: every gallery on the box
+    frame_interval_s: float = DEFAULT_FRAME_INTERVAL_S
+    retention_until: date | None = None  # for a new case, or to change an existing one's
+    # What the run records as its source when ``source`` is a temporary copy (a web upload).
+    source_label: str | None = None
+    # "Faces may include children": None keeps the case's setting (on for a new case).
+    children: bool | None = None
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    case: Case
+    run: IngestRun
+    progress: IngestProgress
+    results: CaseResults | None
+    failed: tuple[SourceFile, ...] = field(default=())  # every failed file of the case
+
+
+class CaseIngest:
+    """Runs ingests into the cases of ``store`` with the gallery service's pipeline."""
+
+    def __init__(
+        self,
+        store: CaseStore,
+        service: GalleryService,
+        audit: AuditSink,
+        *,
+        detector: str,
+        clock: Clock = utc_now,
+        method: Method = DEFAULT_METHOD,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.audit = audit
+        self.detector = detector
+        self._clock = clock
+        self.method = method
+
+    def ingest(
+        self,
+        request: IngestRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        stop: Event | None = None,
+    ) -> IngestOutcome:
+        reason = check_text(request.reason, "reason for this ingest (--reason)")
+        if not request.frame_interval_s > 0:
+            raise BadInputError("the frame interval must be a positive number of seconds")
+        galleries = self._galleries(request.galleries)
+        if galleries:
+            _check_auditable(request, reason, galleries)
+        stop = stop or Event()
+        counts = IngestProgress()
+        report = progress or (lambda _: None)
+        with open_source(request.source) as source:
+            case = self._case(request)
+            with case.ingest_exclusively():
+                children = self._children(case, request)
+                previous = case.meta.last_run
+                run = IngestRun(
+                    number=(previous.number + 1) if previous else 1,
+                    started_at=self._clock(),
+                    user=request.requester.user,
+                    reason=reason,
+                    source=request.source_label or str(request.source),
+                    frame_interval_s=request.frame_interval_s,
+                    galleries=galleries,
+                    detector=self.detector,
+                    children=children,
+                )
+                meta = replace(case.meta.with_run(run), may_include_children=children)
+                if request.retention_until is not None:
+                    meta = replace(meta, retention_until=request.retention_until)
+                case.save_meta(meta)
+                try:
+                    results = self._run(case, run, source.entries, request, counts, report, stop)
+                except BaseException as exc:
+                    stopped = isinstance(exc, KeyboardInterrupt)
+                    note = "interrupted" if stopped else f"failed: {type(exc).__name__}"
+                    self._finish(case, run, "stopped" if stopped else "failed", note)
+                    raise
+                if results is None:
+                    counts.phase = "stopped"
+                    run = self._finish(case, run, "stopped", "stopped on request; run again")
+                else:
+                    counts.phase = "done"
+                    run = self._finish(case, run, "complete", "")
+                report(counts)
+        failed = tuple(f for f in case.files() if f.status == "failed")
+        return IngestOutcome(case, run, counts, results or case.results(), failed)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _galleries(self, asked: tuple[str, ...] | None) -> tuple[str, ...]:
+        known = [info.name for info in self.service.list_galleries()]
+        if asked is None:
+            return tuple(known)
+        missing = [name for name in asked if name not in known]
+        if missing:
+            raise BadInputError(
+                f"no gallery named {missing[0]!r}; list them with edgeid gallery list"
+            )
+        return tuple(dict.fromkeys(asked))
+
+    def _case(self, request: IngestRequest) -> Case:
+        case = self.store.open_or_create(
+            request.case_number,
+            created_by=request.requester.user,
+            model_id=self.service.model_id,
+            retention_until=request.retention_until,
+            may_include_children=request.children is not False,
+        )
+        if case.meta.model_id != self.service.model_id:
+            raise CaseModelError(
+                f"case {case.meta.number!r} holds faces embedded with {case.meta.model_id}; "
+                f"this box embeds with {self.service.model_id}: start a new case"
+            )
+        return case
+
+    @staticmethod
+    def _children(case: Case, request: IngestRequest) -> bool:
+        """The case's "faces may include children" setting for this run."""
+        if request.children is None:
+            return case.meta.may_include_children
+        return request.children
+
+    def _finish(self, case: Case, run: IngestRun, status: RunStatus, note: str) -> IngestRun:
+        done = replace(run, status=status, finished_at=self._clock(), note=note)
+        try:
+            case.save_meta(replace(case.meta.with_run(done), summary=_summary(case)))
+        except (EdgeidError, OSError) as exc:
+            logger.warning("could not record the end of ingest run %d: %s", run.number, exc)
+        return done
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        case: Case,
+        run: IngestRun,
+        entries: Sequence[MediaEntry],
+        request: IngestRequest,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+    ) -> CaseResults | None:
+        counts.phase, counts.files_total = "reading", len(entries)
+        report(counts)
+        for entry in entries:
+            if stop.is_set():
+                return None
+            try:
+                self._entry(case, run, entry, request.frame_interval_s, counts, report, stop)
+            except _Stopped:
+                return None
+            counts.files_seen += 1
+            report(counts)
+        if stop.is_set():
+            return None
+        counts.phase = "clustering"
+        report(counts)
+        results = self._cluster(case, bool(run.children))
+        case.save_results(results)
+        counts.clusters = len(results.clusters)
+        counts.phase = "searching"
+        report(counts)
+        return self._search(case, run, results, request, counts, report, stop)
+
+    def _entry(
+        self,
+        case: Case,
+        run: IngestRun,
+        entry: MediaEntry,
+        interval_s: float,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+    ) -> None:
+        if entry.refused is not None:
+            self._refuse(case, run, entry.name, entry.refused, counts)
+            return
+        if case.is_refused(entry.name):
+            counts.files_already_done += 1
+            return
+        try:
+            with entry.open() as stream:
+                kind, why = sniff(head_of(stream), entry.name)
+                if kind == "image":
+                    self._image(case, run, entry.name, stream, counts)
+                elif kind == "video":
+                    self._video(case, run, entry.name, stream, interval_s, counts, report, stop)
+                else:
+                    self._refuse(case, run, entry.name, why or "unsupported file", counts)
+        except _Stopped:
+            raise
+        except StorageWriteError:
+            raise  # the disk, not the file: the run cannot go on
+        except BadInputError as exc:
+            self._refuse(case, run, entry.name, _reason(exc), counts)
+        except OSError as exc:
+            self._refuse(case, run, entry.name, f"cannot be read ({exc.strerror or exc})", counts)
+        except READ_ERRORS as exc:
+            reason = f"damaged archive member ({type(exc).__name__}: {_reason(exc)})"
+            self._refuse(case, run, entry.name, reason, counts)
+
+    def _refuse(
+        self, case: Case, run: IngestRun, name: str, reason: str, counts: IngestProgress
+    ) -> None:
+        if case.is_refused(name):
+            counts.files_already_done += 1
+            return
+        case.add_file(SourceFile("", None, (name,), "other", "failed", reason, 0, run.number))
+        counts.files_failed += 1
+
+    def _known(self, case: Case, sha256: str, name: str, counts: IngestProgress) -> bool:
+        """True when the content is already in the case (its name is recorded if new)."""
+        known = case.file_by_sha(sha256)
+        if known is None:
+            return False
+        if name in known.names:
+            counts.files_already_done += 1
+        else:
+            case.add_name(sha256, name)
+            counts.files_duplicate += 1
+        return True
+
+    def _image(
+        self, case: Case, run: IngestRun, name: str, stream: IO[bytes], counts: IngestProgress
+    ) -> None:
+        data = read_limited(stream, MAX_IMAGE_BYTES)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self._known(case, sha256, name, counts):
+            return
+        base = SourceFile("", sha256, (name,), "image", "done", None, 0, run.number)
+        limits = self.service.activity.limits
+        try:
+            work = decode_working(data, name="image", max_working_pixels=limits.max_working_pixels)
+        except BadInputError as exc:
+            case.add_file(replace(base, status="failed", reason=_reason(exc)))
+            counts.files_failed += 1
+            return
+        faces, skipped = analyse_working(self.service.pipeline, work, max_faces=limits.max_faces)
+        width, height = work.full_size
+        del work  # the full-resolution pixels go before the next file is read
+        note = (
+            f"{skipped} more faces found but not analysed (the least confident)"
+            if skipped
+            else None
+        )
+        case.add_file(replace(base, width=int(width), height=int(height), reason=note), faces)
+        counts.files_new += 1
+        counts.faces_new += len(faces)
+
+    def _video(
+        self,
+        case: Case,
+        run: IngestRun,
+        name: str,
+        stream: IO[bytes],
+        interval_s: float,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+    ) -> None:
+        sha256 = _hash_stream(stream)
+        if self._known(case, sha256, name, counts):
+            return
+        stream.seek(0)
+        summary = VideoSummary()
+        base = SourceFile("", sha256, (name,), "video", "done", None, 0, run.number)
+        with case.writing(base) as session:
+            problem = self._frames(session, stream, interval_s, summary, counts, report, stop)
+            status: FileStatus = "done"
+            if problem is not None:
+                status = "partial" if summary.samples else "failed"
+            elif summary.truncated:
+                status, problem = "partial", f"only the first {summary.samples} frames sampled"
+            session.file = replace(
+                session.file,
+                status=status,
+                reason=problem,
+                width=summary.width,
+                height=summary.height,
+                frames=summary.samples,
+                duration_s=summary.duration_s,
+            )
+        if status == "failed":
+            counts.files_failed += 1
+        else:
+            counts.files_new += 1
+
+    def _frames(
+        self,
+        session: FileWrite,
+        stream: IO[bytes],
+        interval_s: float,
+        summary: VideoSummary,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+    ) -> str | None:
+        """Sample, analyse and write a video's faces; the problem that cut it short, if any."""
+        pending = []
+        problem = None
+        try:
+            for frame in sample_frames(stream, interval_s, summary=summary):
+                if stop.is_set():
+                    raise _Stopped()
+                pending.extend(
+                    analyse_pixels(
+                        self.service.pipeline, frame.pixels, frame=frame.index, time_s=frame.time_s
+                    )
+                )
+                counts.video_frames += 1
+                if len(pending) >= VIDEO_FLUSH_FACES:
+                    session.add_faces(pending)
+                    counts.faces_new += len(pending)
+                    pending = []
+                report(counts)
+        except BadInputError as exc:  # damaged part way (VideoDamaged), or refused outright
+            problem = _reason(exc)
+        if pending:
+            session.add_faces(pending)
+            counts.faces_new += len(pending)
+        return problem
+
+    # -- clusters and leads ------------------------------------------------------------------
+
+    def _cluster(self, case: Case, children: bool) -> CaseResults:
+        faces = case.faces()
+        applied = self.service.calibration.for_age(CLUSTER_BANDS[children])
+        threshold = applied.threshold(CLUSTER_FMR)
+        clusters: list[Cluster] = []
+        if faces:
+            vectors = np.stack([f.embedding for f in faces])
+            labels = cluster(vectors, threshold, self.method)
+            for number, members in enumerate(groups(labels), start=1):
+                chosen = sorted(
+                    (faces[i] for i in members), key=lambda f: (-f.quality, -f.score, f.face_id)
+                )
+                clusters.append(Cluster(number, tuple(f.face_id for f in chosen)))
+        return CaseResults(
+            method=self.method,
+            fmr=CLUSTER_FMR,
+            threshold=threshold,
+            computed_at=self._clock(),
+            faces=len(faces),
+            clusters=tuple(clusters),
+            age_band=applied.stated,
+            band_used=applied.band,
+            threshold_note=cluster_note(applied, CLUSTER_FMR, children=children),
+        )
+
+    def _search(
+        self,
+        case: Case,
+        run: IngestRun,
+        results: CaseResults,
+        request: IngestRequest,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+    ) -> CaseResults | None:
+        if not run.galleries:
+            return results
+        faces = {f.face_id: f for f in case.faces()}
+        searched: list[Cluster] = []
+        try:
+            for item in results.clusters:
+                if stop.is_set():
+                    return None
+                members = [faces[fid] for fid in item.face_ids]
+                files = len({f.file_record for f in members})
+                detail = (
+                    f"case ingest run {run.number}: cluster {item.number} of "
+                    f"{len(results.clusters)}, {len(members)} faces in {files} files"
+                )
+                search = self._search_one(members, run, request, detail)
+                searched.append(replace(item, search=search))
+                counts.clusters_searched += 1
+                report(counts)
+        finally:
+            done = {c.number: c for c in searched}
+            merged = tuple(done.get(c.number, c) for c in results.clusters)
+            results = replace(results, clusters=merged)
+            case.save_results(results)
+        return results
+
+    def _search_one(
+        self,
+        members: list[CaseFace],
+        run: IngestRun,
+        request: IngestRequest,
+        detail: str,
+    ) -> ClusterSearch:
+        try:
+            return search_cluster(
+                self.service,
+                members,
+                run.galleries,
+                audit=self.audit,
+                actor=request.requester,
+                case_number=request.case_number.strip(),
+                reason=run.reason,
+                detail=detail,
+                now=self._clock(),
+                age_band=LEAD_BANDS[bool(run.children)],
+            )
+        except AuditError:
+            raise  # a search that cannot be accounted for stops the run
+        except BadInputError as exc:
+            # e.g. a gallery holding another model's templates: this cluster has no leads
+            # and says why.
+            return ClusterSearch(
+                galleries=run.galleries,
+                operating_fmr=0.0,
+                threshold=0.0,
+                probe_faces=(),
+                leads=(),
+                reliability_note="",
+                searched_at=self._clock(),
+                error=str(exc),
+                age_band=LEAD_BANDS[bool(run.children)],
+                band_used="",
+            )
+
+
+class _Stopped(Exception):
+    """The stop event was set while a file was in hand; it is dropped whole."""
+
+
+def _check_auditable(request: IngestRequest, reason: str, galleries: Sequence[str]) -> None:
+    """Refuse, before any file is read, what the audit log would refuse at the first search."""
+    check_event(
+        AuditEvent(
+            user=request.requester.user,
+            role=request.requester.role,
+            action=AuditAction.SEARCH,
+            case=request.case_number.strip(),
+            reason=reason,
+            gallery="check",
+            probe_sha256="0" * 64,
+        )
+    )
+
+
+def _hash_stream(stream: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reason(exc: Exception) -> str:
+    """The error's message without the placeholder name it was raised with."""
+    text = str(exc)
+    for prefix in ("image: ",):
+        text = text.removeprefix(prefix)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _summary(case: Case) -> CaseSummary:
+    files = case.files()
+    results = case.results()
+    return CaseSummary(
+        files=len(files),
+        failed_files=sum(1 for f in files if f.status == "failed"),
+        faces=len(case.faces()),
+        clusters=len(results.clusters) if results else 0,
+        leads_above_threshold=(
+            sum(1 for c in results.clusters if c.search and c.search.matches) if results else 0
+        ),
+    )

@@ -1,0 +1,98 @@
+"""An ingest in a worker thread, for the web UI: progress to poll, a stop button, the outcome.
+
+The page polls ``IngestJob.snapshot()`` (counts only, JSON-ready) for live progress; ``stop()``
+ends the run between files (it resumes on the next ingest of the same case).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Literal
+
+from edgeid.runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
+from edgeid.runtime.cases.media import RefusedSource
+from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.errors import EdgeidError
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal["pending", "running", "complete", "stopped", "failed"]
+
+
+class IngestJob:
+    def __init__(
+        self,
+        service: CaseService,
+        request: IngestRequest,
+        *,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_end`` runs in the worker once the ingest is over and before ``state`` says so
+        (the web UI shreds an uploaded archive there, so "complete" means "and it is gone")."""
+        self._service = service
+        self._request = request
+        self._on_end = on_end
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._progress = IngestProgress()
+        self._thread = threading.Thread(target=self._work, name="case-ingest", daemon=True)
+        self.state: JobState = "pending"
+        self.error: str | None = None
+        self.outcome: IngestOutcome | None = None
+
+    def start(self) -> IngestJob:
+        self.state = "running"
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the run to stop after the file in hand (that file is read again on resume)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the job has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def progress(self) -> IngestProgress:
+        with self._lock:
+            return replace(self._progress)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"state": self.state, "error": self.error, **self.progress().to_json()}
+
+    def _report(self, progress: IngestProgress) -> None:
+        with self._lock:
+            self._progress = replace(progress)
+
+    def _shown(self, message: str) -> str:
+        # A web upload is read from a temporary copy under the server's state folder: its
+        # path means nothing to the user and tells them how the server is laid out.
+        request = self._request
+        label = request.source_label or request.source.name
+        return message.replace(str(request.source), label)
+
+    def _work(self) -> None:
+        state: JobState
+        error: str | None
+        try:
+            outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
+        except RefusedSource as exc:  # said to the uploader: without the server's path
+            error, state = exc.for_upload, "failed"
+        except EdgeidError as exc:
+            error, state = self._shown(str(exc).splitlines()[0]), "failed"
+        except Exception as exc:  # a worker thread must report, not vanish
+            logger.error("case ingest job failed: %s", type(exc).__name__)
+            error, state = f"internal error ({type(exc).__name__})", "failed"
+        else:
+            self.outcome, error = outcome, None
+            state = "complete" if outcome.run.status == "complete" else "stopped"
+        if self._on_end is not None:
+            try:
+                self._on_end()
+            except Exception as exc:
+                logger.error("case ingest clean-up failed: %s", type(exc).__name__)
+        self.error, self.state = error, state

@@ -1,0 +1,398 @@
+"""What the pages and the API do, written once: both call these, so both enforce the same
+rules and write the same audit records.
+
+Every function takes the ``Principal`` and checks the gallery list itself, so a route cannot
+forget it; the route's ``PageAccess``/``ApiAccess`` has already checked the permission.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+
+from edgeid.runtime.accounts.roles import Permission
+from edgeid.runtime.audit import AuditAction
+from edgeid.runtime.audit.justification import Justification
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.service import (
+    AGE_BANDS,
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+    AgeBand,
+    Candidate,
+    Enrolled,
+    Probe,
+    SearchResult,
+)
+from edgeid.runtime.services.galleries import audit_candidates
+from edgeid.runtime.web import work_context
+from edgeid.runtime.web.errors import ForbiddenError, NotFoundError
+from edgeid.runtime.web.principal import Principal
+from edgeid.runtime.web.state import WebState
+from edgeid.runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
+
+logger = logging.getLogger(__name__)
+
+DECISIONS = {"confirmed": "lead confirmed", "rejected": "rejected"}
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def check_age_band(value: str) -> AgeBand:
+    for band in AGE_BANDS:
+        if value == band:
+            return band
+    raise BadInputError(f"the apparent age band must be one of {', '.join(AGE_BANDS)}")
+
+
+def check_top_k(value: str | int | None) -> int:
+    if value in (None, ""):
+        return DEFAULT_TOP_K
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"top-k must be a whole number from 1 to {MAX_TOP_K}") from None
+    if not 1 <= k <= MAX_TOP_K:
+        raise BadInputError(f"top-k must be a whole number from 1 to {MAX_TOP_K}")
+    return k
+
+
+def check_face_index(value: str | int) -> int:
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise BadInputError("choose a face by its number") from None
+    if index < 0:
+        raise BadInputError("choose a face by its number")
+    return index
+
+
+def require_gallery(
+    state: WebState, principal: Principal, permission: Permission, gallery: str, *, where: str
+) -> str:
+    """Allowed, or refused by the core (which records the refusal)."""
+    state.accountable.require(principal, permission, gallery, where=where)
+    return gallery
+
+
+def usable_galleries(state: WebState, principal: Principal, permission: Permission) -> list[str]:
+    """The existing galleries this user may use for ``permission``, in name order."""
+    return state.accountable.usable(principal, permission)
+
+
+def choose_galleries(
+    state: WebState, principal: Principal, galleries: Sequence[str], *, where: str
+) -> tuple[str, ...]:
+    """The galleries asked for (all this user may search when none are), each checked."""
+    allowed = usable_galleries(state, principal, Permission.SEARCH)
+    chosen = list(dict.fromkeys(g for g in galleries if g)) or allowed
+    for name in chosen:
+        require_gallery(state, principal, Permission.SEARCH, name, where=where)
+        if name not in allowed:
+            raise NotFoundError(f"there is no gallery named {name!r}")
+    if not chosen:
+        raise ForbiddenError("you have no gallery to search; ask an admin for access")
+    return tuple(chosen)
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+def start_search(
+    state: WebState,
+    principal: Principal,
+    *,
+    case: str,
+    reason: str,
+    age_band: str = "unknown",
+    galleries: Sequence[str] = (),
+) -> SearchContext:
+    """A new search: case number and reason first, before any photo is accepted."""
+    why = Justification.of(case, reason)
+    band = check_age_band(age_band or "unknown")
+    chosen = choose_galleries(state, principal, galleries, where="start a search")
+    context = SearchContext(
+        entry_id=Workspace.new_id(),
+        owner=principal.owner,
+        username=principal.username,
+        case=why.case,
+        reason=why.reason,
+        age_band=band,
+        galleries=chosen,
+    )
+    state.searches.put(context)
+    return context
+
+
+def load_search(state: WebState, principal: Principal, search_id: str) -> SearchContext:
+    context = state.searches.get(principal.owner, search_id)
+    if context is None and state.searches.exists(search_id):
+        state.recorder.denied(
+            principal.actor,
+            where="open a search",
+            resource=f"search {search_id}",
+            why="the search belongs to another session or user",
+        )
+    if context is None:
+        raise NotFoundError(
+            "this search has expired or is not yours; start a new one with its case and reason"
+        )
+    return context
+
+
+def attach_photo(
+    state: WebState, principal: Principal, context: SearchContext, data: bytes
+) -> Probe:
+    """Analyse the probe photo in memory; it replaces any earlier photo of this search."""
+    if not data:
+        raise BadInputError("choose a photo to upload")
+    if not state.searches.fits(len(data)):
+        raise BadInputError("the photo is too large to hold for a search; send a smaller one")
+    probe = state.accountable.analyse(data, name="the photo")
+    context.image, context.probe = data, probe
+    context.results.clear()
+    context.decisions.clear()
+    state.searches.put(context)  # re-weigh the workspace now that the photo is in it
+    return probe
+
+
+def require_probe(context: SearchContext) -> Probe:
+    if context.probe is None or context.image is None:
+        raise BadInputError("upload a photo for this search first")
+    return context.probe
+
+
+def run_search(
+    state: WebState,
+    principal: Principal,
+    context: SearchContext,
+    face_index: int,
+    *,
+    k: int = DEFAULT_TOP_K,
+) -> SearchResult:
+    """Rank candidates for one face, record the search, and only then return them."""
+    probe = require_probe(context)
+    probe.face(face_index)
+    # The core checks access again (it may have been withdrawn since the search began) and
+    # records the search before the candidates come back.
+    result = state.accountable.search(
+        principal,
+        justification(context),
+        probe,
+        face_index,
+        context.galleries,
+        k=k,
+        age_band=context.age_band,
+        where="search",
+    )
+    context.results[face_index] = result
+    work_context.adopt(principal, justification(context))
+    return result
+
+
+def justification(context: SearchContext) -> Justification:
+    return Justification(context.case, context.reason)
+
+
+def rescore_search(
+    state: WebState, principal: Principal, context: SearchContext, face_index: int, age_band: str
+) -> SearchResult:
+    """A face's candidates judged for another stated age band: the same scores, that band's
+    threshold, score bands and wording. Nothing is searched again, but a new answer is
+    revealed, so the core records it like a search before it is shown; the band becomes the
+    search's band for its other faces."""
+    band = check_age_band(age_band)
+    result = context.results.get(face_index)
+    if result is None:
+        raise NotFoundError("search this face first")
+    probe = require_probe(context)
+    rescored = state.accountable.rescore(
+        principal, justification(context), probe, face_index, result, band, where="re-score"
+    )
+    context.age_band = band
+    context.results[face_index] = rescored
+    return rescored
+
+
+def find_candidate(context: SearchContext, face_index: int, face_id: str) -> Candidate:
+    result = context.results.get(face_index)
+    if result is None:
+        raise NotFoundError("search this face first")
+    for candidate in result.candidates:
+        if candidate.face_id == face_id:
+            return candidate
+    raise NotFoundError("that candidate is not among this search's results")
+
+
+def record_decision(
+    state: WebState,
+    principal: Principal,
+    context: SearchContext,
+    face_index: int,
+    face_id: str,
+    decision: str,
+) -> Candidate:
+    """Mark a candidate as a confirmed lead or rejected. Recorded in the audit log only; never
+    fed back into thresholds, templates or anything that learns."""
+    if decision not in DECISIONS:
+        raise BadInputError("a decision is 'confirmed' or 'rejected'")
+    candidate = find_candidate(context, face_index, face_id)
+    require_gallery(state, principal, Permission.SEARCH, candidate.gallery, where="decision")
+    probe = require_probe(context)
+    state.recorder.record(
+        principal.actor,
+        AuditAction.DECISION,
+        justification=justification(context),
+        gallery=candidate.gallery,
+        probe_sha256=probe.image_sha256,
+        candidates=audit_candidates([candidate]),
+        decision=DECISIONS[decision],
+        subject_id=candidate.subject_id,
+        detail=f"face {face_index + 1}; rank {candidate.rank}",
+    )
+    context.decisions[(face_index, face_id)] = DECISIONS[decision]
+    return candidate
+
+
+# -- enrolment and erasure -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrolmentForm:
+    gallery: str
+    display_name: str
+    legal_basis: str
+    notes: str
+    retention_until: date | None
+
+
+def check_enrolment(
+    state: WebState,
+    principal: Principal,
+    *,
+    gallery: str,
+    display_name: str,
+    legal_basis: str,
+    notes: str = "",
+    retention_until: str = "",
+    today: date | None = None,
+) -> EnrolmentForm:
+    if not gallery.strip():
+        raise BadInputError("choose the gallery to enrol into")
+    require_gallery(state, principal, Permission.ENROL, gallery, where="enrol")
+    if not display_name.strip():
+        raise BadInputError("give the subject's name as the gallery should show it")
+    if not legal_basis.strip():
+        raise BadInputError("give the legal basis for holding this subject (law, warrant, case)")
+    until: date | None = None
+    if retention_until.strip():
+        try:
+            until = date.fromisoformat(retention_until.strip())
+        except ValueError:
+            raise BadInputError("give the retention date as YYYY-MM-DD") from None
+        if until <= (today or date.today()):
+            raise BadInputError("the retention date must be in the future")
+    return EnrolmentForm(gallery, display_name.strip(), legal_basis.strip(), notes.strip(), until)
+
+
+def prepare_enrolment(
+    state: WebState, principal: Principal, form: EnrolmentForm, data: bytes
+) -> PendingEnrolment:
+    """Analyse the photo and hold it (in memory) while a face is chosen."""
+    if not data:
+        raise BadInputError("choose a photo of the subject")
+    probe = state.accountable.analyse(data, name="the photo")
+    if not probe.faces:
+        raise BadInputError("no face found in the photo; use a clearer, frontal photo")
+    pending = PendingEnrolment(
+        entry_id=Workspace.new_id(),
+        owner=principal.owner,
+        gallery=form.gallery,
+        display_name=form.display_name,
+        legal_basis=form.legal_basis,
+        notes=form.notes,
+        retention_until=form.retention_until,
+        image=data,
+        probe=probe,
+    )
+    state.enrolments.put(pending)
+    return pending
+
+
+def load_enrolment(state: WebState, principal: Principal, entry_id: str) -> PendingEnrolment:
+    pending = state.enrolments.get(principal.owner, entry_id)
+    if pending is None:
+        raise NotFoundError("this enrolment has expired or is not yours; start again")
+    return pending
+
+
+def complete_enrolment(
+    state: WebState,
+    principal: Principal,
+    pending: PendingEnrolment,
+    face_index: int,
+    *,
+    allow_duplicate: bool = False,
+) -> Enrolled:
+    """Enrol the chosen face (quality gate, duplicate check); the core records it."""
+    pending.probe.face(face_index)
+    enrolled = state.accountable.enroll(
+        principal,
+        pending.gallery,
+        display_name=pending.display_name,
+        legal_basis=pending.legal_basis,
+        image_bytes=pending.image,
+        face_index=face_index,
+        notes=pending.notes,
+        retention_until=pending.retention_until,
+        allow_duplicate=allow_duplicate,
+        where="enrol",
+    )
+    state.enrolments.remove(pending.entry_id)
+    return enrolled
+
+
+def add_to_subject(
+    state: WebState,
+    principal: Principal,
+    pending: PendingEnrolment,
+    face_index: int,
+    subject_id: str,
+) -> str:
+    """Add the chosen face to an existing subject (the duplicate check's other answer)."""
+    pending.probe.face(face_index)
+    face = state.accountable.add_face(
+        principal,
+        pending.gallery,
+        subject_id,
+        pending.image,
+        face_index=face_index,
+        where="add a photo to a subject",
+    )
+    state.enrolments.remove(pending.entry_id)
+    return face.face_id
+
+
+def delete_subject(
+    state: WebState, principal: Principal, gallery: str, subject_id: str, *, reason: str
+) -> None:
+    """Erase a subject (store, index, thumbnails). Investigators erase in their galleries;
+    supervisors erase subjects past their retention date in any gallery."""
+    subject = state.galleries.subject(gallery, subject_id)
+    expired = subject.retention_until is not None and subject.retention_until < date.today()
+    by_retention = (
+        principal.may(Permission.RETENTION)
+        and expired
+        and not principal.may_use_gallery(Permission.SUBJECTS_DELETE, gallery)
+    )
+    state.accountable.delete_subject(
+        principal,
+        gallery,
+        subject_id,
+        reason=reason,
+        where="erase a subject",
+        by_retention=by_retention,
+    )
