@@ -30,6 +30,7 @@ from edgeid.runtime.services.approvals import Approvals, Outcome
 from edgeid.runtime.services.caller import LocalOperator
 from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.galleries import AccountableGalleries
+from edgeid.runtime.services.models import ModelAdmin
 from edgeid.runtime.services.proposals import Proposal, ProposalStore
 from edgeid.runtime.vault.key_choice import provider_for
 
@@ -71,6 +72,7 @@ def administration(home: Path, *, galleries: bool = False) -> Iterator[Approvals
                 else None
             ),
             cases=cases,
+            models=ModelAdmin(home / "models", recorder),
             dual_control=settings.security.dual_control,
             ttl=timedelta(days=settings.security.proposal_ttl_days),
         )
@@ -123,12 +125,19 @@ def approve(args: argparse.Namespace) -> int:
         outcome = approvals.approve(LocalOperator.current(), args.id, where="cli approvals approve")
         ttl = approvals.ttl
     text = f"approved proposal {args.id}: {outcome.summary}; done"
+    payload = outcome_json(outcome, ttl)
+    if outcome.model_changed:
+        from edgeid.cli.commands.models_cmd import re_embed_all
+
+        counts = re_embed_all(args.home_dir, quiet=args.json)
+        payload["re_embedded"] = counts
+        text += f"; re-embedded {sum(counts.values())} faces in {len(counts)} galleries"
     if outcome.user is not None and outcome.one_time_password:
         text += (
             f"\none-time password for {outcome.user.username} (shown once, must be changed "
             f"at first sign-in): {outcome.one_time_password}"
         )
-    emit(args, outcome_json(outcome, ttl), text)
+    emit(args, payload, text)
     return EXIT_OK
 
 

@@ -1,15 +1,25 @@
-"""`edgeid models build|list|verify`."""
+"""`edgeid models build|list|verify|add|calibrate|use`.
+
+``add``, ``calibrate`` and ``use`` bring an agency's own licensed embedder into service:
+``add`` checks the ONNX file against what the operator declares and writes its manifest,
+``calibrate`` measures its thresholds on the agency's labelled images, ``use`` puts it in use
+(audited, two-person rule; refused without a calibration) and re-embeds every gallery.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit
+from edgeid.cli.commands.accountable import reason_option
+from edgeid.cli.options import detector_options
 from edgeid.cli.paths import models_dir, wheelhouse_dir
-from edgeid.runtime.errors import ModelError
+from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.services.caller import LocalOperator
 
 
 def _progress(message: str) -> None:
@@ -34,11 +44,19 @@ def build(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    manifests = list_manifests(models_dir(args.home_dir))
-    rows = [m.model_dump(mode="json", exclude={"parameters"}) for m in manifests]
+    from edgeid.runtime.inference.embedders import in_use_embedder
+
+    folder = models_dir(args.home_dir)
+    manifests = list_manifests(folder)
+    in_use = in_use_embedder(folder)
+    rows = [
+        m.model_dump(mode="json", exclude={"parameters"}) | {"in_use": m.name == in_use}
+        for m in manifests
+    ]
     text = (
         "\n".join(
             f"{m.name:16} {m.task:15} {m.source.package} {m.source.version} ({m.source.licence})"
+            + ("  [in use]" if m.name == in_use else "")
             for m in manifests
         )
         or "no models built; run `edgeid models build`"
@@ -64,6 +82,136 @@ def verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def add(args: argparse.Namespace) -> int:
+    from edgeid.runtime.inference.embedders import Declared, operator_manifest, write_model
+
+    source = Path(args.file)
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{source}: cannot read the model ({exc.strerror})") from exc
+    folder = models_dir(args.home_dir)
+    declared = Declared(
+        name=args.name,
+        input_size=_size(args.input),
+        align=args.align,
+        mean=_numbers(args.mean, "--mean"),
+        std=_numbers(args.std, "--std"),
+        licence=args.licence,
+        channel_order=args.channels,
+    )
+    declared.check()
+    if (folder / f"{args.name}.manifest.json").exists() and not args.replace:
+        raise BadInputError(f"model {args.name} exists already; choose another --name")
+    manifest = operator_manifest(data, declared, source.name)
+    write_model(folder, manifest, data)
+    emit(
+        args,
+        manifest.model_dump(mode="json"),
+        f"added {manifest.name} ({manifest.sha256[:12]}, {manifest.outputs[0].shape[-1]}-d "
+        f"templates); calibrate it next: edgeid models calibrate {manifest.name} --images DIR",
+    )
+    return EXIT_OK
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from edgeid.runtime.evaluation.lfw import central_face_embedder
+    from edgeid.runtime.evaluation.operator_calibration import calibrate_model, labelled_images
+    from edgeid.runtime.gallery.thresholds import calibration_path, operator_calibration_path
+    from edgeid.runtime.inference.pipeline import FacePipeline
+    from edgeid.runtime.storage.durable import write_file_atomically
+
+    if calibration_path(args.name).exists():
+        raise BadInputError(f"model {args.name} ships with its calibration; it is not recalibrated")
+    images_dir = Path(args.images)
+    images = labelled_images(images_dir, Path(args.ages) if args.ages else None)
+    folder = models_dir(args.home_dir)
+    pipeline = FacePipeline.load(
+        folder, args.detector, threads=args.threads, backend=args.backend, embedder_model=args.name
+    )
+    run = calibrate_model(
+        args.name,
+        images,
+        central_face_embedder(pipeline),
+        data_set=args.data_set or f"the operator's labelled set {images_dir.name}",
+        unaged=args.band,
+        details={"detector": args.detector},
+        progress=_counting,
+    )
+    out = operator_calibration_path(folder, args.name)
+    text = json.dumps(run.data.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    write_file_atomically(out, text.encode("utf-8"), action="writing the calibration")
+    lines = [f"calibrated {args.name} on {run.images} images ({run.no_face} without a face)"]
+    for band, data in run.data.bands.items():
+        edges = ", ".join(f"{t.fmr:g}: {t.score:.4f}" for t in data.thresholds)
+        lines.append(f"  {band}: {data.provenance.non_mated_pairs} non-mated pairs; {edges}")
+    lines.append(f"written to {out}")
+    emit(args, run.data.model_dump(mode="json", exclude_none=True), "\n".join(lines))
+    return EXIT_OK
+
+
+def use(args: argparse.Namespace) -> int:
+    from edgeid.cli.commands.approvals_cmd import administration, outcome_json, outcome_text
+
+    with administration(args.home_dir) as approvals:
+        outcome = approvals.use_model(
+            LocalOperator.current(), args.name, reason=args.reason, where="cli models use"
+        )
+        ttl = approvals.ttl
+    payload = outcome_json(outcome, ttl)
+    text = outcome_text(outcome)
+    if outcome.model_changed:
+        counts = re_embed_all(args.home_dir, quiet=args.json)
+        payload["re_embedded"] = counts
+        text += f"; re-embedded {sum(counts.values())} faces in {len(counts)} galleries"
+    emit(args, payload, text)
+    return EXIT_OK
+
+
+def re_embed_all(home: Path, *, quiet: bool) -> dict[str, int]:
+    """Every gallery re-embedded with the model now in use (each one recorded)."""
+    from edgeid.cli.commands import accountable
+
+    counts: dict[str, int] = {}
+    with accountable.galleries(home, inference=True) as door:
+        for info in door.galleries.galleries.list_galleries():
+            counts[info.gallery_id] = door.galleries.re_embed(
+                door.caller, info.name, where="cli models use"
+            )
+            if not quiet:
+                _progress(f"gallery {info.gallery_id}: {counts[info.gallery_id]} faces re-embedded")
+    return counts
+
+
+def _counting(done: int, total: int) -> None:
+    if done % 50 == 0 or done == total:
+        print(f"\rembedding images: {done}/{total}", end="", file=sys.stderr, flush=True)
+        if done == total:
+            print(file=sys.stderr)
+
+
+def _size(value: str) -> tuple[int, int]:
+    try:
+        width, _, height = value.lower().partition("x")
+        return int(width), int(height or width)
+    except ValueError:
+        raise BadInputError(
+            f"--input {value!r}: give the chip size as WIDTHxHEIGHT, e.g. 112x112"
+        ) from None
+
+
+def _numbers(value: str, option: str) -> tuple[float, float, float]:
+    try:
+        items = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise BadInputError(f"{option} {value!r}: give 1 or 3 numbers, comma-separated") from None
+    if len(items) == 1:
+        items *= 3
+    if len(items) != 3:
+        raise BadInputError(f"{option} {value!r}: give 1 or 3 numbers, comma-separated")
+    return items[0], items[1], items[2]
+
+
 def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
@@ -78,3 +226,43 @@ def register(
     listing.set_defaults(handler=list_models)
     verify_cmd = models_sub.add_parser("verify", parents=[common], help="check model checksums")
     verify_cmd.set_defaults(handler=verify)
+
+    add_cmd = models_sub.add_parser(
+        "add", parents=[common], help="bring your own licensed ONNX embedder (checked first)"
+    )
+    add_cmd.add_argument("file", help="the ONNX model file")
+    add_cmd.add_argument("--name", required=True, help="its name on this box (a-z, 0-9, _)")
+    add_cmd.add_argument("--task", required=True, choices=["embedding"], help="what it does")
+    add_cmd.add_argument("--input", required=True, help="its input chip size, e.g. 112x112")
+    add_cmd.add_argument(
+        "--align", required=True, choices=["arcface", "dlib"], help="its training alignment"
+    )
+    add_cmd.add_argument("--mean", default="0", help="per-channel mean subtracted (1 or 3 values)")
+    add_cmd.add_argument("--std", default="1", help="per-channel divisor (1 or 3 values)")
+    add_cmd.add_argument("--channels", choices=["RGB", "BGR"], default="RGB")
+    add_cmd.add_argument("--licence", required=True, help="the licence terms it is used under")
+    add_cmd.add_argument("--replace", action="store_true", help=argparse.SUPPRESS)
+    add_cmd.set_defaults(handler=add)
+
+    cal_cmd = models_sub.add_parser(
+        "calibrate", parents=[common], help="measure a model's thresholds on your labelled images"
+    )
+    cal_cmd.add_argument("name", help="the model (edgeid models list)")
+    cal_cmd.add_argument("--images", required=True, help="one folder of images per person")
+    cal_cmd.add_argument("--ages", help="CSV of image,age (age at the photo) for per-band figures")
+    cal_cmd.add_argument(
+        "--band",
+        default="adult",
+        choices=["adult", "teen", "child", "child_6_12", "child_0_5"],
+        help="the age band a set without --ages shows (default adult)",
+    )
+    cal_cmd.add_argument("--data-set", help="how the calibration file names the set")
+    detector_options(cal_cmd)
+    cal_cmd.set_defaults(handler=calibrate)
+
+    use_cmd = models_sub.add_parser(
+        "use", parents=[common], help="put a calibrated embedder in use and re-embed galleries"
+    )
+    use_cmd.add_argument("name", help="the model (edgeid models list)")
+    reason_option(use_cmd, "why the box changes its model")
+    use_cmd.set_defaults(handler=use)

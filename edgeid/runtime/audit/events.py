@@ -70,6 +70,7 @@ class AuditAction(StrEnum):
     CASE_INGESTED = "case_ingested"  # a case ingest started (its cluster searches follow)
     CASE_PURGED = "case_purged"
     STORE_REPAIRED = "store_repaired"  # a damaged gallery or case rewritten from what survived
+    MODEL_CHANGED = "model_changed"  # another embedding model put in use (galleries re-embedded)
     # Two-person rule
     CHANGE_PROPOSED = "change_proposed"
     CHANGE_APPROVED = "change_approved"
@@ -112,6 +113,7 @@ REASON_REQUIRED = CASE_REQUIRED - {AuditAction.DECISION, AuditAction.CASE_REPORT
     AuditAction.CASE_PURGED,
     AuditAction.CHANGE_PROPOSED,
     AuditAction.STORE_REPAIRED,
+    AuditAction.MODEL_CHANGED,
 }
 PROBE_REQUIRED = frozenset({AuditAction.SEARCH, AuditAction.VERIFY})
 

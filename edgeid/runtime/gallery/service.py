@@ -47,7 +47,7 @@ from edgeid.runtime.gallery.thresholds import (
     Calibration,
     CalibrationError,
     ScoreBand,
-    load_calibration,
+    model_calibration,
 )
 from edgeid.runtime.gallery.wording import (
     StrengthLine,
@@ -354,7 +354,8 @@ class GalleryService:
         store = GalleryStore(home, provider_for(home, settings.keys, passphrase=passphrase))
         try:
             activity = activity or InferenceActivity(limits=InferenceLimits.of(settings.inference))
-            return cls(store, pipeline, load_calibration(EMBEDDER_MODEL), activity)
+            model = pipeline.embedder.model_id if pipeline.embedder else EMBEDDER_MODEL
+            return cls(store, pipeline, model_calibration(home / "models", model), activity)
         except BaseException:
             store.close()
             raise

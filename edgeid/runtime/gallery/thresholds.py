@@ -44,6 +44,7 @@ from edgeid.runtime.gallery.age_bands import (
     AgeBand,
     MeasuredBand,
 )
+from edgeid.runtime.inference.embedders import calibration_file
 
 logger = logging.getLogger(__name__)
 
@@ -460,3 +461,31 @@ def operating_fmr_for_fpir(target_fpir: float, gallery_size: int) -> float:
         if fpir_bound(fmr, gallery_size) <= target_fpir:
             return fmr
     return min(CALIBRATED_FMRS)
+
+
+def model_calibration(models_dir: Path, model_id: str) -> Calibration:
+    """The calibration of ``model_id``: the one shipped with it, else the operator's own
+    (``<model>.calibration.json`` beside the models, written by ``edgeid models calibrate``).
+    Read afresh each time: a recalibration takes effect at the next open."""
+    if calibration_path(model_id).exists():
+        return load_calibration(model_id)
+    path = operator_calibration_path(models_dir, model_id)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CalibrationError(
+            f"model {model_id} has no calibration; run `edgeid models calibrate {model_id} "
+            "--images DIR` first"
+        ) from None
+    except OSError as exc:
+        raise CalibrationError(f"calibration {path} cannot be read ({exc.strerror})") from exc
+    calibration = parse_calibration(text, path.name)
+    if calibration.model_id != model_id:
+        raise CalibrationError(
+            f"calibration {path.name} is for model {calibration.model_id}, not {model_id}"
+        )
+    return calibration
+
+
+def operator_calibration_path(models_dir: Path, model_id: str) -> Path:
+    return calibration_file(models_dir, model_id)

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeid.runtime.gallery.age_bands import CHILD_BANDS, MeasuredBand
+from edgeid.runtime.gallery.age_bands import (
+    AGE_BAND_PEOPLE,
+    CHILD_BANDS,
+    MEASURED_BANDS,
+    MeasuredBand,
+)
 from edgeid.runtime.gallery.thresholds import (
     BAND_EDGES,
     DEFAULT_OPERATING_FMR,
@@ -143,8 +148,10 @@ def _about(rate: float | None) -> str:
 
 
 def reliability_note(calibration: Calibration, cal: BandCalibration) -> str:
-    """How far to trust a result for the probe's age band, from the band's figures."""
+    """How far to trust a result for the probe's age band, from the in-use model's own
+    calibration; a figure its calibration does not hold is said to be not measured."""
     parts = [cal.substitution] if cal.substitution else []
+    unmeasured = [b for b in MEASURED_BANDS if b not in calibration.data.bands]
     share = next(
         (s for s in cal.data.at_adult_thresholds if s.adult_fmr == DEFAULT_OPERATING_FMR), None
     )
@@ -166,16 +173,29 @@ def reliability_note(calibration: Calibration, cal: BandCalibration) -> str:
                 f"This model verifies the same child across years far less reliably than an "
                 f"adult ({_about(child)} for children under 13, against {adult} for adults)."
             )
+        else:
+            parts.append(
+                f"How reliably model {calibration.model_id} verifies the same child was not "
+                "measured."
+            )
     elif cal.band == "teen":
         parts.append(
             "Teenagers are told apart less reliably than adults: candidates are leads, not "
             "identifications."
+        )
+    elif _rate_of(calibration, "adult") is None:
+        parts.append(
+            f"How often model {calibration.model_id} verifies the same adult was not measured. "
+            "Candidates are leads for a person to confirm."
         )
     else:
         parts.append(
             f"Adults: the same person across years is verified {adult} of the time by this "
             "model. Candidates are leads for a person to confirm."
         )
+    if unmeasured:
+        labels = ", ".join(AGE_BAND_PEOPLE[b] for b in unmeasured)
+        parts.append(f"Model {calibration.model_id} was not measured on {labels}.")
     return " ".join(parts)
 
 

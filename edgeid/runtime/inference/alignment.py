@@ -352,3 +352,8 @@ def _check_image(image: RGBImage) -> None:
         raise BadInputError(
             f"alignment: expected an RGB uint8 image (h, w, 3), got {image.dtype} {image.shape}"
         )
+
+
+# Public names for other chip geometries (edgeid/runtime/inference/chip_input.py).
+similarity = _similarity
+bilinear = _bilinear

@@ -11,10 +11,13 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from edgeid.runtime.errors import ModelError
 from edgeid.runtime.inference.alignment import face_chip
 from edgeid.runtime.inference.backends.selection import BackendChoice, BackendState, SessionFactory
 from edgeid.runtime.inference.backends.session import ModelOpener
+from edgeid.runtime.inference.chip_input import ChipInput
 from edgeid.runtime.inference.embedder import Embedder
+from edgeid.runtime.inference.embedders import SHIPPED_EMBEDDER, in_use_embedder
 from edgeid.runtime.inference.image_decode import WorkingImage
 from edgeid.runtime.inference.landmarks import ShapePredictor
 from edgeid.runtime.inference.manifest import read_verified_model
@@ -25,7 +28,8 @@ DetectorName = Literal["mmod", "mtcnn"]
 DETECTOR_NAMES: tuple[DetectorName, ...] = ("mmod", "mtcnn")
 # Chosen by measurement on ../shared/data (see README, "Choosing the default detector").
 DEFAULT_DETECTOR: DetectorName = "mtcnn"
-EMBEDDER_MODEL = "dlib_resnet_v1"
+# The shipped embedder; the one a box uses is `in_use_embedder` (edgeid models use).
+EMBEDDER_MODEL = SHIPPED_EMBEDDER
 MMOD_MODEL = "dlib_mmod"
 # TensorRT engines live beside the models folder, keyed by model, GPU and TensorRT version.
 ENGINES_DIR = "engines"
@@ -192,8 +196,12 @@ class FacePipeline:
         flip_tta: bool = False,
         backend: BackendChoice = "auto",
         engine_cache_dir: Path | None = None,
+        embedder_model: str | None = None,
     ) -> FacePipeline:
         """Verified models on the chosen backend (``auto``: TensorRT where a GPU answers).
+
+        The embedder is ``embedder_model``, by default the one in use on the box
+        (``models/in-use.json``, else the shipped one).
 
         TensorRT engines are cached in ``engine_cache_dir`` (default: ``engines/`` beside the
         models folder); ``backend_state`` then says ``cpu``, ``tensorrt`` or ``degraded``.
@@ -204,9 +212,14 @@ class FacePipeline:
         _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
         embedder = None
         if with_embedder:
-            manifest, emb_bytes = read_verified_model(models_dir, EMBEDDER_MODEL)
-            session = sessions.open(EMBEDDER_MODEL, manifest.sha256, emb_bytes)
-            embedder = Embedder(session, EMBEDDER_MODEL)
+            name = embedder_model or in_use_embedder(models_dir)
+            manifest, emb_bytes = read_verified_model(models_dir, name)
+            if manifest.task != "face-embedding":
+                raise ModelError(f"model {name} is a {manifest.task} model, not an embedder")
+            session = sessions.open(name, manifest.sha256, emb_bytes)
+            # The shipped model reads the stored chip as it is; others say what they need.
+            chip_input = None if name == SHIPPED_EMBEDDER else ChipInput.of(manifest.preprocessing)
+            embedder = Embedder(session, name, chip_input)
         pipeline = cls(
             load_detector(models_dir, detector, threads, upsample, sessions.open),
             ShapePredictor.from_bytes(sp_bytes),

@@ -1,7 +1,8 @@
 """The two-person rule: what cannot be undone or widens access waits for a second person.
 
 Covered: erasing a whole gallery, granting a user access to a gallery, creating an admin (or
-making one of an existing user), purging a case before its retention date. Every door asks
+making one of an existing user), purging a case before its retention date, putting another
+embedding model in use (``services/models.py``). Every door asks
 here; with ``security.dual_control`` on (the default) the change becomes a ``Proposal``
 (``change_proposed``), which a different admin or supervisor approves (``change_approved``,
 then the change itself is carried out through the core service, recorded under the
@@ -37,6 +38,7 @@ from edgeid.runtime.services.caller import Caller, same_person
 from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.consent import ChangeKind, Consent, issue
 from edgeid.runtime.services.galleries import AccountableGalleries, GalleryErased
+from edgeid.runtime.services.models import ModelAdmin
 from edgeid.runtime.services.proposals import (
     MAX_PENDING,
     Proposal,
@@ -57,6 +59,7 @@ NEEDED: dict[ChangeKind, Permission | None] = {
     ChangeKind.CREATE_ADMIN: Permission.USERS,
     ChangeKind.PROMOTE_ADMIN: Permission.USERS,
     ChangeKind.PURGE_CASE: None,  # the case's owner; checked when proposed
+    ChangeKind.USE_MODEL: Permission.SETTINGS,
 }
 # Changes that hand their target access: the approver may not be that target.
 GIVES_ACCESS = frozenset({ChangeKind.GRANT_GALLERIES, ChangeKind.PROMOTE_ADMIN})
@@ -84,6 +87,11 @@ class Outcome:
     one_time_password: str | None = None  # a new admin's, shown once to whoever made it
     erased: GalleryErased | None = None
     case: CaseMeta | None = None
+
+    @property
+    def model_changed(self) -> bool:
+        """Another embedding model is now in use: the galleries are to be re-embedded."""
+        return self.done and self.kind is ChangeKind.USE_MODEL
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ class Approvals:
         *,
         galleries: AccountableGalleries | None = None,
         cases: AccountableCases | None = None,
+        models: ModelAdmin | None = None,
         dual_control: bool = True,
         ttl: timedelta = DEFAULT_TTL,
         clock: Clock = utc_now,
@@ -133,6 +142,7 @@ class Approvals:
         self.accounts = accounts
         self.galleries = galleries
         self.cases = cases
+        self.models = models
         self.dual_control = dual_control
         self.ttl = ttl
         self._clock = clock
@@ -192,6 +202,17 @@ class Approvals:
             return Outcome(ChangeKind.PURGE_CASE, f"purge case {meta.number}", True, case=purged)
         change = _Change(ChangeKind.PURGE_CASE, meta.case_id, case_number=meta.number)
         return self._ask(caller, change, reason, where)
+
+    def use_model(self, caller: Caller, name: str, *, reason: str, where: str) -> Outcome:
+        """Put another embedding model in use; refused at once for a model that cannot be
+        used (not verified, not an embedder, no calibration) or is in use already."""
+        models = self._need_models()
+        models.require(caller, where=where, name=name)
+        reason = check_reason(reason)
+        models.check_usable(name)
+        if models.in_use() == name:
+            raise BadInputError(f"model {name} is in use already")
+        return self._ask(caller, _Change(ChangeKind.USE_MODEL, name), reason, where)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -369,6 +390,9 @@ class Approvals:
                 caller, target, Role.ADMIN, where=where, consent=consent
             )
             return Outcome(kind, summary, True, user=user)
+        if kind is ChangeKind.USE_MODEL:
+            self._need_models().use(caller, target, reason=reason, where=where, consent=consent)
+            return Outcome(kind, summary, True)
         meta = self._need_cases().purge(caller, target, reason, where=where, consent=consent)
         return Outcome(kind, summary, True, case=meta)
 
@@ -450,6 +474,14 @@ class Approvals:
         if self.galleries is None:
             raise UnavailableHereError("this command does not open the galleries")
         return self.galleries
+
+    def _need_models(self) -> ModelAdmin:
+        if self.models is None:
+            raise UnavailableHereError(
+                "the embedding model is changed at the shell: edgeid approvals approve (service "
+                "stopped), then the galleries are re-embedded"
+            )
+        return self.models
 
     def _need_cases(self) -> AccountableCases:
         if self.cases is None:

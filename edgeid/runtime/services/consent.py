@@ -29,6 +29,7 @@ class ChangeKind(enum.StrEnum):
     CREATE_ADMIN = "create_admin"
     PROMOTE_ADMIN = "promote_admin"
     PURGE_CASE = "purge_case"
+    USE_MODEL = "use_model"  # another embedding model: changes every search's answers
 
 
 class DualControlError(AccessDeniedError):

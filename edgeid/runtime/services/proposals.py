@@ -69,6 +69,8 @@ def describe(
         return f"create admin {target}"
     if kind is ChangeKind.PROMOTE_ADMIN:
         return f"make {target} an admin"
+    if kind is ChangeKind.USE_MODEL:
+        return f"put embedding model {target} in use"
     return f"purge case {case_number or target} before its retention date"
 
 

@@ -29,7 +29,7 @@ from edgeid.runtime.telemetry.schema import (
     coarse,
 )
 from edgeid.runtime.telemetry.sensors import SensorReader
-from edgeid.runtime.telemetry.software import schema_version
+from edgeid.runtime.telemetry.software import MODELS_DIR, embedder_id, schema_version
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,11 @@ class HealthCollector:
             temperatures=temperatures,
             gpus=gpus,
             inference=self._inference(figures),
-            software=Software(edgeid=self._version, models=self._models()),
+            software=Software(
+                edgeid=self._version,
+                models=self._models(),
+                embedder=embedder_id(self._home / MODELS_DIR),
+            ),
             spool=spool,
             enrolled_faces=self._count(),
             integrity=self._integrity(),

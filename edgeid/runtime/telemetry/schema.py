@@ -135,6 +135,8 @@ class Inference(_Strict):
 class Software(_Strict):
     edgeid: Version
     models: list[ModelId] = Field(max_length=32)
+    # The embedding model searches run with (edgeid models use); None: not readable.
+    embedder: ModelId | None = None
 
 
 class SpoolState(_Strict):
