@@ -38,6 +38,16 @@ COMMANDS: dict[str, Command] = {
     "models build": Command(NEITHER, why="converts shipped weights"),
     "models list": Command(NEITHER),
     "models verify": Command(NEITHER),
+    "models add": Command(NEITHER, why="an operator's model file and its manifest"),
+    "models calibrate": Command(
+        NEITHER, why="the operator's labelled images in, thresholds out; no gallery data"
+    ),
+    "models use": Command(
+        CHANGES,
+        AuditAction.MODEL_CHANGED,
+        "test_operator_models::"
+        "test_with_dual_control_off_use_switches_and_re_embeds_and_search_finds_the_mate",
+    ),
     "detect": Command(NEITHER, why="boxes in an image the technician passes; no gallery read"),
     "embed": Command(NEITHER, why="the same, with templates of that image only"),
     "eval lfw": Command(NEITHER, why="public benchmark images"),

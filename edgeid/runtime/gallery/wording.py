@@ -162,7 +162,8 @@ def reliability_note(calibration: Calibration, cal: BandCalibration) -> str:
             f"thresholds measured for {cal.people}."
         )
     adult = _about(_rate_of(calibration, "adult"))
-    if cal.band in CHILD_BANDS:
+    # The probe's own age band decides the advice, even where another band's figures apply.
+    if cal.band in CHILD_BANDS or cal.stated in CHILD_BANDS:
         child = _rate_of(calibration, "child")
         parts.append(
             "Review the candidates in rank order: each is a lead to check, and a missing "
@@ -178,7 +179,7 @@ def reliability_note(calibration: Calibration, cal: BandCalibration) -> str:
                 f"How reliably model {calibration.model_id} verifies the same child was not "
                 "measured."
             )
-    elif cal.band == "teen":
+    elif "teen" in (cal.band, cal.stated):
         parts.append(
             "Teenagers are told apart less reliably than adults: candidates are leads, not "
             "identifications."
