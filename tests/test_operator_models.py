@@ -96,8 +96,9 @@ def build_embedder(
 
 
 def add_args(model: Path, name: str = NAME, size: str = "112x112") -> list[str]:
-    return ["models", "add", str(model), "--name", name, "--task", "embedding", "--input", size,
-            "--align", "arcface", "--mean", "127.5", "--std", "127.5", "--licence", LICENCE]  # fmt: skip
+    declared = ["--task", "embedding", "--input", size, "--align", "arcface"]
+    pixels = ["--mean", "127.5", "--std", "127.5"]
+    return ["models", "add", str(model), "--name", name, *declared, *pixels, "--licence", LICENCE]
 
 
 def edgeid(home: Path, *argv: str) -> tuple[int, object, str]:
@@ -178,7 +179,7 @@ def calibrated(
     code, _, err = edgeid(home, *add_args(onnx_dir / "good.onnx"))
     assert code == 0, err
     calibration_set, held_out = people_split(lfw_dir, root)
-    code, out, err = edgeid(home, "models", "calibrate", NAME, "--images", str(calibration_set))
+    code, _, err = edgeid(home, "models", "calibrate", NAME, "--images", str(calibration_set))
     assert code == 0, err
     return home, held_out
 
@@ -235,7 +236,7 @@ def test_a_model_not_of_its_declared_shape_is_refused_in_one_line(
     home = tmp_path / "home"
     folder = own_models(home, models_dir)
     before = sorted(p.name for p in folder.iterdir())
-    code, out, err = cli(capsys, home, *add_args(onnx_dir / model))
+    code, _, err = cli(capsys, home, *add_args(onnx_dir / model))
     assert code == 2
     assert words in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
@@ -315,8 +316,8 @@ def test_the_reliability_note_says_what_the_model_was_not_measured_on(
 def enrol(home: Path, photo: Path) -> str:
     code, _, err = edgeid(home, "gallery", "create", GALLERY)
     assert code == 0, err
-    code, out, err = edgeid(home, "gallery", "enroll", GALLERY, str(photo), "--name",
-                            "Quillon Test Subject", "--legal-basis", "warrant W-1/2026")  # fmt: skip
+    subject = ["--name", "Quillon Test Subject", "--legal-basis", "warrant W-1/2026"]
+    code, out, err = edgeid(home, "gallery", "enroll", GALLERY, str(photo), *subject)
     assert code == 0 and isinstance(out, dict), err
     return str(out["subject_id"])
 

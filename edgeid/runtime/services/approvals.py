@@ -235,6 +235,8 @@ class Approvals:
         """A second person's approval: recorded, then the change is carried out."""
         self._require_approver(caller, proposal_id, where=where)
         proposal = self._open(proposal_id)
+        if proposal.kind is ChangeKind.USE_MODEL:
+            self._need_models()  # before anything is decided: the web cannot carry it out
         resource = f"proposal {proposal_id}"
         if same_person(caller.actor.user, proposal.proposer):
             raise self.recorder.refused(
