@@ -440,3 +440,44 @@ def test_under_dual_control_a_second_person_approves_and_the_galleries_are_re_em
     assert len(changed) == 1 and changed[0].user == me
     pid = asked.proposal.proposal_id
     assert f"proposal {pid} by admin, approved by {me}" in (changed[0].detail or "")
+
+
+# -- ages ------------------------------------------------------------------------------------
+
+
+def test_ages_give_each_band_its_own_figures_and_a_bad_ages_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The age plumbing alone, on templates drawn per person (no model): with an ages file,
+    the adult and the child bands are measured each on their own pairs; bands without 300
+    non-mated pairs are absent."""
+    from edgeid.runtime.errors import BadInputError
+    from edgeid.runtime.evaluation.operator_calibration import calibrate_model
+
+    images = tmp_path / "set"
+    rows = ["image,age"]
+    rng = np.random.default_rng(3)
+    centres: dict[str, np.ndarray] = {}
+    for p in range(60):
+        person = f"person_{p:02d}"
+        (images / person).mkdir(parents=True)
+        centres[person] = rng.standard_normal(32)
+        for i in range(2):
+            name = f"{person}_{i}.jpg"
+            (images / person / name).write_bytes(b"\xff\xd8")
+            rows.append(f"{person}/{name},{8 if p < 30 else 40}")
+    ages = tmp_path / "ages.csv"
+    ages.write_text("\n".join(rows) + "\n")
+
+    def embed(path: Path) -> np.ndarray:
+        vector = centres[path.parent.name] + 0.3 * rng.standard_normal(32)
+        return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+    run = calibrate_model("agency_arcface", labelled_images(images, ages), embed, data_set="t")
+    assert set(run.data.bands) == {"adult", "child", "child_6_12"}
+    assert run.data.bands["adult"].provenance.people == 30
+    assert run.data.bands["child_6_12"].provenance.images == 60
+    assert all(b.verification is not None for b in run.data.bands.values())
+    ages.write_text("image,age\nperson_00/person_00_0.jpg,eight\n")
+    with pytest.raises(BadInputError, match="line 2: expected 'image,age'"):
+        labelled_images(images, ages)
