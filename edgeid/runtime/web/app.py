@@ -38,7 +38,7 @@ from edgeid.runtime.errors import AccessDeniedError, BadInputError, EdgeidError,
 from edgeid.runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from edgeid.runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
 from edgeid.runtime.services.accounts import AccountAdmin
-from edgeid.runtime.services.approvals import Approvals
+from edgeid.runtime.services.approvals import Approvals, UnavailableHereError
 from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.erasures import ErasureParticipant
 from edgeid.runtime.services.galleries import AccountableGalleries
@@ -104,6 +104,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (DuplicateSubjectError, 409),
     (GalleryExistsError, 409),
     (UserExistsError, 409),
+    (UnavailableHereError, 409),  # e.g. a model change is approved at the shell
     (QualityGateError, 422),
     (OverloadedError, 503),
     (WorkContextRequiredError, 400),
