@@ -49,7 +49,11 @@ run: setup
 	$(BIN)/edgeid init
 	$(BIN)/edgeid serve
 
+# vermin: the whole product runs on Python 3.10 (JetPack 6), which cannot be installed here, so
+# no stdlib module or name newer than 3.10 may be used (edgeid.runtime.compat has the backports).
 lint: $(DEV_STAMP)
+	$(BIN)/vermin --target=3.10- --violations --eval-annotations --no-tips --quiet \
+		edgeid firmware benchmarks tests
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -40,6 +40,7 @@ from edgeid.provisioning.config import updated, write_settings
 from edgeid.provisioning.kek import best_sealer, choose_provider, ensure_keyring, keyring_info
 from edgeid.provisioning.report import CheckResult, StepResult, StepStatus, first_clause, passed
 from edgeid.provisioning.selftest import run_selftest
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settings
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
@@ -327,7 +328,7 @@ def run_init(
     now: dt.datetime | None = None,
     progress: Progress | None = None,
 ) -> InitResult:
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     plan = plan_init(home, req, when)
     make_private_dir(home)
     actions: list[tuple[str, Action]] = [

@@ -27,6 +27,7 @@ from edgeid.provisioning.broker import check_broker
 from edgeid.provisioning.certificates import describe_cert, inspect, service_paths
 from edgeid.provisioning.kek import check_data_keys
 from edgeid.provisioning.report import CheckResult, Outcome, first_clause
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import Settings, load_settings
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.evaluation.detection import iou
@@ -195,7 +196,7 @@ def check_telemetry(settings: Settings) -> tuple[Outcome, str]:
 def run_selftest(
     home: Path, *, passphrase: str | None = None, now: dt.datetime | None = None
 ) -> list[CheckResult]:
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     try:
         settings = load_settings(home)
         config = CheckResult("configuration", Outcome.PASS, f"{home / 'edgeid.toml'} is valid")

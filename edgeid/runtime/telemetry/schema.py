@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import EdgeidError
 
 SCHEMA_VERSION: Literal[1] = 1

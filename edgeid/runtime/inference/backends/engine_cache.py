@@ -31,10 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import ModelError
 
 logger = logging.getLogger(__name__)
