@@ -162,7 +162,9 @@ def _engines(home: Path) -> Item:
     except EdgeidError as exc:
         return Item("TensorRT engines", State.PROBLEM, str(exc))
     missing = [
-        m.name for m in onnx if not cache.engine_path(platform.engine_key(m.sha256)).is_file()
+        m.name
+        for m in onnx
+        if not cache.engine_path(platform.engine_key(m.sha256, m.name)).is_file()
     ]
     where = f"{platform.gpu_name}, TensorRT {platform.trt_version}"
     if missing or not onnx:

@@ -179,6 +179,8 @@ class FacePipeline:
         self.flip_tta = flip_tta
         # What the models run on: "cpu", "tensorrt", or "degraded" (TensorRT expected, CPU used).
         self.backend_state: BackendState = "cpu"
+        # The sessions' factory when load() opened them: GPU memory figures and closing.
+        self.sessions: SessionFactory | None = None
 
     @classmethod
     def load(
@@ -201,20 +203,34 @@ class FacePipeline:
         sessions = SessionFactory(
             backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads
         )
-        _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
-        embedder = None
-        if with_embedder:
-            manifest, emb_bytes = read_verified_model(models_dir, EMBEDDER_MODEL)
-            session = sessions.open(EMBEDDER_MODEL, manifest.sha256, emb_bytes)
-            embedder = Embedder(session, EMBEDDER_MODEL)
-        pipeline = cls(
-            load_detector(models_dir, detector, threads, upsample, sessions.open),
-            ShapePredictor.from_bytes(sp_bytes),
-            embedder,
-            flip_tta=flip_tta,
-        )
+        try:
+            _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
+            embedder = None
+            if with_embedder:
+                manifest, emb_bytes = read_verified_model(models_dir, EMBEDDER_MODEL)
+                session = sessions.open(EMBEDDER_MODEL, manifest.sha256, emb_bytes)
+                embedder = Embedder(session, EMBEDDER_MODEL)
+            pipeline = cls(
+                load_detector(models_dir, detector, threads, upsample, sessions.open),
+                ShapePredictor.from_bytes(sp_bytes),
+                embedder,
+                flip_tta=flip_tta,
+            )
+        except BaseException:
+            sessions.close()  # engines opened before the failure hold GPU memory
+            raise
         pipeline.backend_state = sessions.state
+        pipeline.sessions = sessions
         return pipeline
+
+    def gpu_memory(self) -> dict[str, int]:
+        """Bytes of GPU memory each model's TensorRT engine holds (empty on the CPU)."""
+        return self.sessions.gpu_memory() if self.sessions is not None else {}
+
+    def close(self) -> None:
+        """Free the TensorRT engines (the pipeline cannot run afterwards on them)."""
+        if self.sessions is not None:
+            self.sessions.close()
 
     def detect(self, image: RGBImage, *, timer: StageTimer | None = None) -> list[Face]:
         """Every face of the image with its landmarks and quality (no embedding)."""
