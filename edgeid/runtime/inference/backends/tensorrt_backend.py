@@ -585,6 +585,20 @@ def _require_gpu() -> _Gpu:
     return state
 
 
+def device_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of the GPU's memory now; None without a usable GPU."""
+    try:
+        gpu = _require_gpu()
+    except TensorRTUnavailableError:
+        return None
+    with gpu.activated():
+        try:
+            free, total = gpu.cuda.mem_get_info()
+        except Exception:  # pycuda.driver.Error: the figure is optional
+            return None
+    return int(free), int(total)
+
+
 def last_trt_error() -> str | None:
     """The last error TensorRT logged in this process (None before TensorRT was set up)."""
     state = _gpu_state
