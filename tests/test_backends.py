@@ -1416,6 +1416,7 @@ def test_activation_memory_follows_the_shapes_and_is_reported(
     session.run(names, {"image": np.zeros((1, 3, 40, 60), np.float32)})
     assert session.gpu_memory_bytes() == large  # grown buffers are kept, not churned
     session.close()
+    assert session.gpu_memory_bytes() == 0
 
 
 def test_static_allocation_where_tensorrt_has_no_on_demand_memory(

@@ -858,11 +858,15 @@ class TensorRTSession:
             self._stream = None
 
     def gpu_memory_bytes(self) -> int:
-        """Device memory this session holds now: the engine as loaded plus its buffers."""
-        with self._lock:
-            buffers = sum(slot.device_bytes for slot in self._slots.values())
-            scratch = self._scratch.size if self._scratch is not None else 0
-            return (self.resident_bytes or 0) + buffers + scratch
+        """Device memory this session holds now: the engine as loaded plus its buffers.
+
+        Read without the session's lock (plain integers), so /healthz never waits for a long
+        call; a figure read while a buffer grows is the old or the new size."""
+        if self._closed:
+            return 0
+        buffers = sum(slot.device_bytes for slot in list(self._slots.values()))
+        scratch = self._scratch.size if self._scratch is not None else 0
+        return (self.resident_bytes or 0) + buffers + scratch
 
     def _read_slots(self) -> dict[str, _Slot]:
         trt, engine = self._gpu.trt, self._engine
