@@ -315,6 +315,7 @@ def _engines(home: Path) -> tuple[StepStatus, str]:
     before = _snapshot(folder)
     for detector in DETECTOR_NAMES:
         pipeline = FacePipeline.load(home / "models", detector, backend="tensorrt")
+        pipeline.close()  # only the cached engines were wanted; free them now
         if pipeline.backend_state != "tensorrt":
             return StepStatus.FAILED, f"{detector}: TensorRT fell back to the CPU; see the log"
     where = f"{platform.gpu_name}, TensorRT {platform.trt_version}, {platform.precision}"

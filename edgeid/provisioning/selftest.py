@@ -121,11 +121,15 @@ def check_pipeline(
             return Outcome.FAIL, f"model {name} is not the one the reference was recorded with"
     image = decode_image(_reference_image(models_dir, reference), name=reference.image_file)
     pipeline = FacePipeline.load(models_dir, detector, threads=threads, backend=backend)
-    if backend == "tensorrt" and pipeline.backend_state != "tensorrt":
-        return Outcome.FAIL, f"TensorRT did not run the models (backend {pipeline.backend_state})"
-    outcome, detail = compare_faces(
-        pipeline.embed(image), reference.detectors[detector], reference.tolerance
-    )
+    try:
+        if backend == "tensorrt" and pipeline.backend_state != "tensorrt":
+            state = pipeline.backend_state
+            return Outcome.FAIL, f"TensorRT did not run the models (backend {state})"
+        outcome, detail = compare_faces(
+            pipeline.embed(image), reference.detectors[detector], reference.tolerance
+        )
+    finally:
+        pipeline.close()  # free the GPU engines in this thread, not in a finaliser
     return outcome, f"{detector}: {detail}"
 
 
