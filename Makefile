@@ -11,6 +11,21 @@ FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.wh
 SELFTEST_WHEEL := $(EDGEID_HOME)/wheelhouse/scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+# Jetson (JetPack 6): TensorRT and its Python 3.10 bindings are system packages, so the venv is
+# made from the system Python and sees its site-packages. Detected from /etc/nv_tegra_release;
+# JETSON=1 or JETSON=0 overrides. Changing it needs `make clean` (the venv is made once).
+JETSON ?= $(if $(wildcard /etc/nv_tegra_release),1,0)
+ifeq ($(JETSON),1)
+VENV_FLAGS := --system-site-packages
+GPU_EXTRA := jetson
+else
+VENV_FLAGS :=
+# TensorRT's CUDA build for make gpu-check: 12 (drivers r525+) or 13 (drivers r580+).
+CUDA ?= 12
+GPU_EXTRA := $(if $(filter 13,$(CUDA)),tensorrt-cu13,tensorrt)
+endif
+GPU_STAMP := $(VENV)/.gpu-$(GPU_EXTRA)-installed
+GPU_REPORT ?= $(EDGEID_HOME)/gpu-check.json
 
 .PHONY: setup setup-dev run test bench models lint clean gpu-check
 
@@ -19,7 +34,7 @@ setup: $(RUNTIME_STAMP) models
 setup-dev: $(DEV_STAMP) models
 
 $(RUNTIME_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
 	touch $@
@@ -49,7 +64,11 @@ run: setup
 	$(BIN)/edgeid init
 	$(BIN)/edgeid serve
 
+# vermin: the whole product runs on Python 3.10 (JetPack 6), which cannot be installed here, so
+# no stdlib module or name newer than 3.10 may be used (edgeid.runtime.compat has the backports).
 lint: $(DEV_STAMP)
+	$(BIN)/vermin --target=3.10- --violations --eval-annotations --no-tips --quiet \
+		edgeid firmware benchmarks tests
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -61,10 +80,19 @@ test: setup-dev lint
 bench: setup-dev
 	$(BIN)/python -m benchmarks.run_all --data $(DATA)
 
-# TensorRT engines against ONNX Runtime on the shared images; needs an NVIDIA GPU, TensorRT 10
-# and pycuda (pip install -e '.[tensorrt]'); exits 2 when they are absent.
-gpu-check: setup-dev
-	$(BIN)/python firmware/gpu_check.py --data $(DATA)
+# TensorRT engines against ONNX Runtime on the shared images (firmware/gpu_check.py), with the
+# JSON report in $(GPU_REPORT). Installs edgeid[$(GPU_EXTRA)] first; the preflight says what the
+# machine lacks (driver, CUDA toolkit for pycuda's build, TensorRT 10) and exits 2 before and
+# after the install when something is missing. It needs the runtime only, not the dev tools
+# (some have no aarch64 wheels for a Jetson).
+gpu-check: setup $(GPU_STAMP)
+	$(BIN)/python firmware/gpu_preflight.py
+	$(BIN)/python firmware/gpu_check.py --data $(DATA) --report $(GPU_REPORT)
+
+$(GPU_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/python firmware/gpu_preflight.py --before-install
+	$(BIN)/pip install --quiet -e '.[$(GPU_EXTRA)]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import (
     DeviceSettings,
     Settings,
@@ -110,7 +111,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def make_authority(folder: Path, name: str) -> Authority:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -144,7 +145,7 @@ def make_authority(folder: Path, name: str) -> Authority:
 
 def issue(authority: Authority, folder: Path, cn: str, *, server: bool = False) -> Identity:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))

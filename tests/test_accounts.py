@@ -4,7 +4,7 @@ and real argon2id hashes (no face models needed)."""
 from __future__ import annotations
 
 import stat
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from edgeid.runtime.accounts.throttle import (
 )
 from edgeid.runtime.accounts.tokens import TokenStore
 from edgeid.runtime.accounts.users import UserStore
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 
 NEW_PASSWORD = "a long enough passphrase"

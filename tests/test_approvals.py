@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from edgeid.runtime.audit import AuditAction, AuditLog
 from edgeid.runtime.audit.events import AuditEvent
 from edgeid.runtime.audit.recorder import Recorder
 from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import Settings
 from edgeid.runtime.errors import AccessDeniedError, BadInputError
 from edgeid.runtime.gallery.service import GalleryService

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,7 @@ from edgeid.runtime.audit.frames import (
 )
 from edgeid.runtime.audit.layout import HEAD_FILE, LOG_FILE
 from edgeid.runtime.audit.signing import sign_checkpoint, sign_head, write_head
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.identity.device_key import (
     ensure_device_key,

@@ -10,7 +10,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from edgeid.runtime.audit import (
 )
 from edgeid.runtime.audit.frames import FRAME_MAGIC, ScanState, scan_frames
 from edgeid.runtime.audit.layout import AUDIT_KEY_SCOPE, CREATING_MARKER, HEAD_FILE, LOG_FILE
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError, DiskFullError
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.identity.device_key import ensure_device_key

@@ -7,11 +7,13 @@ fake builder. The ``gpu`` tests skip unless TensorRT 10, pycuda and an NVIDIA GP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ KEY = EngineKey(
     compute_capability=(8, 6),
     precision="fp16",
     build_settings="settings-1",
+    cuda_variant="cu12",
 )
 OTHER_FIELD_VALUES: dict[str, object] = {
     "model_sha256": SHA_B,
@@ -57,6 +60,7 @@ OTHER_FIELD_VALUES: dict[str, object] = {
     "compute_capability": (8, 9),
     "precision": "fp32",
     "build_settings": "settings-2",
+    "cuda_variant": "cu13",
 }
 
 
@@ -104,7 +108,7 @@ def test_key_covers_every_field() -> None:
 
 def test_layout_is_per_trt_version_and_gpu(cache: EngineCache) -> None:
     path = cache.engine_path(KEY)
-    assert path.parent == cache.root / "trt-10.7.0" / "nvidia-rtx-a4000-sm86"
+    assert path.parent == cache.root / "trt-10.7.0-cu12" / "nvidia-rtx-a4000-sm86"
     assert path.name.startswith(SHA_A[:16] + "-fp16-") and path.name.endswith(".engine")
     assert cache.timing_cache_path(KEY.platform).parent == path.parent
 
@@ -172,6 +176,7 @@ def test_truncation_detected_and_rebuilt(cache: EngineCache, keep: int) -> None:
         ("trt_version", "TensorRT"),
         ("precision", "fp32"),
         ("build_settings", "settings"),
+        ("cuda_variant", "cu13"),
     ],
 )
 def test_engine_from_another_platform_detected_and_rebuilt(
@@ -440,8 +445,10 @@ def test_mmod_gets_a_dynamic_height_and_width_profile(
     assert profile.min == (1, 3, 29, 29)
     assert profile.opt == (1, 3, trtb.DYNAMIC_OPT_HEIGHT, trtb.DYNAMIC_OPT_WIDTH)
     assert profile.max == (1, 3, *max_hw)
-    (pnet,) = trtb.plan_profiles(models["mtcnn_pnet"][1])
-    assert pnet.max == (1, 3, *max_hw) and pnet.min[2] == pnet.min[3] <= 12
+    (pnet,) = trtb.plan_profiles(models["mtcnn_pnet"][1], plan=trtb.spatial_plan("mtcnn_pnet"))
+    side = trtb.PNET_MAX_SIDE
+    assert pnet.max == (1, 3, side, side) and pnet.min[2] == pnet.min[3] <= 12
+    assert pnet.min <= pnet.opt <= pnet.max
 
 
 def test_profile_covers_the_mmod_canvas_of_a_4k_frame() -> None:
@@ -607,6 +614,22 @@ def test_working_tensorrt_is_used(
 # only the gpu tests below and make gpu-check prove the real thing.
 
 FAKE_MAGIC = b"FAKE-TRT-ENGINE\n"
+# Device memory of the fake GPU, for mem_get_info.
+FAKE_GPU_BYTES = 8 << 30
+# What a fake engine's weights take on the device when deserialised.
+FAKE_WEIGHT_BYTES = 4096
+_cuda_thread = threading.local()
+
+
+def _context_depth() -> int:
+    """How many times this thread has pushed the CUDA context (and not popped it)."""
+    return int(getattr(_cuda_thread, "depth", 0))
+
+
+def _need_context(what: str) -> None:
+    """Real CUDA calls fail (or act on another context) without the context current in the
+    calling thread: the fakes refuse them."""
+    assert _context_depth() > 0, f"{what} outside the CUDA context in this thread"
 
 
 class _FakeEnum:
@@ -621,6 +644,7 @@ class _FakeDevice:
     next_address = 0x1000
 
     def __init__(self, nbytes: int) -> None:
+        _need_context("cuMemAlloc")
         self.address = _FakeDevice.next_address
         _FakeDevice.next_address += 0x1000 + nbytes
         _FakeDevice.memory[self.address] = bytearray(nbytes)
@@ -629,7 +653,12 @@ class _FakeDevice:
         return self.address
 
     def free(self) -> None:
+        _need_context("cuMemFree")
         del _FakeDevice.memory[self.address]
+
+    @staticmethod
+    def used() -> int:
+        return sum(len(block) for block in _FakeDevice.memory.values())
 
 
 class _FakeCuda:
@@ -638,18 +667,20 @@ class _FakeCuda:
     class Stream:
         handle = 7
 
+        def __init__(self) -> None:
+            _need_context("cuStreamCreate")
+
         def synchronize(self) -> None:
-            pass
+            _need_context("cuStreamSynchronize")
 
     class Context:
-        depth = 0
-
         def push(self) -> None:
-            _FakeCuda.Context.depth += 1
+            _cuda_thread.depth = _context_depth() + 1
 
         @staticmethod
         def pop() -> None:
-            _FakeCuda.Context.depth -= 1
+            assert _context_depth() > 0, "popped a context this thread never pushed"
+            _cuda_thread.depth = _context_depth() - 1
 
     class Device:
         def __init__(self, index: int) -> None:
@@ -671,29 +702,74 @@ class _FakeCuda:
     def init(self) -> None:
         pass
 
+    @staticmethod
+    def get_version() -> tuple[int, int, int]:
+        return (12, 4, 0)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        _need_context("cuMemGetInfo")
+        return FAKE_GPU_BYTES - _FakeDevice.used(), FAKE_GPU_BYTES
+
     def mem_alloc(self, nbytes: int) -> _FakeDevice:
         return _FakeDevice(nbytes)
 
     def pagelocked_empty(self, shape: Any, dtype: Any) -> np.ndarray[Any, Any]:
+        _need_context("cuMemHostAlloc")
         return np.empty(shape, dtype)
 
     def memcpy_htod_async(self, dest: _FakeDevice, src: np.ndarray[Any, Any], stream: Any) -> None:
-        assert _FakeCuda.Context.depth > 0, "CUDA call outside the context"
+        _need_context("cuMemcpyHtoDAsync")
         _FakeDevice.memory[int(dest)][: src.nbytes] = src.tobytes()
 
     def memcpy_dtoh_async(self, dest: np.ndarray[Any, Any], src: _FakeDevice, stream: Any) -> None:
+        _need_context("cuMemcpyDtoHAsync")
         raw = bytes(_FakeDevice.memory[int(src)][: dest.nbytes])
         dest[...] = np.frombuffer(raw, dtype=dest.dtype).reshape(dest.shape)
 
 
+class _FakeSeverity:
+    INTERNAL_ERROR = _FakeEnum("INTERNAL_ERROR")
+    ERROR = _FakeEnum("ERROR")
+    WARNING = _FakeEnum("WARNING")
+    INFO = _FakeEnum("INFO")
+    VERBOSE = _FakeEnum("VERBOSE")
+
+
+class _FakeILogger:
+    """tensorrt.ILogger: subclasses must call the base __init__ and implement log()."""
+
+    Severity = _FakeSeverity
+
+    def __init__(self) -> None:
+        self.initialised = True
+
+    def log(self, severity: Any, msg: str) -> None:
+        raise NotImplementedError
+
+
+def _checked_logger(logger: Any) -> _FakeILogger:
+    assert isinstance(logger, _FakeILogger) and getattr(logger, "initialised", False), (
+        "TensorRT objects take an initialised ILogger"
+    )
+    return logger
+
+
+class _FakeAllocation:
+    STATIC = _FakeEnum("STATIC")
+    ON_PROFILE_CHANGE = _FakeEnum("ON_PROFILE_CHANGE")
+    USER_MANAGED = _FakeEnum("USER_MANAGED")
+
+
 class _FakeEngine:
-    def __init__(self, model: bytes, profiles: list[dict[str, Any]]) -> None:
+    def __init__(self, trt: _FakeTrt, model: bytes, profiles: list[dict[str, Any]]) -> None:
+        self.trt = trt
         self.ort = create_cpu_session(model, ORT_THREADS)
         self.profiles = {p["name"]: p for p in profiles}
         self.inputs = {i.name: i for i in self.ort.get_inputs()}
         self.outputs = {o.name: o for o in self.ort.get_outputs()}
         self.names = [*self.inputs, *self.outputs]
         self.num_io_tensors = len(self.names)
+        self.weights = _FakeDevice(FAKE_WEIGHT_BYTES)
 
     def get_tensor_name(self, index: int) -> str:
         return self.names[index]
@@ -713,23 +789,44 @@ class _FakeEngine:
         p = self.profiles[name]
         return [tuple(p["min"]), tuple(p["opt"]), tuple(p["max"])]
 
-    def create_execution_context(self) -> _FakeContext:
-        return _FakeContext(self)
+    def create_execution_context(self, strategy: Any = _FakeAllocation.STATIC) -> _FakeContext:
+        _need_context("createExecutionContext")
+        return _FakeContext(self, strategy)
+
+    def __del__(self) -> None:  # the weights go with the engine, as in TensorRT
+        with contextlib.suppress(KeyError):
+            del _FakeDevice.memory[self.weights.address]
 
 
 class _FakeContext:
-    def __init__(self, engine: _FakeEngine) -> None:
+    """An execution context: one call at a time, every call inside the CUDA context."""
+
+    def __init__(self, engine: _FakeEngine, strategy: Any) -> None:
         self.engine = engine
+        self.strategy = strategy
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.executions = 0
+        self.device_memory: tuple[int, int] | None = None
+        self.busy = False
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        _need_context("setInputShape")
         p = self.engine.profiles[name]
         if not all(lo <= d <= hi for lo, d, hi in zip(p["min"], shape, p["max"], strict=True)):
             return False
         self.shapes[name] = tuple(shape)
         return True
+
+    def update_device_memory_size_for_shapes(self) -> int:
+        """Activations grow with the input: 4 bytes per input element, as a stand-in."""
+        assert self.strategy is _FakeAllocation.USER_MANAGED
+        return 4 * sum(int(np.prod(self.shapes[n])) for n in self.engine.inputs)
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        _need_context("setDeviceMemoryV2")
+        assert len(_FakeDevice.memory[address]) >= size
+        self.device_memory = (address, size)
 
     def _zeros(self) -> dict[str, np.ndarray[Any, Any]]:
         dtypes = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}
@@ -741,28 +838,47 @@ class _FakeContext:
         index = list(self.engine.outputs).index(name)
         return tuple(self.engine.ort.run(None, self._zeros())[index].shape)
 
-    def set_tensor_address(self, name: str, address: int) -> None:
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        _need_context("setTensorAddress")
+        if name in self.engine.trt.refuse_address_of:
+            self.engine.trt.log_error(f"setTensorAddress: refusing tensor {name}")
+            return False
         self.addresses[name] = address
+        return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
+        _need_context("enqueueV3")
         assert stream_handle == _FakeCuda.Stream.handle
-        feeds = {}
-        for name, like in self._zeros().items():
-            raw = bytes(_FakeDevice.memory[self.addresses[name]][: like.nbytes])
-            feeds[name] = np.frombuffer(raw, like.dtype).reshape(like.shape)
-        for name, out in zip(self.engine.outputs, self.engine.ort.run(None, feeds), strict=True):
-            out = np.ascontiguousarray(out)
-            _FakeDevice.memory[self.addresses[name]][: out.nbytes] = out.tobytes()
-        self.executions += 1
-        return True
+        assert not self.busy, "one execution context used by two threads at once"
+        self.busy = True
+        try:
+            if self.strategy is _FakeAllocation.USER_MANAGED:
+                assert self.device_memory is not None, "USER_MANAGED context without memory"
+                address, size = self.device_memory
+                assert address in _FakeDevice.memory, "activation memory already freed"
+                assert size >= self.update_device_memory_size_for_shapes()
+            feeds = {}
+            for name, like in self._zeros().items():
+                raw = bytes(_FakeDevice.memory[self.addresses[name]][: like.nbytes])
+                feeds[name] = np.frombuffer(raw, like.dtype).reshape(like.shape)
+            results = self.engine.ort.run(None, feeds)
+            for name, out in zip(self.engine.outputs, results, strict=True):
+                out = np.ascontiguousarray(out)
+                _FakeDevice.memory[self.addresses[name]][: out.nbytes] = out.tobytes()
+            self.executions += 1
+            return True
+        finally:
+            self.busy = False
 
 
 class _FakeConfig:
     def __init__(self, trt: _FakeTrt) -> None:
         self.trt = trt
         self.flags: list[str] = []
+        self.preview: list[str] = []
         self.profiles: list[dict[str, Any]] = []
         self.timing = b""
+        self.timing_set = False
 
     def set_memory_pool_limit(self, pool: str, size: int) -> None:
         assert pool == "WORKSPACE" and size > 0
@@ -770,16 +886,26 @@ class _FakeConfig:
     def set_flag(self, flag: str) -> None:
         self.flags.append(flag)
 
+    def set_preview_feature(self, feature: str, enabled: bool) -> None:
+        assert enabled
+        self.preview.append(feature)
+
     def add_optimization_profile(self, profile: _FakeProfile) -> int:
+        if self.trt.profile_index < 0:
+            self.trt.log_error("IBuilderConfig::addOptimizationProfile: invalid profile")
+            return self.trt.profile_index
         self.profiles.append(profile.shapes)
-        return 0
+        return self.trt.profile_index
 
     def create_timing_cache(self, data: bytes) -> bytes:
         self.trt.timing_caches_given.append(bytes(data))
         return bytes(data)
 
     def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        if self.trt.refuse_timing_cache:
+            return False
         self.timing = cache
+        self.timing_set = True
         return True
 
     def get_timing_cache(self) -> Any:
@@ -789,7 +915,7 @@ class _FakeConfig:
             def serialize(self) -> bytes:
                 return config.timing + b"+timings"
 
-        return _Cache()
+        return _Cache() if self.timing_set else None
 
 
 class _FakeProfile:
@@ -805,16 +931,31 @@ class _FakeNetwork:
     model = b""
 
 
+class _FakeParserError:
+    def __init__(self, desc: str, node: str) -> None:
+        self._desc, self._node = desc, node
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node_name(self) -> str:
+        return self._node
+
+
 class _FakeTrt:
-    """The parts of the tensorrt module the backend uses; engines are ONNX plus profiles."""
+    """The parts of the tensorrt module the backend uses; engines are ONNX plus profiles.
+
+    Switches make it fail the way TensorRT does: ``parser_errors`` (the parser rejects the
+    model), ``profile_index`` (-1: add_optimization_profile refuses), ``refuse_timing_cache``,
+    ``refuse_address_of`` (set_tensor_address returns False), ``on_demand`` (False: a release
+    without the USER_MANAGED strategy). Errors are logged through the ILogger it was given.
+    """
 
     __version__ = "10.99.0"
 
-    class Logger:
-        WARNING = "WARNING"
-
-        def __init__(self, level: str) -> None:
-            self.level = level
+    ILogger = _FakeILogger
+    ExecutionContextAllocationStrategy = _FakeAllocation
+    IExecutionContext = _FakeContext
 
     class MemoryPoolType:
         WORKSPACE = "WORKSPACE"
@@ -822,19 +963,27 @@ class _FakeTrt:
     class BuilderFlag:
         FP16 = "FP16"
 
+    class PreviewFeature:
+        RUNTIME_ACTIVATION_RESIZE_10_10 = "RUNTIME_ACTIVATION_RESIZE_10_10"
+
     class TensorIOMode:
         INPUT = "INPUT"
 
     def __init__(self) -> None:
         self.builds: list[_FakeConfig] = []
         self.timing_caches_given: list[bytes] = []
+        self.parser_errors: list[_FakeParserError] = []
+        self.profile_index = 0
+        self.refuse_timing_cache = False
+        self.refuse_address_of: set[str] = set()
+        self.loggers: list[_FakeILogger] = []
         trt = self
 
         class Builder:
             platform_has_fast_fp16 = True
 
             def __init__(self, logger: Any) -> None:
-                pass
+                trt.loggers.append(_checked_logger(logger))
 
             def create_network(self, flags: int) -> _FakeNetwork:
                 assert flags == 0
@@ -847,33 +996,46 @@ class _FakeTrt:
                 return _FakeProfile()
 
             def build_serialized_network(self, network: _FakeNetwork, config: _FakeConfig) -> Any:
+                _need_context("buildSerializedNetwork")
                 trt.builds.append(config)
                 header = json.dumps(config.profiles).encode()
                 return memoryview(FAKE_MAGIC + header + b"\n" + network.model)
 
         class OnnxParser:
-            num_errors = 0
-
             def __init__(self, network: _FakeNetwork, logger: Any) -> None:
+                _checked_logger(logger)
                 self.network = network
+                self.num_errors = 0
 
             def parse(self, model: bytes) -> bool:
                 self.network.model = bytes(model)
-                return True
+                self.num_errors = len(trt.parser_errors)
+                for error in trt.parser_errors:
+                    trt.log_error(f"ModelImporter.cpp: {error.desc()}")
+                return not trt.parser_errors
+
+            def get_error(self, index: int) -> _FakeParserError:
+                return trt.parser_errors[index]
 
         class Runtime:
             def __init__(self, logger: Any) -> None:
-                pass
+                _checked_logger(logger)
 
             def deserialize_cuda_engine(self, data: bytes) -> _FakeEngine | None:
+                _need_context("deserializeCudaEngine")
                 if not data.startswith(FAKE_MAGIC):
+                    trt.log_error("1: [runtime.cpp::parsePlan] Magic tag does not match")
                     return None
                 header, _, model = data[len(FAKE_MAGIC) :].partition(b"\n")
-                return _FakeEngine(model, json.loads(header))
+                return _FakeEngine(trt, model, json.loads(header))
 
         self.Builder = Builder
         self.OnnxParser = OnnxParser
         self.Runtime = Runtime
+
+    def log_error(self, message: str) -> None:
+        for logger in self.loggers[-1:]:
+            logger.log(_FakeSeverity.ERROR, message)
 
     @staticmethod
     def nptype(dtype: Any) -> Any:
@@ -887,13 +1049,21 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> _FakeTrt:
     modules = {"tensorrt": trt, "pycuda.driver": cuda}
     monkeypatch.setattr(trtb, "_import", lambda name, purpose: modules[name])
     monkeypatch.setattr(trtb, "_gpu_state", None)
+    monkeypatch.setattr(trtb, "cuda_variant", lambda names=None: "cu12")
     return trt
 
 
 def test_fake_gpu_probe(fake_trt: _FakeTrt) -> None:
     platform = trtb.probe()
-    assert platform == trtb.GpuPlatform("10.99.0", "Fake GPU 9000", (8, 6), fast_fp16=True)
-    assert _FakeCuda.Context.depth == 0
+    assert platform == trtb.GpuPlatform(
+        "10.99.0",
+        "Fake GPU 9000",
+        (8, 6),
+        fast_fp16=True,
+        cuda_variant="cu12",
+        on_demand_memory=True,
+    )
+    assert _context_depth() == 0
 
 
 def test_fake_gpu_refuses_other_tensorrt_majors(
@@ -945,7 +1115,7 @@ def test_fake_gpu_session_builds_caches_and_runs(
     again = trtb.open_tensorrt_session(data, sha, tmp_path)
     assert again.engine_source == "cache" and len(fake_trt.builds) == 1
     again.close()
-    assert _FakeCuda.Context.depth == 0
+    assert _context_depth() == 0
 
 
 def test_fake_gpu_timing_cache_is_reused(
@@ -968,14 +1138,16 @@ def test_fake_gpu_dynamic_model_falls_back_outside_the_profile(
         fallbacks.append(create_cpu_session(data, ORT_THREADS))
         return fallbacks[-1]
 
-    session = trtb.open_tensorrt_session(data, sha, tmp_path, fallback=fallback)
+    session = trtb.open_tensorrt_session(
+        data, sha, tmp_path, fallback=fallback, model_name="mtcnn_pnet"
+    )
     (config,) = fake_trt.builds
-    assert config.profiles[0]["max"] == [1, 3, trtb.DYNAMIC_MAX_HEIGHT, trtb.DYNAMIC_MAX_WIDTH]
+    assert config.profiles[0]["max"] == [1, 3, trtb.PNET_MAX_SIDE, trtb.PNET_MAX_SIDE]
     reference = create_cpu_session(data, ORT_THREADS)
     rng = np.random.default_rng(4)
     names = ["box_deltas", "probabilities"]
     # In the profile, a growing then shrinking level, then beyond it (too small, too tall).
-    for shape in ((1, 3, 40, 60), (1, 3, 300, 200), (1, 3, 17, 13), (1, 3, 5, 5), (1, 3, 8200, 12)):
+    for shape in ((1, 3, 40, 60), (1, 3, 300, 200), (1, 3, 17, 13), (1, 3, 5, 5), (1, 3, 2400, 16)):
         level = rng.normal(size=shape).astype(np.float32)
         try:
             theirs = reference.run(names, {"image": level})
@@ -1116,3 +1288,268 @@ def test_gpu_mmod_dynamic_shapes_and_fallback(
         session.run(None, {"image": too_tall})[0], reference.run(None, {"image": too_tall})[0]
     )
     session.close()
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT's log, checked return values, cleanup, memory (issue 20), against the strict fakes
+
+
+def test_log_relay_forwards_levels_and_keeps_errors_per_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = trtb.TrtLogRelay()
+    with caplog.at_level(logging.DEBUG, logger="edgeid.tensorrt"):
+        with relay.capture() as mine:
+            relay.log(_FakeSeverity.WARNING, "slow tactic")
+            relay.log(_FakeSeverity.VERBOSE, "layer 7 detail")
+            relay.log(_FakeSeverity.ERROR, "first\nfailure")
+            other = threading.Thread(target=relay.log, args=(_FakeSeverity.ERROR, "elsewhere"))
+            other.start()
+            other.join()
+        relay.log(_FakeSeverity.INTERNAL_ERROR, "after the block")
+    assert mine == ["first failure"]  # not the other thread's, not after the block
+    assert relay.last_error == "after the block"
+    levels = {r.getMessage(): r.levelno for r in caplog.records}
+    assert levels["TensorRT: slow tactic"] == logging.WARNING
+    assert levels["TensorRT: first failure"] == logging.ERROR
+    assert levels["TensorRT: after the block"] == logging.CRITICAL
+    assert not any("layer 7" in m for m in levels)
+
+
+def _fake_model(models: dict[str, tuple[str, bytes]], name: str) -> tuple[str, bytes]:
+    return models[name]
+
+
+def test_parser_errors_reach_the_reason_and_nothing_leaks(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    sha, data = models["mtcnn_rnet"]
+    fake_trt.parser_errors = [_FakeParserError("Unsupported operator Foo", "node_17")]
+    before = _FakeDevice.used()
+    opened = open_session(data, sha, backend="tensorrt", engine_cache_dir=tmp_path, threads=1)
+    assert (opened.backend_used, opened.degraded) == ("cpu", True)
+    assert opened.reason is not None
+    assert "Unsupported operator Foo (node node_17)" in opened.reason
+    assert _FakeDevice.used() == before and _context_depth() == 0
+
+
+def test_a_refused_optimisation_profile_fails_the_build_with_tensorrts_words(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    sha, data = models["mtcnn_onet"]
+    fake_trt.profile_index = -1
+    with pytest.raises(trtb.EngineBuildError, match="addOptimizationProfile: invalid profile"):
+        trtb.open_tensorrt_session(data, sha, tmp_path)
+    assert not fake_trt.builds  # never asked to build with no profile
+
+
+def test_a_refused_timing_cache_costs_time_not_the_build(
+    fake_trt: _FakeTrt,
+    models: dict[str, tuple[str, bytes]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sha, data = models["mtcnn_onet"]
+    fake_trt.refuse_timing_cache = True
+    with caplog.at_level(logging.WARNING):
+        session = trtb.open_tensorrt_session(data, sha, tmp_path)
+    assert "refused the fresh timing cache" in caplog.text
+    crops = np.zeros((2, 3, 48, 48), np.float32)
+    assert len(session.run(None, {"image": crops})) == 3
+    session.close()
+    key = trtb.probe().engine_key(sha)
+    assert EngineCache(tmp_path).load_timing_cache(key.platform) is None  # nothing to keep
+
+
+def test_a_refused_tensor_address_fails_the_call_not_the_session(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    sha, data = models["mtcnn_onet"]
+    before = _FakeDevice.used()
+    session = trtb.open_tensorrt_session(data, sha, tmp_path)
+    crops = np.zeros((2, 3, 48, 48), np.float32)
+    fake_trt.refuse_address_of = {"landmarks"}
+    with pytest.raises(ModelError, match="refusing tensor landmarks"):
+        session.run(None, {"image": crops})
+    fake_trt.refuse_address_of = set()
+    assert len(session.run(None, {"image": crops})) == 3
+    session.close()
+    assert _FakeDevice.used() == before and _context_depth() == 0
+
+
+def test_an_engine_that_does_not_load_frees_what_it_took(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    sha, data = models["mtcnn_onet"]
+    gpu = trtb._require_gpu()
+    inputs, outputs = trtb.read_onnx_io(data)
+    before = _FakeDevice.used()
+    with pytest.raises(EngineLoadError, match="Magic tag does not match"):
+        trtb.TensorRTSession(gpu, b"no engine at all", inputs, outputs)
+    engine = trtb.open_tensorrt_session(data, sha, tmp_path)
+    engine_bytes = EngineCache(tmp_path).check(trtb.probe().engine_key(sha))[0]
+    engine.close()
+    assert engine_bytes is not None
+    with pytest.raises(EngineLoadError, match="do not match"):  # another model's engine
+        trtb.TensorRTSession(gpu, engine_bytes, inputs, outputs[:1])
+    assert _FakeDevice.used() == before and _context_depth() == 0
+
+
+def test_activation_memory_follows_the_shapes_and_is_reported(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    sha, data = models["mtcnn_pnet"]
+    session = trtb.open_tensorrt_session(data, sha, tmp_path, model_name="mtcnn_pnet")
+    (config,) = fake_trt.builds
+    assert config.preview == ["RUNTIME_ACTIVATION_RESIZE_10_10"]
+    context = session._context
+    assert context.strategy is _FakeAllocation.USER_MANAGED
+    assert session.resident_bytes == FAKE_WEIGHT_BYTES
+    names = ["box_deltas", "probabilities"]
+    session.run(names, {"image": np.zeros((1, 3, 40, 60), np.float32)})
+    small = session.gpu_memory_bytes()
+    session.run(names, {"image": np.zeros((1, 3, 400, 600), np.float32)})
+    large = session.gpu_memory_bytes()
+    # 4 bytes of activations per input element in the fake, plus the bigger I/O buffers.
+    assert large - small >= 4 * 3 * (400 * 600 - 40 * 60)
+    assert session._scratch is not None and session._scratch.size == 4 * 3 * 400 * 600
+    session.run(names, {"image": np.zeros((1, 3, 40, 60), np.float32)})
+    assert session.gpu_memory_bytes() == large  # grown buffers are kept, not churned
+    session.close()
+    assert session.gpu_memory_bytes() == 0
+
+
+def test_static_allocation_where_tensorrt_has_no_on_demand_memory(
+    fake_trt: _FakeTrt,
+    models: dict[str, tuple[str, bytes]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_FakeTrt, "IExecutionContext", object)  # TensorRT 10.0: no such calls
+    sha, data = models["mtcnn_onet"]
+    assert not trtb.probe().on_demand_memory
+    session = trtb.open_tensorrt_session(data, sha, tmp_path)
+    context = session._context
+    assert context.strategy is _FakeAllocation.STATIC and session._scratch is None
+    assert len(session.run(None, {"image": np.zeros((3, 3, 48, 48), np.float32)})) == 3
+    session.close()
+
+
+def test_eight_threads_share_a_session_each_in_its_own_cuda_context(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    """The web server calls inference from worker threads: every CUDA call must have the
+    context pushed in the calling thread and one context must never run two calls at once
+    (the fakes assert both)."""
+    sha, data = models["mtcnn_onet"]
+    session = trtb.open_tensorrt_session(data, sha, tmp_path)
+    reference = create_cpu_session(data, ORT_THREADS)
+    rng = np.random.default_rng(8)
+    batches = [rng.normal(size=(1 + i % 5, 3, 48, 48)).astype(np.float32) for i in range(8)]
+    expected = [reference.run(None, {"image": b}) for b in batches]
+    failures: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for _ in range(5):
+                ours = session.run(None, {"image": batches[index]})
+                for a, b in zip(ours, expected[index], strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert session._context.executions == 8 * 5
+    session.close()
+
+
+def test_cuda_variant_comes_from_the_distribution_names() -> None:
+    assert trtb.cuda_variant(["numpy", "tensorrt-cu12", "tensorrt_cu12_bindings"]) == "cu12"
+    assert trtb.cuda_variant(["tensorrt_cu13_libs", "tensorrt-cu13"]) == "cu13"
+    assert trtb.cuda_variant(["tensorrt-cu12", "tensorrt-cu13"]) == "cu12+cu13"
+    assert trtb.cuda_variant(["tensorrt", "pycuda"]) == ""  # JetPack's system TensorRT
+    platform = trtb.GpuPlatform("10.7.0", "NVIDIA L4", (8, 9), True, cuda_variant="cu13")
+    assert platform.engine_key(SHA_A) != dataclasses.replace(
+        platform, cuda_variant="cu12"
+    ).engine_key(SHA_A)
+
+
+def test_pnet_and_mmod_engines_have_their_own_build_settings() -> None:
+    platform = trtb.GpuPlatform("10.7.0", "NVIDIA L4", (8, 9), True, cuda_variant="cu12")
+    pnet = platform.engine_key(SHA_A, "mtcnn_pnet").build_settings
+    assert pnet != platform.engine_key(SHA_A, "dlib_mmod").build_settings
+    assert platform.engine_key(SHA_A, "dlib_mmod") == platform.engine_key(SHA_A)
+
+
+def test_pnet_profile_covers_the_largest_pyramid_level_of_a_4k_frame(
+    models: dict[str, tuple[str, bytes]], models_dir: Path
+) -> None:
+    from edgeid.runtime.inference.mtcnn_detector import MtcnnParameters
+
+    manifests = {
+        n: read_verified_model(models_dir, n)[0] for n in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
+    }
+    parameters = MtcnnParameters.from_manifest(
+        manifests["mtcnn_pnet"].parameters,
+        manifests["mtcnn_rnet"].parameters,
+        manifests["mtcnn_onet"].parameters,
+        manifests["mtcnn_pnet"].preprocessing,
+    )
+    first_scale = parameters.cell_size / parameters.min_face_size
+    assert first_scale == trtb.PNET_FIRST_SCALE
+    for height, width in ((2160, 3840), (3840, 2160)):
+        level = (int(height * first_scale + 1), int(width * first_scale + 1))
+        assert max(level) <= trtb.PNET_MAX_SIDE
+
+
+def test_session_factory_reports_and_frees_every_engine(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    from edgeid.runtime.inference.backends.selection import SessionFactory
+
+    before = _FakeDevice.used()
+    factory = SessionFactory("tensorrt", tmp_path, threads=1)
+    for name in ("mtcnn_rnet", "mtcnn_onet"):
+        factory.open(name, *models[name])
+    assert factory.state == "tensorrt"
+    memory = factory.gpu_memory()
+    assert set(memory) == {"mtcnn_rnet", "mtcnn_onet"}
+    assert all(value >= FAKE_WEIGHT_BYTES for value in memory.values())
+    factory.close()
+    assert factory.gpu_memory() == {} and _FakeDevice.used() == before
+
+
+def test_engine_memory_reaches_the_metrics_and_the_health_report() -> None:
+    from edgeid.runtime.system.metrics import ServiceMetrics
+    from edgeid.runtime.telemetry.schema import EngineMemory, Inference
+
+    metrics = ServiceMetrics()
+    assert metrics.snapshot().engine_memory_bytes == {}
+    metrics.set_engine_memory_source(lambda: {"dlib_resnet_v1": 52_428_800})
+    assert metrics.snapshot().engine_memory_bytes == {"dlib_resnet_v1": 52_428_800}
+
+    def broken() -> dict[str, int]:
+        raise RuntimeError("gauge failed")
+
+    metrics.set_engine_memory_source(broken)
+    assert metrics.snapshot().engine_memory_bytes == {}
+    figures = Inference(
+        backend="tensorrt",
+        requests=0,
+        errors=0,
+        latency_p50_ms=None,
+        latency_p95_ms=None,
+        queue_depth=0,
+        queue_depth_max=0,
+        engine_memory=[EngineMemory(model="dlib_resnet_v1", bytes=52_428_800)],
+    )
+    assert figures.model_dump()["engine_memory"] == [
+        {"model": "dlib_resnet_v1", "bytes": 52_428_800}
+    ]
+    with pytest.raises(ValueError):
+        EngineMemory(model="Case 2024/17", bytes=1)  # a model name, never free text

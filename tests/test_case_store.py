@@ -10,7 +10,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from edgeid.runtime.cases.store import (
     key_scope,
 )
 from edgeid.runtime.cases.views import clustering_note, search_note
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError, DiskFullError
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.vault.framed_log import (

@@ -20,12 +20,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.backup import export_gallery, import_gallery
 from edgeid.runtime.gallery.errors import (

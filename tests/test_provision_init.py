@@ -27,6 +27,7 @@ from edgeid.cli import main
 from edgeid.provisioning.certificates import CertRequest, provision_service
 from edgeid.provisioning.certificates import default_paths as tls_default_paths
 from edgeid.provisioning.kek import choose_provider
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import KeySettings, load_settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.vault.keys import SystemdCredsProvider
@@ -193,7 +194,7 @@ def test_a_provisioned_box_refuses_changes_that_would_orphan_its_files(
         CertRequest("edgeid box-07", "server", ("localhost",)),
         self_signed=True,
         install_from=None,
-        now=dt.datetime.now(dt.UTC),
+        now=dt.datetime.now(UTC),
     )
     assert stranger.ready
     code, _, err = run(home, capsys, "init", "--web-cert", str(other / "tls" / "cert.pem"))
@@ -207,7 +208,7 @@ def test_a_provisioned_box_refuses_changes_that_would_orphan_its_files(
 def sign(authority: Authority, csr_path: Path, out: Path, *, days: int = 30) -> Path:
     """What the site CA does with a CSR: a certificate for its subject, key and extensions."""
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(csr.subject)
@@ -285,11 +286,11 @@ def test_csrs_signed_by_the_site_ca_are_installed_and_the_broker_is_reached(
 def test_an_expired_lab_certificate_is_renewed_with_the_same_key(tmp_path: Path) -> None:
     paths = tls_default_paths(tmp_path, "mqtt")
     request = CertRequest("lab-a/box-07", "client")
-    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    long_ago = dt.datetime.now(UTC) - dt.timedelta(days=400)
     first = provision_service(paths, request, self_signed=True, install_from=None, now=long_ago)
     key = paths.key.read_bytes()
     assert first.changed and first.ready
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
     renewed = provision_service(paths, request, self_signed=False, install_from=None, now=now)
     assert renewed.changed and "renewed" in renewed.detail
     cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
@@ -304,7 +305,7 @@ def test_an_expired_ca_certificate_fails_the_step_and_leaves_a_csr(
 ) -> None:
     paths = tls_default_paths(tmp_path, "mqtt")
     request = CertRequest("lab-a/box-07", "client")
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
     waiting = provision_service(paths, request, self_signed=False, install_from=None, now=now)
     assert not waiting.ready and paths.csr.is_file()
     signed = sign(pki.ca, paths.csr, tmp_path / "signed.pem", days=30)

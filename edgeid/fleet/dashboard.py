@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 
 from edgeid.fleet.devices import DeviceView, Point
+from edgeid.runtime.compat import UTC
 
 REFRESH_S = 10
 SPARK_W, SPARK_H = 160, 32
@@ -43,7 +44,7 @@ def _ago(then: float | None, now: float) -> str:
         text = f"{seconds // 60} min ago"
     else:
         text = f"{seconds // 3600} h ago"
-    stamp = dt.datetime.fromtimestamp(then, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = dt.datetime.fromtimestamp(then, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f'<span title="{stamp}">{text}</span>'
 
 

@@ -40,6 +40,7 @@ from edgeid.provisioning.config import updated, write_settings
 from edgeid.provisioning.kek import best_sealer, choose_provider, ensure_keyring, keyring_info
 from edgeid.provisioning.report import CheckResult, StepResult, StepStatus, first_clause, passed
 from edgeid.provisioning.selftest import run_selftest
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settings
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
@@ -314,6 +315,7 @@ def _engines(home: Path) -> tuple[StepStatus, str]:
     before = _snapshot(folder)
     for detector in DETECTOR_NAMES:
         pipeline = FacePipeline.load(home / "models", detector, backend="tensorrt")
+        pipeline.close()  # only the cached engines were wanted; free them now
         if pipeline.backend_state != "tensorrt":
             return StepStatus.FAILED, f"{detector}: TensorRT fell back to the CPU; see the log"
     where = f"{platform.gpu_name}, TensorRT {platform.trt_version}, {platform.precision}"
@@ -327,7 +329,7 @@ def run_init(
     now: dt.datetime | None = None,
     progress: Progress | None = None,
 ) -> InitResult:
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     plan = plan_init(home, req, when)
     make_private_dir(home)
     actions: list[tuple[str, Action]] = [

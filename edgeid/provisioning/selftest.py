@@ -27,6 +27,7 @@ from edgeid.provisioning.broker import check_broker
 from edgeid.provisioning.certificates import describe_cert, inspect, service_paths
 from edgeid.provisioning.kek import check_data_keys
 from edgeid.provisioning.report import CheckResult, Outcome, first_clause
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import Settings, load_settings
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.evaluation.detection import iou
@@ -120,11 +121,15 @@ def check_pipeline(
             return Outcome.FAIL, f"model {name} is not the one the reference was recorded with"
     image = decode_image(_reference_image(models_dir, reference), name=reference.image_file)
     pipeline = FacePipeline.load(models_dir, detector, threads=threads, backend=backend)
-    if backend == "tensorrt" and pipeline.backend_state != "tensorrt":
-        return Outcome.FAIL, f"TensorRT did not run the models (backend {pipeline.backend_state})"
-    outcome, detail = compare_faces(
-        pipeline.embed(image), reference.detectors[detector], reference.tolerance
-    )
+    try:
+        if backend == "tensorrt" and pipeline.backend_state != "tensorrt":
+            state = pipeline.backend_state
+            return Outcome.FAIL, f"TensorRT did not run the models (backend {state})"
+        outcome, detail = compare_faces(
+            pipeline.embed(image), reference.detectors[detector], reference.tolerance
+        )
+    finally:
+        pipeline.close()  # free the GPU engines in this thread, not in a finaliser
     return outcome, f"{detector}: {detail}"
 
 
@@ -195,7 +200,7 @@ def check_telemetry(settings: Settings) -> tuple[Outcome, str]:
 def run_selftest(
     home: Path, *, passphrase: str | None = None, now: dt.datetime | None = None
 ) -> list[CheckResult]:
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     try:
         settings = load_settings(home)
         config = CheckResult("configuration", Outcome.PASS, f"{home / 'edgeid.toml'} is valid")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from edgeid.models.selftest_image import load_reference
 from edgeid.provisioning.certificates import describe_cert, inspect, service_paths
 from edgeid.provisioning.kek import keyring_info
 from edgeid.provisioning.report import first_clause
+from edgeid.runtime.compat import UTC, StrEnum
 from edgeid.runtime.config.settings import Settings, config_path, load_settings
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, fingerprint, load_device_key
@@ -162,7 +162,9 @@ def _engines(home: Path) -> Item:
     except EdgeidError as exc:
         return Item("TensorRT engines", State.PROBLEM, str(exc))
     missing = [
-        m.name for m in onnx if not cache.engine_path(platform.engine_key(m.sha256)).is_file()
+        m.name
+        for m in onnx
+        if not cache.engine_path(platform.engine_key(m.sha256, m.name)).is_file()
     ]
     where = f"{platform.gpu_name}, TensorRT {platform.trt_version}"
     if missing or not onnx:
@@ -175,7 +177,7 @@ def _engines(home: Path) -> Item:
 
 
 def box_status(home: Path, now: dt.datetime | None = None) -> list[Item]:
-    when = now or dt.datetime.now(dt.UTC)
+    when = now or dt.datetime.now(UTC)
     config, settings = _config(home)
     web, tel = settings.web, settings.telemetry
     return [

@@ -20,13 +20,14 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.storage.durable import fsync_directory, write_error
 from edgeid.updater.errors import BundleRejectedError, UpdateError

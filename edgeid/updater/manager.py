@@ -25,10 +25,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.storage.durable import fsync_directory

@@ -29,10 +29,11 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.storage.durable import fsync_directory, write_error, write_file_atomically
 from edgeid.updater.bundle import VerifiedBundle

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from edgeid.runtime.compat import StrEnum
 from edgeid.updater.errors import UpdateError
 from edgeid.updater.jsonlog import JsonLog
 

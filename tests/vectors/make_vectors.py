@@ -28,7 +28,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from edgeid.runtime.cases.records import (
 )
 from edgeid.runtime.cases.store import CASES_DIR, CaseStore, key_scope
 from edgeid.runtime.cases.store import NewFace as CaseNewFace
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.gallery.records import NewFace, NewSubject
 from edgeid.runtime.gallery.store import RECORDS_LOG, GalleryStore, thumbs_log_name
 from edgeid.runtime.identity.device_key import fingerprint

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +34,7 @@ from edgeid.runtime.audit import (
 from edgeid.runtime.audit.errors import AuditNotFoundError
 from edgeid.runtime.audit.export import anchor_problem
 from edgeid.runtime.audit.layout import CREATING_MARKER, LOG_FILE
+from edgeid.runtime.compat import UTC, parse_iso_datetime
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.errors import GalleryError
 from edgeid.runtime.identity.device_key import DeviceKeyError, fingerprint, load_device_key
@@ -50,7 +51,7 @@ def _moment(value: str, *, end_of_day: bool) -> datetime:
         start = datetime.combine(day, time(0), tzinfo=UTC)
         return start + timedelta(days=1) if end_of_day else start
     try:
-        moment = datetime.fromisoformat(value)
+        moment = parse_iso_datetime(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected an ISO date or time such as 2024-05-01 or 2024-05-01T14:30Z, got {value!r}"

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
             backend=inference.backend,
         )
         SERVICE_METRICS.set_backend_state(pipeline.backend_state)
+        SERVICE_METRICS.set_engine_memory_source(pipeline.gpu_memory)
         activity = InferenceActivity(
             life.heartbeat("inference").beat, limits=InferenceLimits.of(inference)
         )
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 activity.stop()
                 agent.stop()
+                SERVICE_METRICS.set_engine_memory_source(None)
+                pipeline.close()  # free the engines while the CUDA context is alive
     return EXIT_OK
 
 

@@ -7,19 +7,18 @@ that show faces or names of enrolled people; technicians and admins never see a 
 
 from __future__ import annotations
 
-import enum
-
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import BadInputError
 
 
-class Role(enum.StrEnum):
+class Role(StrEnum):
     INVESTIGATOR = "investigator"  # search, review results, enrol
     SUPERVISOR = "supervisor"  # audit, retention, exports
     ADMIN = "admin"  # users, galleries, settings
     TECHNICIAN = "technician"  # health, models, updates; no access to faces
 
 
-class Permission(enum.StrEnum):
+class Permission(StrEnum):
     SEARCH = "search"  # run a search, see its candidates, record lead decisions
     ENROL = "enrol"  # enrol a subject (quality gate and duplicate check)
     SUBJECTS_READ = "subjects:read"  # subject pages and enrolment photos

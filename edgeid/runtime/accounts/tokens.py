@@ -17,13 +17,14 @@ import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from edgeid.runtime.accounts.files import AccountsFileError, SealedFile, accounts_dir, locked
 from edgeid.runtime.accounts.roles import Permission, parse_permissions
 from edgeid.runtime.accounts.sealing import AccountsKey
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.vault.crypto import RandomSource, system_random
 

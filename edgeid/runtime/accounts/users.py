@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from edgeid.runtime.accounts.passwords import (
 )
 from edgeid.runtime.accounts.roles import Permission, Role, parse_role, permissions_of
 from edgeid.runtime.accounts.sealing import AccountsKey
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.vault.crypto import RandomSource, system_random
 

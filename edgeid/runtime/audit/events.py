@@ -14,8 +14,7 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 
 from edgeid.runtime.audit.errors import AuditError, AuditInputError
 from edgeid.runtime.audit.justification import (
@@ -25,6 +24,7 @@ from edgeid.runtime.audit.justification import (
     check_case,
     check_reason,
 )
+from edgeid.runtime.compat import UTC, StrEnum
 
 
 class AuditAction(StrEnum):

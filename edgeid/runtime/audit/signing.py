@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgeid.runtime.audit.frames import HASH_BYTES, ID_BYTES, Checkpoint
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.identity.device_key import fingerprint
 from edgeid.runtime.storage.durable import FileWriter, write_file_atomically
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from array import array
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +30,7 @@ from edgeid.runtime.audit.frames import (
 )
 from edgeid.runtime.audit.layout import HEAD_FILE, LOG_FILE
 from edgeid.runtime.audit.signing import Head, HeadFormatError, checkpoint_verifies, parse_head
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.identity.device_key import fingerprint
 
 # The service may append between our reading head.json and the log; re-read that many times

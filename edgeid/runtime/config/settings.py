@@ -8,12 +8,12 @@ Each domain owns one section; provisioning writes the file, the service only rea
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgeid.runtime.compat import tomllib
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.storage.durable import write_file_atomically
 

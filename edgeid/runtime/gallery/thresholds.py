@@ -24,7 +24,6 @@ of a probe whose person is not enrolled grows with the gallery: ``fpir_bound`` a
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import logging
@@ -35,6 +34,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.gallery.age_bands import (
     AGE_BAND_LABELS,
@@ -70,7 +70,7 @@ class CalibrationError(EdgeidError):
     """A model has no calibration, or its calibration file is unreadable or inconsistent."""
 
 
-class ScoreBand(enum.StrEnum):
+class ScoreBand(StrEnum):
     """How strongly a score argues for the same person, by the FMR of the threshold it clears
     within the probe's age band."""
 

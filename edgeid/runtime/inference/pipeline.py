@@ -183,6 +183,8 @@ class FacePipeline:
         self.flip_tta = flip_tta
         # What the models run on: "cpu", "tensorrt", or "degraded" (TensorRT expected, CPU used).
         self.backend_state: BackendState = "cpu"
+        # The sessions' factory when load() opened them: GPU memory figures and closing.
+        self.sessions: SessionFactory | None = None
 
     @classmethod
     def load(
@@ -209,25 +211,41 @@ class FacePipeline:
         sessions = SessionFactory(
             backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads
         )
-        _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
-        embedder = None
-        if with_embedder:
-            name = embedder_model or in_use_embedder(models_dir)
-            manifest, emb_bytes = read_verified_model(models_dir, name)
-            if manifest.task != "face-embedding":
-                raise ModelError(f"model {name} is a {manifest.task} model, not an embedder")
-            session = sessions.open(name, manifest.sha256, emb_bytes)
-            # The shipped model reads the stored chip as it is; others say what they need.
-            chip_input = None if name == SHIPPED_EMBEDDER else ChipInput.of(manifest.preprocessing)
-            embedder = Embedder(session, name, chip_input)
-        pipeline = cls(
-            load_detector(models_dir, detector, threads, upsample, sessions.open),
-            ShapePredictor.from_bytes(sp_bytes),
-            embedder,
-            flip_tta=flip_tta,
-        )
+        try:
+            _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
+            embedder = None
+            if with_embedder:
+                name = embedder_model or in_use_embedder(models_dir)
+                manifest, emb_bytes = read_verified_model(models_dir, name)
+                if manifest.task != "face-embedding":
+                    raise ModelError(f"model {name} is a {manifest.task} model, not an embedder")
+                session = sessions.open(name, manifest.sha256, emb_bytes)
+                # The shipped model reads the stored chip as it is; others say what they need.
+                chip_input = (
+                    None if name == SHIPPED_EMBEDDER else ChipInput.of(manifest.preprocessing)
+                )
+                embedder = Embedder(session, name, chip_input)
+            pipeline = cls(
+                load_detector(models_dir, detector, threads, upsample, sessions.open),
+                ShapePredictor.from_bytes(sp_bytes),
+                embedder,
+                flip_tta=flip_tta,
+            )
+        except BaseException:
+            sessions.close()  # engines opened before the failure hold GPU memory
+            raise
         pipeline.backend_state = sessions.state
+        pipeline.sessions = sessions
         return pipeline
+
+    def gpu_memory(self) -> dict[str, int]:
+        """Bytes of GPU memory each model's TensorRT engine holds (empty on the CPU)."""
+        return self.sessions.gpu_memory() if self.sessions is not None else {}
+
+    def close(self) -> None:
+        """Free the TensorRT engines (the pipeline cannot run afterwards on them)."""
+        if self.sessions is not None:
+            self.sessions.close()
 
     def detect(self, image: RGBImage, *, timer: StageTimer | None = None) -> list[Face]:
         """Every face of the image with its landmarks and quality (no embedding)."""

@@ -10,18 +10,18 @@ so). No front end imports this module (an import-linter contract), so none can i
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeid.runtime.audit.actor import Actor
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import AccessDeniedError
 
 DUAL_CONTROL_OFF = "dual control off"  # in the detail of each record made without a second person
 
 
-class ChangeKind(enum.StrEnum):
+class ChangeKind(StrEnum):
     """What the two-person rule covers."""
 
     ERASE_GALLERY = "erase_gallery"

@@ -8,7 +8,6 @@ ones; the audit log keeps the history for good. Every change replaces the file a
 
 from __future__ import annotations
 
-import enum
 import json
 import secrets
 import threading
@@ -18,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.services.consent import ChangeKind
 from edgeid.runtime.storage.durable import make_private_dir, write_file_atomically
@@ -42,7 +42,7 @@ KEEP_DECIDED = timedelta(days=30)
 MAX_PENDING = 200
 
 
-class ProposalStatus(enum.StrEnum):
+class ProposalStatus(StrEnum):
     PENDING = "pending"
     APPROVED = "approved"  # and carried out
     REJECTED = "rejected"

@@ -12,8 +12,8 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class MetricsSnapshot:
     queue_depth: int  # now
     queue_depth_max: int  # the largest depth seen in the period
     backend_state: BackendState | None  # None until the service reports one
+    # Bytes of GPU memory each model's TensorRT engine holds now, by model name (none on a CPU).
+    engine_memory_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -63,6 +65,7 @@ class ServiceMetrics:
         self._queue_depth_max = 0
         self._queue_source: Callable[[], int] | None = None
         self._backend: BackendState | None = None
+        self._engine_memory_source: Callable[[], Mapping[str, int]] | None = None
 
     def record_request(self, seconds: float, *, error: bool = False) -> None:
         """One request done; a failed request counts as an error and adds no latency sample."""
@@ -106,6 +109,22 @@ class ServiceMetrics:
         with self._lock:
             return self._backend
 
+    def set_engine_memory_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
+        """Read each TensorRT engine's GPU memory from ``source`` at each snapshot
+        (``FacePipeline.gpu_memory``)."""
+        with self._lock:
+            self._engine_memory_source = source
+
+    def _engine_memory(self) -> dict[str, int]:
+        source = self._engine_memory_source
+        if source is None:
+            return {}
+        try:
+            return {str(k): max(0, int(v)) for k, v in source().items()}
+        except Exception:  # a broken gauge must not stop the health report
+            logger.exception("reading the engines' GPU memory failed")
+            return {}
+
     def snapshot(self) -> MetricsSnapshot:
         """The figures of the current period, leaving it open."""
         return self._take(reset=False)
@@ -121,6 +140,7 @@ class ServiceMetrics:
                 self.set_queue_depth(int(source()))
             except Exception:  # a broken gauge must not stop the health report
                 logger.exception("reading the queue depth failed")
+        engine_memory = self._engine_memory()
         with self._lock:
             ordered = sorted(self._samples)
             snap = MetricsSnapshot(
@@ -131,6 +151,7 @@ class ServiceMetrics:
                 queue_depth=self._queue_depth,
                 queue_depth_max=self._queue_depth_max,
                 backend_state=self._backend,
+                engine_memory_bytes=engine_memory,
             )
             if reset:
                 self._samples = []

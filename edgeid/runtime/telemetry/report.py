@@ -21,6 +21,8 @@ from edgeid.runtime.telemetry.host import (
 )
 from edgeid.runtime.telemetry.schema import (
     MODEL_ID_PATTERN,
+    MODEL_NAME_PATTERN,
+    EngineMemory,
     HealthReport,
     Inference,
     Integrity,
@@ -37,6 +39,7 @@ BackendSource = Callable[[], BackendState | None]
 ModelIdSource = Callable[[], Sequence[str]]
 CountSource = Callable[[], int]
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 BACKENDS: tuple[BackendState, ...] = get_args(BackendState)
 MAX_MODELS = 32  # the schema's bound
 
@@ -132,6 +135,11 @@ class HealthCollector:
             latency_p95_ms=_ms(figures.latency_p95_s),
             queue_depth=figures.queue_depth,
             queue_depth_max=figures.queue_depth_max,
+            engine_memory=[
+                EngineMemory(model=name, bytes=min(value, 1 << 60))
+                for name, value in sorted(figures.engine_memory_bytes.items())
+                if _MODEL_NAME.match(name)
+            ][:MAX_MODELS],
         )
 
     def _models(self) -> list[str]:

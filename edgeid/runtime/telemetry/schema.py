@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import EdgeidError
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -35,6 +35,7 @@ VERSION_PATTERN = (
 )
 # A model manifest's name and the first 12 hex digits of the model file's sha256.
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9_]{1,63}@[0-9a-f]{12}$"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_]{1,63}$"
 # Thermal zone types and GPU sensors, lower-cased by the collectors ("cpu-therm", "gpu0").
 SENSOR_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -120,6 +121,13 @@ class Gpu(_Strict):
     memory_total_bytes: Bytes | None = None
 
 
+class EngineMemory(_Strict):
+    """GPU memory one model's TensorRT engine holds (weights, activations, I/O buffers)."""
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    bytes: Bytes
+
+
 class Inference(_Strict):
     """Figures since the previous report; ``backend`` is None where no pipeline runs."""
 
@@ -130,6 +138,8 @@ class Inference(_Strict):
     latency_p95_ms: Millis | None
     queue_depth: Count
     queue_depth_max: Count
+    # One entry per model running on TensorRT; empty on the CPU.
+    engine_memory: list[EngineMemory] = Field(default_factory=list, max_length=32)
 
 
 class Software(_Strict):

@@ -12,13 +12,14 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.vault.errors import DecryptionError, VaultError
 
 KEY_BYTES = 32  # AES-256

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from datetime import time as daytime
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +14,7 @@ from starlette.responses import RedirectResponse, Response
 
 from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.audit import AuditAction, AuditRecord, RecordFilter, audit_dir, export_log
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.records import Subject
 from edgeid.runtime.identity.device_key import load_device_key

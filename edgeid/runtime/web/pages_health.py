@@ -36,6 +36,8 @@ def health_summary(state: WebState) -> dict[str, Any]:
         "state": "ready",
         "version": state.version,
         "backend": pipeline.backend_state,
+        # Bytes of GPU memory per model running on TensorRT (numbers only; empty on a CPU).
+        "gpu_memory_bytes": pipeline.gpu_memory(),
         "detector": state.settings.inference.detector,
         "models": models,
         "uptime_s": round(state.clock() - state.started, 1),

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.storage.durable import make_private_dir, write_file_atomically
 
@@ -63,7 +64,7 @@ def make_certificate(
 ) -> TlsFiles:
     """A new key and certificate under ``<home>/tls`` (key 0600), for loopback, this host's
     name and ``addresses`` (the names and IPs the office uses to reach the box)."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgeid {device_id}")])
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *addresses]

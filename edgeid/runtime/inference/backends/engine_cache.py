@@ -4,7 +4,7 @@ A TensorRT engine is only valid for the exact model, TensorRT version, GPU and p
 built for, and a build takes minutes, so engines are cached under a key made of all of them::
 
     <cache dir>/
-      trt-<TensorRT version>/<gpu name>-sm<major><minor>/
+      trt-<TensorRT version>[-<CUDA variant, e.g. cu12>]/<gpu name>-sm<major><minor>/
         timing.cache                                  tactic timings, shared by every build here
         <model sha256[:16]>-<precision>-<key digest[:16]>.engine
         <model sha256[:16]>-<precision>-<key digest[:16]>.engine.json   the sidecar
@@ -31,10 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Literal, TypeVar
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -86,18 +87,23 @@ class Platform:
     trt_version: str
     gpu_name: str
     compute_capability: tuple[int, int]
+    # The CUDA build of TensorRT ("cu12", "cu13"): tensorrt-cu12 and -cu13 share version
+    # numbers but their engines and timing caches are not interchangeable. "" when unknown.
+    cuda_variant: str = ""
 
     @property
     def dir_parts(self) -> tuple[str, str]:
         major, minor = self.compute_capability
+        variant = f"-{_slug(self.cuda_variant)}" if self.cuda_variant else ""
         return (
-            f"{PLATFORM_DIR_PREFIX}{_slug(self.trt_version)}",
+            f"{PLATFORM_DIR_PREFIX}{_slug(self.trt_version)}{variant}",
             f"{_slug(self.gpu_name)}-sm{major}{minor}",
         )
 
     def describe(self) -> str:
         major, minor = self.compute_capability
-        return f"{self.gpu_name} (sm_{major}{minor}), TensorRT {self.trt_version}"
+        variant = f" ({self.cuda_variant})" if self.cuda_variant else ""
+        return f"{self.gpu_name} (sm_{major}{minor}), TensorRT {self.trt_version}{variant}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class EngineKey:
     # Fingerprint of the builder settings (optimisation profiles, workspace): engines built with
     # other profiles accept other shapes, so they are not interchangeable either.
     build_settings: str = ""
+    # TensorRT's CUDA build (see Platform.cuda_variant).
+    cuda_variant: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -129,7 +137,7 @@ class EngineKey:
 
     @property
     def platform(self) -> Platform:
-        return Platform(self.trt_version, self.gpu_name, self.compute_capability)
+        return Platform(self.trt_version, self.gpu_name, self.compute_capability, self.cuda_variant)
 
     def fields(self) -> dict[str, object]:
         """The key as JSON values (the compute capability as a list)."""
@@ -470,6 +478,11 @@ def _key_mismatch(key: EngineKey, recorded: object) -> str | None:
     expected = key.fields()
     if recorded.get("trt_version") != expected["trt_version"]:
         return f"was built by TensorRT {recorded.get('trt_version')}, not {expected['trt_version']}"
+    if recorded.get("cuda_variant", "") != expected["cuda_variant"]:
+        return (
+            f"was built by TensorRT for CUDA variant {recorded.get('cuda_variant') or 'unknown'}, "
+            f"not {key.cuda_variant or 'unknown'}"
+        )
     if (
         recorded.get("gpu_name") != expected["gpu_name"]
         or recorded.get("compute_capability") != expected["compute_capability"]

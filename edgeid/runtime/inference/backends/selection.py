@@ -44,6 +44,7 @@ def open_session(
     backend: BackendChoice,
     engine_cache_dir: Path,
     threads: int | None,
+    model_name: str | None = None,
 ) -> OpenedSession:
     """A session over verified model bytes on the chosen backend.
 
@@ -54,7 +55,8 @@ def open_session(
 
     On a GPU, an engine that will not build or load also falls back (degraded); a corrupt cached
     engine is rebuilt once first. ``model_sha256`` must be the bytes' sha256 (it keys the
-    engine cache); a mismatch is refused.
+    engine cache); a mismatch is refused. ``model_name`` picks the model's TensorRT profile
+    limits (P-Net's are smaller than MMOD's).
     """
     if backend not in BACKEND_CHOICES:
         raise BadInputError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
@@ -82,14 +84,20 @@ def open_session(
 
     try:
         session = tensorrt_backend.open_tensorrt_session(
-            model_bytes, model_sha256, engine_cache_dir, fallback=cpu_fallback
+            model_bytes,
+            model_sha256,
+            engine_cache_dir,
+            fallback=cpu_fallback,
+            model_name=model_name,
         )
     except Exception as exc:  # TensorRT, CUDA and the filesystem each raise their own types
+        said = tensorrt_backend.last_trt_error()
+        told = f"; TensorRT's last error: {said}" if said and said not in str(exc) else ""
         return _degraded(
             model_bytes,
             threads,
             f"TensorRT engine for model {model_sha256[:12]} on {platform.gpu_name} could not be "
-            f"built or loaded ({type(exc).__name__}: {exc})",
+            f"built or loaded ({type(exc).__name__}: {exc}{told})",
         )
     logger.info(
         "model %s runs on TensorRT %s, %s, %s (engine from %s)",
@@ -132,9 +140,27 @@ class SessionFactory:
             backend=self.backend,
             engine_cache_dir=self.engine_cache_dir,
             threads=self.threads,
+            model_name=name,
         )
+        previous = self.opened.get(name)
         self.opened[name] = opened
+        if previous is not None:
+            _close(previous.session)
         return opened.session
+
+    def gpu_memory(self) -> dict[str, int]:
+        """Device memory (bytes) each model's TensorRT engine holds now; CPU models are absent."""
+        return {
+            name: opened.session.gpu_memory_bytes()
+            for name, opened in self.opened.items()
+            if isinstance(opened.session, tensorrt_backend.TensorRTSession)
+        }
+
+    def close(self) -> None:
+        """Free every TensorRT engine opened here (the pipeline that used them is done)."""
+        opened, self.opened = self.opened, {}
+        for item in opened.values():
+            _close(item.session)
 
     @property
     def state(self) -> BackendState:
@@ -143,3 +169,8 @@ class SessionFactory:
         if self.opened and all(o.backend_used == "tensorrt" for o in self.opened.values()):
             return "tensorrt"
         return "cpu"
+
+
+def _close(session: ModelSession) -> None:
+    if isinstance(session, tensorrt_backend.TensorRTSession):
+        session.close()

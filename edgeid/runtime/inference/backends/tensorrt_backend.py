@@ -10,8 +10,15 @@ shapes (``plan_profiles``):
 * inputs whose only dynamic dimension is the batch (the embedder, MTCNN R-/O-Net) get batches
   1..``PROFILE_MAX_BATCH``; bigger batches are run in chunks;
 * inputs with dynamic height and width (the MMOD pyramid canvas, MTCNN P-Net levels) get batch 1
-  and sides from the smallest the network accepts up to ``DYNAMIC_MAX_HEIGHT`` x
-  ``DYNAMIC_MAX_WIDTH``; a frame outside that range runs on the CPU fallback session instead.
+  and sides from the smallest the network accepts up to the model's own maximum
+  (``SPATIAL_PLANS``: what the pyramid of a 4K frame asks of it); a frame outside that range runs
+  on the CPU fallback session instead.
+
+Activation memory is allocated on demand where the TensorRT release allows it (the
+``USER_MANAGED`` allocation strategy sized by ``update_device_memory_size_for_shapes``): a P-Net
+level of a small frame does not hold the memory of the largest one. TensorRT's own log goes to
+Python logging (``TrtLogRelay``) and its errors end up in the exceptions, and so in
+``OpenedSession.reason``.
 
 FP16 is used where the GPU has fast FP16; inputs and outputs stay in the model's own types. The
 engine cache (``engine_cache``) keeps engines and the tactic timing cache across restarts.
@@ -26,10 +33,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
+import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -72,10 +81,22 @@ DYNAMIC_MAX_WIDTH = 4096
 # The shape tactics are tuned for: the MMOD canvas of a 1366 x 768 frame.
 DYNAMIC_OPT_HEIGHT = 2816
 DYNAMIC_OPT_WIDTH = 1392
+# MTCNN P-Net sees the pyramid levels themselves, the largest being the frame scaled by
+# cell_size / min_face_size (12 / 20 in the shipped manifest): 1297 x 2305 for a 4K frame, in
+# either orientation. Its profile stops there instead of at the MMOD canvas (8192 x 4096 would
+# reserve about 0.7 GB of FP16 activations for one small network).
+MAX_FRAME_SIDE = 3840
+PNET_FIRST_SCALE = 12 / 20
+PNET_MAX_SIDE = int(MAX_FRAME_SIDE * PNET_FIRST_SCALE + 1)
+# Tuned for the first level of a 1080p frame.
+PNET_OPT_HEIGHT = int(1080 * PNET_FIRST_SCALE + 1)
+PNET_OPT_WIDTH = int(1920 * PNET_FIRST_SCALE + 1)
 # Largest side tried when searching the smallest input a spatial network accepts.
 MIN_SIDE_SEARCH_LIMIT = 256
 # Bumped whenever plan_profiles changes what it plans: part of every engine's cache key.
-PROFILE_PLAN_VERSION = 1
+PROFILE_PLAN_VERSION = 2
+# The distributions NVIDIA publishes TensorRT's Python bindings in name their CUDA build.
+_CUDA_VARIANT = re.compile(r"^tensorrt[-_.]cu(\d+)(?:[-_.](?:bindings|libs))?$")
 # Compute capabilities with fast native FP16, for TensorRT releases without
 # Builder.platform_has_fast_fp16 (deprecated in 10.5): sm_53, sm_60, sm_62 and sm_70 onwards.
 FAST_FP16_LEGACY_CC = ((5, 3), (6, 0), (6, 2))
@@ -103,6 +124,27 @@ _ORT_DTYPES: dict[str, npt.DTypeLike] = {
 
 Dims = tuple[int | str | None, ...]
 Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpatialPlan:
+    """Height/width limits of a model with spatially dynamic inputs: (height, width) pairs."""
+
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+
+DEFAULT_SPATIAL_PLAN = SpatialPlan(
+    (DYNAMIC_OPT_HEIGHT, DYNAMIC_OPT_WIDTH), (DYNAMIC_MAX_HEIGHT, DYNAMIC_MAX_WIDTH)
+)
+# Models whose inputs never reach the MMOD canvas's size, by model name.
+SPATIAL_PLANS: dict[str, SpatialPlan] = {
+    "mtcnn_pnet": SpatialPlan((PNET_OPT_HEIGHT, PNET_OPT_WIDTH), (PNET_MAX_SIDE, PNET_MAX_SIDE)),
+}
+
+
+def spatial_plan(model_name: str | None) -> SpatialPlan:
+    return SPATIAL_PLANS.get(model_name or "", DEFAULT_SPATIAL_PLAN)
 
 
 class TensorRTUnavailableError(EdgeidError):
@@ -231,20 +273,25 @@ def min_spatial_side(model_bytes: bytes, inputs: Sequence[IOSpec]) -> int:
     return low
 
 
-def plan_profiles(model_bytes: bytes, inputs: Sequence[IOSpec] | None = None) -> list[InputProfile]:
+def plan_profiles(
+    model_bytes: bytes,
+    inputs: Sequence[IOSpec] | None = None,
+    plan: SpatialPlan = DEFAULT_SPATIAL_PLAN,
+) -> list[InputProfile]:
     """The optimisation profile for a model: one entry per input with a dynamic dimension."""
     if inputs is None:
         inputs = read_onnx_io(model_bytes)[0]
     spatial = {spec.name: _spatial_axes(spec) for spec in inputs}
     has_spatial = any(axes is not None for axes in spatial.values())
     min_side = min_spatial_side(model_bytes, inputs) if has_spatial else 1
-    if min_side > min(DYNAMIC_MAX_HEIGHT, DYNAMIC_MAX_WIDTH):
+    if min_side > min(plan.max):
         raise EngineBuildError(f"the model needs inputs of at least {min_side} px per side")
     # Spatially dynamic models run one frame at a time.
     batch = (1, 1, 1) if has_spatial else (1, PROFILE_OPT_BATCH, PROFILE_MAX_BATCH)
+    (opt_h, opt_w), (max_h, max_w) = plan.opt, plan.max
     limits = {
-        "height": (min_side, max(min_side, DYNAMIC_OPT_HEIGHT), DYNAMIC_MAX_HEIGHT),
-        "width": (min_side, max(min_side, DYNAMIC_OPT_WIDTH), DYNAMIC_MAX_WIDTH),
+        "height": (min_side, min(max_h, max(min_side, opt_h)), max_h),
+        "width": (min_side, min(max_w, max(min_side, opt_w)), max_w),
     }
     profiles = []
     for spec in inputs:
@@ -272,13 +319,13 @@ def plan_profiles(model_bytes: bytes, inputs: Sequence[IOSpec] | None = None) ->
     return profiles
 
 
-def build_settings_fingerprint() -> str:
+def build_settings_fingerprint(plan: SpatialPlan = DEFAULT_SPATIAL_PLAN) -> str:
     """What besides the model decides an engine's profiles and tactics (part of the cache key)."""
     settings = {
         "plan": PROFILE_PLAN_VERSION,
         "batch": [PROFILE_OPT_BATCH, PROFILE_MAX_BATCH],
-        "dynamic_max": [DYNAMIC_MAX_HEIGHT, DYNAMIC_MAX_WIDTH],
-        "dynamic_opt": [DYNAMIC_OPT_HEIGHT, DYNAMIC_OPT_WIDTH],
+        "dynamic_max": list(plan.max),
+        "dynamic_opt": list(plan.opt),
         "workspace": WORKSPACE_BYTES,
     }
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
@@ -301,6 +348,10 @@ class GpuPlatform:
     gpu_name: str
     compute_capability: tuple[int, int]
     fast_fp16: bool
+    # TensorRT's CUDA build, "cu12" or "cu13" ("" when it cannot be told): see cuda_variant().
+    cuda_variant: str = ""
+    # Whether execution contexts allocate activation memory for the shapes of each call.
+    on_demand_memory: bool = False
 
     @property
     def precision(self) -> Precision:
@@ -308,17 +359,107 @@ class GpuPlatform:
 
     @property
     def cache_platform(self) -> Platform:
-        return Platform(self.trt_version, self.gpu_name, self.compute_capability)
+        return Platform(self.trt_version, self.gpu_name, self.compute_capability, self.cuda_variant)
 
-    def engine_key(self, model_sha256: str) -> EngineKey:
+    def engine_key(self, model_sha256: str, model_name: str | None = None) -> EngineKey:
         return EngineKey(
             model_sha256=model_sha256,
             trt_version=self.trt_version,
             gpu_name=self.gpu_name,
             compute_capability=self.compute_capability,
             precision=self.precision,
-            build_settings=build_settings_fingerprint(),
+            build_settings=build_settings_fingerprint(spatial_plan(model_name)),
+            cuda_variant=self.cuda_variant,
         )
+
+
+def cuda_variant(distribution_names: Iterable[str] | None = None) -> str:
+    """TensorRT's CUDA build from the installed distributions' names (tensorrt-cu12,
+    tensorrt_cu13_bindings, ...): "cu12", "cu13", "cu12+cu13" when both are installed, "" when
+    none names one (JetPack's system ``tensorrt``, a bare ``tensorrt`` wheel)."""
+    if distribution_names is None:
+        distribution_names = (
+            str(d.metadata["Name"] or "") for d in importlib.metadata.distributions()
+        )
+    found = set()
+    for name in distribution_names:
+        match = _CUDA_VARIANT.match(name.strip().lower())
+        if match:
+            found.add(int(match.group(1)))
+    return "+".join(f"cu{major}" for major in sorted(found))
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT's log
+
+
+_TRT_LEVELS = {
+    "INTERNAL_ERROR": logging.CRITICAL,
+    "ERROR": logging.ERROR,
+    "WARNING": logging.WARNING,
+    "INFO": logging.DEBUG,  # TensorRT's INFO is build chatter
+}
+# Errors kept per capture: enough to explain a failure, bounded for a message.
+MAX_CAPTURED_ERRORS = 5
+MAX_ERROR_CHARS = 500
+
+
+class TrtLogRelay:
+    """Where TensorRT's log messages go: Python logging (``edgeid.tensorrt``), the last error
+    (for a reason), and the errors of the operation running in this thread (``capture``).
+
+    Pure Python; ``_make_trt_logger`` wraps it in a ``tensorrt.ILogger``."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("edgeid.tensorrt")
+        self.last_error: str | None = None
+        self._local = threading.local()
+
+    def log(self, severity: object, message: str) -> None:
+        name = str(getattr(severity, "name", severity)).rsplit(".", 1)[-1].upper()
+        level = _TRT_LEVELS.get(name)
+        if level is None:  # VERBOSE: per-layer detail, never wanted in the journal
+            return
+        text = " ".join(str(message).split())[:MAX_ERROR_CHARS]
+        self.logger.log(level, "TensorRT: %s", text)
+        if level >= logging.ERROR:
+            self.last_error = text
+            captured: list[str] | None = getattr(self._local, "errors", None)
+            if captured is not None and len(captured) < MAX_CAPTURED_ERRORS:
+                captured.append(text)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """The TensorRT errors logged by this thread inside the block (nested blocks share)."""
+        outer: list[str] | None = getattr(self._local, "errors", None)
+        errors: list[str] = outer if outer is not None else []
+        self._local.errors = errors
+        try:
+            yield errors
+        finally:
+            self._local.errors = outer
+
+
+def _said(errors: Sequence[str]) -> str:
+    """TensorRT's own words for a failure message, or a pointer to the log."""
+    if not errors:
+        return "TensorRT logged no error"
+    return "TensorRT said: " + " | ".join(errors)
+
+
+def _make_trt_logger(trt: Any, relay: TrtLogRelay) -> Any:
+    """A ``tensorrt.ILogger`` forwarding every message to ``relay`` (TensorRT's own Logger
+    prints to stdout, which the journal keeps apart from the reason a model fell back)."""
+
+    class ForwardingLogger(trt.ILogger):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            with contextlib.suppress(Exception):  # a logger must never raise into TensorRT
+                relay.log(severity, msg)
+
+    return ForwardingLogger()
 
 
 class _Gpu:
@@ -328,12 +469,25 @@ class _Gpu:
     context (the one the CUDA runtime itself uses) and pops it again, so any thread may call.
     """
 
-    def __init__(self, trt: Any, cuda: Any, context: Any, trt_logger: Any) -> None:
+    def __init__(
+        self, trt: Any, cuda: Any, context: Any, trt_logger: Any, relay: TrtLogRelay
+    ) -> None:
         self.trt = trt
         self.cuda = cuda
         self.context = context
         self.trt_logger = trt_logger
+        self.relay = relay
         self.platform: GpuPlatform | None = None
+        # Serialises the free-memory readings around engine loads (see TensorRTSession).
+        self.memory_lock = threading.Lock()
+
+    def free_bytes(self) -> int | None:
+        """Free device memory now (call inside ``activated``); None where it cannot be read."""
+        try:
+            free, _total = self.cuda.mem_get_info()
+            return int(free)
+        except Exception:  # an optional figure; never a reason to fail
+            return None
 
     @contextlib.contextmanager
     def activated(self) -> Iterator[None]:
@@ -380,7 +534,9 @@ def _open_gpu() -> _Gpu:
         device = cuda.Device(DEVICE_INDEX)
         name = str(device.name())
         major, minor = (int(v) for v in device.compute_capability())
-        gpu = _Gpu(trt, cuda, device.retain_primary_context(), trt.Logger(trt.Logger.WARNING))
+        relay = TrtLogRelay()
+        trt_logger = _make_trt_logger(trt, relay)
+        gpu = _Gpu(trt, cuda, device.retain_primary_context(), trt_logger, relay)
         with gpu.activated():
             builder = trt.Builder(gpu.trt_logger)
             fast = getattr(builder, "platform_has_fast_fp16", None)
@@ -390,9 +546,28 @@ def _open_gpu() -> _Gpu:
         raise TensorRTUnavailableError(
             f"TensorRT cannot use GPU {DEVICE_INDEX} ({type(exc).__name__}: {exc})"
         ) from exc
-    gpu.platform = GpuPlatform(version, name, (major, minor), fast_fp16)
+    variant = cuda_variant()
+    if not variant:  # JetPack's system TensorRT: the CUDA pycuda was built with is the same
+        with contextlib.suppress(Exception):
+            variant = f"cu{int(cuda.get_version()[0])}"
+    gpu.platform = GpuPlatform(
+        version, name, (major, minor), fast_fp16, variant, _supports_on_demand_memory(trt)
+    )
     logger.info("TensorRT %s on %s", version, gpu.platform.cache_platform.describe())
     return gpu
+
+
+def _supports_on_demand_memory(trt: Any) -> bool:
+    """TensorRT >= 10.1: contexts without their own activation memory, sized per call."""
+    strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)
+    context_type = getattr(trt, "IExecutionContext", None)
+    return (
+        strategies is not None
+        and hasattr(strategies, "USER_MANAGED")
+        and context_type is not None
+        and hasattr(context_type, "update_device_memory_size_for_shapes")
+        and hasattr(context_type, "set_device_memory")
+    )
 
 
 def _require_gpu() -> _Gpu:
@@ -410,6 +585,26 @@ def _require_gpu() -> _Gpu:
     return state
 
 
+def device_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of the GPU's memory now; None without a usable GPU."""
+    try:
+        gpu = _require_gpu()
+    except TensorRTUnavailableError:
+        return None
+    with gpu.activated():
+        try:
+            free, total = gpu.cuda.mem_get_info()
+        except Exception:  # pycuda.driver.Error: the figure is optional
+            return None
+    return int(free), int(total)
+
+
+def last_trt_error() -> str | None:
+    """The last error TensorRT logged in this process (None before TensorRT was set up)."""
+    state = _gpu_state
+    return state.relay.last_error if isinstance(state, _Gpu) else None
+
+
 def probe() -> GpuPlatform:
     """The GPU TensorRT would use; ``TensorRTUnavailableError`` says why there is none."""
     gpu = _require_gpu()
@@ -421,6 +616,18 @@ def probe() -> GpuPlatform:
 # Building
 
 
+def _parser_errors(parser: Any) -> str:
+    """The ONNX parser's errors: description and the node it failed on, where it says."""
+    messages = []
+    for index in range(int(parser.num_errors)):
+        error = parser.get_error(index)
+        text = str(error.desc()) if hasattr(error, "desc") else str(error)
+        node = getattr(error, "node_name", None)
+        where = str(node()) if callable(node) else ""
+        messages.append(f"{text} (node {where})" if where else text)
+    return "; ".join(messages) or "no error recorded"
+
+
 def _build_engine(
     gpu: _Gpu,
     model_bytes: bytes,
@@ -430,43 +637,63 @@ def _build_engine(
 ) -> tuple[bytes, bytes | None]:
     """The serialised engine and the updated timing cache."""
     trt = gpu.trt
-    with gpu.activated():
+    with gpu.relay.capture() as errors, gpu.activated():
         builder = trt.Builder(gpu.trt_logger)
         # TensorRT 10 networks are always explicit-batch (the EXPLICIT_BATCH flag is deprecated
         # and ignored), so no creation flags are needed.
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, gpu.trt_logger)
         if not parser.parse(model_bytes):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(int(parser.num_errors)))
-            raise EngineBuildError(f"TensorRT's ONNX parser rejected the model: {errors}")
+            raise EngineBuildError(
+                f"TensorRT's ONNX parser rejected the model: {_parser_errors(parser)}"
+            )
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
+        # TensorRT >= 10.10 sizes on-demand activation memory by the actual shapes only with
+        # this preview feature; earlier releases size it by the profile's maximum.
+        preview = getattr(
+            getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None
+        )
+        if preview is not None:
+            config.set_preview_feature(preview, True)
         if profiles:
             profile = builder.create_optimization_profile()
             for p in profiles:
                 profile.set_shape(p.name, p.min, p.opt, p.max)
             if int(config.add_optimization_profile(profile)) < 0:
-                raise EngineBuildError(f"TensorRT rejected the optimisation profile {profiles}")
-        cache = None
-        if timing_cache:
-            try:
-                cache = config.create_timing_cache(timing_cache)
-            except Exception as exc:  # a timing cache is advisory; start a fresh one
-                logger.warning("TensorRT rejected the stored timing cache (%s); not using it", exc)
-        if cache is None:
-            cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+                raise EngineBuildError(
+                    f"TensorRT rejected the optimisation profile {profiles} ({_said(errors)})"
+                )
+        _use_timing_cache(config, timing_cache)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise EngineBuildError("TensorRT could not build the engine (see its log above)")
+            raise EngineBuildError(f"TensorRT could not build the engine ({_said(errors)})")
         engine = bytes(serialized)
         updated = config.get_timing_cache()
         new_cache = bytes(updated.serialize()) if updated is not None else None
     if not engine:
         raise EngineBuildError("TensorRT built an empty engine")
     return engine, new_cache
+
+
+def _use_timing_cache(config: Any, stored: bytes | None) -> None:
+    """Start from the stored timing cache, else a fresh one; either is advisory, so a cache
+    TensorRT refuses costs build time, never the build."""
+    for data in [stored, b""] if stored else [b""]:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception as exc:  # TensorRT's own error type: this cache is unusable
+            logger.warning("TensorRT refused a timing cache (%s); not using it", exc)
+            continue
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        logger.warning(
+            "TensorRT refused the %s timing cache; %s",
+            "stored" if data else "fresh",
+            "starting a fresh one" if data else "building without one",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,11 +727,40 @@ class _Slot:
         view: npt.NDArray[Any] = self.host[: int(np.prod(shape, dtype=np.int64))].reshape(shape)
         return view
 
+    @property
+    def device_bytes(self) -> int:
+        return self.capacity * self.dtype.itemsize if self.device is not None else 0
+
     def release(self) -> None:
         if self.device is not None:
             self.device.free()
         self.host = self.device = None
         self.capacity = 0
+
+
+class _Scratch:
+    """Activation memory handed to a context created with the USER_MANAGED strategy: grown to
+    what the shapes of a call need (``update_device_memory_size_for_shapes``), never shrunk."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.device: Any = None
+
+    def fit(self, cuda: Any, context: Any) -> None:
+        needed = int(context.update_device_memory_size_for_shapes())
+        if self.device is not None and needed <= self.size:
+            return
+        self.release()
+        size = max(needed, 256)  # TensorRT wants an address even when it needs nothing
+        self.device = cuda.mem_alloc(size)
+        self.size = size
+        context.set_device_memory(int(self.device), size)
+
+    def release(self) -> None:
+        if self.device is not None:
+            self.device.free()
+        self.device = None
+        self.size = 0
 
 
 class TensorRTSession:
@@ -519,7 +775,8 @@ class TensorRTSession:
         *,
         fallback: Callable[[], ModelSession] | None = None,
     ) -> None:
-        """Raises ``EngineLoadError`` when the bytes are not a usable engine for this model."""
+        """Raises ``EngineLoadError`` when the bytes are not a usable engine for this model;
+        whatever was allocated by then is freed first."""
         self._gpu = gpu
         self._inputs = list(inputs)
         self._outputs = list(outputs)
@@ -527,20 +784,53 @@ class TensorRTSession:
         self._fallback: ModelSession | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._runtime: Any = None
+        self._engine: Any = None
+        self._context: Any = None
+        self._stream: Any = None
+        self._slots: dict[str, _Slot] = {}
+        self._scratch: _Scratch | None = None
+        # Device memory the engine and its context took when loaded (weights, and activations
+        # unless they are allocated on demand); None where the driver did not say.
+        self.resident_bytes: int | None = None
         # How the engine was obtained: set by open_tensorrt_session.
         self.engine_source: EngineSource = "built"
-        trt = gpu.trt
         try:
-            with gpu.activated():
-                self._runtime: Any = trt.Runtime(gpu.trt_logger)
-                self._engine: Any = self._runtime.deserialize_cuda_engine(engine_bytes)
+            self._load(engine_bytes)
+        except BaseException:
+            try:
+                self._free()
+            except Exception:  # keep the load's own error; this one is only logged
+                logger.exception("freeing a TensorRT session that failed to load failed")
+            raise
+
+    def _load(self, engine_bytes: bytes) -> None:
+        gpu, trt = self._gpu, self._gpu.trt
+        on_demand = gpu.platform is not None and gpu.platform.on_demand_memory
+        try:
+            with gpu.relay.capture() as errors, gpu.activated(), gpu.memory_lock:
+                free_before = gpu.free_bytes()
+                self._runtime = trt.Runtime(gpu.trt_logger)
+                self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
                 if self._engine is None:
-                    raise EngineLoadError("TensorRT could not deserialise the engine")
-                self._context: Any = self._engine.create_execution_context()
+                    raise EngineLoadError(
+                        f"TensorRT could not deserialise the engine ({_said(errors)})"
+                    )
+                if on_demand:
+                    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+                    self._context = self._engine.create_execution_context(strategy)
+                    self._scratch = _Scratch()
+                else:
+                    self._context = self._engine.create_execution_context()
                 if self._context is None:
-                    raise EngineLoadError("TensorRT could not create an execution context")
-                self._stream: Any = gpu.cuda.Stream()
+                    raise EngineLoadError(
+                        f"TensorRT could not create an execution context ({_said(errors)})"
+                    )
+                self._stream = gpu.cuda.Stream()
                 self._slots = self._read_slots()
+                free_after = gpu.free_bytes()
+                if free_before is not None and free_after is not None:
+                    self.resident_bytes = max(0, free_before - free_after)
         except EngineLoadError:
             raise
         except Exception as exc:  # TensorRT and pycuda raise their own types
@@ -552,6 +842,31 @@ class TensorRTSession:
             raise EngineLoadError(
                 f"engine tensors {sorted(self._slots)} do not match the model's {sorted(expected)}"
             )
+
+    def _free(self) -> None:
+        """Release everything this session holds on the GPU, in the CUDA context (pycuda
+        frees from other threads or after the context is gone warn and leak)."""
+        with self._gpu.activated():
+            for slot in self._slots.values():
+                slot.release()
+            if self._scratch is not None:
+                self._scratch.release()
+            # The context before its engine, the engine before its runtime.
+            self._context = None
+            self._engine = None
+            self._runtime = None
+            self._stream = None
+
+    def gpu_memory_bytes(self) -> int:
+        """Device memory this session holds now: the engine as loaded plus its buffers.
+
+        Read without the session's lock (plain integers), so /healthz never waits for a long
+        call; a figure read while a buffer grows is the old or the new size."""
+        if self._closed:
+            return 0
+        buffers = sum(slot.device_bytes for slot in list(self._slots.values()))
+        scratch = self._scratch.size if self._scratch is not None else 0
+        return (self.resident_bytes or 0) + buffers + scratch
 
     def _read_slots(self) -> dict[str, _Slot]:
         trt, engine = self._gpu.trt, self._engine
@@ -615,13 +930,7 @@ class TensorRTSession:
             if self._closed:
                 return
             self._closed = True
-            with self._gpu.activated():
-                for slot in self._slots.values():
-                    slot.release()
-                self._context = None
-                self._engine = None
-                self._runtime = None
-                self._stream = None
+            self._free()
 
     # Internals ------------------------------------------------------------------------------
 
@@ -723,6 +1032,11 @@ class TensorRTSession:
         if not self._context.set_input_shape(name, shape):
             raise BadInputError(f"TensorRT refused shape {list(shape)} for input {name}")
 
+    def _set_address(self, name: str, slot: _Slot, errors: Sequence[str]) -> None:
+        if not self._context.set_tensor_address(name, int(slot.device)):
+            self._stream.synchronize()
+            raise ModelError(f"TensorRT refused the buffer of tensor {name} ({_said(errors)})")
+
     def _output_shape(self, name: str) -> Shape:
         shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
         if any(d < 0 for d in shape):
@@ -733,24 +1047,27 @@ class TensorRTSession:
         self, names: Sequence[str], feeds: Mapping[str, npt.NDArray[Any]]
     ) -> list[npt.NDArray[Any]]:
         cuda = self._gpu.cuda
-        with self._lock, self._gpu.activated():
+        with self._lock, self._gpu.relay.capture() as errors, self._gpu.activated():
             self._require_open()
             context, stream = self._context, self._stream
             for name, array in feeds.items():
                 self._set_shape(name, array.shape)
+            if self._scratch is not None:
+                self._scratch.fit(cuda, context)
             for name, array in feeds.items():
                 slot = self._slots[name]
                 staged = slot.host_view(cuda, array.shape)
                 np.copyto(staged, array)
                 cuda.memcpy_htod_async(slot.device, staged, stream)
-                context.set_tensor_address(name, int(slot.device))
+                self._set_address(name, slot, errors)
             results: dict[str, npt.NDArray[Any]] = {}
             for output in self._outputs:
                 slot = self._slots[output.name]
                 results[output.name] = slot.host_view(cuda, self._output_shape(output.name))
-                context.set_tensor_address(output.name, int(slot.device))
+                self._set_address(output.name, slot, errors)
             if not context.execute_async_v3(stream.handle):
-                raise ModelError("TensorRT failed to enqueue the engine (see its log)")
+                stream.synchronize()  # the copies already queued still use the buffers
+                raise ModelError(f"TensorRT failed to enqueue the engine ({_said(errors)})")
             for name in dict.fromkeys(names):
                 cuda.memcpy_dtoh_async(results[name], self._slots[name].device, stream)
             stream.synchronize()
@@ -764,21 +1081,24 @@ def open_tensorrt_session(
     cache_dir: Path,
     *,
     fallback: Callable[[], ModelSession] | None = None,
+    model_name: str | None = None,
 ) -> TensorRTSession:
     """A TensorRT session over verified model bytes, its engine from (or built into) the cache.
 
     Raises ``TensorRTUnavailableError`` without a usable GPU, ``EngineBuildError`` or
     ``EngineLoadError`` (after one rebuild) when no working engine can be made. ``fallback``
-    makes the session for inputs outside the engine's profile (built on first need).
+    makes the session for inputs outside the engine's profile (built on first need);
+    ``model_name`` picks the model's spatial profile limits (``SPATIAL_PLANS``).
     """
     gpu = _require_gpu()
     assert gpu.platform is not None  # set before the state is published
     inputs, outputs = read_onnx_io(model_bytes)
-    key = gpu.platform.engine_key(model_sha256)
+    key = gpu.platform.engine_key(model_sha256, model_name)
+    plan = spatial_plan(model_name)
     cache = EngineCache(cache_dir)
 
     def build() -> bytes:
-        profiles = plan_profiles(model_bytes, inputs)
+        profiles = plan_profiles(model_bytes, inputs, plan)
         logger.info("building TensorRT engine for %s with profiles %s", key.describe(), profiles)
         timing = cache.load_timing_cache(key.platform)
         engine, new_timing = _build_engine(gpu, model_bytes, profiles, key.precision, timing)
