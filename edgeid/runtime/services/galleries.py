@@ -698,9 +698,9 @@ class AccountableGalleries:
                 "give the legal basis for holding this subject (law, warrant, case)"
             )
         old = self.galleries.subject(gallery, subject_id)
-        if retention_until is not None and retention_until != old.retention_until:
-            if retention_until <= (today or date.today()):
-                raise BadInputError("the retention date must be in the future")
+        moved = retention_until is not None and retention_until != old.retention_until
+        if moved and retention_until is not None and retention_until <= (today or date.today()):
+            raise BadInputError("the retention date must be in the future")
         new = {
             "name": display_name.strip(),
             "notes": notes.strip(),
