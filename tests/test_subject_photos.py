@@ -13,6 +13,7 @@ import pytest
 
 from edgeid.runtime.gallery.backup import export_gallery, import_gallery
 from edgeid.runtime.gallery.errors import InvalidRecordError
+from edgeid.runtime.gallery.index import GalleryIndex
 from edgeid.runtime.gallery.records import (
     Face,
     NewFace,
@@ -21,6 +22,7 @@ from edgeid.runtime.gallery.records import (
     decode_batch,
     encode_batch,
 )
+from edgeid.runtime.gallery.service import _best_face_per_subject
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.vault.keys import KeyFileProvider
 
@@ -192,3 +194,38 @@ def _stored(face: NewFace, i: int) -> Face:
         1,
         face.age_at_capture,
     )
+
+
+def test_search_ranks_subjects_by_their_best_face_however_many_faces_crowd_the_top(
+    tmp_path: Path,
+) -> None:
+    """One subject with 40 photos all closer to the probe than anyone else: the top 3 are
+    still 3 subjects, that one first by its closest photo, each with its own best photo."""
+    rng = np.random.default_rng(9)
+    probe = rng.standard_normal(DIM).astype(np.float32)
+    probe /= np.linalg.norm(probe)
+
+    def near(distance: float) -> NewFace:
+        face = _face(rng)
+        away = face.embedding - (face.embedding @ probe) * probe  # orthogonal to the probe
+        vector = probe + distance * away / np.linalg.norm(away)  # cosine 1/sqrt(1+d**2)
+        return dataclasses.replace(face, embedding=vector / np.linalg.norm(vector))
+
+    with _store(tmp_path) as store:
+        gallery = store.create_gallery("g")
+        crowd = gallery.enroll(_subject("Crowd"), [near(0.2 + i / 100) for i in range(40)])
+        others = [
+            gallery.enroll(_subject(f"Other {i}"), [near(2.0), near(1.0 + i / 10)])
+            for i in range(5)
+        ]
+        ids, vectors = gallery.embeddings("dlib_resnet_v1")
+        index = GalleryIndex.build("dlib_resnet_v1", ids, vectors)
+        best = _best_face_per_subject(gallery, index, probe, 3, "dlib_resnet_v1")
+        names = [gallery.subject(gallery.face(f).subject_id).display_name for _, f in best]
+    assert names == ["Crowd", "Other 0", "Other 1"]
+    assert [f for _, f in best] == [
+        crowd.faces[0].face_id,  # the closest of its 40
+        others[0].faces[1].face_id,  # its second photo is its closer one
+        others[1].faces[1].face_id,
+    ]
+    assert [score for score, _ in best] == sorted((score for score, _ in best), reverse=True)

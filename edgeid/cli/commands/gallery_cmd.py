@@ -27,7 +27,12 @@ from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.errors import BackupError
 from edgeid.runtime.gallery.records import GalleryInfo
-from edgeid.runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, DuplicateSubjectError
+from edgeid.runtime.gallery.service import (
+    AGE_BANDS,
+    DEFAULT_TOP_K,
+    Candidate,
+    DuplicateSubjectError,
+)
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
 from edgeid.runtime.inference.image_decode import MAX_IMAGE_BYTES
@@ -266,7 +271,7 @@ def search(args: argparse.Namespace) -> int:
     payload = {"case": why.case, "face": face, **result.to_json()}
     lines = [
         f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {safe_text(c.gallery)}/{c.subject_id} "
-        f"{safe_text(c.display_name)}"
+        f"{safe_text(c.display_name)}{_matched(c)}"
         for c in result.candidates
     ]
     answer = "no match" if result.no_match else f"{len(result.matches)} above threshold"
@@ -274,6 +279,16 @@ def search(args: argparse.Namespace) -> int:
     lines.append(result.reliability.note)
     emit(args, payload, "\n".join(lines))
     return EXIT_OK
+
+
+def _matched(candidate: Candidate) -> str:
+    """Which of a subject's photos matched, where it has several or the age is known."""
+    if candidate.photos < 2 and candidate.face_age_at_capture is None:
+        return ""
+    age = candidate.face_age_at_capture
+    return f" (photo {candidate.photo_number} of {candidate.photos}" + (
+        f", age {age})" if age is not None else ")"
+    )
 
 
 def verify(args: argparse.Namespace) -> int:
