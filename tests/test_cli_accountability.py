@@ -220,6 +220,17 @@ ONE_RECORD: list[tuple[str, Argv, AuditAction]] = [
         AuditAction.ENROLL,
     ),
     (
+        "add-photo",
+        lambda b, t: ["gallery", "add-photo", GALLERY, b.subjects[0], b.probe, "--age", "40"],
+        AuditAction.FACE_ADDED,
+    ),
+    (
+        "edit",
+        lambda b, t: ["gallery", "edit", GALLERY, b.subjects[0], "--notes", "seen in 2026",
+                      *JUSTIFIED],
+        AuditAction.SUBJECT_EDITED,
+    ),
+    (
         "verify",
         lambda b, t: ["gallery", "verify", b.probe, "--gallery", GALLERY,
                       "--subject", b.subjects[0], *JUSTIFIED],
@@ -277,8 +288,17 @@ def test_each_command_writes_exactly_one_record_as_the_os_user(
     assert [e.action for e in new] == [action], new
     by_os_user(new)
     (event,) = new
-    if action in (AuditAction.SUBJECTS_LISTED, AuditAction.VERIFY, AuditAction.GALLERY_EXPORTED):
+    if action in (
+        AuditAction.SUBJECTS_LISTED,
+        AuditAction.VERIFY,
+        AuditAction.GALLERY_EXPORTED,
+        AuditAction.SUBJECT_EDITED,
+    ):
         assert (event.case, event.reason) == (CASE, REASON)
+    if action is AuditAction.SUBJECT_EDITED:
+        assert event.detail == "changed: notes"  # which fields, never their values
+    if action is AuditAction.FACE_ADDED:
+        assert "age at capture 40" in (event.detail or "")
     if action is AuditAction.ENROLL:
         assert "court order 17" in (event.detail or "")  # the legal basis
     if action in (

@@ -129,6 +129,8 @@ COMMANDS: dict[str, Command] = {
         REVEALS, AuditAction.SUBJECTS_LISTED, f"{CLI}::ONE_RECORD[subjects]"
     ),
     "gallery enroll": Command(CHANGES, AuditAction.ENROLL, f"{CLI}::ONE_RECORD[enroll]"),
+    "gallery add-photo": Command(CHANGES, AuditAction.FACE_ADDED, f"{CLI}::ONE_RECORD[add-photo]"),
+    "gallery edit": Command(CHANGES, AuditAction.SUBJECT_EDITED, f"{CLI}::ONE_RECORD[edit]"),
     "gallery search": Command(
         REVEALS,
         AuditAction.SEARCH,

@@ -138,6 +138,16 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", "/enrol"): changes(AuditAction.ENROLL),
     ("GET", "/enrol/{entry_id}"): NEITHER,
     ("GET", "/enrol/{entry_id}/photo.jpg"): NEITHER,
+    ("GET", "/enrol/{entry_id}/faces/{face_index}.jpg"): NEITHER,  # the enroller's own upload
+    # Another photo of a subject, and edits: the forms show the subject's record.
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/photos"): reveals(
+        AuditAction.SUBJECT_VIEWED
+    ),
+    ("POST", "/galleries/{gallery}/subjects/{subject_id}/photos"): changes(AuditAction.FACE_ADDED),
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/edit"): reveals(AuditAction.SUBJECT_VIEWED),
+    ("POST", "/galleries/{gallery}/subjects/{subject_id}/edit"): changes(
+        AuditAction.SUBJECT_EDITED, justified=True
+    ),
     ("POST", "/enrol/{entry_id}"): changes(AuditAction.ENROLL),
     ("POST", "/enrol/{entry_id}/add"): changes(AuditAction.FACE_ADDED),
     # Administration
@@ -627,6 +637,42 @@ def _enrol_add(w: World) -> Request:
     )
 
 
+def _photo_form(w: World) -> Request:
+    work_on(w.investigator, w.csrf)
+    return lambda: w.investigator.get(f"/galleries/{OFFICE}/subjects/{w.subject}/photos")
+
+
+def _photo_add(w: World) -> Request:
+    work_on(w.investigator, w.csrf)
+    photo = lfw_image(w.lfw_dir, "Amelie_Mauresmo", 1).read_bytes()  # one face: added at once
+    return lambda: w.investigator.post(
+        f"/galleries/{OFFICE}/subjects/{w.subject}/photos",
+        data={"csrf_token": w.csrf, "age_at_capture": "31"},
+        files={"photo": ("p.jpg", photo)},
+    )
+
+
+def _edit_form(w: World) -> Request:
+    work_on(w.investigator, w.csrf)
+    return lambda: w.investigator.get(f"/galleries/{OFFICE}/subjects/{w.subject}/edit")
+
+
+def _edit(w: World) -> Request:
+    subject = new_subject(w, "Subject to edit")
+    work_on(w.investigator, w.csrf)
+    return lambda: w.investigator.post(
+        f"/galleries/{OFFICE}/subjects/{subject}/edit",
+        data={
+            "csrf_token": w.csrf,
+            "display_name": "Subject edited",
+            "legal_basis": "test case 0001",
+            "notes": "",
+            "retention_until": "",
+            "reason": "the name was misspelt at enrolment",
+        },
+    )
+
+
 def _admin_user_create(w: World) -> Request:
     return lambda: w.admin.post(
         "/admin/users",
@@ -910,6 +956,10 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("POST", "/enrol"): _enrol_direct,
     ("POST", "/enrol/{entry_id}"): _enrol_pick,
     ("POST", "/enrol/{entry_id}/add"): _enrol_add,
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/photos"): _photo_form,
+    ("POST", "/galleries/{gallery}/subjects/{subject_id}/photos"): _photo_add,
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/edit"): _edit_form,
+    ("POST", "/galleries/{gallery}/subjects/{subject_id}/edit"): _edit,
     ("POST", "/admin/users"): _admin_user_create,
     ("POST", "/admin/users/{username}"): _admin_user_disable,
     ("POST", "/admin/users/{username}/password"): _admin_password,
@@ -1022,6 +1072,12 @@ UNJUSTIFIED: dict[tuple[str, str], Exercise] = {
     ),
     ("GET", "/galleries/{gallery}/subjects/{subject_id}/delete"): _page_without_context(
         lambda w: f"/galleries/{OFFICE}/subjects/{w.subject}/delete"
+    ),
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/photos"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/subjects/{w.subject}/photos"
+    ),
+    ("GET", "/galleries/{gallery}/subjects/{subject_id}/edit"): _page_without_context(
+        lambda w: f"/galleries/{OFFICE}/subjects/{w.subject}/edit"
     ),
     ("GET", "/cases/{case_id}"): _page_without_context(lambda w: f"/cases/{w.case_id}"),
     ("GET", "/cases/{case_id}/faces/{face_id}.jpg"): _page_without_context(

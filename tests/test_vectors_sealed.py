@@ -89,6 +89,7 @@ def _json(path: Path) -> Any:
 
 VAULT = _json(VECTORS / "vault" / "vectors.json")
 GALLERY = _json(VECTORS / "gallery" / "expected.json")
+PHOTOS = _json(VECTORS / "gallery_photos" / "expected.json")
 AUDIT = _json(VECTORS / "audit" / "expected.json")
 CASES = _json(VECTORS / "cases" / "expected.json")
 
@@ -461,6 +462,37 @@ def test_gallery_records_open_with_vault_primitives(state: str) -> None:
 
 def _where(entry: Entry) -> tuple[RecordKind, bytes, int, bytes, bytes]:
     return entry.kind, entry.record_id, entry.version, entry.nonce, entry.ciphertext
+
+
+@pytest.mark.parametrize("state", sorted(PHOTOS["states"]))
+def test_gallery_photos_vector_reads_ages_at_capture_and_the_edit(
+    state: str, tmp_path: Path
+) -> None:
+    """Faces with and without an age at capture, and a subject's second record version, as
+    single records and as a batch with its optional age column."""
+    facts = PHOTOS["states"][state]
+    home = _install(VECTORS / "gallery_photos" / state, facts["files"], tmp_path)
+    with GalleryStore(home, KeyFileProvider(home / KEYS_DIR)) as store:
+        gallery = store.open_gallery(PHOTOS["gallery"]["name"])
+        assert gallery.key_id == facts["key_id"]
+        (subject,) = gallery.subjects()
+        want = PHOTOS["subject"]
+        assert (subject.subject_id, subject.display_name, subject.notes) == (
+            want["subject_id"],
+            want["display_name"],
+            want["notes"],
+        )
+        assert (subject.legal_basis, str(subject.retention_until), subject.enrolled_by) == (
+            want["legal_basis"],
+            want["retention_until"],
+            want["enrolled_by"],
+        )
+        assert subject.version == facts["subject_version"]
+        faces = gallery.faces(subject.subject_id)
+        assert [{"face_id": f.face_id, "age_at_capture": f.age_at_capture} for f in faces] == (
+            PHOTOS["faces"]
+        )
+        assert [gallery.thumbnail(f.face_id)[:3] for f in faces] == [b"\xff\xd8\xff"] * 2
 
 
 def test_gallery_vector_tampered_is_refused(tmp_path: Path) -> None:

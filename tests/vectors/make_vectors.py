@@ -79,7 +79,7 @@ from edgeid.runtime.vault.key_choice import GALLERIES_DIR, KEYRING_FILE, KEYS_DI
 from edgeid.runtime.vault.keys import KeyFileProvider, Keyring
 
 HERE = Path(__file__).resolve().parent
-DOMAINS = ("vault", "gallery", "audit", "cases")
+DOMAINS = ("vault", "gallery", "gallery_photos", "audit", "cases")
 MOMENT = datetime(2024, 5, 1, 9, 30, tzinfo=UTC)  # what every injected clock reads
 EXPECTED = "expected.json"
 KEK_FILE = "kek.key"
@@ -509,6 +509,67 @@ def gallery_vectors(out: Path) -> None:
         )
 
 
+PHOTOS_AGES = (6, None)  # the first photo's age at capture is given, the second's is not
+EDITED = {
+    "display_name": "Test Subject Zero (renamed)",
+    "notes": "edited test data, no real person",
+    "legal_basis": "Warrant 2024/0043 (test vector)",
+    "retention_until": "2031-06-30",
+}
+
+
+def gallery_photos_vectors(out: Path) -> None:
+    """One subject with two photos, the first with an age at capture, then edited (a second
+    version of its record): as written, and after ``compact()`` (the batch's age column)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        random = FixedRandom("gallery-photos")
+        provider = KeyFileProvider(home / KEYS_DIR, random=random)
+        with GalleryStore(home, provider, clock=fixed_clock, random=random) as store:
+            gallery = store.create_gallery(GALLERY_NAME, description=GALLERY_DESCRIPTION)
+            faces = [
+                NewFace(embedding(), 0.875, MODEL_ID, SOURCE_SHA256, THUMBNAIL_JPEG, age)
+                for age in PHOTOS_AGES
+            ]
+            enrolment = gallery.enroll(SUBJECT, faces[:1])
+            sid = enrolment.subject.subject_id
+            added = gallery.add_faces(sid, faces[1:])
+            gallery.edit_subject(
+                sid,
+                display_name=EDITED["display_name"],
+                notes=EDITED["notes"],
+                legal_basis=EDITED["legal_basis"],
+                retention_until=date.fromisoformat(EDITED["retention_until"]),
+            )
+            states = {}
+            for state, log_format in (("edited", 1), ("compacted", 2)):
+                if state == "compacted":
+                    gallery.compact()
+                files = _gallery_files(home, store, gallery.gallery_id, gallery.key_id)
+                _snapshot(home, files, out / state)
+                states[state] = {
+                    "files": files,
+                    "key_id": gallery.key_id,
+                    "data_key": store.keyring.data_key(gallery.gallery_id, gallery.key_id).hex(),
+                    "records_format": log_format,
+                    "subject_version": gallery.subject(sid).version,
+                }
+            kek, _ = _kek_facts(home, store.keyring)
+        _dump(
+            out / EXPECTED,
+            {
+                "gallery": {"gallery_id": gallery.gallery_id, "name": GALLERY_NAME},
+                "subject": {"subject_id": sid, **EDITED, "enrolled_by": SUBJECT.enrolled_by},
+                "faces": [
+                    {"face_id": f.face_id, "age_at_capture": f.age_at_capture}
+                    for f in (*enrolment.faces, *added)
+                ],
+                "kek": kek,
+                "states": states,
+            },
+        )
+
+
 # -- the audit log -------------------------------------------------------------------------
 
 CASE = "2024/0042"
@@ -775,6 +836,7 @@ def cases_vectors(out: Path) -> None:
 GENERATORS: dict[str, Callable[[Path], None]] = {
     "vault": vault_vectors,
     "gallery": gallery_vectors,
+    "gallery_photos": gallery_photos_vectors,
     "audit": audit_vectors,
     "cases": cases_vectors,
 }

@@ -1,5 +1,5 @@
-"""`edgeid gallery ...`: create, list, subjects, enroll, search, verify, delete, export, import,
-repair, rotate-key, re-embed.
+"""`edgeid gallery ...`: create, list, subjects, enroll, add-photo, edit, search, verify,
+delete, export, import, repair, rotate-key, re-embed.
 
 The galleries are opened by one process at a time: stop `edgeid serve` before using these on
 the same state directory. Every command but ``list`` goes through the accountable service
@@ -27,7 +27,12 @@ from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.errors import BackupError
 from edgeid.runtime.gallery.records import GalleryInfo
-from edgeid.runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, DuplicateSubjectError
+from edgeid.runtime.gallery.service import (
+    AGE_BANDS,
+    DEFAULT_TOP_K,
+    Candidate,
+    DuplicateSubjectError,
+)
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.gallery.thresholds import CALIBRATED_FMRS, DEFAULT_OPERATING_FMR
 from edgeid.runtime.inference.image_decode import MAX_IMAGE_BYTES
@@ -183,6 +188,69 @@ def enroll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_photo(args: argparse.Namespace) -> int:
+    image = _read_image(args.image)
+    with accountable.galleries(args.home_dir, inference=True) as door, _name_the_flag():
+        face = door.galleries.add_face(
+            door.caller,
+            args.gallery,
+            args.subject,
+            image,
+            face_index=args.face,
+            age_at_capture=args.age,
+            where=f"{WHERE} add-photo",
+        )
+    payload = {
+        "gallery": args.gallery,
+        "subject_id": face.subject_id,
+        "face_id": face.face_id,
+        "quality": round(face.quality, 4),
+        "age_at_capture": face.age_at_capture,
+    }
+    emit(args, payload, f"added photo {face.face_id} to subject {face.subject_id}")
+    return EXIT_OK
+
+
+def edit(args: argparse.Namespace) -> int:
+    """Change what is given; what is not given stays as it is."""
+    why = Justification.of(args.case, args.reason)
+    if args.retain_until is not None and args.no_retention:
+        raise BadInputError("give --retain-until or --no-retention, not both")
+    with accountable.galleries(args.home_dir) as door:
+        old = door.galleries.galleries.subject(args.gallery, args.subject)
+        retention = old.retention_until
+        if args.no_retention:
+            retention = None
+        elif args.retain_until is not None:
+            retention = args.retain_until
+        new = door.galleries.edit_subject(
+            door.caller,
+            why,
+            args.gallery,
+            args.subject,
+            display_name=old.display_name if args.name is None else args.name,
+            notes=old.notes if args.notes is None else args.notes,
+            legal_basis=old.legal_basis if args.legal_basis is None else args.legal_basis,
+            retention_until=retention,
+            where=f"{WHERE} edit",
+        )
+    payload = {
+        "gallery": args.gallery,
+        "subject_id": new.subject_id,
+        "version": new.version,
+        "retention_until": new.retention_until.isoformat() if new.retention_until else None,
+    }
+    emit(args, payload, f"changed subject {new.subject_id}")
+    return EXIT_OK
+
+
+def _age(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("give the age in whole years") from None
+
+
 def search(args: argparse.Namespace) -> int:
     why = Justification.of(args.case, args.reason)
     image = _read_image(args.image)
@@ -203,7 +271,7 @@ def search(args: argparse.Namespace) -> int:
     payload = {"case": why.case, "face": face, **result.to_json()}
     lines = [
         f"{c.rank:>3}. {c.score:.4f} {c.band.value:16} {safe_text(c.gallery)}/{c.subject_id} "
-        f"{safe_text(c.display_name)}"
+        f"{safe_text(c.display_name)}{_matched(c)}"
         for c in result.candidates
     ]
     answer = "no match" if result.no_match else f"{len(result.matches)} above threshold"
@@ -211,6 +279,16 @@ def search(args: argparse.Namespace) -> int:
     lines.append(result.reliability.note)
     emit(args, payload, "\n".join(lines))
     return EXIT_OK
+
+
+def _matched(candidate: Candidate) -> str:
+    """Which of a subject's photos matched, where it has several or the age is known."""
+    if candidate.photos < 2 and candidate.face_age_at_capture is None:
+        return ""
+    age = candidate.face_age_at_capture
+    return f" (photo {candidate.photo_number} of {candidate.photos}" + (
+        f", age {age})" if age is not None else ")"
+    )
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -468,6 +546,36 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="enrol even when the face matches an enrolled subject",
     )
     p.set_defaults(handler=enroll)
+
+    p = actions.add_parser(
+        "add-photo",
+        parents=[common],
+        help="another photo of an enrolled subject",
+        description="Add a photo to an enrolled subject (recorded). Photos across ages help "
+        "most for children: a search ranks a subject by its closest photo.",
+    )
+    p.add_argument("gallery")
+    p.add_argument("subject", help="subject id")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--age", type=_age, help="age when the photo was taken, in whole years")
+    p.add_argument("--face", type=int, help="which face of the photo (default: the only)")
+    p.set_defaults(handler=add_photo)
+
+    p = actions.add_parser(
+        "edit",
+        parents=[common],
+        help="change a subject's name, notes, legal basis or retention (recorded)",
+        description="Change what is given; the rest stays. Recorded with the case and reason.",
+    )
+    p.add_argument("gallery")
+    p.add_argument("subject", help="subject id")
+    p.add_argument("--name", help="the new display name")
+    p.add_argument("--notes", help="the new notes (replace the old)")
+    p.add_argument("--legal-basis", help="the new legal basis")
+    p.add_argument("--retain-until", type=_date, help="new retention date, YYYY-MM-DD")
+    p.add_argument("--no-retention", action="store_true", help="remove the retention date")
+    accountable.justification_options(p, "this change")
+    p.set_defaults(handler=edit)
 
     p = actions.add_parser("search", parents=[common], help="1:N search of a probe photo")
     _search_options(p)

@@ -61,6 +61,7 @@ class AuditAction(StrEnum):
     # What changes it
     ENROLL = "enroll"
     FACE_ADDED = "face_added"  # another photo for an enrolled subject
+    SUBJECT_EDITED = "subject_edited"  # name, notes, legal basis or retention changed
     DELETE_SUBJECT = "delete_subject"
     GALLERY_CREATED = "gallery_created"
     GALLERY_DELETED = "gallery_deleted"  # a whole gallery erased, with its counts
@@ -104,6 +105,7 @@ CASE_REQUIRED = frozenset(
         AuditAction.CASE_INGESTED,
         AuditAction.CASE_REPORT,
         AuditAction.GALLERY_EXPORTED,
+        AuditAction.SUBJECT_EDITED,  # the name is personal data: shown, then changed
     }
 )
 REASON_REQUIRED = CASE_REQUIRED - {AuditAction.DECISION, AuditAction.CASE_REPORT} | {

@@ -22,6 +22,12 @@ each subject's display name, notes, legal basis and enrolling officer (UTF-8), e
 ``subject_text_end`` says; ``face_thumb_size`` is the size of each face's thumbnail frame,
 the frames lying back to back in the thumbnail log. Every member of a batch has version 1.
 The embeddings plaintext is every face's float32 values, in face order, and nothing else.
+
+Optional columns follow ``text`` when the head lists them in ``"extra"`` (in this order), so a
+batch written before they existed (no ``"extra"``) reads as before and one whose faces use
+none of them is written byte for byte as before:
+
+    face_age (F) i2     a face's age at capture in whole years, -1 for not given
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ MAX_NAME_CHARS = 200  # a display name is a name, not a note: the web form's lim
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_EMBEDDING_DIM = 4096  # larger than any face embedder we ship or expect
 MAX_THUMBNAIL_BYTES = 1 << 20  # an aligned chip is a few KB; a megabyte is not a thumbnail
+MAX_AGE_YEARS = 130  # an age at capture above this is a typo (a year of birth, say)
 JPEG_MAGIC = b"\xff\xd8\xff"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 ID_HEX = re.compile(r"[0-9a-f]{32}")
@@ -84,6 +91,10 @@ class NewFace:
     model_id: str
     source_sha256: str
     thumbnail_jpeg: bytes
+    # The subject's age when the photo was taken, in whole years, if known: a child enrolled
+    # across ages is found far more often (see the README), and the reviewer needs to know
+    # which age a match came from.
+    age_at_capture: int | None = None
 
 
 # Stands for every subject of a gallery in an erasure that reaches outside it (a case's leads,
@@ -119,6 +130,7 @@ class Face:
     source_sha256: str
     enrolled_at: datetime
     version: int
+    age_at_capture: int | None = None  # whole years when the photo was taken, if given
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,20 @@ def check_name(value: str, field: str = "display_name") -> str:
     return value
 
 
+def check_age(value: int | None) -> int | None:
+    """An age at capture: None, or whole years from 0 to ``MAX_AGE_YEARS``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecordError("the age at capture must be a whole number of years")
+    if not 0 <= value <= MAX_AGE_YEARS:
+        raise InvalidRecordError(
+            f"the age at capture must be from 0 to {MAX_AGE_YEARS} years; leave it empty if "
+            "it is not known"
+        )
+    return value
+
+
 def check_subject(subject: NewSubject) -> None:
     check_name(subject.display_name)
     check_text(subject.legal_basis, "legal_basis", required=True)
@@ -196,6 +222,7 @@ def check_face(face: NewFace) -> Embedding:
         raise InvalidRecordError("the thumbnail must be JPEG bytes of the aligned face")
     if len(thumb) > MAX_THUMBNAIL_BYTES:
         raise InvalidRecordError(f"the thumbnail is over {MAX_THUMBNAIL_BYTES} bytes")
+    check_age(face.age_at_capture)
     return vector
 
 
@@ -223,6 +250,7 @@ class FaceDraft:
     source_sha256: str
     enrolled_at: datetime
     jpeg: bytes
+    age_at_capture: int | None = None
 
 
 def subject_head(subject: NewSubject | Subject, enrolled_at: datetime) -> dict[str, Any]:
@@ -246,6 +274,8 @@ def face_head(face: Face | FaceDraft, thumb: tuple[int, int] | None = None) -> d
         "source_sha256": face.source_sha256,
         "enrolled_at": face.enrolled_at.isoformat(),
     }
+    if face.age_at_capture is not None:  # absent, not null: older faces' heads stay as they were
+        head["age"] = face.age_at_capture
     if thumb is not None:
         head["thumb"] = list(thumb)
     return head
@@ -275,6 +305,7 @@ def face_from(rid: str, version: int, head: dict[str, Any], embedding: bytes) ->
         source_sha256=str(head["source_sha256"]),
         enrolled_at=datetime.fromisoformat(head["enrolled_at"]),
         version=version,
+        age_at_capture=check_age(head.get("age")),
     )
 
 
@@ -286,7 +317,10 @@ BATCH_AAD_LABEL = b"edgeid/batch"
 TEXT_FIELDS = ("display_name", "notes", "legal_basis", "enrolled_by")
 NAIVE_OFFSET = -(2**63)  # the UTC offset stored for a time without a time zone
 SUBJECT_COLUMN_BYTES = 16 + 8 + 8 + 4 + 4 + 4 * 8  # a subject's share of the columns, less text
-FACE_COLUMN_BYTES = 16 + 32 + 8 + 4 + 8 + 8 + 4 + 4  # a face's share, less its embedding
+FACE_COLUMN_BYTES = 16 + 32 + 8 + 4 + 8 + 8 + 4 + 4 + 2  # a face's share (with its age)
+# The optional columns a batch may carry (module docstring), in their order: name, dtype.
+EXTRA_COLUMNS = {"face_age": "<i2"}
+NO_AGE = -1
 _ALIGN = 16  # every array starts 16-byte aligned, so numpy reads it in place
 _EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
@@ -363,9 +397,12 @@ class BatchColumns:
     text: NDArray[np.uint8]
     models: tuple[str, ...]
     embeddings: Embedding  # every face's values, flat
+    face_age: NDArray[np.int16]  # NO_AGE throughout when the batch has no such column
 
 
-def _layout(subjects: int, faces: int, text: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def _layout(
+    subjects: int, faces: int, text: int, extra: Sequence[str] = ()
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """Name, dtype and shape of each array of a batch's columns, in order."""
     return [
         ("subject_id", "u1", (subjects, 16)),
@@ -383,6 +420,7 @@ def _layout(subjects: int, faces: int, text: int) -> list[tuple[str, str, tuple[
         ("face_thumb_size", "<u4", (faces,)),
         ("face_dim", "<u4", (faces,)),
         ("text", "u1", (text,)),
+        *((name, EXTRA_COLUMNS[name], (faces,)) for name in extra),
     ]
 
 
@@ -421,21 +459,25 @@ def encode_batch(
         "face_thumb_size": list(thumb_sizes),
         "face_dim": [f.embedding.size for f in members],
         "text": text,
+        "face_age": [NO_AGE if f.age_at_capture is None else f.age_at_capture for f in members],
     }
-    head = {
+    head: dict[str, Any] = {
         "format": BATCH_FORMAT,
         "subjects": len(subjects),
         "faces": len(members),
         "text": len(text),
         "models": list(models),
     }
+    extra = ["face_age"] if any(f.age_at_capture is not None for f in members) else []
+    if extra:
+        head["extra"] = extra
     raw = json.dumps(head, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     parts = [
         struct.pack(">I", len(raw) + _padding(4 + len(raw))),
         raw,
         b" " * _padding(4 + len(raw)),
     ]
-    for name, dtype, _ in _layout(len(subjects), len(members), len(text)):
+    for name, dtype, _ in _layout(len(subjects), len(members), len(text), extra):
         value = arrays[name]
         data = value if isinstance(value, bytes) else np.asarray(value, dtype=dtype).tobytes()
         parts += [data, bytes(_padding(len(data)))]
@@ -452,13 +494,16 @@ def decode_batch(columns: bytes, embeddings: bytes, where: str) -> BatchColumns:
             raise ValueError("not a batch")
         counts = [head["subjects"], head["faces"], head["text"]]
         models = head["models"]
+        extra = head.get("extra", [])
         if not all(isinstance(c, int) and c >= 0 for c in counts) or not (
             isinstance(models, list) and all(isinstance(m, str) for m in models)
         ):
             raise ValueError("bad batch head")
+        if not isinstance(extra, list) or extra != [c for c in EXTRA_COLUMNS if c in extra]:
+            raise ValueError("unknown or misordered optional columns")
         offset = 4 + size
         arrays: dict[str, Any] = {}
-        for name, dtype, shape in _layout(*counts):
+        for name, dtype, shape in _layout(counts[0], counts[1], counts[2], extra):
             if offset % _ALIGN:
                 raise ValueError("misaligned column")
             count = math.prod(shape)
@@ -468,6 +513,8 @@ def decode_batch(columns: bytes, embeddings: bytes, where: str) -> BatchColumns:
         if offset != len(columns):
             raise ValueError("batch columns have the wrong length")
         arrays["embeddings"] = np.frombuffer(embeddings, dtype="<f4")
+        if "face_age" not in arrays:
+            arrays["face_age"] = np.full(counts[1], NO_AGE, np.int16)
         batch = BatchColumns(models=tuple(models), **arrays)
         _check_batch(batch)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -493,6 +540,8 @@ def _check_batch(batch: BatchColumns) -> None:
         raise ValueError("embeddings do not add up")
     if not np.isfinite(batch.face_quality).all():
         raise ValueError("quality is not finite")
+    if np.any((batch.face_age < NO_AGE) | (batch.face_age > MAX_AGE_YEARS)):
+        raise ValueError("age at capture out of range")
     if np.any((batch.subject_retention < 0) | (batch.subject_retention > date.max.toordinal())):
         raise ValueError("retention date out of range")
     for walls, offsets in (
@@ -538,6 +587,7 @@ class BatchTable:
         self.face_thumb = np.zeros(faces, np.int64)  # frame offsets, placed by finish()
         self.face_thumb_size = np.zeros(faces, np.uint32)
         self.face_dim = np.zeros(faces, np.uint32)
+        self.face_age = np.full(faces, NO_AGE, np.int16)
         self.face_subject = np.zeros(faces, np.int64)
         self.face_segment = np.zeros(faces, np.int32)
         self.face_value_start = np.zeros(faces, np.int64)  # within its segment
@@ -581,6 +631,7 @@ class BatchTable:
         self.face_utc_offset[f0:f1] = batch.face_utc_offset
         self.face_thumb_size[f0:f1] = batch.face_thumb_size
         self.face_dim[f0:f1] = batch.face_dim
+        self.face_age[f0:f1] = batch.face_age
         self.face_subject[f0:f1] = np.repeat(np.arange(s0, s1), batch.subject_faces)
         self.face_segment[f0:f1] = len(self._segments)
         starts = np.cumsum(batch.face_dim, dtype=np.int64) - batch.face_dim
@@ -741,6 +792,7 @@ class BatchTable:
             self.face_quality[index].tolist(),
             self.face_model[index].tolist(),
             _moments_at(self.face_enrolled[index].tolist(), self.face_utc_offset[index].tolist()),
+            self.face_age[index].tolist(),
             strict=True,
         )
         return [
@@ -753,6 +805,7 @@ class BatchTable:
                 source_sha256=sources[64 * i : 64 * i + 64],
                 enrolled_at=moment,
                 version=BATCH_VERSION,
+                age_at_capture=None if age == NO_AGE else age,
             )
             for i, (
                 face_id,
@@ -763,6 +816,7 @@ class BatchTable:
                 quality,
                 model,
                 moment,
+                age,
             ) in enumerate(columns)
         ]
 

@@ -38,8 +38,16 @@ from edgeid.runtime.gallery.age_bands import AGE_BANDS as AGE_BANDS
 from edgeid.runtime.gallery.age_bands import AgeBand as AgeBand
 from edgeid.runtime.gallery.age_bands import MeasuredBand
 from edgeid.runtime.gallery.errors import DecryptionError, GalleryNotFoundError
+from edgeid.runtime.gallery.index import MAX_K as MAX_INDEX_K
 from edgeid.runtime.gallery.index import GalleryIndex, load_or_rebuild
-from edgeid.runtime.gallery.records import Face, GalleryInfo, NewFace, NewSubject, Subject
+from edgeid.runtime.gallery.records import (
+    Face,
+    GalleryInfo,
+    NewFace,
+    NewSubject,
+    Subject,
+    check_age,
+)
 from edgeid.runtime.gallery.store import DamagedGallery, Gallery, GalleryStore, RepairReport
 from edgeid.runtime.gallery.thresholds import (
     DEFAULT_OPERATING_FMR,
@@ -71,6 +79,9 @@ logger = logging.getLogger(__name__)
 # pose, edgeid/runtime/inference/quality.py): a poor template raises every later search's error
 # rates for that subject. Probes are never refused for quality; it is shown beside them.
 ENROL_MIN_QUALITY = 0.5
+# A quality component scoring below this is named where faces are shown ("limited by: pose"):
+# above it, the component costs recognition little and naming it only alarms.
+COMPONENT_LIMITS = 0.8
 THUMBNAIL_JPEG_QUALITY = 92
 INDEX_FILE = "index-{model}.sealed"
 DEFAULT_TOP_K = 10
@@ -107,6 +118,23 @@ class ProbeFace:
     quality: float
     quality_limiting: str  # the weakest of size, sharpness, pose
     enrollable: bool  # passes the enrolment quality gate
+    # Each component's score (size, sharpness, pose), where the pipeline assessed them.
+    quality_components: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def limited_by(self) -> tuple[tuple[str, float], ...]:
+        """The components that hold this face back, worst first: those scoring below
+        ``COMPONENT_LIMITS``, or the weakest one of a face the enrolment gate refuses. Empty
+        for a good face, so no "weakest: size" is shown beside a 0.96-quality face."""
+        low = sorted((c for c in self.quality_components if c[1] < COMPONENT_LIMITS), key=_score)
+        if not low and not self.enrollable:
+            weakest = sorted(self.quality_components, key=_score)[:1]
+            return tuple(weakest) or ((self.quality_limiting, self.quality),)
+        return tuple(low)
+
+
+def _score(component: tuple[str, float]) -> float:
+    return component[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +163,12 @@ class Probe:
         row: FloatArray = self._templates[index]
         return row
 
+    def left_to_right(self) -> tuple[ProbeFace, ...]:
+        """The faces in reading order (by the centre of their box, left to right; top to
+        bottom on a tie): how a person numbers the faces of a group photo. ``index`` stays
+        the detection order that every other call takes."""
+        return tuple(sorted(self.faces, key=lambda f: (f.box[0] + f.box[2], f.box[1], f.index)))
+
     def chip_jpeg(self, index: int) -> bytes:
         """The aligned face as the embedder saw it, for side-by-side comparison."""
         self.face(index)
@@ -143,14 +177,19 @@ class Probe:
 
 @dataclass(frozen=True)
 class Candidate:
+    """A subject, ranked by its best-matching enrolled face: ``face_id`` is that photo."""
+
     rank: int  # 1-based, by score over every searched gallery
     gallery: str
     subject_id: str
     display_name: str
-    face_id: str
+    face_id: str  # the subject's photo that matched best
     score: float  # cosine similarity of the templates
     band: ScoreBand
     above_threshold: bool
+    face_age_at_capture: int | None = None  # the matched photo's age at capture, if given
+    photo_number: int = 1  # which of the subject's photos matched (1-based, enrolment order)
+    photos: int = 1  # how many photos the subject has
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -162,6 +201,12 @@ class Candidate:
             "score": round(self.score, 4),
             "band": self.band.value,
             "above_threshold": self.above_threshold,
+            "matched_photo": {
+                "face_id": self.face_id,
+                "number": self.photo_number,
+                "of": self.photos,
+                "age_at_capture": self.face_age_at_capture,
+            },
         }
 
 
@@ -478,6 +523,15 @@ class GalleryService:
                     quality=float(overall),
                     quality_limiting=quality.limiting if quality else "size",
                     enrollable=overall >= ENROL_MIN_QUALITY,
+                    quality_components=(
+                        (
+                            ("size", float(quality.size)),
+                            ("sharpness", float(quality.sharpness)),
+                            ("pose", float(quality.pose)),
+                        )
+                        if quality
+                        else ()
+                    ),
                 )
             )
         return Probe(
@@ -522,13 +576,16 @@ class GalleryService:
                 gallery = self.store.open_gallery(name)
                 index = self._searchable_index(gallery)
                 searched += len(index)
-                for hit in index.search(template, self.model_id, k=k):
-                    scored.append((hit.score, name, hit.face_id, gallery))
+                for score, face_id in _best_face_per_subject(
+                    gallery, index, template, k, self.model_id
+                ):
+                    scored.append((score, name, face_id, gallery))
             scored.sort(key=lambda item: -item[0])
             candidates = []
             for rank, (score, name, face_id, gallery) in enumerate(scored[:k], start=1):
                 face = gallery.face(face_id)
                 subject = gallery.subject(face.subject_id)
+                photos = [f.face_id for f in gallery.faces(subject.subject_id)]
                 candidates.append(
                     Candidate(
                         rank=rank,
@@ -539,6 +596,9 @@ class GalleryService:
                         score=score,
                         band=applied.score_band(score),
                         above_threshold=score >= threshold,
+                        face_age_at_capture=face.age_at_capture,
+                        photo_number=photos.index(face_id) + 1,
+                        photos=len(photos),
                     )
                 )
         return SearchResult(
@@ -606,11 +666,12 @@ class GalleryService:
         notes: str = "",
         retention_until: date | None = None,
         allow_duplicate: bool = False,
+        age_at_capture: int | None = None,
     ) -> Enrolled:
         """A new subject from one photo's face, after the quality gate and duplicate check."""
         probe = self.analyse(image_bytes)
         index = self._pick_face(probe, face_index)
-        new_face = self._new_face(probe, index, image_bytes)
+        new_face = self._new_face(probe, index, image_bytes, age_at_capture)
         with self._lock:
             gallery = self.store.open_gallery(gallery_name)
             if not allow_duplicate:
@@ -629,15 +690,37 @@ class GalleryService:
         image_bytes: bytes,
         *,
         face_index: int | None = None,
+        age_at_capture: int | None = None,
     ) -> Face:
         probe = self.analyse(image_bytes)
         index = self._pick_face(probe, face_index)
-        new_face = self._new_face(probe, index, image_bytes)
+        new_face = self._new_face(probe, index, image_bytes, age_at_capture)
         with self._lock:
             gallery = self.store.open_gallery(gallery_name)
             faces = gallery.add_faces(subject_id, [new_face])
             self._index_faces(gallery, faces)
         return faces[0]
+
+    def edit_subject(
+        self,
+        gallery_name: str,
+        subject_id: str,
+        *,
+        display_name: str,
+        notes: str,
+        legal_basis: str,
+        retention_until: date | None,
+    ) -> Subject:
+        """Replace a subject's name, notes, legal basis and retention date (store
+        ``edit_subject``); its photos and templates are untouched."""
+        with self._lock:
+            return self.store.open_gallery(gallery_name).edit_subject(
+                subject_id,
+                display_name=display_name,
+                notes=notes,
+                legal_basis=legal_basis,
+                retention_until=retention_until,
+            )
 
     def delete_subject(self, gallery_name: str, subject_id: str) -> None:
         """Erase a subject: store compaction under a new key, index rebuilt without it and
@@ -718,6 +801,7 @@ class GalleryService:
                     self.model_id,
                     face.source_sha256,
                     _jpeg(chip),
+                    face.age_at_capture,
                 )
                 added = gallery.add_faces(face.subject_id, [new])
                 gallery.delete_face(face.face_id, compact=False)
@@ -757,13 +841,16 @@ class GalleryService:
             )
         return face_index
 
-    def _new_face(self, probe: Probe, index: int, image_bytes: bytes) -> NewFace:
+    def _new_face(
+        self, probe: Probe, index: int, image_bytes: bytes, age_at_capture: int | None
+    ) -> NewFace:
         return NewFace(
             probe.template(index),
             probe.faces[index].quality,
             self.model_id,
             hashlib.sha256(image_bytes).hexdigest(),
             probe.chip_jpeg(index),
+            check_age(age_at_capture),
         )
 
     def _refuse_duplicate(self, probe: Probe, index: int, gallery_name: str) -> None:
@@ -853,6 +940,27 @@ class GalleryService:
             if info.gallery_id == gallery_id:
                 return self.store.open_gallery(info.name)
         raise GalleryNotFoundError(f"gallery {gallery_id} no longer exists")
+
+
+def _best_face_per_subject(
+    gallery: Gallery, index: GalleryIndex, template: FloatArray, k: int, model_id: str
+) -> list[tuple[float, str]]:
+    """The ``k`` best subjects of one gallery, each as (score, face id) of its best face.
+
+    A subject with several photos (across ages, say) is one candidate, ranked by the photo
+    closest to the probe, so extra photos raise its rank instead of crowding others out. The
+    index ranks faces: ask it for more until ``k`` subjects are among them or none are left."""
+    wanted = k
+    while True:
+        hits = index.search(template, model_id, k=min(wanted, MAX_INDEX_K))
+        best: dict[str, tuple[float, str]] = {}
+        for hit in hits:  # best first: the first face seen of a subject is its best
+            subject_id = gallery.face(hit.face_id).subject_id
+            best.setdefault(subject_id, (hit.score, hit.face_id))
+        exhausted = len(hits) < wanted or wanted >= MAX_INDEX_K
+        if len(best) >= k or exhausted:
+            return list(best.values())[:k]
+        wanted *= 4
 
 
 def _reconcile(

@@ -277,6 +277,8 @@ class Gallery:
         self._base = BatchTable()  # the members of the batch records
         # The single records that follow the batches:
         self._subjects: dict[str, Subject] = {}
+        # Later versions of batch subjects (an edit): they stand in for the batch's row.
+        self._edited: dict[str, Subject] = {}
         self._faces: dict[str, Face] = {}
         self._thumbs: dict[str, _ThumbRef] = {}
         self._by_subject: dict[str, list[str]] = {}  # also for batch subjects given faces later
@@ -576,8 +578,12 @@ class Gallery:
                         raise ValueError("negative count")
                     self._batch_counts = counts
             elif entry.kind is RecordKind.SUBJECT:
-                self._subjects[rid] = subject_from(rid, entry.version, head)
-                self._by_subject.setdefault(rid, [])
+                subject = subject_from(rid, entry.version, head)
+                if rid not in self._subjects and self._base.live_subject(rid) is not None:
+                    self._edited[rid] = subject  # an edit of a batch subject
+                else:
+                    self._subjects[rid] = subject
+                    self._by_subject.setdefault(rid, [])
             elif entry.kind is RecordKind.FACE:
                 self._apply_face(rid, entry.version, head, tail)
             elif entry.kind is RecordKind.TOMBSTONE:
@@ -612,6 +618,7 @@ class Gallery:
             self._by_subject[face.subject_id].remove(rid)
         elif (row := self._base.live_subject(rid)) is not None:
             self._base.forget_subject(row)
+            self._edited.pop(rid, None)
             self._forget_faces_of(rid)
         elif (row := self._base.live_face(rid)) is not None:
             self._base.forget_face(row)
@@ -629,11 +636,14 @@ class Gallery:
     def subjects(self) -> list[Subject]:
         with self._lock:
             base = self._base.subjects_at(self._base.live_subjects())
+            edited = self._edited
+            if edited:
+                base = [edited.get(s.subject_id, s) for s in base]
             return base + list(self._subjects.values())
 
     def subject(self, subject_id: str) -> Subject:
         with self._lock:
-            found = self._subjects.get(subject_id)
+            found = self._subjects.get(subject_id) or self._edited.get(subject_id)
             if found is not None:
                 return found
             row = self._base.live_subject(subject_id)
@@ -740,9 +750,10 @@ class Gallery:
         today = today or self._clock().date()
         with self._lock:
             base = self._base.subjects_at(self._base.expired(today))
+            base = [s for s in base if s.subject_id not in self._edited]
             loose = [
                 s
-                for s in self._subjects.values()
+                for s in (*self._subjects.values(), *self._edited.values())
                 if s.retention_until is not None and s.retention_until < today
             ]
         return base + loose
@@ -856,6 +867,7 @@ class Gallery:
                     face.source_sha256,
                     now,
                     face.thumbnail_jpeg,
+                    face.age_at_capture,
                 )
             )
         return drafts
@@ -898,6 +910,27 @@ class Gallery:
                 self._write([], drafts)
             return [self._faces[d.face_id.hex()] for d in drafts]
 
+    def edit_subject(
+        self,
+        subject_id: str,
+        *,
+        display_name: str,
+        notes: str,
+        legal_basis: str,
+        retention_until: date | None,
+    ) -> Subject:
+        """A subject's name, notes, legal basis and retention replaced, durably: a new version
+        of its record (who enrolled it and when stay). The old version stays in the log until
+        the next ``compact()``, as any superseded record does."""
+        with self._lock:
+            old = self.subject(subject_id)
+            new = NewSubject(display_name, legal_basis, old.enrolled_by, notes, retention_until)
+            check_subject(new)
+            head = pack(subject_head(new, old.enrolled_at))
+            sid = bytes.fromhex(subject_id)
+            self._write([(RecordKind.SUBJECT, sid, old.version + 1, head)], [])
+            return self.subject(subject_id)
+
     def restore(self, subject: Subject, faces: Sequence[tuple[Face, bytes]]) -> None:
         """Write a subject and its faces (with thumbnails) keeping their ids and times: import."""
         with self._lock:
@@ -908,7 +941,14 @@ class Gallery:
             drafts = []
             for face, jpeg in faces:
                 vector = check_face(
-                    NewFace(face.embedding, face.quality, face.model_id, face.source_sha256, jpeg)
+                    NewFace(
+                        face.embedding,
+                        face.quality,
+                        face.model_id,
+                        face.source_sha256,
+                        jpeg,
+                        face.age_at_capture,
+                    )
                 )
                 drafts.append(
                     FaceDraft(
@@ -920,6 +960,7 @@ class Gallery:
                         face.source_sha256,
                         face.enrolled_at,
                         jpeg,
+                        face.age_at_capture,
                     )
                 )
             head = subject_head(subject, subject.enrolled_at)
@@ -1068,7 +1109,7 @@ class Gallery:
         members = []
         for subject, group in zip(self._base.subjects_at(rows, keep=False), groups, strict=True):
             own = [(next(faces), _ThumbRef(*self._base.thumb(row))) for row in group]
-            members.append((subject, own))
+            members.append((self._edited.get(subject.subject_id, subject), own))
         members += [(self._subjects[ref], []) for ref in refs if isinstance(ref, str)]
         for subject, own in members:
             for face_id in self._by_subject.get(subject.subject_id, []):

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ from edgeid.runtime.audit.recorder import Recorder
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.gallery.backup import export_gallery, import_gallery
 from edgeid.runtime.gallery.errors import GalleryNotFoundError
-from edgeid.runtime.gallery.records import ANY_SUBJECT, Face, GalleryInfo, Subject
+from edgeid.runtime.gallery.records import (
+    ANY_SUBJECT,
+    MAX_NAME_CHARS,
+    Face,
+    GalleryInfo,
+    Subject,
+    check_name,
+)
 from edgeid.runtime.gallery.service import (
     DEFAULT_TOP_K,
     AgeBand,
@@ -69,12 +77,44 @@ def audit_candidates(candidates: Sequence[Candidate]) -> tuple[AuditCandidate, .
     )
 
 
+def _folded(text: str) -> str:
+    """Text as a name search compares it: case and accents folded ("Zoë" finds "zoe")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 def gallery_field(galleries: Sequence[str]) -> tuple[str, str | None]:
     """The audit record's gallery field, and the overflow for its detail when too long."""
     joined = ", ".join(dict.fromkeys(galleries))
     if len(joined) <= MAX_GALLERY_FIELD_CHARS:
         return joined, None
     return f"{len(set(galleries))} galleries (listed in detail)", f"galleries: {joined}"
+
+
+@dataclass(frozen=True)
+class SubjectRow:
+    """One line of a subject list: the subject, its photo count and the face shown for it."""
+
+    subject: Subject
+    photos: int
+    face_id: str | None  # its best-quality photo, the list's thumbnail
+
+
+@dataclass(frozen=True)
+class SubjectList:
+    """One page of a gallery's subjects, in name order, filtered by a name search."""
+
+    gallery: str
+    rows: tuple[SubjectRow, ...]
+    matching: int  # subjects the search matched, on every page
+    total: int  # subjects in the gallery
+    page: int  # 1-based
+    pages: int
+    query: str
+
+
+SUBJECTS_PER_PAGE = 24
+MAX_SUBJECTS_PER_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -338,6 +378,57 @@ class AccountableGalleries:
         )
         return subjects
 
+    def subject_list(
+        self,
+        caller: Caller,
+        justification: Justification,
+        gallery: str,
+        *,
+        query: str = "",
+        page: int = 1,
+        per_page: int = SUBJECTS_PER_PAGE,
+        where: str,
+    ) -> SubjectList:
+        """One page of a gallery's subjects, found by name. Names are sealed, so the search
+        runs here on the decrypted names (case- and accent-blind, any part of the name); the
+        record says a search was made and what was shown, never what was searched for."""
+        self.require(
+            caller, Permission.SUBJECTS_READ, gallery, where=where, justification=justification
+        )
+        if not 1 <= per_page <= MAX_SUBJECTS_PER_PAGE:
+            raise BadInputError(f"show from 1 to {MAX_SUBJECTS_PER_PAGE} subjects a page")
+        if page < 1:
+            raise BadInputError("pages are numbered from 1")
+        query = " ".join(query.split())
+        if len(query) > MAX_NAME_CHARS:
+            raise BadInputError(f"search for at most {MAX_NAME_CHARS} characters of a name")
+        everyone = self.galleries.subjects(gallery)
+        wanted = _folded(query)
+        found = sorted(
+            (s for s in everyone if wanted in _folded(s.display_name)),
+            key=lambda s: (_folded(s.display_name), s.subject_id),
+        )
+        pages = max(1, -(-len(found) // per_page))
+        page = min(page, pages)
+        shown = found[(page - 1) * per_page : page * per_page]
+        rows = []
+        for subject in shown:
+            faces = self.galleries.faces(gallery, subject.subject_id)
+            best = max(faces, key=lambda f: f.quality, default=None)
+            rows.append(SubjectRow(subject, len(faces), best.face_id if best else None))
+        self.recorder.record(
+            caller.actor,
+            AuditAction.SUBJECTS_LISTED,
+            justification=justification,
+            gallery=gallery,
+            detail=(
+                f"{len(rows)} subjects shown (page {page} of {pages}); "
+                + (f"name search matched {len(found)} of {len(everyone)}" if query else "no search")
+            ),
+        )
+        self.revealed.note(caller.session_key, gallery, [r.face_id for r in rows if r.face_id])
+        return SubjectList(gallery, tuple(rows), len(found), len(everyone), page, pages, query)
+
     def subject(
         self,
         caller: Caller,
@@ -490,6 +581,7 @@ class AccountableGalleries:
         notes: str = "",
         retention_until: date | None = None,
         allow_duplicate: bool = False,
+        age_at_capture: int | None = None,
         where: str,
         justification: Justification | None = None,
     ) -> Enrolled:
@@ -511,6 +603,7 @@ class AccountableGalleries:
                 notes=notes,
                 retention_until=retention_until,
                 allow_duplicate=allow_duplicate,
+                age_at_capture=age_at_capture,
             )
         except DuplicateSubjectError as exc:
             # The refusal shows the enroller which subjects the face matches: a reveal.
@@ -528,6 +621,8 @@ class AccountableGalleries:
         extra = ["enrolled despite a possible duplicate"] if allow_duplicate else []
         if retention_until:
             extra.append(f"retain until {retention_until.isoformat()}")
+        if age_at_capture is not None:
+            extra.append(f"age at capture {age_at_capture}")
         self._record_or_undo(
             caller,
             gallery,
@@ -552,13 +647,17 @@ class AccountableGalleries:
         image_bytes: bytes,
         *,
         face_index: int | None = None,
+        age_at_capture: int | None = None,
         where: str,
         justification: Justification | None = None,
     ) -> Face:
         """Another photo for an enrolled subject; removed again if it cannot be recorded."""
         self.require(caller, Permission.ENROL, gallery, where=where, justification=justification)
         self.galleries.subject(gallery, subject_id)
-        face = self.galleries.add_face(gallery, subject_id, image_bytes, face_index=face_index)
+        face = self.galleries.add_face(
+            gallery, subject_id, image_bytes, face_index=face_index, age_at_capture=age_at_capture
+        )
+        age = f"; age at capture {face.age_at_capture}" if face.age_at_capture is not None else ""
         try:
             self.recorder.record(
                 caller.actor,
@@ -567,12 +666,81 @@ class AccountableGalleries:
                 gallery=gallery,
                 subject_id=subject_id,
                 probe_sha256=face.source_sha256,
-                detail=f"face {face.face_id}",
+                detail=f"face {face.face_id}{age}",
             )
         except BaseException:
             self.galleries.delete_face(gallery, face.face_id)
             raise
         return face
+
+    def edit_subject(
+        self,
+        caller: Caller,
+        justification: Justification,
+        gallery: str,
+        subject_id: str,
+        *,
+        display_name: str,
+        notes: str,
+        legal_basis: str,
+        retention_until: date | None,
+        where: str,
+        today: date | None = None,
+    ) -> Subject:
+        """Change a subject's name, notes, legal basis or retention date. Needs the case and
+        reason like every reveal (the form shows the name) and is recorded before it is
+        acknowledged; the record names which fields changed, never the name or notes."""
+        self.require(caller, Permission.ENROL, gallery, where=where, justification=justification)
+        if not justification.case or not justification.reason:
+            raise BadInputError("give the case number and the reason for this change")
+        if not legal_basis.strip():
+            raise BadInputError(
+                "give the legal basis for holding this subject (law, warrant, case)"
+            )
+        old = self.galleries.subject(gallery, subject_id)
+        moved = retention_until is not None and retention_until != old.retention_until
+        if moved and retention_until is not None and retention_until <= (today or date.today()):
+            raise BadInputError("the retention date must be in the future")
+        new = {
+            "name": display_name.strip(),
+            "notes": notes.strip(),
+            "legal basis": legal_basis.strip(),
+            "retention": retention_until,
+        }
+        before = {
+            "name": old.display_name,
+            "notes": old.notes,
+            "legal basis": old.legal_basis,
+            "retention": old.retention_until,
+        }
+        changed = [field for field in new if new[field] != before[field]]
+        if not changed:
+            raise BadInputError("nothing was changed")
+        details = [f"changed: {', '.join(changed)}"]
+        if "legal basis" in changed:
+            details.append(f"legal basis: {new['legal basis']}")
+        if "retention" in changed:
+            details.append(
+                f"retain until {old.retention_until or 'not set'} -> {retention_until or 'not set'}"
+            )
+        check_name(display_name.strip())  # refused before the record, not after
+        self.recorder.record(
+            caller.actor,
+            AuditAction.SUBJECT_EDITED,
+            justification=justification,
+            gallery=gallery,
+            subject_id=subject_id,
+            detail="; ".join(details),
+        )
+        with self._failure_recorded(caller, AuditAction.SUBJECT_EDITED, gallery, subject_id):
+            return self.galleries.edit_subject(
+                gallery,
+                subject_id,
+                display_name=display_name.strip(),
+                notes=notes.strip(),
+                legal_basis=legal_basis.strip(),
+                retention_until=retention_until,
+            )
 
     def delete_subject(
         self,

@@ -107,17 +107,27 @@ class RescoreRequest(_In):
     age_band: AgeBandName = Field(description=AGE_BAND_HELP)
 
 
+class MatchedPhotoOut(BaseModel):
+    face_id: str = Field(description="the subject's photo that matched best")
+    number: int = Field(description="which of the subject's photos, 1-based, enrolment order")
+    of: int = Field(description="how many photos the subject has")
+    age_at_capture: int | None = Field(description="the photo's age at capture, if given")
+
+
 class CandidateOut(BaseModel):
+    """A subject, ranked by its best-matching photo."""
+
     rank: int
     gallery: str
     subject_id: str
     display_name: str
-    face_id: str
+    face_id: str = Field(description="the subject's best-matching photo (as matched_photo)")
     score: float = Field(description="cosine similarity of the templates")
     band: str = Field(
         description="strong, moderate, weak or below threshold, by the age band's thresholds"
     )
     above_threshold: bool
+    matched_photo: MatchedPhotoOut
 
     @classmethod
     def of(cls, c: Candidate) -> CandidateOut:
@@ -130,6 +140,12 @@ class CandidateOut(BaseModel):
             score=round(c.score, 4),
             band=c.band.value,
             above_threshold=c.above_threshold,
+            matched_photo=MatchedPhotoOut(
+                face_id=c.face_id,
+                number=c.photo_number,
+                of=c.photos,
+                age_at_capture=c.face_age_at_capture,
+            ),
         )
 
 
@@ -257,11 +273,18 @@ class FaceOut(BaseModel):
     quality: float
     model_id: str
     enrolled_at: datetime
+    age_at_capture: int | None = Field(
+        default=None, description="the subject's age when the photo was taken, if given"
+    )
 
     @classmethod
     def of(cls, f: Face) -> FaceOut:
         return cls(
-            face_id=f.face_id, quality=f.quality, model_id=f.model_id, enrolled_at=f.enrolled_at
+            face_id=f.face_id,
+            quality=f.quality,
+            model_id=f.model_id,
+            enrolled_at=f.enrolled_at,
+            age_at_capture=f.age_at_capture,
         )
 
 

@@ -16,6 +16,7 @@ from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.audit import AuditAction
 from edgeid.runtime.audit.justification import Justification
 from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.records import MAX_AGE_YEARS
 from edgeid.runtime.gallery.service import (
     AGE_BANDS,
     DEFAULT_TOP_K,
@@ -267,6 +268,33 @@ class EnrolmentForm:
     legal_basis: str
     notes: str
     retention_until: date | None
+    age_at_capture: int | None = None
+
+
+def check_age_at_capture(value: str | None) -> int | None:
+    """The optional age at capture of a form: empty, or whole years."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 0 <= int(text) <= MAX_AGE_YEARS:
+        raise BadInputError(
+            f"give the age when the photo was taken in whole years (0 to {MAX_AGE_YEARS}), "
+            "or leave it empty"
+        )
+    return int(text)
+
+
+def check_retention(value: str, today: date | None = None) -> date | None:
+    """An optional retention date (YYYY-MM-DD), which must lie in the future."""
+    if not value.strip():
+        return None
+    try:
+        until = date.fromisoformat(value.strip())
+    except ValueError:
+        raise BadInputError("give the retention date as YYYY-MM-DD") from None
+    if until <= (today or date.today()):
+        raise BadInputError("the retention date must be in the future")
+    return until
 
 
 def check_enrolment(
@@ -278,6 +306,7 @@ def check_enrolment(
     legal_basis: str,
     notes: str = "",
     retention_until: str = "",
+    age_at_capture: str = "",
     today: date | None = None,
 ) -> EnrolmentForm:
     if not gallery.strip():
@@ -287,15 +316,15 @@ def check_enrolment(
         raise BadInputError("give the subject's name as the gallery should show it")
     if not legal_basis.strip():
         raise BadInputError("give the legal basis for holding this subject (law, warrant, case)")
-    until: date | None = None
-    if retention_until.strip():
-        try:
-            until = date.fromisoformat(retention_until.strip())
-        except ValueError:
-            raise BadInputError("give the retention date as YYYY-MM-DD") from None
-        if until <= (today or date.today()):
-            raise BadInputError("the retention date must be in the future")
-    return EnrolmentForm(gallery, display_name.strip(), legal_basis.strip(), notes.strip(), until)
+    until = check_retention(retention_until, today)
+    return EnrolmentForm(
+        gallery,
+        display_name.strip(),
+        legal_basis.strip(),
+        notes.strip(),
+        until,
+        check_age_at_capture(age_at_capture),
+    )
 
 
 def prepare_enrolment(
@@ -317,6 +346,39 @@ def prepare_enrolment(
         retention_until=form.retention_until,
         image=data,
         probe=probe,
+        age_at_capture=form.age_at_capture,
+    )
+    state.enrolments.put(pending)
+    return pending
+
+
+def prepare_photo(
+    state: WebState,
+    principal: Principal,
+    gallery: str,
+    subject_id: str,
+    data: bytes,
+    age_at_capture: int | None,
+) -> PendingEnrolment:
+    """Another photo for an enrolled subject, analysed and held while its face is chosen."""
+    require_gallery(state, principal, Permission.ENROL, gallery, where="add a photo")
+    if not data:
+        raise BadInputError("choose a photo of the subject")
+    probe = state.accountable.analyse(data, name="the photo")
+    if not probe.faces:
+        raise BadInputError("no face found in the photo; use a clearer, frontal photo")
+    pending = PendingEnrolment(
+        entry_id=Workspace.new_id(),
+        owner=principal.owner,
+        gallery=gallery,
+        display_name="",
+        legal_basis="",
+        notes="",
+        retention_until=None,
+        image=data,
+        probe=probe,
+        age_at_capture=age_at_capture,
+        subject_id=subject_id,
     )
     state.enrolments.put(pending)
     return pending
@@ -349,6 +411,7 @@ def complete_enrolment(
         notes=pending.notes,
         retention_until=pending.retention_until,
         allow_duplicate=allow_duplicate,
+        age_at_capture=pending.age_at_capture,
         where="enrol",
     )
     state.enrolments.remove(pending.entry_id)
@@ -370,6 +433,7 @@ def add_to_subject(
         subject_id,
         pending.image,
         face_index=face_index,
+        age_at_capture=pending.age_at_capture,
         where="add a photo to a subject",
     )
     state.enrolments.remove(pending.entry_id)

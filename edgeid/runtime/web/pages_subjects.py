@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from edgeid.runtime.accounts.roles import Permission
+from edgeid.runtime.audit.justification import Justification
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.service import ENROL_MIN_QUALITY, DuplicateSubjectError
 from edgeid.runtime.web import operations as ops
@@ -39,12 +40,21 @@ def galleries_page(request: Request, principal: Reader) -> Response:
 
 
 @router.get("/galleries/{gallery}/subjects")
-def subjects_page(request: Request, gallery: str, principal: Reader) -> Response:
+def subjects_page(
+    request: Request, gallery: str, principal: Reader, q: str = "", page: str = "1"
+) -> Response:
+    """The subjects, with a photo each, found by name (names are sealed: the core searches
+    the decrypted names), a page at a time."""
     state = web_state(request)
     ops.require_gallery(state, principal, Permission.SUBJECTS_READ, gallery, where="subject list")
     why = work_context.require(request, principal)
-    subjects = state.accountable.subjects(
-        principal, why, gallery, where="GET /galleries/{gallery}/subjects"
+    listed = state.accountable.subject_list(
+        principal,
+        why,
+        gallery,
+        query=q,
+        page=int(page) if page.isdigit() and int(page) > 0 else 1,
+        where="GET /galleries/{gallery}/subjects",
     )
     return render(
         request,
@@ -52,7 +62,8 @@ def subjects_page(request: Request, gallery: str, principal: Reader) -> Response
         principal=principal,
         gallery=gallery,
         work=why,
-        subjects=sorted(subjects, key=lambda s: s.display_name.casefold()),
+        listed=listed,
+        may_enrol=principal.may_use_gallery(Permission.ENROL, gallery),
     )
 
 
@@ -73,7 +84,150 @@ def subject_page(request: Request, gallery: str, subject_id: str, principal: Rea
         subject=shown.subject,
         faces=shown.faces,
         may_delete=principal.may_use_gallery(Permission.SUBJECTS_DELETE, gallery),
+        may_enrol=principal.may_use_gallery(Permission.ENROL, gallery),
     )
+
+
+# -- another photo, and edits ----------------------------------------------------------------
+
+
+def _photo_page(
+    request: Request,
+    principal: Principal,
+    gallery: str,
+    subject_id: str,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+    age: str = "",
+) -> Response:
+    state = web_state(request)
+    ops.require_gallery(state, principal, Permission.ENROL, gallery, where="add a photo")
+    why = work_context.require(request, principal)
+    shown = state.accountable.subject(principal, why, gallery, subject_id, where="add a photo")
+    return render(
+        request,
+        "subject_photo.html",
+        principal=principal,
+        status_code=status_code,
+        gallery=gallery,
+        work=why,
+        subject=shown.subject,
+        faces=shown.faces,
+        max_upload_mb=state.max_upload_bytes / (1024 * 1024),
+        error=error,
+        age=age,
+    )
+
+
+@router.get("/galleries/{gallery}/subjects/{subject_id}/photos")
+def photo_form(request: Request, gallery: str, subject_id: str, principal: Enroller) -> Response:
+    return _photo_page(request, principal, gallery, subject_id)
+
+
+@router.post("/galleries/{gallery}/subjects/{subject_id}/photos")
+def photo_add(request: Request, gallery: str, subject_id: str, principal: Enroller) -> Response:
+    """Another photo of an enrolled subject, with its age at capture. A photo of one face is
+    added at once; with several, the face picker asks which."""
+    state = web_state(request)
+    form = posted(request)
+    upload = form.files.get("photo")
+    age = form.get("age_at_capture")
+    try:
+        pending = ops.prepare_photo(
+            state,
+            principal,
+            gallery,
+            subject_id,
+            upload.data if upload else b"",
+            ops.check_age_at_capture(age),
+        )
+        if len(pending.probe.faces) > 1:
+            return RedirectResponse(f"/enrol/{pending.entry_id}", status_code=303)
+        ops.add_to_subject(state, principal, pending, 0, subject_id)
+    except BadInputError as exc:
+        return _photo_page(
+            request, principal, gallery, subject_id, error=str(exc), status_code=400, age=age
+        )
+    flash(principal, "Photo added to the subject.")
+    return RedirectResponse(f"/galleries/{gallery}/subjects/{subject_id}", status_code=303)
+
+
+def _edit_page(
+    request: Request,
+    principal: Principal,
+    gallery: str,
+    subject_id: str,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+    values: dict[str, str] | None = None,
+) -> Response:
+    state = web_state(request)
+    ops.require_gallery(state, principal, Permission.ENROL, gallery, where="edit a subject")
+    why = work_context.require(request, principal)
+    shown = state.accountable.subject(principal, why, gallery, subject_id, where="edit a subject")
+    subject = shown.subject
+    return render(
+        request,
+        "subject_edit.html",
+        principal=principal,
+        status_code=status_code,
+        gallery=gallery,
+        work=why,
+        subject=subject,
+        error=error,
+        values=values
+        or {
+            "display_name": subject.display_name,
+            "notes": subject.notes,
+            "legal_basis": subject.legal_basis,
+            "retention_until": str(subject.retention_until or ""),
+        },
+    )
+
+
+@router.get("/galleries/{gallery}/subjects/{subject_id}/edit")
+def edit_form(request: Request, gallery: str, subject_id: str, principal: Enroller) -> Response:
+    return _edit_page(request, principal, gallery, subject_id)
+
+
+@router.post("/galleries/{gallery}/subjects/{subject_id}/edit")
+def edit_subject(request: Request, gallery: str, subject_id: str, principal: Enroller) -> Response:
+    """Name, notes, legal basis, retention: recorded under the session's case with this
+    change's own reason, before it is made."""
+    state = web_state(request)
+    form = posted(request)
+    fields = {
+        name: form.get(name)
+        for name in ("display_name", "notes", "legal_basis", "retention_until", "reason")
+    }
+    why = work_context.require(request, principal)
+    try:
+        justification = Justification.of(why.case, fields["reason"])
+        state.accountable.edit_subject(
+            principal,
+            justification,
+            gallery,
+            subject_id,
+            display_name=fields["display_name"],
+            notes=fields["notes"],
+            legal_basis=fields["legal_basis"],
+            retention_until=ops.check_retention(fields["retention_until"]),
+            where="edit a subject",
+        )
+    except BadInputError as exc:
+        return _edit_page(
+            request,
+            principal,
+            gallery,
+            subject_id,
+            error=str(exc),
+            status_code=400,
+            values=fields,
+        )
+    flash(principal, "Subject changed; the change is in the audit log.")
+    return RedirectResponse(f"/galleries/{gallery}/subjects/{subject_id}", status_code=303)
 
 
 @router.get("/galleries/{gallery}/faces/{face_id}/thumbnail.jpg")
@@ -174,7 +328,14 @@ def enrol_start(request: Request, principal: Enroller) -> Response:
     form = posted(request)
     fields = {
         name: form.get(name)
-        for name in ("gallery", "display_name", "legal_basis", "notes", "retention_until")
+        for name in (
+            "gallery",
+            "display_name",
+            "legal_basis",
+            "notes",
+            "retention_until",
+            "age_at_capture",
+        )
     }
     upload = form.files.get("photo")
     try:
@@ -186,6 +347,7 @@ def enrol_start(request: Request, principal: Enroller) -> Response:
             legal_basis=fields["legal_basis"],
             notes=fields["notes"],
             retention_until=fields["retention_until"],
+            age_at_capture=fields["age_at_capture"],
         )
         pending = ops.prepare_enrolment(state, principal, checked, upload.data if upload else b"")
     except BadInputError as exc:
@@ -205,6 +367,7 @@ def _pick_page(
     face_index: int | None = None,
     status_code: int = 200,
 ) -> Response:
+    ordered = pending.probe.left_to_right()
     return render(
         request,
         "enrol_pick.html",
@@ -212,6 +375,8 @@ def _pick_page(
         status_code=status_code,
         pending=pending,
         probe=pending.probe,
+        ordered=ordered,
+        numbers={f.index: n for n, f in enumerate(ordered, start=1)},
         min_quality=ENROL_MIN_QUALITY,
         error=error,
         duplicates=duplicates.candidates if duplicates else (),
@@ -259,6 +424,14 @@ def _finish(
 def enrol_pick(request: Request, entry_id: str, principal: Enroller) -> Response:
     pending = ops.load_enrolment(web_state(request), principal, entry_id)
     return _pick_page(request, principal, pending)
+
+
+@router.get("/enrol/{entry_id}/faces/{face_index}.jpg")
+def enrol_face(request: Request, entry_id: str, face_index: int, principal: Enroller) -> Response:
+    """One face of the photo being enrolled, aligned as the embedder sees it (the picker's
+    thumbnails): the enroller's own upload, nothing enrolled."""
+    pending = ops.load_enrolment(web_state(request), principal, entry_id)
+    return jpeg_response(pending.probe.chip_jpeg(face_index))
 
 
 @router.get("/enrol/{entry_id}/photo.jpg")

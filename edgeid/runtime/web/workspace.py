@@ -67,6 +67,10 @@ class PendingEnrolment:
     retention_until: date | None
     image: bytes
     probe: Probe
+    age_at_capture: int | None = None  # the photo's, as given with it
+    # Set when the photo is another one for this enrolled subject ("Add a photo"), not a
+    # new subject: the face picker then adds the chosen face to it.
+    subject_id: str | None = None
 
     def nbytes(self) -> int:
         return len(self.image) + len(self.probe.faces) * PER_FACE_BYTES
