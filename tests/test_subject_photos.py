@@ -5,12 +5,13 @@ export/import, and read back after every kind of reopen. Real files and keys in 
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgeid.runtime.compat import UTC
 from edgeid.runtime.gallery.backup import export_gallery, import_gallery
 from edgeid.runtime.gallery.errors import InvalidRecordError
 from edgeid.runtime.gallery.index import GalleryIndex
