@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,28 @@ def make_environment() -> jinja2.Environment:
     env.filters["visible"] = lambda value: visible_bidi(str(value))
     env.filters["pct"] = lambda value: "not measured" if value is None else f"{value:.0%}"
     env.filters["score"] = lambda value: f"{value:.3f}"
+    env.filters["day"] = display_day
+    env.filters["moment"] = display_moment
     return env
+
+
+# One date format on every page, in every date field and in every message: year-month-day
+# (ISO 8601), the order the date fields ask for (see _date_field.html), never the browser's
+# locale order (a picker's mm/dd/yyyy beside a table's 2027-01-31 invites misreading).
+DAY_FORMAT = "%Y-%m-%d"
+
+
+def display_day(value: date | datetime | None) -> str:
+    return value.strftime(DAY_FORMAT) if value is not None else ""
+
+
+def display_moment(value: datetime | None) -> str:
+    """A time on one line, in UTC, to the minute."""
+    if value is None:
+        return ""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime(f"{DAY_FORMAT}\u00a0%H:%M\u00a0UTC")
 
 
 def flash(principal: Principal, message: str) -> None:
