@@ -57,7 +57,7 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_truncated_jpeg_is_refused() -> None:
     data = _jpeg(640, 480)
-    with pytest.raises(BadInputError, match="damaged or truncated"):
+    with pytest.raises(BadInputError, match="damaged or incomplete"):
         decode_image(data[: len(data) // 2])
 
 

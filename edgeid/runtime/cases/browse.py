@@ -111,8 +111,10 @@ def _order(row: ClusterRow) -> tuple[int, float, int, int]:
     return (0 if row.matches else 1, -row.best_match, -len(row.cluster.faces), row.cluster.number)
 
 
-def browse(view: CaseView, wanted: CaseFilter, *, per_page: int = PAGE_CLUSTERS) -> CasePage:
-    """One page of ``view`` as ``wanted`` filters it; see the module docstring."""
+def browse(view: CaseView, wanted: CaseFilter, *, per_page: int | None = None) -> CasePage:
+    """One page of ``view`` as ``wanted`` filters it (``PAGE_CLUSTERS`` clusters a page
+    unless ``per_page``); see the module docstring."""
+    per_page = per_page or PAGE_CLUSTERS
     rows = sorted((_row(c, wanted) for c in view.clusters), key=_order)
     matched = sum(1 for r in rows if r.matches)
     above = sum(r.matches for r in rows)

@@ -27,8 +27,8 @@ JobState = Literal["pending", "running", "complete", "stopped", "failed"]
 PHASE_WORDS: dict[str, tuple[str, str | None]] = {
     "listing": ("Opening the archive and counting its files", None),
     "reading": ("Finding faces in the files", "files"),
-    "clustering": ("Grouping the faces that look like the same person", None),
-    "searching": ("Searching the galleries for each group of faces", "groups"),
+    "clustering": ("Grouping faces that look like the same person into clusters", None),
+    "searching": ("Searching the galleries for each cluster", "clusters"),
     "done": ("Finished", None),
     "stopped": ("Stopped", None),
 }

@@ -292,7 +292,9 @@ def check_enrolment(
         try:
             until = date.fromisoformat(retention_until.strip())
         except ValueError:
-            raise BadInputError("give the retention date as YYYY-MM-DD") from None
+            raise BadInputError(
+                "write the retention date as year-month-day, for example 2027-01-31"
+            ) from None
         if until <= (today or date.today()):
             raise BadInputError("the retention date must be in the future")
     return EnrolmentForm(gallery, display_name.strip(), legal_basis.strip(), notes.strip(), until)

@@ -56,6 +56,7 @@ def make_environment() -> jinja2.Environment:
     env.filters["visible"] = lambda value: visible_bidi(str(value))
     env.filters["pct"] = lambda value: "not measured" if value is None else f"{value:.0%}"
     env.filters["score"] = lambda value: f"{value:.3f}"
+    env.filters["sentence"] = sentence
     env.filters["day"] = display_day
     env.filters["moment"] = display_moment
     return env
@@ -78,6 +79,22 @@ def display_moment(value: datetime | None) -> str:
     if value.tzinfo is not None:
         value = value.astimezone(UTC)
     return value.strftime(f"{DAY_FORMAT}\u00a0%H:%M\u00a0UTC")
+
+
+# The context values every page shows as its error: the core's messages are written as
+# clauses ("the photo is damaged ...; use a complete copy") so that the CLI can prefix them;
+# a page shows them as sentences.
+SENTENCE_KEYS = ("error", "message")
+
+
+def sentence(text: str) -> str:
+    """``text`` as a sentence: a capital first letter and a closing full stop."""
+    text = text.strip()
+    if not text:
+        return text
+    if text[0].islower():
+        text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
 
 
 def flash(principal: Principal, message: str) -> None:
@@ -103,6 +120,9 @@ def render(
         if principal is not None and principal.may(permission)
     ]
     anonymous_csrf = context.pop("csrf_token", "")
+    for key in SENTENCE_KEYS:
+        if isinstance(context.get(key), str):
+            context[key] = sentence(context[key])
     html = state.templates.get_template(template).render(
         request_path=request.url.path,
         principal=principal,
