@@ -40,6 +40,8 @@ h3 { font-size: 12pt; margin: 0.4em 0; }
 table { border-collapse: collapse; width: 100%; margin: 0.4em 0 0.8em; }
 th, td { border: 1px solid #bbb; padding: 2px 5px; text-align: left; vertical-align: top; }
 th { background: #eee; }
+@media (max-width: 900px) { body { margin: .6em; } td, th { overflow-wrap: anywhere; }
+  .pair { flex-direction: column; } }
 .notice { border: 2px solid #a00; padding: 0.5em 0.8em; margin: 1em 0; }
 .cluster { border: 1px solid #888; padding: 0.5em 0.8em; margin: 0.8em 0; }
 .faces { display: flex; flex-wrap: wrap; gap: 6px; }

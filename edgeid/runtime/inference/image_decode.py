@@ -176,8 +176,8 @@ def _opened(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Iterator
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadInputError(
-            f"{name} is refused as a decompression bomb (it would unpack to over {max_pixels} "
-            "pixels); use an ordinary photo"
+            f"{name} is refused as a decompression bomb (it would unpack to more than the "
+            f"{max_pixels}-pixel limit); use an ordinary photo"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError; its own
