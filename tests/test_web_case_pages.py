@@ -309,5 +309,6 @@ def test_health_speaks_in_human_units_and_errors_in_sentences(
     error = re.search(r'<p class="error" role="alert">([^<]+)</p>', reply.text)
     assert error, reply.text[:500]
     message = error.group(1)
-    assert message.startswith("The photo is damaged or incomplete") and message.endswith(".")
+    # A sentence: the stylesheet capitalises an error's first letter; the page ends it.
+    assert message.startswith("the photo is damaged or incomplete") and message.endswith(".")
     assert "use a complete copy" in message and "not processed" not in message

@@ -247,7 +247,7 @@ def test_progress_refreshes_while_running_and_the_archive_goes_whatever_the_end(
         release.set()
     assert job_of(box, user, job_id).job.wait(timeout=60)
     ended = browser.get(f"/cases/jobs/{job_id}")
-    assert "http-equiv" not in ended.text and "The archive is damaged." in ended.text
+    assert "http-equiv" not in ended.text and "the archive is damaged." in ended.text
     assert uploads(box) == []
 
 

@@ -57,6 +57,7 @@ def make_environment() -> jinja2.Environment:
     env.filters["pct"] = lambda value: "not measured" if value is None else f"{value:.0%}"
     env.filters["score"] = lambda value: f"{value:.3f}"
     env.filters["sentence"] = sentence
+    env.filters["full_stop"] = full_stop
     env.filters["day"] = display_day
     env.filters["moment"] = display_moment
     return env
@@ -83,8 +84,14 @@ def display_moment(value: datetime | None) -> str:
 
 # The context values every page shows as its error: the core's messages are written as
 # clauses ("the photo is damaged ...; use a complete copy") so that the CLI can prefix them;
-# a page shows them as sentences.
+# a page ends them with a full stop, and its stylesheet capitalises their first letter
+# (p.error::first-letter), so the text stays the core's for whoever searches for it.
 SENTENCE_KEYS = ("error", "message")
+
+
+def full_stop(text: str) -> str:
+    text = text.rstrip()
+    return text if not text or text[-1] in ".!?" else text + "."
 
 
 def sentence(text: str) -> str:
@@ -122,7 +129,7 @@ def render(
     anonymous_csrf = context.pop("csrf_token", "")
     for key in SENTENCE_KEYS:
         if isinstance(context.get(key), str):
-            context[key] = sentence(context[key])
+            context[key] = full_stop(context[key])
     html = state.templates.get_template(template).render(
         request_path=request.url.path,
         principal=principal,
