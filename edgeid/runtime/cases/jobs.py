@@ -108,7 +108,14 @@ class IngestJob:
         rate = left = None
         done, total = _done_and_total(progress)
         spent = now - since
-        if unit and phase == progress.phase and spent >= MIN_RATE_SAMPLE_S and done > done_then:
+        running = self._ended is None  # an ended job has no rate and no time left
+        if (
+            running
+            and unit
+            and phase == progress.phase
+            and spent >= MIN_RATE_SAMPLE_S
+            and (done > done_then)
+        ):
             per_s = (done - done_then) / spent
             per_min = per_s * 60
             rate = (
