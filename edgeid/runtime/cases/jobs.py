@@ -114,15 +114,14 @@ class IngestJob:
             and unit
             and phase == progress.phase
             and spent >= MIN_RATE_SAMPLE_S
-            and (done > done_then)
+            and done > done_then
         ):
             per_s = (done - done_then) / spent
             per_min = per_s * 60
-            rate = (
-                f"{per_min:.0f} {unit} a minute"
-                if per_min >= 1
-                else (f"one every {duration(1 / per_s)}")
-            )
+            if per_min >= 1:
+                rate = f"{per_min:.0f} {unit} a minute"
+            else:
+                rate = f"one every {duration(1 / per_s)}"
             left = time_left(max(0, total - done) / per_s)
         return Pace(step=step, elapsed=duration(now - self._started), rate=rate, left=left)
 
