@@ -158,7 +158,7 @@ def test_finding_1_the_whole_outer_zip_reads_its_photos_and_refuses_the_inner_zi
     assert result["progress"]["files_total"] == 4
     assert result["progress"]["files_new"] == 3
     failed = {f["names"][0]: f["reason"] for f in result["failed_files"]}
-    assert list(failed) == ["backup.zip"] and "archive inside the source" in failed["backup.zip"]
+    assert list(failed) == ["backup.zip"] and "archive inside the media" in failed["backup.zip"]
     code, out, _ = cli(home, capsys, "show", CASE, "--reason", REASON)
     assert code == 0 and HIDDEN not in out and "inner_photo" not in out
 
@@ -254,7 +254,7 @@ def test_finding_1_archive_inside_a_zip_is_refused_whole_or_cut(
     path.write_bytes(whole)
     seen = what_ingest_reads(path)
     assert [seen[f"DCIM/photo{n}.jpg"] for n in range(3)] == ["image"] * 3
-    assert "archive inside the source" in seen[f"backup.{kind}"]
+    assert "archive inside the media" in seen[f"backup.{kind}"]
     assert HIDDEN not in seen
     for length in (directory_at, directory_at + 10, len(whole) - 1, len(whole) // 2):
         path.write_bytes(whole[:length])
@@ -277,7 +277,7 @@ def test_finding_1_archive_inside_a_tar_is_refused_whole_or_cut(
         assert zipfile.is_zipfile(path)  # the trap that once caught this tar
     seen = what_ingest_reads(path)
     assert [seen[f"DCIM/photo{n}.jpg"] for n in range(3)] == ["image"] * 3
-    assert "archive inside the source" in seen[f"backup.{kind}"]
+    assert "archive inside the media" in seen[f"backup.{kind}"]
     assert HIDDEN not in seen
     for length in (len(whole) - 1024, len(whole) - 1024 - 700, len(whole) * 3 // 4):
         path.write_bytes(whole[:length])

@@ -137,7 +137,7 @@ def build_media(root: Path, cast: tuple[dict[str, list[Path]], list[Path]]) -> M
     (folder / "broken.jpg").write_bytes(first.read_bytes()[: first.stat().st_size * 2 // 5])
     (folder / "notes.txt").write_text("shopping list\n")
     (folder / "huge.png").write_bytes(png_header(100_000, 100_000))
-    failures = {"broken.jpg": "truncated", "notes.txt": "not an image", "huge.png": "limit"}
+    failures = {"broken.jpg": "incomplete", "notes.txt": "not an image", "huge.png": "limit"}
     return Media(folder, people, one, failures)
 
 

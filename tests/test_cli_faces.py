@@ -92,7 +92,7 @@ def test_bad_inputs_get_per_file_errors_and_exit_2(
     entries = {e["image"]: e for e in json.loads(proc.stdout)}
     assert "error" not in entries[str(good)] and entries[str(good)]["faces"]
     assert "no such file" in entries[str(missing)]["error"]
-    assert "damaged or truncated" in entries[str(truncated)]["error"]
+    assert "damaged or incomplete" in entries[str(truncated)]["error"]
     assert "not an image" in entries[str(not_image)]["error"]
     assert "no face found" in entries[str(dogs)]["error"]
     assert len(proc.stderr.strip().splitlines()) == 4

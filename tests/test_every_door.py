@@ -172,6 +172,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/audit"): reveals(AuditAction.AUDIT_VIEWED),
     ("POST", "/audit/export"): reveals(AuditAction.AUDIT_EXPORTED),
     ("GET", "/retention"): NEITHER,  # subject ids and dates, never a name or a face
+    ("GET", "/retention/{gallery}/{subject_id}"): NEITHER,  # the erasure's confirmation: ids, dates
     ("POST", "/retention/{gallery}/{subject_id}"): changes(AuditAction.DELETE_SUBJECT),
     ("GET", "/healthz"): NEITHER,
     ("GET", "/health"): NEITHER,

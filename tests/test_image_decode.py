@@ -55,10 +55,15 @@ def test_exif_orientation_is_applied() -> None:
     assert pixels[5, 40, 1] > 150 and pixels[5, 5, 0] > 150
 
 
-def test_truncated_jpeg_is_refused() -> None:
+def test_truncated_jpeg_is_refused_in_words_that_say_what_to_do() -> None:
     data = _jpeg(640, 480)
-    with pytest.raises(BadInputError, match="damaged or truncated"):
-        decode_image(data[: len(data) // 2])
+    with pytest.raises(BadInputError, match="damaged or incomplete") as refused:
+        decode_image(data[: len(data) // 2], name="the photo")
+    # Pillow's own words ("image file is truncated (5 bytes not processed)") help nobody.
+    assert str(refused.value) == (
+        "the photo is damaged or incomplete (part of the file is missing or corrupt) and "
+        "cannot be read; use a complete copy of the photo"
+    )
 
 
 def test_non_image_bytes_are_refused() -> None:

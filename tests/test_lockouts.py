@@ -146,7 +146,8 @@ def test_finding_11_the_admin_sees_and_clears_a_slowed_account_and_it_is_recorde
 
     admin, csrf = sign_in(box, Role.ADMIN)
     page = admin.get("/admin/users").text
-    assert "Slowed sign-ins" in page and "10.7.7.7" in page
+    assert "Locked accounts" in page and "10.7.7.7" in page
+    assert "locked: sign-ins slowed by wrong passwords" in page  # its state in the user list
     assert 'action="/admin/users/victim/unlock"' in page
     investigator, inv_csrf = sign_in(box, Role.INVESTIGATOR)
     refused = investigator.post("/admin/users/victim/unlock", data={"csrf_token": inv_csrf})
@@ -173,3 +174,29 @@ def test_finding_11_the_admin_sees_and_clears_a_slowed_account_and_it_is_recorde
     assert desk.login("victim", PASSWORD).status_code == 303
     actions = [r.event.action for r in box.audit.query(limit=50) if r.seq > before]
     assert actions.count(AuditAction.LOCK_CLEARED) == 2
+
+
+def test_a_locked_account_shows_on_its_own_page_and_is_unlocked_there_on_the_record(
+    box: Box,
+) -> None:
+    new_user(box, "locked-out")
+    desk = Desk(box, "10.8.8.8")
+    for attempt in range(PAIR_FREE_FAILURES + 3):
+        desk.login("locked-out", f"guess {attempt}")
+    assert desk.login("locked-out", PASSWORD).status_code == 429
+    admin, csrf = sign_in(box, Role.ADMIN)
+    page = admin.get("/admin/users/locked-out").text
+    assert "Locked: locked-out" in page and "from 10.8.8.8" in page
+    assert 'action="/admin/users/locked-out/unlock"' in page
+    before = box.audit.last_seq
+    reply = admin.post("/admin/users/locked-out/unlock", data={"csrf_token": csrf, "back": "user"})
+    assert reply.status_code == 303 and reply.headers["location"] == "/admin/users/locked-out"
+    after = admin.get("/admin/users/locked-out").text
+    assert "locked-out may sign in again" in after and "Not locked" in after
+    cleared = [
+        r
+        for r in box.audit.query(limit=20)
+        if r.seq > before and r.event.action is AuditAction.LOCK_CLEARED
+    ]
+    assert len(cleared) == 1 and "user locked-out" in (cleared[0].event.detail or "")
+    assert desk.login("locked-out", PASSWORD).status_code == 303

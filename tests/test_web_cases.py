@@ -151,7 +151,7 @@ def test_ingest_from_upload_to_clusters_leads_report_and_audit(box: Box, media_z
     progress = browser.get(f"/cases/jobs/{job_id}")
     assert progress.status_code == 200
     assert 'http-equiv="refresh"' not in progress.text  # done: the page stops reloading
-    assert "Done." in progress.text
+    assert "<strong>Done</strong> in " in progress.text
     link = CASE_LINK.search(progress.text)
     assert link, "the finished job links to its case"
     case_id = link.group(1)
@@ -234,7 +234,8 @@ def test_progress_refreshes_while_running_and_the_archive_goes_whatever_the_end(
     try:
         running = browser.get(f"/cases/jobs/{job_id}")
         assert '<meta http-equiv="refresh" content="2">' in running.text
-        assert "1 of 3 seen" in running.text
+        assert "Files looked at: 1 of 3" in running.text
+        assert "Finding faces in the files" in running.text and "reading" not in running.text
         # The archive sits in a private folder while the ingest reads it.
         assert seen[0].read_bytes() == media_zip
         assert seen[0].parent.stat().st_mode & 0o777 == 0o700
@@ -246,7 +247,7 @@ def test_progress_refreshes_while_running_and_the_archive_goes_whatever_the_end(
         release.set()
     assert job_of(box, user, job_id).job.wait(timeout=60)
     ended = browser.get(f"/cases/jobs/{job_id}")
-    assert "http-equiv" not in ended.text and "the archive is damaged" in ended.text
+    assert "http-equiv" not in ended.text and "the archive is damaged." in ended.text
     assert uploads(box) == []
 
 

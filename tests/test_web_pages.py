@@ -310,7 +310,7 @@ def test_audit_page_filters_by_user_case_and_date_and_exports_signed(
     supervisor, scsrf = sign_in(box, Role.SUPERVISOR)
     page = supervisor.get("/audit", params={"case": "FILTER-A"})
     assert page.status_code == 200
-    assert len(re.findall(r"<tr>\s*<td>\d+</td>", page.text)) == 1
+    assert len(re.findall(r"<tr>\s*<td data-label=\"#\">\d+</td>", page.text)) == 1
     assert "FILTER-B" not in page.text
     today = date.today().isoformat()
     mine = supervisor.get(

@@ -53,6 +53,23 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.TECHNICIAN: frozenset({Permission.HEALTH}),
 }
 
+# What each role does, in words, for the admin choosing one (never the raw permissions).
+ROLE_DESCRIPTIONS: dict[Role, str] = {
+    Role.INVESTIGATOR: (
+        "Searches faces, brings in a case's seized media, enrols and erases subjects; only in "
+        "the galleries given to them."
+    ),
+    Role.SUPERVISOR: (
+        "Reads and exports the audit log, erases subjects past their retention date, and "
+        "approves or rejects changes that need a second person. Sees no face."
+    ),
+    Role.ADMIN: (
+        "Adds users and sets their role and galleries, creates and erases galleries, reads the "
+        "settings, and approves changes that need a second person. Sees no face or name."
+    ),
+    Role.TECHNICIAN: ("Checks the box's health, models and versions. Sees no face, name or case."),
+}
+
 # Permissions that work on a gallery's content: limited to the galleries a user is given.
 GALLERY_SCOPED: frozenset[Permission] = frozenset(
     {Permission.SEARCH, Permission.ENROL, Permission.SUBJECTS_READ, Permission.SUBJECTS_DELETE}

@@ -119,6 +119,8 @@ def export_log(
         "case": wanted.case,
         "action": str(wanted.action) if wanted.action else None,
     }
+    if wanted.case_prefix:
+        filters["case_prefix"] = wanted.case_prefix
     lines = [
         _line(
             {

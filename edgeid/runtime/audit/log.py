@@ -88,6 +88,9 @@ class RecordFilter:
     action: AuditAction | None = None
     since: datetime | None = None
     until: datetime | None = None
+    # Case numbers beginning with this, any letter case ("VID-2026" finds VID-2026/0300 and
+    # vid-2026-17): a supervisor rarely has a whole case number to hand.
+    case_prefix: str | None = None
 
     def describe(self) -> str:
         """The filters as an audit record of a view or an export states them."""
@@ -96,6 +99,7 @@ class RecordFilter:
             for name, value in (
                 ("user", self.user),
                 ("case", self.case),
+                ("case starting", self.case_prefix),
                 ("action", self.action),
                 ("since", self.since.isoformat() if self.since else None),
                 ("until", self.until.isoformat() if self.until else None),
@@ -115,6 +119,7 @@ class RecordFilter:
             action=action,
             since=None if self.since is None else as_utc(self.since),
             until=None if self.until is None else as_utc(self.until),
+            case_prefix=self.case_prefix.strip().casefold() if self.case_prefix else None,
         )
 
     def matches(self, record: AuditRecord) -> bool:
@@ -122,6 +127,10 @@ class RecordFilter:
         return (
             (self.user is None or event.user == self.user)
             and (self.case is None or event.case == self.case)
+            and (
+                self.case_prefix is None
+                or (event.case or "").casefold().startswith(self.case_prefix.casefold())
+            )
             and (self.action is None or event.action == self.action)
             and (self.since is None or record.time >= self.since)
             and (self.until is None or record.time < self.until)
@@ -296,6 +305,7 @@ class AuditLog:
         until: datetime | None = None,
         limit: int = DEFAULT_QUERY_LIMIT,
         before_seq: int | None = None,
+        case_prefix: str | None = None,
     ) -> list[AuditRecord]:
         """Records matching every filter given, newest first, at most ``limit``.
 
@@ -304,7 +314,7 @@ class AuditLog:
         """
         if isinstance(limit, bool) or not 1 <= limit <= MAX_QUERY_LIMIT:
             raise AuditInputError(f"limit must be 1..{MAX_QUERY_LIMIT}")
-        wanted = RecordFilter(user, case, action, since, until).normalised()
+        wanted = RecordFilter(user, case, action, since, until, case_prefix).normalised()
         with self._mutex:
             self._require_open()
             count = self._state.seq

@@ -328,8 +328,11 @@ class CaseIngest:
             self._refuse(case, run, entry.name, _reason(exc), counts)
         except OSError as exc:
             self._refuse(case, run, entry.name, f"cannot be read ({exc.strerror or exc})", counts)
-        except READ_ERRORS as exc:
-            reason = f"damaged archive member ({type(exc).__name__}: {_reason(exc)})"
+        except READ_ERRORS:
+            reason = (
+                "this file is damaged inside the archive (a bad checksum or a cut-off stream) "
+                "and was not read; copy the archive again from the original media"
+            )
             self._refuse(case, run, entry.name, reason, counts)
 
     def _refuse(
@@ -363,7 +366,9 @@ class CaseIngest:
         base = SourceFile("", sha256, (name,), "image", "done", None, 0, run.number)
         limits = self.service.activity.limits
         try:
-            work = decode_working(data, name="image", max_working_pixels=limits.max_working_pixels)
+            work = decode_working(
+                data, name="this image", max_working_pixels=limits.max_working_pixels
+            )
         except BadInputError as exc:
             case.add_file(replace(base, status="failed", reason=_reason(exc)))
             counts.files_failed += 1

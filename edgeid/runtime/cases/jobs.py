@@ -8,18 +8,47 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgeid.runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
 from edgeid.runtime.cases.media import RefusedSource
 from edgeid.runtime.cases.service import CaseService
 from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.human_units import duration, time_left
 
 logger = logging.getLogger(__name__)
 
 JobState = Literal["pending", "running", "complete", "stopped", "failed"]
+
+# Each phase as the progress page says it, and what it counts (None: nothing to count).
+PHASE_WORDS: dict[str, tuple[str, str | None]] = {
+    "listing": ("Opening the archive and counting its files", None),
+    "reading": ("Finding faces in the files", "files"),
+    "clustering": ("Grouping faces that look like the same person into clusters", None),
+    "searching": ("Searching the galleries for each cluster", "clusters"),
+    "done": ("Finished", None),
+    "stopped": ("Stopped", None),
+}
+MIN_RATE_SAMPLE_S = 2.0  # no rate or estimate from less than this: the first file misleads
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How the run goes, in words: the step, its rate and the time it has left."""
+
+    step: str
+    elapsed: str
+    rate: str | None  # "24 files a minute"
+    left: str | None  # "about 2 minutes", for the step in hand
+
+
+def _done_and_total(progress: IngestProgress) -> tuple[int, int]:
+    if progress.phase == "reading":
+        return progress.files_seen, progress.files_total
+    return progress.clusters_searched, progress.clusters
 
 
 class IngestJob:
@@ -29,6 +58,7 @@ class IngestJob:
         request: IngestRequest,
         *,
         on_end: Callable[[], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``on_end`` runs in the worker once the ingest is over and before ``state`` says so
         (the web UI shreds an uploaded archive there, so "complete" means "and it is gone")."""
@@ -38,6 +68,10 @@ class IngestJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._progress = IngestProgress()
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._phase_started = (self._progress.phase, self._started, 0)  # phase, when, done
+        self._ended: float | None = None
         self._thread = threading.Thread(target=self._work, name="case-ingest", daemon=True)
         self.state: JobState = "pending"
         self.error: str | None = None
@@ -64,8 +98,38 @@ class IngestJob:
     def snapshot(self) -> dict[str, object]:
         return {"state": self.state, "error": self.error, **self.progress().to_json()}
 
+    def pace(self) -> Pace:
+        """The step in hand in plain words, with its rate and the time it has left."""
+        with self._lock:
+            progress = replace(self._progress)
+            phase, since, done_then = self._phase_started
+        now = self._ended if self._ended is not None else self._monotonic()
+        step, unit = PHASE_WORDS.get(progress.phase, (progress.phase, None))
+        rate = left = None
+        done, total = _done_and_total(progress)
+        spent = now - since
+        running = self._ended is None  # an ended job has no rate and no time left
+        if (
+            running
+            and unit
+            and phase == progress.phase
+            and spent >= MIN_RATE_SAMPLE_S
+            and done > done_then
+        ):
+            per_s = (done - done_then) / spent
+            per_min = per_s * 60
+            if per_min >= 1:
+                rate = f"{per_min:.0f} {unit} a minute"
+            else:
+                rate = f"one every {duration(1 / per_s)}"
+            left = time_left(max(0, total - done) / per_s)
+        return Pace(step=step, elapsed=duration(now - self._started), rate=rate, left=left)
+
     def _report(self, progress: IngestProgress) -> None:
         with self._lock:
+            if progress.phase != self._phase_started[0]:
+                done, _ = _done_and_total(progress)
+                self._phase_started = (progress.phase, self._monotonic(), done)
             self._progress = replace(progress)
 
     def _shown(self, message: str) -> str:
@@ -95,4 +159,5 @@ class IngestJob:
                 self._on_end()
             except Exception as exc:
                 logger.error("case ingest clean-up failed: %s", type(exc).__name__)
+        self._ended = self._monotonic()
         self.error, self.state = error, state

@@ -62,7 +62,8 @@ _VIDEO_SUFFIXES = frozenset(
 )  # fmt: skip
 # Said of an archive found inside a source, to CLI and web users alike.
 ARCHIVE_INSIDE = (
-    "an archive inside the source; archives in archives are not opened: ingest it on its own"
+    "this is an archive inside the media; archives inside are not opened, so send it to the "
+    "case on its own"
 )
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif"})
 

@@ -9,13 +9,23 @@ only where the investigator asks, mode 0600, and never over an existing file unl
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from html import escape
 from pathlib import Path
 
-from edgeid.runtime.cases.records import ClusterSearch, SourceFile
-from edgeid.runtime.cases.views import CaseView, ClusterView, clustering_note, search_note
+import jinja2
+import markupsafe
+
+from edgeid.runtime.cases.records import CaseFace, ClusterSearch, Lead
+from edgeid.runtime.cases.report_template import REPORT_TEMPLATE
+from edgeid.runtime.cases.views import (
+    BEST_MIN_QUALITY,
+    CaseView,
+    ClusterView,
+    clustering_note,
+    search_note,
+)
 from edgeid.runtime.display import visible_bidi
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.storage.safe_read import write_user_file
@@ -30,11 +40,19 @@ h3 { font-size: 12pt; margin: 0.4em 0; }
 table { border-collapse: collapse; width: 100%; margin: 0.4em 0 0.8em; }
 th, td { border: 1px solid #bbb; padding: 2px 5px; text-align: left; vertical-align: top; }
 th { background: #eee; }
+@media (max-width: 900px) { body { margin: .6em; } td, th { overflow-wrap: anywhere; }
+  .pair { flex-direction: column; } }
 .notice { border: 2px solid #a00; padding: 0.5em 0.8em; margin: 1em 0; }
 .cluster { border: 1px solid #888; padding: 0.5em 0.8em; margin: 0.8em 0; }
 .faces { display: flex; flex-wrap: wrap; gap: 6px; }
 .faces figure { margin: 0; text-align: center; font-size: 8pt; }
 .faces img { width: 110px; height: 110px; display: block; border: 1px solid #666; }
+.pair { display: flex; gap: 4px; }
+.pair figure { margin: 0; text-align: center; font-size: 8pt; }
+.pair img { width: 90px; height: 90px; display: block; border: 1px solid #666; }
+.gone { width: 90px; height: 90px; border: 1px dashed #999; font-size: 8pt; display: flex;
+  align-items: center; justify-content: center; text-align: center; }
+tr.below { color: #444; }
 .mono { font-family: ui-monospace, monospace; font-size: 8.5pt; word-break: break-all; }
 .above { font-weight: bold; }
 .muted { color: #555; }
@@ -47,9 +65,14 @@ th { background: #eee; }
 """
 
 
-def _e(value: object) -> str:
+Enrolled = Callable[[str, str], bytes | None]  # (gallery, face id) -> JPEG, None if gone
+
+
+def _shown(value: object) -> object:
     # Direction marks shown, not obeyed: "ok/\u202egpj.exe" must not read as "ok/exe.jpg".
-    return escape(visible_bidi(str(value)), quote=True)
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return visible_bidi(value)
+    return value
 
 
 def _time(moment: datetime | None) -> str:
@@ -61,168 +84,97 @@ def _seconds(value: float) -> str:
     return f"{int(minutes)}:{seconds:04.1f}"
 
 
-def _table(headers: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _data_uri(jpeg: bytes | None) -> str:
+    if not jpeg:
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _leads(search: ClusterSearch | None) -> str:
-    if search is None:
-        return '<p class="muted">Not searched (no gallery to search).</p>'
-    if search.error:
-        return f'<p class="muted">Search failed: {_e(search.error)}</p>'
-    answer = (
-        f"{len(search.matches)} candidate(s) above the threshold"
-        if search.matches
-        else "No match: no candidate above the threshold"
-    )
-    parts = [
-        f"<p><b>{_e(answer)}</b> (galleries: {_e(', '.join(search.galleries))}; age band "
-        f"{_e(search.age_band)}; searched {_e(_time(search.searched_at))}).</p>",
-        f'<p class="muted">{_e(search_note(search))}</p>',
-    ]
-    if search.leads:
-        rows = [
-            [
-                str(lead.rank),
-                _e(lead.gallery),
-                f'{_e(lead.display_name)}<br><span class="mono">{_e(lead.subject_id)}</span>',
-                f'<span class="{"above" if lead.above_threshold else ""}">{lead.score:.4f}</span>',
-                _e(lead.band),
-                "yes" if lead.above_threshold else "no",
-            ]
-            for lead in search.leads
-        ]
-        parts.append(_table(["Rank", "Gallery", "Subject", "Score", "Band", "Above"], rows))
-    parts.append(f'<p class="muted">{_e(search.reliability_note)}</p>')
-    return "".join(parts)
+_ENV = jinja2.Environment(
+    loader=jinja2.DictLoader({"report.html": REPORT_TEMPLATE}),
+    autoescape=True,  # every file name, reason and subject name is escaped
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    finalize=_shown,
+)
+_ENV.filters["time"] = _time
+_ENV.filters["seconds"] = _seconds
 
 
-def _cluster(cluster: ClusterView, thumbnail: Thumbnail) -> str:
-    figures = []
-    for face in cluster.best:
-        data = base64.b64encode(thumbnail(face.face_id)).decode("ascii")
-        when = f" at {_seconds(face.time_s)}" if face.time_s is not None else ""
-        figures.append(
-            f'<figure><img alt="face" src="data:image/jpeg;base64,{data}">'
-            f"<figcaption>quality {face.quality:.2f}{_e(when)}</figcaption></figure>"
+@dataclass(frozen=True)
+class _LeadRow:
+    lead: Lead
+    probe: str  # data URI of the case face that scored it
+    enrolled: str  # data URI of the enrolled face it scored against ("" if erased since)
+
+
+@dataclass(frozen=True)
+class _ClusterRow:
+    cluster: ClusterView
+    faces: tuple[tuple[CaseFace, str], ...]  # best faces with their data URIs
+    clearest: tuple[CaseFace, str] | None
+    search: ClusterSearch | None
+    note: str
+    leads: tuple[_LeadRow, ...]
+
+
+def _cluster(cluster: ClusterView, thumbnail: Thumbnail, enrolled: Enrolled) -> _ClusterRow:
+    search = cluster.search
+    leads: tuple[_LeadRow, ...] = ()
+    if search is not None and not search.error:
+        ordered = sorted(search.leads, key=lambda lead: (not lead.above_threshold, -lead.score))
+        leads = tuple(
+            _LeadRow(
+                lead,
+                _data_uri(thumbnail(lead.probe_face_id)),
+                _data_uri(enrolled(lead.gallery, lead.face_id)),
+            )
+            for lead in ordered
         )
-    rows = [
-        [
-            "<br>".join(_e(n) for n in a.file.names),
-            str(a.faces),
-            _e(", ".join(_seconds(t) for t in a.times_s)) or "–",
-        ]
-        for a in cluster.appearances
-    ]
-    return (
-        f'<section class="cluster" id="cluster-{cluster.number}">'
-        f"<h3>Cluster {cluster.number}: {len(cluster.faces)} face(s) in "
-        f"{len(cluster.appearances)} file(s)</h3>"
-        f'<div class="faces">{"".join(figures)}</div>'
-        f"{_table(['File', 'Faces', 'Video times (m:s)'], rows)}"
-        f"{_leads(cluster.search)}</section>"
+    clearest = cluster.clearest
+    return _ClusterRow(
+        cluster=cluster,
+        faces=tuple((f, _data_uri(thumbnail(f.face_id))) for f in cluster.best),
+        clearest=(clearest, _data_uri(thumbnail(clearest.face_id))) if clearest else None,
+        search=search,
+        note=search_note(search) if search else "",
+        leads=leads,
     )
 
 
-def _file_row(file: SourceFile) -> list[str]:
-    what = file.media + (f", {file.frames} frames" if file.media == "video" else "")
-    return [
-        "<br>".join(_e(n) for n in file.names),
-        f'<span class="mono">{_e(file.sha256 or "–")}</span>',
-        _e(what),
-        _e(file.status),
-        str(file.faces),
-        _e(file.reason or ""),
-    ]
+def _no_enrolled(gallery: str, face_id: str) -> bytes | None:
+    return None
 
 
-def render_report(view: CaseView, thumbnail: Thumbnail, *, generated_at: datetime) -> str:
-    """The report of ``view`` as one HTML document."""
-    meta = view.meta
+def render_report(
+    view: CaseView,
+    thumbnail: Thumbnail,
+    *,
+    generated_at: datetime,
+    enrolled: Enrolled = _no_enrolled,
+) -> str:
+    """The report of ``view`` as one HTML document; ``enrolled`` gives each lead's enrolled
+    photo, shown beside the case face that scored it."""
     results = view.results
-    runs = [
-        [
-            str(r.number),
-            _e(_time(r.started_at)),
-            _e(_time(r.finished_at)),
-            _e(r.status + (f" ({r.note})" if r.note else "")),
-            _e(r.user),
-            _e(r.reason),
-            _e(r.source),
-            f"{r.frame_interval_s:g} s",
-            _e(", ".join(r.galleries) or "none"),
-            _e(
-                {True: "yes", False: "no (adults only)", None: "not asked (adult thresholds)"}[
-                    r.children
-                ]
-            ),
-        ]
-        for r in meta.runs
-    ]
     method = (
         f"{results.method.replace('_', ' ')} over {results.faces} faces, computed "
-        f"{_time(results.computed_at)}. "
-        f"{clustering_note(results)}"
+        f"{_time(results.computed_at)}. {clustering_note(results)}"
         if results
         else "not computed yet."
     )
-    stale = (
-        '<p class="notice">Faces were added after these clusters were computed: run the '
-        "ingest again to update them.</p>"
-        if view.stale and results
-        else ""
+    return _ENV.get_template("report.html").render(
+        view=view,
+        meta=view.meta,
+        method=method,
+        stale=view.stale and results is not None,
+        clusters=[_cluster(c, thumbnail, enrolled) for c in view.clusters],
+        problems=view.failed + view.partial,
+        generated_at=generated_at,
+        style=markupsafe.Markup(_STYLE),  # a constant of this module, never user text
+        min_quality=BEST_MIN_QUALITY,
+        children={True: "yes", False: "no (adults only)", None: "not asked (adult thresholds)"},
     )
-    clusters = "".join(_cluster(c, thumbnail) for c in view.clusters)
-    problems = view.failed + view.partial
-    file_headers = ["File", "SHA-256", "Type", "Status", "Faces", "Reason"]
-    summary = _table(
-        ["Files", "Failed", "Partial", "Faces", "Clusters"],
-        [
-            [
-                str(len(view.files)),
-                str(len(view.failed)),
-                str(len(view.partial)),
-                str(view.faces),
-                str(len(view.clusters)),
-            ]
-        ],
-    )
-    run_table = _table(
-        ["Run", "Started", "Finished", "Status", "User", "Reason", "Source", "Frames every",
-         "Galleries", "May include children"],
-        runs,
-    )  # fmt: skip
-    problem_table = _table(file_headers, map(_file_row, problems)) if problems else "<p>None.</p>"
-    file_table = _table(file_headers, map(_file_row, view.files))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Case {_e(meta.number)}: faces and leads</title>
-<style>{_STYLE}</style></head><body>
-<h1>Case {_e(meta.number)}: faces and leads</h1>
-<p class="muted">Generated {_e(_time(generated_at))} by edgeid on this box. Embedding model
-{_e(meta.model_id)}. Case created {_e(_time(meta.created_at))} by {_e(meta.created_by)};
-retention until {_e(meta.retention_until.isoformat() if meta.retention_until else "not set")}.
-</p>
-<p class="notice"><b>Leads, not identifications.</b> Every candidate below is an
-investigative lead for a trained person to confirm against the source material. A score above
-the threshold is not proof of identity; a missing candidate proves nothing. Clusters group
-faces the model finds alike: check them before relying on them.</p>
-<h2>Summary</h2>
-{summary}
-<p>Clustering: {_e(method)}</p>{stale}
-<h2>Ingest runs</h2>
-{run_table}
-<h2>Clusters</h2>
-{clusters or "<p>No faces were found.</p>"}
-<h2>Files not read, or read in part</h2>
-{problem_table}
-<h2>Source files</h2>
-{file_table}
-</body></html>
-"""
 
 
 def write_report(html: str, out: Path, *, overwrite: bool = False) -> Path:

@@ -18,9 +18,13 @@ from edgeid.runtime.cases.records import (
     SourceFile,
 )
 from edgeid.runtime.cases.store import Case
+from edgeid.runtime.gallery.service import ENROL_MIN_QUALITY
 from edgeid.runtime.gallery.wording import one_in
 
 BEST_FACES = 6  # thumbnails shown per cluster: enough to judge it, few enough to print
+# A cluster's "best" faces pass the same quality gate as an enrolment photo: a blurred or
+# tiny face (quality 0.00) shown as a cluster's best misleads whoever judges the cluster.
+BEST_MIN_QUALITY = ENROL_MIN_QUALITY
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,21 @@ class ClusterView:
 
     @property
     def best(self) -> tuple[CaseFace, ...]:
-        return self.faces[:BEST_FACES]
+        """The clearest faces above the quality gate, clearest first (none if none passes)."""
+        clear = [f for f in self.faces if f.quality >= BEST_MIN_QUALITY]
+        return tuple(sorted(clear, key=_clearest_first)[:BEST_FACES])
+
+    @property
+    def below_gate(self) -> int:
+        """How many of its faces are under the quality gate (never shown as its best)."""
+        return sum(1 for f in self.faces if f.quality < BEST_MIN_QUALITY)
+
+    @property
+    def clearest(self) -> CaseFace | None:
+        """Its clearest face, shown for reference only when no face passes the gate."""
+        if self.best or not self.faces:
+            return None
+        return min(self.faces, key=_clearest_first)
 
     @property
     def search_note(self) -> str:
@@ -72,6 +90,10 @@ class CaseView:
     def stale(self) -> bool:
         """Faces were added after the clusters were computed (a run stopped before them)."""
         return self.results is None or self.results.faces != self.faces
+
+
+def _clearest_first(face: CaseFace) -> tuple[float, float, str]:
+    return (-face.quality, -face.score, face.face_id)
 
 
 def case_view(case: Case) -> CaseView:

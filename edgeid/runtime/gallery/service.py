@@ -489,7 +489,7 @@ class GalleryService:
 
     # -- photos ------------------------------------------------------------------------------
 
-    def analyse(self, image_bytes: bytes, *, name: str = "photo") -> Probe:
+    def analyse(self, image_bytes: bytes, *, name: str = "the photo") -> Probe:
         """Decode (with size and pixel limits), detect, assess and embed every face.
 
         Bounded by the activity's limits: admitted or refused (503) before decoding, detection

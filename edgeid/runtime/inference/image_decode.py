@@ -142,9 +142,12 @@ def _opened(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Iterator
     """The image with its pixels loaded, after the byte, format and pixel limits; every decoding
     failure becomes one ``BadInputError`` naming ``name``."""
     if len(data) > max_bytes:
-        raise BadInputError(f"{name}: {len(data)} bytes is over the {max_bytes}-byte limit")
+        raise BadInputError(
+            f"{name} is {len(data)} bytes, over the {max_bytes}-byte limit for one image; "
+            "use a smaller copy of it"
+        )
     if not data:
-        raise BadInputError(f"{name}: empty file")
+        raise BadInputError(f"{name} is an empty file; use a complete copy of it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -153,27 +156,36 @@ def _opened(data: bytes, name: str, max_bytes: int, max_pixels: int) -> Iterator
             img = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
                 raise BadInputError(
-                    f"{name}: {img.format} images are not accepted "
-                    f"(use one of {', '.join(sorted(ALLOWED_FORMATS))})"
+                    f"{name} is a {img.format} image: {img.format} images are not accepted; "
+                    f"convert it to one of {', '.join(sorted(ALLOWED_FORMATS))}"
                 )
             width, height = img.size
             if width < 1 or height < 1 or width * height > max_pixels:
                 raise BadInputError(
-                    f"{name}: {width}x{height} pixels is over the {max_pixels}-pixel limit"
+                    f"{name} is {width}x{height} pixels, over the {max_pixels}-pixel limit; "
+                    "use a smaller copy of it"
                 )
             img.load()
             yield img
     except BadInputError:
         raise
     except UnidentifiedImageError as exc:
-        raise BadInputError(f"{name}: not an image (unrecognised format)") from exc
+        raise BadInputError(
+            f"{name} is not an image this box can read (it reads "
+            f"{', '.join(sorted(ALLOWED_FORMATS))}); check that the file is a photo"
+        ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadInputError(
-            f"{name}: refused as a decompression bomb (over the {max_pixels}-pixel limit)"
+            f"{name} is refused as a decompression bomb (it would unpack to more than the "
+            f"{max_pixels}-pixel limit); use an ordinary photo"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError.
-        raise BadInputError(f"{name}: damaged or truncated image ({exc})") from exc
+        # Pillow reports truncated or corrupt data as OSError/SyntaxError/ValueError; its own
+        # words ("image file is truncated (5 bytes not processed)") help no user.
+        raise BadInputError(
+            f"{name} is damaged or incomplete (part of the file is missing or corrupt) and "
+            "cannot be read; use a complete copy of the photo"
+        ) from exc
 
 
 def _upright_rgb(img: Image.Image) -> Image.Image:

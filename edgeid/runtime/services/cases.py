@@ -29,6 +29,7 @@ from edgeid.runtime.cases.service import CaseService
 from edgeid.runtime.cases.store import Case
 from edgeid.runtime.cases.views import CaseView, case_view
 from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.errors import GalleryError
 from edgeid.runtime.services.caller import Caller
 from edgeid.runtime.services.consent import ChangeKind, Consent, redeem
 from edgeid.runtime.services.galleries import gallery_field
@@ -224,14 +225,29 @@ class AccountableCases:
     def report(self, caller: Caller, case_ref: str, reason: str, *, where: str) -> str:
         """The case's report of what this caller may see, recorded before it is given."""
         case = self.open(caller, case_ref, where=where)
+        shown: list[str] = []
+
+        def enrolled(gallery: str, face_id: str) -> bytes | None:
+            # Only leads of galleries this caller may search reach the report (visible_view).
+            try:
+                jpeg = self.cases.galleries.thumbnail(gallery, face_id)
+            except GalleryError:  # erased, or its gallery damaged, since the search
+                return None
+            shown.append(face_id)
+            return jpeg
+
         html = render_report(
-            self.visible_view(caller, case), case.thumbnail, generated_at=self._clock()
+            self.visible_view(caller, case),
+            case.thumbnail,
+            generated_at=self._clock(),
+            enrolled=enrolled,
         )
         self.recorder.record(
             caller.actor,
             AuditAction.CASE_REPORT,
             justification=Justification.of(case.meta.number, reason),
-            detail=f"case report made ({len(html)} bytes)",
+            detail=f"case report made ({len(html)} bytes, enrolled photos of "
+            f"{len(set(shown))} face(s))",
         )
         return html
 

@@ -71,7 +71,9 @@ def check_retention(value: str | None, today: date | None = None) -> date | None
     try:
         until = date.fromisoformat(value.strip())
     except ValueError:
-        raise BadInputError("give the retention date as YYYY-MM-DD") from None
+        raise BadInputError(
+            "write the retention date as year-month-day, for example 2027-01-31"
+        ) from None
     if until <= (today or date.today()):
         raise BadInputError("the retention date must be in the future")
     return until

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Permission, Role
+from edgeid.runtime.accounts.roles import ROLE_DESCRIPTIONS, Permission, Role
 from edgeid.runtime.audit.justification import JustificationError
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.services import user_requests
@@ -29,6 +29,10 @@ GalleryAdmin = Annotated[Principal, Depends(PageAccess(Permission.GALLERIES))]
 SettingsReader = Annotated[Principal, Depends(PageAccess(Permission.SETTINGS))]
 
 
+def _role_descriptions() -> dict[str, str]:
+    return {r.value: ROLE_DESCRIPTIONS[r] for r in Role}
+
+
 def _users_page(
     request: Request,
     principal: Principal,
@@ -43,17 +47,17 @@ def _users_page(
     # Only accounts that exist: names typed by guessers (or passwords typed into the name
     # field) are not shown.
     names = {u.username for u in users}
+    throttled = [t for t in state.throttle.throttled() if t.username in names]
     return render(
         request,
         "admin_users.html",
         principal=principal,
         status_code=status_code,
         users=users,
-        throttled=[t for t in state.throttle.throttled() if t.username in names],
+        throttled=throttled,
+        slowed={t.username for t in throttled},
         roles=[r.value for r in Role],
-        role_permissions={
-            r.value: sorted(p.value for p in ps) for r, ps in ROLE_PERMISSIONS.items()
-        },
+        role_descriptions=_role_descriptions(),
         galleries=[g.name for g in state.galleries.list_galleries()],
         error=error,
         created=created,
@@ -108,6 +112,8 @@ def _user_page(
         status_code=status_code,
         user=state.users.require(username),
         roles=[r.value for r in Role],
+        role_descriptions=_role_descriptions(),
+        throttled=[t for t in state.throttle.throttled() if t.username == username],
         galleries=[g.name for g in state.galleries.list_galleries()],
         tokens=state.tokens.list(username),
         error=error,
@@ -155,8 +161,13 @@ def user_unlock(request: Request, username: str, principal: UserAdmin) -> Respon
     cleared = web_state(request).accounts.clear_lock(
         principal, username, where="web /admin/users/{username}/unlock"
     )
-    flash(principal, f"Sign-in delays of {username} cleared ({cleared}).")
-    return RedirectResponse("/admin/users", status_code=303)
+    flash(
+        principal,
+        f"{username} may sign in again: {cleared} sign-in delay(s) cleared. The audit log "
+        "records that you cleared them.",
+    )
+    back = "/admin/users/" + username if posted(request).get("back") == "user" else "/admin/users"
+    return RedirectResponse(back, status_code=303)
 
 
 # -- galleries -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from datetime import date, datetime, timedelta
 from datetime import time as daytime
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
@@ -41,11 +42,15 @@ def _day(value: str, name: str) -> date | None:
     try:
         return date.fromisoformat(value.strip())
     except ValueError:
-        raise BadInputError(f"give the {name} date as YYYY-MM-DD") from None
+        raise BadInputError(
+            f"the {name} date {value.strip()!r} is not a date; write it as year-month-day, "
+            "for example 2027-01-31"
+        ) from None
 
 
 def audit_filter(params: dict[str, str]) -> RecordFilter:
-    """The page's filters: user, case, action, and a range of whole days (UTC, inclusive)."""
+    """The page's filters: user, the start of a case number, action, and a range of whole days
+    (UTC, inclusive)."""
     since = _day(params.get("since", ""), "from")
     until = _day(params.get("until", ""), "to")
     action = params.get("action", "").strip()
@@ -53,7 +58,7 @@ def audit_filter(params: dict[str, str]) -> RecordFilter:
         raise BadInputError("choose an action from the list")
     return RecordFilter(
         user=params.get("user", "").strip() or None,
-        case=params.get("case", "").strip() or None,
+        case_prefix=params.get("case", "").strip() or None,
         action=AuditAction(action) if action else None,
         since=datetime.combine(since, daytime(), UTC) if since else None,
         until=datetime.combine(until + timedelta(days=1), daytime(), UTC) if until else None,
@@ -73,7 +78,7 @@ def audit_page(request: Request, principal: Auditor) -> Response:
         before = int(before_text) if before_text.isdigit() else None
         records = state.audit.query(
             user=wanted.user,
-            case=wanted.case,
+            case_prefix=wanted.case_prefix,
             action=wanted.action,
             since=wanted.since,
             until=wanted.until,
@@ -159,6 +164,31 @@ def retention_page(request: Request, principal: RetentionOfficer) -> Response:
     )
 
 
+def _due_subject(state: WebState, gallery: str, subject_id: str) -> Subject:
+    subject = state.galleries.subject(gallery, subject_id)
+    if subject.retention_until is None or subject.retention_until >= date.today():
+        raise BadInputError(
+            "this subject's retention period is not over; the Retention page lists those that are"
+        )
+    return subject
+
+
+@router.get("/retention/{gallery}/{subject_id}")
+def retention_erase_confirm(
+    request: Request, gallery: str, subject_id: str, principal: RetentionOfficer
+) -> Response:
+    """Erasure has its own page: what goes, for good, and a confirmation (no button in a
+    table row to hit by mistake). Ids and dates only, never a name or a face."""
+    subject = _due_subject(web_state(request), gallery, subject_id)
+    return render(
+        request,
+        "retention_erase.html",
+        principal=principal,
+        gallery=gallery,
+        subject=subject,
+    )
+
+
 @router.post("/retention/{gallery}/{subject_id}")
 def retention_erase(
     request: Request, gallery: str, subject_id: str, principal: RetentionOfficer
@@ -166,11 +196,9 @@ def retention_erase(
     state = web_state(request)
     form = posted(request)
     if form.get("confirm") != subject_id:
-        flash(principal, "Tick the box beside a subject to confirm its erasure.")
-        return RedirectResponse("/retention", status_code=303)
-    subject = state.galleries.subject(gallery, subject_id)
-    if subject.retention_until is None or subject.retention_until >= date.today():
-        raise BadInputError("this subject's retention period is not over")
+        flash(principal, "Nothing was erased: tick the box to confirm the erasure, then erase.")
+        return RedirectResponse(f"/retention/{quote(gallery)}/{subject_id}", status_code=303)
+    _due_subject(state, gallery, subject_id)
     ops.delete_subject(
         state, principal, gallery, subject_id, reason=form.get("reason") or "retention period over"
     )

@@ -16,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from edgeid.runtime.accounts.roles import Permission
+from edgeid.runtime.cases.browse import CaseFilter, browse
 from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
+from edgeid.runtime.cases.views import BEST_MIN_QUALITY
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.web import case_operations as cops
 from edgeid.runtime.web import operations as ops
@@ -163,6 +165,7 @@ def case_job_page(request: Request, job_id: str, principal: Searcher) -> Respons
         principal=principal,
         job=job,
         p=snapshot,
+        pace=job.job.pace(),
         running=job.running,
         refresh_s=REFRESH_S,
     )
@@ -180,11 +183,14 @@ def case_job_stop(request: Request, job_id: str, principal: Searcher) -> Respons
 @router.get("/cases/{case_id}")
 def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
     view = cops.view(request, web_state(request), principal, case_id)
+    shown = browse(view, CaseFilter.parse(request.query_params))
     return render(
         request,
         "case.html",
         principal=principal,
         view=view,
+        shown=shown,
+        min_quality=BEST_MIN_QUALITY,
         case_id=case_id,
         work=work_context.current(principal),
     )
