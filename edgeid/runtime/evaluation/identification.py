@@ -351,6 +351,9 @@ def evaluate_identification(
         raise EdgeidError("the pipeline was loaded without an embedder; 1:N search needs one")
     model_id = pipeline.embedder.model_id
     plan = plan_identification(images, protocol, distractors)
+    unaged = [p.image.name for p in plan.probes if ages is not None and p.image not in ages]
+    if unaged:
+        raise BadInputError(f"no age given for probe {unaged[0]} ({len(unaged)} in all)")
     cache = templates if templates is not None else TemplateCache(central_face_embedder(pipeline))
     needed = [p.image for p in plan.probes] + [i for _, paths in plan.enrolled for i in paths]
     cache.fill(needed, progress)
@@ -367,12 +370,9 @@ def evaluate_identification(
                 for probe in plan.probes
             )
     by_band: dict[MeasuredBand, list[ProbeOutcome]] = {}
-    if ages is not None:
-        for outcome in outcomes:
-            if outcome.image not in ages:
-                raise BadInputError(f"no age given for probe {outcome.image.name}")
-            for band in bands_of_age(ages[outcome.image]):
-                by_band.setdefault(band, []).append(outcome)
+    for outcome in outcomes:
+        for band in bands_of_age(ages[outcome.image]) if ages is not None else ():
+            by_band.setdefault(band, []).append(outcome)
     return IdentReport(
         model_id=model_id,
         protocol=protocol,
