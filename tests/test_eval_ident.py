@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from edgeid.cli import main
+from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.evaluation.identification import (
     IdentPlan,
     IdentProtocol,
@@ -364,3 +365,13 @@ def test_leaving_everyone_out_is_refused(
         capsys,
     )  # fmt: skip
     assert "at least one must be enrolled" in err
+
+
+def test_min_images_skips_the_persons_it_would_refuse(small_set: SmallSet) -> None:
+    """The folders --min-images skips are those refused without it, and only those."""
+    with pytest.raises(BadInputError, match="fewer than 4 images"):
+        read_labelled_set(small_set.images, min_images=4)
+    kept = read_labelled_set(small_set.images, min_images=4, skip_fewer=True)
+    counts = [len(list(folder.iterdir())) for folder in small_set.images.iterdir()]
+    assert len(kept.persons) == sum(1 for c in counts if c >= 4) > 0
+    assert kept.skipped == sum(1 for c in counts if c < 4) > 0
