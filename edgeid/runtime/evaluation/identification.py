@@ -483,7 +483,9 @@ def _search(
         rank, score = best[mate]
         return ProbeOutcome(probe.image, probe.person, probe.mated, True, top, rank, score, True)
     complete = len(result.candidates) < MAX_TOP_K  # the whole gallery was listed
-    resolved = complete or len(best) >= protocol.rank_limit or not probe.mated
+    # Known to be a miss within the limit: nothing left unlisted, the limit's worth of subjects
+    # listed, or no mate enrolled at all (none of its photos showed a face).
+    resolved = complete or len(best) >= protocol.rank_limit or mate is None
     return ProbeOutcome(probe.image, probe.person, probe.mated, True, top, None, None, resolved)
 
 
