@@ -149,7 +149,10 @@ def _figures_text(label: str, figures: IdentFigures) -> list[str]:
     ]
     for point in figures.fnir_at_fpir:
         if point.fnir is None:
-            lines.append(f"    FNIR at FPIR {point.target_fpir:g}: not measured (no searches)")
+            kind = "mated" if not figures.mated_searches else "non-mated"
+            lines.append(
+                f"    FNIR at FPIR {point.target_fpir:g}: not measured (no {kind} searches)"
+            )
             continue
         note = (
             ""
