@@ -51,6 +51,11 @@ COMMANDS: dict[str, Command] = {
     "detect": Command(NEITHER, why="boxes in an image the technician passes; no gallery read"),
     "embed": Command(NEITHER, why="the same, with templates of that image only"),
     "eval lfw": Command(NEITHER, why="public benchmark images"),
+    "eval ident": Command(
+        NEITHER,
+        why="labelled images the technician passes, searched in a temporary gallery that is "
+        "removed afterwards; no gallery of the box is read",
+    ),
     "bench pipeline": Command(NEITHER),
     "bench search": Command(NEITHER, why="synthetic templates"),
     "serve": Command(NEITHER, why="its doors are the web routes, each classified"),
