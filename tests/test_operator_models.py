@@ -282,6 +282,10 @@ def test_calibrated_thresholds_hold_their_false_match_rate_on_held_out_people(
     assert calibration.bands == ("adult",)
     band = calibration.band("adult")
     assert band.data.provenance.in_product and band.data.verification is not None
+    # `models calibrate` also ran `eval ident`'s 1:N protocol on the same people.
+    ident = band.data.provenance.details["identification"]
+    assert isinstance(ident, dict) and ident["mated_searches"] > 0
+    assert 0 <= ident["hit_rate"]["1"] <= ident["hit_rate"]["10"] <= 1
     pipeline = FacePipeline.load(home / "models", embedder_model=NAME, threads=1, backend="cpu")
     embed = central_face_embedder(pipeline)
     images = labelled_images(held_out)
@@ -479,5 +483,5 @@ def test_ages_give_each_band_its_own_figures_and_a_bad_ages_file_is_refused(
     assert run.data.bands["child_6_12"].provenance.images == 60
     assert all(b.verification is not None for b in run.data.bands.values())
     ages.write_text("image,age\nperson_00/person_00_0.jpg,eight\n")
-    with pytest.raises(BadInputError, match="line 2: expected 'image,age'"):
+    with pytest.raises(BadInputError, match="line 2: age 'eight' is not a number of years"):
         labelled_images(images, ages)

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit
 from edgeid.cli.commands.accountable import reason_option
@@ -20,6 +21,12 @@ from edgeid.cli.paths import models_dir, wheelhouse_dir
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
 from edgeid.runtime.services.caller import LocalOperator
+
+if TYPE_CHECKING:
+    from edgeid.runtime.evaluation.identification import IdentFigures, TemplateCache
+    from edgeid.runtime.evaluation.operator_calibration import LabelledImage
+    from edgeid.runtime.gallery.age_bands import MeasuredBand
+    from edgeid.runtime.inference.pipeline import FacePipeline
 
 
 def _progress(message: str) -> None:
@@ -115,6 +122,7 @@ def add(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    from edgeid.runtime.evaluation.identification import TemplateCache
     from edgeid.runtime.evaluation.lfw import central_face_embedder
     from edgeid.runtime.evaluation.operator_calibration import calibrate_model, labelled_images
     from edgeid.runtime.gallery.thresholds import calibration_path, operator_calibration_path
@@ -129,14 +137,16 @@ def calibrate(args: argparse.Namespace) -> int:
     pipeline = FacePipeline.load(
         folder, args.detector, threads=args.threads, backend=args.backend, embedder_model=args.name
     )
+    cache = TemplateCache(central_face_embedder(pipeline))
+    cache.fill([item.path for item in images], progress=_counting)
     run = calibrate_model(
         args.name,
         images,
-        central_face_embedder(pipeline),
+        cache.__getitem__,
         data_set=args.data_set or f"the operator's labelled set {images_dir.name}",
         unaged=args.band,
         details={"detector": args.detector},
-        progress=_counting,
+        identification=_identification(pipeline, images_dir, images, cache, args.band),
     )
     out = operator_calibration_path(folder, args.name)
     text = json.dumps(run.data.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
@@ -148,6 +158,43 @@ def calibrate(args: argparse.Namespace) -> int:
     lines.append(f"written to {out}")
     emit(args, run.data.model_dump(mode="json", exclude_none=True), "\n".join(lines))
     return EXIT_OK
+
+
+def _identification(
+    pipeline: FacePipeline,
+    root: Path,
+    images: list[LabelledImage],
+    cache: TemplateCache,
+    unaged: MeasuredBand,
+) -> dict[str, dict[str, object]] | None:
+    """``edgeid eval ident``'s figures on the same images (every photo but the probe enrolled,
+    half the people left out as non-mated searches), per age band where ages were given."""
+    from edgeid.runtime.evaluation.identification import IdentProtocol, evaluate_identification
+    from edgeid.runtime.evaluation.labelled_set import LabelledSet, Person
+
+    by_person: dict[str, list[LabelledImage]] = {}
+    for item in images:
+        by_person.setdefault(item.person, []).append(item)
+    several = [Person(name, tuple(i.path for i in items))
+               for name, items in by_person.items() if len(items) > 1]  # fmt: skip
+    if len(several) < 2:
+        return None
+    labelled = LabelledSet(root, tuple(several))
+    ages = {item.path: item.age for item in images if item.age is not None}
+    try:
+        report = evaluate_identification(
+            pipeline, labelled, IdentProtocol("all-but-one"), ages=ages or None, templates=cache
+        )
+    except BadInputError as exc:  # too few people for a 1:N split: the 1:1 figures stand alone
+        print(f"no 1:N figures: {exc}", file=sys.stderr)
+        return None
+
+    def kept(figures: IdentFigures) -> dict[str, object]:  # the full CMC curve stays in eval ident
+        return {k: v for k, v in figures.to_json().items() if k != "cmc"}
+
+    if ages:
+        return {band: kept(figures) for band, figures in report.by_age_band.items()}
+    return {unaged: kept(report.overall)}
 
 
 def use(args: argparse.Namespace) -> int:

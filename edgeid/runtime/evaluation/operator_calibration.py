@@ -15,7 +15,6 @@ note shown with every result reads.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -30,6 +29,7 @@ from edgeid.runtime.evaluation.calibration import (
     calibrate_bands,
     calibration_data,
 )
+from edgeid.runtime.evaluation.labelled_set import read_ages, read_labelled_set
 from edgeid.runtime.gallery.age_bands import MeasuredBand
 from edgeid.runtime.gallery.thresholds import (
     DEFAULT_OPERATING_FMR,
@@ -39,8 +39,6 @@ from edgeid.runtime.gallery.thresholds import (
 )
 from edgeid.runtime.inference.types import FloatArray
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MIN_IMAGES_PER_PERSON = 1
 GENERATED_BY = "edgeid models calibrate"
 
 
@@ -52,52 +50,19 @@ class LabelledImage:
 
 
 def labelled_images(images_dir: Path, ages_file: Path | None = None) -> list[LabelledImage]:
-    """Every image of ``images_dir/<person>/``; with ``ages_file`` (CSV ``image,age``, image
-    as a path relative to ``images_dir`` or a bare file name) the age at each photo."""
-    if not images_dir.is_dir():
-        raise BadInputError(f"{images_dir}: not a folder (one folder of images per person)")
-    found = [
-        LabelledImage(person.name, image)
-        for person in sorted(p for p in images_dir.iterdir() if p.is_dir())
-        for image in sorted(person.iterdir())
-        if image.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    people = {item.person for item in found}
-    if len(people) < 2:
+    """Every image of ``images_dir/<person>/`` (read as ``edgeid eval ident`` reads a set);
+    with ``ages_file`` (CSV ``image,age``, one row per image) the age at each photo."""
+    labelled = read_labelled_set(images_dir)
+    if len(labelled.persons) < 2:
         raise BadInputError(f"{images_dir}: needs folders of at least two people")
-    if not any(sum(1 for i in found if i.person == p) > 1 for p in people):
+    if not any(len(person.images) > 1 for person in labelled.persons):
         raise BadInputError(f"{images_dir}: no person has two images, so no mated pair")
-    if ages_file is None:
-        return found
-    ages = read_ages(ages_file)
-    aged = []
-    for item in found:
-        relative = str(item.path.relative_to(images_dir))
-        age = ages.get(relative, ages.get(item.path.name))
-        aged.append(LabelledImage(item.person, item.path, age))
-    if not any(item.age is not None for item in aged):
-        raise BadInputError(f"{ages_file}: names none of the images of {images_dir}")
-    return aged
-
-
-def read_ages(path: Path) -> dict[str, float]:
-    """``image,age`` rows (a header row is allowed); BadInputError naming the bad line."""
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: cannot read the ages file ({exc})") from exc
-    ages: dict[str, float] = {}
-    for line, row in enumerate(rows, start=1):
-        if not row or (line == 1 and row[-1].strip().lower() == "age"):
-            continue
-        try:
-            image, age = row[0].strip(), float(row[1])
-        except (IndexError, ValueError):
-            raise BadInputError(f"{path} line {line}: expected 'image,age'") from None
-        if not 0 <= age <= 130:
-            raise BadInputError(f"{path} line {line}: age {age} is not an age in years")
-        ages[image] = age
-    return ages
+    ages = read_ages(ages_file, labelled) if ages_file is not None else {}
+    return [
+        LabelledImage(person.name, image, ages.get(image))
+        for person in labelled.persons
+        for image in person.images
+    ]
 
 
 @dataclass(frozen=True)
@@ -117,8 +82,11 @@ def calibrate_model(
     details: Mapping[str, object] | None = None,
     progress: Callable[[int, int], None] | None = None,
     today: date | None = None,
+    identification: Mapping[str, Mapping[str, object]] | None = None,
 ) -> CalibrationRun:
-    """The calibration file's content for ``model_id`` from the operator's labelled images."""
+    """The calibration file's content for ``model_id`` from the operator's labelled images;
+    ``identification`` holds each band's 1:N figures (``IdentFigures.to_json()``) where the
+    caller ran ``edgeid eval ident``'s protocol on the same images."""
     vectors, people, ages = [], [], []
     no_face = 0
     for done, item in enumerate(images, start=1):
@@ -150,11 +118,11 @@ def calibrate_model(
         name: with_verification(band) for name, band in calibrate_bands(templates, source,
                                                                        unaged=unaged).items()
     }  # fmt: skip
-    # HOOK(eval-ident): once `edgeid eval ident` (edgeid/runtime/evaluation/identification.py)
-    # is merged, run it here on the same templates and people (1:N: CMC at rank 1/10/50, FNIR
-    # at FPIR 1e-2 and 1e-3, per age band where ages are given) and keep its figures in each
-    # band's provenance details, e.g. bands[name].provenance.details["identification"].
-    # The lead wires it after merging; until then the file holds the 1:1 pair figures only.
+    if identification is not None:  # 1:N figures (edgeid eval ident) beside the 1:1 pairs
+        bands = {
+            name: with_identification(band, identification.get(name))
+            for name, band in bands.items()
+        }
     caveats = [
         "Measured by the operator's own labelled set: the figures hold for people and photos "
         "like those of the set.",
@@ -168,6 +136,15 @@ def calibrate_model(
         model_id, bands, generated=when, generated_by=GENERATED_BY, caveats=caveats
     )
     return CalibrationRun(data, len(images), no_face)
+
+
+def with_identification(band: BandData, figures: Mapping[str, object] | None) -> BandData:
+    """``band`` with its 1:N search figures kept in its provenance (none: unchanged)."""
+    if figures is None:
+        return band
+    details = {**band.provenance.details, "identification": dict(figures)}
+    provenance = band.provenance.model_copy(update={"details": details})
+    return band.model_copy(update={"provenance": provenance})
 
 
 def with_verification(band: BandData) -> BandData:
