@@ -179,7 +179,8 @@ def case_job_stop(request: Request, job_id: str, principal: Searcher) -> Respons
 
 @router.get("/cases/{case_id}")
 def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
-    view = cops.view(request, web_state(request), principal, case_id)
+    state = web_state(request)
+    view = cops.view(request, state, principal, case_id)
     return render(
         request,
         "case.html",
@@ -187,6 +188,8 @@ def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
         view=view,
         case_id=case_id,
         work=work_context.current(principal),
+        case_searches=state.history.of_case(view.meta.number),
+        keep_days=state.settings.searches.history_days,
     )
 
 
