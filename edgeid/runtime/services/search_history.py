@@ -157,6 +157,7 @@ class StoredSearch:
     candidates: tuple[StoredCandidate, ...]  # identification: only those above threshold
     probe_chip: bytes  # the aligned probe face (JPEG), for the comparison view
     workspace_id: str = ""  # the session's search it came from, while that is held
+    strength_legend: tuple[str, ...] = ()  # what each score band means for the age band
     decisions: tuple[StoredDecision, ...] = ()
     opened: tuple[str, ...] = ()  # face ids whose subject was opened (name revealed)
 
@@ -196,6 +197,7 @@ class StoredSearch:
             "candidates": [c.to_json() for c in self.candidates],
             "probe_chip": base64.b64encode(self.probe_chip).decode(),
             "workspace_id": self.workspace_id,
+            "strength_legend": list(self.strength_legend),
             "decisions": [d.to_json() for d in self.decisions],
             "opened": list(self.opened),
         }
@@ -225,6 +227,7 @@ class StoredSearch:
             candidates=tuple(StoredCandidate.from_json(c) for c in item["candidates"]),
             probe_chip=base64.b64decode(str(item["probe_chip"])),
             workspace_id=str(item.get("workspace_id", "")),
+            strength_legend=tuple(str(t) for t in item.get("strength_legend", ())),
             decisions=tuple(StoredDecision.from_json(d) for d in item["decisions"]),
             opened=tuple(str(f) for f in item["opened"]),
         )

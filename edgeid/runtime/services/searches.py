@@ -243,7 +243,8 @@ class AccountableSearches:
 
     def open_candidate(self, caller: Caller, search_id: str, face_id: str, *, where: str) -> Opened:
         """One candidate opened for comparison: the subject's name and every enrolled photo,
-        recorded as ``subject_viewed`` before they are returned."""
+        recorded as ``subject_viewed`` before they are returned (not again to the session
+        that was shown them, while the reveal ledger covers every photo)."""
         search = self.get(caller, search_id, where=where)
         candidate = _candidate(search, face_id)
         self.galleries.require(
@@ -256,6 +257,12 @@ class AccountableSearches:
         inner = self.galleries.galleries
         subject = inner.subject(candidate.gallery, candidate.subject_id)
         faces = tuple(inner.faces(candidate.gallery, candidate.subject_id))
+        shown_already = face_id in search.opened and all(
+            self.galleries.revealed.covers(caller.session_key, candidate.gallery, f.face_id)
+            for f in faces
+        )
+        if shown_already:  # the same session again (a reload, a toggle): nothing new shown
+            return Opened(search, candidate, subject.display_name, faces)
         self.recorder.record(
             caller.actor,
             AuditAction.SUBJECT_VIEWED,
@@ -381,6 +388,7 @@ class AccountableSearches:
             ),
             probe_chip=probe.chip_jpeg(face_index),
             workspace_id=workspace_id,
+            strength_legend=tuple(line.text for line in result.strength),
         )
 
 

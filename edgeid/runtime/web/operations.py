@@ -153,7 +153,7 @@ def attach_photo(
     probe = state.accountable.analyse(data, name="the photo")
     context.image, context.probe = data, probe
     context.results.clear()
-    context.decisions.clear()
+    context.records.clear()
     state.searches.put(context)  # re-weigh the workspace now that the photo is in it
     return probe
 

@@ -18,7 +18,7 @@ from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.age_bands import AGE_BAND_LABELS
 from edgeid.runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, MAX_TOP_K
-from edgeid.runtime.services.search_history import MODES
+from edgeid.runtime.services.search_history import INVESTIGATION, MODES
 from edgeid.runtime.web import operations as ops
 from edgeid.runtime.web.access import PageAccess, posted
 from edgeid.runtime.web.images import display_jpeg, jpeg_response
@@ -182,5 +182,6 @@ def search_rescore(
     stored = ops.rescore_search(
         state, principal, context, face_index, posted(request).get("age_band")
     )
-    flash(principal, f"Judged for: {AGE_BAND_LABELS[context.age_band]}.")
+    done = "Re-scored" if context.mode == INVESTIGATION else "Searched again"
+    flash(principal, f"{done} for: {AGE_BAND_LABELS[context.age_band]}.")
     return RedirectResponse(f"/searches/{stored.search_id}", status_code=303)

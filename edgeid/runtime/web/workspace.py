@@ -49,8 +49,6 @@ class SearchContext:
     image: bytes | None = None
     probe: Probe | None = None
     results: dict[int, SearchResult] = field(default_factory=dict)
-    # (face index, candidate face id) -> "lead confirmed" | "rejected"
-    decisions: dict[tuple[int, str], str] = field(default_factory=dict)
     # face index -> the id of its search in the user's sealed history (services.searches)
     records: dict[int, str] = field(default_factory=dict)
 
@@ -192,7 +190,5 @@ class HeldSearches:
                     if not (c.gallery == gallery and among(c.subject_id, subject_ids))
                 )
                 context.results[face_index] = replace(result, candidates=kept)
-                for key in [k for k in context.decisions if k[0] == face_index and k[1] in gone]:
-                    del context.decisions[key]
                 changed += 1
         return changed
