@@ -139,6 +139,9 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", "/cases/jobs/{job_id}/stop"): NEITHER,
     ("GET", "/cases/{case_id}"): reveals(AuditAction.CASE_VIEWED),
     ("GET", "/cases/{case_id}/faces/{face_id}.jpg"): reveals(AuditAction.CASE_VIEWED),
+    # Finds or keeps (sealed) the user's review of a lead, then sends to the comparison view,
+    # which records what it reveals.
+    ("GET", "/cases/{case_id}/clusters/{number}/leads/{face_id}"): NEITHER,
     ("GET", "/cases/{case_id}/report.html"): reveals(AuditAction.CASE_REPORT),
     # Galleries, subjects, enrolment, erasure
     ("GET", "/galleries"): NEITHER,

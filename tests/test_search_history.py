@@ -350,6 +350,32 @@ def test_a_search_survives_sign_out_and_is_listed_on_its_case_page(box: Box, lfw
     assert f"/searches/{search_id}" in section
     assert box.users[Role.INVESTIGATOR] in section and "Identification" in section
 
+    # A case lead goes to the same comparison view and is decided there, like a candidate.
+    lead = re.search(rf'href="(/cases/{case_id}/clusters/\d+/leads/[0-9a-f]+)"', page.text)
+    assert lead, "no lead to compare on the case page"
+    review = again.get(lead.group(1))
+    assert review.status_code == 303
+    compare = review.headers["location"]
+    seq = last_seq(box)
+    shown = again.get(compare)
+    assert shown.status_code == 200 and "Subject 1" in shown.text
+    assert [r.event.action for r in records_after(box, seq)] == [AuditAction.SUBJECT_VIEWED]
+    assert again.get(lead.group(1)).headers["location"] == compare  # the same review again
+    note = "compared the ear shape with the enrolled photo"
+    decided = again.post(
+        f"{compare}/decision", data={"csrf_token": csrf, "decision": "rejected", "note": note}
+    )
+    assert decided.status_code == 303
+    (decision,) = [r for r in records_after(box, seq) if r.event.action is AuditAction.DECISION]
+    assert decision.event.case == case and f"case {case_id} cluster" in (
+        decision.event.detail or ""
+    )
+    listed = again.get(f"/cases/{case_id}").text.split('id="case-searches"', 1)[1]
+    assert (
+        "Case lead review" in listed
+        and f"rejected (rank 1, {box.users[Role.INVESTIGATOR]})" in (listed)
+    )
+
 
 def sign_in_as(box: Box, name: str) -> tuple[TestClient, str]:
     from web_support import PASSWORD, client, csrf_of

@@ -158,6 +158,9 @@ class StoredSearch:
     probe_chip: bytes  # the aligned probe face (JPEG), for the comparison view
     workspace_id: str = ""  # the session's search it came from, while that is held
     strength_legend: tuple[str, ...] = ()  # what each score band means for the age band
+    # Where it came from when it was not a search: a case lead reviewed ("case <id> cluster
+    # <n> lead <face id>"), so the same review is found again.
+    origin: str = ""
     decisions: tuple[StoredDecision, ...] = ()
     opened: tuple[str, ...] = ()  # face ids whose subject was opened (name revealed)
 
@@ -198,6 +201,7 @@ class StoredSearch:
             "probe_chip": base64.b64encode(self.probe_chip).decode(),
             "workspace_id": self.workspace_id,
             "strength_legend": list(self.strength_legend),
+            "origin": self.origin,
             "decisions": [d.to_json() for d in self.decisions],
             "opened": list(self.opened),
         }
@@ -228,6 +232,7 @@ class StoredSearch:
             probe_chip=base64.b64decode(str(item["probe_chip"])),
             workspace_id=str(item.get("workspace_id", "")),
             strength_legend=tuple(str(t) for t in item.get("strength_legend", ())),
+            origin=str(item.get("origin", "")),
             decisions=tuple(StoredDecision.from_json(d) for d in item["decisions"]),
             opened=tuple(str(f) for f in item["opened"]),
         )

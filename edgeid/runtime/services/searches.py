@@ -24,10 +24,12 @@ from edgeid.runtime.audit.events import Candidate as AuditCandidate
 from edgeid.runtime.audit.justification import Justification
 from edgeid.runtime.audit.recorder import Recorder
 from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.age_bands import check_age_band
 from edgeid.runtime.gallery.records import Face
 from edgeid.runtime.gallery.service import DEFAULT_TOP_K, AgeBand, Probe, SearchResult
 from edgeid.runtime.gallery.wording import stranger_odds
 from edgeid.runtime.services.caller import Caller, same_person
+from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.galleries import AccountableGalleries, gallery_field
 from edgeid.runtime.services.search_history import (
     CONFIRMED,
@@ -210,18 +212,27 @@ class AccountableSearches:
                 where=where,
                 justification=justification_of(search),
             )
-        self.recorder.record(
-            caller.actor,
-            AuditAction.SEARCH,
-            justification=justification_of(search),
-            gallery=gallery_field(search.galleries)[0],
-            probe_sha256=search.probe_sha256,
-            age_band=search.age_band,
-            detail=(
-                f"shown again from the search history, not searched again: search "
-                f"{search.search_id}; mode {search.mode}; {len(search.candidates)} candidate(s)"
-            ),
+        shown = (
+            f"shown again from the search history, not searched again: search "
+            f"{search.search_id}; mode {search.mode}; {len(search.candidates)} candidate(s)"
         )
+        if search.origin:  # a case lead's review: the case's evidence, shown again
+            self.recorder.record(
+                caller.actor,
+                AuditAction.CASE_VIEWED,
+                justification=justification_of(search),
+                detail=f"{shown}; {search.origin}",
+            )
+        else:
+            self.recorder.record(
+                caller.actor,
+                AuditAction.SEARCH,
+                justification=justification_of(search),
+                gallery=gallery_field(search.galleries)[0],
+                probe_sha256=search.probe_sha256,
+                age_band=search.age_band,
+                detail=shown,
+            )
         for c in search.candidates:
             self.galleries.revealed.note(caller.session_key, c.gallery, [c.face_id])
         return search
@@ -238,6 +249,70 @@ class AccountableSearches:
             for c in search.candidates
             if c.above_threshold
         }
+
+    def review_case_lead(
+        self,
+        caller: Caller,
+        cases: AccountableCases,
+        case_ref: str,
+        cluster: int,
+        face_id: str,
+        reason: str,
+        *,
+        where: str,
+    ) -> StoredSearch:
+        """A case lead brought to the comparison view: the caller's review of it (found again
+        or kept now) holds the case face that scored and the lead, so the lead is confirmed or
+        rejected exactly as a search's candidate is. The case must be the caller's; the lead
+        one they may see (galleries they may search)."""
+        case = cases.open(caller, case_ref, where=where)
+        why = Justification.of(case.meta.number, reason)
+        origin = f"case {case.meta.case_id} cluster {cluster} lead {face_id}"
+        for kept in self.history.of_user(caller.actor.user):
+            if kept.origin == origin:
+                return kept
+        view = cases.visible_view(caller, case)
+        found = next((c for c in view.clusters if c.number == cluster), None)
+        search = found.search if found is not None else None
+        lead = next((x for x in search.leads if x.face_id == face_id), None) if search else None
+        if search is None or lead is None:
+            raise SearchNotFoundError("no such lead in this case")
+        inner = self.galleries.galleries
+        applied = inner.calibration.for_age(check_age_band(search.age_band))
+        stored = StoredSearch(
+            search_id=new_search_id(),
+            user=caller.actor.user,
+            case=why.case,
+            reason=why.reason,
+            mode=INVESTIGATION,  # a ranked lead for review, never a match claim
+            age_band=search.age_band,
+            band_used=search.band_used,
+            galleries=tuple(search.galleries),
+            created_at=self.history.now(),
+            probe_sha256="",
+            face_index=0,
+            model_id=inner.model_id,
+            threshold=search.threshold,
+            searched_faces=0,
+            threshold_sentence=search.threshold_note,
+            reliability_note=search.reliability_note,
+            candidates=(
+                StoredCandidate(
+                    rank=lead.rank,
+                    gallery=lead.gallery,
+                    subject_id=lead.subject_id,
+                    face_id=lead.face_id,
+                    score=lead.score,
+                    band=lead.band,
+                    above_threshold=lead.above_threshold,
+                    strength=stranger_odds(applied, lead.score),
+                ),
+            ),
+            probe_chip=case.thumbnail(lead.probe_face_id),
+            origin=origin,
+        )
+        self.history.put(stored)
+        return stored
 
     # -- comparison and decisions ------------------------------------------------------------
 
@@ -330,13 +405,15 @@ class AccountableSearches:
             justification=justification_of(search),
             gallery=candidate.gallery,
             subject_id=candidate.subject_id,
-            probe_sha256=search.probe_sha256,
+            probe_sha256=search.probe_sha256 or None,
             candidates=audit_candidates_of(candidate),
             decision=made.decision,
             age_band=search.age_band,
             detail=(
                 f"search {search.search_id}; mode {search.mode}; rank {candidate.rank}; "
-                f"{position} the threshold" + (f"; note: {note}" if note else "")
+                f"{position} the threshold"
+                + (f"; {search.origin}" if search.origin else "")
+                + (f"; note: {note}" if note else "")
             ),
         )
         self.history.put(replace(search, decisions=(*search.decisions, made)))

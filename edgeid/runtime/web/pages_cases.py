@@ -193,6 +193,26 @@ def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
     )
 
 
+@router.get("/cases/{case_id}/clusters/{number}/leads/{face_id}")
+def case_lead(
+    request: Request, case_id: str, number: int, face_id: str, principal: Searcher
+) -> Response:
+    """A case lead in the comparison view, where it is confirmed or rejected: the user's
+    review of it is found or kept (sealed) and the comparison opened (which records)."""
+    state = web_state(request)
+    case = cops.case_number(state, principal, case_id)
+    review = state.history.review_case_lead(
+        principal,
+        cops.access(state),
+        case_id,
+        number,
+        face_id,
+        cops.reason_for(request, principal, case),
+        where="review a case lead",
+    )
+    return RedirectResponse(f"/searches/{review.search_id}/candidates/{face_id}", status_code=303)
+
+
 @router.get("/cases/{case_id}/faces/{face_id}.jpg")
 def case_face(request: Request, case_id: str, face_id: str, principal: Searcher) -> Response:
     return jpeg_response(cops.thumbnail(request, web_state(request), principal, case_id, face_id))
