@@ -172,7 +172,9 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             first = page.locator("li.result").nth(0)
             expect(first).to_contain_text("Subject 1")
             expect(first).to_contain_text("strong")
-            expect(first).to_contain_text(re.compile(r"a stranger \(children aged 0-12\) scores"))
+            expect(first).to_contain_text(
+                re.compile(r"A stranger \(children aged 0-12\) scores this high about 1 in")
+            )
             expect(page.get_by_role("img", name=f"Probe face {face}")).to_be_visible()
             expect(page.get_by_role("button", name=re.compile("Lead confirmed"))).to_have_count(0)
             loaded = page.locator("main img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")

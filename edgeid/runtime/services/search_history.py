@@ -329,6 +329,21 @@ class SearchHistory:
                 changed += 1
         return changed
 
+    def check(self) -> list[tuple[str, str | None]]:
+        """Every search file read and authenticated, nothing erased or written (for scrub):
+        (file name, the problem or None)."""
+        found: list[tuple[str, str | None]] = []
+        if not self.root.exists():
+            return found
+        with self._lock:
+            for path in sorted(self.root.glob(f"*{SUFFIX}")):
+                try:
+                    self._read(path)
+                    found.append((path.name, None))
+                except SearchHistoryError as exc:
+                    found.append((path.name, str(exc)))
+        return found
+
     # -- the sealed files --------------------------------------------------------------------
 
     def _path(self, search_id: str) -> Path:
