@@ -34,6 +34,7 @@ from edgeid.runtime.accounts.roles import Role
 from edgeid.runtime.audit import AuditAction
 from edgeid.runtime.audit.events import AuditRecord
 from edgeid.runtime.audit.justification import Justification
+from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import AccessDeniedError, BadInputError
 from edgeid.runtime.services.caller import LocalOperator
 from edgeid.runtime.services.search_history import (
@@ -413,6 +414,12 @@ def ingest_case(box: Box, browser: TestClient, csrf: str, lfw_dir: Path, case: s
 def test_history_is_sealed_and_expires_by_the_retention_setting(
     box: Box, lfw_dir: Path, tmp_path: Path
 ) -> None:
+    # The setting comes from edgeid.toml and is what the running app keeps searches for.
+    (tmp_path / "edgeid.toml").write_text("[searches]\nhistory_days = 30\n")
+    assert load_settings(tmp_path).searches.history_days == 30
+    running = box.app.state.web.history.history
+    assert running.keep == timedelta(days=box.settings.searches.history_days) == timedelta(90)
+
     now = [datetime(2026, 12, 1, tzinfo=UTC)]
     keyring = box.service.store.keyring
     history = SearchHistory(box.home, keyring, keep=timedelta(days=30), clock=lambda: now[0])

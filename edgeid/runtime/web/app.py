@@ -180,6 +180,7 @@ def create_app(
     history = SearchHistory(
         home, galleries.store.keyring, keep=timedelta(days=settings.searches.history_days)
     )
+    history.purge_expired()  # past the retention while the service was down
     participants.append(history)
     accountable = AccountableGalleries(galleries, recorder, clock=clock, participants=participants)
     accountable.finish_pending()  # erasures a crash or a failure left unfinished
