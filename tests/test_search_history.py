@@ -390,9 +390,12 @@ def sign_in_as(box: Box, name: str) -> tuple[TestClient, str]:
     return browser, csrf_of(browser.get("/account/tokens").text)
 
 
-def ingest_case(box: Box, browser: TestClient, csrf: str, lfw_dir: Path, case: str) -> str:
+def ingest_case(
+    box: Box, browser: TestClient, csrf: str, lfw_dir: Path, case: str, keep_until: str = ""
+) -> str:
     """A case of one photo, ingested through the pages; its id."""
-    planned = browser.post("/cases", data={"csrf_token": csrf, "case": case, "reason": REASON})
+    form = {"csrf_token": csrf, "case": case, "reason": REASON, "retention_until": keep_until}
+    planned = browser.post("/cases", data=form)
     assert planned.status_code == 303, planned.text
     entry = planned.headers["location"].rsplit("/", 1)[1]
     buffer = io.BytesIO()
@@ -490,3 +493,35 @@ def test_another_users_search_is_refused_in_the_service(box: Box, lfw_dir: Path)
     box.clock.advance(61)
     with pytest.raises(AccessDeniedError):
         box.app.state.web.history.get(LocalOperator.current(), search_id, where="test")
+
+
+def test_a_purged_case_takes_its_lead_reviews_with_it(box: Box, lfw_dir: Path) -> None:
+    """A lead review holds the case's face: it goes with the case; a search that only names
+    the case number stays until its retention."""
+    case = "HIST-PURGE/1"
+    browser, csrf = sign_in(box, Role.INVESTIGATOR)
+    search_id = web_search(box, browser, csrf, enrolled(lfw_dir), "identification", case=case)
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    case_id = ingest_case(box, browser, csrf, lfw_dir, case, keep_until=tomorrow.isoformat())
+    assert (
+        browser.post(
+            "/context", data={"csrf_token": csrf, "case": case, "reason": REASON}
+        ).status_code
+        == 303
+    )
+    page = browser.get(f"/cases/{case_id}").text
+    lead = re.search(rf'href="(/cases/{case_id}/clusters/\d+/leads/[0-9a-f]+)"', page)
+    assert lead
+    review_id = browser.get(lead.group(1)).headers["location"].split("/")[2]
+    assert kept(box, review_id).origin.startswith(f"case {case_id} ")
+
+    web = box.app.state.web
+    web.case_access.purge(
+        LocalOperator.current(),
+        case_id,
+        "the case is closed and past its date",
+        where="test",
+        today=tomorrow + timedelta(days=1),
+    )
+    assert web.history.history.get(review_id) is None
+    assert web.history.history.get(search_id) is not None

@@ -344,6 +344,17 @@ class SearchHistory:
                     found.append((path.name, str(exc)))
         return found
 
+    def forget_case(self, case_id: str) -> int:
+        """A purged case's lead reviews go with it (they hold its faces); how many went.
+        Searches that only name its number stay until their retention."""
+        gone = 0
+        with self._lock:
+            for search in list(self._live()):
+                if search.origin.startswith(f"case {case_id} "):
+                    shred_and_unlink(self._path(search.search_id))
+                    gone += 1
+        return gone
+
     # -- the sealed files --------------------------------------------------------------------
 
     def _path(self, search_id: str) -> Path:

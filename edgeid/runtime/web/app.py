@@ -182,6 +182,8 @@ def create_app(
     )
     history.purge_expired()  # past the retention while the service was down
     participants.append(history)
+    if case_access is not None:
+        case_access.on_purged.append(history.forget_case)
     accountable = AccountableGalleries(galleries, recorder, clock=clock, participants=participants)
     accountable.finish_pending()  # erasures a crash or a failure left unfinished
     accounts = AccountAdmin(
