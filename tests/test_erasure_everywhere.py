@@ -148,7 +148,6 @@ def test_finding_4_erasure_reaches_every_case_lead_report_and_held_search(
         result: SearchResult = accountable.search(operator, why, probe, 0, [GALLERY])
         held = SearchContext("e1", "owner", "u", CASE, REASON, "unknown", (GALLERY,))
         held.results[0] = result
-        held.decisions[(0, result.candidates[0].face_id)] = "lead confirmed"
         searches.put(held)
         assert result.candidates[0].subject_id == canary_id
         canary_faces = [f.face_id for f in accountable.galleries.faces(GALLERY, canary_id)]
@@ -157,7 +156,6 @@ def test_finding_4_erasure_reaches_every_case_lead_report_and_held_search(
         accountable.delete_subject(operator, GALLERY, canary_id, reason=ERASE_REASON, where="test")
         kept = held.results[0].candidates
         assert kept and all(c.subject_id != canary_id for c in kept)
-        assert not held.decisions
         assert not accountable.revealed.covers(operator.session_key, GALLERY, canary_faces[0])
 
     # Every door afterwards: CLI case show (text and JSON), a new report.

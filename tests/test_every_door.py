@@ -65,6 +65,9 @@ class Door:
     justified: bool = False  # the record carries a case number and a reason
     # An approval also carries out the change it approves: that change's own record follows.
     then: AuditAction | None = None
+    # A kept search's pages: the record carries the case and reason stated when the search
+    # was run (a search cannot exist without them), so there is no unjustified attempt.
+    kept_search: bool = False
 
     @property
     def actions(self) -> list[AuditAction]:
@@ -79,6 +82,10 @@ def changes(
     action: AuditAction, *, justified: bool = False, then: AuditAction | None = None
 ) -> Door:
     return Door(Kind.CHANGES, action, justified=justified, then=then)
+
+
+def reveals_kept(action: AuditAction) -> Door:
+    return Door(Kind.REVEALS, action, justified=True, kept_search=True)
 
 
 NEITHER = Door(Kind.NEITHER)
@@ -110,7 +117,17 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("GET", "/search/{search_id}/faces/{face_index}"): SHOWS_AGAIN,
     # The same candidates judged for another age band: a new answer, recorded like a search.
     ("POST", "/search/{search_id}/faces/{face_index}/age-band"): reveals(AuditAction.SEARCH),
-    ("POST", "/search/{search_id}/faces/{face_index}/decisions"): changes(
+    # Kept searches (the user's, across sessions): shown again to another session, a result
+    # is recorded like a search; opening a candidate reveals its name and photos; decisions
+    # live only in that comparison.
+    ("GET", "/searches"): NEITHER,  # cases, modes, counts: no name, no face
+    ("GET", "/searches/{search_id}"): reveals_kept(AuditAction.SEARCH),
+    ("GET", "/searches/{search_id}/probe.jpg"): NEITHER,  # the investigator's own probe
+    ("GET", "/searches/{search_id}/candidates/{face_id}"): reveals_kept(AuditAction.SUBJECT_VIEWED),
+    ("GET", "/searches/{search_id}/candidates/{face_id}/faces/{enrolled_id}.jpg"): reveals_kept(
+        AuditAction.FACE_VIEWED
+    ),
+    ("POST", "/searches/{search_id}/candidates/{face_id}/decision"): changes(
         AuditAction.DECISION, justified=True
     ),
     # Cases
@@ -122,6 +139,9 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", "/cases/jobs/{job_id}/stop"): NEITHER,
     ("GET", "/cases/{case_id}"): reveals(AuditAction.CASE_VIEWED),
     ("GET", "/cases/{case_id}/faces/{face_id}.jpg"): reveals(AuditAction.CASE_VIEWED),
+    # Finds or keeps (sealed) the user's review of a lead, then sends to the comparison view,
+    # which records what it reveals.
+    ("GET", "/cases/{case_id}/clusters/{number}/leads/{face_id}"): NEITHER,
     ("GET", "/cases/{case_id}/report.html"): reveals(AuditAction.CASE_REPORT),
     # Galleries, subjects, enrolment, erasure
     ("GET", "/galleries"): NEITHER,
@@ -188,7 +208,12 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/rescore"): reveals(
         AuditAction.SEARCH
     ),
-    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/decisions"): changes(
+    ("GET", f"{API}/search-history"): NEITHER,
+    ("GET", f"{API}/search-history/{{history_id}}"): reveals_kept(AuditAction.SEARCH),
+    ("GET", f"{API}/search-history/{{history_id}}/candidates/{{face_id}}"): reveals_kept(
+        AuditAction.SUBJECT_VIEWED
+    ),
+    ("POST", f"{API}/search-history/{{history_id}}/candidates/{{face_id}}/decision"): changes(
         AuditAction.DECISION, justified=True
     ),
     ("GET", f"{API}/galleries"): NEITHER,
@@ -510,11 +535,40 @@ def _search(w: World) -> Request:
     return lambda: w.investigator.post(f"/search/{search_id}/faces/0", data={"csrf_token": w.csrf})
 
 
-def _decision(w: World) -> Request:
+def web_kept(w: World) -> tuple[str, str]:
+    """A search run through the pages and kept in the investigator's history: its id there
+    and its top candidate's face."""
     search_id, face_id = web_searched(w)
+    state = w.box.app.state.web
+    owner = state.sessions.get(w.investigator.cookies.get(state.cookie_name)).owner
+    return state.searches.get(owner, search_id).records[0], face_id
+
+
+def _kept_search(w: World) -> Request:
+    kept, _ = web_kept(w)
+    browser, _ = sign_in(w.box, Role.INVESTIGATOR)  # signed in again: nothing shown yet
+    return lambda: browser.get(f"/searches/{kept}")
+
+
+def _compare(w: World) -> Request:
+    kept, face_id = web_kept(w)
+    return lambda: w.investigator.get(f"/searches/{kept}/candidates/{face_id}")
+
+
+def _compare_face(w: World) -> Request:
+    kept, face_id = web_kept(w)
+    browser, _ = sign_in(w.box, Role.INVESTIGATOR)  # this session was shown no photo
+    return lambda: browser.get(
+        f"/searches/{kept}/candidates/{face_id}/faces/{face_id}.jpg?size=large&landmarks=on"
+    )
+
+
+def _decision(w: World) -> Request:
+    kept, face_id = web_kept(w)
+    assert w.investigator.get(f"/searches/{kept}/candidates/{face_id}").status_code == 200
     return lambda: w.investigator.post(
-        f"/search/{search_id}/faces/0/decisions",
-        data={"csrf_token": w.csrf, "face_id": face_id, "decision": "rejected"},
+        f"/searches/{kept}/candidates/{face_id}/decision",
+        data={"csrf_token": w.csrf, "decision": "rejected"},
     )
 
 
@@ -760,13 +814,29 @@ def _api_candidates(w: World) -> Request:
     return lambda: w.api.post(f"{API}/searches/{search_id}/faces/0/candidates", json={"k": 5})
 
 
-def _api_decision(w: World) -> Request:
+def api_kept(w: World) -> tuple[str, str]:
     search_id = api_search(w)
     found = w.api.post(f"{API}/searches/{search_id}/faces/0/candidates", json={"k": 5}).json()
-    face_id = found["candidates"][0]["face_id"]
+    return str(found["history_id"]), str(found["candidates"][0]["face_id"])
+
+
+def _api_kept_search(w: World) -> Request:
+    kept, _ = api_kept(w)
+    other = token_client(w.box, Role.INVESTIGATOR)  # another token: nothing shown to it yet
+    return lambda: other.get(f"{API}/search-history/{kept}")
+
+
+def _api_compare(w: World) -> Request:
+    kept, face_id = api_kept(w)
+    return lambda: w.api.get(f"{API}/search-history/{kept}/candidates/{face_id}")
+
+
+def _api_decision(w: World) -> Request:
+    kept, face_id = api_kept(w)
+    assert w.api.get(f"{API}/search-history/{kept}/candidates/{face_id}").is_success
     return lambda: w.api.post(
-        f"{API}/searches/{search_id}/faces/0/decisions",
-        json={"face_id": face_id, "decision": "confirmed"},
+        f"{API}/search-history/{kept}/candidates/{face_id}/decision",
+        json={"decision": "confirmed", "note": "matches the scar in the exhibit"},
     )
 
 
@@ -944,7 +1014,10 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("POST", "/account/tokens/{token_id}/revoke"): _token_revoke,
     ("POST", "/context"): _context,
     ("POST", "/search/{search_id}/faces/{face_index}"): _search,
-    ("POST", "/search/{search_id}/faces/{face_index}/decisions"): _decision,
+    ("GET", "/searches/{search_id}"): _kept_search,
+    ("GET", "/searches/{search_id}/candidates/{face_id}"): _compare,
+    ("GET", "/searches/{search_id}/candidates/{face_id}/faces/{enrolled_id}.jpg"): _compare_face,
+    ("POST", "/searches/{search_id}/candidates/{face_id}/decision"): _decision,
     ("POST", "/cases/new/{entry_id}/archive"): _case_archive,
     ("GET", "/cases/{case_id}"): _case_page,
     ("GET", "/cases/{case_id}/faces/{face_id}.jpg"): _case_face,
@@ -971,7 +1044,11 @@ EXERCISES: dict[tuple[str, str], Exercise] = {
     ("POST", "/audit/export"): _audit_export,
     ("POST", "/retention/{gallery}/{subject_id}"): _retention_erase,
     ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/candidates"): _api_candidates,
-    ("POST", f"{API}/searches/{{search_id}}/faces/{{face_index}}/decisions"): _api_decision,
+    ("GET", f"{API}/search-history/{{history_id}}"): _api_kept_search,
+    ("GET", f"{API}/search-history/{{history_id}}/candidates/{{face_id}}"): _api_compare,
+    ("POST", f"{API}/search-history/{{history_id}}/candidates/{{face_id}}/decision"): (
+        _api_decision
+    ),
     ("POST", f"{API}/galleries"): _api_gallery_create,
     ("DELETE", f"{API}/galleries/{{gallery}}"): _api_gallery_delete,
     ("GET", f"{API}/galleries/{{gallery}}/subjects"): _api_subjects,
@@ -1133,7 +1210,9 @@ UNJUSTIFIED: dict[tuple[str, str], Exercise] = {
     ),
 }
 JUSTIFIED_REVEALS = sorted(
-    k for k, door in WEB_DOORS.items() if door.kind is Kind.REVEALS and door.justified
+    k
+    for k, door in WEB_DOORS.items()
+    if door.kind is Kind.REVEALS and door.justified and not door.kept_search
 )
 
 
@@ -1163,9 +1242,13 @@ def test_without_a_justification_nothing_is_revealed_or_recorded(
 
 
 def test_results_shown_again_only_to_the_session_that_searched(world: World) -> None:
+    """The photo and its faces stay with the session; the kept result is the user's
+    (tests/test_search_history.py), opened from their history."""
     search_id, _ = web_searched(world)
     again = world.investigator.get(f"/search/{search_id}/faces/0")
-    assert again.status_code == 200 and "Subject" in again.text
+    assert again.status_code == 303 and again.headers["location"].startswith("/searches/")
+    kept = world.investigator.get(again.headers["location"])
+    assert kept.status_code == 200 and "Subject 1" in kept.text
     other, _ = sign_in(world.box, Role.INVESTIGATOR)  # the same person, another session
     world.box.clock.advance(61)  # a fresh refusal allowance for the investigator
     before = world.last_seq()

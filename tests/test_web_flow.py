@@ -4,8 +4,9 @@ The box is made by `edgeid init` (HTTPS certificate, first admin with a one-time
 served over TLS by uvicorn on a free loopback port, with LFW faces enrolled through the real
 pipeline. One browser session: the admin changes the one-time password and adds an
 investigator and a supervisor; the supervisor approves the investigator's gallery access (the
-two-person rule); the investigator searches a real photo with a case number and a reason and
-confirms a lead; the supervisor finds the search on the audit page.
+two-person rule); the investigator searches a real photo with a case number and a reason,
+opens the match's comparison view and confirms the lead there; the supervisor finds the search
+on the audit page.
 """
 
 from __future__ import annotations
@@ -162,24 +163,40 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             expect(page.locator("svg.photo rect.facebox")).to_have_count(faces.count())
             page.get_by_role("button", name=f"Search with face {face}", exact=True).click()
 
-            # Ranked candidates, the child-reliability note, the probe beside each enrolment.
-            expect(page.get_by_role("heading", name=f"Candidates for face {face}")).to_be_visible()
+            # Identification (the default): the match by name, its strength in words, the
+            # child-reliability note; a decision lives only in the comparison view.
+            expect(
+                page.get_by_role("heading", name=re.compile(f"^Identification: face {face}"))
+            ).to_be_visible()
             expect(page.get_by_role("note")).to_contain_text("children aged 0-12")
-            rows = page.locator("table.candidates tbody tr")
-            first = rows.nth(0)
-            expect(first.get_by_role("link")).to_have_text("Subject 1")
-            cells = first.locator("td")  # probe, enrolment, subject, gallery, similarity, band
-            expect(cells.nth(4)).to_have_text(re.compile(r"^0\.\d{3}$"))
-            expect(cells.nth(5)).to_have_text("strong")
-            expect(first.get_by_role("img", name="Enrolment photo of candidate 1")).to_be_visible()
-            expect(first.get_by_role("img", name=f"Probe face {face}")).to_be_visible()
-            loaded = first.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
-            assert all(width > 0 for width in loaded), "an image did not load"
-            first.get_by_role("button", name="Lead confirmed (rank 1)").click()
-            expect(page.get_by_role("status").first).to_have_text(
-                "Rank 1 recorded as lead confirmed."
+            first = page.locator("li.result").nth(0)
+            expect(first).to_contain_text("Subject 1")
+            expect(first).to_contain_text("strong")
+            expect(first).to_contain_text(
+                re.compile(r"A stranger \(children aged 0-12\) scores this high about 1 in")
             )
-            expect(rows.nth(0)).to_contain_text("Recorded: lead confirmed")
+            expect(page.get_by_role("img", name=f"Probe face {face}")).to_be_visible()
+            expect(page.get_by_role("button", name=re.compile("Lead confirmed"))).to_have_count(0)
+            loaded = page.locator("main img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+            assert loaded and all(width > 0 for width in loaded), "an image did not load"
+            first.get_by_role("link", name="Compare candidate 1").click()
+
+            expect(
+                page.get_by_role("heading", name="Compare candidate 1: Subject 1")
+            ).to_be_visible()
+            expect(page.get_by_role("img", name=re.compile("^Probe face"))).to_be_visible()
+            expect(
+                page.get_by_role("img", name=re.compile("^Enrolled photo 1 of 1"))
+            ).to_be_visible()
+            loaded = page.locator(".comparison img").evaluate_all(
+                "imgs => imgs.map(i => i.naturalWidth)"
+            )
+            assert loaded == [450, 450], f"the comparison's faces are not large: {loaded}"
+            page.get_by_role("link", name="Show the alignment marks").click()
+            expect(page.get_by_role("link", name="Hide the alignment marks")).to_be_visible()
+            page.get_by_role("button", name="Lead confirmed").click()
+            expect(page.get_by_role("status").first).to_have_text("Recorded: lead confirmed.")
+            expect(page.locator("section")).to_contain_text("Recorded: lead confirmed by ivy")
             page.get_by_role("button", name="Sign out").click()
 
             # The supervisor finds the search and the decision by case number.
@@ -188,8 +205,9 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             page.get_by_label("Case number").fill(CASE)
             page.get_by_role("button", name="Filter").click()
             records = page.locator("table.audit tbody tr")
-            expect(records).to_have_count(2)
-            decision, search = records.nth(0), records.nth(1)
+            expect(records).to_have_count(3)  # the search, the comparison opened, the decision
+            decision, opened, search = records.nth(0), records.nth(1), records.nth(2)
+            expect(opened).to_contain_text("subject_viewed")
             expect(search).to_contain_text("search")
             expect(search).to_contain_text("ivy")
             expect(search).to_contain_text(REASON)

@@ -166,7 +166,12 @@ def test_api_search_returns_ranked_leads_and_records_everything(box: Box, lfw_di
     assert refused.status_code == 422 and "reason" in refused.text  # the schema says why
     created = api.post(
         "/api/v1/searches",
-        json={"case": "API-1", "reason": "identify a victim in seized media", "age_band": "adult"},
+        json={
+            "case": "API-1",
+            "reason": "identify a victim in seized media",
+            "age_band": "adult",
+            "mode": "investigation",  # the ranked list; identification returns matches only
+        },
     )
     assert created.status_code == 201
     search = created.json()["search_id"]
@@ -199,20 +204,23 @@ def test_api_search_returns_ranked_leads_and_records_everything(box: Box, lfw_di
     assert "1 in 10,000" not in str(rescored)
     bad = api.post(f"/api/v1/searches/{search}/faces/{face}/rescore", json={"age_band": "baby"})
     assert bad.status_code == 422
-    decision = api.post(
-        f"/api/v1/searches/{search}/faces/{face}/decisions",
-        json={"face_id": top["face_id"], "decision": "rejected"},
-    )
-    assert decision.json() == {"recorded": "rejected", "rank": 1, "subject_id": top["subject_id"]}
+    assert top["display_name"] is None  # investigation: named only once opened
+    candidate = f"/api/v1/search-history/{result['history_id']}/candidates/{top['face_id']}"
+    assert api.get(candidate).json()["display_name"] == "Subject 2"
+    decision = api.post(f"{candidate}/decision", json={"decision": "rejected"}).json()
+    assert (decision["recorded"], decision["rank"], decision["subject_id"]) == (
+        "rejected", 1, top["subject_id"]
+    )  # fmt: skip
     records = box.audit.query(case="API-1", limit=10)
     assert [r.event.action for r in records] == [
-        AuditAction.DECISION, AuditAction.SEARCH, AuditAction.SEARCH
+        AuditAction.DECISION, AuditAction.SUBJECT_VIEWED, AuditAction.SEARCH, AuditAction.SEARCH
     ]  # fmt: skip
     assert all("via API token" in (r.event.detail or "") for r in records)
-    assert [r.event.age_band for r in records[1:]] == ["child_0_5", "adult"]
-    assert "re-scored, not searched again" in (records[1].event.detail or "")
-    assert records[1].event.candidates[0].band == rescored["candidates"][0]["band"]
-    assert records[2].event.candidates[0].subject_id == top["subject_id"]
+    assert [r.event.age_band for r in records[2:]] == ["child_0_5", "adult"]
+    assert "re-scored, not searched again" in (records[2].event.detail or "")
+    assert "mode investigation" in (records[3].event.detail or "")
+    assert records[2].event.candidates[0].band == rescored["candidates"][0]["band"]
+    assert records[3].event.candidates[0].subject_id == top["subject_id"]
 
 
 def test_results_page_states_the_band_and_re_scores_without_searching(
@@ -222,7 +230,7 @@ def test_results_page_states_the_band_and_re_scores_without_searching(
     switches the band, which re-judges the same candidates and is recorded like a search."""
     browser, csrf = sign_in(box, Role.INVESTIGATOR)
     start = {"csrf_token": csrf, "case": "AGE-1", "reason": "identify a missing child",
-             "age_band": "unknown", "gallery": OFFICE}  # fmt: skip
+             "age_band": "unknown", "gallery": OFFICE, "mode": "investigation"}  # fmt: skip
     search = browser.post("/search", data=start).headers["location"]
     person, _, probe = PEOPLE[0]
     photo = lfw_image(lfw_dir, person, probe).read_bytes()

@@ -127,6 +127,9 @@ def fill(path: str, requirement: Requirement) -> str:
         "job_id": "no-such-job",
         "ingest_id": "no-such-ingest",
         "proposal_id": "0" * 16,
+        "history_id": "0" * 24,
+        "enrolled_id": "0" * 32,
+        "number": "1",
     }
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)

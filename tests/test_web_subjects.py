@@ -131,7 +131,7 @@ def search_with(page: Page, url: str, photo: Path) -> None:
     page.get_by_label(re.compile(r"^Photo")).set_input_files(str(photo))
     page.get_by_role("button", name="Find faces").click()
     page.get_by_role("button", name="Search with face 1", exact=True).click()
-    expect(page.get_by_role("heading", name="Candidates for face 1")).to_be_visible()
+    expect(page.get_by_role("heading", name=re.compile(r"^Identification: face 1"))).to_be_visible()
 
 
 def records(box: Box, action: AuditAction) -> list[object]:
@@ -144,8 +144,8 @@ def test_a_second_photo_is_the_one_that_matches_a_later_search(served: Served, p
     probe_photo = lfw_image(served.lfw_dir, person, probe)
 
     search_with(page, url, probe_photo)  # before: the only photo matches
-    top = page.locator("table.candidates tbody tr").nth(0)
-    expect(top.get_by_role("link")).to_have_text("Subject V")
+    top = page.locator("ul.results li.result").nth(0)
+    expect(top.locator("figcaption strong").first).to_have_text("Subject V")
     expect(top.locator(".matched-photo")).to_have_count(0)  # one photo: nothing to say
 
     target = f"/galleries/{OFFICE}/subjects/{subject}"
@@ -164,11 +164,11 @@ def test_a_second_photo_is_the_one_that_matches_a_later_search(served: Served, p
     assert added and "age at capture 9" in (added[0].event.detail or "")  # type: ignore[attr-defined]
 
     search_with(page, url, probe_photo)  # after: the added photo is the subject's best
-    rows = page.locator("table.candidates tbody tr")
+    rows = page.locator("ul.results li.result")
     top = rows.nth(0)
-    expect(top.get_by_role("link")).to_have_text("Subject V")
+    expect(top.locator("figcaption strong").first).to_have_text("Subject V")
     expect(top.locator(".matched-photo")).to_have_text("matched photo 2 of 2 (age 9)")
-    names = rows.locator("td a").all_inner_texts()
+    names = rows.locator("figcaption strong").all_inner_texts()
     assert names.count("Subject V") == 1, "a subject with two photos is one candidate"
     faces = served.box.service.faces(OFFICE, subject)
     shown = top.get_by_role("img", name="Enrolment photo of candidate 1").get_attribute("src")

@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +25,11 @@ from edgeid.runtime.services.caller import LocalOperator
 from edgeid.runtime.vault.keys import Keyring
 
 if TYPE_CHECKING:  # imported where used: `edgeid audit export` needs none of the face stack
+    from edgeid.runtime.config.settings import Settings
     from edgeid.runtime.gallery.service import GalleryService
     from edgeid.runtime.services.cases import AccountableCases
     from edgeid.runtime.services.galleries import AccountableGalleries
+    from edgeid.runtime.services.search_history import SearchHistory
 
 
 class ServiceRunningError(EdgeidError):
@@ -94,7 +97,10 @@ def galleries(home: Path, *, inference: bool = False) -> Iterator[GalleryDoor]:
     ):
         recorder = Recorder(log)
         case_access = AccountableCases(case_service, recorder)
-        accountable = AccountableGalleries(service, recorder, participants=[case_access])
+        history = kept_searches(home, service, settings)
+        case_access.on_purged.append(history.forget_case)  # its lead reviews go with it
+        # An erased subject leaves the cases' leads and every kept search too.
+        accountable = AccountableGalleries(service, recorder, participants=[case_access, history])
         accountable.finish_pending()
         yield GalleryDoor(LocalOperator.current(), accountable, recorder)
 
@@ -113,9 +119,21 @@ def cases(home: Path, *, inference: bool = False) -> Iterator[CaseDoor]:
         CaseService(home, service, log, detector=settings.inference.detector) as case_service,
     ):
         case_access = AccountableCases(case_service, Recorder(log))
+        history = kept_searches(home, service, settings)
+        case_access.on_purged.append(history.forget_case)  # its lead reviews go with it
         # An erasure a crash left unfinished reaches the cases before any is shown.
-        AccountableGalleries(service, Recorder(log), participants=[case_access]).finish_pending()
+        AccountableGalleries(
+            service, Recorder(log), participants=[case_access, history]
+        ).finish_pending()
         yield CaseDoor(LocalOperator.current(), case_access, service)
+
+
+def kept_searches(home: Path, service: GalleryService, settings: Settings) -> SearchHistory:
+    """The web's sealed search history, so the CLI's erasures and purges reach it too."""
+    from edgeid.runtime.services.search_history import SearchHistory
+
+    keep = timedelta(days=settings.searches.history_days)
+    return SearchHistory(home, service.store.keyring, keep=keep)
 
 
 # -- options -----------------------------------------------------------------------------------

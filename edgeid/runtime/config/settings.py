@@ -211,6 +211,22 @@ class MaintenanceSettings(_Section):
     )
 
 
+class SearchSettings(_Section):
+    # A quarter: long enough to come back to a case's searches after leave or a court date,
+    # short enough that a search history is not a second, unreviewed gallery of leads.
+    history_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        title="Days a search stays in the history",
+        description=(
+            "A search, its candidates and its decisions stay in the investigator's and the "
+            "case's search history (sealed on the box) this many days after the search, then "
+            "are erased. The audit log keeps its records for good."
+        ),
+    )
+
+
 class Settings(_Section):
     device: DeviceSettings = DeviceSettings()
     keys: KeySettings = KeySettings()
@@ -220,6 +236,7 @@ class Settings(_Section):
     updates: UpdateSettings = UpdateSettings()
     security: SecuritySettings = SecuritySettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    searches: SearchSettings = SearchSettings()
 
 
 def config_path(home: Path) -> Path:

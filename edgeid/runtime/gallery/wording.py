@@ -227,3 +227,23 @@ def cluster_note(cal: BandCalibration, fmr: float, *, children: bool) -> str:
         )
     parts.append(provenance_text(cal))
     return " ".join(parts)
+
+
+def stranger_odds(cal: BandCalibration, score: float) -> str:
+    """How often two different people of the band score this high, from the rarest
+    calibrated rate whose threshold ``score`` clears (never finer than the band's
+    measurement supports): the strength of a candidate in words, not a bare similarity."""
+    entries = sorted(cal.data.thresholds, key=lambda t: t.fmr)
+    cleared = [t.fmr for t in entries if score >= t.score]
+    if not cleared:
+        return (
+            f"a stranger ({cal.people}) scores this high more often than "
+            f"{one_in(entries[-1].fmr)} comparisons"
+        )
+    fmr = cleared[0]
+    if cal.supports(fmr):
+        return f"a stranger ({cal.people}) scores this high about {one_in(fmr)} comparisons"
+    return (
+        f"a stranger ({cal.people}) scores this high at most about {one_in(cal.resolution_fmr)} "
+        f"comparisons (its {cal.non_mated_pairs:,} measured pairs cannot show a rarer rate)"
+    )

@@ -55,6 +55,9 @@ class AccountableCases:
         self._clock = clock
         self._monotonic = monotonic
         self._shown: OrderedDict[tuple[str, str], float] = OrderedDict()  # (session, case id)
+        # Called with a purged case's id: what else holds its evidence (the search history's
+        # reviews of its leads hold its faces) erases it too.
+        self.on_purged: list[Callable[[str], object]] = []
         self._lock = threading.Lock()
 
     # -- erasure ----------------------------------------------------------------------------
@@ -316,7 +319,10 @@ class AccountableCases:
         with self.recorder.failure_recorded(
             caller.actor, AuditAction.CASE_PURGED, about=f"case {meta.case_id}"
         ):
-            return self.cases.purge(meta.number)
+            purged = self.cases.purge(meta.number)
+            for hook in self.on_purged:
+                hook(meta.case_id)
+            return purged
 
     def expired(self, today: date | None = None) -> list[CaseMeta]:
         return self.cases.expired(today)

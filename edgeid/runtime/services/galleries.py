@@ -23,7 +23,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -288,13 +288,18 @@ class AccountableGalleries:
         age_band: AgeBand = "unknown",
         where: str = "search",
         detail: str | None = None,
+        matches_only: bool = False,
     ) -> SearchResult:
-        """Rank candidates, record the search, and only then return them."""
+        """Rank candidates, record the search, and only then return them. ``matches_only``
+        (identification): only the candidates above the threshold are recorded, returned and
+        viewable; the others are never revealed."""
         for name in dict.fromkeys(galleries):
             self.require(caller, Permission.SEARCH, name, where=where, justification=justification)
         result = self.galleries.search(
             probe, face_index, galleries, k=k, fmr=fmr, age_band=age_band
         )
+        if matches_only:
+            result = replace(result, candidates=result.matches)
         summary = (
             f"face {face_index + 1} of {len(probe.faces)}; top-k {k}; "
             f"age band {age_band} (thresholds of {result.calibration.band}); "
@@ -314,12 +319,16 @@ class AccountableGalleries:
         age_band: AgeBand,
         *,
         where: str,
+        matches_only: bool = False,
     ) -> SearchResult:
         """A search's candidates judged for another stated age band. Nothing is searched
-        again, but a new answer (threshold, bands, "no match") is revealed: recorded first."""
+        again, but a new answer (threshold, bands, "no match") is revealed: recorded first.
+        ``matches_only`` as for ``search``."""
         for name in result.galleries:  # access may have been withdrawn since the search
             self.require(caller, Permission.SEARCH, name, where=where, justification=justification)
         rescored = self.galleries.rescore(result, age_band)
+        if matches_only:
+            rescored = replace(rescored, candidates=rescored.matches)
         change = (
             f"re-scored, not searched again: face {face_index + 1} of {len(probe.faces)}; "
             f"age band {result.age_band} -> {age_band} (thresholds of "

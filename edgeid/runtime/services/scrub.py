@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from edgeid.runtime.accounts.sealing import existing_accounts_key
@@ -23,6 +24,7 @@ from edgeid.runtime.gallery.records import ID_HEX
 from edgeid.runtime.gallery.store import Gallery, GalleryStore
 from edgeid.runtime.identity.device_key import DeviceKeyError, load_device_key
 from edgeid.runtime.services.proposals import APPROVALS_KEY_SCOPE, ProposalStore
+from edgeid.runtime.services.search_history import SEARCHES_KEY_SCOPE, SearchHistory
 from edgeid.runtime.vault.errors import DecryptionError
 from edgeid.runtime.vault.framed_log import ID_BYTES
 
@@ -33,7 +35,7 @@ INDEX_NAME = re.compile(r"index-(?P<model>.+)\.sealed")
 class Checked:
     """One object scrubbed: what it is, and what is wrong with it (None when it is OK)."""
 
-    kind: str  # gallery, index, case, audit, accounts, proposals
+    kind: str  # gallery, index, case, audit, accounts, proposals, search
     name: str  # ids and file names only
     problem: str | None = None
 
@@ -68,6 +70,10 @@ def scrub(home: Path, galleries: GalleryStore) -> list[Checked]:
             checked.append(Checked("proposals", "proposals"))
         except (EdgeidError, OSError, ValueError) as exc:
             checked.append(Checked("proposals", "proposals", f"unreadable: {exc}"))
+    if keyring.key_ids(SEARCHES_KEY_SCOPE):  # the age of a search does not matter here
+        history = SearchHistory(home, keyring, keep=timedelta.max)
+        for name, problem in history.check():
+            checked.append(Checked("search", name, problem))
     return checked
 
 

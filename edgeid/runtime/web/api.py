@@ -28,11 +28,13 @@ from edgeid.runtime.web.access import ApiAccess
 from edgeid.runtime.web.api_models import (
     ApprovalOut,
     CandidatesRequest,
+    ComparisonOut,
     DecisionIn,
     DecisionOut,
     EraseIn,
     GalleryIn,
     GalleryOut,
+    KeptSearchOut,
     MeOut,
     OneTimePassword,
     ProbeOut,
@@ -133,12 +135,14 @@ def search_create(request: Request, body: SearchStart, principal: Searcher) -> S
         reason=body.reason,
         age_band=body.age_band,
         galleries=body.galleries,
+        mode=body.mode,
     )
     return SearchCreated(
         search_id=context.entry_id,
         case=context.case,
         galleries=list(context.galleries),
         age_band=context.age_band,
+        mode=body.mode,
         expires_after_idle_s=state.searches.ttl_s,
     )
 
@@ -180,10 +184,12 @@ def search_candidates(
     body: CandidatesRequest,
     principal: Searcher,
 ) -> SearchResultOut:
-    """Ranked candidates for one face; recorded in the audit log before they are returned."""
+    """Candidates for one face in the search's mode, recorded (mode included) before they are
+    returned and kept in the user's search history (``history_id``)."""
     state = web_state(request)
     context = ops.load_search(state, principal, search_id)
-    return SearchResultOut.of(ops.run_search(state, principal, context, face_index, k=body.k))
+    kept = ops.run_search(state, principal, context, face_index, k=body.k)
+    return SearchResultOut.of(context.results[face_index], kept)
 
 
 @router.post(
@@ -203,27 +209,73 @@ def search_rescore(
     The band becomes the search's band for its other faces."""
     state = web_state(request)
     context = ops.load_search(state, principal, search_id)
-    return SearchResultOut.of(
-        ops.rescore_search(state, principal, context, face_index, body.age_band)
+    kept = ops.rescore_search(state, principal, context, face_index, body.age_band)
+    return SearchResultOut.of(context.results[face_index], kept)
+
+
+@router.get("/search-history", response_model=list[KeptSearchOut], tags=["search"])
+def search_history(request: Request, principal: Searcher) -> list[KeptSearchOut]:
+    """The caller's kept searches, newest first (no names: open a candidate for its name)."""
+    return [KeptSearchOut.of(s) for s in web_state(request).history.mine(principal)]
+
+
+@router.get("/search-history/{history_id}", response_model=KeptSearchOut, tags=["search"])
+def kept_search(request: Request, history_id: str, principal: Searcher) -> KeptSearchOut:
+    """One kept search; shown again to another token or session, it is recorded first."""
+    state = web_state(request)
+    return KeptSearchOut.of(state.history.reopen(principal, history_id, where="open a kept search"))
+
+
+@router.get(
+    "/search-history/{history_id}/candidates/{face_id}",
+    response_model=ComparisonOut,
+    tags=["search"],
+)
+def kept_candidate(
+    request: Request, history_id: str, face_id: str, principal: Searcher
+) -> ComparisonOut:
+    """Open a candidate for comparison: its subject's name and every enrolled photo
+    (recorded as subject_viewed). A decision needs this first."""
+    opened = web_state(request).history.open_candidate(
+        principal, history_id, face_id, where="compare a candidate"
+    )
+    c = opened.candidate
+    return ComparisonOut(
+        history_id=history_id,
+        rank=c.rank,
+        gallery=c.gallery,
+        subject_id=c.subject_id,
+        display_name=opened.display_name,
+        face_ids=[f.face_id for f in opened.faces],
+        above_threshold=c.above_threshold,
+        strength=c.strength,
     )
 
 
 @router.post(
-    "/searches/{search_id}/faces/{face_index}/decisions",
+    "/search-history/{history_id}/candidates/{face_id}/decision",
     response_model=DecisionOut,
     tags=["search"],
 )
-def search_decision(
-    request: Request, search_id: str, face_index: int, body: DecisionIn, principal: Searcher
+def kept_decision(
+    request: Request, history_id: str, face_id: str, body: DecisionIn, principal: Searcher
 ) -> DecisionOut:
-    """Mark a candidate as a confirmed lead or rejected (audited; never used for training)."""
+    """Mark an opened candidate as a confirmed lead or rejected, with a note (required to
+    confirm one below the threshold). Audited; never used for training."""
     state = web_state(request)
-    context = ops.load_search(state, principal, search_id)
-    candidate = ops.record_decision(
-        state, principal, context, face_index, body.face_id, body.decision
+    made = state.history.decide(
+        principal, history_id, face_id, body.decision, body.note, where="record a decision"
     )
+    search = state.history.get(principal, history_id, where="record a decision")
+    candidate = search.candidate(face_id)
+    assert candidate is not None  # decide() found it
     return DecisionOut(
-        recorded=ops.DECISIONS[body.decision], rank=candidate.rank, subject_id=candidate.subject_id
+        recorded=made.decision,
+        rank=candidate.rank,
+        subject_id=candidate.subject_id,
+        by=made.by,
+        at=made.at,
+        note=made.note,
     )
 
 

@@ -18,8 +18,16 @@ from edgeid.runtime.gallery.records import Face, GalleryInfo, Subject
 from edgeid.runtime.gallery.service import Candidate, Probe, SearchResult
 from edgeid.runtime.gallery.wording import StrengthLine, calibration_json
 from edgeid.runtime.services.proposals import Proposal
+from edgeid.runtime.services.search_history import StoredSearch
 
 AgeBandName = AgeBand
+ResultMode = Literal["identification", "investigation"]
+MODE_HELP = (
+    "identification (default): only candidates at or above the threshold of the age band, "
+    "with names; none: no match. investigation: the top k in rank order for a person to "
+    "review, none a match claim, names withheld until the candidate is opened "
+    "(GET /search-history/{id}/candidates/{face_id}, recorded). The mode is recorded."
+)
 AGE_BAND_HELP = (
     "apparent age of the person in the photo: it chooses the thresholds, score bands and "
     "wording; unknown uses the strictest band the box holds (child_0_5 for the shipped model)"
@@ -47,6 +55,7 @@ class SearchStart(_In):
         max_length=256,
         description="galleries to search; empty: every gallery this user may search",
     )
+    mode: ResultMode = Field(default="identification", description=MODE_HELP)
 
 
 class SearchCreated(BaseModel):
@@ -54,6 +63,7 @@ class SearchCreated(BaseModel):
     case: str
     galleries: list[str]
     age_band: AgeBandName
+    mode: ResultMode
     expires_after_idle_s: float
 
 
@@ -120,7 +130,9 @@ class CandidateOut(BaseModel):
     rank: int
     gallery: str
     subject_id: str
-    display_name: str
+    display_name: str | None = Field(
+        description="the subject's name; null in investigation mode until the candidate is opened"
+    )
     face_id: str = Field(description="the subject's best-matching photo (as matched_photo)")
     score: float = Field(description="cosine similarity of the templates")
     band: str = Field(
@@ -130,12 +142,12 @@ class CandidateOut(BaseModel):
     matched_photo: MatchedPhotoOut
 
     @classmethod
-    def of(cls, c: Candidate) -> CandidateOut:
+    def of(cls, c: Candidate, *, named: bool = True) -> CandidateOut:
         return cls(
             rank=c.rank,
             gallery=c.gallery,
             subject_id=c.subject_id,
-            display_name=c.display_name,
+            display_name=c.display_name if named else None,
             face_id=c.face_id,
             score=round(c.score, 4),
             band=c.band.value,
@@ -210,10 +222,23 @@ class SearchResultOut(BaseModel):
     calibration: CalibrationOut
     reliability: ReliabilityOut
     candidates: list[CandidateOut] = Field(description="leads in rank order, not identifications")
+    mode: ResultMode = Field(default="identification", description=MODE_HELP)
+    history_id: str | None = Field(
+        default=None,
+        description="this result in the user's search history (/search-history/{history_id})",
+    )
+    strength: list[str] = Field(
+        default_factory=list,
+        description="per candidate, in rank order: how often a stranger scores this high",
+    )
 
     @classmethod
-    def of(cls, r: SearchResult) -> SearchResultOut:
+    def of(cls, r: SearchResult, kept: StoredSearch | None = None) -> SearchResultOut:
+        investigation = kept is not None and kept.mode == "investigation"
         return cls(
+            mode="investigation" if investigation else "identification",
+            history_id=kept.search_id if kept else None,
+            strength=[c.strength for c in kept.candidates] if kept else [],
             model_id=r.model_id,
             galleries=list(r.galleries),
             age_band=r.age_band,
@@ -230,19 +255,103 @@ class SearchResultOut(BaseModel):
                 verification_rate=r.reliability.verification_rate,
                 note=r.reliability.note,
             ),
-            candidates=[CandidateOut.of(c) for c in r.candidates],
+            candidates=[CandidateOut.of(c, named=not investigation) for c in r.candidates],
         )
 
 
 class DecisionIn(_In):
-    face_id: str = Field(max_length=64, description="the candidate's face_id")
     decision: Literal["confirmed", "rejected"]
+    note: str = Field(
+        default="",
+        max_length=1000,
+        description=(
+            "what was compared and why; required (10 characters or more) to confirm a "
+            "candidate below the threshold"
+        ),
+    )
 
 
 class DecisionOut(BaseModel):
     recorded: str
     rank: int
     subject_id: str
+    by: str
+    at: datetime
+    note: str
+
+
+class KeptCandidateOut(BaseModel):
+    rank: int
+    gallery: str
+    subject_id: str
+    face_id: str
+    score: float = Field(description="cosine similarity of the templates")
+    band: str
+    above_threshold: bool
+    strength: str = Field(description="how often a stranger of the age band scores this high")
+    decision: str | None = Field(description="the latest decision recorded on it, if any")
+
+
+class KeptSearchOut(BaseModel):
+    """A search kept in its user's history: no names (open a candidate for its name)."""
+
+    history_id: str
+    case: str
+    mode: ResultMode
+    age_band: str
+    created_at: datetime
+    no_match: bool
+    searched_faces: int
+    threshold: float
+    threshold_note: str
+    candidates: list[KeptCandidateOut]
+
+    @classmethod
+    def of(cls, s: StoredSearch) -> KeptSearchOut:
+        def latest(face_id: str) -> str | None:
+            d = s.decision(face_id)
+            return d.decision if d else None
+
+        return cls(
+            history_id=s.search_id,
+            case=s.case,
+            mode="investigation" if s.mode == "investigation" else "identification",
+            age_band=s.age_band,
+            created_at=s.created_at,
+            no_match=s.no_match,
+            searched_faces=s.searched_faces,
+            threshold=round(s.threshold, 4),
+            threshold_note=s.threshold_sentence,
+            candidates=[
+                KeptCandidateOut(
+                    rank=c.rank,
+                    gallery=c.gallery,
+                    subject_id=c.subject_id,
+                    face_id=c.face_id,
+                    score=round(c.score, 4),
+                    band=c.band,
+                    above_threshold=c.above_threshold,
+                    strength=c.strength,
+                    decision=latest(c.face_id),
+                )
+                for c in s.candidates
+            ],
+        )
+
+
+class ComparisonOut(BaseModel):
+    """A candidate opened (recorded): the name and every enrolled photo's face id."""
+
+    history_id: str
+    rank: int
+    gallery: str
+    subject_id: str
+    display_name: str
+    face_ids: list[str] = Field(
+        description="every enrolled photo (GET /galleries/{gallery}/faces/{face_id}/thumbnail.jpg)"
+    )
+    above_threshold: bool
+    strength: str
 
 
 class GalleryIn(_In):

@@ -43,6 +43,8 @@ from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.erasures import ErasureParticipant
 from edgeid.runtime.services.galleries import AccountableGalleries
 from edgeid.runtime.services.proposals import ProposalNotFoundError, ProposalStore
+from edgeid.runtime.services.search_history import SearchHistory, SearchNotFoundError
+from edgeid.runtime.services.searches import AccountableSearches
 from edgeid.runtime.system.metrics import SERVICE_METRICS
 from edgeid.runtime.web import (
     api,
@@ -54,6 +56,7 @@ from edgeid.runtime.web import (
     pages_cases,
     pages_context,
     pages_health,
+    pages_history,
     pages_search,
     pages_subjects,
 )
@@ -101,6 +104,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (UserNotFoundError, 404),
     (TokenNotFoundError, 404),
     (ProposalNotFoundError, 404),
+    (SearchNotFoundError, 404),
     (DuplicateSubjectError, 409),
     (GalleryExistsError, 409),
     (UserExistsError, 409),
@@ -174,6 +178,13 @@ def create_app(
     participants: list[ErasureParticipant] = [HeldSearches(searches)]
     if case_access is not None:
         participants.append(case_access)
+    history = SearchHistory(
+        home, galleries.store.keyring, keep=timedelta(days=settings.searches.history_days)
+    )
+    history.purge_expired()  # past the retention while the service was down
+    participants.append(history)
+    if case_access is not None:
+        case_access.on_purged.append(history.forget_case)
     accountable = AccountableGalleries(galleries, recorder, clock=clock, participants=participants)
     accountable.finish_pending()  # erasures a crash or a failure left unfinished
     accounts = AccountAdmin(
@@ -213,6 +224,7 @@ def create_app(
         clock=clock,
         accounts=accounts,
         approvals=approvals,
+        history=AccountableSearches(history, accountable, recorder),
         health_extra=health_extra,
         models_dir=models_dir or home / "models",
         cases=desk,
@@ -237,6 +249,7 @@ def create_app(
         pages_account,
         pages_context,
         pages_search,
+        pages_history,
         pages_cases,
         pages_subjects,
         pages_admin,

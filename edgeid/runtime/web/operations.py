@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import date
 
 from edgeid.runtime.accounts.roles import Permission
-from edgeid.runtime.audit import AuditAction
 from edgeid.runtime.audit.justification import Justification
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.records import MAX_AGE_YEARS
@@ -22,12 +21,11 @@ from edgeid.runtime.gallery.service import (
     DEFAULT_TOP_K,
     MAX_TOP_K,
     AgeBand,
-    Candidate,
     Enrolled,
     Probe,
-    SearchResult,
 )
-from edgeid.runtime.services.galleries import audit_candidates
+from edgeid.runtime.services.search_history import INVESTIGATION, StoredSearch
+from edgeid.runtime.services.searches import check_mode
 from edgeid.runtime.web import work_context
 from edgeid.runtime.web.errors import ForbiddenError, NotFoundError
 from edgeid.runtime.web.principal import Principal
@@ -35,9 +33,6 @@ from edgeid.runtime.web.state import WebState
 from edgeid.runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
 logger = logging.getLogger(__name__)
-
-DECISIONS = {"confirmed": "lead confirmed", "rejected": "rejected"}
-
 
 # -- checks ----------------------------------------------------------------------------------
 
@@ -110,10 +105,13 @@ def start_search(
     reason: str,
     age_band: str = "unknown",
     galleries: Sequence[str] = (),
+    mode: str | None = None,
 ) -> SearchContext:
-    """A new search: case number and reason first, before any photo is accepted."""
+    """A new search: case number, reason and result mode first, before any photo is
+    accepted (identification unless investigation is chosen)."""
     why = Justification.of(case, reason)
     band = check_age_band(age_band or "unknown")
+    chosen_mode = check_mode(mode)
     chosen = choose_galleries(state, principal, galleries, where="start a search")
     context = SearchContext(
         entry_id=Workspace.new_id(),
@@ -123,6 +121,7 @@ def start_search(
         reason=why.reason,
         age_band=band,
         galleries=chosen,
+        mode=chosen_mode,
     )
     state.searches.put(context)
     return context
@@ -155,7 +154,7 @@ def attach_photo(
     probe = state.accountable.analyse(data, name="the photo")
     context.image, context.probe = data, probe
     context.results.clear()
-    context.decisions.clear()
+    context.records.clear()
     state.searches.put(context)  # re-weigh the workspace now that the photo is in it
     return probe
 
@@ -173,25 +172,28 @@ def run_search(
     face_index: int,
     *,
     k: int = DEFAULT_TOP_K,
-) -> SearchResult:
-    """Rank candidates for one face, record the search, and only then return them."""
+) -> StoredSearch:
+    """Search for one face in the search's mode; the core records it (mode included) before
+    the candidates come back and keeps it in the user's history."""
     probe = require_probe(context)
     probe.face(face_index)
-    # The core checks access again (it may have been withdrawn since the search began) and
-    # records the search before the candidates come back.
-    result = state.accountable.search(
+    # The core checks access again (it may have been withdrawn since the search began).
+    stored, result = state.history.search(
         principal,
         justification(context),
         probe,
         face_index,
         context.galleries,
+        mode=context.mode,
         k=k,
         age_band=context.age_band,
         where="search",
+        workspace_id=context.entry_id,
     )
+    context.records[face_index] = stored.search_id
     context.results[face_index] = result
     work_context.adopt(principal, justification(context))
-    return result
+    return stored
 
 
 def justification(context: SearchContext) -> Justification:
@@ -200,62 +202,27 @@ def justification(context: SearchContext) -> Justification:
 
 def rescore_search(
     state: WebState, principal: Principal, context: SearchContext, face_index: int, age_band: str
-) -> SearchResult:
-    """A face's candidates judged for another stated age band: the same scores, that band's
-    threshold, score bands and wording. Nothing is searched again, but a new answer is
-    revealed, so the core records it like a search before it is shown; the band becomes the
-    search's band for its other faces."""
+) -> StoredSearch:
+    """A face's result judged for another stated age band; the band becomes the search's band
+    for its other faces. An investigation's same candidates take that band's threshold, score
+    bands and wording (nothing searched again, but recorded like a search, since a new
+    answer is revealed). An identification searches again with that band: the candidates
+    below the old threshold were never revealed, so there is nothing to re-judge."""
     band = check_age_band(age_band)
+    search_id = context.records.get(face_index)
     result = context.results.get(face_index)
-    if result is None:
+    if search_id is None or result is None:
         raise NotFoundError("search this face first")
     probe = require_probe(context)
-    rescored = state.accountable.rescore(
-        principal, justification(context), probe, face_index, result, band, where="re-score"
+    if context.mode != INVESTIGATION:
+        context.age_band = band
+        return run_search(state, principal, context, face_index)
+    stored, rescored = state.history.rescore(
+        principal, search_id, probe, result, band, where="re-score"
     )
     context.age_band = band
     context.results[face_index] = rescored
-    return rescored
-
-
-def find_candidate(context: SearchContext, face_index: int, face_id: str) -> Candidate:
-    result = context.results.get(face_index)
-    if result is None:
-        raise NotFoundError("search this face first")
-    for candidate in result.candidates:
-        if candidate.face_id == face_id:
-            return candidate
-    raise NotFoundError("that candidate is not among this search's results")
-
-
-def record_decision(
-    state: WebState,
-    principal: Principal,
-    context: SearchContext,
-    face_index: int,
-    face_id: str,
-    decision: str,
-) -> Candidate:
-    """Mark a candidate as a confirmed lead or rejected. Recorded in the audit log only; never
-    fed back into thresholds, templates or anything that learns."""
-    if decision not in DECISIONS:
-        raise BadInputError("a decision is 'confirmed' or 'rejected'")
-    candidate = find_candidate(context, face_index, face_id)
-    require_gallery(state, principal, Permission.SEARCH, candidate.gallery, where="decision")
-    probe = require_probe(context)
-    state.recorder.record(
-        principal.actor,
-        AuditAction.DECISION,
-        justification=justification(context),
-        gallery=candidate.gallery,
-        probe_sha256=probe.image_sha256,
-        candidates=audit_candidates([candidate]),
-        decision=DECISIONS[decision],
-        subject_id=candidate.subject_id,
-        detail=f"face {face_index + 1}; rank {candidate.rank}",
-    )
-    context.decisions[(face_index, face_id)] = DECISIONS[decision]
-    return candidate
+    return stored
 
 
 # -- enrolment and erasure -------------------------------------------------------------------

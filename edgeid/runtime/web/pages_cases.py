@@ -182,7 +182,8 @@ def case_job_stop(request: Request, job_id: str, principal: Searcher) -> Respons
 
 @router.get("/cases/{case_id}")
 def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
-    view = cops.view(request, web_state(request), principal, case_id)
+    state = web_state(request)
+    view = cops.view(request, state, principal, case_id)
     shown = browse(view, CaseFilter.parse(request.query_params))
     return render(
         request,
@@ -193,7 +194,29 @@ def case_page(request: Request, case_id: str, principal: Searcher) -> Response:
         min_quality=BEST_MIN_QUALITY,
         case_id=case_id,
         work=work_context.current(principal),
+        case_searches=state.history.of_case(view.meta.number),
+        keep_days=state.settings.searches.history_days,
     )
+
+
+@router.get("/cases/{case_id}/clusters/{number}/leads/{face_id}")
+def case_lead(
+    request: Request, case_id: str, number: int, face_id: str, principal: Searcher
+) -> Response:
+    """A case lead in the comparison view, where it is confirmed or rejected: the user's
+    review of it is found or kept (sealed) and the comparison opened (which records)."""
+    state = web_state(request)
+    case = cops.case_number(state, principal, case_id)
+    review = state.history.review_case_lead(
+        principal,
+        cops.access(state),
+        case_id,
+        number,
+        face_id,
+        cops.reason_for(request, principal, case),
+        where="review a case lead",
+    )
+    return RedirectResponse(f"/searches/{review.search_id}/candidates/{face_id}", status_code=303)
 
 
 @router.get("/cases/{case_id}/faces/{face_id}.jpg")

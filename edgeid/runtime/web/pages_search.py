@@ -18,6 +18,7 @@ from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.age_bands import AGE_BAND_LABELS
 from edgeid.runtime.gallery.service import AGE_BANDS, DEFAULT_TOP_K, MAX_TOP_K
+from edgeid.runtime.services.search_history import INVESTIGATION, MODES
 from edgeid.runtime.web import operations as ops
 from edgeid.runtime.web.access import PageAccess, posted
 from edgeid.runtime.web.images import display_jpeg, jpeg_response
@@ -51,6 +52,7 @@ def _start_page(
         status_code=status_code,
         galleries=ops.usable_galleries(state, principal, Permission.SEARCH),
         age_bands=[(b, AGE_BAND_LABELS[b]) for b in AGE_BANDS],
+        modes=MODES,
         current=current,
         error=error,
         values=values or {},
@@ -73,6 +75,7 @@ def search_create(request: Request, principal: Searcher) -> Response:
             reason=form.get("reason"),
             age_band=form.get("age_band", "unknown"),
             galleries=form.all("gallery"),
+            mode=form.get("mode") or None,
         )
     except BadInputError as exc:
         values: dict[str, object] = {
@@ -80,6 +83,7 @@ def search_create(request: Request, principal: Searcher) -> Response:
             "reason": form.get("reason"),
             "age_band": form.get("age_band"),
             "galleries": form.all("gallery"),
+            "mode": form.get("mode"),
         }
         return _start_page(request, principal, error=str(exc), status_code=400, values=values)
     if principal.session is not None:
@@ -149,61 +153,35 @@ def search_face(request: Request, search_id: str, face_index: int, principal: Se
     context = ops.load_search(state, principal, search_id)
     try:
         k = ops.check_top_k(posted(request).get("k"))
-        ops.run_search(state, principal, context, face_index, k=k)
+        stored = ops.run_search(state, principal, context, face_index, k=k)
     except BadInputError as exc:
         return _search_page(request, principal, context, error=str(exc), status_code=400)
-    return RedirectResponse(f"/search/{search_id}/faces/{face_index}", status_code=303)
+    return RedirectResponse(f"/searches/{stored.search_id}", status_code=303)
 
 
 @router.get("/search/{search_id}/faces/{face_index}")
 def search_results(
     request: Request, search_id: str, face_index: int, principal: Searcher
 ) -> Response:
+    """The face's result, kept in the user's history (or back to the faces, unsearched)."""
     context = ops.load_search(web_state(request), principal, search_id)
-    probe = ops.require_probe(context)
-    result = context.results.get(face_index)
-    if result is None:  # not searched yet (or the photo changed): back to the faces
+    ops.require_probe(context)
+    kept = context.records.get(face_index)
+    if kept is None:  # not searched yet (or the photo changed): back to the faces
         return RedirectResponse(f"/search/{search_id}", status_code=303)
-    return render(
-        request,
-        "results.html",
-        principal=principal,
-        search=context,
-        probe=probe,
-        face=probe.face(face_index),
-        result=result,
-        decisions={fid: d for (i, fid), d in context.decisions.items() if i == face_index},
-        age_band_label=AGE_BAND_LABELS[result.age_band],
-        age_bands=[(b, AGE_BAND_LABELS[b]) for b in AGE_BANDS],
-    )
+    return RedirectResponse(f"/searches/{kept}", status_code=303)
 
 
 @router.post("/search/{search_id}/faces/{face_index}/age-band")
 def search_rescore(
     request: Request, search_id: str, face_index: int, principal: Searcher
 ) -> Response:
-    """The same candidates judged for another apparent age (recorded; not searched again)."""
+    """The result judged for another apparent age (recorded; see ``ops.rescore_search``)."""
     state = web_state(request)
     context = ops.load_search(state, principal, search_id)
-    result = ops.rescore_search(
+    stored = ops.rescore_search(
         state, principal, context, face_index, posted(request).get("age_band")
     )
-    flash(principal, f"Re-scored for: {AGE_BAND_LABELS[result.age_band]}.")
-    return RedirectResponse(f"/search/{search_id}/faces/{face_index}", status_code=303)
-
-
-@router.post("/search/{search_id}/faces/{face_index}/decisions")
-def search_decision(
-    request: Request, search_id: str, face_index: int, principal: Searcher
-) -> Response:
-    state = web_state(request)
-    context = ops.load_search(state, principal, search_id)
-    form = posted(request)
-    candidate = ops.record_decision(
-        state, principal, context, face_index, form.get("face_id"), form.get("decision")
-    )
-    flash(
-        principal,
-        f"Rank {candidate.rank} recorded as {context.decisions[(face_index, candidate.face_id)]}.",
-    )
-    return RedirectResponse(f"/search/{search_id}/faces/{face_index}", status_code=303)
+    done = "Re-scored" if context.mode == INVESTIGATION else "Searched again"
+    flash(principal, f"{done} for: {AGE_BAND_LABELS[context.age_band]}.")
+    return RedirectResponse(f"/searches/{stored.search_id}", status_code=303)

@@ -24,6 +24,7 @@ FLASH_KEY = "flash"
 # The navigation: (permission, path, label), shown to those who hold the permission.
 NAVIGATION: tuple[tuple[Permission, str, str], ...] = (
     (Permission.SEARCH, "/search", "Search"),
+    (Permission.SEARCH, "/searches", "My searches"),
     (Permission.SEARCH, "/cases", "Cases"),
     (Permission.ENROL, "/enrol", "Enrol"),
     (Permission.SUBJECTS_READ, "/galleries", "Subjects"),

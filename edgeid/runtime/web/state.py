@@ -22,6 +22,7 @@ from edgeid.runtime.services.accounts import AccountAdmin
 from edgeid.runtime.services.approvals import Approvals
 from edgeid.runtime.services.cases import AccountableCases
 from edgeid.runtime.services.galleries import AccountableGalleries
+from edgeid.runtime.services.searches import AccountableSearches
 from edgeid.runtime.web.case_jobs import CaseDesk
 from edgeid.runtime.web.workspace import PendingEnrolment, SearchContext, Workspace
 
@@ -52,6 +53,7 @@ class WebState:
     clock: Callable[[], float]
     accounts: AccountAdmin  # every change to users and tokens an admin makes
     approvals: Approvals  # the two-person rule
+    history: AccountableSearches  # searches run, kept per user and case, and their decisions
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
     cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService

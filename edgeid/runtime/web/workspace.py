@@ -45,11 +45,12 @@ class SearchContext:
     reason: str
     age_band: AgeBand
     galleries: tuple[str, ...]
+    mode: str = "identification"  # or "investigation": chosen at the start, recorded
     image: bytes | None = None
     probe: Probe | None = None
     results: dict[int, SearchResult] = field(default_factory=dict)
-    # (face index, candidate face id) -> "lead confirmed" | "rejected"
-    decisions: dict[tuple[int, str], str] = field(default_factory=dict)
+    # face index -> the id of its search in the user's sealed history (services.searches)
+    records: dict[int, str] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         faces = len(self.probe.faces) if self.probe else 0
@@ -193,7 +194,5 @@ class HeldSearches:
                     if not (c.gallery == gallery and among(c.subject_id, subject_ids))
                 )
                 context.results[face_index] = replace(result, candidates=kept)
-                for key in [k for k in context.decisions if k[0] == face_index and k[1] in gone]:
-                    del context.decisions[key]
                 changed += 1
         return changed
