@@ -11,8 +11,11 @@ FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.wh
 SELFTEST_WHEEL := $(EDGEID_HOME)/wheelhouse/scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+# axe-core for the accessibility test (tests/test_web_a11y.py), pinned in tests/a11y's lock file;
+# test-only, never shipped.
+AXE := tests/a11y/node_modules/axe-core/axe.min.js
 
-.PHONY: setup setup-dev run test bench models lint clean gpu-check
+.PHONY: setup setup-dev run test bench models lint clean gpu-check screenshots
 
 setup: $(RUNTIME_STAMP) models
 
@@ -55,11 +58,19 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: setup-dev lint
+$(AXE): tests/a11y/package.json tests/a11y/package-lock.json
+	npm ci --prefix tests/a11y --no-audit --no-fund --silent
+	touch $@
+
+test: setup-dev lint $(AXE)
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
 	$(BIN)/python -m benchmarks.run_all --data $(DATA)
+
+# A PNG of every web page at 1280 and 768 px into $(EDGEID_HOME)/screenshots (not committed).
+screenshots: setup-dev
+	$(BIN)/python -m benchmarks.screenshots --data $(DATA)
 
 # TensorRT engines against ONNX Runtime on the shared images; needs an NVIDIA GPU, TensorRT 10
 # and pycuda (pip install -e '.[tensorrt]'); exits 2 when they are absent.
