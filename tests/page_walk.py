@@ -84,7 +84,9 @@ def _media_zip(photo: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _scene(box: Box, lfw_dir: Path, group_photo: Path, browser: TestClient, csrf: str) -> dict[str, str]:
+def _scene(
+    box: Box, lfw_dir: Path, group_photo: Path, browser: TestClient, csrf: str
+) -> dict[str, str]:
     """Path parameter values: a search run, a case ingested, an enrolment waiting for a pick."""
     person, _, probe = PEOPLE[0]
     photo = lfw_image(lfw_dir, person, probe).read_bytes()

@@ -63,7 +63,8 @@ def walked(
 
 
 def test_every_page_is_walked(walked: Walk) -> None:
-    assert not walked.unfilled, f"pages the walk cannot open (add a value in page_walk): {walked.unfilled}"
+    unfilled = walked.unfilled
+    assert not unfilled, f"pages the walk cannot open (give page_walk a value): {unfilled}"
     routes = {v.route for v in walked.visits}
     for expected in ("/", "/login", "/search/{search_id}/faces/{face_index}", "/health", "/audit"):
         assert expected in routes
