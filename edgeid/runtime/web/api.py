@@ -49,6 +49,7 @@ from edgeid.runtime.web.api_models import (
     UserOut,
     UserPatch,
 )
+from edgeid.runtime.web.api_outputs import AuditRecordOut, HealthOut
 from edgeid.runtime.web.audit_trail import record
 from edgeid.runtime.web.forms import UnsupportedBodyError, read_body, read_form
 from edgeid.runtime.web.images import jpeg_response
@@ -441,7 +442,7 @@ def erase(
 # -- audit and health ------------------------------------------------------------------------
 
 
-@router.get("/audit", tags=["audit"])
+@router.get("/audit", response_model=list[AuditRecordOut], tags=["audit"])
 def audit(
     request: Request,
     principal: Auditor,
@@ -452,7 +453,7 @@ def audit(
     until: str = "",
     limit: int = 100,
     before: int | None = None,
-) -> list[dict[str, object]]:
+) -> list[AuditRecordOut]:
     """Audit records, newest first; ``since``/``until`` are whole UTC days, inclusive."""
     state = web_state(request)
     wanted = audit_filter(
@@ -468,12 +469,12 @@ def audit(
         before_seq=before,
     )
     record(state, principal, AuditAction.AUDIT_VIEWED, detail="via the API")
-    return [r.to_json() for r in records]
+    return [AuditRecordOut.model_validate(r.to_json()) for r in records]
 
 
-@router.get("/health", tags=["health"])
-def health(request: Request, principal: Technician) -> dict[str, Any]:
-    return health_summary(web_state(request))
+@router.get("/health", response_model=HealthOut, tags=["health"])
+def health(request: Request, principal: Technician) -> HealthOut:
+    return HealthOut.model_validate(health_summary(web_state(request)))
 
 
 # -- users and tokens ------------------------------------------------------------------------
