@@ -44,7 +44,9 @@ from edgeid.runtime.web.access import requirement_of
 PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
 # Pages whose answer is not a page (images, JSON, the API) are not walked.
 NOT_PAGES = re.compile(r"^/(api/|static/)|\.(jpg|json)$|^/healthz$")
-CASE = "WALK-2026/3"
+# The case the scene ingests is the one every session states as its work context, so its
+# pages open rather than ask which case one is working on.
+CASE = WORK_CASE
 REASON = "identifying a child in media seized under warrant W-3"
 
 
@@ -55,6 +57,7 @@ class Visit:
     role: Role | None
     route: str
     path: str
+    status: int = 200
 
     @property
     def name(self) -> str:
@@ -189,6 +192,8 @@ def plan_visits(box: Box, values: dict[str, str]) -> tuple[list[Visit], list[str
         else:
             roles = [role_for(requirement.permission)]
         visits += [Visit(role, path, concrete) for role in roles]
+    # The error page, as a person meets it: a search that is not (or no longer) theirs.
+    visits.append(Visit(Role.INVESTIGATOR, "(error page)", "/search/no-such-search", 404))
     return sorted(visits, key=lambda v: (v.role.value if v.role else "", v.path)), unfilled
 
 

@@ -172,3 +172,37 @@ def test_api_keeps_to_its_document(api_schema: schemathesis.BaseSchema, served: 
     assert not failures, "\n\n".join(failures)
     # The run reached real answers, not only refusals of made-up ids.
     assert sum(200 <= s < 300 for s in statuses) >= 30, sorted(set(statuses))
+
+
+def test_document_types_every_answer_and_names_its_refusals(served: Served) -> None:
+    doc = httpx.get(f"{served.url}{API}/openapi.json", verify=False, timeout=30).json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+
+    def ok_schema(path: str, method: str) -> dict[str, object]:
+        responses = paths[API + path][method]["responses"]
+        status = next(s for s in responses if s.startswith("2"))
+        content = responses[status].get("content", {})
+        return dict(next(iter(content.values()), {}).get("schema", {}))
+
+    # Typed answers: no bare objects left (case, job, audit and health included).
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            for status, answer in operation["responses"].items():
+                for kind, body in answer.get("content", {}).items():
+                    assert body.get("schema"), f"{method} {path} {status} {kind} has no schema"
+                    assert body["schema"] != {"type": "object"}, f"{method} {path} untyped"
+    assert ok_schema("/audit", "get")["items"] == {"$ref": "#/components/schemas/AuditRecordOut"}
+    assert ok_schema("/health", "get") == {"$ref": "#/components/schemas/HealthOut"}
+    assert ok_schema("/cases/{case_id}", "get") == {"$ref": "#/components/schemas/CaseOut"}
+    assert ok_schema("/case-jobs/{job_id}", "get") == {"$ref": "#/components/schemas/JobOut"}
+    # Constraints a client can check before sending.
+    reason = schemas["SearchStart"]["properties"]["reason"]
+    assert reason["minLength"] >= 10 and reason["maxLength"] >= reason["minLength"]
+    assert schemas["SearchStart"]["properties"]["case"]["pattern"]
+    # Refusals each operation may answer, in the one error shape or a richer one.
+    enrol = paths[f"{API}/galleries/{{gallery}}/subjects"]["post"]["responses"]
+    assert enrol["422"]["content"]["application/json"]["schema"]["$ref"].endswith("FacesFoundOut")
+    assert enrol["409"]["content"]["application/json"]["schema"]["$ref"].endswith("DuplicateOut")
+    assert "409" in paths[f"{API}/galleries"]["post"]["responses"]
+    photo = paths[f"{API}/searches/{{search_id}}/photo"]["put"]["requestBody"]["content"]
+    assert "image/jpeg" in photo and "image/png" in photo

@@ -47,10 +47,16 @@ ARCHIVE_BODY: dict[str, Any] = {
     }
 }
 JPEG: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}
+    200: {
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JPEG image",
+    }
 }
 HTML: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/html": {}}, "description": "the case report, one HTML file"}
+    200: {
+        "content": {"text/html": {"schema": {"type": "string"}}},
+        "description": "the case report, one HTML file",
+    }
 }
 
 

@@ -13,9 +13,38 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeid.runtime.web.api_models import ProbeFaceOut
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+# -- enrolment refusals with more than a sentence ----------------------------------------------
+
+
+class FacesFoundOut(_Out):
+    """422 from enrolment when the photo holds several faces and no ``face_index`` came."""
+
+    error: str
+    faces: list[ProbeFaceOut] = Field(
+        default_factory=list, description="the faces found; send the index of the one meant"
+    )
+
+
+class DuplicateMatchOut(_Out):
+    rank: int
+    subject_id: str
+    face_id: str
+    score: float
+    band: str
+
+
+class DuplicateOut(_Out):
+    """409 from enrolment: the face already matches enrolled subjects."""
+
+    error: str
+    candidates: list[DuplicateMatchOut] = Field(default_factory=list)
 
 
 # -- health ------------------------------------------------------------------------------------

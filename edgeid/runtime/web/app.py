@@ -326,6 +326,11 @@ ERRORS_OF_A_BODY = {
 def _document_errors(operation: dict[str, Any]) -> None:
     """The API's real error responses, in its real shape, beside the operation's own."""
     responses = operation.setdefault("responses", {})
+    for answer in responses.values():
+        # An image or HTML answer: FastAPI also lists an untyped JSON body it never sends.
+        content = answer.get("content", {})
+        if len(content) > 1 and content.get("application/json") == {"schema": {}}:
+            del content["application/json"]
     errors = dict(ERRORS_OF_EVERY_OPERATION)
     if "requestBody" in operation:
         errors |= ERRORS_OF_A_BODY
@@ -333,6 +338,11 @@ def _document_errors(operation: dict[str, Any]) -> None:
     for status, meaning in errors.items():
         known = responses.get(status, {})
         responses[status] = {"description": known.get("description") or meaning, "content": content}
+    # Refusals an operation declares itself (409, 503, ...): the same shape, unless the
+    # operation gave a richer one (the faces found, the matching subjects).
+    for status, known in responses.items():
+        if status.startswith(("4", "5")) and not known.get("content"):
+            known["content"] = content
 
 
 # -- errors ----------------------------------------------------------------------------------
