@@ -39,7 +39,7 @@ from edgeid.runtime.accounts.roles import ROLE_PERMISSIONS, Role
 from edgeid.runtime.accounts.tokens import TokenStore
 
 API = "/api/v1"
-EXAMPLES_PER_OPERATION = 4
+EXAMPLES_PER_OPERATION = 3
 CHECKS = [
     checks.not_a_server_error,
     checks.status_code_conformance,

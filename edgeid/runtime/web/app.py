@@ -337,7 +337,10 @@ def _document_errors(operation: dict[str, Any]) -> None:
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for status, meaning in errors.items():
         known = responses.get(status, {})
-        responses[status] = {"description": known.get("description") or meaning, "content": content}
+        responses[status] = {
+            "description": known.get("description") or meaning,
+            "content": known.get("content") or content,
+        }
     # Refusals an operation declares itself (409, 503, ...): the same shape, unless the
     # operation gave a richer one (the faces found, the matching subjects).
     for status, known in responses.items():
