@@ -206,7 +206,7 @@ class ClusteringOut(_Out):
 
 class SourceFileOut(_Out):
     names: list[str]
-    sha256: str
+    sha256: str | None = Field(description="null: refused before it was read (unsafe path, link)")
     media: str
     status: str
     reason: str | None

@@ -339,13 +339,21 @@ def _document_errors(operation: dict[str, Any]) -> None:
         known = responses.get(status, {})
         responses[status] = {
             "description": known.get("description") or meaning,
-            "content": known.get("content") or content,
+            "content": _own_content(known) or content,
         }
     # Refusals an operation declares itself (409, 503, ...): the same shape, unless the
     # operation gave a richer one (the faces found, the matching subjects).
     for status, known in responses.items():
         if status.startswith(("4", "5")) and not known.get("content"):
             known["content"] = content
+
+
+def _own_content(response: dict[str, Any]) -> dict[str, Any] | None:
+    """A refusal body the operation declared itself; FastAPI's own 422 shape is never sent."""
+    content: dict[str, Any] | None = response.get("content")
+    if not content or "HTTPValidationError" in str(content):
+        return None
+    return content
 
 
 # -- errors ----------------------------------------------------------------------------------
