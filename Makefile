@@ -26,8 +26,11 @@ GPU_EXTRA := $(if $(filter 13,$(CUDA)),tensorrt-cu13,tensorrt)
 endif
 GPU_STAMP := $(VENV)/.gpu-$(GPU_EXTRA)-installed
 GPU_REPORT ?= $(EDGEID_HOME)/gpu-check.json
+# axe-core for the accessibility test (tests/test_web_a11y.py), pinned in tests/a11y's lock file;
+# test-only, never shipped.
+AXE := tests/a11y/node_modules/axe-core/axe.min.js
 
-.PHONY: setup setup-dev run test bench models lint clean gpu-check
+.PHONY: setup setup-dev run test bench models lint clean gpu-check screenshots
 
 setup: $(RUNTIME_STAMP) models
 
@@ -74,11 +77,19 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: setup-dev lint
+$(AXE): tests/a11y/package.json tests/a11y/package-lock.json
+	npm ci --prefix tests/a11y --no-audit --no-fund --silent
+	touch $@
+
+test: setup-dev lint $(AXE)
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
 	$(BIN)/python -m benchmarks.run_all --data $(DATA)
+
+# A PNG of every web page at 1280 and 768 px into $(EDGEID_HOME)/screenshots (not committed).
+screenshots: setup-dev
+	$(BIN)/python -m benchmarks.screenshots --data $(DATA)
 
 # TensorRT engines against ONNX Runtime on the shared images (firmware/gpu_check.py), with the
 # JSON report in $(GPU_REPORT). Installs edgeid[$(GPU_EXTRA)] first; the preflight says what the

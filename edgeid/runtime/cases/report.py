@@ -56,6 +56,7 @@ tr.below { color: #444; }
 .mono { font-family: ui-monospace, monospace; font-size: 8.5pt; word-break: break-all; }
 .above { font-weight: bold; }
 .muted { color: #555; }
+@media (max-width: 900px) { body { margin: 1em; } td { overflow-wrap: anywhere; } }
 @media print {
   body { margin: 0; font-size: 9.5pt; }
   .cluster, tr, figure { page-break-inside: avoid; break-inside: avoid; }

@@ -51,6 +51,7 @@ from edgeid.runtime.web.api_models import (
     UserOut,
     UserPatch,
 )
+from edgeid.runtime.web.api_outputs import AuditRecordOut, DuplicateOut, FacesFoundOut, HealthOut
 from edgeid.runtime.web.audit_trail import record
 from edgeid.runtime.web.forms import UnsupportedBodyError, read_body, read_form
 from edgeid.runtime.web.images import jpeg_response
@@ -100,13 +101,17 @@ ENROL_BODY: dict[str, Any] = {
                         "allow_duplicate": {"type": "boolean"},
                         "photo": {"type": "string", "format": "binary"},
                     },
-                }
+                },
+                "encoding": {"photo": {"contentType": ", ".join(IMAGE_TYPES)}},
             }
         },
     }
 }
 JPEG: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}
+    200: {
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JPEG image",
+    }
 }
 
 
@@ -294,7 +299,13 @@ def galleries(request: Request, principal: Anyone) -> list[GalleryOut]:
     return [GalleryOut.of(g) for g in infos]
 
 
-@router.post("/galleries", response_model=GalleryOut, status_code=201, tags=["galleries"])
+@router.post(
+    "/galleries",
+    response_model=GalleryOut,
+    status_code=201,
+    tags=["galleries"],
+    responses={409: {"description": "a gallery of that name exists"}},
+)
 def gallery_create(request: Request, body: GalleryIn, principal: GalleryAdmin) -> GalleryOut:
     return GalleryOut.of(
         admin.create_gallery(web_state(request), principal, body.name, body.description)
@@ -411,8 +422,13 @@ def thumbnail(
     tags=["subjects"],
     openapi_extra=ENROL_BODY,
     responses={
-        409: {"description": "the face already matches an enrolled subject"},
-        422: {"description": "several faces and no face_index: the faces found are listed"},
+        409: {"model": DuplicateOut, "description": "the face already matches an enrolled subject"},
+        422: {
+            "model": FacesFoundOut,
+            "description": "several faces and no face_index: the faces found are listed, or a "
+            "field does not match this schema",
+        },
+        503: {"description": "the inference queue is full; retry after Retry-After seconds"},
     },
 )
 async def enrol(request: Request, gallery: str, principal: Enroller) -> Response:
@@ -493,7 +509,7 @@ def erase(
 # -- audit and health ------------------------------------------------------------------------
 
 
-@router.get("/audit", tags=["audit"])
+@router.get("/audit", response_model=list[AuditRecordOut], tags=["audit"])
 def audit(
     request: Request,
     principal: Auditor,
@@ -504,7 +520,7 @@ def audit(
     until: str = "",
     limit: int = 100,
     before: int | None = None,
-) -> list[dict[str, object]]:
+) -> list[AuditRecordOut]:
     """Audit records, newest first; ``since``/``until`` are whole UTC days, inclusive."""
     state = web_state(request)
     wanted = audit_filter(
@@ -520,12 +536,12 @@ def audit(
         before_seq=before,
     )
     record(state, principal, AuditAction.AUDIT_VIEWED, detail="via the API")
-    return [r.to_json() for r in records]
+    return [AuditRecordOut.model_validate(r.to_json()) for r in records]
 
 
-@router.get("/health", tags=["health"])
-def health(request: Request, principal: Technician) -> dict[str, Any]:
-    return health_summary(web_state(request))
+@router.get("/health", response_model=HealthOut, tags=["health"])
+def health(request: Request, principal: Technician) -> HealthOut:
+    return HealthOut.model_validate(health_summary(web_state(request)))
 
 
 # -- users and tokens ------------------------------------------------------------------------
@@ -564,7 +580,10 @@ def users(request: Request, principal: UserAdmin) -> list[UserOut]:
     response_model=UserCreated,
     status_code=201,
     tags=["users"],
-    responses={202: {"model": UserCreated, "description": "a new admin waits for approval"}},
+    responses={
+        202: {"model": UserCreated, "description": "a new admin waits for approval"},
+        409: {"description": "a user of that name exists"},
+    },
 )
 def user_create(request: Request, body: UserIn, principal: UserAdmin) -> Response:
     """A new user with a one-time password; its galleries (and an admin altogether) wait for a

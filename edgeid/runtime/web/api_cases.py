@@ -19,6 +19,7 @@ from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S
 from edgeid.runtime.cases.views import meta_json, view_json
 from edgeid.runtime.web import case_operations as cops
 from edgeid.runtime.web.access import ApiAccess
+from edgeid.runtime.web.api_outputs import CaseMetaOut, CaseOut, JobOut
 from edgeid.runtime.web.case_uploads import receive_raw
 from edgeid.runtime.web.forms import UnsupportedBodyError
 from edgeid.runtime.web.images import jpeg_response
@@ -46,10 +47,16 @@ ARCHIVE_BODY: dict[str, Any] = {
     }
 }
 JPEG: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/jpeg": {}}, "description": "JPEG image"}
+    200: {
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JPEG image",
+    }
 }
 HTML: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/html": {}}, "description": "the case report, one HTML file"}
+    200: {
+        "content": {"text/html": {"schema": {"type": "string"}}},
+        "description": "the case report, one HTML file",
+    }
 }
 
 
@@ -117,6 +124,7 @@ def ingest_plan(request: Request, body: IngestStart, principal: Searcher) -> Ing
     status_code=202,
     tags=["cases"],
     openapi_extra=ARCHIVE_BODY,
+    response_model=JobOut,
 )
 async def ingest_archive(request: Request, ingest_id: str, principal: Searcher) -> JSONResponse:
     """Send the archive (zip or tar) as the body; the ingest starts and its job comes back."""
@@ -136,36 +144,41 @@ async def ingest_archive(request: Request, ingest_id: str, principal: Searcher) 
     finally:
         if not started:  # refused or failed: the media does not stay on the box
             await run_in_threadpool(cases.uploads.discard, path)
-    return JSONResponse(cops.job_json(state, job), status_code=202)
+    return JSONResponse(
+        JobOut.model_validate(cops.job_json(state, job)).model_dump(mode="json"), status_code=202
+    )
 
 
-@router.get("/case-jobs/{job_id}", tags=["cases"])
-def ingest_job(request: Request, job_id: str, principal: Searcher) -> dict[str, object]:
+@router.get("/case-jobs/{job_id}", response_model=JobOut, tags=["cases"])
+def ingest_job(request: Request, job_id: str, principal: Searcher) -> JobOut:
     """An ingest's state and counts (no names, no faces); ``case_id`` once it is done."""
     state = web_state(request)
-    return cops.job_json(state, cops.load_job(state, principal, job_id))
+    return JobOut.model_validate(cops.job_json(state, cops.load_job(state, principal, job_id)))
 
 
-@router.post("/case-jobs/{job_id}/stop", status_code=202, tags=["cases"])
-def ingest_stop(request: Request, job_id: str, principal: Searcher) -> dict[str, object]:
+@router.post("/case-jobs/{job_id}/stop", status_code=202, response_model=JobOut, tags=["cases"])
+def ingest_stop(request: Request, job_id: str, principal: Searcher) -> JobOut:
     """Stop after the file in hand; an ingest of the same case later resumes."""
     state = web_state(request)
     job = cops.load_job(state, principal, job_id)
     job.job.stop()
-    return cops.job_json(state, job)
+    return JobOut.model_validate(cops.job_json(state, job))
 
 
-@router.get("/cases", tags=["cases"])
-def cases_list(request: Request, principal: Searcher) -> list[dict[str, object]]:
+@router.get("/cases", response_model=list[CaseMetaOut], tags=["cases"])
+def cases_list(request: Request, principal: Searcher) -> list[CaseMetaOut]:
     """The cases this user opened, newest first."""
-    return [meta_json(m) for m in cops.my_cases(web_state(request), principal)]
+    mine = cops.my_cases(web_state(request), principal)
+    return [CaseMetaOut.model_validate(meta_json(m)) for m in mine]
 
 
-@router.get("/cases/{case_id}", tags=["cases"])
-def case_get(request: Request, case_id: str, principal: Searcher) -> dict[str, object]:
+@router.get("/cases/{case_id}", response_model=CaseOut, tags=["cases"])
+def case_get(request: Request, case_id: str, principal: Searcher) -> CaseOut:
     """The case's clusters (best faces, files, leads with score bands) and files. Needs the
     reason header (``Edgeid-Case`` must name this case); recorded."""
-    return view_json(cops.view(request, web_state(request), principal, case_id))
+    return CaseOut.model_validate(
+        view_json(cops.view(request, web_state(request), principal, case_id))
+    )
 
 
 @router.get("/cases/{case_id}/faces/{face_id}.jpg", tags=["cases"], responses=JPEG)

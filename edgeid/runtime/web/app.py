@@ -340,13 +340,34 @@ ERRORS_OF_A_BODY = {
 def _document_errors(operation: dict[str, Any]) -> None:
     """The API's real error responses, in its real shape, beside the operation's own."""
     responses = operation.setdefault("responses", {})
+    for answer in responses.values():
+        # An image or HTML answer: FastAPI also lists an untyped JSON body it never sends.
+        content = answer.get("content", {})
+        if len(content) > 1 and content.get("application/json") == {"schema": {}}:
+            del content["application/json"]
     errors = dict(ERRORS_OF_EVERY_OPERATION)
     if "requestBody" in operation:
         errors |= ERRORS_OF_A_BODY
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for status, meaning in errors.items():
         known = responses.get(status, {})
-        responses[status] = {"description": known.get("description") or meaning, "content": content}
+        responses[status] = {
+            "description": known.get("description") or meaning,
+            "content": _own_content(known) or content,
+        }
+    # Refusals an operation declares itself (409, 503, ...): the same shape, unless the
+    # operation gave a richer one (the faces found, the matching subjects).
+    for status, known in responses.items():
+        if status.startswith(("4", "5")) and not known.get("content"):
+            known["content"] = content
+
+
+def _own_content(response: dict[str, Any]) -> dict[str, Any] | None:
+    """A refusal body the operation declared itself; FastAPI's own 422 shape is never sent."""
+    content: dict[str, Any] | None = response.get("content")
+    if not content or "HTTPValidationError" in str(content):
+        return None
+    return content
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from edgeid.runtime.accounts.roles import Role
 from edgeid.runtime.accounts.sessions import Session
 from edgeid.runtime.accounts.users import USERNAME
 from edgeid.runtime.audit import AuditAction
@@ -25,6 +24,7 @@ from edgeid.runtime.web.access import (
 from edgeid.runtime.web.audit_trail import UNKNOWN_ROLE, record, record_as
 from edgeid.runtime.web.errors import CsrfError, ThrottledError
 from edgeid.runtime.web.forms import MAX_FORM_BYTES, read_form
+from edgeid.runtime.web.home import home_page
 from edgeid.runtime.web.principal import Principal
 from edgeid.runtime.web.rendering import flash, render
 from edgeid.runtime.web.state import WebState, web_state
@@ -34,13 +34,6 @@ router = APIRouter(include_in_schema=False)
 SignedIn = Annotated[Principal, Depends(PageAccess(None))]
 ChangingPassword = Annotated[Principal, Depends(PageAccess(None, during_password_change=True))]
 
-# Where each role starts after signing in.
-HOME_OF: dict[Role, str] = {
-    Role.INVESTIGATOR: "/search",
-    Role.SUPERVISOR: "/audit",
-    Role.ADMIN: "/admin/users",
-    Role.TECHNICIAN: "/health",
-}
 LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.-]*")
 
 
@@ -62,8 +55,8 @@ def clear_session_cookie(response: Response, state: WebState) -> None:
 
 
 @router.get("/")
-def home(principal: SignedIn) -> Response:
-    return RedirectResponse(HOME_OF[principal.role], status_code=303)
+def home(request: Request, principal: SignedIn) -> Response:
+    return home_page(request, principal)
 
 
 @router.get("/login")
