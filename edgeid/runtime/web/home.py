@@ -1,8 +1,8 @@
 """The home page: what each role needs today, and nothing personal beyond the person's own.
 
-Investigators see their newest cases and running ingests; supervisors and admins what waits
-for them (proposals to approve, locked accounts); admins and technicians the box's health in
-brief (the same facts ``/healthz`` gives anyone). No subject, face or other person's case.
+Investigators see their newest searches, cases and running ingests; supervisors and admins
+what waits for them (proposals to approve, locked accounts); admins and technicians the box's
+health in brief (the same facts ``/healthz`` gives anyone). No subject, face or other person's case.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from edgeid.runtime.accounts.roles import Permission
+from edgeid.runtime.human_units import duration
 from edgeid.runtime.web import case_operations as cops
 from edgeid.runtime.web.pages_health import health_summary
 from edgeid.runtime.web.principal import Principal
@@ -20,21 +21,15 @@ from edgeid.runtime.web.rendering import render
 from edgeid.runtime.web.state import WebState, web_state
 
 RECENT_CASES = 5
-
-
-def uptime_text(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    if minutes < 48 * 60:
-        return f"{minutes // 60} h {minutes % 60} min"
-    return f"{minutes // (24 * 60)} days"
+RECENT_SEARCHES = 5
 
 
 def _investigator(state: WebState, principal: Principal) -> dict[str, Any]:
+    searches = state.history.mine(principal)[:RECENT_SEARCHES]  # the person's own, newest first
     if state.case_access is None or state.cases is None:
-        return {"cases": [], "jobs": []}
+        return {"cases": [], "jobs": [], "searches": searches}
     return {
+        "searches": searches,
         "cases": cops.my_cases(state, principal)[:RECENT_CASES],
         "jobs": [j for j in state.cases.jobs.of_user(principal.username) if j.running],
     }
@@ -42,7 +37,13 @@ def _investigator(state: WebState, principal: Principal) -> dict[str, Any]:
 
 def home_page(request: Request, principal: Principal) -> Response:
     state = web_state(request)
-    facts: dict[str, Any] = {"cases": [], "jobs": [], "pending": None, "locked": None}
+    facts: dict[str, Any] = {
+        "cases": [],
+        "jobs": [],
+        "searches": [],
+        "pending": None,
+        "locked": None,
+    }
     if principal.may(Permission.SEARCH):
         facts |= _investigator(state, principal)
     if principal.may(Permission.APPROVALS):
@@ -54,5 +55,5 @@ def home_page(request: Request, principal: Principal) -> Response:
     health = None
     if principal.may(Permission.HEALTH) or principal.may(Permission.SETTINGS):
         summary = health_summary(state)
-        health = summary | {"uptime": uptime_text(float(summary["uptime_s"]))}
+        health = summary | {"uptime": duration(float(summary["uptime_s"]))}
     return render(request, "home.html", principal=principal, health=health, **facts)
