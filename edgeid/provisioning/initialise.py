@@ -44,6 +44,8 @@ from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settin
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
 from edgeid.runtime.inference.backends import tensorrt_backend
+from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.inference.model_home import MODELS_DIR, models_dir
 from edgeid.runtime.inference.pipeline import DETECTOR_NAMES, ENGINES_DIR, FacePipeline
 from edgeid.runtime.storage.durable import make_private_dir, write_file_atomically
 from edgeid.runtime.web.tls import TLS_DIR
@@ -295,7 +297,13 @@ def _config(home: Path, plan: Plan) -> tuple[StepStatus, str]:
 
 
 def _models(home: Path, req: InitRequest, progress: Progress | None) -> tuple[StepStatus, str]:
-    folder = home / "models"
+    installed = models_dir(home)
+    if installed != home / MODELS_DIR:  # the package's (or the update slot's) converted models
+        manifests = list_manifests(installed)
+        for manifest in manifests:
+            read_verified_model(installed, manifest.name)
+        return StepStatus.ALREADY, f"{len(manifests)} models installed in {installed}, verified"
+    folder = home / MODELS_DIR
     before = _snapshot(folder)
     manifests = build_models(folder, req.wheelhouse or home / "wheelhouse", progress=progress)
     detail = f"{len(manifests)} models and the self-test reference in {folder}"
@@ -313,7 +321,7 @@ def _engines(home: Path) -> tuple[StepStatus, str]:
     folder = home / ENGINES_DIR
     before = _snapshot(folder)
     for detector in DETECTOR_NAMES:
-        pipeline = FacePipeline.load(home / "models", detector, backend="tensorrt")
+        pipeline = FacePipeline.load(models_dir(home), detector, backend="tensorrt")
         if pipeline.backend_state != "tensorrt":
             return StepStatus.FAILED, f"{detector}: TensorRT fell back to the CPU; see the log"
     where = f"{platform.gpu_name}, TensorRT {platform.trt_version}, {platform.precision}"

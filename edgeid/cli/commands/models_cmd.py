@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit
-from edgeid.cli.paths import models_dir, wheelhouse_dir
+from edgeid.cli.paths import built_models_dir, models_dir, wheelhouse_dir
 from edgeid.runtime.errors import ModelError
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
 
@@ -21,7 +21,7 @@ def build(args: argparse.Namespace) -> int:
 
     wheelhouse = Path(args.wheelhouse) if args.wheelhouse else wheelhouse_dir(args.home_dir)
     manifests = build_models(
-        models_dir(args.home_dir),
+        built_models_dir(args.home_dir),
         wheelhouse,
         force=args.force,
         record_checksums=args.record_checksums,

@@ -60,6 +60,7 @@ from edgeid.runtime.gallery.wording import (
 )
 from edgeid.runtime.inference.activity import InferenceActivity, InferenceLimits
 from edgeid.runtime.inference.image_decode import declared_pixels, decode_image, decode_working
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from edgeid.runtime.inference.types import FloatArray, RGBImage
 from edgeid.runtime.storage.durable import FileWriter, shred_and_unlink, write_file_atomically
@@ -346,7 +347,7 @@ class GalleryService:
         settings = settings or load_settings(home)
         if pipeline is None:
             pipeline = FacePipeline.load(
-                home / "models",
+                models_dir(home),
                 settings.inference.detector,
                 threads=settings.inference.threads,
                 backend=settings.inference.backend,
