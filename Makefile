@@ -61,9 +61,10 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Every test runs here except those that need an NVIDIA GPU: skipped tests are listed at the
+# Every test runs here except those that need an NVIDIA GPU (the package and its tree are built
+# first: tests/test_shipping.py installs them). Skipped tests are listed at the
 # end with their reasons, and under CI=true any other skip fails the run (tests/conftest.py).
-test: system-packages setup-dev lint
+test: system-packages setup-dev lint deb
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
@@ -90,7 +91,7 @@ SYSTEM_PACKAGES := make python3 python3-venv mosquitto chromium swtpm swtpm-tool
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; \
-	done | tr '\n' ' '); \
+	done | xargs); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 		echo "missing system packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
@@ -121,13 +122,8 @@ $(WHEEL): pyproject.toml $(SOURCES) | $(RUNTIME_STAMP)
 	rm -rf build
 
 # The models are converted once (`make models`) and copied in; pip's cache keeps rebuilds quick.
-$(DIST)/.tree-built: $(WHEEL) packaging/edgeid-launcher | models
-	rm -rf $(TREE) && mkdir -p $(DIST) $(TREE)/bin $(TREE)/models
-	$(BIN)/pip install --quiet --no-compile --target $(TREE)/lib $(WHEEL)
-	rm -rf $(TREE)/lib/bin
-	install -m 0755 packaging/edgeid-launcher $(TREE)/bin/edgeid
-	cp $(EDGEID_HOME)/models/*.json $(EDGEID_HOME)/models/*.onnx $(EDGEID_HOME)/models/*.ertree \
-		$(EDGEID_HOME)/models/*.png $(TREE)/models/
+$(DIST)/.tree-built: $(WHEEL) packaging/build-tree.sh packaging/edgeid-launcher | models
+	packaging/build-tree.sh $(BIN)/pip $(WHEEL) $(EDGEID_HOME)/models $(TREE)
 	touch $@
 
 tree: $(DIST)/.tree-built

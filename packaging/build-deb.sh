@@ -17,7 +17,7 @@ mkdir -p "$root/opt" "$root/usr/bin" "$root/lib/systemd/system" "$root/usr/lib/s
 cp -a "$tree" "$root/opt/edgeid"
 # Bytecode is made on the box by postinst (and removed by prerm), as Debian's Python policy asks.
 find "$root/opt/edgeid" -name __pycache__ -type d -prune -exec rm -rf {} +
-ln -s ../../opt/edgeid/bin/edgeid "$root/usr/bin/edgeid"
+ln -s /opt/edgeid/bin/edgeid "$root/usr/bin/edgeid"
 install -m 0644 "$repo/firmware/systemd/edgeid.service" "$root/lib/systemd/system/edgeid.service"
 install -m 0644 "$repo/firmware/systemd/sysusers.d/edgeid.conf" "$root/usr/lib/sysusers.d/edgeid.conf"
 install -m 0644 "$here/debian/tmpfiles.conf" "$root/usr/lib/tmpfiles.d/edgeid.conf"
@@ -36,6 +36,6 @@ sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
 # Files as root's; folders 0755, so the service user reads the code it may not change.
 find "$root" -type d -exec chmod 0755 {} +
 deb="$out/edgeid_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz -z1 --build "$root" "$deb.tmp" >/dev/null
+dpkg-deb --root-owner-group -Zgzip -z3 --build "$root" "$deb.tmp" >/dev/null
 mv "$deb.tmp" "$deb"
 echo "$deb"

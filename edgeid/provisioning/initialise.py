@@ -5,8 +5,11 @@
    a self-signed certificate (``--self-signed``, a lab), or the CA's certificate installed;
 4. gallery keys: the keyring's key-encryption key sealed by the best provider present;
 5. configuration: ``edgeid.toml`` written with every path above, validated, read back;
-6. models: converted and checked (``edgeid models build``), with the self-test reference;
-7. TensorRT engines, where a GPU answers;
+6. first admin: when the box has no user, with a one-time password (the audit log and the
+   accounts files are made here too);
+7. models: those installed with the code (the package's or an update slot's), verified; else
+   converted into the state directory (``edgeid models build``, the ``[models]`` extra);
+8. TensorRT engines, where a GPU answers;
 then ``selftest``.
 
 Every input is checked before anything is written (``plan_init``), so bad input changes
@@ -37,9 +40,11 @@ from edgeid.provisioning.certificates import (
     service_paths,
 )
 from edgeid.provisioning.config import updated, write_settings
+from edgeid.provisioning.first_admin import DEFAULT_ADMIN, FirstAdmin, ensure_first_admin
 from edgeid.provisioning.kek import best_sealer, choose_provider, ensure_keyring, keyring_info
 from edgeid.provisioning.report import CheckResult, StepResult, StepStatus, first_clause, passed
 from edgeid.provisioning.selftest import run_selftest
+from edgeid.runtime.accounts.users import check_username
 from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settings
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
@@ -80,6 +85,7 @@ class InitRequest:
     broker: str | None = None
     wheelhouse: Path | None = None
     selftest: bool = True
+    admin: str = DEFAULT_ADMIN  # the first admin's name, used only while the box has no user
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class Plan:
 class InitResult:
     steps: list[StepResult]
     checks: list[CheckResult]  # the self-test; empty when it did not run
+    first_admin: FirstAdmin | None = None  # its one-time password, shown once
 
     @property
     def ok(self) -> bool:
@@ -296,6 +303,14 @@ def _config(home: Path, plan: Plan) -> tuple[StepStatus, str]:
     return _status(changed), f"{home / 'edgeid.toml'} valid"
 
 
+def _admin(home: Path, req: InitRequest, made: list[FirstAdmin]) -> tuple[StepStatus, str]:
+    admin = ensure_first_admin(home, req.admin, passphrase=req.passphrase)
+    made.append(admin)
+    if admin.username is None:
+        return StepStatus.ALREADY, "users exist already (edgeid users reset-password NAME)"
+    return StepStatus.DONE, f"{admin.username}, one-time password below (change at first sign-in)"
+
+
 def _models(home: Path, req: InitRequest, progress: Progress | None) -> tuple[StepStatus, str]:
     installed = models_dir(home)
     if installed != home / MODELS_DIR:  # the package's (or the update slot's) converted models
@@ -336,8 +351,10 @@ def run_init(
     progress: Progress | None = None,
 ) -> InitResult:
     when = now or dt.datetime.now(dt.UTC)
+    check_username(req.admin)
     plan = plan_init(home, req, when)
     make_private_dir(home)
+    admins: list[FirstAdmin] = []
     actions: list[tuple[str, Action]] = [
         ("device identity", lambda: _device(home, plan)),
         (
@@ -347,6 +364,7 @@ def run_init(
         ("mqtt certificate", lambda: _mqtt(plan, req, when)),
         ("gallery keys", lambda: _keys(home, plan, req)),
         ("configuration", lambda: _config(home, plan)),
+        ("first admin", lambda: _admin(home, req, admins)),
         ("models", lambda: _models(home, req, progress)),
         ("TensorRT engines", lambda: _engines(home)),
     ]
@@ -366,4 +384,4 @@ def run_init(
         if failed or not req.selftest
         else run_selftest(home, passphrase=req.passphrase, now=when)
     )
-    return InitResult(steps, checks)
+    return InitResult(steps, checks, admins[0] if admins else None)
