@@ -86,7 +86,7 @@ clean:
 SYSTEM_PACKAGES := make python3 python3-venv mosquitto chromium swtpm swtpm-tools tpm2-tools \
 	systemd openssl dpkg-dev fakeroot lintian
 
-# Quick when everything is there (one dpkg-query); apt's lists are refreshed only when an
+# Quick when everything is there (a dpkg-query per package); apt's lists are refreshed only when an
 # install fails on them. Not root: stops with the one command to run.
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
@@ -112,7 +112,8 @@ HARDWARE ?= generic-$(ARCH)
 DIST := $(CURDIR)/dist
 TREE := $(DIST)/tree
 WHEEL := $(DIST)/wheel/edgeid-$(PKG_VERSION)-py3-none-any.whl
-SOURCES := $(shell find edgeid -type f \( -name '*.py' -o -name '*.json' -o -name '*.html' -o -name '*.css' \) -not -path '*/__pycache__/*')
+SOURCES := $(shell find edgeid -type f -not -path '*/__pycache__/*' \
+	\( -name '*.py' -o -name '*.json' -o -name '*.html' -o -name '*.css' \))
 DEB := $(DIST)/edgeid_$(PKG_VERSION)_$(ARCH).deb
 BUNDLE := $(DIST)/edgeid-$(VERSION).bundle
 
@@ -128,7 +129,8 @@ $(DIST)/.tree-built: $(WHEEL) packaging/build-tree.sh packaging/edgeid-launcher 
 
 tree: $(DIST)/.tree-built
 
-$(DEB): $(DIST)/.tree-built packaging/build-deb.sh $(wildcard packaging/debian/*) firmware/systemd/edgeid.service firmware/systemd/sysusers.d/edgeid.conf
+$(DEB): $(DIST)/.tree-built packaging/build-deb.sh $(wildcard packaging/debian/*) \
+		firmware/systemd/edgeid.service firmware/systemd/sysusers.d/edgeid.conf
 	packaging/build-deb.sh $(TREE) $(DIST) $(PKG_VERSION) $(ARCH)
 
 deb: $(DEB)
