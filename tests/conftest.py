@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,53 @@ def models_dir(edgeid_home: Path) -> Path:
     folder = edgeid_home / "models"
     build_models(folder, edgeid_home / "wheelhouse")
     return folder
+
+
+# -- Skips: listed at the end with their reasons; under CI=true only GPU tests may skip ----------
+# A GPU skip: a test marked `gpu` (needs an NVIDIA GPU), or one whose reason names the GPU stack
+# (a CPU-only check that does not apply where a GPU answers).
+GPU_REASON = re.compile(r"\bGPU\b|TensorRT|pynvml")
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _gpu_skip(report: pytest.TestReport | pytest.CollectReport) -> bool:
+    return "gpu" in report.keywords or bool(GPU_REASON.search(_skip_reason(report)))
+
+
+def _fail_skip_under_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if os.environ.get("CI") != "true" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    if _gpu_skip(report):
+        return
+    reason = _skip_reason(report)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where only GPU tests may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None]:
+    outcome = yield
+    _fail_skip_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None]:
+    outcome = yield
+    _fail_skip_under_ci(outcome.get_result())  # a module-level importorskip
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = Counter((_skip_reason(r), _gpu_skip(r)) for r in skipped)
+    terminalreporter.section(f"{len(skipped)} skipped, by reason")
+    for (reason, gpu), count in reasons.most_common():
+        kind = "GPU" if gpu else "not GPU: fails under CI=true"
+        terminalreporter.line(f"{count:4d}  [{kind}] {reason}")

@@ -24,9 +24,13 @@ from mqtt_broker import (
 from test_gallery_store import swtpm  # noqa: F401 (fixture: a software TPM on loopback)
 
 from edgeid.cli import main
+from edgeid.cli.commands.users_cmd import reading_key
 from edgeid.provisioning.certificates import CertRequest, provision_service
 from edgeid.provisioning.certificates import default_paths as tls_default_paths
 from edgeid.provisioning.kek import choose_provider
+from edgeid.runtime.accounts.passwords import verify_password
+from edgeid.runtime.accounts.roles import Role
+from edgeid.runtime.accounts.users import UserStore
 from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import KeySettings, load_settings
 from edgeid.runtime.errors import BadInputError
@@ -39,6 +43,7 @@ STEPS = (
     "mqtt certificate",
     "gallery keys",
     "configuration",
+    "first admin",
     "models",
     "TensorRT engines",
 )
@@ -107,6 +112,12 @@ def test_second_init_writes_no_file_and_reports_every_step_already_done(
     assert statuses(first)["gallery keys"] == "done"
     assert results(first)["pipeline (cpu)"] == "PASS"
     assert "FAIL" not in results(first).values()
+    # Everything before the first sign-in: the first admin and its one-time password too.
+    assert isinstance(first, dict) and first["admin"] == "admin"
+    password = str(first["one_time_password"])
+    admin = UserStore(home, reading_key(home)).require("admin")
+    assert (admin.role, admin.must_change_password) == (Role.ADMIN, True)
+    assert verify_password(admin.password_hash, password)
 
     settings = load_settings(home)
     assert (settings.device.device_id, settings.device.site) == ("box-07", "lab-a")
@@ -127,6 +138,7 @@ def test_second_init_writes_no_file_and_reports_every_step_already_done(
     again = statuses(second)
     assert again.pop("TensorRT engines") in ("skipped", "already done")  # skipped: no GPU here
     assert set(again.values()) == {"already done"}
+    assert isinstance(second, dict) and second["one_time_password"] is None
     assert snapshot(home) == before
 
     # Without any option: identity, names and provider come from what is there.

@@ -99,18 +99,22 @@ def test_rotate_keys_rewraps_galleries_and_the_audit_scope_and_the_old_kek_opens
         made = store.create_gallery("g").enroll(
             NewSubject("Ana Lima", "case 2024/117", "officer-7"), [_new_face(1)]
         )
-        store.keyring.new_data_key("audit")  # what the audit log keeps in the keyring
         old_id = store.keyring.kek_id
     (old_file,) = (home / "keys").iterdir()
     old_kek = old_file.read_bytes()
     before = plain_data_keys(home)
-    assert sorted(scope == "audit" for scope, _ in before) == [False, True]  # a gallery, audit
+    # A gallery, and the audit log and accounts files that init's first-admin step made.
+    assert sorted(scope for scope, _ in before if scope in ("audit", "accounts")) == [
+        "accounts",
+        "audit",
+    ]
+    assert len(before) == 3
 
     code, done, err = cli(home, capsys, "rotate-keys")
     assert code == 0, err
     assert isinstance(done, dict)
     assert done["provider"] == "keyfile" and done["old_kek_id"] == old_id != done["kek_id"]
-    assert done["data_keys_rewrapped"] == len(before) == 2
+    assert done["data_keys_rewrapped"] == len(before) == 3
     assert not old_file.exists()  # zero-filled and unlinked by the provider
     (new_file,) = (home / "keys").iterdir()
     assert stat.S_IMODE(new_file.stat().st_mode) == 0o600

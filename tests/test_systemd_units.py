@@ -121,7 +121,9 @@ def test_service_speaks_notify_and_runs_the_active_slot() -> None:
     assert service["NotifyAccess"] == ["main"]  # children cannot claim READY or pings
     assert service["WatchdogSec"] == ["60s"]
     assert service["ExecStart"] == [
-        "/var/lib/edgeid/slots/current/bin/edgeid serve --home /var/lib/edgeid"
+        "/bin/sh -c 'if [ -x /var/lib/edgeid/slots/current/bin/edgeid ]; then exec "
+        "/var/lib/edgeid/slots/current/bin/edgeid serve --home /var/lib/edgeid; fi; "
+        "exec /opt/edgeid/bin/edgeid serve --home /var/lib/edgeid'"
     ]
     # Recovery of an interrupted update, privileged, from the last committed slot.
     assert service["ExecStartPre"] == [

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgeid.runtime.inference.model_home import MODELS_DIR
+from edgeid.runtime.inference.model_home import models_dir as installed_models
+
 HOME_ENV = "EDGEID_HOME"
 
 
@@ -17,7 +20,13 @@ def resolve_home(cli_value: str | None) -> Path:
 
 
 def models_dir(home: Path) -> Path:
-    return home / "models"
+    """The models the box runs: the state directory's own, else those installed with the code."""
+    return installed_models(home)
+
+
+def built_models_dir(home: Path) -> Path:
+    """Where ``edgeid models build`` writes: always the state directory."""
+    return home / MODELS_DIR
 
 
 def wheelhouse_dir(home: Path) -> Path:

@@ -7,6 +7,7 @@ differs from the recorded checksum fails, so a converter change cannot slip onto
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ from edgeid.runtime.inference.manifest import (
 
 logger = logging.getLogger(__name__)
 
+# Imported by the converters only (the [models] extra); the running service never needs them.
+CONVERTER_MODULES = ("onnx", "face_recognition_models")
 CHECKSUMS_FILE = Path(__file__).with_name("checksums.json")
 # Bump when a converter's output changes on purpose; recorded in every manifest.
 CONVERTER_VERSION = "edgeid-models 1"
@@ -159,6 +162,16 @@ def _source_path(step: BuildStep, wheelhouse: Path) -> Path:
     return locate_installed(step.source)
 
 
+def _need_converters() -> None:
+    """The converters' own dependencies are an extra; a box installs converted models instead."""
+    missing = [name for name in CONVERTER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelError(
+            f"converting models needs {', '.join(missing)}, which this installation lacks: "
+            "pip install 'edgeid[models]' (the edgeid package ships converted models)"
+        )
+
+
 def build_models(
     models_dir: Path,
     wheelhouse: Path,
@@ -180,6 +193,7 @@ def build_models(
             say(f"{prefix}: up to date")
             manifests.extend(load_manifest(manifest_path(models_dir, n)) for n in step.outputs)
             continue
+        _need_converters()
         say(f"{prefix}: converting {step.source.package} {step.source.version} …")
         started = time.monotonic()
         source = _source_path(step, wheelhouse)

@@ -5,8 +5,11 @@
    a self-signed certificate (``--self-signed``, a lab), or the CA's certificate installed;
 4. gallery keys: the keyring's key-encryption key sealed by the best provider present;
 5. configuration: ``edgeid.toml`` written with every path above, validated, read back;
-6. models: converted and checked (``edgeid models build``), with the self-test reference;
-7. TensorRT engines, where a GPU answers;
+6. first admin: when the box has no user, with a one-time password (the audit log and the
+   accounts files are made here too);
+7. models: those installed with the code (the package's or an update slot's), verified; else
+   converted into the state directory (``edgeid models build``, the ``[models]`` extra);
+8. TensorRT engines, where a GPU answers;
 then ``selftest``.
 
 Every input is checked before anything is written (``plan_init``), so bad input changes
@@ -37,14 +40,18 @@ from edgeid.provisioning.certificates import (
     service_paths,
 )
 from edgeid.provisioning.config import updated, write_settings
+from edgeid.provisioning.first_admin import DEFAULT_ADMIN, FirstAdmin, ensure_first_admin
 from edgeid.provisioning.kek import best_sealer, choose_provider, ensure_keyring, keyring_info
 from edgeid.provisioning.report import CheckResult, StepResult, StepStatus, first_clause, passed
 from edgeid.provisioning.selftest import run_selftest
+from edgeid.runtime.accounts.users import check_username
 from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settings
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
 from edgeid.runtime.inference.backends import tensorrt_backend
+from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.inference.model_home import MODELS_DIR, models_dir
 from edgeid.runtime.inference.pipeline import DETECTOR_NAMES, ENGINES_DIR, FacePipeline
 from edgeid.runtime.storage.durable import make_private_dir, write_file_atomically
 from edgeid.runtime.web.tls import TLS_DIR
@@ -79,6 +86,7 @@ class InitRequest:
     broker: str | None = None
     wheelhouse: Path | None = None
     selftest: bool = True
+    admin: str = DEFAULT_ADMIN  # the first admin's name, used only while the box has no user
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Plan:
 class InitResult:
     steps: list[StepResult]
     checks: list[CheckResult]  # the self-test; empty when it did not run
+    first_admin: FirstAdmin | None = None  # its one-time password, shown once
 
     @property
     def ok(self) -> bool:
@@ -295,8 +304,22 @@ def _config(home: Path, plan: Plan) -> tuple[StepStatus, str]:
     return _status(changed), f"{home / 'edgeid.toml'} valid"
 
 
+def _admin(home: Path, req: InitRequest, made: list[FirstAdmin]) -> tuple[StepStatus, str]:
+    admin = ensure_first_admin(home, req.admin, passphrase=req.passphrase)
+    made.append(admin)
+    if admin.username is None:
+        return StepStatus.ALREADY, "users exist already (edgeid users reset-password NAME)"
+    return StepStatus.DONE, f"{admin.username}, one-time password below (change at first sign-in)"
+
+
 def _models(home: Path, req: InitRequest, progress: Progress | None) -> tuple[StepStatus, str]:
-    folder = home / "models"
+    installed = models_dir(home)
+    if installed != home / MODELS_DIR:  # the package's (or the update slot's) converted models
+        manifests = list_manifests(installed)
+        for manifest in manifests:
+            read_verified_model(installed, manifest.name)
+        return StepStatus.ALREADY, f"{len(manifests)} models installed in {installed}, verified"
+    folder = home / MODELS_DIR
     before = _snapshot(folder)
     manifests = build_models(folder, req.wheelhouse or home / "wheelhouse", progress=progress)
     detail = f"{len(manifests)} models and the self-test reference in {folder}"
@@ -314,7 +337,7 @@ def _engines(home: Path) -> tuple[StepStatus, str]:
     folder = home / ENGINES_DIR
     before = _snapshot(folder)
     for detector in DETECTOR_NAMES:
-        pipeline = FacePipeline.load(home / "models", detector, backend="tensorrt")
+        pipeline = FacePipeline.load(models_dir(home), detector, backend="tensorrt")
         pipeline.close()  # only the cached engines were wanted; free them now
         if pipeline.backend_state != "tensorrt":
             return StepStatus.FAILED, f"{detector}: TensorRT fell back to the CPU; see the log"
@@ -330,8 +353,10 @@ def run_init(
     progress: Progress | None = None,
 ) -> InitResult:
     when = now or dt.datetime.now(UTC)
+    check_username(req.admin)
     plan = plan_init(home, req, when)
     make_private_dir(home)
+    admins: list[FirstAdmin] = []
     actions: list[tuple[str, Action]] = [
         ("device identity", lambda: _device(home, plan)),
         (
@@ -341,6 +366,7 @@ def run_init(
         ("mqtt certificate", lambda: _mqtt(plan, req, when)),
         ("gallery keys", lambda: _keys(home, plan, req)),
         ("configuration", lambda: _config(home, plan)),
+        ("first admin", lambda: _admin(home, req, admins)),
         ("models", lambda: _models(home, req, progress)),
         ("TensorRT engines", lambda: _engines(home)),
     ]
@@ -360,4 +386,4 @@ def run_init(
         if failed or not req.selftest
         else run_selftest(home, passphrase=req.passphrase, now=when)
     )
-    return InitResult(steps, checks)
+    return InitResult(steps, checks, admins[0] if admins else None)

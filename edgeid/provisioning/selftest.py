@@ -36,6 +36,7 @@ from edgeid.runtime.inference.backends import tensorrt_backend
 from edgeid.runtime.inference.backends.selection import BackendChoice
 from edgeid.runtime.inference.image_decode import decode_image
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.inference.pipeline import DetectorName, Face, FacePipeline
 from edgeid.runtime.inference.types import Box
 from edgeid.runtime.storage.durable import shred_and_unlink, write_file_atomically
@@ -207,16 +208,16 @@ def run_selftest(
     except EdgeidError as exc:
         settings = Settings()
         config = CheckResult("configuration", Outcome.FAIL, str(exc))
-    models_dir = home / "models"
+    models = models_dir(home)
     detector, threads = settings.inference.detector, settings.inference.threads
     web, tel = settings.web, settings.telemetry
     return [
         config,
-        _check("models", lambda: check_models(models_dir)),
-        _check("pipeline (cpu)", lambda: check_pipeline(models_dir, detector, "cpu", threads)),
+        _check("models", lambda: check_models(models)),
+        _check("pipeline (cpu)", lambda: check_pipeline(models, detector, "cpu", threads)),
         _check(
             "pipeline (tensorrt)",
-            lambda: check_pipeline(models_dir, detector, "tensorrt", threads),
+            lambda: check_pipeline(models, detector, "tensorrt", threads),
         ),
         _check("device key", lambda: check_device_key(home)),
         _check("gallery keys", lambda: check_gallery_keys(home, settings, passphrase)),

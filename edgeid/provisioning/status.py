@@ -21,6 +21,7 @@ from edgeid.runtime.identity.device_key import device_key_path, fingerprint, loa
 from edgeid.runtime.inference.backends import tensorrt_backend
 from edgeid.runtime.inference.backends.engine_cache import EngineCache
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.inference.pipeline import ENGINES_DIR
 
 INIT = "edgeid provision init"
@@ -124,7 +125,7 @@ def _keys(home: Path) -> Item:
 
 
 def _models(home: Path) -> list[Item]:
-    folder = home / "models"
+    folder = models_dir(home)
     try:
         manifests = list_manifests(folder)
         for manifest in manifests:
@@ -158,7 +159,7 @@ def _engines(home: Path) -> Item:
         )
     cache = EngineCache(home / ENGINES_DIR)
     try:
-        onnx = [m for m in list_manifests(home / "models") if m.format == "onnx"]
+        onnx = [m for m in list_manifests(models_dir(home)) if m.format == "onnx"]
     except EdgeidError as exc:
         return Item("TensorRT engines", State.PROBLEM, str(exc))
     missing = [

@@ -21,6 +21,7 @@ from edgeid.runtime.audit.justification import MIN_REASON_CHARS
 from edgeid.runtime.audit.recorder import Recorder
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.services.caller import LocalOperator
 from edgeid.runtime.vault.keys import Keyring
 
@@ -74,7 +75,7 @@ def _gallery_service(home: Path, *, inference: bool) -> Iterator[GalleryService]
         # Listing, erasing, exporting or creating galleries runs no model: a CPU pipeline
         # (no TensorRT engines to load) gives the service what it needs (the template size).
         pipeline = FacePipeline.load(
-            home / "models", settings.inference.detector, threads=1, backend="cpu"
+            models_dir(home), settings.inference.detector, threads=1, backend="cpu"
         )
     with GalleryService.open(home, settings, pipeline=pipeline) as service:
         yield service

@@ -25,6 +25,7 @@ from edgeid.runtime.cases.service import CaseService
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.gallery.service import GalleryService
 from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.services.accounts import AccountAdmin
 from edgeid.runtime.services.approvals import Approvals, Outcome
 from edgeid.runtime.services.caller import LocalOperator
@@ -72,7 +73,7 @@ def administration(home: Path, *, galleries: bool = False) -> Iterator[Approvals
                 else None
             ),
             cases=cases,
-            models=ModelAdmin(home / "models", recorder),
+            models=ModelAdmin(models_dir(home), recorder),
             dual_control=settings.security.dual_control,
             ttl=timedelta(days=settings.security.proposal_ttl_days),
         )

@@ -13,19 +13,15 @@ import os
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
-from edgeid.cli.commands.users_cmd import audited
 from edgeid.cli.options import Subparsers
-from edgeid.runtime.accounts.roles import Role
-from edgeid.runtime.accounts.users import UserStore, check_username
-from edgeid.runtime.audit import AuditAction
+from edgeid.provisioning.first_admin import DEFAULT_ADMIN, ensure_first_admin
+from edgeid.runtime.accounts.users import check_username
 from edgeid.runtime.audit.layout import LOG_FILE, audit_dir
 from edgeid.runtime.config.settings import load_settings, save_settings
 from edgeid.runtime.errors import EdgeidError
 from edgeid.runtime.identity.device_key import device_key_path, ensure_device_key, fingerprint
 from edgeid.runtime.web.server import web_url
 from edgeid.runtime.web.tls import certificate_sha256, make_certificate
-
-DEFAULT_ADMIN = "admin"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +52,9 @@ def run(args: argparse.Namespace) -> int:
         save_settings(home, settings)
     cert = Path(settings.web.tls_cert) if settings.web.tls_cert else None
 
-    password = None
-    with audited(home) as record:  # creates the keyring, audit log and accounts key on first use
-        users = UserStore(home, record.accounts)
-        if users.count() == 0:
-            admin, password = users.create(args.admin, Role.ADMIN)
-            record(AuditAction.USER_CREATED, f"user {admin.username}; role admin; first admin")
+    # The same step as provision init's: creates the keyring, audit log and accounts key on
+    # first use, and the first admin when the box has no user.
+    password = ensure_first_admin(home, args.admin).one_time_password
     result = {
         "home": str(home),
         "url": web_url(settings),

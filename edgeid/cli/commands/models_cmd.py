@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit
 from edgeid.cli.commands.accountable import reason_option
 from edgeid.cli.options import detector_options
-from edgeid.cli.paths import models_dir, wheelhouse_dir
+from edgeid.cli.paths import built_models_dir, models_dir, wheelhouse_dir
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
+from edgeid.runtime.inference.model_home import adopt_installed_models
 from edgeid.runtime.services.caller import LocalOperator
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def build(args: argparse.Namespace) -> int:
 
     wheelhouse = Path(args.wheelhouse) if args.wheelhouse else wheelhouse_dir(args.home_dir)
     manifests = build_models(
-        models_dir(args.home_dir),
+        built_models_dir(args.home_dir),
         wheelhouse,
         force=args.force,
         record_checksums=args.record_checksums,
@@ -97,7 +98,7 @@ def add(args: argparse.Namespace) -> int:
         data = source.read_bytes()
     except OSError as exc:
         raise BadInputError(f"{source}: cannot read the model ({exc.strerror})") from exc
-    folder = models_dir(args.home_dir)
+    folder = adopt_installed_models(args.home_dir)
     declared = Declared(
         name=args.name,
         input_size=_size(args.input),

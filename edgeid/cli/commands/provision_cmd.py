@@ -14,6 +14,7 @@ from pathlib import Path
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit, path_arg
 from edgeid.cli.options import Subparsers
 from edgeid.provisioning.config import updated, write_settings
+from edgeid.provisioning.first_admin import DEFAULT_ADMIN
 from edgeid.provisioning.kek import (
     NEW_PASSPHRASE_ENV,
     PASSPHRASE_ENV,
@@ -49,16 +50,25 @@ def init(args: argparse.Namespace) -> int:
         broker=args.broker,
         wheelhouse=args.wheelhouse,
         selftest=not args.no_selftest,
+        admin=args.admin,
     )
     result = run_init(args.home_dir, request, progress=None if args.json else _progress)
     text = steps_table(result.steps)
     if result.checks:
         text += "\n\nself-test\n" + checks_table(result.checks)
+    admin = result.first_admin
+    if admin is not None and admin.username is not None:
+        text += (
+            f"\n\nfirst admin: {admin.username}, one-time password (shown once, must be "
+            f"changed at first sign-in): {admin.one_time_password}"
+        )
     text += "\n\n" + ("provisioned" if result.ok else "NOT provisioned: see the failed lines")
     payload = {
         "ok": result.ok,
         "steps": [s.to_json() for s in result.steps],
         "selftest": [c.to_json() for c in result.checks],
+        "admin": admin.username if admin else None,
+        "one_time_password": admin.one_time_password if admin else None,
     }
     emit(args, payload, text)
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -189,6 +199,11 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--mqtt-ca", type=path_arg, help="CA certificate of the fleet broker")
     p.add_argument("--broker", metavar="HOST[:PORT]", help="fleet MQTT broker (port 8883)")
     p.add_argument("--wheelhouse", type=Path, help="folder with the pinned wheels (models)")
+    p.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        help="the first admin's user name (made only while the box has no user)",
+    )
     p.add_argument(
         "--no-selftest", action="store_true", help="skip the closing self-test (run it later)"
     )

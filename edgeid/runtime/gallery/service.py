@@ -68,6 +68,7 @@ from edgeid.runtime.gallery.wording import (
 )
 from edgeid.runtime.inference.activity import InferenceActivity, InferenceLimits
 from edgeid.runtime.inference.image_decode import declared_pixels, decode_image, decode_working
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL, FacePipeline
 from edgeid.runtime.inference.types import FloatArray, RGBImage
 from edgeid.runtime.storage.durable import FileWriter, shred_and_unlink, write_file_atomically
@@ -391,7 +392,7 @@ class GalleryService:
         settings = settings or load_settings(home)
         if pipeline is None:
             pipeline = FacePipeline.load(
-                home / "models",
+                models_dir(home),
                 settings.inference.detector,
                 threads=settings.inference.threads,
                 backend=settings.inference.backend,
@@ -400,7 +401,7 @@ class GalleryService:
         try:
             activity = activity or InferenceActivity(limits=InferenceLimits.of(settings.inference))
             model = pipeline.embedder.model_id if pipeline.embedder else EMBEDDER_MODEL
-            return cls(store, pipeline, model_calibration(home / "models", model), activity)
+            return cls(store, pipeline, model_calibration(models_dir(home), model), activity)
         except BaseException:
             store.close()
             raise

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from edgeid.runtime.config.settings import Settings
 from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.storage.durable import lock_exclusively, make_private_dir, write_error
 from edgeid.runtime.system.metrics import SERVICE_METRICS, BackendState, ServiceMetrics
 from edgeid.runtime.telemetry.backoff import Backoff
@@ -53,7 +54,7 @@ from edgeid.runtime.telemetry.schema import (
     encode,
 )
 from edgeid.runtime.telemetry.sensors import SensorReader
-from edgeid.runtime.telemetry.software import MODELS_DIR, model_ids, schema_version
+from edgeid.runtime.telemetry.software import model_ids, schema_version
 from edgeid.runtime.telemetry.spool import (
     SPOOL_DIR,
     STATE_FILE,
@@ -367,4 +368,4 @@ def metrics_backend(metrics: ServiceMetrics) -> BackendSource:
 
 
 def _models_of(home: Path) -> list[str]:
-    return model_ids(home / MODELS_DIR)
+    return model_ids(models_dir(home))

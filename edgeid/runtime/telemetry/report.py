@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import get_args
 
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.system.integrity import INTEGRITY, IntegrityStatus
 from edgeid.runtime.system.metrics import BackendState, MetricsSnapshot, ServiceMetrics
 from edgeid.runtime.telemetry.host import (
@@ -31,7 +32,7 @@ from edgeid.runtime.telemetry.schema import (
     coarse,
 )
 from edgeid.runtime.telemetry.sensors import SensorReader
-from edgeid.runtime.telemetry.software import MODELS_DIR, embedder_id, schema_version
+from edgeid.runtime.telemetry.software import embedder_id, schema_version
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class HealthCollector:
             software=Software(
                 edgeid=self._version,
                 models=self._models(),
-                embedder=embedder_id(self._home / MODELS_DIR),
+                embedder=embedder_id(models_dir(self._home)),
             ),
             spool=spool,
             enrolled_faces=self._count(),

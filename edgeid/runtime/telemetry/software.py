@@ -13,7 +13,6 @@ from edgeid.runtime.telemetry.schema import MODEL_ID_PATTERN, VERSION_PATTERN
 
 logger = logging.getLogger(__name__)
 
-MODELS_DIR = "models"  # under the state directory, as `edgeid models build` writes them
 MODEL_HASH_CHARS = 12
 UNKNOWN_VERSION = "0.0.0+unknown"
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)

@@ -37,6 +37,7 @@ from edgeid.runtime.config.settings import Settings
 from edgeid.runtime.errors import AccessDeniedError, BadInputError, EdgeidError, OverloadedError
 from edgeid.runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
 from edgeid.runtime.gallery.service import DuplicateSubjectError, GalleryService, QualityGateError
+from edgeid.runtime.inference.model_home import models_dir as installed_models
 from edgeid.runtime.services.accounts import AccountAdmin
 from edgeid.runtime.services.approvals import Approvals, UnavailableHereError
 from edgeid.runtime.services.cases import AccountableCases
@@ -226,7 +227,7 @@ def create_app(
         approvals=approvals,
         history=AccountableSearches(history, accountable, recorder),
         health_extra=health_extra,
-        models_dir=models_dir or home / "models",
+        models_dir=models_dir or installed_models(home),
         cases=desk,
         case_access=case_access,
     )

@@ -16,6 +16,7 @@ from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.human_units import duration, size
 from edgeid.runtime.inference.manifest import list_manifests
+from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.system.metrics import SERVICE_METRICS
 from edgeid.runtime.telemetry.host import read_host_uptime, read_memory
 from edgeid.runtime.web.access import PageAccess
@@ -32,7 +33,7 @@ def health_summary(state: WebState) -> dict[str, Any]:
     """What ``/healthz`` answers: no faces, names, cases or counts of people."""
     pipeline = state.galleries.pipeline
     try:
-        models = [m.name for m in list_manifests(state.models_dir or state.home / "models")]
+        models = [m.name for m in list_manifests(state.models_dir or models_dir(state.home))]
     except (OSError, ValueError, BadInputError):
         models = []
     return {
@@ -88,7 +89,7 @@ def healthz(request: Request) -> Response:
 def health_page(request: Request, principal: Technician) -> Response:
     state = web_state(request)
     try:
-        manifests = list_manifests(state.models_dir or state.home / "models")
+        manifests = list_manifests(state.models_dir or models_dir(state.home))
     except (OSError, ValueError, BadInputError):
         manifests = []
     extra = state.health_extra() if state.health_extra else {}
