@@ -16,7 +16,7 @@ from edgeid.runtime.errors import BadInputError, ModelIntegrityError
 from edgeid.runtime.inference.backends import tensorrt_backend
 from edgeid.runtime.inference.backends.engine_cache import sha256_hex
 from edgeid.runtime.inference.backends.session import ModelSession
-from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.onnx_backend import DEFAULT_SPINNING, create_cpu_session
 
 logger = logging.getLogger(__name__)
 _REPORTED: set[str] = set()  # why TensorRT is unavailable, already logged
@@ -44,6 +44,7 @@ def open_session(
     backend: BackendChoice,
     engine_cache_dir: Path,
     threads: int | None,
+    spinning: bool = DEFAULT_SPINNING,
 ) -> OpenedSession:
     """A session over verified model bytes on the chosen backend.
 
@@ -63,7 +64,9 @@ def open_session(
             f"model bytes do not match sha256 {model_sha256[:12]}… given for them"
         )
     if backend == "cpu":
-        return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", False, None)
+        return OpenedSession(
+            create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, None
+        )
 
     try:
         platform = tensorrt_backend.probe()
@@ -73,11 +76,15 @@ def open_session(
                 _REPORTED.add(str(exc))
                 logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
             reason = f"TensorRT not available: {exc}"
-            return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", False, reason)
-        return _degraded(model_bytes, threads, f"TensorRT was requested but is unavailable: {exc}")
+            return OpenedSession(
+                create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, reason
+            )
+        return _degraded(
+            model_bytes, threads, spinning, f"TensorRT was requested but is unavailable: {exc}"
+        )
 
     def cpu_fallback() -> ModelSession:
-        session: ModelSession = create_cpu_session(model_bytes, threads)
+        session: ModelSession = create_cpu_session(model_bytes, threads, spinning=spinning)
         return session
 
     try:
@@ -88,6 +95,7 @@ def open_session(
         return _degraded(
             model_bytes,
             threads,
+            spinning,
             f"TensorRT engine for model {model_sha256[:12]} on {platform.gpu_name} could not be "
             f"built or loaded ({type(exc).__name__}: {exc})",
         )
@@ -102,10 +110,14 @@ def open_session(
     return OpenedSession(session, "tensorrt", False, None)
 
 
-def _degraded(model_bytes: bytes, threads: int | None, problem: str) -> OpenedSession:
+def _degraded(
+    model_bytes: bytes, threads: int | None, spinning: bool, problem: str
+) -> OpenedSession:
     reason = f"{problem}; running on the CPU (ONNX Runtime) instead"
     logger.error("%s", reason)
-    return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", True, reason)
+    return OpenedSession(
+        create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", True, reason
+    )
 
 
 BackendState = Literal["cpu", "tensorrt", "degraded"]
@@ -118,11 +130,16 @@ class SessionFactory:
     """
 
     def __init__(
-        self, backend: BackendChoice, engine_cache_dir: Path, threads: int | None = None
+        self,
+        backend: BackendChoice,
+        engine_cache_dir: Path,
+        threads: int | None = None,
+        spinning: bool = DEFAULT_SPINNING,
     ) -> None:
         self.backend = backend
         self.engine_cache_dir = engine_cache_dir
         self.threads = threads
+        self.spinning = spinning
         self.opened: dict[str, OpenedSession] = {}
 
     def open(self, name: str, sha256: str, model_bytes: bytes) -> ModelSession:
@@ -132,6 +149,7 @@ class SessionFactory:
             backend=self.backend,
             engine_cache_dir=self.engine_cache_dir,
             threads=self.threads,
+            spinning=self.spinning,
         )
         self.opened[name] = opened
         return opened.session
