@@ -124,3 +124,15 @@ def test_int8_gates_hold_on_an_lfw_subset(int8_models: Path, data_dir: Path) -> 
     assert report["embedder_cosine"]["min"] >= 0.99
     assert report["accuracy_drop_points"] <= 2.0, report  # 1 pair in 60 is 1.7 points
     assert report["int8"]["accuracy"] >= 0.95
+
+
+def test_each_precision_has_its_own_shipped_calibration(tmp_path: Path) -> None:
+    """Thresholds measured on the INT8 pipeline, not borrowed from FP32 (the gallery service
+    refuses an embedder without a calibration)."""
+    from edgeid.runtime.gallery.thresholds import model_calibration
+
+    fp32 = model_calibration(tmp_path, "dlib_resnet_v1")
+    int8 = model_calibration(tmp_path, precision_model("dlib_resnet_v1", "int8"))
+    assert int8.model_id == "dlib_resnet_v1_int8"
+    assert fp32.model_id == "dlib_resnet_v1"
+    assert int8.data.model_dump()["bands"]["adult"] != fp32.data.model_dump()["bands"]["adult"]

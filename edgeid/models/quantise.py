@@ -91,9 +91,7 @@ def _batched(feeds: list[dict[str, npt.NDArray[Any]]]) -> list[dict[str, npt.NDA
     return [{name: rows[i : i + _CROP_BATCH]} for i in range(0, len(rows), _CROP_BATCH)]
 
 
-def collect_calibration(
-    models_dir: Path, data_dir: Path, *, chips: bool = True
-) -> CalibrationSet:
+def collect_calibration(models_dir: Path, data_dir: Path, *, chips: bool = True) -> CalibrationSet:
     """Run the FP32 pipeline over the calibration photos and keep what each model is fed
     (``chips``: also cut the central face's chip for the embedder)."""
     from edgeid.runtime.evaluation.lfw import central_index
