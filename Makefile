@@ -65,8 +65,9 @@ $(SELFTEST_WHEEL): | $(RUNTIME_STAMP)
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
 		--python-version 3.11 --implementation cp scikit-image==0.25.2 -d $(EDGEID_HOME)/wheelhouse
 
+# The INT8 twins are calibrated on the shared LFW dev photos: built where they are present.
 models: $(MODELS_STAMP) $(FACENET_WHEEL) $(SELFTEST_WHEEL)
-	$(BIN)/edgeid models build
+	$(BIN)/edgeid models build $(if $(wildcard $(DATA)/lfw-dev/images),--precision int8 --data $(DATA))
 
 # `edgeid init` is idempotent: the first run prints the web address and the first admin's
 # one-time password; later runs change nothing.

@@ -40,6 +40,7 @@ import numpy as np
 
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.inference.image_decode import load_image
+from edgeid.runtime.inference.manifest import manifest_path
 from edgeid.runtime.inference.onnx_backend import cpu_threads
 from edgeid.runtime.inference.pipeline import (
     CHIP_PADDING,
@@ -50,6 +51,12 @@ from edgeid.runtime.inference.pipeline import (
     DetectorName,
     FacePipeline,
     StageTimer,
+)
+from edgeid.runtime.inference.precision import (
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    Precision,
+    precision_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,6 +182,9 @@ class PhaseResult:
             "images_per_s": round(self.images_per_s, 2),
             "faces_per_s": round(self.faces / self.wall_s, 2) if self.wall_s > 0 else 0.0,
             "stage_ms_mean": stage_mean,
+            "embed_ms_per_face": round(self.stage_ms.get("embed", 0.0) / self.faces, 2)
+            if self.faces
+            else None,
             "latency_ms": {
                 "mean": round(float(latencies.mean()), 1),
                 **{
@@ -229,15 +239,22 @@ def run_ours(
     flip_tta: bool,
     memory: _Memory,
     progress: Progress | None = None,
+    precision: Precision = DEFAULT_PRECISION,
 ) -> PhaseResult:
     memory.start()
     started = time.perf_counter()
     pipeline = FacePipeline.load(
-        models_dir, detector, threads=threads, upsample=upsample, flip_tta=flip_tta
+        models_dir,
+        detector,
+        threads=threads,
+        upsample=upsample,
+        flip_tta=flip_tta,
+        backend="cpu",
+        precision=precision,
     )
     scale = f" upsample {upsample}" if upsample else ""
     tta = ", flip TTA" if flip_tta else ""
-    name = f"edgeid ({detector}{scale} + sp5 + resnet{tta})"
+    name = f"edgeid {precision} ({detector}{scale} + sp5 + resnet{tta})"
     result = PhaseResult(name=name, load_s=time.perf_counter() - started)
 
     def process(path: Path, timer: StageTimer) -> int:
@@ -326,16 +343,27 @@ def run(
     # Both libraries are imported before any phase so neither phase's memory counts them.
     dlib = import_dlib() if baseline else None
     memory = _Memory()
-    ours = run_ours(
-        paths,
-        models_dir,
-        detector=detector,
-        upsample=upsample,
-        threads=threads,
-        flip_tta=False,
-        memory=memory,
-        progress=progress,
-    )
+    # Every precision whose models are built, default first; "ours" is the default's.
+    built = [
+        p
+        for p in PRECISIONS
+        if manifest_path(models_dir, precision_model("dlib_resnet_v1", p)).is_file()
+    ]
+    by_precision = {
+        p: run_ours(
+            paths,
+            models_dir,
+            detector=detector,
+            upsample=upsample,
+            threads=threads,
+            flip_tta=False,
+            memory=memory,
+            progress=progress,
+            precision=p,
+        )
+        for p in sorted(built, key=lambda p: p != DEFAULT_PRECISION)
+    }
+    ours = by_precision[DEFAULT_PRECISION]
     report: dict[str, Any] = {
         "benchmark": "pipeline: decode, detect, landmarks + align, quality, embed",
         "images_dir": str(images_dir),
@@ -349,7 +377,9 @@ def run(
         "stages": list(STAGES),
         "memory_method": memory.describe(),
         "images_per_s": round(ours.images_per_s, 2),
+        "default_precision": DEFAULT_PRECISION,
         "ours": ours.to_json(),
+        "precisions": {p: r.to_json() for p, r in by_precision.items()},
     }
     if flip_tta:
         tta = run_ours(
@@ -395,14 +425,19 @@ def run(
         report["ratio_vs_baseline"] = (
             round(ours.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
         )
+        report["ratio_vs_baseline_by_precision"] = {
+            p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
+            for p, r in by_precision.items()
+        }
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     lines = []
-    for key in ("ours", "ours_flip_tta", "baseline"):
-        part = report.get(key)
+    parts = [*report.get("precisions", {"": report.get("ours")}).values()]
+    parts += [report.get("ours_flip_tta"), report.get("baseline")]
+    for part in parts:
         if not part:
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in part["stage_ms_mean"].items())
@@ -416,7 +451,8 @@ def summary(report: dict[str, Any]) -> str:
             f"peak RSS {part['peak_rss_mb']:.0f} MB (+{part['rss_growth_mb']:.0f} MB)"
         )
     if report.get("ratio_vs_baseline") is not None:
-        lines.append(f"ratio vs dlib (images/s): {report['ratio_vs_baseline']:.2f}")
+        ratios = report.get("ratio_vs_baseline_by_precision") or {"": report["ratio_vs_baseline"]}
+        lines += [f"ratio vs dlib (images/s) {p}: {r:.2f}" for p, r in ratios.items()]
     else:
         lines.append(str(report.get("baseline_note", "")))
     return "\n".join(lines)

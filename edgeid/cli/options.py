@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 # What `register(sub, common)` in each command module receives.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -20,6 +20,7 @@ def common_options() -> argparse.ArgumentParser:
 def detector_options(parser: argparse.ArgumentParser) -> None:
     from edgeid.runtime.inference.backends.selection import BACKEND_CHOICES
     from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, DETECTOR_NAMES
+    from edgeid.runtime.inference.precision import PRECISIONS
 
     parser.add_argument("--detector", choices=DETECTOR_NAMES, default=DEFAULT_DETECTOR)
     parser.add_argument(
@@ -37,6 +38,13 @@ def detector_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: TensorRT where a GPU answers, else ONNX Runtime on the CPU",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="fp32 or the INT8 models (edgeid models build --precision int8); "
+        "default: inference.precision in edgeid.toml",
+    )
 
 
 def positive_int(value: str) -> int:
@@ -47,3 +55,13 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value!r}")
     return number
+
+
+def chosen_precision(args: argparse.Namespace) -> Literal["fp32", "int8"]:
+    """``--precision``, else the box's ``inference.precision`` (edgeid.toml)."""
+    if args.precision is not None:
+        chosen: Literal["fp32", "int8"] = args.precision
+        return chosen
+    from edgeid.runtime.config.settings import load_settings
+
+    return load_settings(args.home_dir).inference.precision

@@ -36,6 +36,7 @@ from edgeid.runtime.inference.manifest import (
     manifest_path,
     sha256_bytes,
 )
+from edgeid.runtime.inference.precision import INT8_SUFFIX, QUANTISED_MODELS, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +181,14 @@ def build_models(
     only: Sequence[str] | None = None,
     record_checksums: bool = False,
     progress: Progress | None = None,
+    precision: Precision = "fp32",
+    data_dir: Path | None = None,
 ) -> list[ModelManifest]:
-    """Convert every pinned source into ``models_dir``; returns the manifests written or kept."""
+    """Convert every pinned source into ``models_dir``; returns the manifests written or kept.
+
+    ``precision="int8"`` also writes the INT8 twins of the MTCNN nets and the embedder,
+    calibrated on the LFW dev photos under ``data_dir`` (edgeid/models/quantise.py).
+    """
     say = progress or (lambda _message: None)
     models_dir.mkdir(parents=True, exist_ok=True)
     expected = expected_checksums()
@@ -214,6 +221,10 @@ def build_models(
                 _write_atomically(manifest_path(models_dir, manifest.name), (text + "\n").encode())
                 manifests.append(manifest)
         say(f"{prefix}: done in {time.monotonic() - started:.1f} s")
+    if precision == "int8":
+        manifests.extend(
+            _build_int8(models_dir, data_dir, expected, force, record_checksums, say, only)
+        )
     if only is None:
         # The self-test's known image and expected results (edgeid/models/selftest_image.py).
         from edgeid.models.selftest_image import install_selftest
@@ -224,3 +235,91 @@ def build_models(
         CHECKSUMS_FILE.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
         say(f"recorded {len(manifests)} checksums in {CHECKSUMS_FILE}")
     return manifests
+
+
+def _int8_up_to_date(models_dir: Path, names: Sequence[str], expected: dict[str, str]) -> bool:
+    """Every INT8 twin present, intact, quantised from the FP32 model now there, and pinned
+    (where the pins apply to this CPU)."""
+    from edgeid.models.quantise import pins_apply
+
+    for name in names:
+        try:
+            manifest = load_manifest(manifest_path(models_dir, name + INT8_SUFFIX))
+            fp32 = load_manifest(manifest_path(models_dir, name))
+        except ModelError:
+            return False
+        target = models_dir / manifest.file
+        pinned = expected.get(manifest.name)
+        if (
+            manifest.converter != CONVERTER_VERSION
+            or manifest.parameters.get("quantised_from_sha256") != fp32.sha256
+            or not target.is_file()
+            or sha256_bytes(target.read_bytes()) != manifest.sha256
+            or (pinned is not None and pinned != manifest.sha256 and pins_apply())
+        ):
+            return False
+    return True
+
+
+def _build_int8(
+    models_dir: Path,
+    data_dir: Path | None,
+    expected: dict[str, str],
+    force: bool,
+    record_checksums: bool,
+    say: Progress,
+    only: Sequence[str] | None,
+) -> list[ModelManifest]:
+    """The INT8 twins (static QDQ quantisation), checked against their pinned sha256."""
+    names = [n for n in QUANTISED_MODELS if only is None or n in only or n + INT8_SUFFIX in only]
+    prefix = "[int8] MTCNN nets and embedder (static QDQ quantisation)"
+    if not force and _int8_up_to_date(models_dir, names, expected):
+        say(f"{prefix}: up to date")
+        return [load_manifest(manifest_path(models_dir, n + INT8_SUFFIX)) for n in names]
+    if data_dir is None:
+        raise ModelError(
+            "INT8 models are calibrated on real photos; pass --data with the shared data folder "
+            "(holding lfw-dev/images)"
+        )
+    from edgeid.models.quantise import pins_apply, quantise_all
+
+    say(f"{prefix}: calibrating on {data_dir / 'lfw-dev'} …")
+    started = time.monotonic()
+    manifests = []
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".staging-") as staging:
+        converted_models, _ = quantise_all(models_dir, data_dir, Path(staging), names)
+        for converted in converted_models:
+            data = (Path(staging) / converted.filename).read_bytes()
+            source = load_manifest(
+                manifest_path(models_dir, converted.parameters["quantised_from"])
+            )
+            manifest = _manifest_for(converted, data, _as_source(source.source))
+            pinned = expected.get(manifest.name)
+            if pinned is not None and pinned != manifest.sha256 and not pins_apply():
+                say(
+                    f"{manifest.name}: sha256 {manifest.sha256[:12]}… (pinned on another CPU "
+                    f"kind: {pinned[:12]}…); kept, as ONNX Runtime's kernels differ here"
+                )
+            elif pinned is not None and pinned != manifest.sha256 and not record_checksums:
+                raise ModelError(
+                    f"{manifest.name}: quantised bytes have sha256 {manifest.sha256[:12]}…, the "
+                    f"pinned build gives {pinned[:12]}…; the calibration photos, the FP32 model or "
+                    "onnxruntime changed (pin onnxruntime, or re-record checksums)"
+                )
+            _write_atomically(models_dir / converted.filename, data)
+            text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True)
+            _write_atomically(manifest_path(models_dir, manifest.name), (text + "\n").encode())
+            manifests.append(manifest)
+    say(f"{prefix}: done in {time.monotonic() - started:.1f} s")
+    return manifests
+
+
+def _as_source(source: ModelSource) -> SourceFile:
+    """The FP32 model's source, which its INT8 twin shares."""
+    return SourceFile(
+        package=source.package,
+        version=source.version,
+        file=source.file,
+        sha256=source.sha256,
+        licence=source.licence,
+    )

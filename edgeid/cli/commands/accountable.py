@@ -75,7 +75,11 @@ def _gallery_service(home: Path, *, inference: bool) -> Iterator[GalleryService]
         # Listing, erasing, exporting or creating galleries runs no model: a CPU pipeline
         # (no TensorRT engines to load) gives the service what it needs (the template size).
         pipeline = FacePipeline.load(
-            models_dir(home), settings.inference.detector, threads=1, backend="cpu"
+            models_dir(home),
+            settings.inference.detector,
+            threads=1,
+            backend="cpu",
+            precision=settings.inference.precision,
         )
     with GalleryService.open(home, settings, pipeline=pipeline) as service:
         yield service

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edgeid.cli import EXIT_OK, emit
-from edgeid.cli.options import detector_options, positive_int
+from edgeid.cli.options import chosen_precision, detector_options, positive_int
 from edgeid.cli.paths import models_dir
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.evaluation.cmc_plot import write_cmc_png
@@ -51,10 +51,15 @@ def lfw(args: argparse.Namespace) -> int:
         threads=args.threads,
         upsample=args.upsample,
         backend=args.backend,
+        precision=chosen_precision(args),
     )
 
     report = evaluate(pairs, images_dir, central_face_embedder(pipeline), progress=_progress)
-    payload = report.to_json() | {"detector": args.detector, "upsample": args.upsample}
+    payload = report.to_json() | {
+        "detector": args.detector,
+        "upsample": args.upsample,
+        "precision": chosen_precision(args),
+    }
     if args.roc:
         write_roc_png(roc_points(report), Path(args.roc), f"LFW pairs: {Path(args.pairs).name}")
         payload["roc_png"] = args.roc

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeid.cli import EXIT_BAD_INPUT, EXIT_OK, emit, safe_text
-from edgeid.cli.options import detector_options
+from edgeid.cli.options import chosen_precision, detector_options
 from edgeid.cli.paths import models_dir
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.inference.image_decode import MAX_IMAGE_BYTES, decode_image
@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace, with_embedding: bool) -> int:
         upsample=args.upsample,
         with_embedder=with_embedding,
         backend=args.backend,
+        precision=chosen_precision(args),
     )
     results: list[dict[str, Any]] = []
     lines: list[str] = []

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeid.cli import EXIT_FAILED, EXIT_OK, emit
 from edgeid.cli.commands.accountable import reason_option
-from edgeid.cli.options import detector_options
+from edgeid.cli.options import chosen_precision, detector_options
 from edgeid.cli.paths import built_models_dir, models_dir, wheelhouse_dir
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.manifest import list_manifests, read_verified_model
@@ -44,6 +45,8 @@ def build(args: argparse.Namespace) -> int:
         force=args.force,
         record_checksums=args.record_checksums,
         progress=_progress,
+        precision=args.precision,
+        data_dir=Path(args.data) if args.data else None,
     )
     rows = [{"name": m.name, "file": m.file, "sha256": m.sha256} for m in manifests]
     text = "\n".join(f"{m.name:16} {m.sha256}  {m.file}" for m in manifests)
@@ -136,7 +139,12 @@ def calibrate(args: argparse.Namespace) -> int:
     images = labelled_images(images_dir, Path(args.ages) if args.ages else None)
     folder = models_dir(args.home_dir)
     pipeline = FacePipeline.load(
-        folder, args.detector, threads=args.threads, backend=args.backend, embedder_model=args.name
+        folder,
+        args.detector,
+        threads=args.threads,
+        backend=args.backend,
+        embedder_model=args.name,
+        precision=chosen_precision(args),
     )
     cache = TemplateCache(central_face_embedder(pipeline))
     cache.fill([item.path for item in images], progress=_counting)
@@ -269,6 +277,18 @@ def register(
     build_cmd.add_argument("--wheelhouse", help="folder holding the facenet-pytorch wheel")
     build_cmd.add_argument("--force", action="store_true", help="rebuild even when up to date")
     build_cmd.add_argument("--record-checksums", action="store_true", help=argparse.SUPPRESS)
+    build_cmd.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="int8: also the INT8 twins of the MTCNN nets and the embedder (needs --data)",
+    )
+    build_cmd.add_argument(
+        "--data",
+        default=os.environ.get("EDGEID_TEST_DATA"),
+        help="the shared data folder (lfw-dev/images) the INT8 ranges are calibrated on "
+        "(default: $EDGEID_TEST_DATA)",
+    )
     build_cmd.set_defaults(handler=build)
     listing = models_sub.add_parser("list", parents=[common], help="list built models")
     listing.set_defaults(handler=list_models)

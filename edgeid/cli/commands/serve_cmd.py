@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
             inference.detector,
             threads=inference.threads,
             backend=inference.backend,
+            spinning=inference.spinning,
+            precision=inference.precision,
         )
         SERVICE_METRICS.set_backend_state(pipeline.backend_state)
         SERVICE_METRICS.set_engine_memory_source(pipeline.gpu_memory)

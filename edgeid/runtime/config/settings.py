@@ -45,6 +45,22 @@ class InferenceSettings(_Section):
     detector: Literal["mtcnn", "mmod"] = "mtcnn"
     backend: Literal["auto", "cpu", "tensorrt"] = "auto"
     threads: int | None = Field(default=None, ge=1, le=256)
+    spinning: bool = Field(
+        default=False,  # = onnx_backend.DEFAULT_SPINNING (config imports no inference)
+        title="Busy-waiting inference threads",
+        description=(
+            "ONNX Runtime's threads spin after each run. Off by default: measured, idle "
+            "sessions' spinning threads steal the CPU from the working one on a small box."
+        ),
+    )
+    precision: Literal["fp32", "int8"] = Field(
+        default="fp32",  # = precision.DEFAULT_PRECISION
+        title="Model precision on the CPU",
+        description=(
+            "int8 runs the statically quantised MTCNN nets and embedder (edgeid models build "
+            "--precision int8); its templates are a model of their own (re-embed galleries)."
+        ),
+    )
     # Bounds on what one photo and a burst of photos may cost (README "Speed and limits").
     max_working_pixels: int = Field(
         default=3_000_000,

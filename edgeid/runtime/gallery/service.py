@@ -396,6 +396,8 @@ class GalleryService:
                 settings.inference.detector,
                 threads=settings.inference.threads,
                 backend=settings.inference.backend,
+                spinning=settings.inference.spinning,
+                precision=settings.inference.precision,
             )
         store = GalleryStore(home, provider_for(home, settings.keys, passphrase=passphrase))
         try:

@@ -48,6 +48,7 @@ from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.backends.session import ModelOpener, ModelSession
 from edgeid.runtime.inference.manifest import read_verified_model
 from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.precision import Precision, precision_model
 from edgeid.runtime.inference.types import Box, Detection, FloatArray, RGBImage
 
 logger = logging.getLogger(__name__)
@@ -332,15 +333,18 @@ class MtcnnDetector:
         *,
         threads: int | None = None,
         open_model: ModelOpener | None = None,
+        precision: Precision = "fp32",
     ) -> MtcnnDetector:
         """The detector over the verified ``mtcnn_{pnet,rnet,onet}`` models and their manifests.
 
         ``threads`` caps onnxruntime's intra-op threads (default: the cores this process may use);
-        ``open_model`` opens each model on another backend (default: ONNX Runtime on the CPU).
+        ``open_model`` opens each model on another backend (default: ONNX Runtime on the CPU);
+        ``precision`` picks the FP32 models or their INT8 twins (``edgeid models build
+        --precision int8``).
         """
         manifests = []
         sessions: list[ModelSession] = []
-        for name in MODEL_NAMES:
+        for name in (precision_model(n, precision) for n in MODEL_NAMES):
             manifest, data = read_verified_model(models_dir, name)
             try:
                 if open_model is None:

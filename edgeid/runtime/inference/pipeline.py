@@ -21,6 +21,8 @@ from edgeid.runtime.inference.embedders import SHIPPED_EMBEDDER, in_use_embedder
 from edgeid.runtime.inference.image_decode import WorkingImage
 from edgeid.runtime.inference.landmarks import ShapePredictor
 from edgeid.runtime.inference.manifest import read_verified_model
+from edgeid.runtime.inference.onnx_backend import DEFAULT_SPINNING
+from edgeid.runtime.inference.precision import DEFAULT_PRECISION, Precision, precision_model
 from edgeid.runtime.inference.quality import FaceQuality, assess
 from edgeid.runtime.inference.types import Box, Detection, FloatArray, RGBImage
 
@@ -134,10 +136,18 @@ class _MmodAdapter:
 
 
 class _MtcnnAdapter:
-    def __init__(self, models_dir: Path, threads: int | None, open_model: ModelOpener) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        threads: int | None,
+        open_model: ModelOpener,
+        precision: Precision,
+    ) -> None:
         from edgeid.runtime.inference.mtcnn_detector import MtcnnDetector
 
-        self._detector = MtcnnDetector.load(models_dir, threads=threads, open_model=open_model)
+        self._detector = MtcnnDetector.load(
+            models_dir, threads=threads, open_model=open_model, precision=precision
+        )
 
     def detect(self, image: RGBImage) -> list[Detection]:
         return self._detector.detect(image)
@@ -155,11 +165,12 @@ def load_detector(
     threads: int | None = None,
     upsample: int = 0,
     open_model: ModelOpener | None = None,
+    precision: Precision = DEFAULT_PRECISION,
 ) -> FaceDetector:
     opener = open_model or SessionFactory("cpu", models_dir.parent / ENGINES_DIR, threads).open
     if name == "mmod":
         return _MmodAdapter(models_dir, opener, upsample)
-    return _MtcnnAdapter(models_dir, threads, opener)
+    return _MtcnnAdapter(models_dir, threads, opener, precision)
 
 
 class FacePipeline:
@@ -199,6 +210,8 @@ class FacePipeline:
         backend: BackendChoice = "auto",
         engine_cache_dir: Path | None = None,
         embedder_model: str | None = None,
+        spinning: bool = DEFAULT_SPINNING,
+        precision: Precision = DEFAULT_PRECISION,
     ) -> FacePipeline:
         """Verified models on the chosen backend (``auto``: TensorRT where a GPU answers).
 
@@ -207,26 +220,31 @@ class FacePipeline:
 
         TensorRT engines are cached in ``engine_cache_dir`` (default: ``engines/`` beside the
         models folder); ``backend_state`` then says ``cpu``, ``tensorrt`` or ``degraded``.
+
+        ``spinning``: ONNX Runtime's intra-op threads busy-wait after each run (edgeid.toml
+        ``inference.spinning``); ``precision``: the FP32 models or their INT8 twins for the
+        MTCNN nets and the shipped embedder (``inference.precision``).
         """
         sessions = SessionFactory(
-            backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads
+            backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads, spinning
         )
         try:
             _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)
             embedder = None
             if with_embedder:
                 name = embedder_model or in_use_embedder(models_dir)
+                if name == SHIPPED_EMBEDDER:
+                    name = precision_model(name, precision)
                 manifest, emb_bytes = read_verified_model(models_dir, name)
                 if manifest.task != "face-embedding":
                     raise ModelError(f"model {name} is a {manifest.task} model, not an embedder")
                 session = sessions.open(name, manifest.sha256, emb_bytes)
                 # The shipped model reads the stored chip as it is; others say what they need.
-                chip_input = (
-                    None if name == SHIPPED_EMBEDDER else ChipInput.of(manifest.preprocessing)
-                )
+                shipped = name in (SHIPPED_EMBEDDER, precision_model(SHIPPED_EMBEDDER, "int8"))
+                chip_input = None if shipped else ChipInput.of(manifest.preprocessing)
                 embedder = Embedder(session, name, chip_input)
             pipeline = cls(
-                load_detector(models_dir, detector, threads, upsample, sessions.open),
+                load_detector(models_dir, detector, threads, upsample, sessions.open, precision),
                 ShapePredictor.from_bytes(sp_bytes),
                 embedder,
                 flip_tta=flip_tta,

@@ -16,7 +16,7 @@ from edgeid.runtime.errors import BadInputError, ModelIntegrityError
 from edgeid.runtime.inference.backends import tensorrt_backend
 from edgeid.runtime.inference.backends.engine_cache import sha256_hex
 from edgeid.runtime.inference.backends.session import ModelSession
-from edgeid.runtime.inference.onnx_backend import create_cpu_session
+from edgeid.runtime.inference.onnx_backend import DEFAULT_SPINNING, create_cpu_session
 
 logger = logging.getLogger(__name__)
 _REPORTED: set[str] = set()  # why TensorRT is unavailable, already logged
@@ -45,6 +45,7 @@ def open_session(
     engine_cache_dir: Path,
     threads: int | None,
     model_name: str | None = None,
+    spinning: bool = DEFAULT_SPINNING,
 ) -> OpenedSession:
     """A session over verified model bytes on the chosen backend.
 
@@ -65,7 +66,9 @@ def open_session(
             f"model bytes do not match sha256 {model_sha256[:12]}… given for them"
         )
     if backend == "cpu":
-        return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", False, None)
+        return OpenedSession(
+            create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, None
+        )
 
     try:
         platform = tensorrt_backend.probe()
@@ -75,11 +78,15 @@ def open_session(
                 _REPORTED.add(str(exc))
                 logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
             reason = f"TensorRT not available: {exc}"
-            return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", False, reason)
-        return _degraded(model_bytes, threads, f"TensorRT was requested but is unavailable: {exc}")
+            return OpenedSession(
+                create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, reason
+            )
+        return _degraded(
+            model_bytes, threads, spinning, f"TensorRT was requested but is unavailable: {exc}"
+        )
 
     def cpu_fallback() -> ModelSession:
-        session: ModelSession = create_cpu_session(model_bytes, threads)
+        session: ModelSession = create_cpu_session(model_bytes, threads, spinning=spinning)
         return session
 
     try:
@@ -96,6 +103,7 @@ def open_session(
         return _degraded(
             model_bytes,
             threads,
+            spinning,
             f"TensorRT engine for model {model_sha256[:12]} on {platform.gpu_name} could not be "
             f"built or loaded ({type(exc).__name__}: {exc}{told})",
         )
@@ -110,10 +118,14 @@ def open_session(
     return OpenedSession(session, "tensorrt", False, None)
 
 
-def _degraded(model_bytes: bytes, threads: int | None, problem: str) -> OpenedSession:
+def _degraded(
+    model_bytes: bytes, threads: int | None, spinning: bool, problem: str
+) -> OpenedSession:
     reason = f"{problem}; running on the CPU (ONNX Runtime) instead"
     logger.error("%s", reason)
-    return OpenedSession(create_cpu_session(model_bytes, threads), "cpu", True, reason)
+    return OpenedSession(
+        create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", True, reason
+    )
 
 
 BackendState = Literal["cpu", "tensorrt", "degraded"]
@@ -126,11 +138,16 @@ class SessionFactory:
     """
 
     def __init__(
-        self, backend: BackendChoice, engine_cache_dir: Path, threads: int | None = None
+        self,
+        backend: BackendChoice,
+        engine_cache_dir: Path,
+        threads: int | None = None,
+        spinning: bool = DEFAULT_SPINNING,
     ) -> None:
         self.backend = backend
         self.engine_cache_dir = engine_cache_dir
         self.threads = threads
+        self.spinning = spinning
         self.opened: dict[str, OpenedSession] = {}
 
     def open(self, name: str, sha256: str, model_bytes: bytes) -> ModelSession:
@@ -141,6 +158,7 @@ class SessionFactory:
             engine_cache_dir=self.engine_cache_dir,
             threads=self.threads,
             model_name=name,
+            spinning=self.spinning,
         )
         previous = self.opened.get(name)
         self.opened[name] = opened

@@ -1,0 +1,26 @@
+"""Model precision on the CPU: the FP32 models, or their statically quantised INT8 twins.
+
+``edgeid models build --precision int8`` writes ``<model>_int8`` beside each quantised model
+(the MTCNN nets and the shipped embedder; QDQ, per-channel weights). The INT8 embedder is its
+own model id, so its open-set thresholds are measured on their own
+(``edgeid/runtime/gallery/calibration/dlib_resnet_v1_int8.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+# Measured on LFW dev (README "INT8 on the CPU"): see the gates there before changing this.
+DEFAULT_PRECISION: Precision = "fp32"
+INT8_SUFFIX = "_int8"
+# The models that have an INT8 twin (the MMOD detector and the landmark trees do not).
+QUANTISED_MODELS = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "dlib_resnet_v1")
+
+
+def precision_model(name: str, precision: Precision) -> str:
+    """The model name to load for ``name`` at ``precision`` (itself where it has no twin)."""
+    if precision == "int8" and name in QUANTISED_MODELS:
+        return name + INT8_SUFFIX
+    return name
