@@ -17,6 +17,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -29,6 +30,7 @@ from web_support import (
     Box,
     all_routes,
     build_box,
+    central_face,
     free_port,
     lfw_image,
     serving,
@@ -44,6 +46,14 @@ from edgeid.runtime.web.access import requirement_of
 PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
 # Pages whose answer is not a page (images, JSON, the API) are not walked.
 NOT_PAGES = re.compile(r"^/(api/|static/)|\.(jpg|json)$|^/healthz$")
+# GET routes that answer 303 to a page the walk visits itself: the old address of a result
+# (now kept in the search history) and a case lead, opened as a kept search for review.
+REDIRECTS = frozenset(
+    {
+        "/search/{search_id}/faces/{face_index}",
+        "/cases/{case_id}/clusters/{number}/leads/{face_id}",
+    }
+)
 # The case the scene ingests is the one every session states as its work context, so its
 # pages open rather than ask which case one is working on.
 CASE = WORK_CASE
@@ -105,6 +115,8 @@ def _scene(
     assert sent.status_code == 303, sent.text
     ran = browser.post(f"/search/{search_id}/faces/0", data={"csrf_token": csrf})
     assert ran.status_code == 303, ran.text
+    kept = browser.get(ran.headers["location"])  # the result, kept in the search history
+    history_id = str(kept.url).rstrip("/").rsplit("/", 1)[1]
 
     planned = browser.post("/cases", data={"csrf_token": csrf, "case": CASE, "reason": REASON})
     assert planned.status_code == 303, planned.text
@@ -141,8 +153,19 @@ def _scene(
     )
     assert enrolling.status_code == 303, enrolling.text
     subject_id = box.subjects[person]
+    due = box.service.enroll(  # a subject past its retention date, for the erasure page
+        OFFICE,
+        display_name="Subject Due",
+        legal_basis="test case 0010",
+        enrolled_by="setup",
+        image_bytes=photo,
+        face_index=central_face(box.service, photo),
+        retention_until=date.today() - timedelta(days=1),
+    ).subject.subject_id
     return {
         "search_id": search_id,
+        "history_id": history_id,
+        "due_subject_id": due,
         "face_index": "0",
         "entry_id": entry_id,
         "enrol_entry_id": enrolling.headers["location"].rsplit("/", 1)[1],
@@ -164,6 +187,10 @@ def _fill(route: str, values: dict[str, str]) -> str | None:
             name = "enrol_entry_id"
         if name == "gallery" and route.startswith("/admin/galleries/"):
             name = "erase_gallery"
+        if name == "search_id" and route.startswith("/searches/"):
+            name = "history_id"  # a kept search, not the session's search in progress
+        if name == "subject_id" and route.startswith("/retention/"):
+            name = "due_subject_id"
         if name not in values:
             raise KeyError(name)
         return values[name]
@@ -178,6 +205,8 @@ def plan_visits(box: Box, values: dict[str, str]) -> tuple[list[Visit], list[str
     visits, unfilled = [], []
     for path, methods, route in all_routes(box.app):
         if isinstance(route, Mount) or "GET" not in methods or NOT_PAGES.search(path):
+            continue
+        if path in REDIRECTS:
             continue
         concrete = _fill(path, values)
         if concrete is None:

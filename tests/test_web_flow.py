@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
-from web_support import OFFICE, PEOPLE, central_face, free_port, lfw_image, populate, serving
+from web_support import (
+    OFFICE,
+    PEOPLE,
+    central_face,
+    free_port,
+    lfw_image,
+    loaded_widths,
+    populate,
+    serving,
+)
 
 from edgeid.cli import main
 from edgeid.runtime.audit import AuditLog
@@ -177,7 +186,7 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             )
             expect(page.get_by_role("img", name=f"Probe face {face}")).to_be_visible()
             expect(page.get_by_role("button", name=re.compile("Lead confirmed"))).to_have_count(0)
-            loaded = page.locator("main img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+            loaded = loaded_widths(page.locator("main img"))
             assert loaded and all(width > 0 for width in loaded), "an image did not load"
             first.get_by_role("link", name="Compare candidate 1").click()
 
@@ -188,9 +197,7 @@ def test_search_confirm_a_lead_and_find_it_in_the_audit(
             expect(
                 page.get_by_role("img", name=re.compile("^Enrolled photo 1 of 1"))
             ).to_be_visible()
-            loaded = page.locator(".comparison img").evaluate_all(
-                "imgs => imgs.map(i => i.naturalWidth)"
-            )
+            loaded = loaded_widths(page.locator(".comparison img"))
             assert loaded == [450, 450], f"the comparison's faces are not large: {loaded}"
             page.get_by_role("link", name="Show the alignment marks").click()
             expect(page.get_by_role("link", name="Hide the alignment marks")).to_be_visible()

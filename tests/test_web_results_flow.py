@@ -23,6 +23,7 @@ from web_support import (
     build_box,
     central_face,
     free_port,
+    loaded_widths,
     serving,
     sign_in,
     tls_settings,
@@ -105,7 +106,7 @@ def test_modes_comparison_and_history_in_chromium(
                 expect(rows.nth(i)).to_contain_text("Not a match claim.")
                 expect(rows.nth(i)).to_contain_text("scores this high")
             assert not NAMED.search(main.inner_text()), "an investigation named a candidate"
-            widths = rows.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+            widths = loaded_widths(rows.locator("img"))
             assert len(widths) == 3 and all(w > 0 for w in widths), widths
             (recorded,) = [
                 r
@@ -121,12 +122,10 @@ def test_modes_comparison_and_history_in_chromium(
                 r for r in box.audit.query(limit=50) if r.event.action is AuditAction.SUBJECT_VIEWED
             ]
             assert opened and opened[0].event.case == CASE
-            sizes = page.locator(".comparison img").evaluate_all(
-                "imgs => imgs.map(i => i.naturalWidth)"
-            )
+            sizes = loaded_widths(page.locator(".comparison img"))
             assert sizes and all(s == 450 for s in sizes), sizes
             page.get_by_role("link", name="Zoom in (full size)").first.click()
-            assert page.evaluate("document.images[0].naturalWidth") == 900
+            assert loaded_widths(page.locator("img").first) == [900]
             page.go_back()
 
             # Below the threshold: a confirmation without a note is refused, then accepted.

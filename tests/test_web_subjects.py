@@ -25,6 +25,7 @@ from web_support import (
     build_box,
     free_port,
     lfw_image,
+    loaded_widths,
     serving,
     tls_settings,
 )
@@ -219,7 +220,7 @@ def test_the_subject_list_finds_by_name_a_page_at_a_time(served: Served, page: P
     expect(page.locator("#count")).to_contain_text("subjects.")
     assert int(page.locator("#count").inner_text().split()[0]) >= total
     expect(grid).to_have_count(24)
-    thumbs = grid.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    thumbs = loaded_widths(grid.locator("img"))
     assert thumbs and all(width > 0 for width in thumbs), "a thumbnail did not load"
 
     page.get_by_label("Find by name").fill("MORENO")
@@ -265,7 +266,7 @@ def test_the_face_picker_numbers_faces_left_to_right_and_one_face_needs_no_pick(
     xs = dict(zip(numbers, places, strict=True))
     assert [xs[n] for n in sorted(xs)] == sorted(xs.values()), xs
     assert numbers != sorted(numbers), "the photo should test the ordering"
-    widths = cards.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+    widths = loaded_widths(cards.locator("img"))
     assert widths and all(width > 0 for width in widths), "a face thumbnail did not load"
     # Good faces (0.94-0.96 here) are not shown with a "weakest" component.
     expect(cards.locator(".limits")).to_have_count(0)

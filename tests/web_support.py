@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -258,3 +259,20 @@ def serving(app: FastAPI, settings: Settings, port: int) -> Iterator[str]:
 
 def get_json(url: str) -> object:
     return httpx.get(url, verify=False, timeout=10).json()
+
+
+# Waits for every image the locator matches to finish (loaded or broken), then their natural
+# widths: 0 means broken. Reading naturalWidth at once races a busy machine's image loads.
+_WIDTHS_WHEN_DONE = """async imgs => {
+    await Promise.all(imgs.map(i => i.complete ? null : new Promise(done => {
+        i.addEventListener('load', done, {once: true});
+        i.addEventListener('error', done, {once: true});
+    })));
+    return imgs.map(i => i.naturalWidth);
+}"""
+
+
+def loaded_widths(images: Any) -> list[int]:
+    """The natural widths of a Playwright locator's images once each has loaded or failed."""
+    widths: list[int] = images.evaluate_all(_WIDTHS_WHEN_DONE)
+    return widths
