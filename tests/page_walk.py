@@ -161,6 +161,7 @@ def _scene(
         image_bytes=photo,
         face_index=central_face(box.service, photo),
         retention_until=date.today() - timedelta(days=1),
+        allow_duplicate=True,  # the probe's person, enrolled again under another name
     ).subject.subject_id
     return {
         "search_id": search_id,
