@@ -386,8 +386,8 @@ def test_a_worker_killed_mid_run_costs_only_its_batches(
     killed = threading.Event()
 
     def progress(p: IngestProgress) -> None:
-        both = len([n for n in p.nodes if n["alive"]]) == 2
-        if not killed.is_set() and both and p.files_seen >= 2:
+        busy = [n for n in p.nodes if n["alive"] and not n["head"] and n["in_flight"]]
+        if not killed.is_set() and busy:
             _stop(cluster.worker)  # the worker box dies with batches in flight
             killed.set()
 
@@ -399,7 +399,7 @@ def test_a_worker_killed_mid_run_costs_only_its_batches(
         assert killed.is_set()
         assert outcome.run.status == "complete"
         nodes = outcome.progress.nodes
-        assert [n["alive"] for n in nodes].count(False) == 1
+        assert [(n["head"], n["alive"]) for n in nodes].count((False, False)) == 1, nodes
         assert sum(int(str(n["batches_lost"])) for n in nodes) >= 1
         assert_same(local, made(outcome.case))
 
@@ -412,3 +412,18 @@ def test_a_client_without_the_site_certificate_cannot_join(cluster: Cluster) -> 
     with pytest.raises(subprocess.TimeoutExpired) as waited:
         subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=15)
     assert b"joined" not in (waited.value.stdout or b"")
+
+
+def test_only_a_provisioned_box_starts_a_node(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No cluster files, or a certificate another CA signed: refused (exit 2) before Ray runs."""
+    home = make_home(tmp_path, models_dir)
+    assert main(["cluster", "worker", "--head", "10.0.0.5:6380", "--home", str(home)]) == 2
+    assert "no cluster site CA" in capsys.readouterr().err
+    site_ca_and_node(home / TLS_DIR)
+    other = tmp_path / "other"
+    site_ca_and_node(other)
+    shutil.copy(other / "cluster-ca.crt", home / TLS_DIR / "cluster-ca.crt")  # a foreign CA
+    assert main(["cluster", "head", "--home", str(home)]) == 2
+    assert "not signed by the site CA" in capsys.readouterr().err

@@ -114,9 +114,13 @@ class RayFarm:
             log_to_driver=False,  # a node's log lines stay on the node
             configure_logging=False,
         )
-        self._refresh(force=True)
-        if not self._live():
-            self._await_nodes()
+        try:
+            self._refresh(force=True)
+            if not self._live():
+                self._await_nodes()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
@@ -169,6 +173,8 @@ class RayFarm:
                 "address": n.info.address,
                 "backend": n.info.backend,
                 "alive": n.alive,
+                "head": n.info.head,
+                "in_flight": len(n.inflight),
                 "files": n.files,
                 "files_per_s": round(n.files / max(now - n.started, 1e-3), 2),
                 "batches_lost": n.batches_lost,

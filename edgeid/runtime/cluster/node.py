@@ -24,6 +24,7 @@ from edgeid.runtime.inference.pipeline import FacePipeline
 # The custom Ray resource `edgeid cluster worker` gives each node it starts: one face pipeline
 # per node, and only nodes started by edgeid (on a provisioned box) are given work.
 NODE_RESOURCE = "edgeid_node"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's mark of the head node
 DEFAULT_HOME = Path.home() / ".local" / "share" / "edgeid"
 
 
@@ -33,6 +34,7 @@ class NodeInfo:
     address: str
     backend: str  # the pipeline's backend state: "cpu", "tensorrt" or "degraded"
     model_id: str
+    head: bool  # the owning box's own node
 
 
 def first_line(exc: Exception) -> str:
@@ -60,12 +62,17 @@ class FaceNode:
         import ray  # only ever imported on a node, where it is installed
 
         context: Any = ray.get_runtime_context()
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
         embedder = self.pipeline.embedder
         return NodeInfo(
             node_id=str(context.get_node_id()),
             address=str(ray.util.get_node_ip_address()),  # type: ignore[no-untyped-call]
             backend=str(self.pipeline.backend_state),
             model_id=embedder.model_id if embedder else "",
+            head=any(
+                n["NodeID"] == context.get_node_id() and n["Resources"].get(HEAD_RESOURCE)
+                for n in nodes
+            ),
         )
 
     def analyse(self, batch: list[ImageJob]) -> list[ImageResult]:
