@@ -326,12 +326,14 @@ def test_cli_cluster_ingest_makes_the_local_faces_templates_and_clusters(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     home = _owner_home(tmp_path, cluster, models_dir)
+    # `--cluster` without an address: the one edgeid.toml names.
+    (home / "edgeid.toml").write_text(f'[cluster]\naddress = "{cluster.address}"\n')
     import json
 
     code = main([
         "case", "ingest", str(media.folder), "--home", str(home), "--json", "--case", CASE,
         "--reason", "seized phone of suspect, warrant W-17/2024",
-        "--frame-interval", "1", "--cluster", cluster.address, "--no-progress",
+        "--frame-interval", "1", "--cluster", "--no-progress",
     ])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
