@@ -36,6 +36,7 @@ from edgeid.cli import main
 from edgeid.provisioning.certificates import CertRequest, ensure_key, make_csr
 from edgeid.runtime.cases.ingest import IngestProgress
 from edgeid.runtime.cases.store import Case
+from edgeid.runtime.inference.activity import InferenceLimits
 from edgeid.runtime.inference.pipeline import FacePipeline
 from edgeid.runtime.web.tls import TLS_DIR
 
@@ -306,8 +307,8 @@ def _farm(cluster: Cluster, pipe: FacePipeline, **options: int) -> RayFarm:
         cluster.tls(),
         detector="mtcnn",
         model_id=pipe.embedder.model_id,
-        max_working_pixels=3_000_000,
-        max_faces=20,
+        max_working_pixels=InferenceLimits().max_working_pixels,  # the local ingest's limits
+        max_faces=InferenceLimits().max_faces,
         wait_for_nodes_s=60,
         **options,
     )
