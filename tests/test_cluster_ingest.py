@@ -6,6 +6,7 @@ only its batches; a run stopped part way resumes without redoing finished files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.util
 import os
@@ -391,7 +392,11 @@ def test_a_worker_killed_mid_run_costs_only_its_batches(
     def progress(p: IngestProgress) -> None:
         busy = [n for n in p.nodes if n["alive"] and not n["head"] and n["in_flight"]]
         if not killed.is_set() and busy:
-            _stop(cluster.worker)  # the worker box dies with batches in flight
+            # The worker box dies with batches in flight: its Ray processes and the process
+            # analysing them (Ray starts that one in a process group of its own).
+            _stop(cluster.worker)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(str(busy[0]["pid"])), signal.SIGKILL)
             killed.set()
 
     with service(home, pipeline) as cases, _farm(cluster, pipeline, batch_files=1) as farm:

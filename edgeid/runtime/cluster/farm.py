@@ -174,6 +174,7 @@ class RayFarm:
                 "backend": n.info.backend,
                 "alive": n.alive,
                 "head": n.info.head,
+                "pid": n.info.pid,
                 "in_flight": len(n.inflight),
                 "files": n.files,
                 "files_per_s": round(n.files / max(now - n.started, 1e-3), 2),

@@ -35,6 +35,7 @@ class NodeInfo:
     backend: str  # the pipeline's backend state: "cpu", "tensorrt" or "degraded"
     model_id: str
     head: bool  # the owning box's own node
+    pid: int  # the node's analysing process
 
 
 def first_line(exc: Exception) -> str:
@@ -69,6 +70,7 @@ class FaceNode:
             address=str(ray.util.get_node_ip_address()),  # type: ignore[no-untyped-call]
             backend=str(self.pipeline.backend_state),
             model_id=embedder.model_id if embedder else "",
+            pid=os.getpid(),
             head=any(
                 n["NodeID"] == context.get_node_id() and n["Resources"].get(HEAD_RESOURCE)
                 for n in nodes
