@@ -39,6 +39,7 @@ from PIL import Image
 
 from edgeid.runtime.audit import AuditLog
 from edgeid.runtime.cases.analysis import analyse_pixels
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import IngestProgress, IngestRequest, Requester
 from edgeid.runtime.cases.records import SourceFile
 from edgeid.runtime.cases.service import CaseService
@@ -47,6 +48,7 @@ from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, sample_frames
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.service import GalleryService
 from edgeid.runtime.gallery.store import GalleryStore
+from edgeid.runtime.inference.activity import InferenceLimits
 from edgeid.runtime.inference.image_decode import decode_image
 from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, EMBEDDER_MODEL, FacePipeline
 from edgeid.runtime.vault.keys import KeyFileProvider
@@ -121,13 +123,15 @@ def _service(home: Path, pipeline: FacePipeline) -> Iterator[CaseService]:
         yield cases
 
 
-def _ingest(cases: CaseService, folder: Path, number: str) -> dict[str, object]:
+def _ingest(
+    cases: CaseService, folder: Path, number: str, farm: ImageFarm | None = None
+) -> dict[str, object]:
     phases = Phases()
     started = time.perf_counter()
     request = IngestRequest(
         folder, number, REASON, Requester("bench"), galleries=("bench",), children=False
     )  # LFW: adults
-    outcome = cases.ingest(request, progress=phases)
+    outcome = cases.ingest(request, progress=phases, farm=farm)
     total = time.perf_counter() - started
     p = outcome.progress
     reading = phases.seconds.get("reading", 0.0)
@@ -141,7 +145,7 @@ def _ingest(cases: CaseService, folder: Path, number: str) -> dict[str, object]:
         "files_per_s": round(p.files_total / reading, 2) if reading else None,
         "faces_per_s": round(p.faces_new / reading, 2) if reading else None,
         "video_frames_per_s": round(p.video_frames / reading, 2) if reading else None,
-    }
+    } | ({"nodes": p.nodes} if farm is not None else {})
 
 
 def _baseline(pipeline: FacePipeline, images: Path, videos: Path) -> dict[str, object]:
@@ -188,7 +192,30 @@ def _store_cost(home: Path, chip: bytes) -> dict[str, object]:
     return {"files": STORE_FILES, "ms_per_file": round(1000 * seconds / STORE_FILES, 2)}
 
 
-def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object]:
+@contextmanager
+def _farm(
+    cluster: str, tls_dir: Path, pipeline: FacePipeline, limits: InferenceLimits
+) -> Iterator[ImageFarm]:
+    from edgeid.runtime.cluster.farm import RayFarm
+    from edgeid.runtime.cluster.tls import CA_FILE, CERT_FILE, KEY_FILE, ClusterTls
+
+    assert pipeline.embedder is not None
+    tls = ClusterTls(tls_dir / CA_FILE, tls_dir / CERT_FILE, tls_dir / KEY_FILE)
+    with RayFarm(
+        cluster, tls, detector=DEFAULT_DETECTOR, model_id=pipeline.embedder.model_id,
+        max_working_pixels=limits.max_working_pixels, max_faces=limits.max_faces,
+    ) as farm:  # fmt: skip
+        yield farm
+
+
+def run(
+    data: Path,
+    models: Path,
+    *,
+    limit: int = LFW_LIMIT,
+    cluster: str | None = None,
+    cluster_tls: Path | None = None,
+) -> dict[str, object]:
     pipeline = FacePipeline.load(models, DEFAULT_DETECTOR)
     with tempfile.TemporaryDirectory(prefix="edgeid-ingest-bench-") as tmp:
         root = Path(tmp)
@@ -217,6 +244,12 @@ def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object
             before = _baseline(pipeline, images, videos)
             ingest_images = _ingest(cases, images, "BENCH-IMAGES")
             ingest_video = _ingest(cases, videos, "BENCH-VIDEO")
+            on_cluster = None
+            if cluster is not None:
+                tls_dir = cluster_tls or models.parent / "tls"
+                limits = cases.galleries.activity.limits  # the local ingest's, for the same faces
+                with _farm(cluster, tls_dir, pipeline, limits) as farm:
+                    on_cluster = _ingest(cases, images, "BENCH-CLUSTER", farm)
             after = _baseline(pipeline, images, videos)
             load_after = os.getloadavg()[0]
         chip = analyse_pixels(pipeline, decode_image(next(images.iterdir()).read_bytes()))
@@ -234,6 +267,18 @@ def run(data: Path, models: Path, *, limit: int = LFW_LIMIT) -> dict[str, object
         "baseline": baseline,
         "baseline_note": "decode + the same pipeline calls on the same files, nothing stored",
         "store_only": store_cost,
+        **(
+            {
+                "cluster": on_cluster,
+                "cluster_ratio_vs_local": (
+                    round(float(on_cluster["files_per_s"]) / float(images_per_s), 3)  # type: ignore[arg-type]
+                    if images_per_s and on_cluster["files_per_s"]
+                    else None
+                ),
+            }
+            if on_cluster is not None
+            else {}
+        ),
         "ratio_vs_baseline": (
             round(float(images_per_s) / float(baseline["images_per_s"]), 3)  # type: ignore[arg-type]
             if images_per_s
@@ -247,9 +292,18 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", type=Path, default=Path("var/models"))
     parser.add_argument("--limit", type=int, default=LFW_LIMIT, help="LFW images to ingest")
+    parser.add_argument(
+        "--cluster", metavar="HOST:PORT", help="also ingest the images on this Ray cluster"
+    )
+    parser.add_argument(
+        "--cluster-tls", type=Path, help="folder with cluster-ca.crt, cluster.crt, cluster.key"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    json.dump(run(args.data, args.models, limit=args.limit), sys.stdout, indent=2)
+    result = run(
+        args.data, args.models, limit=args.limit, cluster=args.cluster, cluster_tls=args.cluster_tls
+    )
+    json.dump(result, sys.stdout, indent=2)
     print()
     return 0
 

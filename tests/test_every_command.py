@@ -62,6 +62,12 @@ COMMANDS: dict[str, Command] = {
     "telemetry once": Command(NEITHER, why="health figures only"),
     "telemetry run": Command(NEITHER, why="health figures only"),
     "fleet serve": Command(NEITHER),
+    "cluster head": Command(
+        NEITHER, why="starts this box's Ray node; the ingest it serves is `case ingest`'s"
+    ),
+    "cluster worker": Command(
+        NEITHER, why="a node that analyses image bytes it is sent; holds no keys, names, cases"
+    ),
     "provision init": Command(NEITHER, why="identity, keys, settings, models"),
     "provision selftest": Command(NEITHER),
     "provision status": Command(NEITHER),

@@ -57,6 +57,7 @@ COMMAND_MODULES = {
     "gallery": "gallery_cmd",
     "audit": "audit_cmd",
     "case": "case_cmd",
+    "cluster": "cluster_cmd",
     "scrub": "scrub_cmd",
     "telemetry": "telemetry_cmd",
     "fleet": "fleet_cmd",

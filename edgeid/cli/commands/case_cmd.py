@@ -24,6 +24,7 @@ from edgeid.cli.commands import accountable
 from edgeid.cli.commands.approvals_cmd import administration, outcome_json, outcome_text
 from edgeid.cli.options import Subparsers
 from edgeid.runtime.audit.justification import Justification, check_reason
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import IngestOutcome, IngestProgress
 from edgeid.runtime.cases.records import CaseMeta
 from edgeid.runtime.cases.store import CaseStore
@@ -31,6 +32,7 @@ from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTER
 from edgeid.runtime.cases.views import CaseView, file_json, meta_json, run_json, view_json
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery.service import GalleryService
 from edgeid.runtime.gallery.store import GalleryStore
 from edgeid.runtime.services.caller import LocalOperator
 from edgeid.runtime.storage.safe_read import check_output_path
@@ -87,6 +89,10 @@ class ProgressBar:
         )
         if p.phase == "searching":
             text += f" {p.clusters_searched}/{p.clusters}"
+        if p.nodes:
+            live = [n for n in p.nodes if n["alive"]]
+            rate = sum(float(str(n["files_per_s"])) for n in live)
+            text += f"  nodes {len(live)} ({rate:.1f} files/s)"
         if self.tty:
             print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
             self._drawn = True
@@ -172,7 +178,8 @@ def ingest(args: argparse.Namespace) -> int:
                 retention_until=args.retain_until,
                 children=args.children,
             )
-            outcome = door.cases.cases.ingest(request, progress=bar)
+            with _farm(args, door.cases.cases.galleries) as farm:
+                outcome = door.cases.cases.ingest(request, progress=bar, farm=farm)
     finally:
         bar.close()
     p = outcome.progress
@@ -192,6 +199,40 @@ def ingest(args: argparse.Namespace) -> int:
     lines.append(f"see the clusters with: edgeid case show {outcome.case.meta.number!r}")
     emit(args, payload, "\n".join(lines))
     return EXIT_OK if outcome.run.status == "complete" else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _farm(args: argparse.Namespace, galleries: GalleryService) -> Iterator[ImageFarm | None]:
+    """The cluster the images go to with ``--cluster``; None (this box) without."""
+    if args.cluster is None:
+        yield None
+        return
+    settings = load_settings(args.home_dir)
+    address = args.cluster or settings.cluster.address
+    if not address:
+        raise BadInputError(
+            "--cluster names no head and edgeid.toml has no [cluster] address; give HOST:PORT"
+        )
+    try:
+        from edgeid.runtime.cluster.farm import RayFarm
+    except ImportError:
+        raise BadInputError(
+            "Ray is not installed: pip install 'edgeid[cluster]', or ingest without --cluster"
+        ) from None
+    from edgeid.runtime.cluster.tls import ClusterTls
+
+    limits = galleries.activity.limits
+    with RayFarm(
+        address,
+        ClusterTls.of(args.home_dir, settings.cluster),
+        detector=settings.inference.detector,
+        model_id=galleries.model_id,
+        max_working_pixels=limits.max_working_pixels,
+        max_faces=limits.max_faces,
+        batch_files=settings.cluster.batch_files,
+        batches_per_node=settings.cluster.batches_per_node,
+    ) as farm:
+        yield farm
 
 
 def _names(names: Iterable[str]) -> str:
@@ -402,6 +443,16 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="whether the case's faces may include children (default: on for a new case, "
         "else the case's setting): clustered with the child threshold, which keeps different "
         "children apart at a cost of more, smaller clusters; --no-children: adults only",
+    )
+    p.add_argument(
+        "--cluster",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST:PORT",
+        help="analyse the images on the lab's cluster whose head is HOST:PORT (default: "
+        "[cluster] address in edgeid.toml); this box still reads, deduplicates, clusters, "
+        "searches and records",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=ingest)

@@ -17,8 +17,15 @@ One run, in order:
    each search audited under the case and its reason, with its age band: ``unknown`` (the
    strictest band) when the case may include children, ``adult`` otherwise.
 
-Progress is reported as counts only. ``stop`` (a ``threading.Event``) ends the run between
-files or video frames; the file in hand is dropped whole and read again by the next run.
+With a farm (``--cluster``, ``farmed.py``) step 1 is split: the owning box still reads,
+hashes and deduplicates every file, and still samples videos itself; a new image's bytes go to
+the farm, whose nodes decode, detect, assess, align and embed it, and the image is written with
+its faces here when they come back (in the order they finish). Clustering, searches and the
+audit log stay here. A stopped run loses only what was in flight.
+
+Progress is reported as counts only (with a farm, also its nodes: id, address, backend,
+rate). ``stop`` (a ``threading.Event``) ends the run between files or video frames; the file
+in hand is dropped whole and read again by the next run.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from edgeid.runtime.audit.events import AuditAction, AuditEvent, check_event
 from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
 from edgeid.runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, groups
 from edgeid.runtime.cases.errors import CaseModelError
+from edgeid.runtime.cases.farmed import ImageFarm, ImageJob, ImageResult
 from edgeid.runtime.cases.leads import AuditSink, search_cluster
 from edgeid.runtime.cases.media import (
     READ_ERRORS,
@@ -105,9 +113,11 @@ class IngestProgress:
     video_frames: int = 0
     clusters: int = 0
     clusters_searched: int = 0
+    # With a farm: per node its id, address, backend, files done and rate (no names).
+    nodes: list[dict[str, object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
-        return dict(vars(self))
+        return {**vars(self), "nodes": [dict(n) for n in self.nodes]}
 
 
 ProgressCallback = Callable[[IngestProgress], None]
@@ -171,7 +181,9 @@ class CaseIngest:
         *,
         progress: ProgressCallback | None = None,
         stop: Event | None = None,
+        farm: ImageFarm | None = None,
     ) -> IngestOutcome:
+        """``farm``: hand the images' analysis to a cluster (see the module docstring)."""
         reason = check_text(request.reason, "reason for this ingest (--reason)")
         if not request.frame_interval_s > 0:
             raise BadInputError("the frame interval must be a positive number of seconds")
@@ -180,7 +192,16 @@ class CaseIngest:
             _check_auditable(request, reason, galleries)
         stop = stop or Event()
         counts = IngestProgress()
-        report = progress or (lambda _: None)
+        told = progress or (lambda _: None)
+        farmed = _Farmed(farm) if farm is not None else None
+        if farm is not None:
+            farm.forget()
+
+        def report(counts: IngestProgress) -> None:
+            if farmed is not None:
+                counts.nodes = farmed.farm.nodes()
+            told(counts)
+
         with open_source(request.source) as source:
             case = self._case(request)
             with case.ingest_exclusively():
@@ -202,7 +223,9 @@ class CaseIngest:
                     meta = replace(meta, retention_until=request.retention_until)
                 case.save_meta(meta)
                 try:
-                    results = self._run(case, run, source.entries, request, counts, report, stop)
+                    results = self._run(
+                        case, run, source.entries, request, counts, report, stop, farmed
+                    )
                 except BaseException as exc:
                     stopped = isinstance(exc, KeyboardInterrupt)
                     note = "interrupted" if stopped else f"failed: {type(exc).__name__}"
@@ -272,6 +295,7 @@ class CaseIngest:
         counts: IngestProgress,
         report: ProgressCallback,
         stop: Event,
+        farmed: _Farmed | None = None,
     ) -> CaseResults | None:
         counts.phase, counts.files_total = "reading", len(entries)
         report(counts)
@@ -279,11 +303,20 @@ class CaseIngest:
             if stop.is_set():
                 return None
             try:
-                self._entry(case, run, entry, request.frame_interval_s, counts, report, stop)
+                sent = self._entry(
+                    case, run, entry, request.frame_interval_s, counts, report, stop, farmed
+                )
             except _Stopped:
                 return None
-            counts.files_seen += 1
+            if not sent:  # an image sent to the farm is seen when its faces are written
+                counts.files_seen += 1
             report(counts)
+        if farmed is not None:
+            for result in farmed.farm.drain():
+                if stop.is_set():
+                    return None
+                self._farmed_image(case, run, farmed, result, counts)
+                report(counts)
         if stop.is_set():
             return None
         counts.phase = "clustering"
@@ -304,16 +337,20 @@ class CaseIngest:
         counts: IngestProgress,
         report: ProgressCallback,
         stop: Event,
-    ) -> None:
+        farmed: _Farmed | None = None,
+    ) -> bool:
+        """Reads one entry; True when it went to the farm (written when its faces return)."""
         if entry.refused is not None:
             self._refuse(case, run, entry.name, entry.refused, counts)
-            return
+            return False
         if case.is_refused(entry.name):
             counts.files_already_done += 1
-            return
+            return False
         try:
             with entry.open() as stream:
                 kind, why = sniff(head_of(stream), entry.name)
+                if kind == "image" and farmed is not None:
+                    return self._image_farmed(case, run, entry.name, stream, counts, farmed)
                 if kind == "image":
                     self._image(case, run, entry.name, stream, counts)
                 elif kind == "video":
@@ -334,6 +371,7 @@ class CaseIngest:
                 "and was not read; copy the archive again from the original media"
             )
             self._refuse(case, run, entry.name, reason, counts)
+        return False
 
     def _refuse(
         self, case: Case, run: IngestRun, name: str, reason: str, counts: IngestProgress
@@ -384,6 +422,61 @@ class CaseIngest:
         case.add_file(replace(base, width=int(width), height=int(height), reason=note), faces)
         counts.files_new += 1
         counts.faces_new += len(faces)
+
+    def _image_farmed(
+        self,
+        case: Case,
+        run: IngestRun,
+        name: str,
+        stream: IO[bytes],
+        counts: IngestProgress,
+        farmed: _Farmed,
+    ) -> bool:
+        """As ``_image`` up to the analysis, which the farm does; True when sent."""
+        data = read_limited(stream, MAX_IMAGE_BYTES)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 in farmed.by_sha:  # the same content is on its way: a duplicate when back
+            farmed.by_sha[sha256].append(name)
+            return True
+        if self._known(case, sha256, name, counts):
+            return False
+        key = farmed.next_key
+        farmed.next_key += 1
+        farmed.waiting[key] = sha256
+        farmed.by_sha[sha256] = [name]
+        for result in farmed.farm.submit(ImageJob(key, data)):
+            self._farmed_image(case, run, farmed, result, counts)
+        return True
+
+    def _farmed_image(
+        self,
+        case: Case,
+        run: IngestRun,
+        farmed: _Farmed,
+        result: ImageResult,
+        counts: IngestProgress,
+    ) -> None:
+        """Writes an image whose faces came back as ``_image`` writes one analysed here."""
+        sha256 = farmed.waiting.pop(result.key)
+        name, *later = farmed.by_sha.pop(sha256)
+        base = SourceFile("", sha256, (name,), "image", "done", None, 0, run.number)
+        if result.failed is not None:
+            case.add_file(replace(base, status="failed", reason=result.failed))
+            counts.files_failed += 1
+        else:
+            note = (
+                f"{result.skipped} more faces found but not analysed (the least confident)"
+                if result.skipped
+                else None
+            )
+            written = replace(base, width=result.width, height=result.height, reason=note)
+            case.add_file(written, result.faces)
+            counts.files_new += 1
+            counts.faces_new += len(result.faces)
+        counts.files_seen += 1
+        for other in later:
+            self._known(case, sha256, other, counts)
+            counts.files_seen += 1
 
     def _video(
         self,
@@ -557,6 +650,17 @@ class CaseIngest:
                 age_band=LEAD_BANDS[bool(run.children)],
                 band_used="",
             )
+
+
+@dataclass
+class _Farmed:
+    """A run's images in the farm: key -> content hash, hash -> its names (the first is the
+    file sent; the others are duplicates recorded when it is written)."""
+
+    farm: ImageFarm
+    next_key: int = 0
+    waiting: dict[int, str] = field(default_factory=dict)
+    by_sha: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Stopped(Exception):

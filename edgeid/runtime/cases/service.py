@@ -13,6 +13,7 @@ from pathlib import Path
 from threading import Event
 from types import TracebackType
 
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import (
     CaseIngest,
     IngestOutcome,
@@ -70,10 +71,12 @@ class CaseService:
         *,
         progress: ProgressCallback | None = None,
         stop: Event | None = None,
+        farm: ImageFarm | None = None,
     ) -> IngestOutcome:
         """Run an ingest to the end (or until ``stop`` is set); see ``edgeid.runtime.cases.ingest``.
-        Blocking: the web UI runs it in a worker thread and reads ``progress``."""
-        return self.engine.ingest(request, progress=progress, stop=stop)
+        Blocking: the web UI runs it in a worker thread and reads ``progress``. ``farm``: the
+        images are analysed on a cluster's nodes (``edgeid.runtime.cluster``)."""
+        return self.engine.ingest(request, progress=progress, stop=stop, farm=farm)
 
     def list_cases(self) -> list[CaseMeta]:
         return self.store.list_cases()

@@ -243,6 +243,20 @@ class SearchSettings(_Section):
     )
 
 
+class ClusterSettings(_Section):
+    """``[cluster]``: the Ray cluster a case ingest may hand its images to (README "Large cases
+    on several boxes"). Empty ``address``: ingests run on this box only unless ``--cluster``."""
+
+    address: str = ""  # host:port of the Ray head (the owning box runs it)
+    # TLS between nodes (Ray's RAY_USE_TLS): the site CA and this node's key and certificate;
+    # empty: <home>/tls/cluster-ca.crt, cluster.key and cluster.crt.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    batch_files: int = Field(default=8, ge=1, le=256)  # images per batch sent to a node
+    batches_per_node: int = Field(default=2, ge=1, le=16)  # in flight per node: back-pressure
+
+
 class Settings(_Section):
     device: DeviceSettings = DeviceSettings()
     keys: KeySettings = KeySettings()
@@ -253,6 +267,7 @@ class Settings(_Section):
     security: SecuritySettings = SecuritySettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     searches: SearchSettings = SearchSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
 
 def config_path(home: Path) -> Path:

@@ -1,0 +1,1 @@
+"""Case ingest across a lab's boxes on Ray (README "Large cases on several boxes")."""

@@ -1,0 +1,93 @@
+"""What runs on a cluster node: one loaded face pipeline that turns a batch of image bytes
+into faces (box, landmarks' result, quality, template, aligned chip).
+
+A node holds no keys, no case number, no file names: it gets an opaque key and the bytes of
+each image of its batch, in memory (Ray's object store, which the node keeps in RAM), and
+returns the faces. The owning box seals the chips when it writes them into the case. Nothing
+here writes to disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeid.runtime.cases.analysis import analyse_working
+from edgeid.runtime.cases.farmed import ImageJob, ImageResult
+from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.inference.image_decode import decode_working
+from edgeid.runtime.inference.pipeline import FacePipeline
+
+# The custom Ray resource `edgeid cluster worker` gives each node it starts: one face pipeline
+# per node, and only nodes started by edgeid (on a provisioned box) are given work.
+NODE_RESOURCE = "edgeid_node"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's mark of the head node
+DEFAULT_HOME = Path.home() / ".local" / "share" / "edgeid"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    backend: str  # the pipeline's backend state: "cpu", "tensorrt" or "degraded"
+    model_id: str
+    head: bool  # the owning box's own node
+    pid: int  # the node's analysing process
+
+
+def first_line(exc: Exception) -> str:
+    """The error's message as the local ingest records it (see ``ingest._reason``)."""
+    text = str(exc).removeprefix("image: ")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class FaceNode:
+    """One per node (the Ray actor's class): the node's own models on its own backend."""
+
+    def __init__(self, detector: str, max_working_pixels: int, max_faces: int) -> None:
+        home = Path(os.environ.get("EDGEID_HOME") or DEFAULT_HOME)
+        settings = load_settings(home)
+        self.pipeline = FacePipeline.load(
+            home / "models",
+            detector,  # type: ignore[arg-type]  # the owning box's detector, checked there
+            threads=settings.inference.threads,
+            backend=settings.inference.backend,
+        )
+        self.max_working_pixels = max_working_pixels
+        self.max_faces = max_faces
+
+    def describe(self) -> NodeInfo:
+        import ray  # only ever imported on a node, where it is installed
+
+        context: Any = ray.get_runtime_context()
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+        embedder = self.pipeline.embedder
+        return NodeInfo(
+            node_id=str(context.get_node_id()),
+            address=str(ray.util.get_node_ip_address()),  # type: ignore[no-untyped-call]
+            backend=str(self.pipeline.backend_state),
+            model_id=embedder.model_id if embedder else "",
+            pid=os.getpid(),
+            head=any(
+                n["NodeID"] == context.get_node_id() and n["Resources"].get(HEAD_RESOURCE)
+                for n in nodes
+            ),
+        )
+
+    def analyse(self, batch: list[ImageJob]) -> list[ImageResult]:
+        return [self.analyse_one(job) for job in batch]
+
+    def analyse_one(self, job: ImageJob) -> ImageResult:
+        """As ``CaseIngest._image`` after its deduplication: the same decode, the same limits."""
+        try:
+            work = decode_working(
+                job.data, name="image", max_working_pixels=self.max_working_pixels
+            )
+        except BadInputError as exc:
+            return ImageResult(job.key, failed=first_line(exc))
+        faces, skipped = analyse_working(self.pipeline, work, max_faces=self.max_faces)
+        width, height = work.full_size
+        return ImageResult(job.key, None, int(width), int(height), faces, skipped)
