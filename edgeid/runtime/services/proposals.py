@@ -8,7 +8,6 @@ ones; the audit log keeps the history for good. Every change replaces the file a
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections.abc import Callable
@@ -20,16 +19,19 @@ from typing import Any, Protocol
 from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.services.consent import ChangeKind
-from edgeid.runtime.storage.durable import make_private_dir, write_file_atomically
 from edgeid.runtime.vault.crypto import (
     Clock,
     RandomSource,
-    open_sealed,
-    seal,
     system_random,
     utc_now,
 )
-from edgeid.runtime.vault.errors import DecryptionError
+from edgeid.runtime.vault.sealed_json import (
+    SealedFileAltered,
+    SealedFileMalformed,
+    SealedFileUnreadable,
+    read_sealed_json,
+    write_sealed_json,
+)
 
 APPROVALS_DIR = "approvals"
 PROPOSALS_FILE = "proposals.sealed"
@@ -212,32 +214,21 @@ class ProposalStore:
 
     def _read(self) -> dict[str, Proposal]:
         try:
-            envelope = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ProposalsFileError(
-                f"{self.path} is unreadable ({type(exc).__name__}); restore it from a backup"
-            ) from exc
-        try:
-            if envelope.get("format") != FILE_FORMAT or envelope.get("version") != FILE_VERSION:
-                raise ValueError("format")
-            key_id = str(envelope["key_id"])
-            key = self._keyring.data_key(APPROVALS_KEY_SCOPE, key_id)
-            plain = open_sealed(
-                key,
-                bytes.fromhex(envelope["nonce"]),
-                bytes.fromhex(envelope["ciphertext"]),
-                _aad(key_id),
-            )
-            items = json.loads(plain)["proposals"]
+            document = read_sealed_json(self.path, **self._sealing())
+            if document is None:
+                return {}
+            items = document["proposals"]
             return {p.proposal_id: p for p in (Proposal.from_json(i) for i in items)}
-        except DecryptionError:
+        except SealedFileUnreadable as exc:
+            raise ProposalsFileError(
+                f"{self.path} is unreadable ({exc}); restore it from a backup"
+            ) from exc
+        except SealedFileAltered:
             raise ProposalsFileError(
                 f"{self.path} does not open: it was altered or belongs to another box; restore "
                 "it from a backup or remove it (pending proposals are then lost)"
             ) from None
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (SealedFileMalformed, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ProposalsFileError(
                 f"{self.path} is malformed; restore it from a backup or remove it"
             ) from exc
@@ -250,20 +241,19 @@ class ProposalStore:
             if p.status is ProposalStatus.PENDING or (p.decided_at or now) > now - KEEP_DECIDED
         ]
         kept.sort(key=lambda p: p.created_at)
-        key_id = self._keyring.key_ids(APPROVALS_KEY_SCOPE)[0]
-        key = self._keyring.data_key(APPROVALS_KEY_SCOPE, key_id)
-        plain = json.dumps({"proposals": [p.to_json() for p in kept]}, sort_keys=True).encode()
-        sealed = seal(key, plain, _aad(key_id), random=self._random)
-        envelope = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "key_id": key_id,
-            "nonce": sealed.nonce.hex(),
-            "ciphertext": sealed.ciphertext.hex(),
-        }
-        make_private_dir(self.path.parent)
-        write_file_atomically(
+        write_sealed_json(
             self.path,
-            json.dumps(envelope, sort_keys=True).encode() + b"\n",
+            {"proposals": [p.to_json() for p in kept]},
+            **self._sealing(),
             action="writing the proposals",
+            random=self._random,
         )
+
+    def _sealing(self) -> dict[str, Any]:
+        return {
+            "keys": self._keyring,
+            "scope": APPROVALS_KEY_SCOPE,
+            "file_format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "aad": _aad,
+        }

@@ -16,7 +16,6 @@ gallery when shown.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 import secrets
@@ -31,19 +30,21 @@ from edgeid.runtime.errors import BadInputError, EdgeidError
 from edgeid.runtime.gallery.records import among
 from edgeid.runtime.services.proposals import ScopedKeys
 from edgeid.runtime.storage.durable import (
-    make_private_dir,
     shred_and_unlink,
-    write_file_atomically,
 )
 from edgeid.runtime.vault.crypto import (
     Clock,
     RandomSource,
-    open_sealed,
-    seal,
     system_random,
     utc_now,
 )
-from edgeid.runtime.vault.errors import DecryptionError
+from edgeid.runtime.vault.sealed_json import (
+    SealedFileAltered,
+    SealedFileMalformed,
+    SealedFileUnreadable,
+    read_sealed_json,
+    write_sealed_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -402,31 +403,20 @@ class SearchHistory:
     def _read(self, path: Path) -> StoredSearch | None:
         search_id = path.name.removesuffix(SUFFIX)
         try:
-            envelope = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
+            document = read_sealed_json(path, **self._sealing(search_id))
+            if document is None:
+                return None
+            found = StoredSearch.from_json(document)
+        except SealedFileUnreadable as exc:
             raise SearchHistoryError(
-                f"{path} is unreadable ({type(exc).__name__}); restore it from a backup"
+                f"{path} is unreadable ({exc}); restore it from a backup"
             ) from exc
-        try:
-            if envelope.get("format") != FILE_FORMAT or envelope.get("version") != FILE_VERSION:
-                raise ValueError("format")
-            key_id = str(envelope["key_id"])
-            key = self._keyring.data_key(SEARCHES_KEY_SCOPE, key_id)
-            plain = open_sealed(
-                key,
-                bytes.fromhex(envelope["nonce"]),
-                bytes.fromhex(envelope["ciphertext"]),
-                _aad(key_id, search_id),
-            )
-            found = StoredSearch.from_json(json.loads(plain))
-        except DecryptionError:
+        except SealedFileAltered:
             raise SearchHistoryError(
                 f"{path} does not open: it was altered, renamed or belongs to another box; "
                 "restore it from a backup or remove it"
             ) from None
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (SealedFileMalformed, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise SearchHistoryError(
                 f"{path} is malformed; restore it from a backup or remove it"
             ) from exc
@@ -435,20 +425,19 @@ class SearchHistory:
         return found
 
     def _write(self, search: StoredSearch) -> None:
-        key_id = self._keyring.key_ids(SEARCHES_KEY_SCOPE)[0]
-        key = self._keyring.data_key(SEARCHES_KEY_SCOPE, key_id)
-        plain = json.dumps(search.to_json(), sort_keys=True).encode()
-        sealed = seal(key, plain, _aad(key_id, search.search_id), random=self._random)
-        envelope = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "key_id": key_id,
-            "nonce": sealed.nonce.hex(),
-            "ciphertext": sealed.ciphertext.hex(),
-        }
-        make_private_dir(self.root)
-        write_file_atomically(
+        write_sealed_json(
             self._path(search.search_id),
-            json.dumps(envelope, sort_keys=True).encode() + b"\n",
+            search.to_json(),
+            **self._sealing(search.search_id),
             action="writing a search to the history",
+            random=self._random,
         )
+
+    def _sealing(self, search_id: str) -> dict[str, Any]:
+        return {
+            "keys": self._keyring,
+            "scope": SEARCHES_KEY_SCOPE,
+            "file_format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "aad": lambda key_id: _aad(key_id, search_id),
+        }
