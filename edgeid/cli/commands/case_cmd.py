@@ -30,6 +30,7 @@ from edgeid.runtime.cases.records import CaseMeta
 from edgeid.runtime.cases.store import CaseStore
 from edgeid.runtime.cases.video import DEFAULT_FRAME_INTERVAL_S, MIN_FRAME_INTERVAL_S
 from edgeid.runtime.cases.views import CaseView, file_json, meta_json, run_json, view_json
+from edgeid.runtime.cluster.opening import open_farm
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery.service import GalleryService
@@ -207,31 +208,7 @@ def _farm(args: argparse.Namespace, galleries: GalleryService) -> Iterator[Image
     if args.cluster is None:
         yield None
         return
-    settings = load_settings(args.home_dir)
-    address = args.cluster or settings.cluster.address
-    if not address:
-        raise BadInputError(
-            "--cluster names no head and edgeid.toml has no [cluster] address; give HOST:PORT"
-        )
-    try:
-        from edgeid.runtime.cluster.farm import RayFarm
-    except ImportError:
-        raise BadInputError(
-            "Ray is not installed: pip install 'edgeid[cluster]', or ingest without --cluster"
-        ) from None
-    from edgeid.runtime.cluster.tls import ClusterTls
-
-    limits = galleries.activity.limits
-    with RayFarm(
-        address,
-        ClusterTls.of(args.home_dir, settings.cluster),
-        detector=settings.inference.detector,
-        model_id=galleries.model_id,
-        max_working_pixels=limits.max_working_pixels,
-        max_faces=limits.max_faces,
-        batch_files=settings.cluster.batch_files,
-        batches_per_node=settings.cluster.batches_per_node,
-    ) as farm:
+    with open_farm(args.home_dir, load_settings(args.home_dir), galleries, args.cluster) as farm:
         yield farm
 
 

@@ -6,13 +6,16 @@ ends the run between files (it resumes on the next ingest of the same case).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
 from edgeid.runtime.cases.media import RefusedSource
 from edgeid.runtime.cases.service import CaseService
@@ -32,6 +35,9 @@ PHASE_WORDS: dict[str, tuple[str, str | None]] = {
     "done": ("Finished", None),
     "stopped": ("Stopped", None),
 }
+# Opens the farm a job's images go to (the lab's cluster), in the job's worker thread: joining
+# the cluster takes seconds, and the farm must close when the ingest ends.
+FarmOpener = Callable[[], AbstractContextManager[ImageFarm]]
 MIN_RATE_SAMPLE_S = 2.0  # no rate or estimate from less than this: the first file misleads
 
 
@@ -58,11 +64,14 @@ class IngestJob:
         request: IngestRequest,
         *,
         on_end: Callable[[], None] | None = None,
+        farm: FarmOpener | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``on_end`` runs in the worker once the ingest is over and before ``state`` says so
-        (the web UI shreds an uploaded archive there, so "complete" means "and it is gone")."""
+        (the web UI shreds an uploaded archive there, so "complete" means "and it is gone");
+        ``farm``: the images are analysed on the farm it opens (None: on this box)."""
         self._service = service
+        self._farm = farm
         self._request = request
         self._on_end = on_end
         self._stop = threading.Event()
@@ -143,7 +152,11 @@ class IngestJob:
         state: JobState
         error: str | None
         try:
-            outcome = self._service.ingest(self._request, progress=self._report, stop=self._stop)
+            opened = self._farm() if self._farm is not None else contextlib.nullcontext()
+            with opened as farm:
+                outcome = self._service.ingest(
+                    self._request, progress=self._report, stop=self._stop, farm=farm
+                )
         except RefusedSource as exc:  # said to the uploader: without the server's path
             error, state = exc.for_upload, "failed"
         except EdgeidError as exc:

@@ -32,7 +32,9 @@ from edgeid.runtime.accounts.users import UserExistsError, UserNotFoundError, Us
 from edgeid.runtime.audit import AuditLog
 from edgeid.runtime.audit.recorder import Recorder
 from edgeid.runtime.cases.errors import CaseBusyError, CaseNotFoundError
+from edgeid.runtime.cases.jobs import FarmOpener
 from edgeid.runtime.cases.service import CaseService
+from edgeid.runtime.cluster.opening import open_farm
 from edgeid.runtime.config.settings import Settings
 from edgeid.runtime.errors import AccessDeniedError, BadInputError, EdgeidError, OverloadedError
 from edgeid.runtime.gallery.errors import GalleryExistsError, GalleryNotFoundError
@@ -152,6 +154,7 @@ def create_app(
             service=cases,
             uploads=CaseUploads(home),
             plans=Workspace[PendingIngest](ttl_s=settings.web.session_idle_s, clock=clock),
+            farm=_cluster_farm(home, settings, cases) if settings.cluster.address else None,
         )
         if cases is not None
         else None
@@ -271,6 +274,11 @@ def create_app(
         hsts=state.secure_cookies,
     )
     return app
+
+
+def _cluster_farm(home: Path, settings: Settings, cases: CaseService) -> FarmOpener:
+    """The lab's cluster for the Cases page: joined by each cluster ingest, left when it ends."""
+    return lambda: open_farm(home, settings, cases.galleries)
 
 
 def _document_bearer_tokens(app: FastAPI) -> None:

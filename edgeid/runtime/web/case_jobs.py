@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from edgeid.runtime.cases.errors import CaseError
-from edgeid.runtime.cases.jobs import IngestJob
+from edgeid.runtime.cases.jobs import FarmOpener, IngestJob
 from edgeid.runtime.cases.service import CaseService
 from edgeid.runtime.errors import OverloadedError
 from edgeid.runtime.web.case_uploads import CaseUploads
@@ -40,6 +40,8 @@ class PendingIngest:
     retention_until: date | None
     # "Faces may include children" (None: keep the case's setting; a new case: on).
     children: bool | None = None
+    # "Analyse on the lab's cluster" (offered only when edgeid.toml names one).
+    on_cluster: bool = False
 
     def nbytes(self) -> int:
         return PLAN_NBYTES
@@ -132,6 +134,8 @@ class CaseDesk:
     uploads: CaseUploads
     plans: Workspace[PendingIngest]
     jobs: CaseJobs = field(default_factory=CaseJobs)
+    # The lab's cluster, when ``[cluster] address`` is set: the Cases page offers it.
+    farm: FarmOpener | None = None
 
     def case_id_of(self, job: CaseJob) -> str | None:
         """The job's case id once the case exists (a failed first run may leave none)."""

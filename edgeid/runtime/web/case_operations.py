@@ -92,10 +92,13 @@ def plan_ingest(
     frame_interval_s: str | float | None = None,
     retention_until: str | None = None,
     children: bool | None = None,
+    on_cluster: bool = False,
 ) -> PendingIngest:
     """Case number, reason and galleries first, before any media is accepted."""
     cases = desk(state)
     why = Justification.of(case, reason)
+    if on_cluster and cases.farm is None:
+        raise BadInputError("this box has no cluster set up ([cluster] address in edgeid.toml)")
     plan = PendingIngest(
         entry_id=Workspace.new_id(),
         owner=principal.owner,
@@ -106,6 +109,7 @@ def plan_ingest(
         frame_interval_s=check_frame_interval(frame_interval_s),
         retention_until=check_retention(retention_until),
         children=children,
+        on_cluster=on_cluster,
     )
     access(state).check_may_ingest_into(principal, why.case, where="plan a case ingest")
     cases.plans.put(plan)
@@ -114,6 +118,10 @@ def plan_ingest(
 
 def _setting(children: bool | None) -> str:
     return "as the case is set" if children is None else str(children).lower()
+
+
+def _where(on_cluster: bool) -> str:
+    return "on the lab's cluster" if on_cluster else "on this box"
 
 
 def load_plan(state: WebState, principal: Principal, entry_id: str) -> PendingIngest:
@@ -156,7 +164,12 @@ def start_ingest(
         username=principal.username,
         case=plan.case,
         galleries=plan.galleries,
-        job=IngestJob(cases.service, request, on_end=lambda: cases.uploads.discard(archive.path)),
+        job=IngestJob(
+            cases.service,
+            request,
+            on_end=lambda: cases.uploads.discard(archive.path),
+            farm=cases.farm if plan.on_cluster else None,
+        ),
     )
     cases.jobs.add(job)  # refuses when another ingest took the box meanwhile
     try:
@@ -168,7 +181,7 @@ def start_ingest(
             detail=(
                 f"archive of {archive.size} bytes uploaded; video frame interval "
                 f"{plan.frame_interval_s:g} s; may include children {_setting(plan.children)}; "
-                f"job {job.job_id}"
+                f"images analysed {_where(plan.on_cluster)}; job {job.job_id}"
             ),
             where="case ingest",
         )

@@ -61,6 +61,7 @@ def _cases_page(
         default_interval=DEFAULT_FRAME_INTERVAL_S,
         min_interval=MIN_FRAME_INTERVAL_S,
         max_interval=MAX_FRAME_INTERVAL_S,
+        cluster=cases.farm is not None,
         error=error,
         values=values or {},
     )
@@ -84,6 +85,7 @@ def cases_plan(request: Request, principal: Searcher) -> Response:
             frame_interval_s=form.get("frame_interval"),
             retention_until=form.get("retention_until"),
             children=bool(form.get("children")),  # an unticked box sends nothing
+            on_cluster=bool(form.get("cluster")),
         )
     except BadInputError as exc:
         values: dict[str, object] = {
@@ -91,6 +93,7 @@ def cases_plan(request: Request, principal: Searcher) -> Response:
         }
         values["galleries"] = form.all("gallery")
         values["children"] = bool(form.get("children"))
+        values["cluster"] = bool(form.get("cluster"))
         return _cases_page(request, principal, error=str(exc), status_code=400, values=values)
     return RedirectResponse(f"/cases/new/{plan.entry_id}", status_code=303)
 
