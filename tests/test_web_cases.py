@@ -34,6 +34,7 @@ from edgeid.runtime.accounts.users import UserStore
 from edgeid.runtime.audit import AuditAction, AuditEvent
 from edgeid.runtime.audit.errors import AuditInputError
 from edgeid.runtime.audit.events import check_event
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import IngestProgress, IngestRequest, ProgressCallback
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.web.case_jobs import CaseJob
@@ -217,7 +218,13 @@ def test_progress_refreshes_while_running_and_the_archive_goes_whatever_the_end(
     release, reading = Event(), Event()
     seen: list[Path] = []
 
-    def blocked(request: IngestRequest, *, progress: ProgressCallback, stop: Event) -> None:
+    def blocked(
+        request: IngestRequest,
+        *,
+        progress: ProgressCallback,
+        stop: Event,
+        farm: ImageFarm | None = None,
+    ) -> None:
         seen.append(request.source)
         progress(IngestProgress(phase="reading", files_total=3, files_seen=1, faces_new=2))
         reading.set()
