@@ -34,6 +34,7 @@ from edgeid.runtime.audit import AuditAction
 from edgeid.runtime.cases.farmed import ImageFarm, ImageJob, ImageResult
 from edgeid.runtime.cluster.node import FaceNode
 from edgeid.runtime.config.settings import ClusterSettings
+from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.web.app import create_app
 
 CHOICE = re.compile(r'<input type="checkbox" id="cluster" name="cluster"')
@@ -186,5 +187,36 @@ def test_a_cluster_ingest_from_the_page_reaches_the_farm_and_the_audit(
         assert "Boxes of the lab's cluster" not in browser.get(f"/cases/jobs/{match.group(1)}").text
         local_audit = box.audit.query(case="CLU-2", action=AuditAction.CASE_INGESTED, limit=5)
         assert "images analysed on this box" in (local_audit[0].event.detail or "")
+    finally:
+        box.app.state.web.cases.farm = None
+
+
+def test_a_cluster_that_cannot_be_joined_fails_the_job_in_words_and_shreds_the_archive(
+    box: Box, lfw_dir: Path
+) -> None:
+    @contextlib.contextmanager
+    def unreachable() -> Iterator[ImageFarm]:
+        raise BadInputError(
+            "Ray is not installed: pip install 'edgeid[cluster]', or ingest without --cluster"
+        )
+        yield  # pragma: no cover
+
+    box.app.state.web.cases.farm = unreachable
+    try:
+        user = box.users[Role.INVESTIGATOR]
+        browser, csrf = investigator(box, user, (OFFICE,))
+        entry = plan(browser, csrf, case="CLU-3", cluster="on")
+        first, _, probe = PEOPLE[0]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.write(lfw_image(lfw_dir, first, probe), "a.jpg")
+        reply = upload(browser, csrf, entry, buffer.getvalue())
+        match = JOB.search(reply.headers["location"])
+        assert match
+        job = job_of(box, user, match.group(1))
+        assert job.job.wait(timeout=60) and job.state == "failed"
+        page = browser.get(f"/cases/jobs/{match.group(1)}").text
+        assert "The ingest failed:" in page and "Ray is not installed" in page
+        assert uploads(box) == []
     finally:
         box.app.state.web.cases.farm = None
