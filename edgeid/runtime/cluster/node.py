@@ -84,7 +84,7 @@ class FaceNode:
         """As ``CaseIngest._image`` after its deduplication: the same decode, the same limits."""
         try:
             work = decode_working(
-                job.data, name="image", max_working_pixels=self.max_working_pixels
+                job.data, name="this image", max_working_pixels=self.max_working_pixels
             )
         except BadInputError as exc:
             return ImageResult(job.key, failed=first_line(exc))
