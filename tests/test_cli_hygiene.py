@@ -409,14 +409,16 @@ def test_finding_16_wrong_values_refused_and_names_shown_safely(home: Path, tmp_
     assert "\x1b" not in done.stdout and "evil\\x1b[2J\\x0aforged line.jpg" in done.stdout
     assert not any(line.startswith("forged line") for line in done.stdout.splitlines())
 
-    from edgeid.runtime.cases.report import _e
+    from edgeid.runtime.cases.report import _ENV
     from edgeid.runtime.gallery.errors import InvalidRecordError
     from edgeid.runtime.gallery.records import NewSubject, check_subject
     from edgeid.runtime.web.rendering import make_environment
 
     shown = make_environment().from_string("<td>{{ name }}</td>").render(name="ok/\u202egpj.exe")
     assert "\u202e" not in shown and "ok/\u27e8U+202E\u27e9gpj.exe" in shown
-    assert _e("ok/\u202egpj.exe") == "ok/\u27e8U+202E\u27e9gpj.exe"
+    # The case report (its own Jinja2 environment) shows direction marks the same way.
+    in_report = _ENV.from_string("<td>{{ name }}</td>").render(name="ok/\u202egpj.exe")
+    assert in_report == "<td>ok/\u27e8U+202E\u27e9gpj.exe</td>"
 
     for name in ("x" * 201, "two\nlines", "bell\x07"):
         with pytest.raises(InvalidRecordError):
