@@ -223,7 +223,8 @@ def _flow(box: Box, app: RouteAccessLog, lfw_dir: Path) -> None:
     )
     assert upload.status_code == 303
     assert browser.post(f"{where}/faces/0", data={"csrf_token": ucsrf}).status_code == 303
-    assert browser.get(f"{where}/faces/0").status_code == 200
+    kept = browser.get(f"{where}/faces/0", follow_redirects=True)  # now in the search history
+    assert kept.status_code == 200 and "/searches/" in str(kept.url)
 
     token_page = browser.post(
         "/account/tokens",
