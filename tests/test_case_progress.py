@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from threading import Event
 
+from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import (
     IngestProgress,
     IngestRequest,
@@ -33,7 +34,14 @@ class SteppedIngest:
         self.clock = clock
         self.reading, self.release = Event(), Event()
 
-    def ingest(self, request: IngestRequest, *, progress: ProgressCallback, stop: Event) -> None:
+    def ingest(
+        self,
+        request: IngestRequest,
+        *,
+        progress: ProgressCallback,
+        stop: Event,
+        farm: ImageFarm | None = None,
+    ) -> None:
         progress(IngestProgress(phase="listing"))
         self.clock.now += 3
         progress(IngestProgress(phase="reading", files_total=30, files_seen=0))
