@@ -10,7 +10,6 @@ someone else opened: they ask its owner, or an admin moves the work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
 
 from starlette.requests import Request
 
@@ -27,7 +26,7 @@ from edgeid.runtime.web import work_context
 from edgeid.runtime.web.case_jobs import CaseDesk, CaseJob, PendingIngest
 from edgeid.runtime.web.case_uploads import SavedArchive, source_label
 from edgeid.runtime.web.errors import NotFoundError
-from edgeid.runtime.web.operations import choose_galleries, require_gallery
+from edgeid.runtime.web.operations import check_retention, choose_galleries, require_gallery
 from edgeid.runtime.web.principal import Principal
 from edgeid.runtime.web.state import WebState
 from edgeid.runtime.web.workspace import Workspace
@@ -63,20 +62,6 @@ def check_frame_interval(value: str | float | None) -> float:
             f"{MAX_FRAME_INTERVAL_S:g}"
         )
     return seconds
-
-
-def check_retention(value: str | None, today: date | None = None) -> date | None:
-    if not value or not value.strip():
-        return None
-    try:
-        until = date.fromisoformat(value.strip())
-    except ValueError:
-        raise BadInputError(
-            "write the retention date as year-month-day, for example 2027-01-31"
-        ) from None
-    if until <= (today or date.today()):
-        raise BadInputError("the retention date must be in the future")
-    return until
 
 
 # -- ingest ----------------------------------------------------------------------------------

@@ -251,9 +251,9 @@ def check_age_at_capture(value: str | None) -> int | None:
     return int(text)
 
 
-def check_retention(value: str, today: date | None = None) -> date | None:
+def check_retention(value: str | None, today: date | None = None) -> date | None:
     """An optional retention date (YYYY-MM-DD), which must lie in the future."""
-    if not value.strip():
+    if not value or not value.strip():
         return None
     try:
         until = date.fromisoformat(value.strip())
