@@ -235,3 +235,65 @@ def test_sigterm_stops_the_web_service_cleanly(tmp_path: Path, models_dir: Path)
     assert code == EXIT_OK and isinstance(report, dict)
     assert report["records"] == 2  # init's user_created, the failed sign-in
     assert report["checkpoints"] == 2  # init's close, and the service's close on SIGTERM
+
+
+def test_init_is_provision_inits_steps_with_lab_defaults(tmp_path: Path, models_dir: Path) -> None:
+    """One set-up path: `edgeid init` runs provision init's steps (self-signed, key file, no
+    self-test); models found are verified, not converted; host, port and a renewed certificate
+    are kept in edgeid.toml; a later `provision init` on the same box finds everything done."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    code, report, _ = run("init", "--home", str(bare), "--json")
+    assert code == EXIT_OK and isinstance(report, dict)
+    steps = {str(s["step"]): str(s["status"]) for s in report["steps"]}  # type: ignore[attr-defined, union-attr]
+    assert list(steps) == [
+        "device identity",
+        "web certificate",
+        "mqtt certificate",
+        "gallery keys",
+        "configuration",
+        "first admin",
+        "models",
+        "TensorRT engines",
+    ]
+    assert steps["models"] == "skipped" and not (bare / "models").exists()  # never converted
+
+    home = tmp_path / "box"
+    shutil.copytree(models_dir, home / "models")
+    code, report, _ = run(
+        "init", "--home", str(home), "--host", "0.0.0.0", "--port", "8443", "--json"
+    )
+    assert code == EXIT_OK and isinstance(report, dict)
+    models = next(s for s in report["steps"] if s["step"] == "models")  # type: ignore[attr-defined, union-attr]
+    assert models["status"] == "already done" and "verified" in models["detail"]
+    settings = load_settings(home)
+    assert (settings.web.host, settings.web.port, settings.keys.provider) == (
+        "0.0.0.0",
+        8443,
+        "keyfile",
+    )
+    first = report["tls_cert_sha256"]
+
+    again, renewed, _ = run("init", "--home", str(home), "--renew-cert", "--json")
+    assert again == EXIT_OK and isinstance(renewed, dict)
+    assert renewed["tls_cert_created"] is True and renewed["tls_cert_sha256"] != first
+    assert load_settings(home).web.port == 8443  # kept
+
+    code, provisioned, _ = run("provision", "init", "--home", str(home), "--no-selftest", "--json")
+    assert code == EXIT_OK and isinstance(provisioned, dict)
+    statuses = {s["step"]: s["status"] for s in provisioned["steps"]}  # type: ignore[index, union-attr]
+    assert statuses["device identity"] == statuses["gallery keys"] == "already done"
+    assert statuses["first admin"] == "already done"  # the lab's admin is the box's admin
+
+
+def test_provision_init_too_refuses_a_box_whose_audit_signing_key_is_gone(tmp_path: Path) -> None:
+    """The refusal lives in the shared steps, so both set-up commands keep a lost key lost."""
+    from edgeid.runtime.identity.device_key import device_key_path
+
+    home = tmp_path / "box"
+    assert run("init", "--home", str(home))[0] == EXIT_OK
+    device_key_path(home).unlink()
+    code, _, err = run("provision", "init", "--home", str(home), "--no-selftest")
+    assert code != EXIT_OK and "signing key" in err and "restore" in err
+    assert not device_key_path(home).exists()  # nothing was written

@@ -374,8 +374,10 @@ def provision_service(
     self_signed: bool,
     install_from: Path | None,
     now: dt.datetime,
+    renew: bool = False,
 ) -> Provisioned:
-    """Key, then the certificate: install the CA's, keep a good one, self-sign, or write a CSR."""
+    """Key, then the certificate: install the CA's, keep a good one, self-sign, or write a CSR.
+    ``renew`` replaces a good self-signed certificate too (a lab's ``edgeid init --renew-cert``)."""
     key, changed = ensure_key(paths.key)
     if install_from is not None:
         certs = check_installable(install_from, paths, now)
@@ -390,7 +392,7 @@ def provision_service(
     if cert is not None and is_self_signed(cert) and belongs_to(cert, key):
         # A lab certificate: kept while it is good and names the right names, else renewed.
         fresh = cert.not_valid_after_utc - now >= RENEW_WITHIN
-        if state.problem is None and covers and fresh:
+        if state.problem is None and covers and fresh and not renew:
             return Provisioned(changed, True, f"{request.describe()}, {describe_cert(cert)}")
         _write_if_changed(paths.cert, make_self_signed(key, request, now), "renewing the cert")
         return Provisioned(True, True, f"{request.describe()}, renewed self-signed certificate")

@@ -45,6 +45,7 @@ from edgeid.provisioning.kek import best_sealer, choose_provider, ensure_keyring
 from edgeid.provisioning.report import CheckResult, StepResult, StepStatus, first_clause, passed
 from edgeid.provisioning.selftest import run_selftest
 from edgeid.runtime.accounts.users import check_username
+from edgeid.runtime.audit.layout import LOG_FILE, audit_dir
 from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import DeviceSettings, Settings, load_settings
 from edgeid.runtime.errors import BadInputError, EdgeidError
@@ -87,6 +88,12 @@ class InitRequest:
     wheelhouse: Path | None = None
     selftest: bool = True
     admin: str = DEFAULT_ADMIN  # the first admin's name, used only while the box has no user
+    web_host: str | None = None  # where the web UI listens (edgeid.toml's web section)
+    web_port: int | None = None
+    renew_web_cert: bool = False  # a new self-signed web certificate even if the old is good
+    # False (edgeid init, the lab shortcut): models found are verified, none found is a skipped
+    # step naming the command, never a conversion that needs the [models] extra.
+    convert_models: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,14 @@ def parse_broker(value: str) -> tuple[str, int]:
     return host, int(match["port"]) if match["port"] else DEFAULT_BROKER_PORT
 
 
-def _identity(current: Settings, req: InitRequest) -> tuple[str, str, bool]:
-    configured = "device_id" in current.device.model_fields_set
+def _has_identity(home: Path, current: Settings) -> bool:
+    """A box with a device key has an identity: the one in edgeid.toml, or the defaults (a
+    lab's, which edgeid.toml leaves unwritten)."""
+    return "device_id" in current.device.model_fields_set or device_key_path(home).exists()
+
+
+def _identity(home: Path, current: Settings, req: InitRequest) -> tuple[str, str, bool]:
+    configured = _has_identity(home, current)
     device_id = req.device_id or (current.device.device_id if configured else None)
     site = req.site or (current.device.site if configured else None)
     if not device_id or not site:
@@ -138,10 +151,8 @@ def _identity(current: Settings, req: InitRequest) -> tuple[str, str, bool]:
             f"--{field} must be a lower-case slug (a-z, 0-9, '-', up to 63 characters), "
             f"e.g. box-07; got {bad!r}"
         ) from None
-    changed = not configured or (device_id, site) != (
-        current.device.device_id,
-        current.device.site,
-    )
+    # The defaults (dev-box at lab, a lab's) are not written to edgeid.toml, so compare values.
+    changed = (device_id, site) != (current.device.device_id, current.device.site)
     return device_id, site, changed
 
 
@@ -149,7 +160,7 @@ def web_common_name(device_id: str) -> str:
     return f"edgeid {device_id}"  # as edgeid init names its certificate
 
 
-def _default_web_names() -> tuple[str, ...]:
+def default_web_names() -> tuple[str, ...]:
     host = socket.gethostname().lower()
     return (*DEFAULT_WEB_NAMES, host) if _HOSTNAME.fullmatch(host) else DEFAULT_WEB_NAMES
 
@@ -158,14 +169,25 @@ def _tls_files(paths: ServicePaths) -> list[Path]:
     return [p for p in (paths.key, paths.csr, paths.cert) if p.exists()]
 
 
+def refuse_lost_device_key(home: Path) -> None:
+    """An audit log whose signing key is gone: a new key would sign on from there and every
+    later ``audit verify`` would report the log TAMPERED. Refused before anything is written."""
+    key = device_key_path(home)
+    if (audit_dir(home) / LOG_FILE).exists() and not key.exists():
+        raise EdgeidError(
+            f"the audit log exists but its signing key {key} is gone; restore that file from "
+            "the box's backup and run init again (nothing was changed)"
+        )
+
+
 def plan_init(home: Path, req: InitRequest, now: dt.datetime) -> Plan:
     """The settings to write and the files to make, after checking every input."""
+    refuse_lost_device_key(home)
     current = load_settings(home)
-    device_id, site, identity_changed = _identity(current, req)
+    device_id, site, identity_changed = _identity(home, current, req)
     web = service_paths(home, "web", current.web.tls_key, current.web.tls_cert)
     mqtt = service_paths(home, "mqtt", current.telemetry.key_file, current.telemetry.cert_file)
-    configured = "device_id" in current.device.model_fields_set
-    if configured and identity_changed and (_tls_files(web) or _tls_files(mqtt)):
+    if _has_identity(home, current) and identity_changed and (_tls_files(web) or _tls_files(mqtt)):
         raise BadInputError(
             f"this box is provisioned as {current.device.site}/{current.device.device_id} and its "
             "certificates name it; run edgeid provision factory-reset --yes before changing it"
@@ -176,7 +198,7 @@ def plan_init(home: Path, req: InitRequest, now: dt.datetime) -> Plan:
         web_request = CertRequest(web_common_name(device_id), "server", dns, ips)
     else:
         web_request = existing_request(web, "server") or CertRequest(
-            web_common_name(device_id), "server", *parse_names(_default_web_names())
+            web_common_name(device_id), "server", *parse_names(default_web_names())
         )
     mqtt_request = CertRequest(f"{site}/{device_id}", "client")
     for source, paths in ((req.web_cert, web), (req.mqtt_cert, mqtt)):
@@ -202,8 +224,15 @@ def plan_init(home: Path, req: InitRequest, now: dt.datetime) -> Plan:
         "device": {"device_id": device_id, "site": site},
         "keys": {"provider": key_kind, "tpm_tcti": keys.tpm_tcti},
     }
+    web_changes: dict[str, object] = {}
     if req.web_cert or req.self_signed or web.cert.is_file():
-        changes["web"] = {"tls_key": str(web.key), "tls_cert": str(web.cert)}
+        web_changes |= {"tls_key": str(web.key), "tls_cert": str(web.cert)}
+    if req.web_host is not None:
+        web_changes["host"] = req.web_host
+    if req.web_port is not None:
+        web_changes["port"] = req.web_port
+    if web_changes:
+        changes["web"] = web_changes
     telemetry: dict[str, object] = {}
     if req.mqtt_cert or req.self_signed or mqtt.cert.is_file():
         telemetry |= {"key_file": str(mqtt.key), "cert_file": str(mqtt.cert)}
@@ -263,9 +292,16 @@ def _certificate(
     req: InitRequest,
     source: Path | None,
     now: dt.datetime,
+    *,
+    renew: bool = False,
 ) -> tuple[StepStatus, str]:
     done = provision_service(
-        paths, request, self_signed=req.self_signed, install_from=source, now=now
+        paths,
+        request,
+        self_signed=req.self_signed,
+        install_from=source,
+        now=now,
+        renew=renew,
     )
     return (StepStatus.FAILED if done.failed else _status(done.changed)), done.detail
 
@@ -314,8 +350,13 @@ def _admin(home: Path, req: InitRequest, made: list[FirstAdmin]) -> tuple[StepSt
 
 def _models(home: Path, req: InitRequest, progress: Progress | None) -> tuple[StepStatus, str]:
     installed = models_dir(home)
-    if installed != home / MODELS_DIR:  # the package's (or the update slot's) converted models
+    # The package's (or the update slot's) converted models, or the lab's own: verified only.
+    if installed != home / MODELS_DIR or not req.convert_models:
         manifests = list_manifests(installed)
+        if not manifests:
+            return StepStatus.SKIPPED, (
+                f"no models in {installed}; convert them with: edgeid models build --home {home}"
+            )
         for manifest in manifests:
             read_verified_model(installed, manifest.name)
         return StepStatus.ALREADY, f"{len(manifests)} models installed in {installed}, verified"
@@ -361,7 +402,9 @@ def run_init(
         ("device identity", lambda: _device(home, plan)),
         (
             "web certificate",
-            lambda: _certificate(plan.web, plan.web_request, req, req.web_cert, when),
+            lambda: _certificate(
+                plan.web, plan.web_request, req, req.web_cert, when, renew=req.renew_web_cert
+            ),
         ),
         ("mqtt certificate", lambda: _mqtt(plan, req, when)),
         ("gallery keys", lambda: _keys(home, plan, req)),
