@@ -170,7 +170,16 @@ def test_a_cluster_ingest_from_the_page_reaches_the_farm_and_the_audit(
         row = re.search(r"<tr><td>0123456789ab</td>.*?</tr>", text)
         assert row, "one row per node"
         cells = re.findall(r"<td>(.*?)</td>", row.group(0))
-        assert cells == ["0123456789ab", "10.20.0.7", "GPU (TensorRT)", "2", "1.50", "1", "working"]
+        assert cells == [
+            "0123456789ab",
+            "10.20.0.7",
+            "GPU (TensorRT)",
+            "2",
+            "0",
+            "1.50",
+            "1",
+            "working",
+        ]
 
         ingested = box.audit.query(case="CLU-1", action=AuditAction.CASE_INGESTED, limit=5)
         assert len(ingested) == 1
