@@ -385,6 +385,36 @@ def test_a_stopped_cluster_run_resumes_without_redoing_finished_files(
         assert_same(local, made(second.case))
 
 
+def test_bytes_in_flight_are_bounded_whatever_the_nodes(
+    tmp_path: Path,
+    cluster: Cluster,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    media: Media,
+    local: Made,
+) -> None:
+    """The owning box's object store holds what is in flight and must never fill (it does not
+    spill to disk): with a cap smaller than any image only one batch is ever out, on any node."""
+    most = 0
+
+    def progress(p: IngestProgress) -> None:
+        nonlocal most
+        most = max(most, sum(int(str(n["in_flight"])) for n in p.nodes))
+
+    home = _owner_home(tmp_path, cluster, models_dir)
+    with (
+        service(home, pipeline) as cases,
+        _farm(cluster, pipeline, batch_files=1, max_inflight_bytes=1) as farm,
+    ):
+        outcome = cases.ingest(
+            request(media.folder, galleries=(), frame_interval_s=1.0), progress=progress,
+            farm=farm,
+        )  # fmt: skip
+        assert outcome.run.status == "complete"
+        assert most == 1
+        assert_same(local, made(outcome.case))
+
+
 def test_a_worker_killed_mid_run_costs_only_its_batches(
     tmp_path: Path,
     cluster: Cluster,

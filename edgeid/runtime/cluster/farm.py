@@ -9,8 +9,10 @@ sent), one at a time and in a bounded memory, and each finished image is written
 as soon as it returns so that a stopped run resumes where it was. Ray Data wants a dataset it
 reads itself (from storage every node can reach, which seized media must not be on) or one
 materialised whole in the object store; its retries are per task, out of the caller's sight.
-Here the window is explicit: at most ``batches_per_node`` batches per node in flight plus one
-being filled, so memory is bounded by the batch size whatever the size of the seizure.
+Here the window is explicit: at most ``batches_per_node`` batches per node in flight, and at
+most ``max_inflight_bytes`` of images and frames (they wait in the owning box's object store
+until a node takes them), plus one batch being filled, so memory is bounded by the batch size
+whatever the size of the seizure or the number of nodes.
 
 Faults: a node (or its actor) that dies costs the batches it held; they go back to the front
 of the queue and are retried on another node (at most ``retries`` times each). New nodes are
@@ -36,6 +38,9 @@ from edgeid.runtime.errors import EdgeidError
 logger = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 64 * 1024 * 1024  # a batch is cut at this many bytes of images or pixels
+# In flight at most: half the owning box's object store at its default size (launch.py), so
+# the store never fills (it must not spill to disk).
+MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 REFRESH_S = 3.0  # look for new (or replaced) nodes this often
 NODE_START_S = 180.0  # loading a node's models may take this long (a TensorRT engine build)
 NODE_RETRY_S = 10.0  # a node whose actor died is given a new one after this long
@@ -49,6 +54,7 @@ class ClusterError(EdgeidError):
 @dataclass
 class _Batch:
     jobs: list[Job]
+    size: int  # bytes of images or pixels
     attempts: int = 0
 
     @property
@@ -84,6 +90,7 @@ class RayFarm:
         batches_per_node: int = 2,
         retries: int = 3,
         wait_for_nodes_s: float = WAIT_FOR_NODES_S,
+        max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
     ) -> None:
         self.address = address
         self.tls = tls
@@ -94,6 +101,7 @@ class RayFarm:
         self.batches_per_node = batches_per_node
         self.retries = retries
         self.wait_for_nodes_s = wait_for_nodes_s
+        self.max_inflight_bytes = max_inflight_bytes
         self._nodes: dict[str, _Node] = {}
         self._gone: dict[str, float] = {}  # node id -> when its actor died (or was refused)
         self._refused: set[str] = set()  # nodes with another model: never given work
@@ -195,7 +203,7 @@ class RayFarm:
 
     def _cut(self) -> None:
         if self._filling:
-            self._queue.append(_Batch(self._filling))
+            self._queue.append(_Batch(self._filling, self._filling_bytes))
             self._filling, self._filling_bytes = [], 0
 
     def _live(self) -> list[_Node]:
@@ -212,6 +220,9 @@ class RayFarm:
             free = [n for n in self._live() if len(n.inflight) < self.batches_per_node]
             if not free:
                 return
+            held = sum(b.size for n in self._live() for b in n.inflight.values())
+            if held and held + self._queue[0].size > self.max_inflight_bytes:
+                return  # one batch may always go, however large
             # The least busy; among equals the one that has done least: a node that joined late
             # takes the next batch.
             node = min(free, key=lambda n: (len(n.inflight), n.files + n.frames))
