@@ -420,6 +420,7 @@ def _pairs(
 ) -> dict[str, Any]:
     """Local and cluster ingests of the same files, alternating which goes first."""
     pairs = []
+    done: dict[str, int] = {}  # per node: images done before this pair's cluster ingest
     for i in range(repeat):
         runs: dict[str, dict[str, Any]] = {}
         order = ("local", "cluster") if i % 2 == 0 else ("cluster", "local")
@@ -429,6 +430,13 @@ def _pairs(
                 runs["local_video"] = _ingest(cases, videos, f"BENCH-LOCAL-VIDEO-{i}")
             else:
                 runs["cluster"] = _on_cluster(cases, images, f"BENCH-CLUSTER-{i}", farm)
+                reading = float(runs["cluster"]["seconds"].get("reading", 0.0))
+                now = {str(n["node"]): int(n["files"]) for n in runs["cluster"]["nodes"]}
+                runs["node_images_per_s"] = {
+                    node: round((files - done.get(node, 0)) / reading, 2) if reading else None
+                    for node, files in now.items()
+                }
+                done = now
                 runs["cluster_video"] = _on_cluster(cases, videos, f"BENCH-CLUSTER-VIDEO-{i}", farm)
         local, remote = runs["local"], runs["cluster"]
         pairs.append(
@@ -449,7 +457,7 @@ def _pairs(
                 "local_owner_ms_per_file": local["owner_ms_per_file"],
                 "cluster_owner_ms_per_file": remote["owner_ms_per_file"],
                 "owner_limit_files_per_s": remote["owner_limit_files_per_s"],
-                "nodes": remote["nodes"],
+                "node_images_per_s": runs["node_images_per_s"],
             }
         )
     ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
