@@ -319,37 +319,53 @@ def one_node_cluster(root: Path, models: Path) -> Iterator[tuple[str, Path]]:
     (home / "models").symlink_to(models.resolve())
     ip = own_address()
     tls = throwaway_site(home / TLS_DIR, ip)
-    with socket.socket() as free:
-        free.bind((ip, 0))
-        port = int(free.getsockname()[1])
-    log = (root / "head.log").open("wb")
-    head = subprocess.Popen(
-        [sys.executable, "-m", "edgeid", "cluster", "head", "--home", str(home), "--ip", ip,
-         "--port", str(port), "--work", "--object-store-bytes", str(256 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    head, port = _start_head(home, ip, root / "head.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:  # the farm waits for the node itself; Ray's client wants the head up
-            if head.poll() is not None:
-                raise RuntimeError(f"the head exited: {(root / 'head.log').read_text()[-2000:]}")
-            try:
-                socket.create_connection((ip, port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the head did not open its port in 120 s") from None
-                time.sleep(1)
         yield f"{ip}:{port}", tls
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
+        _stop(head)
+
+
+def _start_head(home: Path, ip: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The head on a free port; tried anew on another port when it fails to start (another
+    process on this shared machine may take the port between choosing and binding it)."""
+    for attempt in range(3):
+        with socket.socket() as free:
+            free.bind((ip, 0))
+            port = int(free.getsockname()[1])
+        with log.open("wb") as out:
+            head = subprocess.Popen(
+                [sys.executable, "-m", "edgeid", "cluster", "head", "--home", str(home),
+                 "--ip", ip, "--port", str(port), "--work",
+                 "--object-store-bytes", str(256 << 20)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while head.poll() is None:  # the farm waits for the node; Ray's client for the head
             try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        log.close()
+                socket.create_connection((ip, port), timeout=1).close()
+                return head, port
+            except OSError:
+                if time.monotonic() > deadline:
+                    _stop(head)
+                    raise RuntimeError("the head did not open its port in 120 s") from None
+                time.sleep(1)
+        logger.warning("the head did not start (try %d): %s", attempt + 1, log.read_text()[-500:])
+        _stop(head)
+    raise RuntimeError(f"the head did not start: {log.read_text()[-2000:]}")
+
+
+def _stop(head: subprocess.Popen[bytes]) -> None:
+    if head.poll() is None:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)  # what Ray started in its group
+    head.wait()
 
 
 @contextmanager
