@@ -238,25 +238,29 @@ def media(
     return built
 
 
-Faces = dict[str, list[tuple[tuple[int, int, int, int], float, np.ndarray]]]
+# By file hash: box, quality, template, video frame number and time (None for a photo).
+Faces = dict[
+    str, list[tuple[tuple[int, int, int, int], float, np.ndarray, int | None, float | None]]
+]
 
 
 @dataclass
 class Made:
-    faces: Faces  # by file hash: box, quality, template (in box order)
+    faces: Faces  # by file hash (in frame, then box order)
     files: dict[str, tuple[str, str | None]]  # by first name: status, reason
     names: dict[str, tuple[str, ...]]  # by file hash: every name
-    clusters: set[frozenset[tuple[str, tuple[int, int, int, int]]]]
+    clusters: set[frozenset[tuple[str, tuple[int, int, int, int], int | None]]]
 
 
 def made(case: Case) -> Made:
     faces: Faces = {}
     key = {}
     for f in case.faces():
-        faces.setdefault(f.file_sha256, []).append((f.box, f.quality, f.embedding))
-        key[f.face_id] = (f.file_sha256, f.box)
+        face = (f.box, f.quality, f.embedding, f.frame, f.time_s)
+        faces.setdefault(f.file_sha256, []).append(face)
+        key[f.face_id] = (f.file_sha256, f.box, f.frame)
     for found in faces.values():
-        found.sort(key=lambda t: t[0])
+        found.sort(key=lambda t: (t[3] or 0, t[0]))
     files = {f.names[0]: (f.status, f.reason) for f in case.files()}
     names = {str(f.sha256): tuple(sorted(f.names)) for f in case.files() if f.sha256}
     results = case.results()
@@ -271,8 +275,8 @@ def assert_same(local: Made, remote: Made) -> None:
     assert remote.faces.keys() == local.faces.keys()
     for sha, expected in local.faces.items():
         got = remote.faces[sha]
-        assert [g[0] for g in got] == [e[0] for e in expected], sha
-        for (_, q1, t1), (_, q2, t2) in zip(got, expected, strict=True):
+        assert [(g[0], g[3], g[4]) for g in got] == [(e[0], e[3], e[4]) for e in expected], sha
+        for (_, q1, t1, *_), (_, q2, t2, *_) in zip(got, expected, strict=True):
             assert abs(q1 - q2) < 1e-4
             assert float(t1 @ t2) > 0.9999  # the same template within float tolerance
     assert remote.clusters == local.clusters
@@ -292,6 +296,7 @@ def local(
         result = made(outcome.case)
     assert any(status == "failed" for status, _ in result.files.values())
     assert len(result.clusters) >= 4
+    assert sum(1 for found in result.faces.values() for f in found if f[3] is not None) >= 2
     return result
 
 
@@ -348,6 +353,8 @@ def test_cli_cluster_ingest_makes_the_local_faces_templates_and_clusters(
         images = sum(1 for f in case.files() if f.media == "image")
         assert_same(local, made(case))
     assert sum(n["files"] for n in nodes) == images  # every image went to a node, once
+    # and every sampled video frame (the video's faces are compared in assert_same)
+    assert sum(n["frames"] for n in nodes) == progress["video_frames"] >= 2
 
 
 def test_a_stopped_cluster_run_resumes_without_redoing_finished_files(
@@ -376,6 +383,36 @@ def test_a_stopped_cluster_run_resumes_without_redoing_finished_files(
         assert second.run.status == "complete"
         assert second.progress.files_already_done >= done
         assert_same(local, made(second.case))
+
+
+def test_bytes_in_flight_are_bounded_whatever_the_nodes(
+    tmp_path: Path,
+    cluster: Cluster,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    media: Media,
+    local: Made,
+) -> None:
+    """The owning box's object store holds what is in flight and must never fill (it does not
+    spill to disk): with a cap smaller than any image only one batch is ever out, on any node."""
+    most = 0
+
+    def progress(p: IngestProgress) -> None:
+        nonlocal most
+        most = max(most, sum(int(str(n["in_flight"])) for n in p.nodes))
+
+    home = _owner_home(tmp_path, cluster, models_dir)
+    with (
+        service(home, pipeline) as cases,
+        _farm(cluster, pipeline, batch_files=1, max_inflight_bytes=1) as farm,
+    ):
+        outcome = cases.ingest(
+            request(media.folder, galleries=(), frame_interval_s=1.0), progress=progress,
+            farm=farm,
+        )  # fmt: skip
+        assert outcome.run.status == "complete"
+        assert most == 1
+        assert_same(local, made(outcome.case))
 
 
 def test_a_worker_killed_mid_run_costs_only_its_batches(
@@ -410,6 +447,79 @@ def test_a_worker_killed_mid_run_costs_only_its_batches(
         assert [(n["head"], n["alive"]) for n in nodes].count((False, False)) == 1, nodes
         assert sum(int(str(n["batches_lost"])) for n in nodes) >= 1
         assert_same(local, made(outcome.case))
+
+
+def _node_ids(home: Path, address: str) -> set[str]:
+    """The live edgeid nodes' ids (asked from a child process, as ``_await_nodes``)."""
+    probe = (
+        "from edgeid.runtime.cluster.tls import ClusterTls;"
+        "from edgeid.runtime.config.settings import ClusterSettings; from pathlib import Path;"
+        f"ClusterTls.of(Path({str(home)!r}), ClusterSettings()).apply(); import ray;"
+        f"ray.init(address={address!r}, logging_level='ERROR');"
+        "print(' '.join(x['NodeID'] for x in ray.nodes() "
+        "if x['Alive'] and x['Resources'].get('edgeid_node')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stdout.strip().splitlines()[-1].split()) if done.stdout.strip() else set()
+
+
+def test_a_node_that_joins_mid_run_takes_work(
+    tmp_path: Path,
+    cluster: Cluster,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    media: Media,
+    local: Made,
+) -> None:
+    """Another box's `edgeid cluster worker` started while the ingest runs. The ingest waits
+    (in its progress callback, between files) until Ray lists the new node, so the files left
+    are known to be many: the farm looks for nodes every few seconds and gives a fresh node the
+    next batch."""
+    home = _owner_home(tmp_path, cluster, models_dir)
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "models").symlink_to(models_dir)
+    shutil.copytree(cluster.home / TLS_DIR, late / TLS_DIR)
+    joined: list[str] = []
+    proc: list[subprocess.Popen[bytes]] = []
+
+    def progress(p: IngestProgress) -> None:
+        if proc or p.phase != "reading" or p.files_new < 1:
+            return
+        before = _node_ids(cluster.home, cluster.address)
+        started = _node(
+            late, "worker", "--head", cluster.address, "--ip", LOCAL_IP, "--cpus", "1",
+            "--object-store-bytes", str(100 << 20), log=tmp_path / "late.log",
+        )  # fmt: skip
+        proc.append(started)
+        deadline = time.monotonic() + 120
+        while not joined and time.monotonic() < deadline:
+            if proc[0].poll() is not None:
+                pytest.fail(f"the late node exited: {(tmp_path / 'late.log').read_text()[-2000:]}")
+            joined.extend(_node_ids(cluster.home, cluster.address) - before)
+        assert joined, "the late node never registered"
+        assert p.files_seen < p.files_total - 3, "too little left for the late node"
+
+    try:
+        with service(home, pipeline) as cases, _farm(cluster, pipeline, batch_files=1) as farm:
+            outcome = cases.ingest(
+                request(media.folder, galleries=(), frame_interval_s=1.0), progress=progress,
+                farm=farm,
+            )  # fmt: skip
+            assert outcome.run.status == "complete"
+            nodes = {str(n["node"]): n for n in outcome.progress.nodes}
+            assert len(joined) == 1
+            newcomer = nodes[joined[0][:12]]  # listed in the progress, with its backend
+            assert newcomer["backend"] == "cpu" and not newcomer["head"]
+            assert int(str(newcomer["files"])) + int(str(newcomer["frames"])) >= 1, nodes
+            assert_same(local, made(outcome.case))
+    finally:
+        for started in proc:
+            _stop(started)
 
 
 def test_a_client_without_the_site_certificate_cannot_join(cluster: Cluster) -> None:

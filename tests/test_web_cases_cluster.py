@@ -2,7 +2,7 @@
 offered only when edgeid.toml names a cluster; chosen, the upload's images go to the farm the
 CLI's ``--cluster`` opens (``edgeid.runtime.cluster.opening``), the audit record says so, and
 the progress page lists the farm's nodes. The farm here analyses in this process with the
-node's own code (``FaceNode.analyse_one``) over the box's loaded pipeline: a real Ray cluster
+node's own code (``FaceNode.analyse``) over the box's loaded pipeline: a real Ray cluster
 is what tests/test_cluster_ingest.py proves, and it cannot start in a web test's time."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from web_support import OFFICE, PEOPLE, Box, build_box, lfw_image, tls_settings
 
 from edgeid.runtime.accounts.roles import Role
 from edgeid.runtime.audit import AuditAction
-from edgeid.runtime.cases.farmed import ImageFarm, ImageJob, ImageResult
+from edgeid.runtime.cases.farmed import ImageFarm, ImageResult, Job
 from edgeid.runtime.cluster.node import FaceNode
 from edgeid.runtime.config.settings import ClusterSettings
 from edgeid.runtime.errors import BadInputError
@@ -49,9 +49,9 @@ class InProcessFarm:
         self.opened = 0
         self.closed = 0
 
-    def submit(self, job: ImageJob) -> list[ImageResult]:
+    def submit(self, job: Job) -> list[ImageResult]:
         self.files += 1
-        return [self.node.analyse_one(job)]
+        return self.node.analyse([job])
 
     def forget(self) -> None:
         pass
@@ -70,6 +70,7 @@ class InProcessFarm:
                 "pid": 4242,
                 "in_flight": 0,
                 "files": self.files,
+                "frames": 0,
                 "files_per_s": 1.5,
                 "batches_lost": 1,
             }
@@ -169,7 +170,16 @@ def test_a_cluster_ingest_from_the_page_reaches_the_farm_and_the_audit(
         row = re.search(r"<tr><td>0123456789ab</td>.*?</tr>", text)
         assert row, "one row per node"
         cells = re.findall(r"<td>(.*?)</td>", row.group(0))
-        assert cells == ["0123456789ab", "10.20.0.7", "GPU (TensorRT)", "2", "1.50", "1", "working"]
+        assert cells == [
+            "0123456789ab",
+            "10.20.0.7",
+            "GPU (TensorRT)",
+            "2",
+            "0",
+            "1.50",
+            "1",
+            "working",
+        ]
 
         ingested = box.audit.query(case="CLU-1", action=AuditAction.CASE_INGESTED, limit=5)
         assert len(ingested) == 1

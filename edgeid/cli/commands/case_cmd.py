@@ -93,7 +93,7 @@ class ProgressBar:
         if p.nodes:
             live = [n for n in p.nodes if n["alive"]]
             rate = sum(float(str(n["files_per_s"])) for n in live)
-            text += f"  nodes {len(live)} ({rate:.1f} files/s)"
+            text += f"  nodes {len(live)} ({rate:.1f} images and frames/s)"
         if self.tty:
             print(f"\r{text}\x1b[K", end="", file=sys.stderr, flush=True)
             self._drawn = True

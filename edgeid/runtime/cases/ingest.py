@@ -20,7 +20,10 @@ One run, in order:
 With a farm (``--cluster``, ``farmed.py``) step 1 is split: the owning box still reads,
 hashes and deduplicates every file, and still samples videos itself; a new image's bytes go to
 the farm, whose nodes decode, detect, assess, align and embed it, and the image is written with
-its faces here when they come back (in the order they finish). Clustering, searches and the
+its faces here when they come back (in the order they finish). A video's sampled frames go to
+the farm as pixels; their faces are written into the video's file in frame order (as locally)
+and the video is finished when its last frame is back; images that come back meanwhile are
+written after it (a file being written is one durable unit). Clustering, searches and the
 audit log stay here. A stopped run loses only what was in flight.
 
 Progress is reported as counts only (with a farm, also its nodes: id, address, backend,
@@ -46,7 +49,7 @@ from edgeid.runtime.audit.events import AuditAction, AuditEvent, check_event
 from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
 from edgeid.runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, groups
 from edgeid.runtime.cases.errors import CaseModelError
-from edgeid.runtime.cases.farmed import ImageFarm, ImageJob, ImageResult
+from edgeid.runtime.cases.farmed import FrameJob, ImageFarm, ImageJob, ImageResult
 from edgeid.runtime.cases.leads import AuditSink, search_cluster
 from edgeid.runtime.cases.media import (
     READ_ERRORS,
@@ -67,7 +70,7 @@ from edgeid.runtime.cases.records import (
     RunStatus,
     SourceFile,
 )
-from edgeid.runtime.cases.store import Case, CaseStore, FileWrite, check_text
+from edgeid.runtime.cases.store import Case, CaseStore, FileWrite, NewFace, check_text
 from edgeid.runtime.cases.video import (
     DEFAULT_FRAME_INTERVAL_S,
     VideoSummary,
@@ -113,7 +116,8 @@ class IngestProgress:
     video_frames: int = 0
     clusters: int = 0
     clusters_searched: int = 0
-    # With a farm: per node its id, address, backend, files done and rate (no names).
+    # With a farm: per node its id, address, backend, images and frames done and rate (no
+    # names).
     nodes: list[dict[str, object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -315,7 +319,7 @@ class CaseIngest:
             for result in farmed.farm.drain():
                 if stop.is_set():
                     return None
-                self._farmed_image(case, run, farmed, result, counts)
+                self._farmed_results(case, run, farmed, [result], counts)
                 report(counts)
         if stop.is_set():
             return None
@@ -354,7 +358,9 @@ class CaseIngest:
                 if kind == "image":
                     self._image(case, run, entry.name, stream, counts)
                 elif kind == "video":
-                    self._video(case, run, entry.name, stream, interval_s, counts, report, stop)
+                    self._video(
+                        case, run, entry.name, stream, interval_s, counts, report, stop, farmed
+                    )
                 else:
                     self._refuse(case, run, entry.name, why or "unsupported file", counts)
         except _Stopped:
@@ -440,13 +446,30 @@ class CaseIngest:
             return True
         if self._known(case, sha256, name, counts):
             return False
-        key = farmed.next_key
-        farmed.next_key += 1
+        key = farmed.new_key()
         farmed.waiting[key] = sha256
         farmed.by_sha[sha256] = [name]
-        for result in farmed.farm.submit(ImageJob(key, data)):
-            self._farmed_image(case, run, farmed, result, counts)
+        self._farmed_results(case, run, farmed, farmed.farm.submit(ImageJob(key, data)), counts)
         return True
+
+    def _farmed_results(
+        self,
+        case: Case,
+        run: IngestRun,
+        farmed: _Farmed,
+        results: list[ImageResult],
+        counts: IngestProgress,
+    ) -> None:
+        """Results from the farm: a frame of the video being written goes into it; an image
+        waits while a video is being written (its file is one unit), else is written."""
+        for result in results:
+            video = farmed.video
+            if video is not None and result.key in video.frames:
+                video.back(result, counts)
+            elif video is not None:
+                farmed.held.append(result)
+            else:
+                self._farmed_image(case, run, farmed, result, counts)
 
     def _farmed_image(
         self,
@@ -488,6 +511,7 @@ class CaseIngest:
         counts: IngestProgress,
         report: ProgressCallback,
         stop: Event,
+        farmed: _Farmed | None = None,
     ) -> None:
         sha256 = _hash_stream(stream)
         if self._known(case, sha256, name, counts):
@@ -496,7 +520,12 @@ class CaseIngest:
         summary = VideoSummary()
         base = SourceFile("", sha256, (name,), "video", "done", None, 0, run.number)
         with case.writing(base) as session:
-            problem = self._frames(session, stream, interval_s, summary, counts, report, stop)
+            if farmed is None:
+                problem = self._frames(session, stream, interval_s, summary, counts, report, stop)
+            else:
+                problem = self._frames_farmed(
+                    case, run, session, stream, interval_s, summary, counts, report, stop, farmed
+                )
             status: FileStatus = "done"
             if problem is not None:
                 status = "partial" if summary.samples else "failed"
@@ -515,6 +544,9 @@ class CaseIngest:
             counts.files_failed += 1
         else:
             counts.files_new += 1
+        if farmed is not None:  # the images that came back while the video was written
+            held, farmed.held = farmed.held, []
+            self._farmed_results(case, run, farmed, held, counts)
 
     def _frames(
         self,
@@ -549,6 +581,44 @@ class CaseIngest:
         if pending:
             session.add_faces(pending)
             counts.faces_new += len(pending)
+        return problem
+
+    def _frames_farmed(
+        self,
+        case: Case,
+        run: IngestRun,
+        session: FileWrite,
+        stream: IO[bytes],
+        interval_s: float,
+        summary: VideoSummary,
+        counts: IngestProgress,
+        report: ProgressCallback,
+        stop: Event,
+        farmed: _Farmed,
+    ) -> str | None:
+        """As ``_frames``, with each sampled frame's analysis done by the farm; returns once
+        every frame sent is back and written."""
+        video = _FarmedVideo(session)
+        farmed.video = video
+        problem = None
+        try:
+            try:
+                for frame in sample_frames(stream, interval_s, summary=summary):
+                    if stop.is_set():
+                        raise _Stopped()
+                    key = farmed.new_key()
+                    video.frames[key] = (frame.index, frame.time_s)
+                    job = FrameJob(key, frame.pixels)
+                    self._farmed_results(case, run, farmed, farmed.farm.submit(job), counts)
+                    report(counts)
+            except BadInputError as exc:  # damaged part way: the frames sampled are kept
+                problem = _reason(exc)
+            self._farmed_results(case, run, farmed, farmed.farm.drain(), counts)
+            if video.frames:  # the farm's drain returns every result or raises
+                raise EdgeidError(f"{len(video.frames)} video frames did not come back")
+            video.flush(counts)
+        finally:
+            farmed.video = None
         return problem
 
     # -- clusters and leads ------------------------------------------------------------------
@@ -661,6 +731,40 @@ class _Farmed:
     next_key: int = 0
     waiting: dict[int, str] = field(default_factory=dict)
     by_sha: dict[str, list[str]] = field(default_factory=dict)
+    video: _FarmedVideo | None = None  # the video being written, if any
+    held: list[ImageResult] = field(default_factory=list)  # images back while it is written
+
+    def new_key(self) -> int:
+        self.next_key += 1
+        return self.next_key - 1
+
+
+@dataclass
+class _FarmedVideo:
+    """A video's frames in the farm: key -> (sample number, time). Faces are written in
+    sample order, as the local ingest writes them, whatever order the frames come back in."""
+
+    session: FileWrite
+    frames: dict[int, tuple[int, float]] = field(default_factory=dict)
+    done: dict[int, list[NewFace]] = field(default_factory=dict)  # back, not yet in order
+    next_index: int = 0
+    pending: list[NewFace] = field(default_factory=list)  # in order, not yet written
+
+    def back(self, result: ImageResult, counts: IngestProgress) -> None:
+        index, time_s = self.frames.pop(result.key)
+        self.done[index] = [replace(f, frame=index, time_s=time_s) for f in result.faces]
+        counts.video_frames += 1
+        while self.next_index in self.done:
+            self.pending.extend(self.done.pop(self.next_index))
+            self.next_index += 1
+        if len(self.pending) >= VIDEO_FLUSH_FACES:
+            self.flush(counts)
+
+    def flush(self, counts: IngestProgress) -> None:
+        if self.pending:
+            self.session.add_faces(self.pending)
+            counts.faces_new += len(self.pending)
+            self.pending = []
 
 
 class _Stopped(Exception):

@@ -1,6 +1,7 @@
 """The owning box's side of a cluster ingest: Ray actors, one per node with the
 ``edgeid_node`` resource (nodes `edgeid cluster worker` started), each holding one loaded face
-pipeline; batches of image bytes go to them through a bounded in-flight window.
+pipeline; batches of image bytes (and of sampled video frames' pixels) go to them through a
+bounded in-flight window.
 
 Why actors and a window rather than Ray Data's ``map_batches``: the media are read, hashed and
 deduplicated on the owning box (an archive member or a file already in the case must never be
@@ -8,8 +9,10 @@ sent), one at a time and in a bounded memory, and each finished image is written
 as soon as it returns so that a stopped run resumes where it was. Ray Data wants a dataset it
 reads itself (from storage every node can reach, which seized media must not be on) or one
 materialised whole in the object store; its retries are per task, out of the caller's sight.
-Here the window is explicit: at most ``batches_per_node`` batches per node in flight plus one
-being filled, so memory is bounded by the batch size whatever the size of the seizure.
+Here the window is explicit: at most ``batches_per_node`` batches per node in flight, and at
+most ``max_inflight_bytes`` of images and frames (they wait in the owning box's object store
+until a node takes them), plus one batch being filled, so memory is bounded by the batch size
+whatever the size of the seizure or the number of nodes.
 
 Faults: a node (or its actor) that dies costs the batches it held; they go back to the front
 of the queue and are retried on another node (at most ``retries`` times each). New nodes are
@@ -27,14 +30,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from edgeid.runtime.cases.farmed import ImageJob, ImageResult
+from edgeid.runtime.cases.farmed import FrameJob, ImageResult, Job
 from edgeid.runtime.cluster.node import NODE_RESOURCE, FaceNode, NodeInfo
 from edgeid.runtime.cluster.tls import ClusterTls
 from edgeid.runtime.errors import EdgeidError
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 64 * 1024 * 1024  # a batch is cut at this many bytes of images
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # a batch is cut at this many bytes of images or pixels
+# In flight at most: half the owning box's object store at its default size (launch.py), so
+# the store never fills (it must not spill to disk).
+MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 REFRESH_S = 3.0  # look for new (or replaced) nodes this often
 NODE_START_S = 180.0  # loading a node's models may take this long (a TensorRT engine build)
 NODE_RETRY_S = 10.0  # a node whose actor died is given a new one after this long
@@ -47,8 +53,13 @@ class ClusterError(EdgeidError):
 
 @dataclass
 class _Batch:
-    jobs: list[ImageJob]
+    jobs: list[Job]
+    size: int  # bytes of images or pixels
     attempts: int = 0
+
+    @property
+    def frames(self) -> int:
+        return sum(1 for job in self.jobs if isinstance(job, FrameJob))
 
 
 @dataclass
@@ -57,7 +68,8 @@ class _Node:
     actor: Any
     started: float
     inflight: dict[Any, _Batch] = field(default_factory=dict)  # ObjectRef -> batch
-    files: int = 0
+    files: int = 0  # images analysed
+    frames: int = 0  # video frames analysed
     alive: bool = True
     batches_lost: int = 0
 
@@ -78,6 +90,7 @@ class RayFarm:
         batches_per_node: int = 2,
         retries: int = 3,
         wait_for_nodes_s: float = WAIT_FOR_NODES_S,
+        max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
     ) -> None:
         self.address = address
         self.tls = tls
@@ -88,11 +101,12 @@ class RayFarm:
         self.batches_per_node = batches_per_node
         self.retries = retries
         self.wait_for_nodes_s = wait_for_nodes_s
+        self.max_inflight_bytes = max_inflight_bytes
         self._nodes: dict[str, _Node] = {}
         self._gone: dict[str, float] = {}  # node id -> when its actor died (or was refused)
         self._refused: set[str] = set()  # nodes with another model: never given work
         self._queue: deque[_Batch] = deque()
-        self._filling: list[ImageJob] = []
+        self._filling: list[Job] = []
         self._filling_bytes = 0
         self._last_refresh = 0.0
         self._ray: Any = None
@@ -136,9 +150,9 @@ class RayFarm:
 
     # -- the ImageFarm protocol --------------------------------------------------------------
 
-    def submit(self, job: ImageJob) -> list[ImageResult]:
+    def submit(self, job: Job) -> list[ImageResult]:
         self._filling.append(job)
-        self._filling_bytes += len(job.data)
+        self._filling_bytes += job.size
         if len(self._filling) >= self.batch_files or self._filling_bytes >= MAX_BATCH_BYTES:
             self._cut()
         done = self._collect(timeout=0)
@@ -177,7 +191,9 @@ class RayFarm:
                 "pid": n.info.pid,
                 "in_flight": len(n.inflight),
                 "files": n.files,
-                "files_per_s": round(n.files / max(now - n.started, 1e-3), 2),
+                "frames": n.frames,
+                # images and video frames: each is one picture analysed
+                "files_per_s": round((n.files + n.frames) / max(now - n.started, 1e-3), 2),
                 "batches_lost": n.batches_lost,
             }
             for node_id, n in self._nodes.items()
@@ -187,7 +203,7 @@ class RayFarm:
 
     def _cut(self) -> None:
         if self._filling:
-            self._queue.append(_Batch(self._filling))
+            self._queue.append(_Batch(self._filling, self._filling_bytes))
             self._filling, self._filling_bytes = [], 0
 
     def _live(self) -> list[_Node]:
@@ -204,7 +220,12 @@ class RayFarm:
             free = [n for n in self._live() if len(n.inflight) < self.batches_per_node]
             if not free:
                 return
-            node = min(free, key=lambda n: len(n.inflight))
+            held = sum(b.size for n in self._live() for b in n.inflight.values())
+            if held and held + self._queue[0].size > self.max_inflight_bytes:
+                return  # one batch may always go, however large
+            # The least busy; among equals the one that has done least: a node that joined late
+            # takes the next batch.
+            node = min(free, key=lambda n: (len(n.inflight), n.files + n.frames))
             batch = self._queue.popleft()
             batch.attempts += 1
             node.inflight[node.actor.analyse.remote(batch.jobs)] = batch
@@ -231,7 +252,9 @@ class RayFarm:
             except self._ray.exceptions.RayError as exc:
                 self._lost(node, batch, exc)
                 continue
-            node.files += len(results)
+            frames = batch.frames
+            node.files += len(results) - frames
+            node.frames += frames
             done.extend(results)
         return done
 

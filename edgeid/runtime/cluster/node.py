@@ -1,10 +1,12 @@
 """What runs on a cluster node: one loaded face pipeline that turns a batch of image bytes
-into faces (box, landmarks' result, quality, template, aligned chip).
+(or of video frames' pixels) into faces (box, landmarks' result, quality, template, aligned
+chip).
 
 A node holds no keys, no case number, no file names: it gets an opaque key and the bytes of
-each image of its batch, in memory (Ray's object store, which the node keeps in RAM), and
-returns the faces. The owning box seals the chips when it writes them into the case. Nothing
-here writes to disk.
+each image of its batch, or the pixels of each video frame the owning box sampled (never the
+video file, its name or the frame's time), in memory (Ray's object store, which the node keeps
+in RAM), and returns the faces. The owning box seals the chips when it writes them into the
+case. Nothing here writes to disk.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeid.runtime.cases.analysis import analyse_working
-from edgeid.runtime.cases.farmed import ImageJob, ImageResult
+from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
+from edgeid.runtime.cases.farmed import FrameJob, ImageJob, ImageResult, Job
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.inference.image_decode import decode_working
@@ -77,8 +79,17 @@ class FaceNode:
             ),
         )
 
-    def analyse(self, batch: list[ImageJob]) -> list[ImageResult]:
-        return [self.analyse_one(job) for job in batch]
+    def analyse(self, batch: list[Job]) -> list[ImageResult]:
+        return [
+            self.analyse_frame(job) if isinstance(job, FrameJob) else self.analyse_one(job)
+            for job in batch
+        ]
+
+    def analyse_frame(self, job: FrameJob) -> ImageResult:
+        """As ``CaseIngest._frames`` analyses a sampled frame (its number and time are added
+        on the owning box)."""
+        height, width = job.pixels.shape[:2]
+        return ImageResult(job.key, None, width, height, analyse_pixels(self.pipeline, job.pixels))
 
     def analyse_one(self, job: ImageJob) -> ImageResult:
         """As ``CaseIngest._image`` after its deduplication: the same decode, the same limits."""

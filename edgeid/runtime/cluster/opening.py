@@ -42,5 +42,6 @@ def open_farm(
         max_faces=limits.max_faces,
         batch_files=settings.cluster.batch_files,
         batches_per_node=settings.cluster.batches_per_node,
+        max_inflight_bytes=settings.cluster.inflight_mib << 20,
     ) as farm:
         yield farm

@@ -255,6 +255,9 @@ class ClusterSettings(_Section):
     key_file: str = ""
     batch_files: int = Field(default=8, ge=1, le=256)  # images per batch sent to a node
     batches_per_node: int = Field(default=2, ge=1, le=16)  # in flight per node: back-pressure
+    # at most this many MiB of images and frames in flight (they wait in the owning box's
+    # object store, 512 MiB by default, which must never fill: it does not spill to disk)
+    inflight_mib: int = Field(default=256, ge=16, le=65536)
 
 
 class Settings(_Section):
