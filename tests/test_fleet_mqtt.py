@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from mqtt_broker import WAIT_S, Agent, Broker, Pki, Recorder, client_for, device_home
-from test_fleet import parse_exposition
+from test_fleet import parse_exposition, promtool_check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STALE_AFTER_S = 3  # three missed one-second reports
@@ -113,11 +113,15 @@ def test_the_dashboard_follows_devices_through_online_stale_and_offline(
 
     content_type, text = fleet.get("/metrics")
     assert content_type.startswith("text/plain; version=0.0.4")
+    promtool_check(text)
     series = parse_exposition(text)
-    assert series['edgeid_device_up{site="lab",device="box-1"}'] == 1
-    assert series['edgeid_device_up{site="lab",device="box-2"}'] == 1
-    assert 0 <= series['edgeid_device_cpu_percent{site="lab",device="box-1"}'] <= 100
-    assert series['edgeid_device_disk_free_bytes{site="lab",device="box-1"}'] > 0
+    assert series['edgeid_device_up{device="box-1",site="lab"}'] == 1
+    assert series['edgeid_device_up{device="box-2",site="lab"}'] == 1
+    assert 0 <= series['edgeid_device_cpu_usage_ratio{device="box-1",site="lab"}'] <= 1
+    assert series['edgeid_device_disk_free_bytes{device="box-1",site="lab"}'] > 0
+    # Real boxes report their latency buckets: each device has its histogram.
+    histogram = "edgeid_device_inference_latency_seconds_bucket"
+    assert key(histogram, site="lab", device="box-1", le="+Inf") in series
 
     # Home Assistant discovery: retained configs pointing at each device's own topics.
     configs = observer.wait_for(
@@ -140,8 +144,8 @@ def test_the_dashboard_follows_devices_through_online_stale_and_offline(
         "box-1 stale and box-2 offline",
     )
     series = parse_exposition(fleet.get("/metrics")[1])
-    assert series['edgeid_device_state{site="lab",device="box-2",state="offline"}'] == 1
-    assert series['edgeid_device_up{site="lab",device="box-1"}'] == 0
+    assert series['edgeid_device_state{device="box-2",site="lab",state="offline"}'] == 1
+    assert series['edgeid_device_up{device="box-1",site="lab"}'] == 0
     assert fleet.stop() == 0
 
 
