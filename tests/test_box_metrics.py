@@ -37,11 +37,13 @@ def token_of(box: Box, role: Role) -> str:
 
 def test_loopback_reads_the_box_metrics_without_a_token(box: Box) -> None:
     before = SERVICE_METRICS.totals()
-    with serving(box.app, box.settings, free_port()) as url:
-        with httpx.Client(base_url=url, verify=False, timeout=30) as local:
-            for _ in range(3):  # requests the box counts and times (the sign-in page)
-                assert local.get("/login").status_code == 200
-            reply = local.get("/metrics")
+    with (
+        serving(box.app, box.settings, free_port()) as url,
+        httpx.Client(base_url=url, verify=False, timeout=30) as local,
+    ):
+        for _ in range(3):  # requests the box counts and times (the sign-in page)
+            assert local.get("/login").status_code == 200
+        reply = local.get("/metrics")
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"] == CONTENT_TYPE
     promtool_check(reply.content)
