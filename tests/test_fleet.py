@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeid.fleet import dashboard
 from edgeid.fleet.devices import DEVICE_STATES, DeviceView, FleetState, Point, parse_topic
 from edgeid.fleet.homeassistant import SENSORS, discovery_messages
-from edgeid.fleet.prometheus import render_fleet
+from edgeid.fleet.prometheus import FleetCollector, render_fleet
+from edgeid.runtime.telemetry.exposition import render_reference
 from edgeid.runtime.telemetry.schema import (
     EventKind,
     EventReport,
@@ -219,6 +220,7 @@ def test_metrics_are_valid_exposition_text_with_the_device_figures() -> None:
     state.ingest("edgeid/lab/box-2/status", b"offline")
     state.ingest("edgeid/lab/box-3/health", b"not json")
     text = render_fleet(state)
+    assert text == render_reference(FleetCollector(state)), "prometheus_client's own writer"
     promtool_check(text)
     series = parse_exposition(text)
     one = 'device="box-1",site="lab"'
