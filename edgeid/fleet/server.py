@@ -97,13 +97,13 @@ def read_token(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(
             f"--token-file {path}: cannot be read ({exc.__class__.__name__}); make one with "
-            f"`openssl rand -hex 32 > {path}`"
+            f"`(umask 077; openssl rand -hex 32 > {path})`"
         ) from exc
     token = text.strip()
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token) or not token.isprintable():
         raise BadInputError(
             f"--token-file {path}: the token must be one line of at least {MIN_TOKEN_CHARS} "
-            f"printable characters; make one with `openssl rand -hex 32 > {path}`"
+            f"printable characters; make one with `(umask 077; openssl rand -hex 32 > {path})`"
         )
     if mode & 0o077:
         raise BadInputError(f"--token-file {path}: others may read it; run `chmod 600 {path}`")
@@ -130,8 +130,8 @@ def check_options(options: FleetOptions) -> None:
     if options.token_file is None and not is_loopback(options.listen_host):
         raise BadInputError(
             f"refusing to serve the fleet pages on {options.listen_host} without a token: "
-            "give --token-file FILE (made with `openssl rand -hex 32 > FILE`) or --listen "
-            "127.0.0.1:PORT"
+            "give --token-file FILE (made with `(umask 077; openssl rand -hex 32 > FILE)`) or "
+            "--listen 127.0.0.1:PORT"
         )
 
 

@@ -70,7 +70,7 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         type=path_arg,
         metavar="FILE",
         help="bearer token every page but /healthz requires (one line, mode 600; "
-        "make it with: openssl rand -hex 32 > FILE)",
+        "make it with: (umask 077; openssl rand -hex 32 > FILE))",
     )
     serve.add_argument("--tls-cert", type=path_arg, metavar="PEM", help="serve HTTPS: certificate")
     serve.add_argument("--tls-key", type=path_arg, metavar="PEM", help="its private key")
