@@ -291,6 +291,9 @@ class FleetService:
                 server_header=False,
                 proxy_headers=False,
                 timeout_keep_alive=5,
+                # A scraper holding its connection (over TLS, asyncio waits 30 s for its
+                # close_notify) must not hold up a stop.
+                timeout_graceful_shutdown=5,
             )
         )
         self._thread: threading.Thread | None = None
