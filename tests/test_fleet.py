@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeid.fleet import dashboard
 from edgeid.fleet.devices import DEVICE_STATES, DeviceView, FleetState, Point, parse_topic
 from edgeid.fleet.homeassistant import SENSORS, discovery_messages
-from edgeid.fleet.prometheus import FleetCollector, render_fleet
+from edgeid.fleet.prometheus import FleetCollector, FleetExposition, render_fleet
 from edgeid.runtime.telemetry.exposition import render_reference
 from edgeid.runtime.telemetry.schema import (
     EventKind,
@@ -267,6 +267,35 @@ def test_latency_histograms_add_up_the_reports_each_counted_once() -> None:
     assert series[f"edgeid_device_inference_latency_seconds_count{one}"] == 11
     assert series[f"edgeid_device_inference_latency_seconds_sum{one}"] == pytest.approx(30.45)
     assert series[f"edgeid_device_inference_requests_total{one}"] == 13
+
+
+def test_the_kept_lines_follow_the_fleet_and_match_the_librarys_writer() -> None:
+    """``FleetExposition`` keeps each device's lines between scrapes; whatever changed (a
+    message, a device going stale on the clock alone) is written again."""
+    clock = Clock()
+    state = FleetState(stale_after_s=90, clock=clock)
+    exposition = FleetExposition(state)
+
+    def same() -> dict[str, float]:
+        text = exposition.render()
+        assert text == render_reference(FleetCollector(state))
+        return parse_exposition(text)
+
+    same()
+    state.ingest("edgeid/lab/box-1/status", b"online")
+    state.ingest("edgeid/lab/box-1/health", health_with_histogram(1, clock.now, [1] * 15, 1.5))
+    state.ingest("edgeid/lab/box-2/health", health(1, clock.now))
+    assert same()[key("edgeid_device_up", **BOX1)] == 1
+    clock.now += 91  # no message: both go stale
+    series = same()
+    assert series[key("edgeid_device_up", **BOX1)] == 0
+    assert series[key("edgeid_device_state", **BOX1, state="stale")] == 1
+    state.ingest("edgeid/lab/box-2/health", health(2, clock.now, requests=7))
+    state.ingest("edgeid/lab/box-3/events", event(1, EventKind.STARTED))
+    series = same()
+    assert series[key("edgeid_device_up", site="lab", device="box-2")] == 1
+    assert series[key("edgeid_device_inference_requests_total", site="lab", device="box-2")] == 12
+    assert series[key("edgeid_device_events_total", site="lab", device="box-3", kind="started")]
 
 
 def test_metrics_of_an_empty_fleet_are_still_valid() -> None:

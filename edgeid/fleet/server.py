@@ -213,13 +213,13 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> ASGIApp:
     """The fleet's web app over ``state``; ``token``: None for open pages (loopback only)."""
-    collector = prometheus.FleetCollector(state)
+    exposition = prometheus.FleetExposition(state)
 
     def page(_request: Request) -> Response:
         return HTMLResponse(dashboard.render(state.devices(), clock()))
 
     def metrics(_request: Request) -> Response:
-        return Response(prometheus.render(collector), media_type=prometheus.CONTENT_TYPE)
+        return Response(exposition.render(), media_type=prometheus.CONTENT_TYPE)
 
     def devices(_request: Request) -> Response:
         return JSONResponse({"devices": [device_json(v) for v in state.devices()]})

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from edgeid.runtime.system.metrics import LATENCY_BUCKETS_S
@@ -159,6 +160,10 @@ class Families:
     def collect(self) -> Iterator[Metric]:
         return (family for family in self._all if family.samples)
 
+    def every_family(self) -> list[Metric]:
+        """All families in the order ``collect`` yields them, with samples or not."""
+        return list(self._all)
+
 
 def histogram_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
     """Per-bucket counts (``LATENCY_BUCKETS_S`` and one slower) as Prometheus' cumulative
@@ -195,29 +200,34 @@ def _label_value(value: str) -> str:
     return value
 
 
+def family_header(family: Metric) -> str:
+    """The ``# HELP`` and ``# TYPE`` lines of a family."""
+    if family.type not in WRITTEN_TYPES:
+        raise ValueError(f"{family.name}: {family.type} families are not written here")
+    name = f"{family.name}_total" if family.type == "counter" else family.name
+    doc = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n"
+
+
+def sample_line(sample: Sample) -> str:
+    if sample.timestamp is not None or sample.exemplar is not None:
+        raise ValueError(f"{sample.name}: timestamps and exemplars are not written here")
+    value = _go_float(sample.value)
+    if not sample.labels:
+        return f"{sample.name} {value}\n"
+    labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items()))
+    return f"{sample.name}{{{labels}}} {value}\n"
+
+
 def render(collector: Collector) -> bytes:
     """The text exposition (format 0.0.4) of ``collector``'s families, byte for byte what
-    ``prometheus_client.generate_latest`` writes for them (tests compare the two) in about a
-    third of its time, which counts with thousands of devices: only the family types used
-    here, without timestamps or exemplars."""
+    ``prometheus_client.generate_latest`` writes for them (tests compare the two) in about
+    half its time, which counts with thousands of devices: only the family types used here,
+    without timestamps or exemplars."""
     out: list[str] = []
     for family in collector.collect():
-        if family.type not in WRITTEN_TYPES:
-            raise ValueError(f"{family.name}: {family.type} families are not written here")
-        name = f"{family.name}_total" if family.type == "counter" else family.name
-        doc = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
-        for sample in family.samples:
-            if sample.timestamp is not None or sample.exemplar is not None:
-                raise ValueError(f"{sample.name}: timestamps and exemplars are not written here")
-            value = _go_float(sample.value)
-            if sample.labels:
-                labels = ",".join(
-                    f'{k}="{_label_value(v)}"' for k, v in sorted(sample.labels.items())
-                )
-                out.append(f"{sample.name}{{{labels}}} {value}\n")
-            else:
-                out.append(f"{sample.name} {value}\n")
+        out.append(family_header(family))
+        out.extend(sample_line(sample) for sample in family.samples)
     return "".join(out).encode("utf-8")
 
 
