@@ -123,10 +123,11 @@ clean:
 # python3 and python3-venv: the venv and the package's interpreter; mosquitto: the telemetry
 # tests' broker; chromium: the web UI tests; swtpm, swtpm-tools, tpm2-tools: the TPM2 key
 # provider tests; systemd: systemd-analyze, -sysusers, -tmpfiles, -creds; openssl: the audit
-# export check; dpkg-dev, fakeroot, lintian: `make deb` and its test. npm (axe-core for the
+# export check; dpkg-dev, fakeroot, lintian: `make deb` and its test; prometheus: promtool, which
+# checks both /metrics outputs (fleet manager and box). npm (axe-core for the
 # accessibility test) is wanted as a command: NodeSource's nodejs package also provides it.
 SYSTEM_PACKAGES := make python3 python3-venv mosquitto chromium swtpm swtpm-tools tpm2-tools \
-	systemd openssl dpkg-dev fakeroot lintian
+	systemd openssl dpkg-dev fakeroot lintian prometheus
 
 # Quick when everything is there (a dpkg-query per package); apt's lists are refreshed only when an
 # install fails on them. Not root: stops with the one command to run.

@@ -44,8 +44,8 @@ from edgeid.runtime.accounts.tokens import TokenStore
 from edgeid.runtime.web.access import requirement_of
 
 PARAM = re.compile(r"\{([a-z_]+)(?::[a-z]+)?\}")
-# Pages whose answer is not a page (images, JSON, the API) are not walked.
-NOT_PAGES = re.compile(r"^/(api/|static/)|\.(jpg|json)$|^/healthz$")
+# Pages whose answer is not a page (images, JSON, the API, Prometheus' text) are not walked.
+NOT_PAGES = re.compile(r"^/(api/|static/)|\.(jpg|json)$|^/healthz$|^/metrics$")
 # GET routes that answer 303 to a page the walk visits itself: the old address of a result
 # (now kept in the search history) and a case lead, opened as a kept search for review.
 REDIRECTS = frozenset(

@@ -196,6 +196,7 @@ WEB_DOORS: dict[tuple[str, str], Door] = {
     ("POST", "/retention/{gallery}/{subject_id}"): changes(AuditAction.DELETE_SUBJECT),
     ("GET", "/healthz"): NEITHER,
     ("GET", "/health"): NEITHER,
+    ("GET", "/metrics"): NEITHER,  # health figures for Prometheus: loopback or a health token
     # The API
     ("GET", f"{API}/me"): NEITHER,
     ("GET", f"{API}/openapi.json"): NEITHER,

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from edgeid.fleet import dashboard, prometheus
-from edgeid.fleet.devices import DeviceView, FleetState, Point, parse_topic
+from edgeid.fleet import dashboard
+from edgeid.fleet.devices import DEVICE_STATES, DeviceView, FleetState, Point, parse_topic
 from edgeid.fleet.homeassistant import SENSORS, discovery_messages
+from edgeid.fleet.prometheus import FleetCollector, FleetExposition, render_fleet
+from edgeid.runtime.telemetry.exposition import render_reference
 from edgeid.runtime.telemetry.schema import (
     EventKind,
     EventReport,
@@ -21,6 +26,7 @@ from edgeid.runtime.telemetry.schema import (
 )
 
 VECTORS = Path(__file__).parent / "data" / "telemetry"
+BOX1 = {"site": "lab", "device": "box-1"}
 BASE = check_payload("health", (VECTORS / "valid" / "health-full.json").read_bytes())
 assert isinstance(BASE, HealthReport)
 
@@ -150,35 +156,58 @@ def test_new_devices_are_announced_once() -> None:
 
 # -- /metrics ------------------------------------------------------------------------------------
 
-SAMPLE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-    r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)\})? (?P<value>-?[0-9.]+(e[+-]?[0-9]+)?)$'
-)
+PROMTOOL = shutil.which("promtool")
 
 
-def parse_exposition(text: str) -> dict[str, float]:
-    """Series -> value, checking the text format as Prometheus would read it."""
+def parse_exposition(text: str | bytes) -> dict[str, float]:
+    """Series (labels in name order) -> value, read by prometheus_client's own parser and, where
+    installed (Debian's ``prometheus`` package), checked by ``promtool check metrics``."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
     assert text.endswith("\n")
-    typed: set[str] = set()
     series: dict[str, float] = {}
-    current = ""
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            current = line.split()[2]
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert name == current and kind in ("gauge", "counter")
-            assert name not in typed, f"{name} declared twice"
-            typed.add(name)
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a sample line: {line!r}"
-        assert match["name"] == current, f"{line!r} outside its family"
-        key = line.rsplit(" ", 1)[0]
-        assert key not in series, f"duplicate series {key}"
-        series[key] = float(match["value"])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            assert key not in series, f"duplicate series {key}"
+            series[key] = sample.value
     return series
+
+
+def key(name: str, **labels: str) -> str:
+    """A series as ``parse_exposition`` names it."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if inner else name
+
+
+def promtool_check(text: str | bytes) -> None:
+    """``promtool check metrics``: the text format and the naming conventions (units, _total)."""
+    assert PROMTOOL, "promtool missing: install Debian's prometheus package (make system-packages)"
+    data = text.encode() if isinstance(text, str) else text
+    checked = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=data, capture_output=True, timeout=30
+    )
+    problems = (checked.stdout + checked.stderr).decode()
+    assert checked.returncode == 0 and not problems.strip(), problems
+
+
+def health_with_histogram(seq: int, measured_at: float, buckets: list[int], sum_s: float) -> bytes:
+    report = BASE.model_copy(
+        update={
+            "seq": seq,
+            "measured_at": measured_at,
+            "inference": BASE.inference.model_copy(
+                update={
+                    "requests": sum(buckets) + 1,
+                    "errors": 1,
+                    "latency_buckets": buckets,
+                    "latency_sum_s": sum_s,
+                }
+            ),
+        }
+    )
+    return encode(report)
 
 
 def test_metrics_are_valid_exposition_text_with_the_device_figures() -> None:
@@ -186,34 +215,97 @@ def test_metrics_are_valid_exposition_text_with_the_device_figures() -> None:
     state = FleetState(stale_after_s=90, clock=clock)
     state.ingest("edgeid/lab/box-1/status", b"online")
     state.ingest("edgeid/lab/box-1/health", health(1, clock.now, cpu=37.5, requests=120))
+    state.ingest("edgeid/lab/box-1/events", event(2, EventKind.UPDATE_APPLIED))
+    state.ingest("edgeid/lab/box-1/events", event(2, EventKind.UPDATE_APPLIED))  # redelivered
     state.ingest("edgeid/lab/box-2/status", b"offline")
     state.ingest("edgeid/lab/box-3/health", b"not json")
-    series = parse_exposition(prometheus.render(state.devices(), state.counters()))
-    one = 'site="lab",device="box-1"'
+    text = render_fleet(state)
+    assert text == render_reference(FleetCollector(state)), "prometheus_client's own writer"
+    promtool_check(text)
+    series = parse_exposition(text)
+    one = 'device="box-1",site="lab"'
     assert series[f"edgeid_device_up{{{one}}}"] == 1
     assert series[f'edgeid_device_state{{{one},state="online"}}'] == 1
     assert series[f'edgeid_device_state{{{one},state="stale"}}'] == 0
-    assert series['edgeid_device_up{site="lab",device="box-2"}'] == 0
-    assert series['edgeid_device_state{site="lab",device="box-2",state="offline"}'] == 1
-    assert series[f"edgeid_device_cpu_percent{{{one}}}"] == 37.5
+    assert series['edgeid_device_up{device="box-2",site="lab"}'] == 0
+    assert series['edgeid_device_state{device="box-2",site="lab",state="offline"}'] == 1
+    assert series[f"edgeid_device_cpu_usage_ratio{{{one}}}"] == 0.375
     assert series[f"edgeid_device_inference_requests_total{{{one}}}"] == 120
-    assert series[f"edgeid_device_inference_latency_p95_seconds{{{one}}}"] == 0.0885
-    assert series[f'edgeid_device_temperature_celsius{{{one},sensor="cpu-therm"}}'] == 48.5
-    assert series[f'edgeid_device_gpu_load_percent{{{one},gpu="0"}}'] == 63.0
-    assert series[f'edgeid_device_info{{{one},version="0.1.0",backend="tensorrt"}}'] == 1
-    assert series[f"edgeid_device_spool_dropped_total{{{one}}}"] == 4
+    assert series[key("edgeid_device_temperature_celsius", **BOX1, sensor="cpu-therm")] == 48.5
+    assert series['edgeid_device_gpu_load_ratio{device="box-1",gpu="0",site="lab"}'] == 0.63
+    assert series[f'edgeid_device_info{{backend="tensorrt",{one},version="0.1.0"}}'] == 1
+    assert series[f"edgeid_device_backend_degraded{{{one}}}"] == 0
+    assert series[f"edgeid_device_spool_dropped_reports_total{{{one}}}"] == 4
+    assert series[key("edgeid_device_events_total", **BOX1, kind="update_applied")] == 1
     assert series["edgeid_fleet_messages_rejected_total"] == 1
+    assert series['edgeid_fleet_devices{state="online"}'] == 1
     assert not any("box-3" in key for key in series)
+    assert not any("percent" in key or "p95" in key for key in series)
+    # A box that sends no histogram (older schema) has none, rather than an empty one.
+    assert not any(key.startswith("edgeid_device_inference_latency_seconds") for key in series)
+
+
+def test_latency_histograms_add_up_the_reports_each_counted_once() -> None:
+    clock = Clock()
+    state = FleetState(clock=clock)
+    first = [0, 0, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    second = [0, 0, 0, 1, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    state.ingest("edgeid/lab/box-1/health", health_with_histogram(1, clock.now, first, 30.25))
+    state.ingest("edgeid/lab/box-1/health", health_with_histogram(2, clock.now, second, 0.2))
+    state.ingest("edgeid/lab/box-1/health", health_with_histogram(2, clock.now, second, 0.2))
+    text = render_fleet(state)
+    promtool_check(text)
+    series = parse_exposition(text)
+    bucket = 'edgeid_device_inference_latency_seconds_bucket{device="box-1",le="%s",site="lab"}'
+    assert series[bucket % "0.01"] == 0
+    assert series[bucket % "0.025"] == 1
+    assert series[bucket % "0.05"] == 6
+    assert series[bucket % "0.075"] == 9
+    assert series[bucket % "10.0"] == 9
+    assert series[bucket % "+Inf"] == 11
+    one = '{device="box-1",site="lab"}'
+    assert series[f"edgeid_device_inference_latency_seconds_count{one}"] == 11
+    assert series[f"edgeid_device_inference_latency_seconds_sum{one}"] == pytest.approx(30.45)
+    assert series[f"edgeid_device_inference_requests_total{one}"] == 13
+
+
+def test_the_kept_lines_follow_the_fleet_and_match_the_librarys_writer() -> None:
+    """``FleetExposition`` keeps each device's lines between scrapes; whatever changed (a
+    message, a device going stale on the clock alone) is written again."""
+    clock = Clock()
+    state = FleetState(stale_after_s=90, clock=clock)
+    exposition = FleetExposition(state)
+
+    def same() -> dict[str, float]:
+        text = exposition.render()
+        assert text == render_reference(FleetCollector(state))
+        return parse_exposition(text)
+
+    same()
+    state.ingest("edgeid/lab/box-1/status", b"online")
+    state.ingest("edgeid/lab/box-1/health", health_with_histogram(1, clock.now, [1] * 15, 1.5))
+    state.ingest("edgeid/lab/box-2/health", health(1, clock.now))
+    assert same()[key("edgeid_device_up", **BOX1)] == 1
+    clock.now += 91  # no message: both go stale
+    series = same()
+    assert series[key("edgeid_device_up", **BOX1)] == 0
+    assert series[key("edgeid_device_state", **BOX1, state="stale")] == 1
+    state.ingest("edgeid/lab/box-2/health", health(2, clock.now, requests=7))
+    state.ingest("edgeid/lab/box-3/events", event(1, EventKind.STARTED))
+    series = same()
+    assert series[key("edgeid_device_up", site="lab", device="box-2")] == 1
+    assert series[key("edgeid_device_inference_requests_total", site="lab", device="box-2")] == 12
+    assert series[key("edgeid_device_events_total", site="lab", device="box-3", kind="started")]
 
 
 def test_metrics_of_an_empty_fleet_are_still_valid() -> None:
-    series = parse_exposition(
-        prometheus.render([], {"accepted": 0, "rejected": 0, "duplicates": 0})
-    )
-    assert series == {
+    text = render_fleet(FleetState())
+    promtool_check(text)
+    assert parse_exposition(text) == {
         "edgeid_fleet_messages_accepted_total": 0,
         "edgeid_fleet_messages_rejected_total": 0,
         "edgeid_fleet_messages_duplicate_total": 0,
+        **{f'edgeid_fleet_devices{{state="{s}"}}': 0 for s in DEVICE_STATES},
     }
 
 

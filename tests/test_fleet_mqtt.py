@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,17 +19,29 @@ from typing import Any
 
 import pytest
 from mqtt_broker import WAIT_S, Agent, Broker, Pki, Recorder, client_for, device_home
-from test_fleet import parse_exposition
+from test_fleet import key as series_key
+from test_fleet import parse_exposition, promtool_check
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STALE_AFTER_S = 3  # three missed one-second reports
 
 
 class Fleet:
-    """`edgeid fleet serve` as a child process, on a port the OS picks."""
+    """`edgeid fleet serve` as a child process, on a port the OS picks. ``token``: sent as a
+    bearer token; ``tls_ca``: the CA an HTTPS dashboard's certificate is checked against."""
 
-    def __init__(self, broker: Broker, pki: Pki, log: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        pki: Pki,
+        log: Path,
+        *extra: str,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+    ) -> None:
         self.log = log
+        self.token = token
+        self.context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "edgeid", "fleet", "serve",
@@ -43,12 +56,16 @@ class Fleet:
         )  # fmt: skip
         assert self.process.stderr is not None
         first = self.process.stderr.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
+        match = re.search(r"(https?)://(127\.0\.0\.1|0\.0\.0\.0):(\d+)/", first)
         assert match, f"no dashboard address in {first!r}"
-        self.url = f"http://127.0.0.1:{match.group(1)}"
+        self.url = f"{match.group(1)}://127.0.0.1:{match.group(3)}"
 
-    def get(self, path: str) -> tuple[str, str]:
-        with urllib.request.urlopen(self.url + path, timeout=WAIT_S) as response:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[str, str]:
+        sent = dict(headers or {})
+        if self.token is not None and headers is None:
+            sent["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, headers=sent)
+        with urllib.request.urlopen(request, timeout=WAIT_S, context=self.context) as response:
             return response.headers["Content-Type"], response.read().decode("utf-8")
 
     def devices(self) -> dict[str, dict[str, Any]]:
@@ -113,11 +130,15 @@ def test_the_dashboard_follows_devices_through_online_stale_and_offline(
 
     content_type, text = fleet.get("/metrics")
     assert content_type.startswith("text/plain; version=0.0.4")
+    promtool_check(text)
     series = parse_exposition(text)
-    assert series['edgeid_device_up{site="lab",device="box-1"}'] == 1
-    assert series['edgeid_device_up{site="lab",device="box-2"}'] == 1
-    assert 0 <= series['edgeid_device_cpu_percent{site="lab",device="box-1"}'] <= 100
-    assert series['edgeid_device_disk_free_bytes{site="lab",device="box-1"}'] > 0
+    assert series['edgeid_device_up{device="box-1",site="lab"}'] == 1
+    assert series['edgeid_device_up{device="box-2",site="lab"}'] == 1
+    assert 0 <= series['edgeid_device_cpu_usage_ratio{device="box-1",site="lab"}'] <= 1
+    assert series['edgeid_device_disk_free_bytes{device="box-1",site="lab"}'] > 0
+    # Real boxes report their latency buckets: each device has its histogram.
+    histogram = "edgeid_device_inference_latency_seconds_bucket"
+    assert series_key(histogram, site="lab", device="box-1", le="+Inf") in series
 
     # Home Assistant discovery: retained configs pointing at each device's own topics.
     configs = observer.wait_for(
@@ -140,8 +161,8 @@ def test_the_dashboard_follows_devices_through_online_stale_and_offline(
         "box-1 stale and box-2 offline",
     )
     series = parse_exposition(fleet.get("/metrics")[1])
-    assert series['edgeid_device_state{site="lab",device="box-2",state="offline"}'] == 1
-    assert series['edgeid_device_up{site="lab",device="box-1"}'] == 0
+    assert series['edgeid_device_state{device="box-2",site="lab",state="offline"}'] == 1
+    assert series['edgeid_device_up{device="box-1",site="lab"}'] == 0
     assert fleet.stop() == 0
 
 

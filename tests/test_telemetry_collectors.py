@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgeid.runtime.system.metrics import ServiceMetrics, percentile
+from edgeid.runtime.system.metrics import LATENCY_BUCKETS_S, ServiceMetrics, percentile
 from edgeid.runtime.telemetry.backoff import Backoff
 from edgeid.runtime.telemetry.host import (
     CpuSampler,
@@ -212,6 +212,30 @@ def test_percentiles_counts_and_reset() -> None:
     after = metrics.snapshot()
     assert (after.requests, after.errors, after.latency_p50_s) == (0, 0, None)
     assert (after.queue_depth, after.queue_depth_max, after.backend_state) == (2, 2, "tensorrt")
+
+
+def test_latency_buckets_per_period_and_totals_since_start() -> None:
+    metrics = ServiceMetrics()
+    assert len(LATENCY_BUCKETS_S) == 14 and list(LATENCY_BUCKETS_S) == sorted(LATENCY_BUCKETS_S)
+    for seconds in (0.001, 0.005, 0.0051, 0.3, 0.3, 11.0):  # a bound belongs to its bucket (le)
+        metrics.record_request(seconds)
+    metrics.record_request(0.2, error=True)  # counted as a request, not timed
+    metrics.record_request(float("nan"))  # not a duration: no bucket
+    first = metrics.snapshot_and_reset()
+    expected = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    expected[0], expected[1], expected[7], expected[-1] = 2, 1, 2, 1
+    assert list(first.latency_buckets) == expected
+    assert first.latency_sum_s == pytest.approx(11.6111)
+    metrics.record_request(0.05)
+    second = metrics.snapshot_and_reset()
+    assert sum(second.latency_buckets) == 1 and second.latency_buckets[3] == 1
+    assert second.latency_sum_s == pytest.approx(0.05)
+    totals = metrics.totals()  # the box's /metrics: never reset
+    assert (totals.requests, totals.errors) == (9, 1)
+    assert [a + b for a, b in zip(first.latency_buckets, second.latency_buckets, strict=True)] == (
+        list(totals.latency_buckets)
+    )
+    assert totals.latency_sum_s == pytest.approx(11.6611)
 
 
 def test_snapshot_without_reset_leaves_the_period_open() -> None:

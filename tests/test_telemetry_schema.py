@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgeid.runtime.telemetry.schema import (
+    LATENCY_BUCKET_COUNT,
     MAX_PAYLOAD_BYTES,
     EventKind,
     EventReport,
@@ -103,6 +104,30 @@ def test_event_kinds_are_coarse() -> None:
     }
     event = EventReport(seq=1, at=2.5, kind=EventKind.UPDATE_APPLIED, software="0.1.0")
     assert json.loads(encode(event))["kind"] == "update_applied"
+
+
+def test_the_latency_histogram_is_optional_whole_and_bounded_by_the_requests() -> None:
+    old = check_payload("health", (VECTORS / "valid" / "health-full.json").read_bytes())
+    assert isinstance(old, HealthReport) and old.inference.latency_buckets is None  # older boxes
+    new = check_payload(
+        "health", (VECTORS / "valid" / "health-latency-histogram.json").read_bytes()
+    )
+    assert isinstance(new, HealthReport) and new.inference.latency_buckets is not None
+    assert len(new.inference.latency_buckets) == LATENCY_BUCKET_COUNT
+    data = new.model_dump()
+    refused = {
+        "buckets without their sum": {"latency_sum_s": None},
+        "a sum without buckets": {"latency_buckets": None},
+        "more timed than succeeded": {"latency_buckets": [0] * 14 + [new.inference.requests]},
+        "a bucket count too few": {"latency_buckets": [0] * (LATENCY_BUCKET_COUNT - 1)},
+        "a negative count": {"latency_buckets": [-1] + [0] * 14},
+        "a float count": {"latency_buckets": [0.5] + [0] * 14},
+    }
+    for why, change in refused.items():
+        inference = {**data["inference"], **change}
+        with pytest.raises(ValueError):
+            HealthReport.model_validate({**data, "inference": inference}, strict=True)
+            raise AssertionError(f"accepted {why}")
 
 
 def test_status_is_online_or_offline_only() -> None:

@@ -52,7 +52,7 @@ from edgeid.runtime.audit import AuditAction
 from edgeid.runtime.audit.recorder import DENIAL_WINDOW_S
 from edgeid.runtime.config.settings import Settings, WebSettings
 from edgeid.runtime.inference.image_decode import decode_image
-from edgeid.runtime.web.access import ApiAccess, Requirement
+from edgeid.runtime.web.access import ApiAccess, LocalOrApiAccess, Requirement
 from edgeid.runtime.web.app import create_app
 
 MAX_UPLOAD = 1024 * 1024  # small, so the oversize test sends little
@@ -151,7 +151,7 @@ def test_every_role_against_every_endpoint(box: Box) -> None:
         for method, path, requirement in routes:
             allowed = requirement.permission is None or requirement.permission in held
             url = fill(path, requirement)
-            if isinstance(requirement, ApiAccess):
+            if isinstance(requirement, ApiAccess | LocalOrApiAccess):
                 reply = api.request(method, url)
             elif method == "GET":
                 reply = browser.get(url)

@@ -69,6 +69,10 @@ class _Device:
     )
     requests_total: int = 0
     errors_total: int = 0
+    # The latency histogram summed over the reports received (None until a box sends one).
+    latency_buckets: list[int] | None = None
+    latency_sum_s: float = 0.0
+    event_counts: dict[str, int] = field(default_factory=dict)  # by event kind
     seen: set[int] = field(default_factory=set)
     seen_order: deque[int] = field(default_factory=deque)
 
@@ -86,6 +90,9 @@ class DeviceView:
     events: tuple[tuple[float, EventReport], ...]
     requests_total: int
     errors_total: int
+    latency_buckets: tuple[int, ...] | None = None
+    latency_sum_s: float = 0.0
+    event_counts: tuple[tuple[str, int], ...] = ()  # (kind, events received), by kind
 
     @property
     def key(self) -> str:
@@ -150,6 +157,8 @@ class FleetState:
             elif isinstance(message, EventReport):
                 if self._first_time(record, message.seq):
                     record.events.append((now, message))
+                    kind = message.kind.value
+                    record.event_counts[kind] = record.event_counts.get(kind, 0) + 1
             else:
                 record.status = message
         if new and self._on_new_device is not None:
@@ -176,6 +185,11 @@ class FleetState:
             return
         record.requests_total += report.inference.requests
         record.errors_total += report.inference.errors
+        buckets = report.inference.latency_buckets
+        if buckets is not None:
+            held = record.latency_buckets or [0] * len(buckets)
+            record.latency_buckets = [a + b for a, b in zip(held, buckets, strict=True)]
+            record.latency_sum_s += report.inference.latency_sum_s or 0.0
         if record.health is None or report.measured_at >= record.health.measured_at:
             record.health = report
             record.health_seen = now
@@ -216,6 +230,11 @@ class FleetState:
                     events=tuple(r.events),
                     requests_total=r.requests_total,
                     errors_total=r.errors_total,
+                    latency_buckets=(
+                        tuple(r.latency_buckets) if r.latency_buckets is not None else None
+                    ),
+                    latency_sum_s=r.latency_sum_s,
+                    event_counts=tuple(sorted(r.event_counts.items())),
                 )
                 for _, r in sorted(self._devices.items())
             ]

@@ -1,24 +1,38 @@
-"""`edgeid fleet serve`: the subscriber and a small HTTP server for the dashboard (``/``),
-Prometheus (``/metrics``), the devices as JSON (``/api/devices``) and ``/healthz``.
+"""`edgeid fleet serve`: the subscriber and the web server (Starlette on uvicorn) for the
+dashboard (``/``), Prometheus (``/metrics``), the devices as JSON (``/api/devices``) and
+``/healthz``.
 
-The page has no login: bind it to loopback (the default) or put it behind the admins' reverse
-proxy. It shows health only, so that is what an unwanted reader could see.
+On loopback the pages are open. Anywhere else a bearer token is required (``--token-file``):
+every route but ``/healthz`` then wants ``Authorization: Bearer <token>`` (Prometheus'
+``authorization`` setting), or the token as the password of HTTP basic authentication, which a
+browser asks for. ``--tls-cert``/``--tls-key`` serve HTTPS. The pages show health only.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
+import hmac
+import ipaddress
 import logging
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeid.fleet import dashboard, prometheus
 from edgeid.fleet.devices import (
@@ -28,9 +42,21 @@ from edgeid.fleet.devices import (
     FleetState,
 )
 from edgeid.fleet.subscriber import FleetSubscriber, client_tls
-from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.errors import BadInputError, EdgeidError
 
 logger = logging.getLogger(__name__)
+
+# A token shorter than this is refused: `openssl rand -hex 32` gives 64 characters.
+MIN_TOKEN_CHARS = 32
+OPEN_PATHS = frozenset({"/healthz"})  # liveness for a load balancer; says nothing of devices
+REALM = "edgeid fleet"
+SECURITY_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,68 @@ class FleetOptions:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     history_points: int = DEFAULT_HISTORY_POINTS
     homeassistant_prefix: str | None = None  # None: no Home Assistant discovery
+    token_file: Path | None = None  # required beyond loopback
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: Path) -> str:
+    """The token in ``path`` (one line), refusing a missing, short or shared-readable file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"--token-file {path}: cannot be read ({exc.__class__.__name__}); make one with "
+            f"`(umask 077; openssl rand -hex 32 > {path})`"
+        ) from exc
+    token = text.strip()
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token) or not token.isprintable():
+        raise BadInputError(
+            f"--token-file {path}: the token must be one line of at least {MIN_TOKEN_CHARS} "
+            f"printable characters; make one with `(umask 077; openssl rand -hex 32 > {path})`"
+        )
+    if mode & 0o077:
+        raise BadInputError(f"--token-file {path}: others may read it; run `chmod 600 {path}`")
+    return token
+
+
+def check_options(options: FleetOptions) -> None:
+    """Refuse a setting that would expose the pages, before anything starts."""
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise BadInputError("give both --tls-cert and --tls-key, or neither")
+    for flag, path in (("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key)):
+        if path is not None and not path.is_file():
+            raise BadInputError(f"{flag} {path}: no such file; give the PEM file's path")
+    if options.tls_cert is not None and options.tls_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(options.tls_cert), str(options.tls_key)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise BadInputError(
+                f"--tls-cert/--tls-key cannot be loaded ({exc.__class__.__name__}); give a PEM "
+                "certificate and its private key"
+            ) from exc
+    if options.token_file is None and not is_loopback(options.listen_host):
+        raise BadInputError(
+            f"refusing to serve the fleet pages on {options.listen_host} without a token: "
+            "give --token-file FILE (made with `(umask 077; openssl rand -hex 32 > FILE)`) or "
+            "--listen 127.0.0.1:PORT"
+        )
 
 
 def device_json(view: DeviceView) -> dict[str, Any]:
@@ -72,62 +160,110 @@ def device_json(view: DeviceView) -> dict[str, Any]:
     }
 
 
-class FleetHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
+class TokenGuard:
+    """ASGI middleware: every path but ``OPEN_PATHS`` needs the token (bearer, or as a basic
+    password), compared in constant time; every response gets the security headers."""
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        state: FleetState,
-        broker_connected: Callable[[], bool],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(address, _Handler)
-        self.state = state
-        self.broker_connected = broker_connected
-        self.clock = clock
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self._token = token.encode() if token is not None else None
+
+    def _allowed(self, scope: Scope) -> bool:
+        if self._token is None or scope.get("path") in OPEN_PATHS:
+            return True
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, value = header.partition(b" ")
+        presented = value.strip()
+        if scheme.lower() == b"basic":
+            try:
+                presented = base64.b64decode(presented, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(presented, self._token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
+                message = {**message, "headers": kept + SECURITY_HEADERS}
+            await send(message)
+
+        if not self._allowed(scope):
+            refusal = PlainTextResponse(
+                "a token is required: Authorization: Bearer <token>\n",
+                status_code=401,
+                headers={"WWW-Authenticate": f'Bearer realm="{REALM}", Basic realm="{REALM}"'},
+            )
+            await refusal(scope, receive, with_headers)
+            return
+        await self.app(scope, receive, with_headers)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: FleetHttpServer
-    server_version = "edgeid-fleet"
+def create_app(
+    state: FleetState,
+    broker_connected: Callable[[], bool],
+    *,
+    token: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ASGIApp:
+    """The fleet's web app over ``state``; ``token``: None for open pages (loopback only)."""
+    exposition = prometheus.FleetExposition(state)
 
-    def do_GET(self) -> None:
-        state = self.server.state
-        path = self.path.split("?", 1)[0]
-        if path == "/":
-            body = dashboard.render(state.devices(), self.server.clock())
-            self._reply(200, "text/html; charset=utf-8", body.encode("utf-8"))
-        elif path == "/metrics":
-            text = prometheus.render(state.devices(), state.counters())
-            self._reply(200, prometheus.CONTENT_TYPE, text.encode("utf-8"))
-        elif path == "/api/devices":
-            devices = [device_json(v) for v in state.devices()]
-            self._reply(200, "application/json", json.dumps({"devices": devices}).encode())
-        elif path == "/healthz":
-            status = {"ok": True, "broker_connected": self.server.broker_connected()}
-            self._reply(200, "application/json", json.dumps(status).encode())
-        else:
-            self._reply(404, "text/plain; charset=utf-8", b"not found\n")
+    def page(_request: Request) -> Response:
+        return HTMLResponse(dashboard.render(state.devices(), clock()))
 
-    def _reply(self, code: int, content_type: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
-        self.end_headers()
-        self.wfile.write(body)
+    def metrics(_request: Request) -> Response:
+        return Response(exposition.render(), media_type=prometheus.CONTENT_TYPE)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug(format, *args)
+    def devices(_request: Request) -> Response:
+        return JSONResponse({"devices": [device_json(v) for v in state.devices()]})
+
+    def healthz(_request: Request) -> Response:
+        return JSONResponse({"ok": True, "broker_connected": broker_connected()})
+
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/metrics", metrics),
+            Route("/api/devices", devices),
+            Route("/healthz", healthz),
+        ]
+    )
+    return TokenGuard(app, token)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, so that port 0 is known before uvicorn runs."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise EdgeidError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another --listen"
+        ) from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 class FleetService:
-    """The subscriber and the HTTP server together; ``start``/``stop`` for tests and the CLI."""
+    """The subscriber and the web server together; ``start``/``stop`` for tests, ``run`` for
+    the CLI (uvicorn in the calling thread, until SIGTERM or SIGINT)."""
 
     def __init__(self, options: FleetOptions, *, clock: Callable[[], float] = time.time) -> None:
+        check_options(options)
+        token = read_token(options.token_file) if options.token_file is not None else None
         context = client_tls(options.ca, options.cert, options.key)
+        self.options = options
         self.state = FleetState(
             stale_after_s=options.stale_after_s,
             history_points=options.history_points,
@@ -141,55 +277,94 @@ class FleetService:
             context,
             homeassistant_prefix=options.homeassistant_prefix,
         )
-        try:
-            self.http = FleetHttpServer(
-                (options.listen_host, options.listen_port),
-                self.state,
-                lambda: self.subscriber.connected,
-                clock,
+        self.app = create_app(
+            self.state, lambda: self.subscriber.connected, token=token, clock=clock
+        )
+        self._socket = bind(options.listen_host, options.listen_port)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
+                ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+                log_level="warning",
+                access_log=False,
+                server_header=False,
+                proxy_headers=False,
+                timeout_keep_alive=5,
+                # A scraper holding its connection (over TLS, asyncio waits 30 s for its
+                # close_notify) must not hold up a stop.
+                timeout_graceful_shutdown=5,
             )
-        except OSError as exc:
-            raise EdgeidError(
-                f"cannot listen on {options.listen_host}:{options.listen_port} "
-                f"({exc.strerror}); choose another --listen"
-            ) from exc
+        )
         self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.http.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.options.tls else 'http'}://{shown}:{port}/"
+
+    def _serve(self) -> None:
+        self.server.run(sockets=[self._socket])
+
     def start(self) -> None:
+        """Subscriber and web server in background threads."""
         self.subscriber.start()
-        self._thread = threading.Thread(
-            target=self.http.serve_forever, name="edgeid-fleet-http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="edgeid-fleet-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise EdgeidError("the fleet's web server did not start within 10 s")
+            time.sleep(0.02)
 
     def stop(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._socket.close()
         self.subscriber.stop()
+
+    def run(self) -> None:
+        """Serve in this thread until SIGTERM or SIGINT, then stop the subscriber.
+
+        uvicorn shuts down on those signals and then raises the signal again for the handler
+        in place before it started; ours only notes it, so the process exits normally.
+        """
+        received: list[int] = []
+
+        def note(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+
+        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.subscriber.start()
+        try:
+            self._serve()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._socket.close()
+            self.subscriber.stop()
 
 
 def serve(options: FleetOptions) -> None:
     """Run until SIGTERM or SIGINT."""
     service = FleetService(options)
-    stop = threading.Event()
-
-    def _stop(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    service.start()
-    host, port = service.address
     print(
-        f"edgeid fleet: dashboard on http://{host}:{port}/ (metrics: /metrics), broker "
+        f"edgeid fleet: dashboard on {service.url} (metrics: /metrics), broker "
         f"{options.broker_host}:{options.broker_port}",
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
-    service.stop()
+    if not is_loopback(options.listen_host) and not options.tls:
+        print(
+            "edgeid fleet: warning: the token travels in clear text; add --tls-cert/--tls-key",
+            file=sys.stderr,
+            flush=True,
+        )
+    service.run()

@@ -37,6 +37,9 @@ def run_serve(args: argparse.Namespace) -> int:
             listen_port=port,
             stale_after_s=args.stale_after,
             homeassistant_prefix=args.homeassistant_prefix if args.homeassistant else None,
+            token_file=args.token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     )
     return EXIT_OK
@@ -60,8 +63,17 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         type=listen_address,
         default=listen_address(DEFAULT_LISTEN),
         metavar="HOST:PORT",
-        help=f"dashboard address (default {DEFAULT_LISTEN}; the page has no login)",
+        help=f"dashboard address (default {DEFAULT_LISTEN}; beyond loopback needs --token-file)",
     )
+    serve.add_argument(
+        "--token-file",
+        type=path_arg,
+        metavar="FILE",
+        help="bearer token every page but /healthz requires (one line, mode 600; "
+        "make it with: (umask 077; openssl rand -hex 32 > FILE))",
+    )
+    serve.add_argument("--tls-cert", type=path_arg, metavar="PEM", help="serve HTTPS: certificate")
+    serve.add_argument("--tls-key", type=path_arg, metavar="PEM", help="its private key")
     serve.add_argument(
         "--stale-after",
         type=float,

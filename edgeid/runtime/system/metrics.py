@@ -3,11 +3,14 @@ depth and backend state, recorded by the web API and the pipeline, read by the t
 
 Numbers only: nothing here knows what a request was about. Memory is bounded: latency samples
 between two reports are kept as a uniform random sample of at most ``max_samples`` values
-(reservoir sampling), so p50/p95 stay unbiased under any load.
+(reservoir sampling), so p50/p95 stay unbiased under any load. Latencies are also counted in
+fixed buckets (``LATENCY_BUCKETS_S``), per period for the health report and since start for the
+box's own ``/metrics``: buckets add up across reports and boxes, percentiles do not.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import random
@@ -20,6 +23,13 @@ logger = logging.getLogger(__name__)
 
 # The inference backend as the pipeline reports it (FacePipeline.backend_state).
 BackendState = Literal["cpu", "tensorrt", "degraded"]
+
+# Upper bounds of the latency histogram, in seconds (Prometheus client libraries' defaults). The
+# health report carries one count per bound plus one for slower requests; changing them changes
+# the telemetry wire format.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
 
 # 2,048 samples put the p95 within about half a percentile of the true one, in 16 KiB.
 MAX_LATENCY_SAMPLES = 2048
@@ -38,6 +48,25 @@ class MetricsSnapshot:
     backend_state: BackendState | None  # None until the service reports one
     # Bytes of GPU memory each model's TensorRT engine holds now, by model name (none on a CPU).
     engine_memory_bytes: dict[str, int] = field(default_factory=dict)
+    # Successful requests per latency bucket (not cumulative; the last counts those slower than
+    # every bound) and their summed latency, in the period.
+    latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)
+    latency_sum_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class MetricsTotals:
+    """Since the service started, never reset: the box's own ``/metrics`` counters."""
+
+    requests: int
+    errors: int
+    latency_buckets: tuple[int, ...]  # per bucket, as in MetricsSnapshot
+    latency_sum_s: float
+
+
+def bucket_of(seconds: float) -> int:
+    """Index of the latency bucket ``seconds`` falls in (``le`` semantics)."""
+    return bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -66,17 +95,30 @@ class ServiceMetrics:
         self._queue_source: Callable[[], int] | None = None
         self._backend: BackendState | None = None
         self._engine_memory_source: Callable[[], Mapping[str, int]] | None = None
+        width = len(LATENCY_BUCKETS_S) + 1
+        self._buckets = [0] * width
+        self._sum_s = 0.0
+        self._total_requests = self._total_errors = 0
+        self._total_buckets = [0] * width
+        self._total_sum_s = 0.0
 
     def record_request(self, seconds: float, *, error: bool = False) -> None:
         """One request done; a failed request counts as an error and adds no latency sample."""
         with self._lock:
             self._requests += 1
+            self._total_requests += 1
             if error:
                 self._errors += 1
+                self._total_errors += 1
                 return
             if not math.isfinite(seconds) or seconds < 0:
                 logger.debug("ignored a latency that is not a duration")
                 return
+            slot = bucket_of(seconds)
+            self._buckets[slot] += 1
+            self._total_buckets[slot] += 1
+            self._sum_s += seconds
+            self._total_sum_s += seconds
             self._seen += 1
             if len(self._samples) < self._max_samples:
                 self._samples.append(seconds)
@@ -90,6 +132,8 @@ class ServiceMetrics:
         with self._lock:
             self._requests += 1
             self._errors += 1
+            self._total_requests += 1
+            self._total_errors += 1
 
     def set_queue_depth(self, depth: int) -> None:
         with self._lock:
@@ -152,12 +196,26 @@ class ServiceMetrics:
                 queue_depth_max=self._queue_depth_max,
                 backend_state=self._backend,
                 engine_memory_bytes=engine_memory,
+                latency_buckets=tuple(self._buckets),
+                latency_sum_s=self._sum_s,
             )
             if reset:
                 self._samples = []
+                self._buckets = [0] * len(self._buckets)
+                self._sum_s = 0.0
                 self._seen = self._requests = self._errors = 0
                 self._queue_depth_max = self._queue_depth
             return snap
+
+    def totals(self) -> MetricsTotals:
+        """Requests, errors and the latency histogram since this object was made."""
+        with self._lock:
+            return MetricsTotals(
+                requests=self._total_requests,
+                errors=self._total_errors,
+                latency_buckets=tuple(self._total_buckets),
+                latency_sum_s=self._total_sum_s,
+            )
 
 
 # The process-wide registry: the service records into it, the telemetry agent reads it.

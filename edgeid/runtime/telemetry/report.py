@@ -141,6 +141,8 @@ class HealthCollector:
                 for name, value in sorted(figures.engine_memory_bytes.items())
                 if _MODEL_NAME.match(name)
             ][:MAX_MODELS],
+            latency_buckets=list(figures.latency_buckets),
+            latency_sum_s=coarse(min(figures.latency_sum_s, 1e10)),
         )
 
     def _models(self) -> list[str]:

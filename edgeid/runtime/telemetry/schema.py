@@ -7,6 +7,10 @@ an embedding from being smuggled out as a run of precise numbers. Models are str
 coercion) and forbid unknown keys; ``check_payload`` re-validates the exact bytes before they
 are published, so the publisher refuses anything that did not come from these models.
 
+Fields added within version 1 are optional (``Inference.latency_buckets`` and
+``latency_sum_s``): a fleet manager reads reports of older boxes as before, while an older fleet
+manager refuses the new fields, so the fleet manager is upgraded before the boxes.
+
 Topics: ``edgeid/<site>/<device>/status`` (retained ``online``/``offline``), ``.../health``
 (a ``HealthReport``), ``.../events`` (an ``EventReport``).
 """
@@ -17,16 +21,26 @@ import json
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.system.metrics import LATENCY_BUCKETS_S
 
 SCHEMA_VERSION: Literal[1] = 1
 TOPIC_ROOT = "edgeid"
 # A health report is about 1.5 KB; the cap bounds what even a bug could push out in one message.
 MAX_PAYLOAD_BYTES = 8192
 FLOAT_DECIMALS = 3
+# One count per bound of the latency histogram plus one for slower requests.
+LATENCY_BUCKET_COUNT = len(LATENCY_BUCKETS_S) + 1
 
 # PEP 440 release, optional pre/post/dev parts and a short local label ("0.1.0", "0.0.0+source").
 VERSION_PATTERN = (
@@ -140,6 +154,21 @@ class Inference(_Strict):
     queue_depth_max: Count
     # One entry per model running on TensorRT; empty on the CPU.
     engine_memory: list[EngineMemory] = Field(default_factory=list, max_length=32)
+    # The period's successful requests per latency bucket (bounds LATENCY_BUCKETS_S, not
+    # cumulative, the last for slower ones) and their summed latency; None from older boxes.
+    latency_buckets: list[Count] | None = Field(
+        default=None, min_length=LATENCY_BUCKET_COUNT, max_length=LATENCY_BUCKET_COUNT
+    )
+    latency_sum_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _histogram_whole(self) -> Inference:
+        if (self.latency_buckets is None) != (self.latency_sum_s is None):
+            raise ValueError("latency_buckets and latency_sum_s come together")
+        timed = self.requests - self.errors  # a failed request adds no latency
+        if self.latency_buckets is not None and sum(self.latency_buckets) > timed:
+            raise ValueError("more latencies counted than requests")
+        return self
 
 
 class Software(_Strict):

@@ -11,6 +11,7 @@ Tests walk the app's routes for these objects, so a route without one is caught.
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -114,6 +115,30 @@ class ApiAccess(Requirement):
         if self.permission is not None and not principal.may(self.permission):
             raise ForbiddenError(f"this token lacks the scope {self.permission.value}")
         return principal
+
+
+class LocalOrApiAccess(Requirement):
+    """A client on this box's loopback (the technician at its shell) as it is, anyone else with
+    an API token holding ``permission`` (as ``ApiAccess``). For figures that show no personal
+    data: the box's ``/metrics``. None for the local client, who has no account."""
+
+    def __init__(self, permission: Permission) -> None:
+        super().__init__(permission)
+        self._token = ApiAccess(permission)
+
+    async def __call__(self, request: Request) -> Principal | None:
+        if is_loopback_client(request) and "authorization" not in request.headers:
+            return None
+        return await self._token(request)
+
+
+def is_loopback_client(request: Request) -> bool:
+    """The peer is this machine (uvicorn runs without proxy headers: the address is real)."""
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def requirement_of(route: object) -> Requirement | None:

@@ -49,6 +49,7 @@ from edgeid.runtime.services.proposals import ProposalNotFoundError, ProposalSto
 from edgeid.runtime.services.search_history import SearchHistory, SearchNotFoundError
 from edgeid.runtime.services.searches import AccountableSearches
 from edgeid.runtime.system.metrics import SERVICE_METRICS
+from edgeid.runtime.telemetry.local_metrics import box_collector
 from edgeid.runtime.web import (
     api,
     api_cases,
@@ -60,6 +61,7 @@ from edgeid.runtime.web import (
     pages_context,
     pages_health,
     pages_history,
+    pages_metrics,
     pages_search,
     pages_subjects,
 )
@@ -120,7 +122,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
 )
 API_ROUTERS = (api.router, api_cases.router)
 # Paths kept out of the request metrics: they are not work anyone asked the box for.
-UNMETERED_PREFIXES = ("/static/", "/healthz")
+UNMETERED_PREFIXES = ("/static/", "/healthz", "/metrics")
 # The routes that take a case's archive (streamed to disk, web.max_case_upload_bytes); every
 # other body keeps the small in-memory limit.
 CASE_UPLOAD_PATHS = re.compile(r"/cases/new/[^/]+/archive|/api/v1/case-ingests/[^/]+/archive")
@@ -229,6 +231,13 @@ def create_app(
         accounts=accounts,
         approvals=approvals,
         history=AccountableSearches(history, accountable, recorder),
+        box_metrics=box_collector(
+            home,
+            version,
+            site=settings.device.site,
+            device=settings.device.device_id,
+            backend_state=lambda: galleries.pipeline.backend_state,
+        ),
         health_extra=health_extra,
         models_dir=models_dir or installed_models(home),
         cases=desk,
@@ -260,6 +269,7 @@ def create_app(
         pages_approvals,
         pages_audit,
         pages_health,
+        pages_metrics,
     )
     for module in pages:
         app.include_router(module.router)
@@ -390,7 +400,8 @@ def status_of(exc: Exception) -> int:
 
 
 def _is_api(request: Request) -> bool:
-    return request.url.path.startswith(API_PREFIX + "/")
+    """Machines' paths: refusals in JSON with a Bearer challenge, never a sign-in redirect."""
+    return request.url.path.startswith(API_PREFIX + "/") or request.url.path == "/metrics"
 
 
 def _add_error_handlers(app: FastAPI) -> None:

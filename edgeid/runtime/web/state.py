@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import jinja2
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 
 from edgeid.runtime.accounts.sessions import SessionStore
@@ -54,6 +55,7 @@ class WebState:
     accounts: AccountAdmin  # every change to users and tokens an admin makes
     approvals: Approvals  # the two-person rule
     history: AccountableSearches  # searches run, kept per user and case, and their decisions
+    box_metrics: Collector  # what /metrics exposes (edgeid.runtime.telemetry.local_metrics)
     health_extra: Callable[[], dict[str, Any]] | None = None
     models_dir: Path | None = None
     cases: CaseDesk | None = None  # case ingest, when the app was given a CaseService
