@@ -45,6 +45,7 @@ class FleetOptions:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     history_points: int = DEFAULT_HISTORY_POINTS
     homeassistant_prefix: str | None = None  # None: no Home Assistant discovery
+    homeassistant_support_url: str | None = None  # origin.support_url of the discovery configs
 
 
 def device_json(view: DeviceView) -> dict[str, Any]:
@@ -140,6 +141,7 @@ class FleetService:
             options.broker_port,
             context,
             homeassistant_prefix=options.homeassistant_prefix,
+            homeassistant_support_url=options.homeassistant_support_url,
         )
         try:
             self.http = FleetHttpServer(
