@@ -27,10 +27,15 @@ from edgeid.fleet.devices import (
     DeviceView,
     FleetState,
 )
+from edgeid.fleet.live_page import LivePage
 from edgeid.fleet.subscriber import FleetSubscriber, client_tls
 from edgeid.runtime.errors import EdgeidError
 
 logger = logging.getLogger(__name__)
+
+# How old a large fleet's page may be: the browser reloads every 10 s, Prometheus scrapes 15+ s.
+DASHBOARD_REFRESH_S = 2.0
+METRICS_REFRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,17 @@ class FleetHttpServer(ThreadingHTTPServer):
         self.state = state
         self.broker_connected = broker_connected
         self.clock = clock
+        # Large fleets: rendered in the background while watched (see live_page.py).
+        self.dashboard = LivePage(
+            lambda: dashboard.render(state.devices(), clock()).encode("utf-8"),
+            refresh_s=DASHBOARD_REFRESH_S,
+            name="dashboard",
+        )
+        self.metrics = LivePage(
+            lambda: prometheus.render(state.devices(), state.counters()).encode("utf-8"),
+            refresh_s=METRICS_REFRESH_S,
+            name="metrics",
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -97,11 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         path = self.path.split("?", 1)[0]
         if path == "/":
-            body = dashboard.render(state.devices(), self.server.clock())
-            self._reply(200, "text/html; charset=utf-8", body.encode("utf-8"))
+            self._reply(200, "text/html; charset=utf-8", self.server.dashboard.get())
         elif path == "/metrics":
-            text = prometheus.render(state.devices(), state.counters())
-            self._reply(200, prometheus.CONTENT_TYPE, text.encode("utf-8"))
+            self._reply(200, prometheus.CONTENT_TYPE, self.server.metrics.get())
         elif path == "/api/devices":
             devices = [device_json(v) for v in state.devices()]
             self._reply(200, "application/json", json.dumps({"devices": devices}).encode())
