@@ -359,7 +359,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
         stop.set()
         prober.join()
         fleet_cpu2, broker_cpu2 = cpu_seconds(fleet.pid), cpu_seconds(broker.pid)
-        memory = memory_kib(fleet.pid)
+        memory, broker_memory = memory_kib(fleet.pid), memory_kib(broker.pid)
         stats = [_expect(conn, "done")[1] for _, conn in workers]
 
         boxes: dict[str, dict[str, Any]] = {}
@@ -451,6 +451,7 @@ def run(args: BenchArgs) -> dict[str, Any]:
         "broker": {
             "cpu_ms_per_message": _ms3(broker_cpu1 - broker_cpu0, window1),
             "cpu_share_of_one_core": round((broker_cpu2 - broker_cpu0) / (end - start), 3),
+            "rss_mib": round(broker_memory.get("VmRSS", 0) / 1024, 1),
         },
         "simulator": {
             "processes": args.procs,
@@ -520,7 +521,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{fm['cpu_share_of_one_core_with_probes']:.1%} with the page fetches), RSS "
         f"{fm['rss_mib']} MiB (peak {fm['peak_rss_mib']} MiB)",
         f"broker: {br['cpu_ms_per_message']} ms CPU per message, "
-        f"{br['cpu_share_of_one_core']:.1%} of a core",
+        f"{br['cpu_share_of_one_core']:.1%} of a core, RSS {br['rss_mib']} MiB",
         f"simulator: {result['simulator']['cpu_run_s']} CPU s in "
         f"{result['simulator']['processes']} process(es), publish lateness p99 "
         f"{result['simulator']['publish_lateness_p99_ms']} ms",
