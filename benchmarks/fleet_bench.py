@@ -64,6 +64,7 @@ LATENCY_TARGET_MS = 200.0
 START_WAIT_S = 60.0
 SETTLE_S = 30.0  # after the run, how long the fleet manager may take to list the last reports
 HTTP_TIMEOUT_S = 30.0
+FD_MARGIN = 100  # the broker's own files, the fleet manager's connection, logs
 
 ACL = f"""\
 # The product's pattern: CN "<site>/<device>" writes under edgeid/<site>/<device>/ only.
@@ -149,18 +150,10 @@ use_identity_as_username true
         [mosquitto_binary(), "-c", str(folder / "mosquitto.conf")],
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_raise_fd_limit,
     )
     log.close()
     _wait_for(lambda: _listening(port), process, "mosquitto", folder / "mosquitto.log")
     return process
-
-
-def _raise_fd_limit() -> None:
-    import resource
-
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _listening(port: int) -> bool:
@@ -303,7 +296,24 @@ class BenchArgs:
     fleet_args: list[str]
 
 
+def raise_fd_limit(devices: int) -> None:
+    """A descriptor per box, in Mosquitto and in the simulator: the soft limit goes up to what
+    is needed (children inherit it), or the run stops here when the hard limit is too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = devices + FD_MARGIN
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(
+            f"the open-files hard limit is {hard}, under {devices} boxes + {FD_MARGIN}; "
+            "raise it (ulimit -Hn, or LimitNOFILE= for a service) or use fewer --devices"
+        )
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def run(args: BenchArgs) -> dict[str, Any]:
+    raise_fd_limit(args.devices)
     names = box_names(args.devices)
     t0 = time.monotonic()
     pki = bench_pki(args.work / "pki", names)
@@ -467,9 +477,12 @@ def _ms3(cpu_s: float, messages: int) -> float | None:
 
 
 def _expect(conn: Connection, what: str) -> tuple[Any, ...]:
-    if not conn.poll(START_WAIT_S * 10):
-        raise SystemExit(f"a simulator process did not answer ({what})")
-    message: tuple[Any, ...] = conn.recv()
+    try:
+        if not conn.poll(START_WAIT_S * 10):
+            raise SystemExit(f"a simulator process did not answer ({what})")
+        message: tuple[Any, ...] = conn.recv()
+    except EOFError:
+        raise SystemExit(f"a simulator process ended before {what!r}; its error is above") from None
     if message[0] != what:
         raise SystemExit(f"a simulator process said {message[0]!r}, expected {what!r}")
     return message
