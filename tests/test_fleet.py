@@ -367,11 +367,13 @@ def test_discovery_points_home_assistant_at_the_devices_own_topics() -> None:
         assert re.fullmatch(r"homeassistant/sensor/edgeid_lab_box-1/[a-z0-9_]+/config", topic)
         config = json.loads(payload)
         assert config["state_topic"] == "edgeid/lab/box-1/health"
-        assert config["availability_topic"] == "edgeid/lab/box-1/status"
-        assert (config["payload_available"], config["payload_not_available"]) == (
-            "online",
-            "offline",
-        )
+        assert config["availability"] == [
+            {
+                "topic": "edgeid/lab/box-1/status",
+                "payload_available": "online",
+                "payload_not_available": "offline",
+            }
+        ]
         assert config["value_template"].startswith("{{ value_json.")
         assert config["device"]["identifiers"] == ["edgeid_lab_box-1"]
         ids.add(config["unique_id"])

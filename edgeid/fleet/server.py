@@ -41,6 +41,7 @@ from edgeid.fleet.devices import (
     DeviceView,
     FleetState,
 )
+from edgeid.fleet.live_page import LivePage
 from edgeid.fleet.subscriber import FleetSubscriber, client_tls
 from edgeid.runtime.errors import BadInputError, EdgeidError
 
@@ -58,6 +59,10 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 
+# How old a large fleet's page may be: the browser reloads every 10 s, Prometheus scrapes 15+ s.
+DASHBOARD_REFRESH_S = 2.0
+METRICS_REFRESH_S = 5.0
+
 
 @dataclass(frozen=True)
 class FleetOptions:
@@ -74,6 +79,7 @@ class FleetOptions:
     token_file: Path | None = None  # required beyond loopback
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    homeassistant_support_url: str | None = None  # origin.support_url of the discovery configs
 
     @property
     def tls(self) -> bool:
@@ -215,11 +221,19 @@ def create_app(
     """The fleet's web app over ``state``; ``token``: None for open pages (loopback only)."""
     exposition = prometheus.FleetExposition(state)
 
+    # Large fleets: rendered in the background while watched (see live_page.py).
+    dashboard_page = LivePage(
+        lambda: dashboard.render(state.devices(), clock()).encode("utf-8"),
+        refresh_s=DASHBOARD_REFRESH_S,
+        name="dashboard",
+    )
+    metrics_page = LivePage(exposition.render, refresh_s=METRICS_REFRESH_S, name="metrics")
+
     def page(_request: Request) -> Response:
-        return HTMLResponse(dashboard.render(state.devices(), clock()))
+        return HTMLResponse(dashboard_page.get())
 
     def metrics(_request: Request) -> Response:
-        return Response(exposition.render(), media_type=prometheus.CONTENT_TYPE)
+        return Response(metrics_page.get(), media_type=prometheus.CONTENT_TYPE)
 
     def devices(_request: Request) -> Response:
         return JSONResponse({"devices": [device_json(v) for v in state.devices()]})
@@ -276,6 +290,7 @@ class FleetService:
             options.broker_port,
             context,
             homeassistant_prefix=options.homeassistant_prefix,
+            homeassistant_support_url=options.homeassistant_support_url,
         )
         self.app = create_app(
             self.state, lambda: self.subscriber.connected, token=token, clock=clock

@@ -51,10 +51,12 @@ class FleetSubscriber:
         *,
         client_id: str = CLIENT_ID,
         homeassistant_prefix: str | None = None,
+        homeassistant_support_url: str | None = None,
     ) -> None:
         self._state = state
         self._host, self._port = host, port
         self._ha_prefix = homeassistant_prefix
+        self._ha_support_url = homeassistant_support_url
         self._connected = threading.Event()
         self._announced: set[tuple[str, str]] = set()
         self._announce_lock = threading.Lock()
@@ -84,7 +86,10 @@ class FleetSubscriber:
             return
         with self._announce_lock:
             self._announced.add((site, device))
-        for topic, payload in discovery_messages(site, device, self._ha_prefix):
+        messages = discovery_messages(
+            site, device, self._ha_prefix, support_url=self._ha_support_url
+        )
+        for topic, payload in messages:
             self._client.publish(topic, payload, qos=1, retain=True)
 
     def _on_connect(

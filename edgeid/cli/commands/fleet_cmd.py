@@ -21,10 +21,13 @@ def listen_address(value: str) -> tuple[str, int]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from edgeid.fleet.homeassistant import check_support_url
     from edgeid.fleet.server import FleetOptions, serve
 
     if args.stale_after <= 0:
         raise BadInputError("--stale-after must be a positive number of seconds")
+    if args.homeassistant_support_url is not None:
+        check_support_url(args.homeassistant_support_url)
     host, port = args.listen
     serve(
         FleetOptions(
@@ -40,6 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
             token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            homeassistant_support_url=args.homeassistant_support_url,
         )
     )
     return EXIT_OK
@@ -85,4 +89,9 @@ def register(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "--homeassistant", action="store_true", help="publish Home Assistant MQTT discovery"
     )
     serve.add_argument("--homeassistant-prefix", default="homeassistant", metavar="PREFIX")
+    serve.add_argument(
+        "--homeassistant-support-url",
+        metavar="URL",
+        help="where admins get help with these boxes (Home Assistant shows it as the origin)",
+    )
     serve.set_defaults(handler=run_serve)
