@@ -140,11 +140,19 @@ def _run(model: bytes, x: np.ndarray, *, rewrite: bool) -> np.ndarray:
     return result
 
 
-def test_rewrite_is_exact_for_any_slope() -> None:
-    slopes = np.array([-1.5, -0.25, 0.0, 0.3, 1.0, 1.3], dtype=np.float32).reshape(6, 1, 1)
+@pytest.mark.parametrize(
+    ("slopes", "ops"),
+    [
+        ([-1.5, -0.25, 0.0, 0.3, 1.0, 1.3], ["Relu", "Sub", "Mul", "Add"]),  # mixed
+        ([-1.5, -0.25, 0.0, 0.3, 1.0, 0.999], ["Mul", "Max"]),  # all <= 1
+        ([1.0, 1.3, 2.0, 7.5, 1.0001, 3.0], ["Mul", "Min"]),  # all >= 1
+    ],
+)
+def test_rewrite_is_exact_for_any_slope(slopes: list[float], ops: list[str]) -> None:
+    a = np.array(slopes, dtype=np.float32).reshape(6, 1, 1)
     model = _model(
         [helper.make_node("PRelu", ["x", "a"], ["y"])],
-        [numpy_helper.from_array(slopes, "a")],
+        [numpy_helper.from_array(a, "a")],
         [2, 6, 5, 7],
     )
     rng = np.random.default_rng(17)
@@ -152,17 +160,35 @@ def test_rewrite_is_exact_for_any_slope() -> None:
     x[0, :, 0, 0] = 0.0
     x[1, :, 0, 0] = np.float32(3e-38)  # subnormal products
     x[1, :, 1, 1] = -np.float32(1e-40)
+    x[1, :, 2, 2] = np.float32(-3e38)  # products that overflow to -inf
     rewritten = split_prelu(model)
     assert prelu_count(model) == 1 and prelu_count(rewritten) == 0
+    assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node] == ops
+    with np.errstate(over="ignore"):
+        expected = np.where(x >= 0, x, a * x)
+    assert np.array_equal(_run(model, x, rewrite=False), expected)
+    assert np.array_equal(_run(model, x, rewrite=True), expected)
+
+
+def test_slopes_that_are_no_constant_take_the_general_form() -> None:
+    model = _model(
+        [
+            helper.make_node("Identity", ["a0"], ["a"]),
+            helper.make_node("PRelu", ["x", "a"], ["y"]),
+        ],
+        [numpy_helper.from_array(np.full((3, 1, 1), 0.5, dtype=np.float32), "a0")],
+        [1, 3, 4, 4],
+    )
+    rewritten = split_prelu(model)
     assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node] == [
+        "Identity",
         "Relu",
         "Sub",
         "Mul",
         "Add",
     ]
-    expected = np.where(x >= 0, x, slopes * x)
-    assert np.array_equal(_run(model, x, rewrite=False), expected)
-    assert np.array_equal(_run(model, x, rewrite=True), expected)
+    x = np.random.default_rng(3).normal(0, 1, (1, 3, 4, 4)).astype(np.float32)
+    assert np.array_equal(_run(model, x, rewrite=True), _run(model, x, rewrite=False))
 
 
 def test_graphs_it_must_not_touch_come_back_unchanged(models_dir: Path) -> None:
