@@ -46,13 +46,16 @@ def photos(lfw_dir: Path, scenes_dir: Path) -> list[tuple[str, np.ndarray]]:
 
 
 def _detector(models_dir: Path, *, rewrite: bool, wrap: Any = None) -> MtcnnDetector:
+    """The detector on the models as built (or rewritten), each level and crop batch whole as
+    before issue 17 item 2 (256 crops per run was the old cap)."""
     sessions = []
     for name in MODEL_NAMES:
         session = create_cpu_session(
             read_verified_model(models_dir, name)[1], 1, rewrite_prelu=rewrite
         )
         sessions.append(wrap(name, session) if wrap else session)
-    return MtcnnDetector(*sessions, MtcnnDetector.load(models_dir).parameters)
+    parameters = MtcnnDetector.load(models_dir).parameters
+    return MtcnnDetector(*sessions, parameters, crop_batches=(256, 256), pnet_tile=None)
 
 
 class _Recording:
@@ -212,3 +215,40 @@ def test_graphs_it_must_not_touch_come_back_unchanged(models_dir: Path) -> None:
     plain = _model([helper.make_node("PRelu", ["x", "a"], ["y"])], [slope], [1, 3, 4, 4])
     once = split_prelu(plain)
     assert once != plain and split_prelu(once) is once  # never rewritten twice
+
+
+# --- P-Net in tiles ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [24, 26, 64, 192])
+def test_pnet_tiles_give_the_whole_level_maps(models_dir: Path, tile: int) -> None:
+    whole = MtcnnDetector.load(models_dir, threads=1)
+    tiled = MtcnnDetector(whole._pnet, whole._rnet, whole._onet, whole.parameters, pnet_tile=tile)
+    untiled = MtcnnDetector(whole._pnet, whole._rnet, whole._onet, whole.parameters, pnet_tile=None)
+    rng = np.random.default_rng(tile)
+    for height, width in [(12, 12), (13, 200), (193, 194), (205, 431), (37, 36)]:
+        pixels = rng.integers(0, 256, (1, 3, height, width)).astype(np.float32)
+        level = tiled._normalise(pixels)
+        for a, b in zip(tiled._run_pnet(level), untiled._run_pnet(level), strict=True):
+            assert a.shape == b.shape and np.array_equal(a, b), (tile, height, width)
+
+
+def test_tiles_cover_each_cell_once() -> None:
+    from edgeid.runtime.inference.mtcnn_detector import _tiles
+
+    for size in range(12, 400):
+        for tile in (24, 26, 64, 192):
+            runs = _tiles(size, tile, 12, 2)
+            cells = [c for _, _, first, n in runs for c in range(first, first + n)]
+            assert cells == list(range(-(-(size - 2) // 2) - 4))
+            assert runs[-1][1] == size and all(e - s >= 11 for s, e, _, _ in runs)
+            assert all(s % 2 == 0 and (e - s == tile) for s, e, _, _ in runs[:-1])
+
+
+def test_bad_batches_and_tiles_are_refused(models_dir: Path) -> None:
+    from edgeid.runtime.errors import ModelError
+
+    d = MtcnnDetector.load(models_dir, threads=1)
+    for kwargs in ({"crop_batches": (0, 8)}, {"pnet_tile": 23}, {"pnet_tile": 12}):
+        with pytest.raises(ModelError):
+            MtcnnDetector(d._pnet, d._rnet, d._onet, d.parameters, **kwargs)  # type: ignore[arg-type]

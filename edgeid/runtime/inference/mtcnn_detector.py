@@ -60,8 +60,16 @@ MODEL_NAMES = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
 # Fixed input sizes of the second and third stage networks.
 RNET_SIZE = 24
 ONET_SIZE = 48
-# Crops per R-/O-Net run: bounds memory on crowded images; CPU throughput is flat beyond this.
-MAX_BATCH = 256
+# Crops per R-/O-Net run, and the side of the tiles P-Net runs a large pyramid level in. ONNX
+# Runtime's CPU cost per crop or pixel grows once a layer's tensors outgrow the caches: measured
+# (benchmarks/mtcnn_path_bench.py, issue 17), R-Net costs 1.6-1.9x less per crop in runs of 16 to
+# 128 crops than of 256, O-Net 1.5x less in runs of 4 to 8 than of 256, and P-Net about 2x less
+# per useful pixel in 192-px tiles than over a 461 x 820 level. The results are the same: each
+# crop is computed on its own, and tiles overlap so that every output cell sees its full
+# 12 x 12 window (see _tiles).
+RNET_BATCH = 32
+ONET_BATCH = 8
+PNET_TILE = 192
 # Rows of the NMS overlap matrix computed at once: bounds memory to NMS_BLOCK x candidates.
 NMS_BLOCK = 128
 # MTCNN boxes are narrower and taller than dlib's square ones and reach higher up the forehead.
@@ -308,6 +316,26 @@ def _regress(boxes: FloatArray, deltas: FloatArray, extra: float) -> FloatArray:
     return out
 
 
+def _tiles(size: int, tile: int, cell: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Split one axis of a P-Net level into overlapping runs: (start, end, first cell, cells).
+
+    Output cell ``j`` sees input ``stride * j`` .. ``stride * j + cell - 1``. Every run but the
+    last starts at a multiple of the stride and has an even length ``tile``, so its cells are
+    whole windows inside it; the next starts ``cell - stride`` before it ends, at its first
+    cell not yet computed. The last run ends where the level ends, so the one cell that may
+    see past the edge there (P-Net pools with ceil_mode) is computed as on the whole level.
+    """
+    step = tile - (cell - stride)
+    runs = []
+    start = 0
+    while start + tile < size:
+        runs.append((start, start + tile, start // stride, (tile - cell) // stride + 1))
+        start += step
+    total = -(-(size - 2) // 2) - 4  # P-Net's output length: conv 3, pool 2 (ceil), conv 3, conv 3
+    runs.append((start, size, start // stride, total - start // stride))
+    return runs
+
+
 class MtcnnDetector:
     """Finds faces with MTCNN; ``detect`` is thread-safe (onnxruntime sessions are)."""
 
@@ -317,7 +345,14 @@ class MtcnnDetector:
         rnet: ModelSession,
         onet: ModelSession,
         parameters: MtcnnParameters | None = None,
+        *,
+        crop_batches: tuple[int, int] = (RNET_BATCH, ONET_BATCH),
+        pnet_tile: int | None = PNET_TILE,
     ) -> None:
+        """``crop_batches``: crops per R-Net and O-Net run; ``pnet_tile``: the even side of the
+        tiles P-Net runs larger levels in (None: each level whole). Neither changes a result."""
+        if min(crop_batches) < 1 or (pnet_tile is not None and (pnet_tile < 24 or pnet_tile % 2)):
+            raise ModelError("crop batches must be >= 1 and the P-Net tile even and >= 24")
         _check_session(pnet, "pnet", {_DELTAS, _PROBS}, None)
         _check_session(rnet, "rnet", {_DELTAS, _PROBS}, RNET_SIZE)
         _check_session(onet, "onet", {_DELTAS, _LANDMARKS, _PROBS}, ONET_SIZE)
@@ -325,6 +360,8 @@ class MtcnnDetector:
         self._rnet = rnet
         self._onet = onet
         self.parameters = parameters if parameters is not None else MtcnnParameters()
+        self._crop_batches = crop_batches
+        self._pnet_tile = pnet_tile
 
     @classmethod
     def load(
@@ -426,9 +463,7 @@ class MtcnnDetector:
         per_scale: list[FloatArray] = []
         for scale in self.scales(height, width):
             resized = sampler.resize(int(height * scale + 1), int(width * scale + 1))
-            deltas, probs = self._pnet.run(
-                [_DELTAS, _PROBS], {_INPUT: self._normalise(resized[None])}
-            )
+            deltas, probs = self._run_pnet(self._normalise(resized[None]))
             face = probs[0, 1]
             rows, cols = np.nonzero(face >= np.float32(p.thresholds[0]))
             if not rows.size:
@@ -467,11 +502,39 @@ class MtcnnDetector:
         pixels = sampler.crops(x0[valid], y0[valid], x1[valid], y1[valid], size)
         return self._normalise(pixels), valid
 
+    def _run_pnet(self, level: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """P-Net's (deltas, probabilities) maps over one level (1, 3, h, w), tile by tile."""
+        p = self.parameters
+        names = [_DELTAS, _PROBS]
+        if self._pnet_tile is None:
+            deltas, probs = self._pnet.run(names, {_INPUT: level})
+            return deltas, probs
+        rows = _tiles(level.shape[2], self._pnet_tile, p.cell_size, p.stride)
+        cols = _tiles(level.shape[3], self._pnet_tile, p.cell_size, p.stride)
+        if len(rows) == 1 and len(cols) == 1:
+            deltas, probs = self._pnet.run(names, {_INPUT: level})
+            return deltas, probs
+        out_h = sum(n for _, _, _, n in rows)
+        out_w = sum(n for _, _, _, n in cols)
+        maps: list[FloatArray] = []
+        for y0, y1, cy, ny in rows:
+            for x0, x1, cx, nx in cols:
+                tile = np.ascontiguousarray(level[:, :, y0:y1, x0:x1])
+                parts = self._pnet.run(names, {_INPUT: tile})
+                if not maps:
+                    maps = [
+                        np.empty((1, part.shape[1], out_h, out_w), part.dtype) for part in parts
+                    ]
+                for whole, part in zip(maps, parts, strict=True):
+                    whole[:, :, cy : cy + ny, cx : cx + nx] = part[:, :, :ny, :nx]
+        return maps[0], maps[1]
+
     @staticmethod
-    def _run_batched(session: ModelSession, names: list[str], data: FloatArray) -> list[FloatArray]:
+    def _run_batched(
+        session: ModelSession, names: list[str], data: FloatArray, batch: int
+    ) -> list[FloatArray]:
         parts = [
-            session.run(names, {_INPUT: data[i : i + MAX_BATCH]})
-            for i in range(0, len(data), MAX_BATCH)
+            session.run(names, {_INPUT: data[i : i + batch]}) for i in range(0, len(data), batch)
         ]
         return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
 
@@ -481,7 +544,9 @@ class MtcnnDetector:
         boxes = boxes[valid]
         if not len(boxes):
             return boxes
-        deltas, probs = self._run_batched(self._rnet, [_DELTAS, _PROBS], crops)
+        deltas, probs = self._run_batched(
+            self._rnet, [_DELTAS, _PROBS], crops, self._crop_batches[0]
+        )
         passed = probs[:, 1] > np.float32(p.thresholds[1])
         boxes = np.column_stack([boxes[passed, 0:4], probs[passed, 1]])
         deltas = deltas[passed]
@@ -496,7 +561,9 @@ class MtcnnDetector:
         boxes = boxes[valid]
         if not len(boxes):
             return boxes, []
-        deltas, marks, probs = self._run_batched(self._onet, [_DELTAS, _LANDMARKS, _PROBS], crops)
+        deltas, marks, probs = self._run_batched(
+            self._onet, [_DELTAS, _LANDMARKS, _PROBS], crops, self._crop_batches[1]
+        )
         passed = probs[:, 1] > np.float32(p.thresholds[2])
         boxes = np.column_stack([boxes[passed, 0:4], probs[passed, 1]])
         marks = marks[passed]
