@@ -1,14 +1,15 @@
 """`python -m benchmarks.mtcnn_path_bench --images DIR --models DIR`: where MTCNN's time goes.
 
 Two detectors in one process, each image through both in turn (the order alternating), so the
-load of other jobs on a shared machine falls on both alike: the current path (every CPU session
-runs PRelu rewritten, ``edgeid.runtime.inference.prelu_split``) and the path as built (PRelu as
-converted; ``rewrite_prelu=False``). Per image, in ms of wall time (mean over the images): the
-integral image, each cascade stage as a whole (P-Net over the pyramid with its resizes and
+load of other jobs on a shared machine falls on both alike: the current path (PRelu rewritten
+by ``edgeid.runtime.inference.prelu_split`` in every CPU session, R-/O-Net crops in cache-sized
+runs, large P-Net levels in tiles) and the path as it was before issue 17 item 2 (PRelu as
+converted, up to 256 crops per run, P-Net on whole levels). Per image, in ms of wall time (mean
+over the images): the integral image, each cascade stage as a whole (P-Net over the pyramid with its resizes and
 NMS, R-Net, O-Net), inside each stage the network's ``run`` (the rest is numpy: resizing,
 crops, NMS, box arithmetic), P-Net's run per pyramid level, and all of ``detect``; also the CPU
 ms of ``detect``, the pyramid levels, the crops reaching R- and O-Net, and whether the two
-paths found the same faces (they must: the rewrite is exact). Ratios are as built over current.
+paths found the same faces (they must: every change is exact). Ratios are as built over current.
 
     python -m benchmarks.mtcnn_path_bench --images ../shared/data/lfw-dev/images \\
         --models var/models --limit 100
@@ -35,6 +36,7 @@ from edgeid.runtime.inference.mtcnn_detector import MODEL_NAMES, MtcnnDetector
 from edgeid.runtime.inference.onnx_backend import create_cpu_session
 
 PATHS = ("as_built", "current")
+AS_BUILT_CROP_BATCHES = (256, 256)
 Totals = dict[str, float]
 
 
@@ -77,7 +79,13 @@ def _detector(
         for name in MODEL_NAMES
     ]
     pnet, rnet, onet = cast(list[Any], sessions)  # timed stand-ins for ModelSession
-    detector = MtcnnDetector(pnet, rnet, onet, MtcnnDetector.load(models).parameters)
+    parameters = MtcnnDetector.load(models).parameters
+    if rewrite:
+        detector = MtcnnDetector(pnet, rnet, onet, parameters)
+    else:  # as before issue 17 item 2: 256 crops per run, P-Net on whole levels
+        detector = MtcnnDetector(
+            pnet, rnet, onet, parameters, crop_batches=AS_BUILT_CROP_BATCHES, pnet_tile=None
+        )
     for stage in ("_stage_pnet", "_stage_rnet", "_stage_onet"):
         method = getattr(detector, stage)
 
