@@ -1,15 +1,15 @@
 """`python -m benchmarks.mtcnn_path_bench --images DIR --models DIR`: where MTCNN's time goes.
 
-Two detectors in one process, each image through both in turn (the order alternating), so the
-load of other jobs on a shared machine falls on both alike: the current path (PRelu rewritten
-by ``edgeid.runtime.inference.prelu_split`` in every CPU session, R-/O-Net crops in cache-sized
-runs, large P-Net levels in tiles) and the path as it was before issue 17 item 2 (PRelu as
-converted, up to 256 crops per run, P-Net on whole levels). Per image, in ms of wall time (mean
-over the images): the integral image, each cascade stage as a whole (P-Net over the pyramid with its resizes and
-NMS, R-Net, O-Net), inside each stage the network's ``run`` (the rest is numpy: resizing,
-crops, NMS, box arithmetic), P-Net's run per pyramid level, and all of ``detect``; also the CPU
-ms of ``detect``, the pyramid levels, the crops reaching R- and O-Net, and whether the two
-paths found the same faces (they must: every change is exact). Ratios are as built over current.
+Two detectors in one process, each image through both in turn (the order alternating), so the load
+of other jobs on a shared machine falls on both alike: the current path (PRelu rewritten by
+``edgeid.runtime.inference.prelu_split`` in every CPU session, R-/O-Net crops in cache-sized runs,
+large P-Net levels in tiles) and the path as it was before issue 17 item 2 (PRelu as converted, up
+to 256 crops per run, P-Net on whole levels). Per image, in ms of wall time (mean over the images):
+the integral image, each cascade stage as a whole (P-Net over the pyramid with its resizes and NMS,
+R-Net, O-Net), inside each stage the network's ``run`` (the rest is numpy: resizing, crops, NMS,
+box arithmetic), P-Net's run per pyramid level, and all of ``detect``; also the CPU ms of
+``detect``, the pyramid levels, the crops reaching R- and O-Net, and whether the two paths found
+the same faces (they must: every change is exact). Ratios are as built over current.
 
     python -m benchmarks.mtcnn_path_bench --images ../shared/data/lfw-dev/images \\
         --models var/models --limit 100
