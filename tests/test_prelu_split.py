@@ -252,3 +252,16 @@ def test_bad_batches_and_tiles_are_refused(models_dir: Path) -> None:
     for kwargs in ({"crop_batches": (0, 8)}, {"pnet_tile": 23}, {"pnet_tile": 12}):
         with pytest.raises(ModelError):
             MtcnnDetector(d._pnet, d._rnet, d._onet, d.parameters, **kwargs)  # type: ignore[arg-type]
+
+
+def test_tiles_and_small_batches_are_for_onnx_runtime_sessions_only(models_dir: Path) -> None:
+    from edgeid.runtime.inference.mtcnn_detector import GPU_CROP_BATCH, PNET_TILE
+
+    cpu = MtcnnDetector.load(models_dir, threads=1)
+    assert cpu._pnet_tile == PNET_TILE and max(cpu._crop_batches) < GPU_CROP_BATCH
+
+    def other_backend(name: str, sha256: str, data: bytes) -> Any:  # e.g. a TensorRT session
+        return _Recording(name, create_cpu_session(data, 1), defaultdict(list))
+
+    gpu = MtcnnDetector.load(models_dir, open_model=other_backend)
+    assert gpu._pnet_tile is None and gpu._crop_batches == (GPU_CROP_BATCH, GPU_CROP_BATCH)

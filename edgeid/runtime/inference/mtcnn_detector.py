@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.backends.session import ModelOpener, ModelSession
@@ -70,6 +71,8 @@ ONET_SIZE = 48
 RNET_BATCH = 32
 ONET_BATCH = 8
 PNET_TILE = 192
+# Crops per run on a GPU backend (what every backend used before issue 17).
+GPU_CROP_BATCH = 256
 # Rows of the NMS overlap matrix computed at once: bounds memory to NMS_BLOCK x candidates.
 NMS_BLOCK = 128
 # MTCNN boxes are narrower and taller than dlib's square ones and reach higher up the forehead.
@@ -398,7 +401,18 @@ class MtcnnDetector:
         parameters = MtcnnParameters.from_manifest(
             pnet.parameters, rnet.parameters, onet.parameters, pnet.preprocessing
         )
-        return cls(sessions[0], sessions[1], sessions[2], parameters)
+        if all(isinstance(session, ort.InferenceSession) for session in sessions):
+            return cls(sessions[0], sessions[1], sessions[2], parameters)
+        # A GPU backend: the cache sizes above are the CPU's, and each run costs a launch and
+        # two copies, so whole levels and large batches (its engines' own limit chunks them).
+        return cls(
+            sessions[0],
+            sessions[1],
+            sessions[2],
+            parameters,
+            crop_batches=(GPU_CROP_BATCH, GPU_CROP_BATCH),
+            pnet_tile=None,
+        )
 
     def scales(self, height: int, width: int) -> list[float]:
         """Pyramid scales for an image of this size, largest first."""
