@@ -27,6 +27,17 @@ Crops that reach past the image edge are clipped to the image and stretched, as 
 does. (The original MTCNN zero-pads instead; on scenes/dlib-faces that changed nothing, while it
 moved some edge boxes by up to 15 px away from facenet-pytorch's.)
 
+Speed on the CPU (issue 17 item 2, measured by benchmarks/mtcnn_path_bench.py): the three
+networks' runs are about two thirds of ``detect``, and inside them ONNX Runtime's PRelu and
+tensors that outgrow the caches cost most. So every CPU session runs PRelu rewritten
+(``prelu_split``), R-/O-Net take their crops in runs of RNET_BATCH / ONET_BATCH, and P-Net
+runs a level larger than PNET_TILE in overlapping tiles; each gives the same numbers to the
+bit. R- and O-Net were already batched across candidates. Packing the pyramid into one canvas
+does not pay: the small levels cost tens of microseconds a run, padding adds pixels, and
+P-Net's ceil-mode pooling makes the last cell of an odd-sized level see past its edge. No level
+can be skipped: the pyramid already stops at the last level a 12-px cell fits, which is where a
+face filling the shorter side is found.
+
 Coordinates: facenet-pytorch's boxes ``(x1, y1, x2, y2)`` are 1-based inclusive, so the pixels a
 box covers are columns ``x1 - 1`` .. ``x2 - 1``; we return them as ``Box(x1 - 1, y1 - 1, x2,
 y2)`` in edge coordinates (``x0`` inclusive, ``x1`` exclusive). Landmarks come out in the same
@@ -35,6 +46,7 @@ y2)`` in edge coordinates (``x0`` inclusive, ``x1`` exclusive). Landmarks come o
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +73,8 @@ MODEL_NAMES = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
 # Fixed input sizes of the second and third stage networks.
 RNET_SIZE = 24
 ONET_SIZE = 48
+# Image sizes whose pyramid resize plans are kept (a camera or a photo set has a few sizes).
+PLAN_CACHE_SIZE = 256
 # Crops per R-/O-Net run, and the side of the tiles P-Net runs a large pyramid level in. ONNX
 # Runtime's CPU cost per crop or pixel grows once a layer's tensors outgrow the caches: measured
 # (benchmarks/mtcnn_path_bench.py, issue 17), R-Net costs 1.6-1.9x less per crop in runs of 16 to
@@ -206,6 +220,20 @@ def _pool_bounds(in_sizes: I64, out_size: int) -> tuple[I64, I64]:
     return start, end
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _resize_plan(
+    height: int, width: int, out_height: int, out_width: int
+) -> tuple[I64, I64, I64, I64, FloatArray]:
+    """Pooling windows (row starts, row ends, column starts, column ends) and window sizes
+    for resizing a whole image: the same for every photo of a size, so kept (read-only)."""
+    ys, ye = (v[0] for v in _pool_bounds(np.array([height]), out_height))
+    xs, xe = (v[0] for v in _pool_bounds(np.array([width]), out_width))
+    counts: FloatArray = np.outer(ye - ys, xe - xs).astype(np.float32)
+    for array in (ys, ye, xs, xe, counts):
+        array.flags.writeable = False
+    return ys, ye, xs, xe, counts
+
+
 class _AreaSampler:
     """torch's ``interpolate(mode="area")`` (adaptive average pooling) of any window of an image.
 
@@ -220,18 +248,17 @@ class _AreaSampler:
         # window we sample holds far fewer than 2**32 / 255 pixels); half the memory of int64.
         channels = np.ascontiguousarray(image.transpose(2, 0, 1))
         integral = np.zeros((3, self.height + 1, self.width + 1), dtype=np.uint32)
-        np.cumsum(channels, axis=1, dtype=np.uint32, out=integral[:, 1:, 1:])
-        np.cumsum(integral[:, 1:, 1:], axis=2, out=integral[:, 1:, 1:])
+        # Along rows (contiguous) first: the same integers, 1.1-1.4x faster than columns first.
+        np.cumsum(channels, axis=2, dtype=np.uint32, out=integral[:, 1:, 1:])
+        np.cumsum(integral[:, 1:, 1:], axis=1, out=integral[:, 1:, 1:])
         self._integral = integral
 
     def resize(self, out_height: int, out_width: int) -> FloatArray:
         """The whole image resized to (3, out_height, out_width)."""
-        ys, ye = (v[0] for v in _pool_bounds(np.array([self.height]), out_height))
-        xs, xe = (v[0] for v in _pool_bounds(np.array([self.width]), out_width))
+        ys, ye, xs, xe, counts = _resize_plan(self.height, self.width, out_height, out_width)
         # Separable: difference of rows, then of columns; far cheaper than 2-D gathers.
         rows = np.take(self._integral, ye, axis=1) - np.take(self._integral, ys, axis=1)
         sums = np.take(rows, xe, axis=2) - np.take(rows, xs, axis=2)
-        counts = np.outer(ye - ys, xe - xs).astype(np.float32)
         result: FloatArray = sums.astype(np.float32) / counts
         return result
 
