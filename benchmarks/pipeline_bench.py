@@ -229,6 +229,110 @@ def _timed_loop(
     result.stage_ms = timer.milliseconds()
 
 
+def _interleaved_loop(
+    phases: list[tuple[PhaseResult, Callable[[Path, StageTimer], int]]],
+    paths: list[Path],
+    progress: Progress | None,
+) -> None:
+    """``_timed_loop`` for several pipelines at once: each image goes through every pipeline in
+    turn, the order rotating from image to image, so that the load of other jobs on a shared
+    machine falls on all of them alike and their ratio means something."""
+    for _, process in phases:
+        for path in paths[:WARMUP_IMAGES]:
+            with contextlib.suppress(BadInputError):
+                process(path, StageTimer())
+    timers = [StageTimer() for _ in phases]
+    cpu_s = [0.0] * len(phases)
+    for done, path in enumerate(paths, start=1):
+        first = done % len(phases)
+        for i in [*range(first, len(phases)), *range(first)]:
+            result, process = phases[i]
+            started, cpu_started = time.perf_counter(), time.process_time()
+            try:
+                faces = process(path, timers[i])
+            except BadInputError as exc:
+                result.failed.append(str(exc))
+                continue
+            finally:
+                cpu_s[i] += time.process_time() - cpu_started
+            result.latencies_ms.append(1000 * (time.perf_counter() - started))
+            result.images += 1
+            result.faces += faces
+        if progress:
+            progress(" / ".join(r.name for r, _ in phases), done, len(paths))
+    for (result, _), timer, cpu in zip(phases, timers, cpu_s, strict=True):
+        result.cpu_s = cpu
+        result.stage_ms = timer.milliseconds()
+
+
+# The MTCNN path before issue 17 item 2: up to 256 crops per R-/O-Net run, P-Net on whole levels.
+AS_BUILT_CROP_BATCHES = (256, 256)
+
+
+def _as_built_detector(pipeline: FacePipeline) -> None:
+    """Put the MTCNN detector of ``pipeline`` (loaded with ``rewrite_prelu=False``) back on the
+    path as it was before issue 17 item 2, on the same sessions."""
+    from edgeid.runtime.inference.mtcnn_detector import MtcnnDetector
+
+    adapter: Any = pipeline.detector
+    current = getattr(adapter, "_detector", None)
+    if isinstance(current, MtcnnDetector):
+        adapter._detector = MtcnnDetector(
+            current._pnet,
+            current._rnet,
+            current._onet,
+            current.parameters,
+            crop_batches=AS_BUILT_CROP_BATCHES,
+            pnet_tile=None,
+        )
+
+
+def run_ours_vs_as_built(
+    paths: list[Path],
+    models_dir: Path,
+    *,
+    detector: DetectorName,
+    upsample: int,
+    threads: int | None,
+    memory: _Memory,
+    progress: Progress | None = None,
+) -> tuple[PhaseResult, PhaseResult]:
+    """Our default pipeline and the same one with the detector path as it was before issue 17
+    item 2 (PRelu as built, 256 crops per run, P-Net on whole levels), interleaved image by
+    image. Both are in memory together, so both report the pair's peak RSS."""
+    memory.start()
+    phases: list[tuple[PhaseResult, Callable[[Path, StageTimer], int]]] = []
+    for rewrite in (True, False):
+        started = time.perf_counter()
+        pipeline = FacePipeline.load(
+            models_dir,
+            detector,
+            threads=threads,
+            upsample=upsample,
+            backend="cpu",
+            precision=DEFAULT_PRECISION,
+            rewrite_prelu=rewrite,
+        )
+        if not rewrite:
+            _as_built_detector(pipeline)
+        scale = f" upsample {upsample}" if upsample else ""
+        built = "" if rewrite else ", detector as built"
+        name = f"edgeid {DEFAULT_PRECISION} ({detector}{scale} + sp5 + resnet{built})"
+        result = PhaseResult(name=name, load_s=time.perf_counter() - started)
+
+        def process(path: Path, timer: StageTimer, pipeline: FacePipeline = pipeline) -> int:
+            with timer.stage("decode"):
+                image = load_image(path)
+            return len(pipeline.embed(image, timer=timer))
+
+        phases.append((result, process))
+    _interleaved_loop(phases, paths, progress)
+    peak = memory.peak()
+    for result, _ in phases:
+        result.peak_rss_mb, result.rss_growth_mb = peak
+    return phases[0][0], phases[1][0]
+
+
 def run_ours(
     paths: list[Path],
     models_dir: Path,
@@ -337,8 +441,13 @@ def run(
     flip_tta: bool = False,
     baseline: bool = True,
     progress: Progress | None = None,
+    compare_detector: bool = False,
 ) -> dict[str, Any]:
-    """The benchmark's JSON report (see the module docstring for what is measured and how)."""
+    """The benchmark's JSON report (see the module docstring for what is measured and how).
+
+    ``compare_detector``: the default-precision pipeline runs interleaved with its as-built twin
+    (PRelu not rewritten) and the report gains ``detector_path`` with their ratios.
+    """
     paths = find_images(images_dir, limit)
     # Both libraries are imported before any phase so neither phase's memory counts them.
     dlib = import_dlib() if baseline else None
@@ -349,20 +458,31 @@ def run(
         for p in PRECISIONS
         if manifest_path(models_dir, precision_model("dlib_resnet_v1", p)).is_file()
     ]
-    by_precision = {
-        p: run_ours(
+    by_precision: dict[Precision, PhaseResult] = {}
+    as_built: PhaseResult | None = None
+    if compare_detector:
+        by_precision[DEFAULT_PRECISION], as_built = run_ours_vs_as_built(
             paths,
             models_dir,
             detector=detector,
             upsample=upsample,
             threads=threads,
-            flip_tta=False,
             memory=memory,
             progress=progress,
-            precision=p,
         )
-        for p in sorted(built, key=lambda p: p != DEFAULT_PRECISION)
-    }
+    for p in sorted(built, key=lambda p: p != DEFAULT_PRECISION):
+        if p not in by_precision:
+            by_precision[p] = run_ours(
+                paths,
+                models_dir,
+                detector=detector,
+                upsample=upsample,
+                threads=threads,
+                flip_tta=False,
+                memory=memory,
+                progress=progress,
+                precision=p,
+            )
     ours = by_precision[DEFAULT_PRECISION]
     report: dict[str, Any] = {
         "benchmark": "pipeline: decode, detect, landmarks + align, quality, embed",
@@ -381,6 +501,8 @@ def run(
         "ours": ours.to_json(),
         "precisions": {p: r.to_json() for p, r in by_precision.items()},
     }
+    if as_built is not None:
+        report["detector_path"] = _detector_path(ours, as_built)
     if flip_tta:
         tta = run_ours(
             paths,
@@ -432,10 +554,38 @@ def run(
     return report
 
 
+def _detector_path(ours: PhaseResult, as_built: PhaseResult) -> dict[str, Any]:
+    """How the current detector path compares with the as-built one, run interleaved."""
+
+    def detect_ms(result: PhaseResult) -> float:
+        return result.stage_ms.get("detect", 0.0) / max(result.images, 1)
+
+    return {
+        "as_built": as_built.to_json(),
+        "note": (
+            "ours and the same pipeline with the detector path as before issue 17 item 2 (PRelu "
+            "as built, 256 crops per R-/O-Net run, P-Net on whole levels), image by image in "
+            "turn in this process; ratios are as built over ours"
+        ),
+        "detect_ms_per_image": {
+            "as_built": round(detect_ms(as_built), 2),
+            "ours": round(detect_ms(ours), 2),
+        },
+        "detect_speedup": round(detect_ms(as_built) / detect_ms(ours), 3)
+        if detect_ms(ours)
+        else None,
+        "images_per_s_speedup": round(ours.images_per_s / as_built.images_per_s, 3)
+        if as_built.images_per_s
+        else None,
+        "cpu_per_image_speedup": round(as_built.cpu_s / ours.cpu_s, 3) if ours.cpu_s else None,
+    }
+
+
 def summary(report: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     lines = []
     parts = [*report.get("precisions", {"": report.get("ours")}).values()]
+    parts += [(report.get("detector_path") or {}).get("as_built")]
     parts += [report.get("ours_flip_tta"), report.get("baseline")]
     for part in parts:
         if not part:
@@ -455,6 +605,13 @@ def summary(report: dict[str, Any]) -> str:
         lines += [f"ratio vs dlib (images/s) {p}: {r:.2f}" for p, r in ratios.items()]
     else:
         lines.append(str(report.get("baseline_note", "")))
+    if path := report.get("detector_path"):
+        ms = path["detect_ms_per_image"]
+        lines.append(
+            f"detector path: detect {ms['as_built']:.1f} -> {ms['ours']:.1f} ms/image "
+            f"({path['detect_speedup']}x), images/s {path['images_per_s_speedup']}x, "
+            f"CPU per image {path['cpu_per_image_speedup']}x (as built vs ours, interleaved)"
+        )
     return "\n".join(lines)
 
 
@@ -467,6 +624,7 @@ def main() -> int:
     parser.add_argument("--upsample", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--flip-tta", action="store_true")
+    parser.add_argument("--compare-detector", action="store_true")
     args = parser.parse_args()
     report = run(
         args.images,
@@ -476,6 +634,7 @@ def main() -> int:
         upsample=args.upsample,
         threads=args.threads,
         flip_tta=args.flip_tta,
+        compare_detector=args.compare_detector,
     )
     json.dump(report, sys.stdout, indent=2)
     print()

@@ -87,6 +87,28 @@ def test_bench_flip_tta_and_mmod_like_for_like(
     assert report["baseline"] is None and report["ratio_vs_baseline"] is None
 
 
+def test_compare_detector_runs_the_as_built_path_beside_ours(
+    models_dir: Path, lfw_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report, _ = _bench(
+        capsys,
+        *("--images", str(lfw_dir / "images"), "--limit", "3", "--compare-detector"),
+        *("--no-baseline", "--home", str(models_dir.parent), "--json"),
+    )
+    assert code == 0
+    path = report["detector_path"]
+    assert isinstance(path, dict)
+    _check_phase(path["as_built"], 3)
+    _check_phase(report["ours"], 3)  # type: ignore[arg-type]
+    assert "detector as built" in path["as_built"]["pipeline"]
+    assert "as built" not in report["ours"]["pipeline"]  # type: ignore[index]
+    assert path["as_built"]["faces"] == report["ours"]["faces"]  # type: ignore[index]
+    ms = path["detect_ms_per_image"]
+    assert ms["as_built"] > 0 and ms["ours"] > 0
+    assert path["detect_speedup"] == pytest.approx(ms["as_built"] / ms["ours"], rel=0.02)
+    assert path["images_per_s_speedup"] > 0 and path["cpu_per_image_speedup"] > 0
+
+
 def test_without_dlib_the_baseline_is_omitted_with_a_note(
     models_dir: Path,
     lfw_dir: Path,

@@ -54,6 +54,7 @@ def pipeline(args: argparse.Namespace) -> int:
         flip_tta=args.flip_tta,
         baseline=not args.no_baseline,
         progress=None if args.json else _progress,
+        compare_detector=args.compare_detector,
     )
     emit(args, report, bench.summary(report))
     return EXIT_OK
@@ -91,6 +92,11 @@ def register(
     )
     bench_pipeline.add_argument(
         "--no-baseline", action="store_true", help="skip dlib's pipeline (ours only)"
+    )
+    bench_pipeline.add_argument(
+        "--compare-detector",
+        action="store_true",
+        help="also run the detector path as built (before issue 17 item 2), interleaved",
     )
     bench_pipeline.set_defaults(handler=pipeline)
 

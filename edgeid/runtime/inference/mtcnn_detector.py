@@ -27,6 +27,17 @@ Crops that reach past the image edge are clipped to the image and stretched, as 
 does. (The original MTCNN zero-pads instead; on scenes/dlib-faces that changed nothing, while it
 moved some edge boxes by up to 15 px away from facenet-pytorch's.)
 
+Speed on the CPU (issue 17 item 2, measured by benchmarks/mtcnn_path_bench.py): the three
+networks' runs are about two thirds of ``detect``, and inside them ONNX Runtime's PRelu and
+tensors that outgrow the caches cost most. So every CPU session runs PRelu rewritten
+(``prelu_split``), R-/O-Net take their crops in runs of RNET_BATCH / ONET_BATCH, and P-Net
+runs a level larger than PNET_TILE in overlapping tiles; each gives the same numbers to the
+bit. R- and O-Net were already batched across candidates. Packing the pyramid into one canvas
+does not pay: the small levels cost tens of microseconds a run, padding adds pixels, and
+P-Net's ceil-mode pooling makes the last cell of an odd-sized level see past its edge. No level
+can be skipped: the pyramid already stops at the last level a 12-px cell fits, which is where a
+face filling the shorter side is found.
+
 Coordinates: facenet-pytorch's boxes ``(x1, y1, x2, y2)`` are 1-based inclusive, so the pixels a
 box covers are columns ``x1 - 1`` .. ``x2 - 1``; we return them as ``Box(x1 - 1, y1 - 1, x2,
 y2)`` in edge coordinates (``x0`` inclusive, ``x1`` exclusive). Landmarks come out in the same
@@ -35,6 +46,7 @@ y2)`` in edge coordinates (``x0`` inclusive, ``x1`` exclusive). Landmarks come o
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.backends.session import ModelOpener, ModelSession
@@ -60,8 +73,20 @@ MODEL_NAMES = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")
 # Fixed input sizes of the second and third stage networks.
 RNET_SIZE = 24
 ONET_SIZE = 48
-# Crops per R-/O-Net run: bounds memory on crowded images; CPU throughput is flat beyond this.
-MAX_BATCH = 256
+# Image sizes whose pyramid resize plans are kept (a camera or a photo set has a few sizes).
+PLAN_CACHE_SIZE = 256
+# Crops per R-/O-Net run, and the side of the tiles P-Net runs a large pyramid level in. ONNX
+# Runtime's CPU cost per crop or pixel grows once a layer's tensors outgrow the caches. Measured
+# (PRelu rewritten, one thread; issue 17): R-Net 0.06-0.07 ms a crop in runs of 16 to 128 crops,
+# 0.17 in runs of 256; O-Net 0.38 ms in runs of 4 or 8, 1.05 in runs of 256; P-Net 0.09 us per
+# useful pixel in 192-px tiles, 0.19 over a whole 461 x 820 level. The results are the same:
+# each crop is computed on its own, and tiles overlap so that every output cell sees its whole
+# 12 x 12 window (see _tiles).
+RNET_BATCH = 32
+ONET_BATCH = 8
+PNET_TILE = 192
+# Crops per run on a GPU backend (what every backend used before issue 17).
+GPU_CROP_BATCH = 256
 # Rows of the NMS overlap matrix computed at once: bounds memory to NMS_BLOCK x candidates.
 NMS_BLOCK = 128
 # MTCNN boxes are narrower and taller than dlib's square ones and reach higher up the forehead.
@@ -195,6 +220,20 @@ def _pool_bounds(in_sizes: I64, out_size: int) -> tuple[I64, I64]:
     return start, end
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _resize_plan(
+    height: int, width: int, out_height: int, out_width: int
+) -> tuple[I64, I64, I64, I64, FloatArray]:
+    """Pooling windows (row starts, row ends, column starts, column ends) and window sizes
+    for resizing a whole image: the same for every photo of a size, so kept (read-only)."""
+    ys, ye = (v[0] for v in _pool_bounds(np.array([height]), out_height))
+    xs, xe = (v[0] for v in _pool_bounds(np.array([width]), out_width))
+    counts: FloatArray = np.outer(ye - ys, xe - xs).astype(np.float32)
+    for array in (ys, ye, xs, xe, counts):
+        array.flags.writeable = False
+    return ys, ye, xs, xe, counts
+
+
 class _AreaSampler:
     """torch's ``interpolate(mode="area")`` (adaptive average pooling) of any window of an image.
 
@@ -209,18 +248,17 @@ class _AreaSampler:
         # window we sample holds far fewer than 2**32 / 255 pixels); half the memory of int64.
         channels = np.ascontiguousarray(image.transpose(2, 0, 1))
         integral = np.zeros((3, self.height + 1, self.width + 1), dtype=np.uint32)
-        np.cumsum(channels, axis=1, dtype=np.uint32, out=integral[:, 1:, 1:])
-        np.cumsum(integral[:, 1:, 1:], axis=2, out=integral[:, 1:, 1:])
+        # Along rows (contiguous) first: the same integers, 1.1-1.4x faster than columns first.
+        np.cumsum(channels, axis=2, dtype=np.uint32, out=integral[:, 1:, 1:])
+        np.cumsum(integral[:, 1:, 1:], axis=1, out=integral[:, 1:, 1:])
         self._integral = integral
 
     def resize(self, out_height: int, out_width: int) -> FloatArray:
         """The whole image resized to (3, out_height, out_width)."""
-        ys, ye = (v[0] for v in _pool_bounds(np.array([self.height]), out_height))
-        xs, xe = (v[0] for v in _pool_bounds(np.array([self.width]), out_width))
+        ys, ye, xs, xe, counts = _resize_plan(self.height, self.width, out_height, out_width)
         # Separable: difference of rows, then of columns; far cheaper than 2-D gathers.
         rows = np.take(self._integral, ye, axis=1) - np.take(self._integral, ys, axis=1)
         sums = np.take(rows, xe, axis=2) - np.take(rows, xs, axis=2)
-        counts = np.outer(ye - ys, xe - xs).astype(np.float32)
         result: FloatArray = sums.astype(np.float32) / counts
         return result
 
@@ -308,6 +346,26 @@ def _regress(boxes: FloatArray, deltas: FloatArray, extra: float) -> FloatArray:
     return out
 
 
+def _tiles(size: int, tile: int, cell: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Split one axis of a P-Net level into overlapping runs: (start, end, first cell, cells).
+
+    Output cell ``j`` sees input ``stride * j`` .. ``stride * j + cell - 1``. Every run but the
+    last starts at a multiple of the stride and has an even length ``tile``, so its cells are
+    whole windows inside it; the next starts ``cell - stride`` before it ends, at its first
+    cell not yet computed. The last run ends where the level ends, so the one cell that may
+    see past the edge there (P-Net pools with ceil_mode) is computed as on the whole level.
+    """
+    step = tile - (cell - stride)
+    runs = []
+    start = 0
+    while start + tile < size:
+        runs.append((start, start + tile, start // stride, (tile - cell) // stride + 1))
+        start += step
+    total = -(-(size - 2) // 2) - 4  # P-Net's output length: conv 3, pool 2 (ceil), conv 3, conv 3
+    runs.append((start, size, start // stride, total - start // stride))
+    return runs
+
+
 class MtcnnDetector:
     """Finds faces with MTCNN; ``detect`` is thread-safe (onnxruntime sessions are)."""
 
@@ -317,7 +375,14 @@ class MtcnnDetector:
         rnet: ModelSession,
         onet: ModelSession,
         parameters: MtcnnParameters | None = None,
+        *,
+        crop_batches: tuple[int, int] = (RNET_BATCH, ONET_BATCH),
+        pnet_tile: int | None = PNET_TILE,
     ) -> None:
+        """``crop_batches``: crops per R-Net and O-Net run; ``pnet_tile``: the even side of the
+        tiles P-Net runs larger levels in (None: each level whole). Neither changes a result."""
+        if min(crop_batches) < 1 or (pnet_tile is not None and (pnet_tile < 24 or pnet_tile % 2)):
+            raise ModelError("crop batches must be >= 1 and the P-Net tile even and >= 24")
         _check_session(pnet, "pnet", {_DELTAS, _PROBS}, None)
         _check_session(rnet, "rnet", {_DELTAS, _PROBS}, RNET_SIZE)
         _check_session(onet, "onet", {_DELTAS, _LANDMARKS, _PROBS}, ONET_SIZE)
@@ -325,6 +390,8 @@ class MtcnnDetector:
         self._rnet = rnet
         self._onet = onet
         self.parameters = parameters if parameters is not None else MtcnnParameters()
+        self._crop_batches = crop_batches
+        self._pnet_tile = pnet_tile
 
     @classmethod
     def load(
@@ -361,7 +428,18 @@ class MtcnnDetector:
         parameters = MtcnnParameters.from_manifest(
             pnet.parameters, rnet.parameters, onet.parameters, pnet.preprocessing
         )
-        return cls(sessions[0], sessions[1], sessions[2], parameters)
+        if all(isinstance(session, ort.InferenceSession) for session in sessions):
+            return cls(sessions[0], sessions[1], sessions[2], parameters)
+        # A GPU backend: the cache sizes above are the CPU's, and each run costs a launch and
+        # two copies, so whole levels and large batches (its engines' own limit chunks them).
+        return cls(
+            sessions[0],
+            sessions[1],
+            sessions[2],
+            parameters,
+            crop_batches=(GPU_CROP_BATCH, GPU_CROP_BATCH),
+            pnet_tile=None,
+        )
 
     def scales(self, height: int, width: int) -> list[float]:
         """Pyramid scales for an image of this size, largest first."""
@@ -426,9 +504,7 @@ class MtcnnDetector:
         per_scale: list[FloatArray] = []
         for scale in self.scales(height, width):
             resized = sampler.resize(int(height * scale + 1), int(width * scale + 1))
-            deltas, probs = self._pnet.run(
-                [_DELTAS, _PROBS], {_INPUT: self._normalise(resized[None])}
-            )
+            deltas, probs = self._run_pnet(self._normalise(resized[None]))
             face = probs[0, 1]
             rows, cols = np.nonzero(face >= np.float32(p.thresholds[0]))
             if not rows.size:
@@ -467,11 +543,39 @@ class MtcnnDetector:
         pixels = sampler.crops(x0[valid], y0[valid], x1[valid], y1[valid], size)
         return self._normalise(pixels), valid
 
+    def _run_pnet(self, level: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """P-Net's (deltas, probabilities) maps over one level (1, 3, h, w), tile by tile."""
+        p = self.parameters
+        names = [_DELTAS, _PROBS]
+        if self._pnet_tile is None:
+            deltas, probs = self._pnet.run(names, {_INPUT: level})
+            return deltas, probs
+        rows = _tiles(level.shape[2], self._pnet_tile, p.cell_size, p.stride)
+        cols = _tiles(level.shape[3], self._pnet_tile, p.cell_size, p.stride)
+        if len(rows) == 1 and len(cols) == 1:
+            deltas, probs = self._pnet.run(names, {_INPUT: level})
+            return deltas, probs
+        out_h = sum(n for _, _, _, n in rows)
+        out_w = sum(n for _, _, _, n in cols)
+        maps: list[FloatArray] = []
+        for y0, y1, cy, ny in rows:
+            for x0, x1, cx, nx in cols:
+                tile = np.ascontiguousarray(level[:, :, y0:y1, x0:x1])
+                parts = self._pnet.run(names, {_INPUT: tile})
+                if not maps:
+                    maps = [
+                        np.empty((1, part.shape[1], out_h, out_w), part.dtype) for part in parts
+                    ]
+                for whole, part in zip(maps, parts, strict=True):
+                    whole[:, :, cy : cy + ny, cx : cx + nx] = part[:, :, :ny, :nx]
+        return maps[0], maps[1]
+
     @staticmethod
-    def _run_batched(session: ModelSession, names: list[str], data: FloatArray) -> list[FloatArray]:
+    def _run_batched(
+        session: ModelSession, names: list[str], data: FloatArray, batch: int
+    ) -> list[FloatArray]:
         parts = [
-            session.run(names, {_INPUT: data[i : i + MAX_BATCH]})
-            for i in range(0, len(data), MAX_BATCH)
+            session.run(names, {_INPUT: data[i : i + batch]}) for i in range(0, len(data), batch)
         ]
         return [np.concatenate([part[k] for part in parts]) for k in range(len(names))]
 
@@ -481,7 +585,9 @@ class MtcnnDetector:
         boxes = boxes[valid]
         if not len(boxes):
             return boxes
-        deltas, probs = self._run_batched(self._rnet, [_DELTAS, _PROBS], crops)
+        deltas, probs = self._run_batched(
+            self._rnet, [_DELTAS, _PROBS], crops, self._crop_batches[0]
+        )
         passed = probs[:, 1] > np.float32(p.thresholds[1])
         boxes = np.column_stack([boxes[passed, 0:4], probs[passed, 1]])
         deltas = deltas[passed]
@@ -496,7 +602,9 @@ class MtcnnDetector:
         boxes = boxes[valid]
         if not len(boxes):
             return boxes, []
-        deltas, marks, probs = self._run_batched(self._onet, [_DELTAS, _LANDMARKS, _PROBS], crops)
+        deltas, marks, probs = self._run_batched(
+            self._onet, [_DELTAS, _LANDMARKS, _PROBS], crops, self._crop_batches[1]
+        )
         passed = probs[:, 1] > np.float32(p.thresholds[2])
         boxes = np.column_stack([boxes[passed, 0:4], probs[passed, 1]])
         marks = marks[passed]

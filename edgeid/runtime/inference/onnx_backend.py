@@ -6,6 +6,8 @@ import os
 
 import onnxruntime as ort
 
+from edgeid.runtime.inference.prelu_split import split_prelu
+
 
 def cpu_threads() -> int:
     """Cores this process may use (respects CPU affinity set by systemd or taskset)."""
@@ -37,13 +39,20 @@ def use_global_thread_pool(threads: int | None = None) -> None:
 
 
 def create_cpu_session(
-    model_bytes: bytes, threads: int | None = None, *, spinning: bool = DEFAULT_SPINNING
+    model_bytes: bytes,
+    threads: int | None = None,
+    *,
+    spinning: bool = DEFAULT_SPINNING,
+    rewrite_prelu: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session over already-verified model bytes (never re-read from disk).
 
     ``spinning``: whether intra-op threads busy-wait for work after a run (``inference.spinning``
-    in edgeid.toml).
+    in edgeid.toml). ``rewrite_prelu``: run PRelu nodes as the exact Relu/Sub/Mul/Add form that
+    ONNX Runtime's CPU runs faster (``prelu_split``; False only to measure the difference).
     """
+    if rewrite_prelu:
+        model_bytes = split_prelu(model_bytes)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if _GLOBAL_POOL:

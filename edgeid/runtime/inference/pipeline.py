@@ -212,6 +212,7 @@ class FacePipeline:
         embedder_model: str | None = None,
         spinning: bool = DEFAULT_SPINNING,
         precision: Precision = DEFAULT_PRECISION,
+        rewrite_prelu: bool = True,
     ) -> FacePipeline:
         """Verified models on the chosen backend (``auto``: TensorRT where a GPU answers).
 
@@ -223,10 +224,15 @@ class FacePipeline:
 
         ``spinning``: ONNX Runtime's intra-op threads busy-wait after each run (edgeid.toml
         ``inference.spinning``); ``precision``: the FP32 models or their INT8 twins for the
-        MTCNN nets and the shipped embedder (``inference.precision``).
+        MTCNN nets and the shipped embedder (``inference.precision``); ``rewrite_prelu`` False
+        runs PRelu as built, only to measure what ``create_cpu_session``'s rewrite gains.
         """
         sessions = SessionFactory(
-            backend, engine_cache_dir or models_dir.parent / ENGINES_DIR, threads, spinning
+            backend,
+            engine_cache_dir or models_dir.parent / ENGINES_DIR,
+            threads,
+            spinning,
+            rewrite_prelu,
         )
         try:
             _, sp_bytes = read_verified_model(models_dir, LANDMARK_MODEL)

@@ -46,6 +46,7 @@ def open_session(
     threads: int | None,
     model_name: str | None = None,
     spinning: bool = DEFAULT_SPINNING,
+    rewrite_prelu: bool = True,
 ) -> OpenedSession:
     """A session over verified model bytes on the chosen backend.
 
@@ -57,7 +58,7 @@ def open_session(
     On a GPU, an engine that will not build or load also falls back (degraded); a corrupt cached
     engine is rebuilt once first. ``model_sha256`` must be the bytes' sha256 (it keys the
     engine cache); a mismatch is refused. ``model_name`` picks the model's TensorRT profile
-    limits (P-Net's are smaller than MMOD's).
+    limits (P-Net's are smaller than MMOD's). ``rewrite_prelu``: see ``create_cpu_session``.
     """
     if backend not in BACKEND_CHOICES:
         raise BadInputError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
@@ -67,7 +68,12 @@ def open_session(
         )
     if backend == "cpu":
         return OpenedSession(
-            create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, None
+            create_cpu_session(
+                model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
+            ),
+            "cpu",
+            False,
+            None,
         )
 
     try:
@@ -79,14 +85,25 @@ def open_session(
                 logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
             reason = f"TensorRT not available: {exc}"
             return OpenedSession(
-                create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", False, reason
+                create_cpu_session(
+                    model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
+                ),
+                "cpu",
+                False,
+                reason,
             )
         return _degraded(
-            model_bytes, threads, spinning, f"TensorRT was requested but is unavailable: {exc}"
+            model_bytes,
+            threads,
+            spinning,
+            rewrite_prelu,
+            f"TensorRT was requested but is unavailable: {exc}",
         )
 
     def cpu_fallback() -> ModelSession:
-        session: ModelSession = create_cpu_session(model_bytes, threads, spinning=spinning)
+        session: ModelSession = create_cpu_session(
+            model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
+        )
         return session
 
     try:
@@ -104,6 +121,7 @@ def open_session(
             model_bytes,
             threads,
             spinning,
+            rewrite_prelu,
             f"TensorRT engine for model {model_sha256[:12]} on {platform.gpu_name} could not be "
             f"built or loaded ({type(exc).__name__}: {exc}{told})",
         )
@@ -119,12 +137,15 @@ def open_session(
 
 
 def _degraded(
-    model_bytes: bytes, threads: int | None, spinning: bool, problem: str
+    model_bytes: bytes, threads: int | None, spinning: bool, rewrite_prelu: bool, problem: str
 ) -> OpenedSession:
     reason = f"{problem}; running on the CPU (ONNX Runtime) instead"
     logger.error("%s", reason)
     return OpenedSession(
-        create_cpu_session(model_bytes, threads, spinning=spinning), "cpu", True, reason
+        create_cpu_session(model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu),
+        "cpu",
+        True,
+        reason,
     )
 
 
@@ -143,11 +164,13 @@ class SessionFactory:
         engine_cache_dir: Path,
         threads: int | None = None,
         spinning: bool = DEFAULT_SPINNING,
+        rewrite_prelu: bool = True,
     ) -> None:
         self.backend = backend
         self.engine_cache_dir = engine_cache_dir
         self.threads = threads
         self.spinning = spinning
+        self.rewrite_prelu = rewrite_prelu
         self.opened: dict[str, OpenedSession] = {}
 
     def open(self, name: str, sha256: str, model_bytes: bytes) -> ModelSession:
@@ -159,6 +182,7 @@ class SessionFactory:
             threads=self.threads,
             model_name=name,
             spinning=self.spinning,
+            rewrite_prelu=self.rewrite_prelu,
         )
         previous = self.opened.get(name)
         self.opened[name] = opened
