@@ -16,6 +16,7 @@ from edgeid.fleet import dashboard
 from edgeid.fleet.devices import DEVICE_STATES, DeviceView, FleetState, Point, parse_topic
 from edgeid.fleet.homeassistant import SENSORS, discovery_messages
 from edgeid.fleet.prometheus import FleetCollector, FleetExposition, render_fleet
+from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.telemetry.exposition import render_reference
 from edgeid.runtime.telemetry.schema import (
     EventKind,
@@ -378,3 +379,46 @@ def test_discovery_points_home_assistant_at_the_devices_own_topics() -> None:
         assert config["device"]["identifiers"] == ["edgeid_lab_box-1"]
         ids.add(config["unique_id"])
     assert len(ids) == len(SENSORS)
+
+
+def test_dashboard_lists_those_needing_attention_first_in_pages_and_by_view() -> None:
+    clock = Clock()
+    state = FleetState(clock=clock)
+    for i in range(dashboard.PAGE_ROWS + 30):
+        site = "lab" if i % 2 else "north"
+        state.ingest(
+            f"edgeid/{site}/box-{i:03d}/status", b"offline" if i in (7, 120) else b"online"
+        )
+        state.ingest(f"edgeid/{site}/box-{i:03d}/health", health(1, clock.now))
+    devices = state.devices()
+    page = dashboard.render(devices, clock.now)
+    keys = re.findall(r'<tr id="([^"]+)">', page)
+    assert keys[:2] == ["lab/box-007", "north/box-120"], "offline devices come first"
+    assert len(keys) == dashboard.PAGE_ROWS and "Devices 1-100 of 130" in page
+    assert 'href="/?page=2"' in page and "Previous page" not in page
+
+    second = dashboard.render(devices, clock.now, dashboard.View(page=2))
+    assert len(re.findall(r'<tr id="', second)) == 30 and 'href="/"' in second
+    assert not set(keys) & set(re.findall(r'<tr id="([^"]+)">', second)), "no device twice"
+
+    view = dashboard.View.parse({"state": "offline", "site": "lab"})
+    only_lab = dashboard.render(devices, clock.now, view)
+    assert re.findall(r'<tr id="([^"]+)">', only_lab) == ["lab/box-007"]
+    assert '<option value="lab" selected>' in only_lab
+    tiles = {t.label: t.count for t in dashboard.tiles(devices, view)}
+    assert tiles == {
+        "Devices": 65,
+        "Online": 64,
+        "Stale": 0,
+        "Offline": 1,
+        "Unknown": 0,
+        "Degraded": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "query", [{"state": "gone"}, {"site": "<b>"}, {"page": "0"}, {"page": "-1"}, {"page": "x"}]
+)
+def test_dashboard_view_refuses_what_it_cannot_show(query: dict[str, str]) -> None:
+    with pytest.raises(BadInputError):
+        dashboard.View.parse(query)

@@ -221,3 +221,15 @@ def test_the_service_starts_and_stops_in_process(broker: Broker, pki: Pki) -> No
         service.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(service.url + "healthz", timeout=5)
+
+
+def test_a_narrowed_dashboard_view_is_served_and_a_bad_one_refused() -> None:
+    state = FleetState()
+    state.ingest("edgeid/lab/box-1/status", b"offline")
+    state.ingest("edgeid/north/box-2/status", b"online")
+    client = TestClient(create_app(state, lambda: True))
+    page = client.get("/", params={"state": "offline"})
+    assert page.status_code == 200 and 'id="lab/box-1"' in page.text
+    assert 'id="north/box-2"' not in page.text
+    refused = client.get("/", params={"state": "<script>"})
+    assert refused.status_code == 400 and "<script>" not in refused.text

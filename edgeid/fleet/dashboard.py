@@ -1,6 +1,9 @@
-"""The dashboard page: one table row per device and an inline SVG sparkline of its recent CPU
-use and p95 latency. Server-rendered from ``templates/dashboard.html`` with Jinja2's
-autoescape on, no JavaScript, no external CSS; it reloads itself.
+"""The dashboard page: tiles counting the fleet by state, then one table row per device with
+an inline SVG sparkline of its recent CPU use and p95 latency. Devices that need an admin
+(offline, stale, degraded backend) come first; a view can be narrowed to one state or site
+and is paged, so a fleet of thousands is a short page. Server-rendered from
+``templates/dashboard.html`` with Jinja2's autoescape on, no JavaScript, no external CSS; it
+reloads itself.
 
 Everything taken from a message is escaped by the template, although the schema already limits
 it to numbers, enums and strict identifiers.
@@ -9,16 +12,25 @@ it to numbers, enums and strict identifiers.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlencode
 
 import jinja2
 
 from edgeid.fleet.devices import DEVICE_STATES, DeviceView, Point
 from edgeid.runtime.compat import UTC
+from edgeid.runtime.errors import BadInputError
 
 REFRESH_S = 10
+PAGE_ROWS = 100
+DEGRADED = "degraded"  # a view of the devices whose backend fell back to the CPU
+# Offline first, then stale, then what has not said anything, then the healthy.
+ATTENTION = {"offline": 0, "stale": 1, "unknown": 3, "online": 4}
+_SITE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 SPARK_W, SPARK_H = 160, 32
 GIB = 1024**3
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -129,14 +141,96 @@ def row(view: DeviceView, now: float) -> Row:
     )
 
 
-def render(devices: Sequence[DeviceView], now: float) -> str:
+@dataclass(frozen=True)
+class View:
+    """Which devices the page lists: a state (or "degraded"), a site, a page of them."""
+
+    state: str | None = None
+    site: str | None = None
+    page: int = 1
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> View:
+        state, site, page = query.get("state") or None, query.get("site") or None, query.get("page")
+        if state is not None and state not in (*DEVICE_STATES, DEGRADED):
+            raise BadInputError(f"state must be one of {', '.join((*DEVICE_STATES, DEGRADED))}")
+        if site is not None and not _SITE.fullmatch(site):
+            raise BadInputError("site must be a site id such as lab-a")
+        if page is not None and not (page.isdigit() and 0 < int(page) < 10**6):
+            raise BadInputError("page must be a whole number from 1")
+        return cls(state, site, int(page) if page else 1)
+
+    def href(self, **changes: object) -> str:
+        view = replace(self, **changes)  # type: ignore[arg-type]
+        query = {k: v for k, v in (("state", view.state), ("site", view.site)) if v}
+        if view.page > 1:
+            query["page"] = str(view.page)
+        return "/" + (f"?{urlencode(query)}" if query else "")
+
+    def admits(self, device: DeviceView) -> bool:
+        if self.site is not None and device.site != self.site:
+            return False
+        if self.state == DEGRADED:
+            return _degraded(device)
+        return self.state is None or device.state == self.state
+
+
+@dataclass(frozen=True)
+class Tile:
+    label: str
+    count: int
+    href: str
+    tone: str  # the CSS class: online, stale, offline, unknown or plain
+    current: bool
+
+
+def _degraded(device: DeviceView) -> bool:
+    return device.health is not None and device.health.inference.backend == DEGRADED
+
+
+def _attention(device: DeviceView) -> tuple[int, str]:
+    rank = ATTENTION.get(device.state, 3)
+    if rank == ATTENTION["online"] and _degraded(device):
+        rank = 2
+    return rank, device.key
+
+
+def tiles(devices: Sequence[DeviceView], view: View) -> list[Tile]:
+    """The fleet (or the chosen site) counted by state; each tile opens that state's view."""
+    here = [d for d in devices if view.site is None or d.site == view.site]
+    found = [Tile("Devices", len(here), view.href(state=None, page=1), "plain", view.state is None)]
+    for state in (*DEVICE_STATES, DEGRADED):
+        count = sum(1 for d in here if (_degraded(d) if state == DEGRADED else d.state == state))
+        tone = "offline" if state == DEGRADED else state
+        found.append(
+            Tile(
+                state.capitalize(), count, view.href(state=state, page=1), tone, view.state == state
+            )
+        )
+    return found
+
+
+def render(devices: Sequence[DeviceView], now: float, view: View = View()) -> str:
     counts = {state: sum(1 for d in devices if d.state == state) for state in DEVICE_STATES}
     summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no devices yet"
+    chosen = sorted((d for d in devices if view.admits(d)), key=_attention)
+    pages = max(1, math.ceil(len(chosen) / PAGE_ROWS))
+    page = min(view.page, pages)
+    first = (page - 1) * PAGE_ROWS
+    shown = chosen[first : first + PAGE_ROWS]
     return _ENVIRONMENT.get_template("dashboard.html").render(
         refresh_s=REFRESH_S,
         device_count=len(devices),
         summary=summary,
-        rows=[row(d, now) for d in devices],
+        tiles=tiles(devices, view),
+        sites=sorted({d.site for d in devices}),
+        view=view,
+        listed=len(chosen),
+        first=first + 1,
+        last=first + len(shown),
+        previous=view.href(page=page - 1) if page > 1 else None,
+        next=view.href(page=page + 1) if page < pages else None,
+        rows=[row(d, now) for d in shown],
         spark_w=SPARK_W,
         spark_h=SPARK_H,
     )

@@ -229,8 +229,14 @@ def create_app(
     )
     metrics_page = LivePage(exposition.render, refresh_s=METRICS_REFRESH_S, name="metrics")
 
-    def page(_request: Request) -> Response:
-        return HTMLResponse(dashboard_page.get())
+    def page(request: Request) -> Response:
+        if not request.query_params:  # the default view: the one a large fleet renders ahead
+            return HTMLResponse(dashboard_page.get())
+        try:
+            view = dashboard.View.parse(dict(request.query_params))
+        except BadInputError as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=400)
+        return HTMLResponse(dashboard.render(state.devices(), clock(), view))
 
     def metrics(_request: Request) -> Response:
         return Response(metrics_page.get(), media_type=prometheus.CONTENT_TYPE)
