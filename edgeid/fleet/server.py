@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import logging
 import signal
 import socket
@@ -43,6 +42,7 @@ from edgeid.fleet.devices import (
 )
 from edgeid.fleet.live_page import LivePage
 from edgeid.fleet.subscriber import FleetSubscriber, client_tls
+from edgeid.runtime.addresses import is_loopback
 from edgeid.runtime.errors import BadInputError, EdgeidError
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,6 @@ class FleetOptions:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: Path) -> str:

@@ -11,7 +11,6 @@ Tests walk the app's routes for these objects, so a route without one is caught.
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -19,6 +18,7 @@ from starlette.requests import Request
 from edgeid.runtime.accounts.roles import Permission
 from edgeid.runtime.accounts.sessions import Session
 from edgeid.runtime.accounts.users import User
+from edgeid.runtime.addresses import is_loopback
 from edgeid.runtime.web.errors import (
     CsrfError,
     ForbiddenError,
@@ -135,10 +135,7 @@ class LocalOrApiAccess(Requirement):
 def is_loopback_client(request: Request) -> bool:
     """The peer is this machine (uvicorn runs without proxy headers: the address is real)."""
     host = request.client.host if request.client else ""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host != "localhost" and is_loopback(host)  # a peer's address is an IP, never a name
 
 
 def requirement_of(route: object) -> Requirement | None:

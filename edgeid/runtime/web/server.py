@@ -8,7 +8,6 @@ route template instead.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import threading
@@ -20,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edgeid.runtime.addresses import is_loopback
 from edgeid.runtime.config.settings import Settings
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.web.access_log import RouteAccessLog
@@ -57,15 +57,6 @@ class SturdyH11Protocol(H11Protocol):
     def _drop(self, why: str) -> None:
         logger.warning("connection closed: %s", why)
         self.transport.close()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_server(
