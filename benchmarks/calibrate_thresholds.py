@@ -181,7 +181,8 @@ def main() -> int:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="int8: the INT8 pipeline, written as the INT8 embedder's own calibration",
+        help="int8-embedder (FP32 detector) or int8 (INT8 MTCNN too): written as the INT8 "
+        "embedder's own calibration",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -2,12 +2,12 @@
 
 Every image the LFW dev pairs name is analysed by the FP32 pipeline and by the all-INT8 one
 (INT8 MTCNN nets and INT8 embedder); the FP32 pipeline's chips are also embedded by the INT8
-embedder, which is the third configuration, ``int8_embedder`` (FP32 MTCNN + INT8 embedder, what
+embedder, which is the third configuration, ``int8-embedder`` (FP32 MTCNN + INT8 embedder, what
 ``--precision int8-embedder`` runs). Reported, per INT8 configuration against FP32:
 
 - ``embedder_cosine``: the INT8 embedder's template of the FP32 pipeline's chip against the FP32
   embedder's template of the same chip (the embedder alone, which is the whole difference of
-  ``int8_embedder``; the gate: every one >= 0.99);
+  ``int8-embedder``; the gate: every one >= 0.99);
 - ``pipeline_cosine``: the full INT8 pipeline's template against the FP32 pipeline's, per image
   where both find the central face (detector and embedder together; reported, not gated:
   a landmark moved by a pixel changes the chip itself);
@@ -48,7 +48,7 @@ ACCURACY_GATE_POINTS = 0.2
 TAR_GATE_POINTS = 1.0
 PERCENTILES = (0, 0.1, 1, 5, 50)
 # The configurations compared with FP32: (detector nets, embedder) precisions.
-CONFIGURATIONS = {"int8": ("int8", "int8"), "int8_embedder": ("fp32", "int8")}
+CONFIGURATIONS = {"int8": ("int8", "int8"), "int8-embedder": ("fp32", "int8")}
 
 
 def _distribution(values: list[float]) -> dict[str, Any]:
@@ -66,9 +66,9 @@ def _distribution(values: list[float]) -> dict[str, Any]:
 
 def _all_pairs_tar(templates: dict[Path, FloatArray | None]) -> dict[str, Any]:
     """TAR at FMR 1e-3 over every pair of images with a template (same person: mated)."""
-    kept = sorted(p for p, v in templates.items() if v is not None)
+    kept = {p: v for p, v in sorted(templates.items()) if v is not None}
     people = np.array([p.parent.name for p in kept])
-    vectors = np.stack([templates[p] for p in kept]).astype(np.float64)
+    vectors = np.stack(list(kept.values())).astype(np.float64)
     upper = np.triu_indices(len(kept), k=1)
     scores: npt.NDArray[np.float64] = (vectors @ vectors.T)[upper]
     mated: npt.NDArray[np.bool_] = people[upper[0]] == people[upper[1]]
@@ -143,7 +143,7 @@ def run(
                 # FP32 detector + INT8 embedder: the same chip, the other embedder.
                 chip = fp32.chips(image, [face])
                 mixed = int8.embedder.embed(chip)[0]
-                chosen["int8_embedder"] = mixed
+                chosen["int8-embedder"] = mixed
                 embedder_cos.append(float(fp32.embedder.embed(chip)[0] @ mixed))
         for name, vector in chosen.items():
             templates[name][path] = vector
