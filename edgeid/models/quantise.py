@@ -263,13 +263,14 @@ class _Reader:
     """onnxruntime's CalibrationDataReader over a fixed list of feeds."""
 
     def __init__(self, feeds: list[dict[str, npt.NDArray[Any]]]) -> None:
+        self._all = feeds
         self._feeds: Iterator[dict[str, npt.NDArray[Any]]] = iter(feeds)
 
     def get_next(self) -> dict[str, npt.NDArray[Any]] | None:
         return next(self._feeds, None)
 
-    def rewind(self) -> None:  # pragma: no cover - MinMax reads once
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._feeds = iter(self._all)
 
 
 def quantise_model(
@@ -278,9 +279,13 @@ def quantise_model(
     dest: Path,
     *,
     kept_fp32: Sequence[str] = (),
+    method: str = "MinMax",
+    op_types: Sequence[str] | None = None,
 ) -> None:
     """Write the QDQ INT8 model of ``fp32`` calibrated on ``feeds`` to ``dest`` (the nodes
-    named in ``kept_fp32`` are left unquantised)."""
+    named in ``kept_fp32`` are left unquantised). ``method`` (a ``CalibrationMethod`` name)
+    and ``op_types`` (the op types to quantise, default all) are for the recipe sweep
+    (benchmarks/int8_embedder_sweep.py); the build uses MinMax and every op type."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -303,8 +308,9 @@ def quantise_model(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=getattr(CalibrationMethod, method),
             nodes_to_exclude=list(kept_fp32),
+            op_types_to_quantize=list(op_types) if op_types else None,
             # Symmetric weights let the CPU use its s8 kernels; the graph optimiser folds
             # nothing here, so the bytes depend on the FP32 model and the ranges only.
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
