@@ -216,3 +216,15 @@ def test_each_precision_has_its_own_shipped_calibration(tmp_path: Path) -> None:
     assert int8.model_id == "dlib_resnet_v1_int8"
     assert fp32.model_id == "dlib_resnet_v1"
     assert int8.data.model_dump()["bands"]["adult"] != fp32.data.model_dump()["bands"]["adult"]
+
+
+def test_precision_ab_interleaves_two_pipelines_on_the_same_faces(
+    int8_models: Path, data_dir: Path
+) -> None:
+    from benchmarks.precision_ab import run
+
+    report = run(data_dir / "lfw-dev" / "images", int8_models, limit=4, rounds=1, threads=1)
+    fp32, mixed = report["precisions"]["fp32"], report["precisions"]["int8-embedder"]
+    assert report["images"] == 4
+    assert fp32["faces"] == mixed["faces"] >= 4  # the same FP32 detector
+    assert fp32["images_per_s"] > 0 and mixed["cpu_ms_per_image"] > 0
