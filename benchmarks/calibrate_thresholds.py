@@ -115,7 +115,7 @@ CAVEATS = [
 ]
 
 
-def adult_band(embeddings: LfwEmbeddings, detector: str) -> BandData:
+def adult_band(embeddings: LfwEmbeddings, detector: str, precision: Precision = "fp32") -> BandData:
     """The adult band, measured on LFW dev (press photographs of adults)."""
     source = Source(
         data_set=LFW_SET,
@@ -124,6 +124,8 @@ def adult_band(embeddings: LfwEmbeddings, detector: str) -> BandData:
         details={
             "no_face": embeddings.no_face,
             "detector": detector,
+            # Which models ran INT8 (edgeid/runtime/inference/precision.py).
+            "precision": precision,
             "face": "the most central face of each image",
             "flip_tta": False,
         },
@@ -145,9 +147,13 @@ def kept_bands(path: Path) -> dict[MeasuredBand, BandData]:
 
 
 def calibrate(
-    embeddings: LfwEmbeddings, model_id: str, detector: str, keep: dict[MeasuredBand, BandData]
+    embeddings: LfwEmbeddings,
+    model_id: str,
+    detector: str,
+    keep: dict[MeasuredBand, BandData],
+    precision: Precision = "fp32",
 ) -> CalibrationData:
-    adult = adult_band(embeddings, detector)
+    adult = adult_band(embeddings, detector, precision)
     previous = keep.get("adult")
     if previous is not None:  # keep what was measured elsewhere: cross-checks, clustering
         adult = adult.model_copy(
@@ -181,7 +187,8 @@ def main() -> int:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="int8: the INT8 pipeline, written as the INT8 embedder's own calibration",
+        help="int8-embedder (FP32 detector) or int8 (INT8 MTCNN too): written as the INT8 "
+        "embedder's own calibration",
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -195,7 +202,7 @@ def main() -> int:
     # A first INT8 file keeps the FP32 file's child and teen bands (measured elsewhere, on the
     # FP32 model: INT8 templates are within cosine 0.99 of them, see README "INT8 on the CPU").
     keep = kept_bands(args.out) or kept_bands(calibration_path(EMBEDDER_MODEL))
-    result = calibrate(embeddings, model_id, DEFAULT_DETECTOR, keep)
+    result = calibrate(embeddings, model_id, DEFAULT_DETECTOR, keep, args.precision)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result.model_dump(mode="json"), indent=2) + "\n"
     parse_calibration(text, args.out.name)  # what is written must load

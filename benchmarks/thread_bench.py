@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "int8", "int8-embedder"], default="fp32")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()

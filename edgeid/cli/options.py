@@ -42,7 +42,8 @@ def detector_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="fp32 or the INT8 models (edgeid models build --precision int8); "
+        help="fp32, int8-embedder (INT8 embedder, FP32 detector) or int8 (INT8 MTCNN too); "
+        "INT8 models: edgeid models build --precision int8; "
         "default: inference.precision in edgeid.toml",
     )
 
@@ -57,10 +58,10 @@ def positive_int(value: str) -> int:
     return number
 
 
-def chosen_precision(args: argparse.Namespace) -> Literal["fp32", "int8"]:
+def chosen_precision(args: argparse.Namespace) -> Literal["fp32", "int8", "int8-embedder"]:
     """``--precision``, else the box's ``inference.precision`` (edgeid.toml)."""
     if args.precision is not None:
-        chosen: Literal["fp32", "int8"] = args.precision
+        chosen: Literal["fp32", "int8", "int8-embedder"] = args.precision
         return chosen
     from edgeid.runtime.config.settings import load_settings
 

@@ -186,8 +186,9 @@ def build_models(
 ) -> list[ModelManifest]:
     """Convert every pinned source into ``models_dir``; returns the manifests written or kept.
 
-    ``precision="int8"`` also writes the INT8 twins of the MTCNN nets and the embedder,
-    calibrated on the LFW dev photos under ``data_dir`` (edgeid/models/quantise.py).
+    ``precision="int8"`` (or ``"int8-embedder"``) also writes the INT8 twins of the MTCNN nets
+    and the embedder, calibrated on the LFW dev photos (MTCNN) and the scene photos (embedder)
+    under ``data_dir`` (edgeid/models/quantise.py).
     """
     say = progress or (lambda _message: None)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,7 @@ def build_models(
                 _write_atomically(manifest_path(models_dir, manifest.name), (text + "\n").encode())
                 manifests.append(manifest)
         say(f"{prefix}: done in {time.monotonic() - started:.1f} s")
-    if precision == "int8":
+    if precision != "fp32":
         manifests.extend(
             _build_int8(models_dir, data_dir, expected, force, record_checksums, say, only)
         )
@@ -279,11 +280,11 @@ def _build_int8(
     if data_dir is None:
         raise ModelError(
             "INT8 models are calibrated on real photos; pass --data with the shared data folder "
-            "(holding lfw-dev/images)"
+            "(holding lfw-dev/images and scenes/)"
         )
     from edgeid.models.quantise import pins_apply, quantise_all
 
-    say(f"{prefix}: calibrating on {data_dir / 'lfw-dev'} …")
+    say(f"{prefix}: calibrating on {data_dir} (lfw-dev, scenes) …")
     started = time.monotonic()
     manifests = []
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".staging-") as staging:

@@ -281,12 +281,13 @@ def register(
         "--precision",
         choices=["fp32", "int8"],
         default="fp32",
-        help="int8: also the INT8 twins of the MTCNN nets and the embedder (needs --data)",
+        help="int8: also the INT8 twins of the MTCNN nets and the embedder, which "
+        "inference.precision int8 and int8-embedder run (needs --data)",
     )
     build_cmd.add_argument(
         "--data",
         default=os.environ.get("EDGEID_TEST_DATA"),
-        help="the shared data folder (lfw-dev/images) the INT8 ranges are calibrated on "
+        help="the shared data folder (lfw-dev/images, scenes/) the INT8 ranges are calibrated on "
         "(default: $EDGEID_TEST_DATA)",
     )
     build_cmd.set_defaults(handler=build)

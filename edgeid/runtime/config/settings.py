@@ -53,12 +53,13 @@ class InferenceSettings(_Section):
             "sessions' spinning threads steal the CPU from the working one on a small box."
         ),
     )
-    precision: Literal["fp32", "int8"] = Field(
+    precision: Literal["fp32", "int8", "int8-embedder"] = Field(
         default="fp32",  # = precision.DEFAULT_PRECISION
         title="Model precision on the CPU",
         description=(
-            "int8 runs the statically quantised MTCNN nets and embedder (edgeid models build "
-            "--precision int8); its templates are a model of their own (re-embed galleries)."
+            "int8-embedder runs the statically quantised embedder behind the FP32 detector, "
+            "int8 the quantised MTCNN nets as well (edgeid models build --precision int8); "
+            "INT8 templates are a model of their own (re-embed galleries)."
         ),
     )
     # Bounds on what one photo and a burst of photos may cost (README "Speed and limits").
