@@ -136,8 +136,7 @@ def _has_identity(home: Path, current: Settings) -> bool:
     return "device_id" in current.device.model_fields_set or device_key_path(home).exists()
 
 
-def _identity(home: Path, current: Settings, req: InitRequest) -> tuple[str, str, bool]:
-    configured = _has_identity(home, current)
+def _identity(current: Settings, req: InitRequest, configured: bool) -> tuple[str, str, bool]:
     device_id = req.device_id or (current.device.device_id if configured else None)
     site = req.site or (current.device.site if configured else None)
     if not device_id or not site:
@@ -184,10 +183,11 @@ def plan_init(home: Path, req: InitRequest, now: dt.datetime) -> Plan:
     """The settings to write and the files to make, after checking every input."""
     refuse_lost_device_key(home)
     current = load_settings(home)
-    device_id, site, identity_changed = _identity(home, current, req)
+    configured = _has_identity(home, current)
+    device_id, site, identity_changed = _identity(current, req, configured)
     web = service_paths(home, "web", current.web.tls_key, current.web.tls_cert)
     mqtt = service_paths(home, "mqtt", current.telemetry.key_file, current.telemetry.cert_file)
-    if _has_identity(home, current) and identity_changed and (_tls_files(web) or _tls_files(mqtt)):
+    if configured and identity_changed and (_tls_files(web) or _tls_files(mqtt)):
         raise BadInputError(
             f"this box is provisioned as {current.device.site}/{current.device.device_id} and its "
             "certificates name it; run edgeid provision factory-reset --yes before changing it"

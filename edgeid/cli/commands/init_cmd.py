@@ -20,7 +20,7 @@ from edgeid.provisioning.initialise import InitRequest, InitResult, default_web_
 from edgeid.provisioning.kek import keyring_info
 from edgeid.provisioning.report import StepStatus
 from edgeid.runtime.config.settings import load_settings
-from edgeid.runtime.identity.device_key import ensure_device_key, fingerprint
+from edgeid.runtime.identity.device_key import device_key_path, fingerprint, load_device_key
 from edgeid.runtime.web.server import web_url
 from edgeid.runtime.web.tls import certificate_sha256
 
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     # is refused instead of growing a tree somewhere unexpected.
     os.makedirs(home, mode=0o700, exist_ok=True)
     result = run_init(home, lab_request(home, args))
-    emit(args, _report(home, result), _text(home, result))
+    report = _report(home, result)
+    emit(args, report, _text(home, result, report))
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -67,15 +68,17 @@ def _report(home: Path, result: InitResult) -> dict[str, object]:
         "tls_cert": str(cert) if cert else None,
         "tls_cert_sha256": certificate_sha256(cert) if cert and cert.is_file() else None,
         "tls_cert_created": _step(result, "web certificate") is StepStatus.DONE,
-        "device_key_fingerprint": fingerprint(ensure_device_key(home)),
+        # Read, never made here: the device step made it, or failed and the report says so.
+        "device_key_fingerprint": (
+            fingerprint(load_device_key(home)) if device_key_path(home).exists() else None
+        ),
         "admin": admin.username if admin and password else None,
         "one_time_password": password,
         "steps": [step.to_json() for step in result.steps],
     }
 
 
-def _text(home: Path, result: InitResult) -> str:
-    report = _report(home, result)
+def _text(home: Path, result: InitResult, report: dict[str, object]) -> str:
     lines = [f"{s.name}: {s.status.value} ({s.detail})" for s in result.steps]
     if not result.ok:
         return "\n".join([*lines, f"edgeid init stopped in {home}: see the failed step above"])
