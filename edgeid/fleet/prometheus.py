@@ -176,10 +176,6 @@ class FleetExposition:
         text = "".join(out).encode("utf-8")
         return text + render(_Totals(self._state, devices))
 
-    def _kept_token(self, key: DeviceKey) -> Hashable:
-        kept = self._kept.get(key)
-        return None if kept is None else kept[0]
-
     def _refresh(self, devices: list[DeviceView]) -> None:
         tokens = {(v.site, v.device): _token(v) for v in devices}
         changed = [

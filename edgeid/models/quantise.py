@@ -184,10 +184,11 @@ def collect_calibration(
         detector = load_detector(models_dir, "mtcnn", _THREADS, open_model=opener)
         for path in paths:
             detector.detect(load_image(path))
+        digest = calibration_digest(paths)  # the same photos for every net: hashed once
         for name in nets:
             feeds = recorders[name].feeds
             result.feeds[name] = feeds if name == "mtcnn_pnet" else _batched(feeds)
-            result.photos[name] = (calibration_digest(paths), len(paths))
+            result.photos[name] = (digest, len(paths))
     if EMBEDDER in names:
         scenes = scene_images(data_dir)
         pipeline = FacePipeline.load(

@@ -30,6 +30,7 @@ BackendState = Literal["cpu", "tensorrt", "degraded"]
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
+LATENCY_BUCKET_COUNT = len(LATENCY_BUCKETS_S) + 1  # the last: slower than every bound
 
 # 2,048 samples put the p95 within about half a percentile of the true one, in 16 KiB.
 MAX_LATENCY_SAMPLES = 2048
@@ -50,7 +51,7 @@ class MetricsSnapshot:
     engine_memory_bytes: dict[str, int] = field(default_factory=dict)
     # Successful requests per latency bucket (not cumulative; the last counts those slower than
     # every bound) and their summed latency, in the period.
-    latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)
+    latency_buckets: tuple[int, ...] = (0,) * LATENCY_BUCKET_COUNT
     latency_sum_s: float = 0.0
 
 
@@ -95,11 +96,10 @@ class ServiceMetrics:
         self._queue_source: Callable[[], int] | None = None
         self._backend: BackendState | None = None
         self._engine_memory_source: Callable[[], Mapping[str, int]] | None = None
-        width = len(LATENCY_BUCKETS_S) + 1
-        self._buckets = [0] * width
+        self._buckets = [0] * LATENCY_BUCKET_COUNT
         self._sum_s = 0.0
         self._total_requests = self._total_errors = 0
-        self._total_buckets = [0] * width
+        self._total_buckets = [0] * LATENCY_BUCKET_COUNT
         self._total_sum_s = 0.0
 
     def record_request(self, seconds: float, *, error: bool = False) -> None:

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from edgeid.runtime.system.metrics import LATENCY_BUCKETS_S
+from edgeid.runtime.system.metrics import LATENCY_BUCKET_COUNT, LATENCY_BUCKETS_S
 from edgeid.runtime.telemetry.schema import HealthReport
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -168,8 +168,8 @@ class Families:
 def histogram_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
     """Per-bucket counts (``LATENCY_BUCKETS_S`` and one slower) as Prometheus' cumulative
     ``le`` buckets ending in ``+Inf``."""
-    if len(counts) != len(LATENCY_BUCKETS_S) + 1:
-        raise ValueError(f"expected {len(LATENCY_BUCKETS_S) + 1} bucket counts")
+    if len(counts) != LATENCY_BUCKET_COUNT:
+        raise ValueError(f"expected {LATENCY_BUCKET_COUNT} bucket counts")
     out, running = [], 0
     for bound, count in zip((*(repr(b) for b in LATENCY_BUCKETS_S), "+Inf"), counts, strict=True):
         running += count

@@ -32,7 +32,7 @@ from pydantic import (
 
 from edgeid.runtime.compat import StrEnum
 from edgeid.runtime.errors import EdgeidError
-from edgeid.runtime.system.metrics import LATENCY_BUCKETS_S
+from edgeid.runtime.system.metrics import LATENCY_BUCKET_COUNT
 
 SCHEMA_VERSION: Literal[1] = 1
 TOPIC_ROOT = "edgeid"
@@ -40,7 +40,6 @@ TOPIC_ROOT = "edgeid"
 MAX_PAYLOAD_BYTES = 8192
 FLOAT_DECIMALS = 3
 # One count per bound of the latency histogram plus one for slower requests.
-LATENCY_BUCKET_COUNT = len(LATENCY_BUCKETS_S) + 1
 
 # PEP 440 release, optional pre/post/dev parts and a short local label ("0.1.0", "0.0.0+source").
 VERSION_PATTERN = (

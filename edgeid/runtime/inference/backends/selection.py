@@ -8,6 +8,7 @@ result says so (``degraded``) with the reason, which is also logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -66,15 +67,15 @@ def open_session(
         raise ModelIntegrityError(
             f"model bytes do not match sha256 {model_sha256[:12]}… given for them"
         )
-    if backend == "cpu":
-        return OpenedSession(
-            create_cpu_session(
-                model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
-            ),
-            "cpu",
-            False,
-            None,
+
+    def cpu_session() -> ModelSession:
+        session: ModelSession = create_cpu_session(
+            model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
         )
+        return session
+
+    if backend == "cpu":
+        return OpenedSession(cpu_session(), "cpu", False, None)
 
     try:
         platform = tensorrt_backend.probe()
@@ -84,44 +85,25 @@ def open_session(
                 _REPORTED.add(str(exc))
                 logger.info("TensorRT not available (%s); using ONNX Runtime on the CPU", exc)
             reason = f"TensorRT not available: {exc}"
-            return OpenedSession(
-                create_cpu_session(
-                    model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
-                ),
-                "cpu",
-                False,
-                reason,
-            )
+            return OpenedSession(cpu_session(), "cpu", False, reason)
         return _degraded(
-            model_bytes,
-            threads,
-            spinning,
-            rewrite_prelu,
+            cpu_session,
             f"TensorRT was requested but is unavailable: {exc}",
         )
-
-    def cpu_fallback() -> ModelSession:
-        session: ModelSession = create_cpu_session(
-            model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu
-        )
-        return session
 
     try:
         session = tensorrt_backend.open_tensorrt_session(
             model_bytes,
             model_sha256,
             engine_cache_dir,
-            fallback=cpu_fallback,
+            fallback=cpu_session,
             model_name=model_name,
         )
     except Exception as exc:  # TensorRT, CUDA and the filesystem each raise their own types
         said = tensorrt_backend.last_trt_error()
         told = f"; TensorRT's last error: {said}" if said and said not in str(exc) else ""
         return _degraded(
-            model_bytes,
-            threads,
-            spinning,
-            rewrite_prelu,
+            cpu_session,
             f"TensorRT engine for model {model_sha256[:12]} on {platform.gpu_name} could not be "
             f"built or loaded ({type(exc).__name__}: {exc}{told})",
         )
@@ -136,17 +118,10 @@ def open_session(
     return OpenedSession(session, "tensorrt", False, None)
 
 
-def _degraded(
-    model_bytes: bytes, threads: int | None, spinning: bool, rewrite_prelu: bool, problem: str
-) -> OpenedSession:
+def _degraded(cpu_session: Callable[[], ModelSession], problem: str) -> OpenedSession:
     reason = f"{problem}; running on the CPU (ONNX Runtime) instead"
     logger.error("%s", reason)
-    return OpenedSession(
-        create_cpu_session(model_bytes, threads, spinning=spinning, rewrite_prelu=rewrite_prelu),
-        "cpu",
-        True,
-        reason,
-    )
+    return OpenedSession(cpu_session(), "cpu", True, reason)
 
 
 BackendState = Literal["cpu", "tensorrt", "degraded"]
