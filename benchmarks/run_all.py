@@ -85,7 +85,9 @@ def main() -> int:
         "pipeline_scenes": pipeline_speed(models, args.data / "scenes", None),
         "lfw_flip_tta": flip_tta_accuracy(models, args.data),
         "search": {
-            str(size): search_bench.run(size, data=args.data, models=models)
+            str(size): search_bench.run(
+                size, data=args.data, models=models, store=size == SEARCH_SIZES[-1]
+            )
             for size in SEARCH_SIZES
         },
         # The encrypted store at the goal size: open before and after compaction into batches.

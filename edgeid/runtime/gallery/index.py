@@ -57,9 +57,10 @@ DEFAULT_M = 32
 # 100k; build time grows about linearly with it, so it was not raised.
 DEFAULT_EF_CONSTRUCTION = 200
 # Query-time beam: recall falls as the gallery grows. At 1M (M=32, 2 cores): ef 300 gave
-# recall@10 0.980, 400 gave 0.989-0.990 at p99 4.1-4.8 ms, 450 gave 0.992 at p99 5.5 ms, 600
-# gave 0.996 at p99 6.2 ms; 400 is the widest beam within the 5 ms p99 goal (100k: 0.9997).
-DEFAULT_EF_SEARCH = 400
+# recall@10 0.980, 400 gave 0.988-0.990, 450 gave 0.9917-0.9919 at p99 3.3-3.8 ms in three
+# runs (5.5 ms once under heavy load), 600 gave 0.996 at p99 6.2 ms. 450 is the narrowest beam
+# that holds recall@10 >= 0.99 at 1M, with p99 inside the 5 ms goal (100k: 0.9997).
+DEFAULT_EF_SEARCH = 450
 # Fewest candidates taken from the graph and re-scored exactly (float64): hnswlib keeps full
 # float32 vectors, so a wider re-rank only fixes rounding ties, and each candidate costs ~4 us.
 DEFAULT_RERANK = 10

@@ -93,7 +93,7 @@ def seal(
     return Sealed(nonce, AESGCM(key).encrypt(nonce, plaintext, aad))
 
 
-def open_sealed(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+def open_sealed(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
     """Authenticate and decrypt; any failure at all is the one opaque ``DecryptionError``."""
     try:
         return AESGCM(key).decrypt(nonce, ciphertext, aad)
@@ -119,7 +119,12 @@ class RecordCipher:
         return seal(self._key, plaintext, aad, random=self._random)
 
     def open(
-        self, kind: RecordKind, record_id: bytes, version: int, nonce: bytes, ciphertext: bytes
+        self,
+        kind: RecordKind,
+        record_id: bytes,
+        version: int,
+        nonce: bytes,
+        ciphertext: bytes | memoryview,
     ) -> bytes:
         aad = record_aad(self.scope_id, kind, record_id, version)
         return open_sealed(self._key, nonce, ciphertext, aad)
