@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -962,6 +963,7 @@ class _FakeTrt:
 
     class BuilderFlag:
         FP16 = "FP16"
+        INT8 = "INT8"
 
     class PreviewFeature:
         RUNTIME_ACTIVATION_RESIZE_10_10 = "RUNTIME_ACTIVATION_RESIZE_10_10"
@@ -1331,6 +1333,59 @@ def test_parser_errors_reach_the_reason_and_nothing_leaks(
     assert opened.reason is not None
     assert "Unsupported operator Foo (node node_17)" in opened.reason
     assert _FakeDevice.used() == before and _context_depth() == 0
+
+
+def _qdq_model(zero_point: np.ndarray) -> bytes:
+    """x -> QuantizeLinear -> DequantizeLinear -> Relu, with this zero point."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])
+    constants = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+        numpy_helper.from_array(zero_point, "zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["d"]),
+        helper.make_node("Relu", ["d"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [x], [y], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_an_int8_twin_builds_with_int8_kernels_only_when_tensorrt_can_run_it(
+    fake_trt: _FakeTrt, models: dict[str, tuple[str, bytes]], tmp_path: Path
+) -> None:
+    """A Q/DQ model carries its scales: TensorRT gets the INT8 flag (no calibrator). ONNX
+    Runtime's CPU twins quantise activations to unsigned INT8 with offsets, which TensorRT
+    cannot take: refused before any build, with the setting that fixes it."""
+    assert not trtb.is_quantised(models["mtcnn_rnet"][1])
+    symmetric = _qdq_model(np.array(0, np.int8))
+    assert trtb.is_quantised(symmetric)
+    session = trtb.open_tensorrt_session(symmetric, hashlib.sha256(symmetric).hexdigest(), tmp_path)
+    assert session is not None and fake_trt.builds[-1].flags == ["FP16", "INT8"]
+    float_sha, float_bytes = models["mtcnn_rnet"]
+    trtb.open_tensorrt_session(float_bytes, float_sha, tmp_path)
+    assert fake_trt.builds[-1].flags == ["FP16"]
+
+    builds = len(fake_trt.builds)
+    offset = _qdq_model(np.array(128, np.uint8))
+    with pytest.raises(trtb.EngineBuildError, match=r"symmetric signed INT8.*inference\.precision"):
+        trtb.open_tensorrt_session(offset, hashlib.sha256(offset).hexdigest(), tmp_path)
+    assert len(fake_trt.builds) == builds
+    # Through backend selection the box keeps working, on the CPU, and says why.
+    opened = open_session(
+        offset,
+        hashlib.sha256(offset).hexdigest(),
+        backend="tensorrt",
+        engine_cache_dir=tmp_path,
+        threads=1,
+    )
+    assert (opened.backend_used, opened.degraded) == ("cpu", True)
+    assert opened.reason is not None and "symmetric signed INT8" in opened.reason
 
 
 def test_a_refused_optimisation_profile_fails_the_build_with_tensorrts_words(

@@ -8,8 +8,11 @@ own model id, so its open-set thresholds are measured on their own
 - ``fp32``: every model FP32;
 - ``int8-embedder``: the INT8 embedder behind the FP32 MTCNN (passes the issue 17 gates; the
   INT8 MTCNN nets are not faster and move landmarks);
-- ``int8``: the INT8 MTCNN nets and the INT8 embedder (fails the TAR gate; README "INT8 on the
-  CPU").
+- ``int8``: the INT8 MTCNN nets and the INT8 embedder (passes the gates with the rebuilt
+  embedder but is not faster than FP32; README "INT8 on the CPU").
+
+The twins quantise activations to unsigned INT8 with offsets, which TensorRT cannot run: on a
+GPU box the TensorRT backend refuses them (``is_quantised``) and those models run on the CPU.
 """
 
 from __future__ import annotations

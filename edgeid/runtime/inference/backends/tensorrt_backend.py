@@ -210,6 +210,32 @@ def read_onnx_io(model_bytes: bytes) -> tuple[list[IOSpec], list[IOSpec]]:
     return inputs, [spec(v) for v in model.graph.output]
 
 
+def is_quantised(model_bytes: bytes) -> bool:
+    """Whether the model is explicitly quantised (Q/DQ nodes: an INT8 twin), checked against
+    what TensorRT takes: signed INT8 with zero points of 0 (symmetric). ONNX Runtime's CPU
+    twins quantise activations to unsigned INT8 with offsets, which TensorRT cannot run, so
+    they are refused here with the fix, not by a parser error deep in the build."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string(model_bytes)
+    constants = {t.name: t for t in model.graph.initializer}
+    quantisers = [
+        n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
+    for node in quantisers:
+        point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        values = numpy_helper.to_array(point) if point is not None else np.zeros(1, np.int8)
+        if values.dtype != np.int8 or np.any(values != 0):
+            raise EngineBuildError(
+                f"{node.op_type} {node.name or node.output[0]} quantises to {values.dtype} "
+                "with offsets; TensorRT runs symmetric signed INT8 only. This INT8 twin is "
+                "for ONNX Runtime on the CPU: set inference.precision to fp32 on a GPU box "
+                "(TensorRT then uses FP16 where the GPU has it)"
+            )
+    return bool(quantisers)
+
+
 def _spatial_axes(spec: IOSpec) -> tuple[int, int] | None:
     """The (height, width) axes of an input with dynamic spatial dims, None if only the batch
     is dynamic; any other pattern cannot be planned."""
@@ -634,8 +660,12 @@ def _build_engine(
     profiles: Sequence[InputProfile],
     precision: Precision,
     timing_cache: bytes | None,
+    *,
+    int8: bool = False,
 ) -> tuple[bytes, bytes | None]:
-    """The serialised engine and the updated timing cache."""
+    """The serialised engine and the updated timing cache. ``int8``: the model carries its
+    own Q/DQ scales (explicit quantisation), so TensorRT is allowed INT8 kernels; no
+    calibrator or calibration cache is involved (TensorRT 10.1 deprecated them for this)."""
     trt = gpu.trt
     with gpu.relay.capture() as errors, gpu.activated():
         builder = trt.Builder(gpu.trt_logger)
@@ -651,6 +681,8 @@ def _build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
+        if int8:
+            config.set_flag(trt.BuilderFlag.INT8)
         # TensorRT >= 10.10 sizes on-demand activation memory by the actual shapes only with
         # this preview feature; earlier releases size it by the profile's maximum.
         preview = getattr(
@@ -1101,7 +1133,9 @@ def open_tensorrt_session(
         profiles = plan_profiles(model_bytes, inputs, plan)
         logger.info("building TensorRT engine for %s with profiles %s", key.describe(), profiles)
         timing = cache.load_timing_cache(key.platform)
-        engine, new_timing = _build_engine(gpu, model_bytes, profiles, key.precision, timing)
+        engine, new_timing = _build_engine(
+            gpu, model_bytes, profiles, key.precision, timing, int8=is_quantised(model_bytes)
+        )
         if new_timing:
             cache.store_timing_cache(key.platform, new_timing)
         return engine
