@@ -73,3 +73,11 @@ def _described(
             )
         )
     return found
+
+
+def failure_reason(exc: Exception) -> str:
+    """What a case records for a file that could not be analysed: the error's first line,
+    without the placeholder name ("image: ") the decoder was given. The owning box and a
+    cluster node both record it, so a file fails the same way wherever it was analysed."""
+    text = str(exc).removeprefix("image: ")
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -46,7 +46,7 @@ import numpy as np
 
 from edgeid.runtime.audit.errors import AuditError
 from edgeid.runtime.audit.events import AuditAction, AuditEvent, check_event
-from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
+from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working, failure_reason
 from edgeid.runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, groups
 from edgeid.runtime.cases.errors import CaseModelError
 from edgeid.runtime.cases.farmed import FrameJob, ImageFarm, ImageJob, ImageResult
@@ -368,7 +368,7 @@ class CaseIngest:
         except StorageWriteError:
             raise  # the disk, not the file: the run cannot go on
         except BadInputError as exc:
-            self._refuse(case, run, entry.name, _reason(exc), counts)
+            self._refuse(case, run, entry.name, failure_reason(exc), counts)
         except OSError as exc:
             self._refuse(case, run, entry.name, f"cannot be read ({exc.strerror or exc})", counts)
         except READ_ERRORS:
@@ -414,7 +414,7 @@ class CaseIngest:
                 data, name="this image", max_working_pixels=limits.max_working_pixels
             )
         except BadInputError as exc:
-            case.add_file(replace(base, status="failed", reason=_reason(exc)))
+            case.add_file(replace(base, status="failed", reason=failure_reason(exc)))
             counts.files_failed += 1
             return
         faces, skipped = analyse_working(self.service.pipeline, work, max_faces=limits.max_faces)
@@ -577,7 +577,7 @@ class CaseIngest:
                     pending = []
                 report(counts)
         except BadInputError as exc:  # damaged part way (VideoDamaged), or refused outright
-            problem = _reason(exc)
+            problem = failure_reason(exc)
         if pending:
             session.add_faces(pending)
             counts.faces_new += len(pending)
@@ -612,7 +612,7 @@ class CaseIngest:
                     self._farmed_results(case, run, farmed, farmed.farm.submit(job), counts)
                     report(counts)
             except BadInputError as exc:  # damaged part way: the frames sampled are kept
-                problem = _reason(exc)
+                problem = failure_reason(exc)
             self._farmed_results(case, run, farmed, farmed.farm.drain(), counts)
             if video.frames:  # the farm's drain returns every result or raises
                 raise EdgeidError(f"{len(video.frames)} video frames did not come back")
@@ -791,14 +791,6 @@ def _hash_stream(stream: IO[bytes]) -> str:
     while chunk := stream.read(HASH_CHUNK_BYTES):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def _reason(exc: Exception) -> str:
-    """The error's message without the placeholder name it was raised with."""
-    text = str(exc)
-    for prefix in ("image: ",):
-        text = text.removeprefix(prefix)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _summary(case: Case) -> CaseSummary:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working
+from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working, failure_reason
 from edgeid.runtime.cases.farmed import FrameJob, ImageJob, ImageResult, Job
 from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import BadInputError
@@ -38,12 +38,6 @@ class NodeInfo:
     model_id: str
     head: bool  # the owning box's own node
     pid: int  # the node's analysing process
-
-
-def first_line(exc: Exception) -> str:
-    """The error's message as the local ingest records it (see ``ingest._reason``)."""
-    text = str(exc).removeprefix("image: ")
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class FaceNode:
@@ -98,7 +92,7 @@ class FaceNode:
                 job.data, name="this image", max_working_pixels=self.max_working_pixels
             )
         except BadInputError as exc:
-            return ImageResult(job.key, failed=first_line(exc))
+            return ImageResult(job.key, failed=failure_reason(exc))
         faces, skipped = analyse_working(self.pipeline, work, max_faces=self.max_faces)
         width, height = work.full_size
         return ImageResult(job.key, None, int(width), int(height), faces, skipped)
