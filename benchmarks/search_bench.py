@@ -394,7 +394,6 @@ def run(
     same = [c.face_id for c in reopened.search(probes[0], EMBEDDER_MODEL, K)] == [
         c.face_id for c in index.search(probes[0], EMBEDDER_MODEL, K)
     ]
-    dim = int(gallery.shape[1])
 
     stored: dict[str, object] = {}
     if store:
@@ -417,7 +416,7 @@ def run(
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report: dict[str, object] = {
         "size": size,
-        "dim": dim,
+        "dim": int(gallery.shape[1]),
         "k": K,
         "params": {
             "m": params.m,
@@ -457,7 +456,7 @@ def goals(report: dict[str, object]) -> dict[str, bool | None]:
     met: dict[str, bool | None] = {}
     for goal, (key, bound, sense) in GOALS.items():
         value = report.get(key)
-        met[goal] = None if value is None else sense * float(value) >= sense * bound  # type: ignore[arg-type]
+        met[goal] = sense * value >= sense * bound if isinstance(value, int | float) else None
     return met
 
 
