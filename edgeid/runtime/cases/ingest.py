@@ -414,20 +414,13 @@ class CaseIngest:
                 data, name="this image", max_working_pixels=limits.max_working_pixels
             )
         except BadInputError as exc:
-            case.add_file(replace(base, status="failed", reason=failure_reason(exc)))
-            counts.files_failed += 1
+            _write_failed(case, base, failure_reason(exc), counts)
             return
         faces, skipped = analyse_working(self.service.pipeline, work, max_faces=limits.max_faces)
         width, height = work.full_size
         del work  # the full-resolution pixels go before the next file is read
-        note = (
-            f"{skipped} more faces found but not analysed (the least confident)"
-            if skipped
-            else None
-        )
-        case.add_file(replace(base, width=int(width), height=int(height), reason=note), faces)
-        counts.files_new += 1
-        counts.faces_new += len(faces)
+        sized = replace(base, width=int(width), height=int(height))
+        _write_analysed(case, sized, faces, skipped, counts)
 
     def _image_farmed(
         self,
@@ -484,18 +477,10 @@ class CaseIngest:
         name, *later = farmed.by_sha.pop(sha256)
         base = SourceFile("", sha256, (name,), "image", "done", None, 0, run.number)
         if result.failed is not None:
-            case.add_file(replace(base, status="failed", reason=result.failed))
-            counts.files_failed += 1
+            _write_failed(case, base, result.failed, counts)
         else:
-            note = (
-                f"{result.skipped} more faces found but not analysed (the least confident)"
-                if result.skipped
-                else None
-            )
-            written = replace(base, width=result.width, height=result.height, reason=note)
-            case.add_file(written, result.faces)
-            counts.files_new += 1
-            counts.faces_new += len(result.faces)
+            sized = replace(base, width=result.width, height=result.height)
+            _write_analysed(case, sized, result.faces, result.skipped, counts)
         counts.files_seen += 1
         for other in later:
             self._known(case, sha256, other, counts)
@@ -791,6 +776,21 @@ def _hash_stream(stream: IO[bytes]) -> str:
     while chunk := stream.read(HASH_CHUNK_BYTES):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def _write_analysed(
+    case: Case, file: SourceFile, faces: Sequence[NewFace], skipped: int, counts: IngestProgress
+) -> None:
+    """Records an analysed image, wherever it was analysed (here or on a cluster node)."""
+    note = f"{skipped} more faces found but not analysed (the least confident)" if skipped else None
+    case.add_file(replace(file, reason=note), faces)
+    counts.files_new += 1
+    counts.faces_new += len(faces)
+
+
+def _write_failed(case: Case, file: SourceFile, reason: str, counts: IngestProgress) -> None:
+    case.add_file(replace(file, status="failed", reason=reason))
+    counts.files_failed += 1
 
 
 def _summary(case: Case) -> CaseSummary:
