@@ -57,39 +57,54 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def issue_leaf(
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_cert: x509.Certificate,
+    cn: str,
+    *,
+    server: bool = False,
+    valid: dt.timedelta = dt.timedelta(days=VALID_DAYS),
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new P-256 key and its certificate for ``cn``, signed by the issuer: for 127.0.0.1
+    and localhost with ``server``, else a client certificate (as the broker tests use too)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + valid)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.OID_CLIENT_AUTH]), critical=False
+        )
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
 class _Issuer:
     def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
         self.key = key
         self.cert = cert
-        self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
 
     def issue(self, cn: str, *, server: bool = False) -> tuple[bytes, bytes]:
         """(key PEM, certificate PEM) for ``cn``."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(self._aki, critical=False)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-                ),
-                critical=False,
-            ).add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
-        else:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([x509.OID_CLIENT_AUTH]), critical=False
-            )
-        cert = builder.sign(self.key, hashes.SHA256())
+        key, cert = issue_leaf(self.key, self.cert, cn, server=server)
         return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 

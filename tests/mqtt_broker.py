@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import ipaddress
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from benchmarks.fleet_pki import issue_leaf
 from edgeid.runtime.compat import UTC
 from edgeid.runtime.config.settings import (
     DeviceSettings,
@@ -144,34 +144,9 @@ def make_authority(folder: Path, name: str) -> Authority:
 
 
 def issue(authority: Authority, folder: Path, cn: str, *, server: bool = False) -> Identity:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(authority.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
-            critical=False,
-        )
+    key, cert = issue_leaf(
+        authority.key, authority.cert, cn, server=server, valid=dt.timedelta(days=1)
     )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
-    else:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([x509.OID_CLIENT_AUTH]), critical=False
-        )
-    cert = builder.sign(authority.key, hashes.SHA256())
     stem = cn.replace("/", "_")
     cert_path = folder / f"{authority.name}-{stem}.crt"
     key_path = folder / f"{authority.name}-{stem}.key"
