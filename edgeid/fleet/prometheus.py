@@ -16,10 +16,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edgeid.fleet.devices import DEVICE_STATES, DeviceView, FleetState
+from edgeid.runtime.system.metrics import InferenceTotals
 from edgeid.runtime.telemetry.exposition import (
     CONTENT_TYPE,
     Families,
-    InferenceTotals,
     family_header,
     render,
     sample_line,

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,12 +56,14 @@ class MetricsSnapshot:
 
 
 @dataclass(frozen=True)
-class MetricsTotals:
-    """Since the service started, never reset: the box's own ``/metrics`` counters."""
+class InferenceTotals:
+    """Counts since some start, never reset: the service's own (the box's ``/metrics``) or the
+    fleet manager's since a device's first report."""
 
     requests: int
     errors: int
-    latency_buckets: tuple[int, ...]  # per bucket, as in MetricsSnapshot
+    # Per bucket, not cumulative, as in MetricsSnapshot; None: never reported (fleet only).
+    latency_buckets: Sequence[int] | None
     latency_sum_s: float
 
 
@@ -207,10 +209,10 @@ class ServiceMetrics:
                 self._queue_depth_max = self._queue_depth
             return snap
 
-    def totals(self) -> MetricsTotals:
+    def totals(self) -> InferenceTotals:
         """Requests, errors and the latency histogram since this object was made."""
         with self._lock:
-            return MetricsTotals(
+            return InferenceTotals(
                 requests=self._total_requests,
                 errors=self._total_errors,
                 latency_buckets=tuple(self._total_buckets),

@@ -10,7 +10,6 @@ nothing a person could be named by.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,23 +22,17 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from edgeid.runtime.system.metrics import LATENCY_BUCKET_COUNT, LATENCY_BUCKETS_S
+from edgeid.runtime.system.metrics import (
+    LATENCY_BUCKET_COUNT,
+    LATENCY_BUCKETS_S,
+    InferenceTotals,
+)
 from edgeid.runtime.telemetry.schema import HealthReport
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DEVICE = ("site", "device")
 DeviceLabels = tuple[str, str]
 LATENCY = "edgeid_device_inference_latency_seconds"
-
-
-@dataclass(frozen=True)
-class InferenceTotals:
-    """Counts since some start (the service's, or the fleet manager's first report)."""
-
-    requests: int
-    errors: int
-    latency_buckets: Sequence[int] | None  # per bucket, not cumulative; None: never reported
-    latency_sum_s: float
 
 
 class Families:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgeid.runtime.inference.model_home import models_dir
 from edgeid.runtime.system.metrics import SERVICE_METRICS, BackendState, ServiceMetrics
-from edgeid.runtime.telemetry.exposition import Families, FamiliesCollector, InferenceTotals
+from edgeid.runtime.telemetry.exposition import Families, FamiliesCollector
 from edgeid.runtime.telemetry.report import HealthCollector
 from edgeid.runtime.telemetry.schema import SpoolState
 from edgeid.runtime.telemetry.software import model_ids
@@ -47,15 +47,6 @@ def box_collector(
         with lock:
             report = reader.collect(0, _NO_SPOOL, reset_metrics=False)
         families.health(labels, report)
-        totals = metrics.totals()
-        families.inference(
-            labels,
-            InferenceTotals(
-                requests=totals.requests,
-                errors=totals.errors,
-                latency_buckets=totals.latency_buckets,
-                latency_sum_s=totals.latency_sum_s,
-            ),
-        )
+        families.inference(labels, metrics.totals())
 
     return FamiliesCollector(fill)
