@@ -61,6 +61,26 @@ def test_beyond_loopback_without_a_token_is_refused_naming_the_fix(pki: Pki) -> 
         assert "--token-file" in result.stderr and "127.0.0.1" in result.stderr
 
 
+def test_settings_the_fleet_cannot_work_with_are_refused_by_the_service_itself(pki: Pki) -> None:
+    """The service checks them, not the CLI: any way of starting it is refused the same."""
+    for flags, words in (
+        (["--stale-after", "0"], "--stale-after must be a positive"),
+        (["--homeassistant-support-url", "ftp://help"], "give an http:// or https:// URL"),
+    ):
+        result = fleet_serve(pki, *flags)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+    options = FleetOptions(
+        broker_host="127.0.0.1",
+        broker_port=1,
+        ca=pki.ca.path,
+        cert=pki.fleet.cert,
+        key=pki.fleet.key,
+        homeassistant_support_url="javascript:alert(1)",
+    )
+    with pytest.raises(BadInputError, match="http:// or https://"):
+        FleetService(options)
+
+
 @pytest.mark.parametrize(
     ("token", "mode", "fix"),
     [

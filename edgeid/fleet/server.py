@@ -40,6 +40,7 @@ from edgeid.fleet.devices import (
     DeviceView,
     FleetState,
 )
+from edgeid.fleet.homeassistant import check_support_url
 from edgeid.fleet.live_page import LivePage
 from edgeid.fleet.subscriber import FleetSubscriber, client_tls
 from edgeid.runtime.addresses import is_loopback
@@ -108,7 +109,12 @@ def read_token(path: Path) -> str:
 
 
 def check_options(options: FleetOptions) -> None:
-    """Refuse a setting that would expose the pages, before anything starts."""
+    """Refuse a setting that would expose the pages, or that the fleet cannot work with,
+    before anything starts (every way of starting it comes through here)."""
+    if options.stale_after_s <= 0:
+        raise BadInputError("--stale-after must be a positive number of seconds")
+    if options.homeassistant_support_url is not None:
+        check_support_url(options.homeassistant_support_url)
     if (options.tls_cert is None) != (options.tls_key is None):
         raise BadInputError("give both --tls-cert and --tls-key, or neither")
     for flag, path in (("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key)):

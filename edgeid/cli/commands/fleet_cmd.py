@@ -6,7 +6,6 @@ import argparse
 
 from edgeid.cli import EXIT_OK, path_arg
 from edgeid.cli.options import Subparsers
-from edgeid.runtime.errors import BadInputError
 
 DEFAULT_LISTEN = "127.0.0.1:8090"
 
@@ -21,13 +20,8 @@ def listen_address(value: str) -> tuple[str, int]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from edgeid.fleet.homeassistant import check_support_url
     from edgeid.fleet.server import FleetOptions, serve
 
-    if args.stale_after <= 0:
-        raise BadInputError("--stale-after must be a positive number of seconds")
-    if args.homeassistant_support_url is not None:
-        check_support_url(args.homeassistant_support_url)
     host, port = args.listen
     serve(
         FleetOptions(
