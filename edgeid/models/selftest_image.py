@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeid.runtime.errors import ModelError
+from edgeid.runtime.errors import ModelError, first_line
 from edgeid.runtime.inference.manifest import SHA256_PATTERN, load_manifest, manifest_path
 from edgeid.runtime.storage.durable import write_file_atomically
 
@@ -106,9 +106,9 @@ def parse_reference(data: bytes, where: str) -> SelftestReference:
     try:
         return SelftestReference.model_validate(json.loads(data))
     except (ValueError, ValidationError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
-            f"self-test reference {where} is unreadable ({first}); rebuild with edgeid models build"
+            f"self-test reference {where} is unreadable ({first_line(exc)}); rebuild with "
+            "edgeid models build"
         ) from exc
 
 

@@ -45,3 +45,10 @@ class AccessDeniedError(EdgeidError):
     def __init__(self, message: str, *, recorded: bool = False) -> None:
         super().__init__(message)
         self.recorded = recorded
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message for a one-line error: its first line (at most ``limit``
+    characters), or its type's name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

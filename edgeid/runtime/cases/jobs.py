@@ -19,7 +19,7 @@ from edgeid.runtime.cases.farmed import ImageFarm
 from edgeid.runtime.cases.ingest import IngestOutcome, IngestProgress, IngestRequest
 from edgeid.runtime.cases.media import RefusedSource
 from edgeid.runtime.cases.service import CaseService
-from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.errors import EdgeidError, first_line
 from edgeid.runtime.human_units import duration, time_left
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class IngestJob:
         except RefusedSource as exc:  # said to the uploader: without the server's path
             error, state = exc.for_upload, "failed"
         except EdgeidError as exc:
-            error, state = self._shown(str(exc).splitlines()[0]), "failed"
+            error, state = self._shown(first_line(exc)), "failed"
         except Exception as exc:  # a worker thread must report, not vanish
             logger.error("case ingest job failed: %s", type(exc).__name__)
             error, state = f"internal error ({type(exc).__name__})", "failed"

@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeid.runtime.compat import StrEnum
-from edgeid.runtime.errors import EdgeidError
+from edgeid.runtime.errors import EdgeidError, first_line
 from edgeid.runtime.gallery.age_bands import (
     AGE_BAND_LABELS,
     AGE_BAND_PEOPLE,
@@ -418,12 +418,11 @@ def parse_calibration(text: str, source: str) -> Calibration:
     try:
         return Calibration(CalibrationData.model_validate(raw))
     except ValidationError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
         )
         raise CalibrationError(
-            f"calibration {source} is unusable ({detail or first_line}); regenerate it with "
+            f"calibration {source} is unusable ({detail or first_line(exc)}); regenerate it with "
             f"{REGENERATE}"
         ) from exc
 

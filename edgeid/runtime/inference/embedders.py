@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeid.runtime.errors import BadInputError, ModelError
+from edgeid.runtime.errors import BadInputError, ModelError, first_line
 from edgeid.runtime.inference.chip_input import (
     ALIGNMENTS,
     SOURCE_CHIP_SIZE,
@@ -138,7 +138,7 @@ def inspect_model(data: bytes, declared: Declared) -> Inspected:
         model = onnx.load_model_from_string(data)
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises its own and protobuf's errors alike
-        raise BadInputError(f"not a valid ONNX model ({_first_line(exc)})") from exc
+        raise BadInputError(f"not a valid ONNX model ({first_line(exc)})") from exc
     initialisers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initialisers]
     if len(inputs) != 1:
@@ -258,7 +258,7 @@ def _dry_run(data: bytes, input_name: str, chip_input: ChipInput, dim: int) -> N
     except Exception as exc:  # onnxruntime's errors have no common base class
         raise BadInputError(
             f"the model does not run on {chip_input.template.size}x"
-            f"{chip_input.template.size} chips as declared ({_first_line(exc)})"
+            f"{chip_input.template.size} chips as declared ({first_line(exc)})"
         ) from exc
     got = np.asarray(out)
     if got.shape != (count, dim) or not np.isfinite(got).all():
@@ -284,11 +284,6 @@ def _fits(dims: Sequence[int | str], size: int) -> bool:
 
 def _shown(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def write_model(models_dir: Path, manifest: ModelManifest, data: bytes) -> None:

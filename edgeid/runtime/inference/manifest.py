@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeid.runtime.errors import ModelError, ModelIntegrityError
+from edgeid.runtime.errors import ModelError, ModelIntegrityError, first_line
 
 MANIFEST_SUFFIX = ".manifest.json"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -72,9 +72,8 @@ def load_manifest(path: Path) -> ModelManifest:
         raise ModelError(f"model manifest {path} is missing; run `edgeid models build`") from exc
     except (OSError, ValueError, ValidationError) as exc:
         # pydantic's ValidationError is a ValueError; both mean the manifest is unusable.
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
-            f"model manifest {path} is unreadable ({first_line}); rebuild with "
+            f"model manifest {path} is unreadable ({first_line(exc)}); rebuild with "
             "`edgeid models build --force`"
         ) from exc
 
