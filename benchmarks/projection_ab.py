@@ -33,7 +33,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-from benchmarks.search_bench import GENERATOR_CACHE, K, exact_top, template_model
+from benchmarks.search_bench import GENERATOR_CACHE, K, draw_probes, exact_top, template_model
 from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
@@ -100,11 +100,7 @@ def main() -> int:
     model = template_model(None, models, home / "cache" / GENERATOR_CACHE)
     rng = np.random.default_rng(0)
     gallery, _, centres = model.sample(args.size, rng)
-    half = LATENCY_PROBES // 2
-    probe_centres = np.concatenate(
-        [centres[rng.choice(len(centres), half)], model.centres(half, rng).astype(np.float32)]
-    )
-    probes = model.images(probe_centres, rng)[rng.permutation(LATENCY_PROBES)]
+    probes = draw_probes(model, centres, LATENCY_PROBES, rng)[0]
     truth = exact_top(gallery, probes[:RECALL_PROBES], K)
     spectrum = last_layer_spectrum(models)
     sample = gallery[np.random.default_rng(1).choice(args.size, min(args.size, FIT_SAMPLE))]

@@ -240,6 +240,23 @@ def generator_check(model: TemplateModel, seed: int) -> dict[str, object]:
     return {"synthetic": pair_stats(vectors, people), "real_lfw_dev": model.real_scores}
 
 
+def draw_probes(
+    model: TemplateModel,
+    centres: npt.NDArray[np.float32],
+    count: int,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """``count`` probes in random order: new images of enrolled people (``centres``, the
+    gallery's) and images of people not enrolled, half each; and which are mated."""
+    enrolled = rng.choice(len(centres), size=count // 2)
+    probe_centres = np.concatenate(
+        [centres[enrolled], model.centres(count - count // 2, rng).astype(np.float32)]
+    )
+    probes = model.images(probe_centres, rng)
+    shuffle = rng.permutation(len(probes))
+    return probes[shuffle], shuffle < count // 2
+
+
 def exact_top(
     gallery: npt.NDArray[np.float32], probes: npt.NDArray[np.float32], k: int
 ) -> npt.NDArray[np.int64]:
@@ -315,17 +332,10 @@ def run(
     index = GalleryIndex.build(EMBEDDER_MODEL, face_ids, gallery, params)
     build_s = time.perf_counter() - started
 
-    # Probes: new images of enrolled people, and images of people not enrolled.
     count = max(recall_queries, latency_queries, WARMUP_QUERIES)
-    enrolled = rng.choice(len(centres), size=count // 2)
-    probe_centres = np.concatenate(
-        [centres[enrolled], model.centres(count - count // 2, rng).astype(np.float32)]
-    )
+    probes, mated_all = draw_probes(model, centres, count, rng)
     del centres
-    probes = model.images(probe_centres, rng)
-    shuffle = rng.permutation(len(probes))
-    probes = probes[shuffle]
-    mated = (shuffle < count // 2)[:recall_queries]
+    mated = mated_all[:recall_queries]
 
     recall_probes = probes[:recall_queries]
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.search_bench import GENERATOR_CACHE, K, TemplateModel, exact_top
+from benchmarks.search_bench import GENERATOR_CACHE, K, TemplateModel, draw_probes, exact_top
 from edgeid.runtime.gallery.index import GalleryIndex, IndexParams
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 from edgeid.runtime.inference.types import FloatArray
@@ -135,11 +135,7 @@ def main() -> int:
         indexes[name], builds[name] = build(face_ids, gallery, params, rows)
 
     count = 2000
-    enrolled = rng.choice(len(centres), size=count // 2)
-    probe_centres = np.concatenate(
-        [centres[enrolled], model.centres(count - count // 2, rng).astype(np.float32)]
-    )
-    probes = model.images(probe_centres, rng)[rng.permutation(count)]
+    probes = draw_probes(model, centres, count, rng)[0]
     truth = exact_top(gallery, probes[:1000], K)
 
     results: dict[str, object] = {
