@@ -197,10 +197,10 @@ def _attention(device: DeviceView) -> tuple[int, str]:
 
 def tiles(devices: Sequence[DeviceView], view: View) -> list[Tile]:
     """The fleet (or the chosen site) counted by state; each tile opens that state's view."""
-    here = [d for d in devices if view.site is None or d.site == view.site]
+    here = [d for d in devices if View(site=view.site).admits(d)]
     found = [Tile("Devices", len(here), view.href(state=None, page=1), "plain", view.state is None)]
     for state in (*DEVICE_STATES, DEGRADED):
-        count = sum(1 for d in here if (_degraded(d) if state == DEGRADED else d.state == state))
+        count = sum(1 for d in here if View(state=state).admits(d))
         tone = "offline" if state == DEGRADED else state
         found.append(
             Tile(
