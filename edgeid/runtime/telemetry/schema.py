@@ -39,7 +39,6 @@ TOPIC_ROOT = "edgeid"
 # A health report is about 1.5 KB; the cap bounds what even a bug could push out in one message.
 MAX_PAYLOAD_BYTES = 8192
 FLOAT_DECIMALS = 3
-# One count per bound of the latency histogram plus one for slower requests.
 
 # PEP 440 release, optional pre/post/dev parts and a short local label ("0.1.0", "0.0.0+source").
 VERSION_PATTERN = (
