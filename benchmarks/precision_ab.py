@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, cast
 
 from edgeid.runtime.inference.image_decode import load_image
 from edgeid.runtime.inference.pipeline import FacePipeline
@@ -82,7 +82,6 @@ def main() -> int:
         "--precisions", nargs=2, choices=PRECISIONS, default=["fp32", "int8-embedder"]
     )
     args = parser.parse_args()
-    assert set(args.precisions) <= set(get_args(Precision))
     chosen = cast(tuple[Precision, Precision], tuple(args.precisions))
     report = run(
         args.images, args.models, chosen, limit=args.limit, rounds=args.rounds, threads=args.threads

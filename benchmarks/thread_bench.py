@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeid.runtime.inference.precision import DEFAULT_PRECISION, PRECISIONS
+
 CONFIGS = ("spin", "nospin", "global")
 
 
@@ -149,7 +151,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "int8", "int8-embedder"], default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
