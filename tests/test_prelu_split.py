@@ -254,14 +254,53 @@ def test_bad_batches_and_tiles_are_refused(models_dir: Path) -> None:
             MtcnnDetector(d._pnet, d._rnet, d._onet, d.parameters, **kwargs)  # type: ignore[arg-type]
 
 
-def test_tiles_and_small_batches_are_for_onnx_runtime_sessions_only(models_dir: Path) -> None:
-    from edgeid.runtime.inference.mtcnn_detector import GPU_CROP_BATCH, PNET_TILE
+def test_runs_are_sized_by_each_nets_real_backend(models_dir: Path, photos: Any) -> None:
+    """Tiles and small batches wherever a net runs on the CPU, a wrapper around an ONNX Runtime
+    session included (INT8 calibration's recorder is one); whole levels and GPU_CROP_BATCH crops
+    for a TensorRT engine, net by net, or for any session when asked (``runs="whole"``)."""
+    from edgeid.runtime.inference.backends.tensorrt_backend import TensorRTSession
+    from edgeid.runtime.inference.mtcnn_detector import (
+        GPU_CROP_BATCH,
+        ONET_BATCH,
+        PNET_TILE,
+        RNET_BATCH,
+    )
 
-    cpu = MtcnnDetector.load(models_dir, threads=1)
-    assert cpu._pnet_tile == PNET_TILE and max(cpu._crop_batches) < GPU_CROP_BATCH
+    class Engine(TensorRTSession):  # a TensorRT engine's type, ONNX Runtime's numbers
+        def __init__(self, inner: Any) -> None:
+            self.run = inner.run
+            self.get_inputs, self.get_outputs = inner.get_inputs, inner.get_outputs
 
-    def other_backend(name: str, sha256: str, data: bytes) -> Any:  # e.g. a TensorRT session
+    def wrapped(name: str, sha256: str, data: bytes) -> Any:
         return _Recording(name, create_cpu_session(data, 1), defaultdict(list))
 
-    gpu = MtcnnDetector.load(models_dir, open_model=other_backend)
-    assert gpu._pnet_tile is None and gpu._crop_batches == (GPU_CROP_BATCH, GPU_CROP_BATCH)
+    def pnet_on_gpu(name: str, sha256: str, data: bytes) -> Any:
+        session = create_cpu_session(data, 1)
+        return Engine(session) if name == "mtcnn_pnet" else session
+
+    def all_on_gpu(name: str, sha256: str, data: bytes) -> Any:
+        return Engine(create_cpu_session(data, 1))
+
+    def sizing(d: MtcnnDetector) -> tuple[int | None, tuple[int, int]]:
+        return d._pnet_tile, d._crop_batches
+
+    cpu = (PNET_TILE, (RNET_BATCH, ONET_BATCH))
+    whole = (None, (GPU_CROP_BATCH, GPU_CROP_BATCH))
+    detectors = {
+        "cpu": (MtcnnDetector.load(models_dir, threads=1), cpu),
+        "wrapped": (MtcnnDetector.load(models_dir, open_model=wrapped), cpu),
+        "pnet on gpu": (
+            MtcnnDetector.load(models_dir, open_model=pnet_on_gpu),
+            (None, (RNET_BATCH, ONET_BATCH)),
+        ),
+        "all on gpu": (MtcnnDetector.load(models_dir, open_model=all_on_gpu), whole),
+        "asked whole": (MtcnnDetector.load(models_dir, threads=1, runs="whole"), whole),
+    }
+    for label, (detector, expected) in detectors.items():
+        assert sizing(detector) == expected, label
+    # However the runs are sized, the same faces (a scene photo: several faces, many crops).
+    name, image = photos[-1]
+    found = {label: d.detect(image) for label, (d, _) in detectors.items()}
+    assert len(found["cpu"]) > 1, name
+    for label, faces in found.items():
+        assert faces == found["cpu"], label

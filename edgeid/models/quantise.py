@@ -181,7 +181,9 @@ def collect_calibration(
             recorders[name] = _Recording(create_cpu_session(data, _THREADS))
             return recorders[name]
 
-        detector = load_detector(models_dir, "mtcnn", _THREADS, open_model=opener)
+        # Whole levels and big crop runs, as recorded when the INT8 twins were pinned: the
+        # recorder wraps CPU sessions, which would otherwise get tiles and small batches.
+        detector = load_detector(models_dir, "mtcnn", _THREADS, open_model=opener, runs="whole")
         for path in paths:
             detector.detect(load_image(path))
         digest = calibration_digest(paths)  # the same photos for every net: hashed once

@@ -51,11 +51,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.backends.session import ModelOpener, ModelSession
@@ -87,6 +86,8 @@ ONET_BATCH = 8
 PNET_TILE = 192
 # Crops per run on a GPU backend (what every backend used before issue 17).
 GPU_CROP_BATCH = 256
+# How load sizes the runs: for each net's real backend, or whole levels and GPU_CROP_BATCH crops.
+RunSizing = Literal["by-backend", "whole"]
 # Rows of the NMS overlap matrix computed at once: bounds memory to NMS_BLOCK x candidates.
 NMS_BLOCK = 128
 # MTCNN boxes are narrower and taller than dlib's square ones and reach higher up the forehead.
@@ -366,6 +367,14 @@ def _tiles(size: int, tile: int, cell: int, stride: int) -> list[tuple[int, int,
     return runs
 
 
+def _on_gpu(session: ModelSession) -> bool:
+    """Whether a session is a TensorRT engine. Its Python type alone does not tell the backend
+    apart: INT8 calibration wraps ONNX Runtime sessions, and a CPU session is anything else."""
+    from edgeid.runtime.inference.backends.tensorrt_backend import TensorRTSession
+
+    return isinstance(session, TensorRTSession)
+
+
 class MtcnnDetector:
     """Finds faces with MTCNN; ``detect`` is thread-safe (onnxruntime sessions are)."""
 
@@ -401,13 +410,18 @@ class MtcnnDetector:
         threads: int | None = None,
         open_model: ModelOpener | None = None,
         precision: Precision = "fp32",
+        runs: RunSizing = "by-backend",
     ) -> MtcnnDetector:
         """The detector over the verified ``mtcnn_{pnet,rnet,onet}`` models and their manifests.
 
         ``threads`` caps onnxruntime's intra-op threads (default: the cores this process may use);
         ``open_model`` opens each model on another backend (default: ONNX Runtime on the CPU);
         ``precision`` picks the FP32 models or their INT8 twins (``edgeid models build
-        --precision int8``).
+        --precision int8``). ``runs``: ``by-backend`` sizes each net's runs for the backend its
+        session really runs on (a TensorRT engine: whole levels and GPU_CROP_BATCH crops;
+        anything else, ONNX Runtime or a wrapper around it: tiles and small batches);
+        ``whole`` gives whole levels and GPU_CROP_BATCH crops on any backend (what INT8
+        calibration records). Results are the same either way.
         """
         manifests = []
         sessions: list[ModelSession] = []
@@ -428,17 +442,19 @@ class MtcnnDetector:
         parameters = MtcnnParameters.from_manifest(
             pnet.parameters, rnet.parameters, onet.parameters, pnet.preprocessing
         )
-        if all(isinstance(session, ort.InferenceSession) for session in sessions):
-            return cls(sessions[0], sessions[1], sessions[2], parameters)
-        # A GPU backend: the cache sizes above are the CPU's, and each run costs a launch and
-        # two copies, so whole levels and large batches (its engines' own limit chunks them).
+        # On a GPU the cache sizes above do not apply, and each run costs a launch and two
+        # copies: whole levels and large batches (its engines' own limit chunks them).
+        whole = [runs == "whole" or _on_gpu(session) for session in sessions]
         return cls(
             sessions[0],
             sessions[1],
             sessions[2],
             parameters,
-            crop_batches=(GPU_CROP_BATCH, GPU_CROP_BATCH),
-            pnet_tile=None,
+            crop_batches=(
+                GPU_CROP_BATCH if whole[1] else RNET_BATCH,
+                GPU_CROP_BATCH if whole[2] else ONET_BATCH,
+            ),
+            pnet_tile=None if whole[0] else PNET_TILE,
         )
 
     def scales(self, height: int, width: int) -> list[float]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from edgeid.runtime.inference.onnx_backend import DEFAULT_SPINNING
 from edgeid.runtime.inference.precision import DEFAULT_PRECISION, Precision, precision_model
 from edgeid.runtime.inference.quality import FaceQuality, assess
 from edgeid.runtime.inference.types import Box, Detection, FloatArray, RGBImage
+
+if TYPE_CHECKING:  # imported where MTCNN is loaded, not for MMOD
+    from edgeid.runtime.inference.mtcnn_detector import RunSizing
 
 DetectorName = Literal["mmod", "mtcnn"]
 DETECTOR_NAMES: tuple[DetectorName, ...] = ("mmod", "mtcnn")
@@ -142,11 +145,12 @@ class _MtcnnAdapter:
         threads: int | None,
         open_model: ModelOpener,
         precision: Precision,
+        runs: RunSizing,
     ) -> None:
         from edgeid.runtime.inference.mtcnn_detector import MtcnnDetector
 
         self._detector = MtcnnDetector.load(
-            models_dir, threads=threads, open_model=open_model, precision=precision
+            models_dir, threads=threads, open_model=open_model, precision=precision, runs=runs
         )
 
     def detect(self, image: RGBImage) -> list[Detection]:
@@ -166,11 +170,13 @@ def load_detector(
     upsample: int = 0,
     open_model: ModelOpener | None = None,
     precision: Precision = DEFAULT_PRECISION,
+    runs: RunSizing = "by-backend",
 ) -> FaceDetector:
+    """``runs``: how MTCNN sizes its runs (see ``MtcnnDetector.load``); MMOD ignores it."""
     opener = open_model or SessionFactory("cpu", models_dir.parent / ENGINES_DIR, threads).open
     if name == "mmod":
         return _MmodAdapter(models_dir, opener, upsample)
-    return _MtcnnAdapter(models_dir, threads, opener, precision)
+    return _MtcnnAdapter(models_dir, threads, opener, precision, runs)
 
 
 class FacePipeline:
