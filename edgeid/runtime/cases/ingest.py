@@ -73,6 +73,7 @@ from edgeid.runtime.cases.records import (
 from edgeid.runtime.cases.store import Case, CaseStore, FileWrite, NewFace, check_text
 from edgeid.runtime.cases.video import (
     DEFAULT_FRAME_INTERVAL_S,
+    VideoFrame,
     VideoSummary,
     sample_frames,
 )
@@ -544,28 +545,18 @@ class CaseIngest:
         stop: Event,
     ) -> str | None:
         """Sample, analyse and write a video's faces; the problem that cut it short, if any."""
-        pending = []
-        problem = None
-        try:
-            for frame in sample_frames(stream, interval_s, summary=summary):
-                if stop.is_set():
-                    raise _Stopped()
-                pending.extend(
-                    analyse_pixels(
-                        self.service.pipeline, frame.pixels, frame=frame.index, time_s=frame.time_s
-                    )
-                )
-                counts.video_frames += 1
-                if len(pending) >= VIDEO_FLUSH_FACES:
-                    session.add_faces(pending)
-                    counts.faces_new += len(pending)
-                    pending = []
-                report(counts)
-        except BadInputError as exc:  # damaged part way (VideoDamaged), or refused outright
-            problem = failure_reason(exc)
-        if pending:
-            session.add_faces(pending)
-            counts.faces_new += len(pending)
+        faces = _FaceBuffer(session)
+
+        def analyse(frame: VideoFrame) -> None:
+            found = analyse_pixels(
+                self.service.pipeline, frame.pixels, frame=frame.index, time_s=frame.time_s
+            )
+            counts.video_frames += 1
+            faces.add(found, counts)
+            report(counts)
+
+        problem = _each_frame(stream, interval_s, summary, stop, analyse)
+        faces.flush(counts)
         return problem
 
     def _frames_farmed(
@@ -583,25 +574,22 @@ class CaseIngest:
     ) -> str | None:
         """As ``_frames``, with each sampled frame's analysis done by the farm; returns once
         every frame sent is back and written."""
-        video = _FarmedVideo(session)
+        video = _FarmedVideo(_FaceBuffer(session))
         farmed.video = video
-        problem = None
+
+        def send(frame: VideoFrame) -> None:
+            key = farmed.new_key()
+            video.frames[key] = (frame.index, frame.time_s)
+            job = FrameJob(key, frame.pixels)
+            self._farmed_results(case, run, farmed, farmed.farm.submit(job), counts)
+            report(counts)
+
         try:
-            try:
-                for frame in sample_frames(stream, interval_s, summary=summary):
-                    if stop.is_set():
-                        raise _Stopped()
-                    key = farmed.new_key()
-                    video.frames[key] = (frame.index, frame.time_s)
-                    job = FrameJob(key, frame.pixels)
-                    self._farmed_results(case, run, farmed, farmed.farm.submit(job), counts)
-                    report(counts)
-            except BadInputError as exc:  # damaged part way: the frames sampled are kept
-                problem = failure_reason(exc)
+            problem = _each_frame(stream, interval_s, summary, stop, send)
             self._farmed_results(case, run, farmed, farmed.farm.drain(), counts)
             if video.frames:  # the farm's drain returns every result or raises
                 raise EdgeidError(f"{len(video.frames)} video frames did not come back")
-            video.flush(counts)
+            video.faces.flush(counts)
         finally:
             farmed.video = None
         return problem
@@ -725,23 +713,14 @@ class _Farmed:
 
 
 @dataclass
-class _FarmedVideo:
-    """A video's frames in the farm: key -> (sample number, time). Faces are written in
-    sample order, as the local ingest writes them, whatever order the frames come back in."""
+class _FaceBuffer:
+    """A video's faces on their way into its file write, VIDEO_FLUSH_FACES at a time."""
 
     session: FileWrite
-    frames: dict[int, tuple[int, float]] = field(default_factory=dict)
-    done: dict[int, list[NewFace]] = field(default_factory=dict)  # back, not yet in order
-    next_index: int = 0
-    pending: list[NewFace] = field(default_factory=list)  # in order, not yet written
+    pending: list[NewFace] = field(default_factory=list)
 
-    def back(self, result: ImageResult, counts: IngestProgress) -> None:
-        index, time_s = self.frames.pop(result.key)
-        self.done[index] = [replace(f, frame=index, time_s=time_s) for f in result.faces]
-        counts.video_frames += 1
-        while self.next_index in self.done:
-            self.pending.extend(self.done.pop(self.next_index))
-            self.next_index += 1
+    def add(self, faces: Sequence[NewFace], counts: IngestProgress) -> None:
+        self.pending.extend(faces)
         if len(self.pending) >= VIDEO_FLUSH_FACES:
             self.flush(counts)
 
@@ -752,8 +731,47 @@ class _FarmedVideo:
             self.pending = []
 
 
+@dataclass
+class _FarmedVideo:
+    """A video's frames in the farm: key -> (sample number, time). Faces are written in
+    sample order, as the local ingest writes them, whatever order the frames come back in."""
+
+    faces: _FaceBuffer
+    frames: dict[int, tuple[int, float]] = field(default_factory=dict)
+    done: dict[int, list[NewFace]] = field(default_factory=dict)  # back, not yet in order
+    next_index: int = 0
+
+    def back(self, result: ImageResult, counts: IngestProgress) -> None:
+        index, time_s = self.frames.pop(result.key)
+        self.done[index] = [replace(f, frame=index, time_s=time_s) for f in result.faces]
+        counts.video_frames += 1
+        while self.next_index in self.done:
+            self.faces.add(self.done.pop(self.next_index), counts)
+            self.next_index += 1
+
+
 class _Stopped(Exception):
     """The stop event was set while a file was in hand; it is dropped whole."""
+
+
+def _each_frame(
+    stream: IO[bytes],
+    interval_s: float,
+    summary: VideoSummary,
+    stop: Event,
+    handle: Callable[[VideoFrame], None],
+) -> str | None:
+    """Hand each sampled frame of a video to ``handle`` until the stop event is set (raises
+    ``_Stopped``); the problem that cut the video short, if it is damaged part way or refused
+    (the frames sampled before it are kept)."""
+    try:
+        for frame in sample_frames(stream, interval_s, summary=summary):
+            if stop.is_set():
+                raise _Stopped()
+            handle(frame)
+    except BadInputError as exc:
+        return failure_reason(exc)
+    return None
 
 
 def _check_auditable(request: IngestRequest, reason: str, galleries: Sequence[str]) -> None:
