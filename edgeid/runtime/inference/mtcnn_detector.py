@@ -58,6 +58,7 @@ import numpy.typing as npt
 
 from edgeid.runtime.errors import BadInputError, ModelError
 from edgeid.runtime.inference.backends.session import ModelOpener, ModelSession
+from edgeid.runtime.inference.backends.tensorrt_backend import TensorRTSession
 from edgeid.runtime.inference.manifest import read_verified_model
 from edgeid.runtime.inference.onnx_backend import create_cpu_session
 from edgeid.runtime.inference.precision import Precision, precision_model
@@ -368,10 +369,8 @@ def _tiles(size: int, tile: int, cell: int, stride: int) -> list[tuple[int, int,
 
 
 def _on_gpu(session: ModelSession) -> bool:
-    """Whether a session is a TensorRT engine. Its Python type alone does not tell the backend
-    apart: INT8 calibration wraps ONNX Runtime sessions, and a CPU session is anything else."""
-    from edgeid.runtime.inference.backends.tensorrt_backend import TensorRTSession
-
+    """Whether a session is a TensorRT engine; anything else (ONNX Runtime, or a wrapper around
+    it such as INT8 calibration's recorder) runs on the CPU."""
     return isinstance(session, TensorRTSession)
 
 
