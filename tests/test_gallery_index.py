@@ -8,12 +8,15 @@ and 60 people with one image (30 enrolled as distractors, 30 never enrolled: non
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -256,13 +259,13 @@ def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
     face_ids = ids(len(real.gallery))
     sealed = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery).seal_with(seal)
     loads: list[int] = []
-    real_loader = index_module._hnsw_from_bytes
+    real_loader = index_module._load_hnsw
 
-    def spy(graph: memoryview | bytes, dim: int) -> object:
+    def spy(header: dict[str, object], graph: memoryview, dim: int) -> object:
         loads.append(len(graph))
-        return real_loader(graph, dim)
+        return real_loader(header, graph, dim)
 
-    monkeypatch.setattr(index_module, "_hnsw_from_bytes", spy)
+    monkeypatch.setattr(index_module, "_load_hnsw", spy)
     sources: list[int] = []
 
     def source() -> tuple[list[str], Floats]:
@@ -341,6 +344,118 @@ def test_authentic_but_malformed_plaintext_is_damage_not_a_crash() -> None:
     for plaintext in (b"", b"EDGEIDX\x00\xff\xff\xff\xff{}", b"not an index at all"):
         with pytest.raises(IndexDamagedError):
             GalleryIndex.open_sealed(seal(plaintext), open_, model_id="m", dim=128)
+
+
+def _plaintext(header: dict[str, Any], face_ids: list[str], graph: bytes) -> bytes:
+    """An index plaintext in the sealed layout: magic, header, face ids, graph (aligned for
+    format 2), built here independently of the writer under test."""
+    head = json.dumps(header).encode()
+    ids_text = "\n".join(face_ids).encode()
+    front = b"EDGEIDX\x00" + struct.pack(">I", len(head)) + head
+    front += struct.pack(">Q", len(ids_text)) + ids_text
+    if header["format"] == 2:
+        front += b"\x00" * (-len(front) % 8)
+    return front + graph
+
+
+def _unsealed(index: GalleryIndex) -> tuple[dict[str, Any], list[str], bytes]:
+    """Header, face ids and graph bytes of the index's sealed plaintext."""
+    plaintext = index.seal_with(lambda data: data)
+    (length,) = struct.unpack(">I", plaintext[8:12])
+    header = json.loads(plaintext[12 : 12 + length])
+    (ids_length,) = struct.unpack(">Q", plaintext[12 + length : 20 + length])
+    ids_text = plaintext[20 + length : 20 + length + ids_length].decode()
+    graph_start = 20 + length + ids_length
+    graph_start += -graph_start % 8
+    return header, ids_text.split("\n"), plaintext[graph_start:]
+
+
+def test_index_sealed_in_format_1_still_opens(real: RealSet, tmp_path: Path) -> None:
+    """Boxes updated from format 1 (hnswlib's own file bytes) open their sealed index without
+    a rebuild; the next seal writes format 2."""
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery)
+    index.delete([ids(3)[2]])
+    header, face_ids, _ = _unsealed(index)
+    hnsw_file = tmp_path / "graph.bin"
+    index._hnsw.save_index(str(hnsw_file))
+    old_header = {k: v for k, v in header.items() if k not in ("hnsw", "arrays")}
+    old_header["format"] = 1
+    sealed = _plaintext(old_header, face_ids, hnsw_file.read_bytes())
+    result = load_or_rebuild(
+        sealed, lambda data: data, lambda: ([], real.gallery[:0]), model_id=EMBEDDER_MODEL, dim=128
+    )
+    assert not result.rebuilt and result.index.deleted_count == 1
+    for probe in real.mated_probes[:10]:
+        assert result.index.search(probe, EMBEDDER_MODEL) == index.search(probe, EMBEDDER_MODEL)
+    assert _unsealed(result.index)[0]["format"] == 2
+
+
+def test_format_2_opens_without_a_scratch_file(
+    real: RealSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hnswlib's state is handed over in memory: no memfd, no private file, on any OS; the
+    opened index takes more faces past its sealed capacity."""
+
+    def no_file() -> None:
+        raise AssertionError("format 2 must not need a scratch file")
+
+    monkeypatch.setattr(index_module, "_scratch_file", no_file)
+    index = GalleryIndex(EMBEDDER_MODEL, 128, SMALL)
+    index.add(ids(10), real.gallery[:10], EMBEDDER_MODEL)
+    sealed = index.seal_with(lambda data: data)
+    reopened = GalleryIndex.open_sealed(sealed, lambda data: data, model_id=EMBEDDER_MODEL, dim=128)
+    more = [f"{row:032x}" for row in range(10, MIN_CAPACITY + 20)]
+    vectors = np.random.default_rng(3).standard_normal((len(more), 128)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reopened.add(more, vectors, EMBEDDER_MODEL)
+    assert len(reopened) == MIN_CAPACITY + 20
+    assert reopened.search(real.gallery[3], EMBEDDER_MODEL, k=1)[0].face_id == ids(4)[3]
+
+
+def _bump_level(arrays: list[int], graph: bytes) -> bytes:
+    levels_at = sum(-(-n // 8) * 8 for n in arrays[:2])
+    return graph[:levels_at] + struct.pack("<i", 99) + graph[levels_at + 4 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "element count",
+        "capacity",
+        "array length",
+        "level",
+        "trailing bytes",
+        "state version",
+        "entry point",
+        "missing number",
+    ],
+)
+def test_inconsistent_hnswlib_state_is_damage_not_a_crash(real: RealSet, damage: str) -> None:
+    """Authentic plaintext whose hnswlib numbers and arrays disagree (only a bug of ours could
+    write one): hnswlib copies by those numbers unchecked, so each is refused before it."""
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(20), real.gallery[:20], SMALL)
+    header, face_ids, graph = _unsealed(index)
+    state, arrays = header["hnsw"], header["arrays"]
+    if damage == "element count":
+        state["cur_element_count"] += 1
+    elif damage == "capacity":
+        state["max_elements"] = 5
+    elif damage == "array length":
+        arrays[3] += 8
+    elif damage == "level":
+        graph = _bump_level(arrays, graph)
+    elif damage == "trailing bytes":
+        graph += b"\x00" * 8
+    elif damage == "state version":
+        state["ser_version"] = 2
+    elif damage == "entry point":
+        state["enterpoint_node"] = 20
+    else:
+        del state["size_data_per_element"]
+    with pytest.raises(IndexDamagedError, match="inconsistent"):
+        GalleryIndex.open_sealed(
+            _plaintext(header, face_ids, graph), lambda data: data, model_id=EMBEDDER_MODEL, dim=128
+        )
 
 
 @pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd is Linux-only")

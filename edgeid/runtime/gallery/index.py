@@ -10,11 +10,12 @@
   the live vectors, so a deleted template's bytes leave memory and the next persisted index.
 - **Models**: an index holds one model's templates; adding or querying with another model id
   raises ``ModelMismatchError`` (a probe and a gallery embedded by two models are incomparable).
-- **Persistence**: ``seal_with(seal)`` serialises the index in memory (a memfd where the OS has
-  one, else a 0700 private directory whose file is overwritten before it is unlinked) and hands
-  the plaintext to the store's ``seal``; ``load_or_rebuild`` passes the sealed bytes through the
-  store's ``open_`` (authentication) **before** any byte reaches hnswlib's loader, and rebuilds
-  from the store's vectors when the index is missing, fails authentication or does not match.
+- **Persistence**: ``seal_with(seal)`` serialises the index in memory (hnswlib's state arrays,
+  see ``hnsw_state``) and hands the plaintext to the store's ``seal``; ``load_or_rebuild``
+  passes the sealed bytes through the store's ``open_`` (authentication) **before** any byte
+  reaches hnswlib, and rebuilds from the store's vectors when the index is missing, fails
+  authentication or does not match. Indexes sealed in format 1 (hnswlib's file bytes, loaded
+  through a memfd or a 0700 private file overwritten before it is unlinked) still open.
 
 Thread-safe by one lock that serialises every call (a search holds it for about a millisecond).
 """
@@ -38,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeid.runtime.errors import BadInputError
+from edgeid.runtime.gallery import hnsw_state
 from edgeid.runtime.gallery.errors import GalleryError
 from edgeid.runtime.inference.types import FloatArray
 
@@ -79,10 +81,14 @@ UNIT_NORM_TOLERANCE = 1e-3
 MAX_K = 1000
 
 # Serialised form (the plaintext handed to ``seal``): magic, header length, header JSON, face-id
-# section length, the face ids (UTF-8, one per line, in label order), then hnswlib's own bytes.
+# section length, the face ids (UTF-8, one per line, in label order), then the graph. Format 2
+# (written): the header carries hnswlib's state numbers and array lengths, and the graph is its
+# state arrays (``hnsw_state``), loaded by one copy. Format 1 (read only): hnswlib's file bytes,
+# loaded by ``load_index`` through a scratch file (3.0-5.4 s against about 1.5 s at 1M faces).
 # The format number changes when this layout does.
 _MAGIC = b"EDGEIDX\x00"
-_FORMAT = 1
+_FORMAT = 2
+_FILE_BYTES_FORMAT = 1
 _HEADER_LENGTH = struct.Struct(">I")
 _IDS_LENGTH = struct.Struct(">Q")
 # A header longer than this is not one of ours: its one variable part, the deleted labels, is
@@ -336,6 +342,7 @@ class GalleryIndex:
         """The index serialised and sealed by ``seal``; the plaintext never touches a disk
         where the OS offers a memfd."""
         with self._lock:
+            scalars, arrays = hnsw_state.export(self._hnsw)
             header = {
                 "format": _FORMAT,
                 "model_id": self.model_id,
@@ -345,16 +352,16 @@ class GalleryIndex:
                 "ef_construction": self.params.ef_construction,
                 "elements": self._element_count(),
                 "deleted": sorted(self._deleted),
+                "hnsw": scalars,
+                "arrays": [array.nbytes for array in arrays],
             }
             ids = "\n".join(self._ids).encode("utf-8")
-            with _scratch_file() as path:
-                self._hnsw.save_index(str(path))
-                graph = _read_all(path)
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        plaintext = b"".join(
-            [_MAGIC, _HEADER_LENGTH.pack(len(head)), head, _IDS_LENGTH.pack(len(ids)), ids, graph]
-        )
-        return seal(plaintext)
+        front = [_MAGIC, _HEADER_LENGTH.pack(len(head)), head, _IDS_LENGTH.pack(len(ids)), ids]
+        # The array section starts 8-aligned in the plaintext so its views need no copy.
+        used = sum(len(part) for part in front)
+        front.append(b"\x00" * (hnsw_state.aligned(used) - used))
+        return seal(b"".join([*front, *hnsw_state.layout(arrays)]))
 
     @classmethod
     def open_sealed(
@@ -377,6 +384,7 @@ class GalleryIndex:
         except open_errors as exc:
             raise IndexDamagedError("index failed authentication") from exc
         header, face_ids, graph = _parse(plaintext)
+        del plaintext  # the graph view keeps the buffer; nothing else needs the name
         if header["model_id"] != model_id:
             raise ModelMismatchError(
                 f"persisted index holds model {header['model_id']} templates, "
@@ -394,7 +402,7 @@ class GalleryIndex:
                 build_threads=chosen.build_threads,
             )
         index = cls(model_id, dim, chosen)
-        index._hnsw = _hnsw_from_bytes(graph, dim)
+        index._hnsw = _load_hnsw(header, graph, dim)
         index._hnsw.set_ef(max(chosen.ef_search, chosen.rerank))
         if index._element_count() != header["elements"]:
             raise IndexDamagedError("index element count does not match its header")
@@ -519,13 +527,17 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
         header = json.loads(bytes(view[start : start + length]))
         valid = (
             isinstance(header, dict)
-            and header.get("format") == _FORMAT
+            and header.get("format") in (_FORMAT, _FILE_BYTES_FORMAT)
             and header.get("space") == SPACE
             and isinstance(header.get("model_id"), str)
             and all(isinstance(header.get(k), int) for k in ("dim", "m", "ef_construction"))
             and isinstance(header.get("elements"), int)
             and isinstance(header.get("deleted"), list)
             and all(isinstance(v, int) and 0 <= v < header["elements"] for v in header["deleted"])
+            and (
+                header["format"] == _FILE_BYTES_FORMAT
+                or (isinstance(header.get("hnsw"), dict) and isinstance(header.get("arrays"), list))
+            )
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise IndexDamagedError("index header is not valid JSON") from exc
@@ -544,11 +556,24 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
     face_ids = text.split("\n") if text else []
     if len(face_ids) != header["elements"] or len(set(face_ids)) != len(face_ids):
         raise IndexDamagedError("index face ids do not match its elements")
-    return header, face_ids, view[ids_start + ids_length :]
+    graph_start = ids_start + ids_length
+    if header["format"] == _FORMAT:
+        graph_start = hnsw_state.aligned(graph_start)
+    return header, face_ids, view[graph_start:]
 
 
-def _hnsw_from_bytes(graph: memoryview | bytes, dim: int) -> Any:
-    """hnswlib's loader on authenticated bytes (it only reads paths: a memfd where possible)."""
+def _load_hnsw(header: dict[str, Any], graph: memoryview, dim: int) -> Any:
+    """hnswlib's index from the graph section of an authenticated plaintext."""
+    if header["format"] == _FILE_BYTES_FORMAT:
+        return _hnsw_from_file_bytes(graph, dim)
+    try:
+        return hnsw_state.restore(header["hnsw"], header["arrays"], graph, space=SPACE, dim=dim)
+    except hnsw_state.StateError as exc:
+        raise IndexDamagedError(f"index graph is inconsistent: {exc}") from exc
+
+
+def _hnsw_from_file_bytes(graph: memoryview | bytes, dim: int) -> Any:
+    """hnswlib's file loader on format-1 bytes (it only reads paths: a memfd where possible)."""
     hnsw = hnswlib.Index(space=SPACE, dim=dim)
     with _scratch_file() as path:
         _write_all(path, graph)
@@ -593,11 +618,6 @@ def _shred(path: Path) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     path.unlink()
-
-
-def _read_all(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        return handle.read()
 
 
 def _write_all(path: Path, data: memoryview | bytes) -> None:
