@@ -393,14 +393,24 @@ def test_index_sealed_in_format_1_still_opens(real: RealSet, tmp_path: Path) -> 
 def test_format_2_opens_without_a_scratch_file(
     real: RealSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """hnswlib's state is handed over in memory: no memfd, no private file, on any OS; the
-    opened index takes more faces past its sealed capacity."""
+    """hnswlib's state is handed over in memory: no memfd, no private file, on any OS; an
+    empty index opens as one; the opened index takes more faces past its sealed capacity."""
 
     def no_file() -> None:
         raise AssertionError("format 2 must not need a scratch file")
 
     monkeypatch.setattr(index_module, "_scratch_file", no_file)
     index = GalleryIndex(EMBEDDER_MODEL, 128, SMALL)
+    empty = load_or_rebuild(
+        index.seal_with(lambda data: data),
+        lambda data: data,
+        lambda: ([], real.gallery[:0]),
+        model_id=EMBEDDER_MODEL,
+        dim=128,
+    )
+    assert not empty.rebuilt and len(empty.index) == 0
+    empty.index.add(ids(2), real.gallery[:2], EMBEDDER_MODEL)
+    assert empty.index.search(real.gallery[1], EMBEDDER_MODEL, k=1)[0].face_id == ids(2)[1]
     index.add(ids(10), real.gallery[:10], EMBEDDER_MODEL)
     sealed = index.seal_with(lambda data: data)
     reopened = GalleryIndex.open_sealed(sealed, lambda data: data, model_id=EMBEDDER_MODEL, dim=128)

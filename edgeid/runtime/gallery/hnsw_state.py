@@ -130,8 +130,10 @@ def _check(
         raise StateError("the label map does not hold one entry an element")
     if len(arrays["data_level0"]) != count * per_element:
         raise StateError("level 0 is not one record an element")
-    top = number("max_level")
-    if len(levels) and (int(levels.min()) < 0 or int(levels.max()) > top):
+    top = scalars.get("max_level")  # -1 until the first element
+    if not isinstance(top, int) or isinstance(top, bool) or top < (0 if count else -1):
+        raise StateError("max_level is missing or out of range")
+    if len(levels) and (int(levels.min()) < 0 or int(levels.max()) > max(top, 0)):
         raise StateError("an element's level is out of range")
     if levels[count:].any():
         raise StateError("an unused slot has upper levels")
