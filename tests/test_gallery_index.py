@@ -420,6 +420,13 @@ def test_format_2_opens_without_a_scratch_file(
     reopened.add(more, vectors, EMBEDDER_MODEL)
     assert len(reopened) == MIN_CAPACITY + 20
     assert reopened.search(real.gallery[3], EMBEDDER_MODEL, k=1)[0].face_id == ids(4)[3]
+    # Written on a box with 64 cores, opened here: hnswlib uses this machine's thread count.
+    header, face_ids, graph = _unsealed(index)
+    header["hnsw"]["num_threads"] = 64
+    moved = GalleryIndex.open_sealed(
+        _plaintext(header, face_ids, graph), lambda data: data, model_id=EMBEDDER_MODEL, dim=128
+    )
+    assert moved._hnsw.num_threads == os.cpu_count()
 
 
 def _bump_level(arrays: list[int], graph: bytes) -> bytes:

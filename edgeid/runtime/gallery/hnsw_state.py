@@ -16,6 +16,7 @@ already passed AES-GCM, so only a bug of ours could make them wrong.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,6 +83,9 @@ def restore(
         hnsw.__setstate__(({**scalars, **arrays},))
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise StateError(f"hnswlib refused the state: {exc}") from exc
+    # The state carries the writing machine's thread count; use this one's, as hnswlib's own
+    # constructor does (the index may have been restored from another box's backup).
+    hnsw.set_num_threads(os.cpu_count() or 1)
     return hnsw
 
 
