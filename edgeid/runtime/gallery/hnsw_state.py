@@ -2,7 +2,8 @@
 
 hnswlib's own ``load_index`` reads a file: the plaintext had to be copied into a memfd first,
 and the loader then walks every element with a seek and a size check before reading it again.
-At 1M faces that open took 3.0-5.4 s (``benchmarks/index_open_steps.py``). hnswlib's pickling
+At 1M faces that open took 4.5-7.8 s, against 1.6-2.2 s from the state below
+(``benchmarks/index_open_steps.py``). hnswlib's pickling
 state (``Index.__getstate__`` / ``__setstate__``) holds the same graph as five arrays and a few
 numbers; ``__setstate__`` copies the arrays into a new index once, from buffers it is handed.
 Here those buffers are views into the authenticated plaintext, so the graph is copied once,
@@ -58,10 +59,11 @@ def export(hnsw: Any) -> tuple[dict[str, Any], list[npt.NDArray[Any]]]:
     return scalars, arrays
 
 
-def layout(arrays: list[npt.NDArray[Any]]) -> list[bytes | memoryview]:
-    """The arrays as byte runs, each padded to ``ALIGNMENT`` (the format's array section)."""
+def layout(arrays: list[npt.NDArray[Any]], start: int) -> list[bytes | memoryview]:
+    """The array section as byte runs to follow ``start`` bytes of plaintext: each array,
+    the first included, padded to begin at a multiple of ``ALIGNMENT``."""
     runs: list[bytes | memoryview] = []
-    offset = 0
+    offset = start
     for array in arrays:
         pad = aligned(offset) - offset
         if pad:
@@ -141,7 +143,7 @@ def _check(
         raise StateError("an element's level is out of range")
     if levels[count:].any():
         raise StateError("an unused slot has upper levels")
-    if len(arrays["link_lists"]) != links_per_element * int(levels.astype(np.int64).sum()):
+    if len(arrays["link_lists"]) != links_per_element * int(levels.sum(dtype=np.int64)):
         raise StateError("the upper-level links do not match the levels")
     if count and (int(internal.max()) >= count or number("enterpoint_node") >= count):
         raise StateError("an internal id is out of range")

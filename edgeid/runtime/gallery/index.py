@@ -359,10 +359,8 @@ class GalleryIndex:
             ids = "\n".join(self._ids).encode("utf-8")
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         front = [_MAGIC, _HEADER_LENGTH.pack(len(head)), head, _IDS_LENGTH.pack(len(ids)), ids]
-        # The array section starts 8-aligned in the plaintext so its views need no copy.
-        used = sum(len(part) for part in front)
-        front.append(b"\x00" * (hnsw_state.aligned(used) - used))
-        return seal(b"".join([*front, *hnsw_state.layout(arrays)]))
+        graph = hnsw_state.layout(arrays, start=sum(len(part) for part in front))
+        return seal(b"".join([*front, *graph]))
 
     @classmethod
     def open_sealed(
