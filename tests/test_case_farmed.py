@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from test_case_ingest import cast as cast
 from test_case_ingest import pipeline as pipeline
 from test_case_video import FPS, write_video
 
+from edgeid.runtime.cases import local_farm
 from edgeid.runtime.cases.farmed import FrameJob, ImageResult, Job
 from edgeid.runtime.cases.ingest import IngestProgress
 from edgeid.runtime.cases.store import Case
@@ -112,10 +114,54 @@ def seen(case: Case) -> tuple[dict[str, object], Seen, set[frozenset[tuple[str, 
 def local(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FacePipeline, folder: Path
 ) -> tuple[tuple[dict[str, object], Seen, set[frozenset[tuple[str, int]]]], IngestProgress]:
-    with service(make_home(tmp_path_factory.mktemp("local"), models_dir), pipeline) as cases:
+    """The ingest that analyses one photo or frame at a time, on this box."""
+    home = make_home(tmp_path_factory.mktemp("local"), models_dir)
+    with service(home, pipeline, streams=1) as cases:
         outcome = cases.ingest(request(folder, galleries=(), frame_interval_s=1.0))
         assert outcome.run.status == "complete"
         return seen(outcome.case), outcome.progress
+
+
+def test_an_ingest_on_two_streams_writes_exactly_what_one_stream_writes(
+    tmp_path: Path,
+    models_dir: Path,
+    pipeline: FacePipeline,
+    folder: Path,
+    local: tuple[tuple[dict[str, object], Seen, set[frozenset[tuple[str, int]]]], IngestProgress],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The box's default (inference.ingest_streams = 2): photos and frames analysed two at a
+    time on the local farm's threads, written in the order of the files, the same case."""
+    running, most, threads = [0], [0], set()
+    lock = threading.Lock()
+    real = local_farm.analyse_job
+
+    def watched(*args: Any, **kwargs: Any) -> ImageResult:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads.add(threading.current_thread().name)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(local_farm, "analyse_job", watched)
+    with service(make_home(tmp_path, models_dir), pipeline) as cases:
+        assert cases.galleries.activity.limits.ingest_streams == 2
+        outcome = cases.ingest(request(folder, galleries=(), frame_interval_s=1.0))
+        assert outcome.run.status == "complete"
+        got = seen(outcome.case)
+    want, local_progress = local
+    assert got[0] == want[0] and got[2] == want[2]
+    assert got[1].keys() == want[1].keys()
+    for sha, expected in want[1].items():
+        assert [f[:3] for f in got[1][sha]] == [f[:3] for f in expected]
+        for (*_, q1, t1), (*_, q2, t2) in zip(got[1][sha], expected, strict=True):
+            assert q1 == q2 and np.array_equal(t1, t2)  # type: ignore[arg-type]
+    assert vars(outcome.progress) == vars(local_progress)
+    assert threads == {"ingest-stream_0", "ingest-stream_1"} and most[0] == 2
 
 
 @pytest.mark.parametrize("window", [1, 2, 7])

@@ -24,7 +24,10 @@ its faces here when they come back (in the order they finish). A video's sampled
 the farm as pixels; their faces are written into the video's file in frame order (as locally)
 and the video is finished when its last frame is back; images that come back meanwhile are
 written after it (a file being written is one durable unit). Clustering, searches and the
-audit log stay here. A stopped run loses only what was in flight.
+audit log stay here. A stopped run loses only what was in flight. Without a cluster, the same
+split runs on this box (``local_farm.py``): ``inference.ingest_streams`` threads analyse that
+many photos or frames at once over the box's pipeline, and their results come back in the
+order they were sent.
 
 Progress is reported as counts only (with a farm, also its nodes: id, address, backend,
 rate). ``stop`` (a ``threading.Event``) ends the run between files or video frames; the file
@@ -51,6 +54,7 @@ from edgeid.runtime.cases.clustering import DEFAULT_METHOD, Method, cluster, gro
 from edgeid.runtime.cases.errors import CaseModelError
 from edgeid.runtime.cases.farmed import FrameJob, ImageFarm, ImageJob, ImageResult
 from edgeid.runtime.cases.leads import AuditSink, search_cluster
+from edgeid.runtime.cases.local_farm import LocalFarm
 from edgeid.runtime.cases.media import (
     READ_ERRORS,
     MediaEntry,
@@ -188,7 +192,25 @@ class CaseIngest:
         stop: Event | None = None,
         farm: ImageFarm | None = None,
     ) -> IngestOutcome:
-        """``farm``: hand the images' analysis to a cluster (see the module docstring)."""
+        """``farm``: hand the images' analysis to a cluster (see the module docstring).
+        Without one, ``inference.ingest_streams`` over 1 analyses that many photos or frames
+        at once on this box (``local_farm.py``); 1 analyses one at a time."""
+        limits = self.service.activity.limits
+        if farm is not None or limits.ingest_streams <= 1:
+            return self._ingest(request, progress, stop, farm)
+        local = LocalFarm.on_this_box(self.service.pipeline, limits)
+        try:
+            return self._ingest(request, progress, stop, local)
+        finally:
+            local.close()
+
+    def _ingest(
+        self,
+        request: IngestRequest,
+        progress: ProgressCallback | None,
+        stop: Event | None,
+        farm: ImageFarm | None,
+    ) -> IngestOutcome:
         reason = check_text(request.reason, "reason for this ingest (--reason)")
         if not request.frame_interval_s > 0:
             raise BadInputError("the frame interval must be a positive number of seconds")

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeid.runtime.cases.analysis import analyse_pixels, analyse_working, failure_reason
-from edgeid.runtime.cases.farmed import FrameJob, ImageJob, ImageResult, Job
+from edgeid.runtime.cases.farmed import ImageResult, Job
+from edgeid.runtime.cases.local_farm import analyse_job
 from edgeid.runtime.config.settings import load_settings
-from edgeid.runtime.errors import BadInputError
-from edgeid.runtime.inference.image_decode import decode_working
 from edgeid.runtime.inference.pipeline import FacePipeline
 
 # The custom Ray resource `edgeid cluster worker` gives each node it starts: one face pipeline
@@ -74,25 +72,13 @@ class FaceNode:
         )
 
     def analyse(self, batch: list[Job]) -> list[ImageResult]:
+        """Each job as the owning box's own ingest analyses it (``local_farm.analyse_job``)."""
         return [
-            self.analyse_frame(job) if isinstance(job, FrameJob) else self.analyse_one(job)
+            analyse_job(
+                self.pipeline,
+                job,
+                max_working_pixels=self.max_working_pixels,
+                max_faces=self.max_faces,
+            )
             for job in batch
         ]
-
-    def analyse_frame(self, job: FrameJob) -> ImageResult:
-        """As ``CaseIngest._frames`` analyses a sampled frame (its number and time are added
-        on the owning box)."""
-        height, width = job.pixels.shape[:2]
-        return ImageResult(job.key, None, width, height, analyse_pixels(self.pipeline, job.pixels))
-
-    def analyse_one(self, job: ImageJob) -> ImageResult:
-        """As ``CaseIngest._image`` after its deduplication: the same decode, the same limits."""
-        try:
-            work = decode_working(
-                job.data, name="this image", max_working_pixels=self.max_working_pixels
-            )
-        except BadInputError as exc:
-            return ImageResult(job.key, failed=failure_reason(exc))
-        faces, skipped = analyse_working(self.pipeline, work, max_faces=self.max_faces)
-        width, height = work.full_size
-        return ImageResult(job.key, None, int(width), int(height), faces, skipped)

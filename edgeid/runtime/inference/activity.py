@@ -56,6 +56,10 @@ class InferenceLimits:
     max_working_pixels: int = MAX_WORKING_PIXELS
     # A crowd photo's faces beyond this many (the least confident) are counted, not analysed.
     max_faces: int = 100
+    # A case ingest analyses this many photos or frames at once (its own threads, outside the
+    # admission slots, as the ingest always ran); photos over the working size still one at a
+    # time (max_large_running).
+    ingest_streams: int = 2
 
     @classmethod
     def of(cls, section: InferenceSettings) -> InferenceLimits:
@@ -67,6 +71,7 @@ class InferenceLimits:
             wait_s=section.admission_wait_s,
             max_working_pixels=section.max_working_pixels,
             max_faces=section.max_faces_per_image,
+            ingest_streams=section.ingest_streams,
         )
 
 
