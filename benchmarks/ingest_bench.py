@@ -16,6 +16,10 @@ average is reported beside the figures).
 costs nothing). ``store_only`` times the case store alone (``STORE_FILES`` files of two faces
 each, sealed and written durably) to show what of any gap is storage.
 
+The ingests run as the box runs them, ``inference.ingest_streams`` (2) photos or frames at
+once; the baseline analyses one at a time. ``--streams-ab N`` also ingests the same files one
+at a time and N at once, alternating ``--repeat`` times, and reports each pair's ratio.
+
 ``--cluster [HOST:PORT]``: the same images and video also ingested on a Ray cluster
 (``edgeid case ingest --cluster``), alternating with local ingests ``--repeat`` times (other
 jobs' load drifts; the pairs are reported one by one and their median ratio). Without an
@@ -30,12 +34,14 @@ at which one owning box saturates however many nodes it has.
 
     python -m benchmarks.ingest_bench --data ../shared/data --models var/models
     python -m benchmarks.ingest_bench --data ../shared/data --limit 60 --cluster --repeat 2
+    python -m benchmarks.ingest_bench --data ../shared/data --streams-ab 2 --repeat 4
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -487,6 +493,53 @@ def _pairs(
     }
 
 
+def _streams_pairs(
+    cases: CaseService, images: Path, videos: Path, streams: int, repeat: int
+) -> dict[str, Any]:
+    """Ingests of the same files one photo at a time and ``streams`` at once (the local farm),
+    alternating which goes first; per pair images/s, video frames/s and their ratios."""
+    activity = cases.galleries.activity
+    box = activity.limits
+    pairs = []
+    try:
+        for i in range(repeat):
+            runs: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+            order = (1, streams) if i % 2 == 0 else (streams, 1)
+            for count in order:
+                activity.limits = dataclasses.replace(box, ingest_streams=count)
+                runs[count] = (
+                    _ingest(cases, images, f"BENCH-STREAMS-{count}-{i}"),
+                    _ingest(cases, videos, f"BENCH-STREAMS-VIDEO-{count}-{i}"),
+                )
+            (one, one_video), (many, many_video) = runs[1], runs[streams]
+            pairs.append(
+                {
+                    "order": list(order),
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                    "one_stream_images_per_s": one["files_per_s"],
+                    "streams_images_per_s": many["files_per_s"],
+                    "ratio": _ratio(many["files_per_s"], one["files_per_s"]),
+                    "one_stream_video_frames_per_s": one_video["video_frames_per_s"],
+                    "streams_video_frames_per_s": many_video["video_frames_per_s"],
+                    "video_ratio": _ratio(
+                        many_video["video_frames_per_s"], one_video["video_frames_per_s"]
+                    ),
+                    "same_faces": (one["faces"], many["faces"]),
+                    "same_video_faces": (one_video["faces"], many_video["faces"]),
+                }
+            )
+    finally:
+        activity.limits = box
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    video = [p["video_ratio"] for p in pairs if p["video_ratio"] is not None]
+    return {
+        "streams": streams,
+        "pairs": pairs,
+        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "median_video_ratio": round(statistics.median(video), 3) if video else None,
+    }
+
+
 HERE = "here"  # --cluster without an address: a one-node cluster started on this machine
 
 
@@ -498,7 +551,10 @@ def run(
     cluster: str | None = None,
     cluster_tls: Path | None = None,
     repeat: int = 1,
+    streams_ab: int | None = None,
 ) -> dict[str, object]:
+    """``streams_ab``: also ingest one photo at a time against that many at once, ``repeat``
+    pairs (the main figures are the box's default, ``inference.ingest_streams``)."""
     pipeline = FacePipeline.load(models, DEFAULT_DETECTOR)
     with tempfile.TemporaryDirectory(prefix="edgeid-ingest-bench-") as tmp:
         root = Path(tmp)
@@ -522,6 +578,7 @@ def run(
                     continue  # below the enrolment quality gate: take the next photo
                 enrolled += 1
             analyse_pixels(pipeline, decode_image(next(images.iterdir()).read_bytes()))  # warm-up
+            ingest_streams = cases.galleries.activity.limits.ingest_streams
             load_before = os.getloadavg()[0]
             # Baseline before and after the ingests, averaged: other jobs' load drifts.
             before = _baseline(pipeline, images, videos)
@@ -537,6 +594,9 @@ def run(
                         address, tls_dir = cluster, cluster_tls or models.parent / "tls"
                     farm = stack.enter_context(_farm(address, tls_dir, pipeline, limits))
                     on_cluster = _pairs(cases, images, videos, farm, repeat)
+            streams = None
+            if streams_ab is not None:
+                streams = _streams_pairs(cases, images, videos, streams_ab, repeat)
             after = _baseline(pipeline, images, videos)
             load_after = os.getloadavg()[0]
         chip = analyse_pixels(pipeline, decode_image(next(images.iterdir()).read_bytes()))
@@ -549,12 +609,14 @@ def run(
     return {
         "detector": DEFAULT_DETECTOR,
         "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+        "ingest_streams": ingest_streams,
         "images": {**ingest_images, "images_per_s": images_per_s},
         "video": ingest_video,
         "baseline": baseline,
         "baseline_note": "decode + the same pipeline calls on the same files, nothing stored",
         "store_only": store_cost,
         **({"cluster": on_cluster} if on_cluster is not None else {}),
+        **({"streams": streams} if streams is not None else {}),
         "ratio_vs_baseline": _ratio(images_per_s, baseline["images_per_s"]),
     }
 
@@ -574,11 +636,15 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="local/cluster pairs, alternating which goes first"
     )
+    parser.add_argument(
+        "--streams-ab", type=int, metavar="N",
+        help="also ingest one photo at a time against N at once, --repeat pairs",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result = run(
         args.data, args.models, limit=args.limit, cluster=args.cluster,
-        cluster_tls=args.cluster_tls, repeat=args.repeat,
+        cluster_tls=args.cluster_tls, repeat=args.repeat, streams_ab=args.streams_ab,
     )  # fmt: skip
     json.dump(result, sys.stdout, indent=2)
     print()

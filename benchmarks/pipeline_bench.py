@@ -27,11 +27,14 @@ import ctypes
 import gc
 import json
 import logging
+import multiprocessing
 import re
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,9 +163,13 @@ class PhaseResult:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     rss_growth_mb: float = 0.0
+    streams: int = 1  # images in flight at once
+    elapsed_s: float | None = None  # several streams: wall time of the whole pass
 
     @property
     def wall_s(self) -> float:
+        if self.elapsed_s is not None:
+            return self.elapsed_s
         return sum(self.latencies_ms) / 1000
 
     @property
@@ -176,6 +183,7 @@ class PhaseResult:
         stage_mean = {name: round(ms / count, 2) for name, ms in self.stage_ms.items()}
         return {
             "pipeline": self.name,
+            "streams": self.streams,
             "images": self.images,
             "faces": self.faces,
             "failed": self.failed,
@@ -227,6 +235,59 @@ def _timed_loop(
             progress(result.name, done, len(paths))
     result.cpu_s = time.process_time() - cpu_started
     result.stage_ms = timer.milliseconds()
+
+
+def _streamed_loop(
+    result: PhaseResult,
+    paths: list[Path],
+    process: Callable[[Path, StageTimer], int],
+    streams: int,
+    progress: Progress | None,
+) -> None:
+    """``_timed_loop`` with ``streams`` threads taking the images in turn from one list, as the
+    case ingest's local farm analyses them: throughput is images over the pass's wall time;
+    latency and stage times are per image within its stream (sharing the CPU with the others)."""
+    for path in paths[:WARMUP_IMAGES]:
+        with contextlib.suppress(BadInputError):
+            process(path, StageTimer())
+    timers = [StageTimer() for _ in range(streams)]
+    lock = threading.Lock()
+    queue = iter(enumerate(paths, start=1))
+
+    def stream(timer: StageTimer) -> None:
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            done, path = item
+            started = time.perf_counter()
+            try:
+                faces = process(path, timer)
+            except BadInputError as exc:
+                with lock:
+                    result.failed.append(str(exc))
+                continue
+            with lock:
+                result.latencies_ms.append(1000 * (time.perf_counter() - started))
+                result.images += 1
+                result.faces += faces
+            if progress:
+                progress(result.name, done, len(paths))
+
+    workers = [threading.Thread(target=stream, args=(timer,)) for timer in timers]
+    cpu_started, started = time.process_time(), time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    result.elapsed_s = time.perf_counter() - started
+    result.cpu_s = time.process_time() - cpu_started
+    result.streams = streams
+    result.stage_ms = {}
+    for timer in timers:
+        for name, ms in timer.milliseconds().items():
+            result.stage_ms[name] = result.stage_ms.get(name, 0.0) + ms
 
 
 def _interleaved_loop(
@@ -344,6 +405,7 @@ def run_ours(
     memory: _Memory,
     progress: Progress | None = None,
     precision: Precision = DEFAULT_PRECISION,
+    streams: int = 1,
 ) -> PhaseResult:
     memory.start()
     started = time.perf_counter()
@@ -358,7 +420,8 @@ def run_ours(
     )
     scale = f" upsample {upsample}" if upsample else ""
     tta = ", flip TTA" if flip_tta else ""
-    name = f"edgeid {precision} ({detector}{scale} + sp5 + resnet{tta})"
+    many = f", {streams} streams" if streams > 1 else ""
+    name = f"edgeid {precision} ({detector}{scale} + sp5 + resnet{tta}{many})"
     result = PhaseResult(name=name, load_s=time.perf_counter() - started)
 
     def process(path: Path, timer: StageTimer) -> int:
@@ -366,7 +429,10 @@ def run_ours(
             image = load_image(path)
         return len(pipeline.embed(image, timer=timer))
 
-    _timed_loop(result, paths, process, progress)
+    if streams > 1:
+        _streamed_loop(result, paths, process, streams, progress)
+    else:
+        _timed_loop(result, paths, process, progress)
     result.peak_rss_mb, result.rss_growth_mb = memory.peak()
     return result
 
@@ -386,6 +452,43 @@ def dlib_weights() -> Path:
     return Path(face_recognition_models.__file__).parent / "models"
 
 
+class _DlibPipeline:
+    """dlib's own pipeline, stage by stage (see the module docstring)."""
+
+    def __init__(self, dlib: Any, weights: Path, upsample: int) -> None:
+        self.dlib = dlib
+        self.upsample = upsample
+        self.detector = dlib.cnn_face_detection_model_v1(
+            str(weights / "mmod_human_face_detector.dat")
+        )
+        self.predictor = dlib.shape_predictor(str(weights / "shape_predictor_5_face_landmarks.dat"))
+        self.facerec = dlib.face_recognition_model_v1(
+            str(weights / "dlib_face_recognition_resnet_model_v1.dat")
+        )
+        scale = f" upsample {upsample}" if upsample else ""
+        self.name = f"dlib {dlib.__version__} (mmod{scale} + sp5 + resnet)"
+
+    def process(self, path: Path, timer: StageTimer) -> int:
+        dlib = self.dlib
+        with timer.stage("decode"):
+            try:
+                image = dlib.load_rgb_image(str(path))
+            except RuntimeError as exc:  # dlib's error for unreadable images
+                raise BadInputError(f"{path}: dlib cannot read it ({exc})") from exc
+        with timer.stage("detect"):
+            detections = self.detector(image, self.upsample)
+        if len(detections) == 0:
+            return 0
+        with timer.stage("landmarks_align"):
+            shapes = dlib.full_object_detections()
+            for det in detections:
+                shapes.append(self.predictor(image, det.rect))
+            chips = dlib.get_face_chips(image, shapes, CHIP_SIZE, CHIP_PADDING)
+        with timer.stage("embed"):
+            self.facerec.compute_face_descriptor(chips)
+        return len(detections)
+
+
 def run_dlib(
     dlib: Any,
     paths: list[Path],
@@ -397,36 +500,77 @@ def run_dlib(
 ) -> PhaseResult:
     memory.start()
     started = time.perf_counter()
-    detector = dlib.cnn_face_detection_model_v1(str(weights / "mmod_human_face_detector.dat"))
-    predictor = dlib.shape_predictor(str(weights / "shape_predictor_5_face_landmarks.dat"))
-    facerec = dlib.face_recognition_model_v1(
-        str(weights / "dlib_face_recognition_resnet_model_v1.dat")
-    )
-    scale = f" upsample {upsample}" if upsample else ""
-    name = f"dlib {dlib.__version__} (mmod{scale} + sp5 + resnet)"
-    result = PhaseResult(name=name, load_s=time.perf_counter() - started)
-
-    def process(path: Path, timer: StageTimer) -> int:
-        with timer.stage("decode"):
-            try:
-                image = dlib.load_rgb_image(str(path))
-            except RuntimeError as exc:  # dlib's error for unreadable images
-                raise BadInputError(f"{path}: dlib cannot read it ({exc})") from exc
-        with timer.stage("detect"):
-            detections = detector(image, upsample)
-        if len(detections) == 0:
-            return 0
-        with timer.stage("landmarks_align"):
-            shapes = dlib.full_object_detections()
-            for det in detections:
-                shapes.append(predictor(image, det.rect))
-            chips = dlib.get_face_chips(image, shapes, CHIP_SIZE, CHIP_PADDING)
-        with timer.stage("embed"):
-            facerec.compute_face_descriptor(chips)
-        return len(detections)
-
-    _timed_loop(result, paths, process, progress)
+    reference = _DlibPipeline(dlib, weights, upsample)
+    result = PhaseResult(name=reference.name, load_s=time.perf_counter() - started)
+    _timed_loop(result, paths, reference.process, progress)
     result.peak_rss_mb, result.rss_growth_mb = memory.peak()
+    return result
+
+
+# One dlib pipeline per worker process of run_dlib_processes.
+_worker_dlib: _DlibPipeline | None = None
+
+
+def _dlib_worker_start(weights: str, upsample: int, ready: Any) -> None:
+    global _worker_dlib
+    _worker_dlib = _DlibPipeline(import_dlib(), Path(weights), upsample)
+    ready.wait()  # every worker loaded before the first timed image
+
+
+def _dlib_worker_image(path: Path) -> tuple[int | str, float, float, dict[str, float], float]:
+    """(faces or the error, latency ms, CPU s, stage ms, the worker's peak RSS MB) of one
+    image in a worker."""
+    assert _worker_dlib is not None
+    timer = StageTimer()
+    cpu, started = time.process_time(), time.perf_counter()
+    try:
+        faces: int | str = _worker_dlib.process(path, timer)
+    except BadInputError as exc:
+        faces = str(exc)
+    ms = 1000 * (time.perf_counter() - started)
+    rss = _Memory._maxrss_mb()
+    return faces, ms, time.process_time() - cpu, timer.milliseconds(), rss
+
+
+def run_dlib_processes(
+    paths: list[Path], weights: Path, *, upsample: int, processes: int
+) -> PhaseResult:
+    """dlib's pipeline in ``processes`` worker processes at once: its Python binding holds the
+    GIL while it computes (two threads run no faster than one: measured), so processes are how
+    dlib uses several cores. Each worker loads the models and warms up before timing starts;
+    CPU time is the workers' own; ``peak_rss_mb`` is the largest worker's high-water mark
+    (each process holds its own models), ``rss_growth_mb`` is not measured (0)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process running ORT threads
+    ready = context.Barrier(processes + 1)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(
+        processes,
+        mp_context=context,
+        initializer=_dlib_worker_start,
+        initargs=(str(weights), upsample, ready),
+    ) as pool:
+        warm = [pool.submit(_dlib_worker_image, path) for path in paths[:processes]]
+        ready.wait()
+        for future in warm:
+            future.result()
+        scale = f" upsample {upsample}" if upsample else ""
+        name = (
+            f"dlib {import_dlib().__version__} (mmod{scale} + sp5 + resnet, {processes} processes)"
+        )
+        result = PhaseResult(name=name, load_s=time.perf_counter() - started, streams=processes)
+        began = time.perf_counter()
+        for faces, ms, cpu, stages, rss in pool.map(_dlib_worker_image, paths, chunksize=2):
+            result.cpu_s += cpu
+            result.peak_rss_mb = max(result.peak_rss_mb, rss)
+            for stage, value in stages.items():
+                result.stage_ms[stage] = result.stage_ms.get(stage, 0.0) + value
+            if isinstance(faces, str):
+                result.failed.append(faces)
+                continue
+            result.latencies_ms.append(ms)
+            result.images += 1
+            result.faces += faces
+        result.elapsed_s = time.perf_counter() - began
     return result
 
 
@@ -442,11 +586,15 @@ def run(
     baseline: bool = True,
     progress: Progress | None = None,
     compare_detector: bool = False,
+    streams: int = 1,
 ) -> dict[str, Any]:
     """The benchmark's JSON report (see the module docstring for what is measured and how).
 
     ``compare_detector``: the default-precision pipeline runs interleaved with its as-built twin
     (PRelu not rewritten) and the report gains ``detector_path`` with their ratios.
+    ``streams`` over 1: every pipeline runs again with that many images at once (ours on
+    threads over one pipeline, as a case ingest runs them; dlib in as many processes), and the
+    report gains ``streamed``.
     """
     paths = find_images(images_dir, limit)
     # Both libraries are imported before any phase so neither phase's memory counts them.
@@ -551,7 +699,75 @@ def run(
             p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
             for p, r in by_precision.items()
         }
+    if streams > 1:
+        report["streamed"] = _streamed(
+            paths,
+            models_dir,
+            by_precision,
+            dlib,
+            streams=streams,
+            detector=detector,
+            upsample=upsample,
+            threads=threads,
+            memory=memory,
+            progress=progress,
+        )
     return report
+
+
+def _streamed(
+    paths: list[Path],
+    models_dir: Path,
+    one_stream: dict[Precision, PhaseResult],
+    dlib: Any,
+    *,
+    streams: int,
+    detector: DetectorName,
+    upsample: int,
+    threads: int | None,
+    memory: _Memory,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Every precision again with ``streams`` images at once, and dlib in as many processes."""
+    ours = {
+        p: run_ours(
+            paths,
+            models_dir,
+            detector=detector,
+            upsample=upsample,
+            threads=threads,
+            flip_tta=False,
+            memory=memory,
+            progress=progress,
+            precision=p,
+            streams=streams,
+        )
+        for p in one_stream
+    }
+    section: dict[str, Any] = {
+        "streams": streams,
+        "note": (
+            f"{streams} images at once: ours on {streams} threads over one loaded pipeline (as "
+            "a case ingest's local farm runs them), dlib in as many worker processes (its "
+            "binding holds the GIL); images/s over the pass's wall time, latency and stage ms "
+            "per image within its stream"
+        ),
+        "precisions": {p: r.to_json() for p, r in ours.items()},
+        "ratio_vs_one_stream": {
+            p: round(r.images_per_s / one_stream[p].images_per_s, 3)
+            if one_stream[p].images_per_s
+            else None
+            for p, r in ours.items()
+        },
+    }
+    if dlib is not None:
+        reference = run_dlib_processes(paths, dlib_weights(), upsample=upsample, processes=streams)
+        section["baseline"] = reference.to_json()
+        section["ratio_vs_baseline_by_precision"] = {
+            p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
+            for p, r in ours.items()
+        }
+    return section
 
 
 def _detector_path(ours: PhaseResult, as_built: PhaseResult) -> dict[str, Any]:
@@ -605,6 +821,21 @@ def summary(report: dict[str, Any]) -> str:
         lines += [f"ratio vs dlib (images/s) {p}: {r:.2f}" for p, r in ratios.items()]
     else:
         lines.append(str(report.get("baseline_note", "")))
+    if streamed := report.get("streamed"):
+        for part in [*streamed["precisions"].values(), streamed.get("baseline")]:
+            if part:
+                lines.append(
+                    f"{part['pipeline']}: {part['images_per_s']:.2f} images/s, "
+                    f"CPU {part['cpu_ms_per_image']:.1f} ms/image"
+                )
+        lines += [
+            f"{streamed['streams']} streams vs one {p}: {r}x"
+            for p, r in streamed["ratio_vs_one_stream"].items()
+        ]
+        lines += [
+            f"ratio vs dlib in {streamed['streams']} processes {p}: {r:.2f}"
+            for p, r in (streamed.get("ratio_vs_baseline_by_precision") or {}).items()
+        ]
     if path := report.get("detector_path"):
         ms = path["detect_ms_per_image"]
         lines.append(
@@ -625,6 +856,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--flip-tta", action="store_true")
     parser.add_argument("--compare-detector", action="store_true")
+    parser.add_argument("--streams", type=int, default=1)
     args = parser.parse_args()
     report = run(
         args.images,
@@ -635,6 +867,7 @@ def main() -> int:
         threads=args.threads,
         flip_tta=args.flip_tta,
         compare_detector=args.compare_detector,
+        streams=args.streams,
     )
     json.dump(report, sys.stdout, indent=2)
     print()

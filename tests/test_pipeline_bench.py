@@ -69,6 +69,22 @@ def test_bench_pipeline_json_beside_dlib(
     _check_phase(report["baseline"], 3)  # type: ignore[arg-type]
     assert isinstance(report["ratio_vs_baseline"], float) and report["ratio_vs_baseline"] > 0
     assert "dlib" in report["baseline"]["pipeline"]  # type: ignore[index]
+    # The box's inference.ingest_streams (2): every pipeline again, two images at once.
+    streamed = report["streamed"]
+    assert isinstance(streamed, dict) and streamed["streams"] == 2
+    assert set(streamed["precisions"]) == set(report["precisions"])  # type: ignore[arg-type]
+    for precision, phase in streamed["precisions"].items():
+        _check_phase(phase, 3)
+        assert phase["streams"] == 2 and "2 streams" in phase["pipeline"]
+        assert phase["faces"] == report["precisions"][precision]["faces"]  # type: ignore[index]
+        one = report["precisions"][precision]["images_per_s"]  # type: ignore[index]
+        assert streamed["ratio_vs_one_stream"][precision] == pytest.approx(
+            phase["images_per_s"] / one, rel=0.02
+        )
+    _check_phase(streamed["baseline"], 3)
+    assert "2 processes" in streamed["baseline"]["pipeline"]
+    assert streamed["baseline"]["faces"] == report["baseline"]["faces"]  # type: ignore[index]
+    assert all(r > 0 for r in streamed["ratio_vs_baseline_by_precision"].values())
 
 
 def test_bench_flip_tta_and_mmod_like_for_like(
@@ -77,7 +93,8 @@ def test_bench_flip_tta_and_mmod_like_for_like(
     code, report, _ = _bench(
         capsys,
         *("--images", str(lfw_dir / "images"), "--limit", "2", "--detector", "mmod"),
-        *("--flip-tta", "--no-baseline", "--home", str(models_dir.parent), "--json"),
+        *("--flip-tta", "--no-baseline", "--streams", "1"),
+        *("--home", str(models_dir.parent), "--json"),
     )
     assert code == 0
     assert report["detector"] == "mmod"
@@ -85,6 +102,7 @@ def test_bench_flip_tta_and_mmod_like_for_like(
     assert "flip TTA" in report["ours_flip_tta"]["pipeline"]  # type: ignore[index]
     assert set(report["flip_tta_cost"]) == {"embed_ms_per_image_delta", "images_per_s_ratio"}  # type: ignore[arg-type]
     assert report["baseline"] is None and report["ratio_vs_baseline"] is None
+    assert "streamed" not in report
 
 
 def test_compare_detector_runs_the_as_built_path_beside_ours(
@@ -93,7 +111,7 @@ def test_compare_detector_runs_the_as_built_path_beside_ours(
     code, report, _ = _bench(
         capsys,
         *("--images", str(lfw_dir / "images"), "--limit", "3", "--compare-detector"),
-        *("--no-baseline", "--home", str(models_dir.parent), "--json"),
+        *("--no-baseline", "--streams", "1", "--home", str(models_dir.parent), "--json"),
     )
     assert code == 0
     path = report["detector_path"]
@@ -118,7 +136,9 @@ def test_without_dlib_the_baseline_is_omitted_with_a_note(
     monkeypatch.setitem(sys.modules, "dlib", None)  # `import dlib` now raises ImportError
     home = str(models_dir.parent)
     images = str(lfw_dir / "images")
-    code, report, _ = _bench(capsys, "--images", images, "--limit", "1", "--home", home, "--json")
+    code, report, _ = _bench(
+        capsys, "--images", images, "--limit", "1", "--streams", "1", "--home", home, "--json"
+    )
     assert code == 0
     assert report["baseline"] is None and report["ratio_vs_baseline"] is None
     assert "dlib is not importable" in str(report["baseline_note"])
@@ -141,6 +161,8 @@ def test_damaged_images_are_reported_not_fatal(
     assert isinstance(ours, dict)
     assert ours["images"] == 2 and len(ours["failed"]) == 1
     assert "zz_truncated.jpg" in ours["failed"][0]
+    for phase in report["streamed"]["precisions"].values():  # type: ignore[index]
+        assert phase["images"] == 2 and len(phase["failed"]) == 1
 
 
 def test_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import edgeid
 from edgeid.cli import EXIT_OK, emit
 from edgeid.cli.options import detector_options, positive_int
 from edgeid.cli.paths import models_dir
+from edgeid.runtime.config.settings import load_settings
 from edgeid.runtime.errors import EdgeidError
 
 
@@ -55,6 +56,7 @@ def pipeline(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         progress=None if args.json else _progress,
         compare_detector=args.compare_detector,
+        streams=args.streams or load_settings(args.home_dir).inference.ingest_streams,
     )
     emit(args, report, bench.summary(report))
     return EXIT_OK
@@ -103,6 +105,13 @@ def register(
         "--compare-detector",
         action="store_true",
         help="also run the detector path as built (before issue 17 item 2), interleaved",
+    )
+    bench_pipeline.add_argument(
+        "--streams",
+        type=positive_int,
+        default=None,
+        help="also run N images at once (ours on threads, dlib in processes); default: "
+        "inference.ingest_streams in edgeid.toml (2); 1: one at a time only",
     )
     bench_pipeline.set_defaults(handler=pipeline)
 
