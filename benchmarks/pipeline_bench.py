@@ -618,19 +618,24 @@ def run(
             memory=memory,
             progress=progress,
         )
+
+    def measure(precision: Precision, streams: int = 1) -> PhaseResult:
+        return run_ours(
+            paths,
+            models_dir,
+            detector=detector,
+            upsample=upsample,
+            threads=threads,
+            flip_tta=False,
+            memory=memory,
+            progress=progress,
+            precision=precision,
+            streams=streams,
+        )
+
     for p in sorted(built, key=lambda p: p != DEFAULT_PRECISION):
         if p not in by_precision:
-            by_precision[p] = run_ours(
-                paths,
-                models_dir,
-                detector=detector,
-                upsample=upsample,
-                threads=threads,
-                flip_tta=False,
-                memory=memory,
-                progress=progress,
-                precision=p,
-            )
+            by_precision[p] = measure(p)
     ours = by_precision[DEFAULT_PRECISION]
     report: dict[str, Any] = {
         "benchmark": "pipeline: decode, detect, landmarks + align, quality, embed",
@@ -701,49 +706,22 @@ def run(
         }
     if streams > 1:
         report["streamed"] = _streamed(
-            paths,
-            models_dir,
-            by_precision,
-            dlib,
-            streams=streams,
-            detector=detector,
-            upsample=upsample,
-            threads=threads,
-            memory=memory,
-            progress=progress,
+            paths, by_precision, dlib, measure, streams=streams, upsample=upsample
         )
     return report
 
 
 def _streamed(
     paths: list[Path],
-    models_dir: Path,
     one_stream: dict[Precision, PhaseResult],
     dlib: Any,
+    measure: Callable[[Precision, int], PhaseResult],
     *,
     streams: int,
-    detector: DetectorName,
     upsample: int,
-    threads: int | None,
-    memory: _Memory,
-    progress: Progress | None,
 ) -> dict[str, Any]:
     """Every precision again with ``streams`` images at once, and dlib in as many processes."""
-    ours = {
-        p: run_ours(
-            paths,
-            models_dir,
-            detector=detector,
-            upsample=upsample,
-            threads=threads,
-            flip_tta=False,
-            memory=memory,
-            progress=progress,
-            precision=p,
-            streams=streams,
-        )
-        for p in one_stream
-    }
+    ours = {p: measure(p, streams) for p in one_stream}
     section: dict[str, Any] = {
         "streams": streams,
         "note": (

@@ -35,8 +35,7 @@ class LateFarm:
     def __init__(self, pipe: FacePipeline, window: int) -> None:
         self.node = FaceNode.__new__(FaceNode)
         self.node.pipeline = pipe  # the node's code over this process's loaded models
-        self.node.max_working_pixels = InferenceLimits().max_working_pixels
-        self.node.max_faces = InferenceLimits().max_faces
+        self.node.limits = InferenceLimits()  # the local ingest's, two photos at once
         self.window = window
         self.held: list[Job] = []
         self.frames = 0

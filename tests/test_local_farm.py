@@ -102,20 +102,6 @@ def test_submit_blocks_once_two_jobs_per_stream_wait_or_run() -> None:
         assert gate.most_at_once == 1
 
 
-def test_bytes_in_flight_are_bounded_too() -> None:
-    gate = Gate()
-    with farm(gate.analyse, streams=4, max_inflight_bytes=250) as local:
-        assert local.submit(image(0, 200)) == []
-        thread, out = in_thread(lambda: local.submit(image(1, 100)))  # 300 bytes > 250
-        thread.join(0.2)
-        assert thread.is_alive()
-        gate.open(0)
-        thread.join(WAIT_S)
-        assert [r.key for r in out[0]] == [0]  # type: ignore[attr-defined]
-        gate.open(1)
-        assert [r.key for r in local.drain()] == [1]
-
-
 def test_large_photos_take_the_large_slots_others_run_beside_them() -> None:
     gate = Gate()
     large = {0, 1}
@@ -159,14 +145,21 @@ def test_forget_drops_waiting_jobs_and_close_leaves_no_thread() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("ingest-stream")]
 
 
-def test_frames_count_their_pixels_against_the_bound() -> None:
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (image(0, 200), image(1, 100)),  # photo bytes: 300 > 250
+        (FrameJob(0, np.zeros((10, 10, 3), np.uint8)), FrameJob(1, np.zeros((5, 5, 3), np.uint8))),
+    ],
+    ids=["photo bytes", "frame pixels"],
+)
+def test_bytes_in_flight_are_bounded_too(first: Job, second: Job) -> None:
     gate = Gate()
-    frame = FrameJob(0, np.zeros((100, 100, 3), np.uint8))  # 30,000 bytes
-    with farm(gate.analyse, streams=2, max_inflight_bytes=40_000) as local:
-        local.submit(frame)
-        thread, out = in_thread(lambda: local.submit(FrameJob(1, frame.pixels)))
+    with farm(gate.analyse, streams=4, max_inflight_bytes=first.size + 1) as local:
+        assert local.submit(first) == []
+        thread, out = in_thread(lambda: local.submit(second))
         thread.join(0.2)
-        assert thread.is_alive()
+        assert thread.is_alive(), "the farm took more bytes than its bound without waiting"
         gate.open(0)
         thread.join(WAIT_S)
         assert [r.key for r in out[0]] == [0]  # type: ignore[attr-defined]

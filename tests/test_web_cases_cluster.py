@@ -133,8 +133,7 @@ def test_a_cluster_ingest_from_the_page_reaches_the_farm_and_the_audit(
 ) -> None:
     farm = InProcessFarm(FaceNode.__new__(FaceNode))
     farm.node.pipeline = box.service.pipeline  # the node's code over the box's loaded models
-    farm.node.max_working_pixels = box.service.activity.limits.max_working_pixels
-    farm.node.max_faces = box.service.activity.limits.max_faces
+    farm.node.limits = box.service.activity.limits
     box.app.state.web.cases.farm = farm.open  # as create_app sets it for [cluster] address
     try:
         user = box.users[Role.INVESTIGATOR]

@@ -1,6 +1,6 @@
 """What runs on a cluster node: one loaded face pipeline that turns a batch of image bytes
 (or of video frames' pixels) into faces (box, landmarks' result, quality, template, aligned
-chip).
+chip), the node's ``inference.ingest_streams`` of them at once (``cases/local_farm.py``).
 
 A node holds no keys, no case number, no file names: it gets an opaque key and the bytes of
 each image of its batch, or the pixels of each video frame the owning box sampled (never the
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeid.runtime.cases.farmed import ImageResult, Job
-from edgeid.runtime.cases.local_farm import analyse_job
+from edgeid.runtime.cases.local_farm import LocalFarm
 from edgeid.runtime.config.settings import load_settings
+from edgeid.runtime.inference.activity import InferenceLimits
 from edgeid.runtime.inference.pipeline import FacePipeline
 
 # The custom Ray resource `edgeid cluster worker` gives each node it starts: one face pipeline
@@ -50,8 +51,14 @@ class FaceNode:
             threads=settings.inference.threads,
             backend=settings.inference.backend,
         )
-        self.max_working_pixels = max_working_pixels
-        self.max_faces = max_faces
+        # The owning box's limits on what is analysed (the same faces wherever a file goes);
+        # this node's own on how many photos it analyses at once.
+        self.limits = InferenceLimits(
+            max_working_pixels=max_working_pixels,
+            max_faces=max_faces,
+            ingest_streams=settings.inference.ingest_streams,
+            max_large_running=settings.inference.max_large_running_jobs,
+        )
 
     def describe(self) -> NodeInfo:
         import ray  # only ever imported on a node, where it is installed
@@ -72,13 +79,11 @@ class FaceNode:
         )
 
     def analyse(self, batch: list[Job]) -> list[ImageResult]:
-        """Each job as the owning box's own ingest analyses it (``local_farm.analyse_job``)."""
-        return [
-            analyse_job(
-                self.pipeline,
-                job,
-                max_working_pixels=self.max_working_pixels,
-                max_faces=self.max_faces,
-            )
-            for job in batch
-        ]
+        """Each job as the owning box's own ingest analyses it (``local_farm.analyse_job``),
+        this node's ``inference.ingest_streams`` at once; the results in the batch's order."""
+        farm = LocalFarm.on_this_box(self.pipeline, self.limits)
+        try:
+            results = [result for job in batch for result in farm.submit(job)]
+            return results + farm.drain()
+        finally:
+            farm.close()
