@@ -228,3 +228,26 @@ def test_a_run_stopped_inside_a_farmed_video_drops_it_whole_and_resumes(
         got = seen(cases.store.find(CASE))
     want, _ = local
     assert got[0] == want[0] and got[2] == want[2]
+
+
+def test_a_node_loads_with_its_own_inference_settings(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's edgeid.toml sets its precision and how many photos it analyses at once; the
+    owning box's limits set what is analysed (the same faces wherever a file goes)."""
+    if not (models_dir / "dlib_resnet_v1_int8.manifest.json").is_file():
+        pytest.skip("the INT8 embedder is not built here (make setup builds it from ../shared)")
+    home = make_home(tmp_path, models_dir)
+    (home / "edgeid.toml").write_text(
+        '[inference]\nprecision = "int8-embedder"\ningest_streams = 3\n'
+        "max_large_running_jobs = 1\nmax_working_pixels = 400000\n"
+    )
+    monkeypatch.setenv("EDGEID_HOME", str(home))
+    node = FaceNode("mtcnn", max_working_pixels=1_000_000, max_faces=7)
+    try:
+        assert node.pipeline.embedder is not None
+        assert node.pipeline.embedder.model_id == "dlib_resnet_v1_int8"
+        assert node.limits.ingest_streams == 3 and node.limits.max_large_running == 1
+        assert (node.limits.max_working_pixels, node.limits.max_faces) == (1_000_000, 7)
+    finally:
+        node.pipeline.close()

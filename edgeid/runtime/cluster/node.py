@@ -50,6 +50,8 @@ class FaceNode:
             detector,  # type: ignore[arg-type]  # the owning box's detector, checked there
             threads=settings.inference.threads,
             backend=settings.inference.backend,
+            spinning=settings.inference.spinning,
+            precision=settings.inference.precision,  # a mismatch with the owner's: no work
         )
         # The owning box's limits on what is analysed (the same faces wherever a file goes);
         # this node's own on how many photos it analyses at once.
