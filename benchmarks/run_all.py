@@ -21,6 +21,7 @@ from benchmarks import (
     search_bench,
 )
 from edgeid.runtime.evaluation.lfw import LfwReport, central_face_embedder, evaluate, parse_pairs
+from edgeid.runtime.inference.activity import InferenceLimits
 from edgeid.runtime.inference.pipeline import DEFAULT_DETECTOR, FacePipeline
 
 # Gallery sizes for the search bench; 1,000,000 is the goal size (its build takes minutes).
@@ -37,7 +38,12 @@ def pipeline_speed(models_dir: Path, images: Path, limit: int | None) -> dict[st
         images, models_dir, limit=limit, detector="mmod", flip_tta=True
     )
     default = pipeline_bench.run(
-        images, models_dir, limit=limit, detector=DEFAULT_DETECTOR, baseline=False
+        images,
+        models_dir,
+        limit=limit,
+        detector=DEFAULT_DETECTOR,
+        baseline=False,
+        streams=InferenceLimits().ingest_streams,  # also as a case ingest runs: two at once
     )
     baseline = like_for_like.get("baseline")
     if baseline and baseline["images_per_s"]:
@@ -96,7 +102,9 @@ def main() -> int:
         "gallery_open": gallery_open,
         # Case ingest: clustering beside dlib's Chinese whispers, ingest beside the bare pipeline.
         "clustering": cluster_bench.run(args.data, models),
-        "case_ingest": ingest_bench.run(args.data, models),
+        "case_ingest": ingest_bench.run(
+            args.data, models, streams_ab=InferenceLimits().ingest_streams, repeat=2
+        ),
         # Ordinary searches alone and beside 8 concurrent hostile uploads; the service's RSS.
         "hostile_load": hostile_load.run(args.data, models),
     }
