@@ -433,6 +433,38 @@ def _ratio(a: object, b: object) -> float | None:
     return round(float(a) / float(b), 3) if a and b else None  # type: ignore[arg-type]
 
 
+def _pair(
+    order: tuple[object, ...],
+    names: tuple[str, str],
+    base: tuple[dict[str, Any], dict[str, Any]],
+    other: tuple[dict[str, Any], dict[str, Any]],
+) -> dict[str, Any]:
+    """One A/B pair's figures: ``base`` and ``other`` are (photos ingest, video ingest), named
+    by ``names``; the ratios are other over base."""
+    (a, a_video), (b, b_video) = base, other
+    return {
+        "order": list(order),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        f"{names[0]}_images_per_s": a["files_per_s"],
+        f"{names[1]}_images_per_s": b["files_per_s"],
+        "ratio": _ratio(b["files_per_s"], a["files_per_s"]),
+        f"{names[0]}_video_frames_per_s": a_video["video_frames_per_s"],
+        f"{names[1]}_video_frames_per_s": b_video["video_frames_per_s"],
+        "video_ratio": _ratio(b_video["video_frames_per_s"], a_video["video_frames_per_s"]),
+        "same_faces": (a["faces"], b["faces"]),
+        "same_video_faces": (a_video["faces"], b_video["faces"]),
+    }
+
+
+def _medians(pairs: list[dict[str, Any]]) -> dict[str, float | None]:
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    video = [p["video_ratio"] for p in pairs if p["video_ratio"] is not None]
+    return {
+        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "median_video_ratio": round(statistics.median(video), 3) if video else None,
+    }
+
+
 def _pairs(
     cases: CaseService,
     images: Path,
@@ -460,35 +492,21 @@ def _pairs(
                 }
                 done = now
                 runs["cluster_video"] = _on_cluster(cases, videos, f"BENCH-CLUSTER-VIDEO-{i}", farm)
-        local, remote = runs["local"], runs["cluster"]
+        remote = runs["cluster"]
+        local = (runs["local"], runs["local_video"])
         pairs.append(
-            {
-                "order": list(order),
-                "load_average_1min": round(os.getloadavg()[0], 2),
-                "local_images_per_s": local["files_per_s"],
-                "cluster_images_per_s": remote["files_per_s"],
-                "ratio": _ratio(remote["files_per_s"], local["files_per_s"]),
-                "local_video_frames_per_s": runs["local_video"]["video_frames_per_s"],
-                "cluster_video_frames_per_s": runs["cluster_video"]["video_frames_per_s"],
-                "video_ratio": _ratio(
-                    runs["cluster_video"]["video_frames_per_s"],
-                    runs["local_video"]["video_frames_per_s"],
-                ),
-                "same_faces": (local["faces"], remote["faces"]),
-                "same_video_faces": (runs["local_video"]["faces"], runs["cluster_video"]["faces"]),
-                "local_owner_ms_per_file": local["owner_ms_per_file"],
+            _pair(order, ("local", "cluster"), local, (remote, runs["cluster_video"]))
+            | {
+                "local_owner_ms_per_file": runs["local"]["owner_ms_per_file"],
                 "cluster_owner_ms_per_file": remote["owner_ms_per_file"],
                 "owner_limit_files_per_s": remote["owner_limit_files_per_s"],
                 "node_images_per_s": runs["node_images_per_s"],
             }
         )
-    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
-    video = [p["video_ratio"] for p in pairs if p["video_ratio"] is not None]
     limits = [p["owner_limit_files_per_s"] for p in pairs if p["owner_limit_files_per_s"]]
     return {
         "pairs": pairs,
-        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "median_video_ratio": round(statistics.median(video), 3) if video else None,
+        **_medians(pairs),
         "median_owner_limit_files_per_s": round(statistics.median(limits), 1) if limits else None,
     }
 
@@ -511,33 +529,10 @@ def _streams_pairs(
                     _ingest(cases, images, f"BENCH-STREAMS-{count}-{i}"),
                     _ingest(cases, videos, f"BENCH-STREAMS-VIDEO-{count}-{i}"),
                 )
-            (one, one_video), (many, many_video) = runs[1], runs[streams]
-            pairs.append(
-                {
-                    "order": list(order),
-                    "load_average_1min": round(os.getloadavg()[0], 2),
-                    "one_stream_images_per_s": one["files_per_s"],
-                    "streams_images_per_s": many["files_per_s"],
-                    "ratio": _ratio(many["files_per_s"], one["files_per_s"]),
-                    "one_stream_video_frames_per_s": one_video["video_frames_per_s"],
-                    "streams_video_frames_per_s": many_video["video_frames_per_s"],
-                    "video_ratio": _ratio(
-                        many_video["video_frames_per_s"], one_video["video_frames_per_s"]
-                    ),
-                    "same_faces": (one["faces"], many["faces"]),
-                    "same_video_faces": (one_video["faces"], many_video["faces"]),
-                }
-            )
+            pairs.append(_pair(order, ("one_stream", "streams"), runs[1], runs[streams]))
     finally:
         activity.limits = box
-    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
-    video = [p["video_ratio"] for p in pairs if p["video_ratio"] is not None]
-    return {
-        "streams": streams,
-        "pairs": pairs,
-        "median_ratio": round(statistics.median(ratios), 3) if ratios else None,
-        "median_video_ratio": round(statistics.median(video), 3) if video else None,
-    }
+    return {"streams": streams, "pairs": pairs, **_medians(pairs)}
 
 
 HERE = "here"  # --cluster without an address: a one-node cluster started on this machine
