@@ -166,6 +166,19 @@ class PhaseResult:
     streams: int = 1  # images in flight at once
     elapsed_s: float | None = None  # several streams: wall time of the whole pass
 
+    def record(self, outcome: int | str, latency_ms: float) -> None:
+        """One image of the timed pass: its faces, or why it could not be read."""
+        if isinstance(outcome, str):
+            self.failed.append(outcome)
+            return
+        self.latencies_ms.append(latency_ms)
+        self.images += 1
+        self.faces += outcome
+
+    def add_stages(self, stage_ms: dict[str, float]) -> None:
+        for name, ms in stage_ms.items():
+            self.stage_ms[name] = self.stage_ms.get(name, 0.0) + ms
+
     @property
     def wall_s(self) -> float:
         if self.elapsed_s is not None:
@@ -209,6 +222,25 @@ class PhaseResult:
         }
 
 
+def _warm_up(process: Callable[[Path, StageTimer], int], paths: list[Path]) -> None:
+    """The first images once, untimed: the first call pays one-time costs."""
+    for path in paths[:WARMUP_IMAGES]:
+        with contextlib.suppress(BadInputError):  # reported by the timed pass
+            process(path, StageTimer())
+
+
+def _attempt(
+    process: Callable[[Path, StageTimer], int], path: Path, timer: StageTimer
+) -> tuple[int | str, float]:
+    """(faces found, or why the image could not be read; latency in ms) of one image."""
+    started = time.perf_counter()
+    try:
+        outcome: int | str = process(path, timer)
+    except BadInputError as exc:
+        outcome = str(exc)
+    return outcome, 1000 * (time.perf_counter() - started)
+
+
 def _timed_loop(
     result: PhaseResult,
     paths: list[Path],
@@ -216,21 +248,11 @@ def _timed_loop(
     progress: Progress | None,
 ) -> None:
     """Run ``process`` (returns the faces found) over the images: warm-up first, untimed."""
-    for path in paths[:WARMUP_IMAGES]:
-        with contextlib.suppress(BadInputError):  # reported by the timed pass
-            process(path, StageTimer())
+    _warm_up(process, paths)
     timer = StageTimer()
     cpu_started = time.process_time()
     for done, path in enumerate(paths, start=1):
-        started = time.perf_counter()
-        try:
-            faces = process(path, timer)
-        except BadInputError as exc:
-            result.failed.append(str(exc))
-            continue
-        result.latencies_ms.append(1000 * (time.perf_counter() - started))
-        result.images += 1
-        result.faces += faces
+        result.record(*_attempt(process, path, timer))
         if progress:
             progress(result.name, done, len(paths))
     result.cpu_s = time.process_time() - cpu_started
@@ -247,9 +269,7 @@ def _streamed_loop(
     """``_timed_loop`` with ``streams`` threads taking the images in turn from one list, as the
     case ingest's local farm analyses them: throughput is images over the pass's wall time;
     latency and stage times are per image within its stream (sharing the CPU with the others)."""
-    for path in paths[:WARMUP_IMAGES]:
-        with contextlib.suppress(BadInputError):
-            process(path, StageTimer())
+    _warm_up(process, paths)
     timers = [StageTimer() for _ in range(streams)]
     lock = threading.Lock()
     queue = iter(enumerate(paths, start=1))
@@ -261,17 +281,9 @@ def _streamed_loop(
             if item is None:
                 return
             done, path = item
-            started = time.perf_counter()
-            try:
-                faces = process(path, timer)
-            except BadInputError as exc:
-                with lock:
-                    result.failed.append(str(exc))
-                continue
+            outcome = _attempt(process, path, timer)
             with lock:
-                result.latencies_ms.append(1000 * (time.perf_counter() - started))
-                result.images += 1
-                result.faces += faces
+                result.record(*outcome)
             if progress:
                 progress(result.name, done, len(paths))
 
@@ -286,8 +298,7 @@ def _streamed_loop(
     result.streams = streams
     result.stage_ms = {}
     for timer in timers:
-        for name, ms in timer.milliseconds().items():
-            result.stage_ms[name] = result.stage_ms.get(name, 0.0) + ms
+        result.add_stages(timer.milliseconds())
 
 
 def _interleaved_loop(
@@ -299,26 +310,16 @@ def _interleaved_loop(
     turn, the order rotating from image to image, so that the load of other jobs on a shared
     machine falls on all of them alike and their ratio means something."""
     for _, process in phases:
-        for path in paths[:WARMUP_IMAGES]:
-            with contextlib.suppress(BadInputError):
-                process(path, StageTimer())
+        _warm_up(process, paths)
     timers = [StageTimer() for _ in phases]
     cpu_s = [0.0] * len(phases)
     for done, path in enumerate(paths, start=1):
         first = done % len(phases)
         for i in [*range(first, len(phases)), *range(first)]:
             result, process = phases[i]
-            started, cpu_started = time.perf_counter(), time.process_time()
-            try:
-                faces = process(path, timers[i])
-            except BadInputError as exc:
-                result.failed.append(str(exc))
-                continue
-            finally:
-                cpu_s[i] += time.process_time() - cpu_started
-            result.latencies_ms.append(1000 * (time.perf_counter() - started))
-            result.images += 1
-            result.faces += faces
+            cpu_started = time.process_time()
+            result.record(*_attempt(process, path, timers[i]))
+            cpu_s[i] += time.process_time() - cpu_started
         if progress:
             progress(" / ".join(r.name for r, _ in phases), done, len(paths))
     for (result, _), timer, cpu in zip(phases, timers, cpu_s, strict=True):
@@ -452,6 +453,12 @@ def dlib_weights() -> Path:
     return Path(face_recognition_models.__file__).parent / "models"
 
 
+def _dlib_name(dlib: Any, upsample: int, processes: int = 1) -> str:
+    scale = f" upsample {upsample}" if upsample else ""
+    many = f", {processes} processes" if processes > 1 else ""
+    return f"dlib {dlib.__version__} (mmod{scale} + sp5 + resnet{many})"
+
+
 class _DlibPipeline:
     """dlib's own pipeline, stage by stage (see the module docstring)."""
 
@@ -465,8 +472,7 @@ class _DlibPipeline:
         self.facerec = dlib.face_recognition_model_v1(
             str(weights / "dlib_face_recognition_resnet_model_v1.dat")
         )
-        scale = f" upsample {upsample}" if upsample else ""
-        self.name = f"dlib {dlib.__version__} (mmod{scale} + sp5 + resnet)"
+        self.name = _dlib_name(dlib, upsample)
 
     def process(self, path: Path, timer: StageTimer) -> int:
         dlib = self.dlib
@@ -522,14 +528,9 @@ def _dlib_worker_image(path: Path) -> tuple[int | str, float, float, dict[str, f
     image in a worker."""
     assert _worker_dlib is not None
     timer = StageTimer()
-    cpu, started = time.process_time(), time.perf_counter()
-    try:
-        faces: int | str = _worker_dlib.process(path, timer)
-    except BadInputError as exc:
-        faces = str(exc)
-    ms = 1000 * (time.perf_counter() - started)
-    rss = _Memory._maxrss_mb()
-    return faces, ms, time.process_time() - cpu, timer.milliseconds(), rss
+    cpu = time.process_time()
+    outcome, ms = _attempt(_worker_dlib.process, path, timer)
+    return outcome, ms, time.process_time() - cpu, timer.milliseconds(), _Memory._maxrss_mb()
 
 
 def run_dlib_processes(
@@ -553,23 +554,14 @@ def run_dlib_processes(
         ready.wait()
         for future in warm:
             future.result()
-        scale = f" upsample {upsample}" if upsample else ""
-        name = (
-            f"dlib {import_dlib().__version__} (mmod{scale} + sp5 + resnet, {processes} processes)"
-        )
+        name = _dlib_name(import_dlib(), upsample, processes)
         result = PhaseResult(name=name, load_s=time.perf_counter() - started, streams=processes)
         began = time.perf_counter()
-        for faces, ms, cpu, stages, rss in pool.map(_dlib_worker_image, paths, chunksize=2):
+        for outcome, ms, cpu, stages, rss in pool.map(_dlib_worker_image, paths, chunksize=2):
             result.cpu_s += cpu
             result.peak_rss_mb = max(result.peak_rss_mb, rss)
-            for stage, value in stages.items():
-                result.stage_ms[stage] = result.stage_ms.get(stage, 0.0) + value
-            if isinstance(faces, str):
-                result.failed.append(faces)
-                continue
-            result.latencies_ms.append(ms)
-            result.images += 1
-            result.faces += faces
+            result.add_stages(stages)
+            result.record(outcome, ms)
         result.elapsed_s = time.perf_counter() - began
     return result
 
@@ -700,15 +692,22 @@ def run(
         report["ratio_vs_baseline"] = (
             round(ours.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
         )
-        report["ratio_vs_baseline_by_precision"] = {
-            p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
-            for p, r in by_precision.items()
-        }
+        report["ratio_vs_baseline_by_precision"] = _ratios_to(reference, by_precision)
     if streams > 1:
         report["streamed"] = _streamed(
             paths, by_precision, dlib, measure, streams=streams, upsample=upsample
         )
     return report
+
+
+def _ratios_to(
+    reference: PhaseResult, phases: dict[Precision, PhaseResult]
+) -> dict[Precision, float | None]:
+    """Each phase's images/s over the reference's (dlib's)."""
+    return {
+        p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
+        for p, r in phases.items()
+    }
 
 
 def _streamed(
@@ -741,10 +740,7 @@ def _streamed(
     if dlib is not None:
         reference = run_dlib_processes(paths, dlib_weights(), upsample=upsample, processes=streams)
         section["baseline"] = reference.to_json()
-        section["ratio_vs_baseline_by_precision"] = {
-            p: round(r.images_per_s / reference.images_per_s, 2) if reference.images_per_s else None
-            for p, r in ours.items()
-        }
+        section["ratio_vs_baseline_by_precision"] = _ratios_to(reference, ours)
     return section
 
 

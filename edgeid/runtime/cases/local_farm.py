@@ -78,7 +78,6 @@ class LocalFarm:
         self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ingest-stream")
         self._pending: deque[tuple[Future[ImageResult], int]] = deque()
         self._bytes = 0
-        self.streams = streams
 
     @classmethod
     def on_this_box(cls, pipeline: FacePipeline, limits: InferenceLimits) -> LocalFarm:
