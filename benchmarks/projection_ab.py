@@ -20,7 +20,6 @@ this process, and exact search's p50 (numpy float32, all cores) as the baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,19 +28,14 @@ from pathlib import Path
 
 import hnswlib
 import numpy as np
-import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-from benchmarks.search_bench import GENERATOR_CACHE, K, draw_probes, exact_top, template_model
+from benchmarks.graph_ab import Bench, Floats, Labels, Search, emit
+from benchmarks.search_bench import K
 from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
-Floats = npt.NDArray[np.float32]
-Query = Callable[[Floats, int], npt.NDArray[np.int64]]
-RECALL_PROBES = 1000
-LATENCY_PROBES = 2000
-WARMUP = 50
 FIT_SAMPLE = 50_000
 
 
@@ -53,32 +47,32 @@ def last_layer_spectrum(models: Path) -> list[float]:
     return [float(v) for v in values / values[0]]
 
 
-def measure(
-    name: str, query: Query, index: hnswlib.Index, probes: Floats, truth: npt.NDArray[np.int64]
-) -> Callable[[int, int], dict[str, object]]:
-    def at(ef: int, rerank: int) -> dict[str, object]:
-        index.set_ef(max(ef, rerank))
-        for probe in probes[:WARMUP]:
-            query(probe, rerank)
-        hits = sum(
-            len(set(query(p, rerank).tolist()) & set(t.tolist()))
-            for p, t in zip(probes[:RECALL_PROBES], truth, strict=True)
-        )
-        seconds = []
-        for probe in probes[:LATENCY_PROBES]:
-            started = time.perf_counter()
-            query(probe, rerank)
-            seconds.append(time.perf_counter() - started)
-        return {
-            "graph": name,
-            "ef": ef,
-            "rerank": rerank,
-            "recall_at_10": round(hits / (K * len(truth)), 4),
-            "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 3),
-            "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 3),
-        }
+def built(graph: hnswlib.Index, rows: Floats, name: str) -> hnswlib.Index:
+    graph.init_index(
+        len(rows), M=DEFAULT_M, ef_construction=DEFAULT_EF_CONSTRUCTION, random_seed=RANDOM_SEED
+    )
+    started = time.perf_counter()
+    graph.add_items(rows, np.arange(len(rows)), num_threads=-1)
+    emit({"graph": name, "build_s": round(time.perf_counter() - started, 1)})
+    return graph
 
-    return at
+
+def graph_search(
+    bench: Bench,
+    graph: hnswlib.Index,
+    *,
+    rerank: int = K,
+    project: Callable[[Floats], Floats] | None = None,
+) -> Search:
+    """``rerank`` candidates from ``graph`` (walked on the projected probe), re-scored exactly
+    on the full templates."""
+
+    def search(probe: Floats) -> Labels:
+        query = probe if project is None else project(probe)
+        found = graph.knn_query(query, k=max(K, rerank), num_threads=1)
+        return bench.rescored(found[0][0].astype(np.int64), probe)
+
+    return search
 
 
 def main() -> int:
@@ -89,19 +83,12 @@ def main() -> int:
     parser.add_argument("--rerank", default="10,40", help="candidates re-scored (projected)")
     parser.add_argument("--models", type=Path, default=None)
     args = parser.parse_args()
-    home = Path(os.environ.get("EDGEID_HOME", "var"))
-    models = args.models or home / "models"
+    models = args.models or Path(os.environ.get("EDGEID_HOME", "var")) / "models"
     efs = [int(v) for v in args.ef.split(",")]
     reranks = [int(v) for v in args.rerank.split(",")]
 
-    def emit(record: dict[str, object]) -> None:
-        print(json.dumps(record), flush=True)
-
-    model = template_model(None, models, home / "cache" / GENERATOR_CACHE)
-    rng = np.random.default_rng(0)
-    gallery, _, centres = model.sample(args.size, rng)
-    probes = draw_probes(model, centres, LATENCY_PROBES, rng)[0]
-    truth = exact_top(gallery, probes[:RECALL_PROBES], K)
+    bench = Bench.drawn(args.size, models)
+    gallery = bench.gallery
     spectrum = last_layer_spectrum(models)
     sample = gallery[np.random.default_rng(1).choice(args.size, min(args.size, FIT_SAMPLE))]
     mean = sample.astype(np.float64).mean(axis=0)
@@ -115,61 +102,28 @@ def main() -> int:
             "synthetic_variance_kept": {d: float(kept[d - 1]) for d in (48, 64, 80, 96)},
         }
     )
+    emit({"exact_p50_ms": bench.exact_p50_ms()})
 
-    exact = []
-    for probe in probes[:50]:
-        started = time.perf_counter()
-        scores = gallery @ probe
-        np.argpartition(-scores, K)[:K]
-        exact.append(time.perf_counter() - started)
-    emit({"exact_p50_ms": round(1000 * float(np.percentile(exact, 50)), 3)})
+    base = built(hnswlib.Index(space="cosine", dim=gallery.shape[1]), gallery, "base")
 
-    base = hnswlib.Index(space="cosine", dim=gallery.shape[1])
-    base.init_index(
-        args.size, M=DEFAULT_M, ef_construction=DEFAULT_EF_CONSTRUCTION, random_seed=RANDOM_SEED
-    )
-    started = time.perf_counter()
-    base.add_items(gallery, np.arange(args.size), num_threads=-1)
-    emit({"graph": "base", "build_s": round(time.perf_counter() - started, 1)})
-
-    def query_base(probe: Floats, rerank: int, base: hnswlib.Index = base) -> npt.NDArray[np.int64]:
-        labels = base.knn_query(probe, k=K, num_threads=1)[0][0].astype(np.int64)
-        scores = gallery[labels].astype(np.float64) @ probe.astype(np.float64)
-        best: npt.NDArray[np.int64] = labels[np.argsort(-scores)]
-        return best
-
-    at = measure("base", query_base, base, probes, truth)
     for ef in efs:
-        emit(at(ef, K))
+        base.set_ef(ef)
+        emit({"graph": "base", "ef": ef, "rerank": K, **bench.measure(graph_search(bench, base))})
 
     for axes in [int(v) for v in args.axes.split(",")]:
         basis = vectors[:, order[:axes]].astype(np.float32)
         centre = mean.astype(np.float32)
-        graph = hnswlib.Index(space="l2", dim=axes)
-        graph.init_index(
-            args.size, M=DEFAULT_M, ef_construction=DEFAULT_EF_CONSTRUCTION, random_seed=RANDOM_SEED
-        )
-        started = time.perf_counter()
-        graph.add_items((gallery - centre) @ basis, np.arange(args.size), num_threads=-1)
-        emit({"graph": f"pca{axes}", "build_s": round(time.perf_counter() - started, 1)})
+        graph = built(hnswlib.Index(space="l2", dim=axes), (gallery - centre) @ basis, f"pca{axes}")
 
-        def query_projected(
-            probe: Floats,
-            rerank: int,
-            graph: hnswlib.Index = graph,
-            basis: Floats = basis,
-            centre: Floats = centre,
-        ) -> npt.NDArray[np.int64]:
-            found = graph.knn_query((probe - centre) @ basis, k=max(K, rerank), num_threads=1)
-            labels = found[0][0].astype(np.int64)
-            scores = gallery[labels].astype(np.float64) @ probe.astype(np.float64)
-            best: npt.NDArray[np.int64] = labels[np.argsort(-scores)[:K]]
-            return best
+        def project(probe: Floats, basis: Floats = basis, centre: Floats = centre) -> Floats:
+            return np.asarray((probe - centre) @ basis, dtype=np.float32)
 
-        at = measure(f"pca{axes}", query_projected, graph, probes, truth)
         for ef in efs:
             for rerank in reranks:
-                emit(at(ef, rerank))
+                graph.set_ef(max(ef, rerank))
+                search = graph_search(bench, graph, rerank=rerank, project=project)
+                figures = bench.measure(search)
+                emit({"graph": f"pca{axes}", "ef": ef, "rerank": rerank, **figures})
         del graph
     return 0
 

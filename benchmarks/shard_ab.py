@@ -1,0 +1,101 @@
+"""Does splitting the graph into one shard per core, searched side by side, search faster?
+
+Exact search (the ratio's baseline) reads the gallery with numpy's BLAS on every core; one
+hnswlib query walks one graph on one core. hnswlib's ``knn_query`` releases the GIL, so S graphs
+of N/S faces each can be walked at once on S threads. Each shard is S times smaller, so a
+narrower beam finds its share of the top 10; the merged top 10 is re-scored exactly (float64),
+as the product's index does.
+
+Over the same N templates (the search bench's generator, seed 0, the same probes), for every
+combination of ``--shards`` and ``--ef-construction`` this builds the graphs (face i in shard
+i mod S, M=32, every core) and, for each ef in ``--ef``, measures recall@10 against exact search
+on 1,000 probes and single-probe p50/p99 over 2,000 (shard 0 on the calling thread, the others
+on a persistent pool), one configuration after another in this process, with exact search's
+p50 (numpy float32, all cores) as the baseline. One JSON line per figure.
+
+    python -m benchmarks.shard_ab --size 1000000 --shards 1,2 --ef 200,250,300,350,450
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from benchmarks.graph_ab import Bench, Floats, Labels, Search, emit
+from benchmarks.search_bench import K
+from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
+
+
+def build_shards(gallery: Floats, shards: int, ef_construction: int) -> list[hnswlib.Index]:
+    """Face i in shard i mod ``shards``, labelled by its row."""
+    graphs = []
+    for shard in range(shards):
+        rows = np.arange(shard, len(gallery), shards, dtype=np.int64)
+        graph = hnswlib.Index(space="cosine", dim=gallery.shape[1])
+        graph.init_index(
+            len(rows), M=DEFAULT_M, ef_construction=ef_construction, random_seed=RANDOM_SEED
+        )
+        graph.add_items(gallery[rows], rows, num_threads=-1)
+        graphs.append(graph)
+    return graphs
+
+
+def searcher(bench: Bench, graphs: list[hnswlib.Index], pool: ThreadPoolExecutor) -> Search:
+    """One probe's exactly re-scored top K over every shard, the shards walked side by side."""
+
+    def walk(graph: hnswlib.Index, probe: Floats) -> Labels:
+        found: Labels = graph.knn_query(probe, k=K, num_threads=1)[0][0].astype(np.int64)
+        return found
+
+    def search(probe: Floats) -> Labels:
+        others = [pool.submit(walk, graph, probe) for graph in graphs[1:]]
+        labels = np.concatenate([walk(graphs[0], probe), *(f.result() for f in others)])
+        return bench.rescored(labels, probe)
+
+    return search
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--shards", default="1,2", help="shard counts, comma-separated")
+    parser.add_argument("--ef", default="250,350,450")
+    parser.add_argument("--ef-construction", default=str(DEFAULT_EF_CONSTRUCTION))
+    parser.add_argument("--models", type=Path, default=None)
+    args = parser.parse_args()
+    bench = Bench.drawn(args.size, args.models)
+    shard_counts = [int(v) for v in args.shards.split(",")]
+    emit({"size": args.size, "exact_p50_ms": bench.exact_p50_ms()})
+    with ThreadPoolExecutor(max(shard_counts)) as pool:
+        for ef_construction in [int(v) for v in args.ef_construction.split(",")]:
+            for shards in shard_counts:
+                started = time.perf_counter()
+                graphs = build_shards(bench.gallery, shards, ef_construction)
+                build_s = round(time.perf_counter() - started, 1)
+                search = searcher(bench, graphs, pool)
+                for ef in [int(v) for v in args.ef.split(",")]:
+                    for graph in graphs:
+                        graph.set_ef(ef)
+                    figures = bench.measure(search)
+                    emit(
+                        {
+                            "shards": shards,
+                            "ef_construction": ef_construction,
+                            "ef": ef,
+                            "build_s": build_s,
+                            **figures,
+                        }
+                    )
+                del graphs, search
+    emit({"exact_p50_ms_after": bench.exact_p50_ms()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
