@@ -1,16 +1,18 @@
 """Where a sealed index's open goes, step by step, in both formats (issue 17's open goal).
 
-Builds the product's index (``GalleryIndex``, today's parameters) over ``--faces`` random unit
-templates, seals it with AES-256-GCM as the store does, and writes it to a file twice: in the
-format the product writes (2: hnswlib's state arrays) and in format 1 (hnswlib's own file
-bytes, the baseline). Then opens each ``--repeat`` times, alternating, timing each step of
-``GalleryIndex.open_sealed``: read the file, authenticate and decrypt, parse the header and
-face ids, and load the graph (format 2: ``hnsw_state.restore``; format 1: copy into the
-scratch file, a memfd on Linux, then hnswlib's ``load_index``). One JSON line per open, with
-the minor page faults of each step (``faults``: memory touched for the first time), then the
-median totals and, when both formats ran, their ratio. ``--formats 2`` opens only format 2,
-one open after another; ``--ef-construction`` builds a quicker, rougher graph (the open's work
-depends on the number of faces and M, not on the graph's quality).
+Builds the product's index (``GalleryIndex``, today's parameters, in one graph: ``--shards``
+splits it as the product does) over ``--faces`` random unit templates, seals it with AES-256-GCM
+as the store does, and writes it to a file twice: in the format the product writes (hnswlib's
+state arrays, format 3; printed as 2, the one-graph format whose load it is) and in format 1
+(hnswlib's own file bytes, the baseline). Then opens each ``--repeat`` times, alternating,
+timing each step of ``GalleryIndex.open_sealed``: read the file, authenticate and decrypt,
+parse the header and face ids, and load the graph (state arrays: ``hnsw_state.restore``;
+format 1: copy into the scratch file, a memfd on Linux, then hnswlib's ``load_index``). One
+JSON line per open, with the minor page faults of each step (``faults``: memory touched for the
+first time), then the median totals and, when both formats ran, their ratio. ``--formats 2``
+opens only the state arrays, one open after another; ``--ef-construction`` builds a quicker,
+rougher graph (the open's work depends on the number of faces and M, not on the graph's
+quality).
 
     python -m benchmarks.index_open_steps --faces 1000000
     python -m benchmarks.index_open_steps --faces 1000000 --formats 2 --repeat 6 \
@@ -42,9 +44,9 @@ def format_1(plaintext: bytes, scratch: Path) -> bytes:
     """The same index's plaintext in format 1: the header without hnswlib's state, then the
     bytes of hnswlib's ``save_index``."""
     header, face_ids, graph = index_module._parse(plaintext)
-    hnsw = index_module._load_hnsw(header, graph, header["dim"])
+    (hnsw,) = index_module._load_graphs(header, graph, header["dim"])
     hnsw.save_index(str(scratch))
-    old = {k: v for k, v in header.items() if k not in ("hnsw", "arrays")}
+    old = {k: v for k, v in header.items() if k != "graphs"}
     old["format"] = 1
     head = json.dumps(old, separators=(",", ":")).encode()
     ids = "\n".join(face_ids).encode()
@@ -72,15 +74,15 @@ def timed_open(path: Path, aead: AESGCM) -> dict[str, object]:
     mark()
     header, _, graph = index_module._parse(plaintext)
     mark()
-    hnsw = index_module._load_hnsw(header, graph, header["dim"])
+    graphs = index_module._load_graphs(header, graph, header["dim"])
     mark()
     steps = ("read_s", "decrypt_s", "parse_s", "load_graph_s")
     pairs = list(zip(steps, marks[:-1], marks[1:], strict=True))
     record: dict[str, object] = {s: round(b[0] - a[0], 3) for s, a, b in pairs}
     record["total_s"] = round(marks[-1][0] - marks[0][0], 3)
     record["faults"] = [b[1] - a[1] for _, a, b in pairs]
-    record["format"] = header["format"]
-    del hnsw, graph, plaintext, view, data
+    record["format"] = min(header["format"], 2)
+    del graphs, graph, plaintext, view, data
     return record
 
 
@@ -90,6 +92,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--formats", default="1,2", help="formats to open, alternating: 1,2 or 2")
     parser.add_argument("--ef-construction", type=int, default=IndexParams().ef_construction)
+    parser.add_argument("--shards", type=int, default=1, help="graphs (format 1 needs one)")
     args = parser.parse_args()
     forms = [int(f) for f in args.formats.split(",")]
 
@@ -101,7 +104,7 @@ def main() -> int:
         "bench",
         [f"{i:032x}" for i in range(args.faces)],
         templates,
-        IndexParams(ef_construction=args.ef_construction),
+        IndexParams(ef_construction=args.ef_construction, shards=args.shards),
     )
     print(json.dumps({"faces": args.faces, "build_s": round(time.perf_counter() - started, 1)}))
     aead = AESGCM(AESGCM.generate_key(bit_length=256))

@@ -12,8 +12,9 @@ import json
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,6 +51,8 @@ MATED_PEOPLE = 40
 SINGLE_PEOPLE = 60
 # An index parameterised for tests of behaviour, not recall: small and quick to build.
 SMALL = IndexParams(m=8, ef_construction=64, ef_search=32, rerank=20)
+SMALL_ONE_GRAPH = replace(SMALL, shards=1)
+ONE_GRAPH = IndexParams(shards=1)
 NONCE = 12
 AAD = b"edgeid-test/gallery-1/index/v1"
 
@@ -259,13 +262,13 @@ def test_tampered_index_is_refused_before_hnswlib_and_rebuilt(
     face_ids = ids(len(real.gallery))
     sealed = GalleryIndex.build(EMBEDDER_MODEL, face_ids, real.gallery).seal_with(seal)
     loads: list[int] = []
-    real_loader = index_module._load_hnsw
+    real_loader = index_module._load_graphs
 
-    def spy(header: dict[str, object], graph: memoryview, dim: int) -> object:
+    def spy(header: dict[str, Any], graph: memoryview, dim: int) -> list[Any]:
         loads.append(len(graph))
         return real_loader(header, graph, dim)
 
-    monkeypatch.setattr(index_module, "_load_hnsw", spy)
+    monkeypatch.setattr(index_module, "_load_graphs", spy)
     sources: list[int] = []
 
     def source() -> tuple[list[str], Floats]:
@@ -348,12 +351,12 @@ def test_authentic_but_malformed_plaintext_is_damage_not_a_crash() -> None:
 
 def _plaintext(header: dict[str, Any], face_ids: list[str], graph: bytes) -> bytes:
     """An index plaintext in the sealed layout: magic, header, face ids, graph (aligned for
-    format 2), built here independently of the writer under test."""
+    formats 2 and 3), built here independently of the writer under test."""
     head = json.dumps(header).encode()
     ids_text = "\n".join(face_ids).encode()
     front = b"EDGEIDX\x00" + struct.pack(">I", len(head)) + head
     front += struct.pack(">Q", len(ids_text)) + ids_text
-    if header["format"] == 2:
+    if header["format"] >= 2:
         front += b"\x00" * (-len(front) % 8)
     return front + graph
 
@@ -372,13 +375,13 @@ def _unsealed(index: GalleryIndex) -> tuple[dict[str, Any], list[str], bytes]:
 
 def test_index_sealed_in_format_1_still_opens(real: RealSet, tmp_path: Path) -> None:
     """Boxes updated from format 1 (hnswlib's own file bytes) open their sealed index without
-    a rebuild; the next seal writes format 2."""
-    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery)
+    a rebuild; the next seal writes format 3."""
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery, ONE_GRAPH)
     index.delete([ids(3)[2]])
     header, face_ids, _ = _unsealed(index)
     hnsw_file = tmp_path / "graph.bin"
-    index._hnsw.save_index(str(hnsw_file))
-    old_header = {k: v for k, v in header.items() if k not in ("hnsw", "arrays")}
+    index._graphs[0].save_index(str(hnsw_file))
+    old_header = {k: v for k, v in header.items() if k != "graphs"}
     old_header["format"] = 1
     sealed = _plaintext(old_header, face_ids, hnsw_file.read_bytes())
     result = load_or_rebuild(
@@ -387,7 +390,7 @@ def test_index_sealed_in_format_1_still_opens(real: RealSet, tmp_path: Path) -> 
     assert not result.rebuilt and result.index.deleted_count == 1
     for probe in real.mated_probes[:10]:
         assert result.index.search(probe, EMBEDDER_MODEL) == index.search(probe, EMBEDDER_MODEL)
-    assert _unsealed(result.index)[0]["format"] == 2
+    assert _unsealed(result.index)[0]["format"] == 3
 
 
 def test_format_2_opens_without_a_scratch_file(
@@ -422,11 +425,11 @@ def test_format_2_opens_without_a_scratch_file(
     assert reopened.search(real.gallery[3], EMBEDDER_MODEL, k=1)[0].face_id == ids(4)[3]
     # Written on a box with 64 cores, opened here: hnswlib uses this machine's thread count.
     header, face_ids, graph = _unsealed(index)
-    header["hnsw"]["num_threads"] = 64
+    header["graphs"][0]["hnsw"]["num_threads"] = 64
     moved = GalleryIndex.open_sealed(
         _plaintext(header, face_ids, graph), lambda data: data, model_id=EMBEDDER_MODEL, dim=128
     )
-    assert moved._hnsw.num_threads == os.cpu_count()
+    assert moved._graphs[0].num_threads == os.cpu_count()
 
 
 def _bump_level(arrays: list[int], graph: bytes) -> bytes:
@@ -450,9 +453,9 @@ def _bump_level(arrays: list[int], graph: bytes) -> bytes:
 def test_inconsistent_hnswlib_state_is_damage_not_a_crash(real: RealSet, damage: str) -> None:
     """Authentic plaintext whose hnswlib numbers and arrays disagree (only a bug of ours could
     write one): hnswlib copies by those numbers unchecked, so each is refused before it."""
-    index = GalleryIndex.build(EMBEDDER_MODEL, ids(20), real.gallery[:20], SMALL)
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(20), real.gallery[:20], SMALL_ONE_GRAPH)
     header, face_ids, graph = _unsealed(index)
-    state, arrays = header["hnsw"], header["arrays"]
+    state, arrays = header["graphs"][0]["hnsw"], header["graphs"][0]["arrays"]
     if damage == "element count":
         state["cur_element_count"] += 1
     elif damage == "capacity":
@@ -590,3 +593,110 @@ def test_unenrolled_people_get_no_match_and_enrolled_ones_a_match(real: RealSet)
     ]
     assert len(hits) >= 0.85 * MATED_PEOPLE
     assert all(d.candidates[0].band in (ScoreBand.STRONG, ScoreBand.MODERATE) for d in hits)
+
+
+def _exact_ids(
+    gallery: Floats, probe: Floats, k: int, face_ids: list[str] | None = None
+) -> list[str]:
+    """Exact search's top ``k`` face ids (ties by row), row i named ``face_ids[i]``."""
+    names = face_ids or ids(len(gallery))
+    scores = gallery.astype(np.float64) @ probe.astype(np.float64)
+    return [names[row] for row in np.lexsort((np.arange(len(gallery)), -scores))[:k]]
+
+
+def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Face label L lives in graph L mod shards; a large index walks its graphs on two threads,
+    a small one on the caller's, and both give exact search's answer here (a small gallery)."""
+    gallery = _unit(3000, seed=5)
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(len(gallery)), gallery)
+    assert len(index._graphs) == 2
+    for shard, graph in enumerate(index._graphs):
+        labels = np.asarray(graph.get_ids_list())
+        assert len(labels) == 1500 and np.all(labels % 2 == shard)
+    probes = _unit(20, seed=6)
+    one_thread = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
+    assert not any(t.name.startswith("index-walk") for t in threading.enumerate())
+
+    monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", 0)
+    walked_on: set[str] = set()
+    real_walkers = index_module._walkers
+
+    def spying_walkers() -> Any:
+        pool = real_walkers()
+
+        class Spy:
+            def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+                def run() -> Any:
+                    walked_on.add(threading.current_thread().name)
+                    return fn(*args)
+
+                return pool.submit(run)
+
+        return Spy()
+
+    monkeypatch.setattr(index_module, "_walkers", spying_walkers)
+    side_by_side = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
+    assert side_by_side == one_thread
+    assert walked_on and all(name.startswith("index-walk") for name in walked_on)
+    for probe, found in zip(probes, side_by_side, strict=True):
+        assert [c.face_id for c in found] == _exact_ids(gallery, probe, 10)
+        assert found[0].score == pytest.approx(float(gallery[int(found[0].face_id, 16)] @ probe))
+    # A graph whose live faces fall below what is asked: every live face is scored instead.
+    small = GalleryIndex.build(EMBEDDER_MODEL, ids(30), gallery[:30], SMALL)
+    small.delete([ids(30)[row] for row in range(0, 12, 2)], compact_when_due=False)
+    alive = [row for row in range(30) if row >= 12 or row % 2]
+    found = [c.face_id for c in small.search(probes[0], EMBEDDER_MODEL, k=20)]
+    assert found == _exact_ids(gallery[alive], probes[0], 20, [ids(30)[row] for row in alive])
+
+
+def test_an_index_of_one_graph_opens_with_a_wider_beam_and_is_split_at_compaction(
+    real: RealSet,
+) -> None:
+    """Boxes updated from format 2 (one graph's state) open it without a rebuild; its one
+    graph holds what two would, so it walks with twice the beam; compaction splits it."""
+    index = GalleryIndex.build(
+        EMBEDDER_MODEL, ids(len(real.gallery)), real.gallery, SMALL_ONE_GRAPH
+    )
+    header, face_ids, graph = _unsealed(index)
+    (state,) = header.pop("graphs")
+    old = {**header, **state, "format": 2}
+    opened = GalleryIndex.open_sealed(
+        _plaintext(old, face_ids, graph),
+        lambda data: data,
+        model_id=EMBEDDER_MODEL,
+        dim=128,
+        params=SMALL,
+    )
+    assert len(opened._graphs) == 1
+    assert opened._graphs[0].ef == 2 * max(SMALL.ef_search, SMALL.rerank)
+    for probe in real.mated_probes[:10]:
+        assert opened.search(probe, EMBEDDER_MODEL) == index.search(probe, EMBEDDER_MODEL)
+    opened.delete([face_ids[0]], compact_when_due=False)
+    opened.compact()
+    assert len(opened._graphs) == 2
+    assert [g.ef for g in opened._graphs] == [max(SMALL.ef_search, SMALL.rerank)] * 2
+    assert _unsealed(opened)[0]["format"] == 3 and len(_unsealed(opened)[0]["graphs"]) == 2
+    for probe in real.mated_probes[1:10]:
+        best, expected = (
+            opened.search(probe, EMBEDDER_MODEL)[0],
+            index.search(probe, EMBEDDER_MODEL)[0],
+        )
+        assert best.face_id == expected.face_id and best.score == pytest.approx(expected.score)
+
+
+@pytest.mark.parametrize("damage", ["no graphs", "a graph left out", "too many graphs"])
+def test_a_split_index_whose_graph_list_is_wrong_is_damage(damage: str) -> None:
+    index = GalleryIndex.build(EMBEDDER_MODEL, ids(40), _unit(40), SMALL)
+    header, face_ids, graph = _unsealed(index)
+    if damage == "no graphs":
+        header["graphs"] = []
+    elif damage == "a graph left out":
+        header["graphs"] = header["graphs"][:1]
+    else:
+        header["graphs"] = header["graphs"] * 9
+    with pytest.raises(IndexDamagedError):
+        GalleryIndex.open_sealed(
+            _plaintext(header, face_ids, graph), lambda data: data, model_id=EMBEDDER_MODEL, dim=128
+        )

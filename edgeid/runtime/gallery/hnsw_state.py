@@ -49,6 +49,16 @@ def aligned(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
+def extent(lengths: list[int]) -> int:
+    """Bytes that arrays of these lengths take when laid out from an aligned offset."""
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+        raise StateError("the array lengths are malformed")
+    offset = 0
+    for length in lengths:
+        offset = aligned(offset) + length
+    return offset
+
+
 def export(hnsw: Any) -> tuple[dict[str, Any], list[npt.NDArray[Any]]]:
     """The index's numbers (JSON-ready) and its arrays in ``ARRAYS`` order."""
     (state,) = hnsw.__getstate__()

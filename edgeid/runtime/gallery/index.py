@@ -3,21 +3,27 @@
 - **Space**: cosine over unit-length templates; scores are cosine similarities (1 = identical).
 - **Faces** are named by the store's face ids (strings); hnswlib's integer labels stay inside.
   A live face cannot be added twice; a deleted one may be added again.
-- **Search** asks the HNSW graph for ``max(k, rerank)`` candidates, then scores those exactly
+- **Graphs**: the faces are split over ``shards`` hnswlib graphs (face label L in graph L mod
+  shards). One query walks one graph on one core while exact search reads every template on
+  every core, so a large gallery's graphs are walked side by side, one thread each.
+- **Search** asks each graph for ``max(k, rerank)`` candidates, then scores those exactly
   (float64 dot products against the stored vectors) and returns the best ``k``.
 - **Delete** marks the element deleted (hnswlib skips it in results); once deleted elements
   reach ``DELETE_REBUILD_FRACTION`` of the index, or on ``compact()``, the index is rebuilt from
   the live vectors, so a deleted template's bytes leave memory and the next persisted index.
 - **Models**: an index holds one model's templates; adding or querying with another model id
   raises ``ModelMismatchError`` (a probe and a gallery embedded by two models are incomparable).
-- **Persistence**: ``seal_with(seal)`` serialises the index in memory (hnswlib's state arrays,
-  see ``hnsw_state``) and hands the plaintext to the store's ``seal``; ``load_or_rebuild``
-  passes the sealed bytes through the store's ``open_`` (authentication) **before** any byte
-  reaches hnswlib, and rebuilds from the store's vectors when the index is missing, fails
-  authentication or does not match. Indexes sealed in format 1 (hnswlib's file bytes, loaded
-  through a memfd or a 0700 private file overwritten before it is unlinked) still open.
+- **Persistence**: ``seal_with(seal)`` serialises the index in memory (each graph's hnswlib
+  state arrays, see ``hnsw_state``) and hands the plaintext to the store's ``seal``;
+  ``load_or_rebuild`` passes the sealed bytes through the store's ``open_`` (authentication)
+  **before** any byte reaches hnswlib, and rebuilds from the store's vectors when the index is
+  missing, fails authentication or does not match. Indexes sealed in formats 1 (hnswlib's
+  file bytes, loaded through a memfd or a 0700 private file overwritten before it is unlinked)
+  and 2 (one graph's state) still open as one graph, walked with a beam as much wider as it
+  holds more faces, and are split at their next compaction.
 
-Thread-safe by one lock that serialises every call (a search holds it for about a millisecond).
+Thread-safe by one lock that serialises every call (a search holds it for about a millisecond;
+the threads walking its other graphs only read them, and are waited for before it returns).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import hnswlib
 import numpy as np
@@ -49,20 +56,30 @@ Sealer = Callable[[bytes], bytes]
 Opener = Callable[[bytes], bytes]
 # The store's live faces of one model: their ids and templates (one row each).
 VectorSource = Callable[[], tuple[Sequence[str], FloatArray]]
+Labels = npt.NDArray[np.int64]
 
 SPACE = "cosine"
 # Graph degree: face templates are hard for HNSW (non-mated pairs score 0.66-0.97, little
 # contrast). At 100k, M=16 needed ef 500 (1.5 ms) for the recall@10 that M=32 gets at ef 300;
 # M=48 and 64 gained little more for 130-260 more bytes a face.
 DEFAULT_M = 32
-# Build-time beam: hnswlib's usual 200 already gives recall@10 0.999 with the values here at
-# 100k; build time grows about linearly with it, so it was not raised.
-DEFAULT_EF_CONSTRUCTION = 200
-# Query-time beam: recall falls as the gallery grows. At 1M (M=32, 2 cores): ef 300 gave
-# recall@10 0.980, 400 gave 0.988-0.990, 450 gave 0.9917-0.9919 at p99 3.3-3.8 ms in three
-# runs (5.5 ms once under heavy load), 600 gave 0.996 at p99 6.2 ms. 450 is the narrowest beam
-# that holds recall@10 >= 0.99 at 1M, with p99 inside the 5 ms goal (100k: 0.9997).
-DEFAULT_EF_SEARCH = 450
+# Graphs an index is split into. At 1M faces on 2 cores (``benchmarks/shard_ab.py``, one
+# process, the same templates and probes): one graph (ef_construction 200) needed ef 450 for
+# recall@10 0.992 at 1.99 ms p50; two graphs of 500k walked side by side, ef 300 each, gave
+# 0.993 at 1.78 ms, and 0.994 at 1.46 ms when built with ef_construction 400.
+DEFAULT_SHARDS = 2
+MAX_SHARDS = 16
+# Below this many live faces the graphs are walked one after another on the calling thread:
+# handing a walk to another thread cost about 0.15 ms here, more than a small graph's walk.
+SIDE_BY_SIDE_MIN_FACES = 100_000
+# Build-time beam: a better-linked graph needs a narrower query beam. At 1M, two graphs built
+# with 400 reached recall@10 0.9941 at ef 300 where 200 reached 0.9928 (shard_ab); building
+# takes about 1.75x as long (762 s against 434 s for 1M faces on 2 cores).
+DEFAULT_EF_CONSTRUCTION = 400
+# Query-time beam of each graph: recall falls as the gallery grows. At 1M in two graphs
+# (ef_construction 400): ef 250 gave recall@10 0.9904, 300 gave 0.9941 (p99 2.4 ms), 350 gave
+# 0.9953; 300 leaves margin above the 0.99 goal. (One graph needed 450 for 0.992.)
+DEFAULT_EF_SEARCH = 300
 # Fewest candidates taken from the graph and re-scored exactly (float64): hnswlib keeps full
 # float32 vectors, so a wider re-rank only fixes rounding ties, and each candidate costs ~4 us.
 DEFAULT_RERANK = 10
@@ -81,14 +98,16 @@ UNIT_NORM_TOLERANCE = 1e-3
 MAX_K = 1000
 
 # Serialised form (the plaintext handed to ``seal``): magic, header length, header JSON, face-id
-# section length, the face ids (UTF-8, one per line, in label order), then the graph. Format 2
-# (written): the header carries hnswlib's state numbers and array lengths, and the graph is its
-# state arrays (``hnsw_state``), loaded by one copy. Format 1 (read only): hnswlib's file bytes,
+# section length, the face ids (UTF-8, one per line, in label order), then the graphs. Format 3
+# (written): the header lists each graph's hnswlib state numbers and array lengths, and the
+# graph section is their state arrays (``hnsw_state``), one graph after another, each loaded by
+# one copy. Read only: format 2, one graph's state the same way; format 1, hnswlib's file bytes,
 # loaded by ``load_index`` through a scratch file (at 1M faces a whole open took 4.5-7.8 s in
 # format 1 and 1.6-2.2 s in format 2: ``benchmarks/index_open_steps.py``).
 # The format number changes when this layout does.
 _MAGIC = b"EDGEIDX\x00"
-_FORMAT = 2
+_FORMAT = 3
+_ONE_STATE_FORMAT = 2
 _FILE_BYTES_FORMAT = 1
 _HEADER_LENGTH = struct.Struct(">I")
 _IDS_LENGTH = struct.Struct(">Q")
@@ -126,10 +145,13 @@ class IndexParams:
     ef_search: int = DEFAULT_EF_SEARCH
     rerank: int = DEFAULT_RERANK
     build_threads: int = -1  # -1: every core (building is the one batch job here)
+    shards: int = DEFAULT_SHARDS
 
     def __post_init__(self) -> None:
         if self.m < 2 or self.ef_construction < 1 or self.ef_search < 1 or self.rerank < 1:
             raise ValueError(f"invalid index parameters {self}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"an index is split into 1 to {MAX_SHARDS} graphs, not {self.shards}")
 
 
 @dataclass(frozen=True)
@@ -169,7 +191,7 @@ class GalleryIndex:
         self._ids: list[str] = []
         self._label_of: dict[str, int] | None = {}  # built on first use after a load
         self._deleted: set[int] = set()
-        self._hnsw = self._new_hnsw(max(capacity, MIN_CAPACITY))
+        self._graphs = self._new_graphs(capacity)
 
     # -- building ------------------------------------------------------------------------
 
@@ -188,16 +210,44 @@ class GalleryIndex:
         index.add(face_ids, matrix, model_id)
         return index
 
-    def _new_hnsw(self, capacity: int) -> Any:
-        hnsw = hnswlib.Index(space=SPACE, dim=self.dim)
-        hnsw.init_index(
-            max_elements=capacity,
-            M=self.params.m,
-            ef_construction=self.params.ef_construction,
-            random_seed=RANDOM_SEED,
-        )
-        hnsw.set_ef(max(self.params.ef_search, self.params.rerank))
-        return hnsw
+    def _new_graphs(self, capacity: int) -> list[Any]:
+        """``params.shards`` empty graphs with room for ``capacity`` faces between them."""
+        graphs = []
+        for _ in range(self.params.shards):
+            hnsw = hnswlib.Index(space=SPACE, dim=self.dim)
+            hnsw.init_index(
+                max_elements=max(-(-capacity // self.params.shards), MIN_CAPACITY),
+                M=self.params.m,
+                ef_construction=self.params.ef_construction,
+                random_seed=RANDOM_SEED,
+            )
+            graphs.append(hnsw)
+        self._set_beam(graphs)
+        return graphs
+
+    def _set_beam(self, graphs: list[Any]) -> None:
+        """Each graph's query beam: ``ef_search``, widened for an index opened with fewer
+        graphs than ``shards`` (each then holds as many more faces)."""
+        widest = max(self.params.ef_search, self.params.rerank)
+        for graph in graphs:
+            graph.set_ef(-(-widest * self.params.shards // len(graphs)))
+
+    def _insert(
+        self, graphs: list[Any], labels: Labels, matrix: FloatArray, first_new: int
+    ) -> None:
+        """Rows of ``matrix`` into the graphs of their labels; labels below ``first_new`` are
+        deleted ones added again (they take their old slot back, hnswlib replaces the vector)."""
+        shard_of = labels % len(graphs)
+        for shard, graph in enumerate(graphs):
+            rows = np.flatnonzero(shard_of == shard)
+            if not len(rows):
+                continue
+            fresh = int(np.count_nonzero(labels[rows] >= first_new))
+            needed = int(graph.get_current_count()) + fresh
+            capacity = int(graph.get_max_elements())
+            if needed > capacity:
+                graph.resize_index(max(needed, 2 * capacity))
+            graph.add_items(matrix[rows], labels[rows], num_threads=self.params.build_threads)
 
     def add(self, face_ids: Sequence[str], vectors: FloatArray, model_id: str) -> None:
         """Insert templates of ``model_id`` for new faces (or faces deleted earlier)."""
@@ -219,12 +269,7 @@ class GalleryIndex:
                 elif label not in self._deleted:
                     raise DuplicateFaceError(f"face {face_id} is already in the index")
                 labels[row] = label
-            needed = self._element_count() + len(fresh)
-            capacity = int(self._hnsw.get_max_elements())
-            if needed > capacity:
-                self._hnsw.resize_index(max(needed, 2 * capacity))
-            # A deleted label added again is un-deleted and its vector replaced by hnswlib.
-            self._hnsw.add_items(matrix, labels, num_threads=self.params.build_threads)
+            self._insert(self._graphs, labels, matrix, first_new=len(self._ids))
             for face_id in fresh:
                 self._labels_by_id()[face_id] = len(self._ids)
                 self._ids.append(face_id)
@@ -239,7 +284,7 @@ class GalleryIndex:
         with self._lock:
             labels = [self._live_label(face_id) for face_id in ids]
             for label in labels:
-                self._hnsw.mark_deleted(label)
+                self._graphs[label % len(self._graphs)].mark_deleted(label)
                 self._deleted.add(label)
             due = len(self._deleted) >= DELETE_REBUILD_FRACTION * max(len(self._ids), 1)
             if compact_when_due and due:
@@ -259,14 +304,10 @@ class GalleryIndex:
             vectors = self._vectors(live)
             ids = [self._ids[label] for label in live.tolist()]
             dropped = len(self._deleted)
-            fresh = self._new_hnsw(max(len(ids), MIN_CAPACITY))
+            fresh = self._new_graphs(len(ids))
             if ids:
-                fresh.add_items(
-                    vectors,
-                    np.arange(len(ids), dtype=np.int64),
-                    num_threads=self.params.build_threads,
-                )
-            self._hnsw = fresh
+                self._insert(fresh, np.arange(len(ids), dtype=np.int64), vectors, first_new=0)
+            self._graphs = fresh
             self._ids = ids
             self._label_of = {face_id: label for label, face_id in enumerate(ids)}
             self._deleted = set()
@@ -311,8 +352,7 @@ class GalleryIndex:
                 return []
             wanted = min(max(k, self.params.rerank), live)
             try:
-                found, _ = self._hnsw.knn_query(query, k=wanted, num_threads=1)
-                labels = np.asarray(found[0], dtype=np.int64)
+                labels = self._walk(query, wanted, side_by_side=live >= SIDE_BY_SIDE_MIN_FACES)
             except RuntimeError:
                 # Deleted elements can cut the graph's reach below `wanted`: score all live faces.
                 labels = np.asarray(
@@ -335,7 +375,7 @@ class GalleryIndex:
         """Change the query-time beam and re-rank depth (no rebuild needed)."""
         with self._lock:
             self.params = replace(self.params, ef_search=ef_search, rerank=rerank)
-            self._hnsw.set_ef(max(ef_search, rerank))
+            self._set_beam(self._graphs)
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -343,7 +383,7 @@ class GalleryIndex:
         """The index serialised and sealed by ``seal``; the plaintext is built in memory and
         never written to a file."""
         with self._lock:
-            scalars, arrays = hnsw_state.export(self._hnsw)
+            states = [hnsw_state.export(graph) for graph in self._graphs]
             header = {
                 "format": _FORMAT,
                 "model_id": self.model_id,
@@ -353,12 +393,15 @@ class GalleryIndex:
                 "ef_construction": self.params.ef_construction,
                 "elements": self._element_count(),
                 "deleted": sorted(self._deleted),
-                "hnsw": scalars,
-                "arrays": [array.nbytes for array in arrays],
+                "graphs": [
+                    {"hnsw": scalars, "arrays": [array.nbytes for array in arrays]}
+                    for scalars, arrays in states
+                ],
             }
             ids = "\n".join(self._ids).encode("utf-8")
         head = json.dumps(header, separators=(",", ":")).encode("utf-8")
         front = [_MAGIC, _HEADER_LENGTH.pack(len(head)), head, _IDS_LENGTH.pack(len(ids)), ids]
+        arrays = [array for _, graph_arrays in states for array in graph_arrays]
         graph = hnsw_state.layout(arrays, start=sum(len(part) for part in front))
         return seal(b"".join([*front, *graph]))
 
@@ -391,18 +434,13 @@ class GalleryIndex:
             )
         if header["dim"] != dim:
             raise IndexDamagedError(f"index dimension {header['dim']} is not {dim}")
-        chosen = params or IndexParams()
-        if (header["m"], header["ef_construction"]) != (chosen.m, chosen.ef_construction):
-            chosen = IndexParams(
-                m=header["m"],
-                ef_construction=header["ef_construction"],
-                ef_search=chosen.ef_search,
-                rerank=chosen.rerank,
-                build_threads=chosen.build_threads,
-            )
+        # The file's graphs keep the parameters they were built with.
+        chosen = replace(
+            params or IndexParams(), m=header["m"], ef_construction=header["ef_construction"]
+        )
         index = cls(model_id, dim, chosen)
-        index._hnsw = _load_hnsw(header, graph, dim)
-        index._hnsw.set_ef(max(chosen.ef_search, chosen.rerank))
+        index._graphs = _load_graphs(header, graph, dim)
+        index._set_beam(index._graphs)
         if index._element_count() != header["elements"]:
             raise IndexDamagedError("index element count does not match its header")
         index._ids = face_ids
@@ -438,7 +476,28 @@ class GalleryIndex:
         return row
 
     def _element_count(self) -> int:
-        return int(self._hnsw.get_current_count())
+        return sum(int(graph.get_current_count()) for graph in self._graphs)
+
+    def _walk(self, query: FloatArray, wanted: int, *, side_by_side: bool) -> Labels:
+        """Up to ``wanted`` candidates from each graph; RuntimeError when deleted elements cut
+        a graph's reach below what is asked of it."""
+        asks = [(graph, min(wanted, int(graph.get_current_count()))) for graph in self._graphs]
+        asks = [(graph, k) for graph, k in asks if k > 0]
+
+        def walk(graph: Any, k: int) -> Labels:
+            found: Labels = graph.knn_query(query, k=k, num_threads=1)[0][0]
+            return found
+
+        if not side_by_side or len(asks) < 2:
+            found = [walk(graph, k) for graph, k in asks]
+        else:
+            others: list[Future[Labels]] = [_walkers().submit(walk, *ask) for ask in asks[1:]]
+            try:
+                found = [walk(*asks[0])]
+            finally:
+                wait(others)  # no walk outlives the lock that keeps its graph unchanged
+            found += [future.result() for future in others]
+        return np.concatenate(found).astype(np.int64)
 
     def _labels_by_id(self) -> dict[str, int]:
         """Face id -> hnswlib label; built lazily so that opening an index stays fast."""
@@ -455,7 +514,13 @@ class GalleryIndex:
     def _vectors(self, labels: npt.NDArray[np.int64]) -> FloatArray:
         if not len(labels):
             return np.zeros((0, self.dim), dtype=np.float32)
-        return cast(FloatArray, np.asarray(self._hnsw.get_items(labels), dtype=np.float32))
+        out = np.empty((len(labels), self.dim), dtype=np.float32)
+        shard_of = labels % len(self._graphs)
+        for shard, graph in enumerate(self._graphs):
+            rows = np.flatnonzero(shard_of == shard)
+            if len(rows):
+                out[rows] = graph.get_items(labels[rows])
+        return out
 
 
 def load_or_rebuild(
@@ -526,7 +591,7 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
         header = json.loads(bytes(view[start : start + length]))
         valid = (
             isinstance(header, dict)
-            and header.get("format") in (_FORMAT, _FILE_BYTES_FORMAT)
+            and header.get("format") in (_FORMAT, _ONE_STATE_FORMAT, _FILE_BYTES_FORMAT)
             and header.get("space") == SPACE
             and isinstance(header.get("model_id"), str)
             and all(isinstance(header.get(k), int) for k in ("dim", "m", "ef_construction"))
@@ -535,7 +600,12 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
             and all(isinstance(v, int) and 0 <= v < header["elements"] for v in header["deleted"])
             and (
                 header["format"] == _FILE_BYTES_FORMAT
-                or (isinstance(header.get("hnsw"), dict) and isinstance(header.get("arrays"), list))
+                or (header["format"] == _ONE_STATE_FORMAT and _is_state(header))
+                or (
+                    isinstance(header.get("graphs"), list)
+                    and 1 <= len(header["graphs"]) <= MAX_SHARDS
+                    and all(_is_state(state) for state in header["graphs"])
+                )
             )
         )
     except (UnicodeDecodeError, ValueError) as exc:
@@ -556,19 +626,58 @@ def _parse(plaintext: bytes) -> tuple[dict[str, Any], list[str], memoryview]:
     if len(face_ids) != header["elements"] or len(set(face_ids)) != len(face_ids):
         raise IndexDamagedError("index face ids do not match its elements")
     graph_start = ids_start + ids_length
-    if header["format"] == _FORMAT:
+    if header["format"] != _FILE_BYTES_FORMAT:
         graph_start = hnsw_state.aligned(graph_start)
     return header, face_ids, view[graph_start:]
 
 
-def _load_hnsw(header: dict[str, Any], graph: memoryview, dim: int) -> Any:
-    """hnswlib's index from the graph section of an authenticated plaintext."""
+def _is_state(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("hnsw"), dict)
+        and isinstance(entry.get("arrays"), list)
+    )
+
+
+def _load_graphs(header: dict[str, Any], section: memoryview, dim: int) -> list[Any]:
+    """hnswlib's graphs from the graph section of an authenticated plaintext."""
     if header["format"] == _FILE_BYTES_FORMAT:
-        return _hnsw_from_file_bytes(graph, dim)
+        return [_hnsw_from_file_bytes(section, dim)]
+    states = header["graphs"] if header["format"] == _FORMAT else [header]
+    graphs = []
+    offset = 0
     try:
-        return hnsw_state.restore(header["hnsw"], header["arrays"], graph, space=SPACE, dim=dim)
+        for state in states:
+            offset = hnsw_state.aligned(offset)
+            end = offset + hnsw_state.extent(state["arrays"])
+            if end > len(section):
+                raise hnsw_state.StateError("a graph runs past the index")
+            graphs.append(
+                hnsw_state.restore(
+                    state["hnsw"], state["arrays"], section[offset:end], space=SPACE, dim=dim
+                )
+            )
+            offset = end
+        if offset != len(section):
+            raise hnsw_state.StateError("bytes follow the last graph")
     except hnsw_state.StateError as exc:
         raise IndexDamagedError(f"index graph is inconsistent: {exc}") from exc
+    return graphs
+
+
+_walker_pool: ThreadPoolExecutor | None = None
+_walker_pool_lock = threading.Lock()
+
+
+def _walkers() -> ThreadPoolExecutor:
+    """The threads that walk the other graphs of large indexes, shared by every index."""
+    global _walker_pool
+    with _walker_pool_lock:
+        if _walker_pool is None:
+            _walker_pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="index-walk"
+            )
+        return _walker_pool
 
 
 def _hnsw_from_file_bytes(graph: memoryview | bytes, dim: int) -> Any:
