@@ -11,7 +11,9 @@ combination of ``--shards`` and ``--ef-construction`` this builds the graphs (fa
 i mod S, M=32, every core) and, for each ef in ``--ef``, measures recall@10 against exact search
 on 1,000 probes and single-probe p50/p99 over 2,000 (shard 0 on the calling thread, the others
 on a persistent pool), one configuration after another in this process, with exact search's
-p50 (numpy float32, all cores) as the baseline. One JSON line per figure.
+p50 (numpy float32, all cores) as the baseline. One JSON line per figure. ``--one-thread-too``
+also walks the shards one after another on the calling thread, as the product does below
+``SIDE_BY_SIDE_MIN_FACES``.
 
     python -m benchmarks.shard_ab --size 1000000 --shards 1,2 --ef 200,250,300,350,450
 """
@@ -46,14 +48,17 @@ def build_shards(gallery: Floats, shards: int, ef_construction: int) -> list[hns
     return graphs
 
 
-def searcher(bench: Bench, graphs: list[hnswlib.Index], pool: ThreadPoolExecutor) -> Search:
-    """One probe's exactly re-scored top K over every shard, the shards walked side by side."""
+def searcher(bench: Bench, graphs: list[hnswlib.Index], pool: ThreadPoolExecutor | None) -> Search:
+    """One probe's exactly re-scored top K over every shard, the shards walked side by side
+    (on ``pool``) or one after another on the calling thread (no pool)."""
 
     def walk(graph: hnswlib.Index, probe: Floats) -> Labels:
         found: Labels = graph.knn_query(probe, k=K, num_threads=1)[0][0].astype(np.int64)
         return found
 
     def search(probe: Floats) -> Labels:
+        if pool is None:
+            return bench.rescored(np.concatenate([walk(graph, probe) for graph in graphs]), probe)
         others = [pool.submit(walk, graph, probe) for graph in graphs[1:]]
         labels = np.concatenate([walk(graphs[0], probe), *(f.result() for f in others)])
         return bench.rescored(labels, probe)
@@ -68,6 +73,11 @@ def main() -> int:
     parser.add_argument("--ef", default="250,350,450")
     parser.add_argument("--ef-construction", default=str(DEFAULT_EF_CONSTRUCTION))
     parser.add_argument("--models", type=Path, default=None)
+    parser.add_argument(
+        "--one-thread-too",
+        action="store_true",
+        help="also walk the shards one after another on the calling thread",
+    )
     args = parser.parse_args()
     bench = Bench.drawn(args.size, args.models)
     shard_counts = [int(v) for v in args.shards.split(",")]
@@ -78,21 +88,25 @@ def main() -> int:
                 started = time.perf_counter()
                 graphs = build_shards(bench.gallery, shards, ef_construction)
                 build_s = round(time.perf_counter() - started, 1)
-                search = searcher(bench, graphs, pool)
+                walks: dict[str, ThreadPoolExecutor | None] = {"side_by_side": pool}
+                if args.one_thread_too and shards > 1:
+                    walks["one_thread"] = None
                 for ef in [int(v) for v in args.ef.split(",")]:
                     for graph in graphs:
                         graph.set_ef(ef)
-                    figures = bench.measure(search)
-                    emit(
-                        {
-                            "shards": shards,
-                            "ef_construction": ef_construction,
-                            "ef": ef,
-                            "build_s": build_s,
-                            **figures,
-                        }
-                    )
-                del graphs, search
+                    for walk, walkers in walks.items():
+                        figures = bench.measure(searcher(bench, graphs, walkers))
+                        emit(
+                            {
+                                "shards": shards,
+                                "walk": walk if shards > 1 else "one_thread",
+                                "ef_construction": ef_construction,
+                                "ef": ef,
+                                "build_s": build_s,
+                                **figures,
+                            }
+                        )
+                del graphs
     emit({"exact_p50_ms_after": bench.exact_p50_ms()})
     return 0
 
