@@ -13,7 +13,7 @@ around 0 for both, real templates do not.
 search over the same vectors (numpy brute force), on probes that are new images of enrolled
 people (mated) and images of people not enrolled (non-mated), half each; single-query
 ``p50_ms``/``p99_ms`` and ``queries_per_s`` (one probe at a time through
-``GalleryIndex.search``, which walks its graphs side by side from 100k faces);
+``GalleryIndex.search``, which walks its graphs side by side from 10k faces);
 ``top1_agreement`` (the index's first candidate is exact search's; for a mated
 probe that is nearly always an image of the same person); the exact search's
 single-query time (numpy's BLAS on every core) and ``ratio_vs_baseline`` = exact p50 / index

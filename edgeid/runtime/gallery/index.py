@@ -71,8 +71,10 @@ DEFAULT_M = 32
 DEFAULT_SHARDS = 2
 MAX_SHARDS = 16
 # Below this many live faces the graphs are walked one after another on the calling thread:
-# handing a walk to another thread cost about 0.15 ms here, more than a small graph's walk.
-SIDE_BY_SIDE_MIN_FACES = 100_000
+# handing a walk to another thread costs up to 0.15 ms here, more than a tiny graph's walk. At
+# ef 300 (shard_ab --one-thread-too, p50 side by side / one thread): 10k 0.49 / 0.66 ms, 30k
+# 0.60 / 0.65 ms, 100k 0.85 / 1.47 ms.
+SIDE_BY_SIDE_MIN_FACES = 10_000
 # Build-time beam: a better-linked graph needs a narrower query beam. At 1M, two graphs built
 # with 400 reached recall@10 0.9941 at ef 300 where 200 reached 0.9928 (shard_ab); building
 # takes about 1.75x as long (762 s against 434 s for 1M faces on 2 cores).
