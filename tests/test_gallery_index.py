@@ -615,11 +615,6 @@ def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_r
     for shard, graph in enumerate(index._graphs):
         labels = np.asarray(graph.get_ids_list())
         assert len(labels) == 1500 and np.all(labels % 2 == shard)
-    probes = _unit(20, seed=6)
-    one_thread = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
-    assert not any(t.name.startswith("index-walk") for t in threading.enumerate())
-
-    monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", 0)
     walked_on: set[str] = set()
     real_walkers = index_module._walkers
 
@@ -637,6 +632,11 @@ def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_r
         return Spy()
 
     monkeypatch.setattr(index_module, "_walkers", spying_walkers)
+    probes = _unit(20, seed=6)
+    monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", len(gallery) + 1)
+    one_thread = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
+    assert not walked_on
+    monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", len(gallery))
     side_by_side = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
     assert side_by_side == one_thread
     assert walked_on and all(name.startswith("index-walk") for name in walked_on)
