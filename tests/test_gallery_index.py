@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeid.runtime.errors import BadInputError
 from edgeid.runtime.gallery import index as index_module
+from edgeid.runtime.gallery import walkers
 from edgeid.runtime.gallery.index import (
     DELETE_REBUILD_FRACTION,
     MIN_CAPACITY,
@@ -217,6 +218,29 @@ def test_bad_templates_are_refused() -> None:
     with pytest.raises(BadInputError, match="face ids"):
         index.add(["a\nb"], _unit(1), "m")  # one id per line in the persisted index
     assert index.search(_unit(1)[0], "m") == []
+
+
+def test_bad_probes_are_refused_by_name_and_good_ones_in_any_shape_are_taken() -> None:
+    """The probe check runs on every search's critical path as one dot product; what it lets
+    through and what it refuses (with the full check's message) must not change with that."""
+    gallery = _unit(50, seed=3)
+    index = GalleryIndex.build("m", ids(50), gallery, SMALL)
+    probe = gallery[7]
+    with_nan, with_inf = probe.copy(), probe.copy()
+    with_nan[3], with_inf[3] = np.nan, np.inf
+    for bad, message in [
+        (2 * probe, "unit length"),
+        (probe[:64] / np.linalg.norm(probe[:64]), "dimension 128"),
+        (with_nan, "non-finite"),
+        (with_inf, "non-finite"),
+        (np.zeros(128, dtype=np.float32), "unit length"),
+    ]:
+        with pytest.raises(BadInputError, match=message):
+            index.search(bad, "m")
+    best = index.search(probe, "m", k=3)
+    assert best[0].face_id == ids(50)[7]
+    for same in (probe.reshape(1, 128), probe.astype(np.float64), probe.tolist()):
+        assert index.search(same, "m", k=3) == best
 
 
 # -- models --------------------------------------------------------------------------------
@@ -616,22 +640,22 @@ def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_r
         labels = np.asarray(graph.get_ids_list())
         assert len(labels) == 1500 and np.all(labels % 2 == shard)
     walked_on: set[str] = set()
-    real_walkers = index_module._walkers
+    real_hand_over = walkers.hand_over
 
-    def spying_walkers() -> Any:
-        pool = real_walkers()
+    class Watched:
+        """A graph that notes which thread walks it."""
 
-        class Spy:
-            def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-                def run() -> Any:
-                    walked_on.add(threading.current_thread().name)
-                    return fn(*args)
+        def __init__(self, graph: Any) -> None:
+            self.graph = graph
 
-                return pool.submit(run)
+        def knn_query(self, *args: Any, **kwargs: Any) -> Any:
+            walked_on.add(threading.current_thread().name)
+            return self.graph.knn_query(*args, **kwargs)
 
-        return Spy()
+    def spying_hand_over(graph: Any, query: Any, k: int) -> walkers.Walk:
+        return real_hand_over(Watched(graph), query, k)
 
-    monkeypatch.setattr(index_module, "_walkers", spying_walkers)
+    monkeypatch.setattr(walkers, "hand_over", spying_hand_over)
     probes = _unit(20, seed=6)
     monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", len(gallery) + 1)
     one_thread = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
@@ -639,7 +663,7 @@ def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_r
     monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", len(gallery))
     side_by_side = [index.search(p, EMBEDDER_MODEL, k=10) for p in probes]
     assert side_by_side == one_thread
-    assert walked_on and all(name.startswith("index-walk") for name in walked_on)
+    assert walked_on and all(name.startswith(walkers.THREAD_NAME) for name in walked_on)
     for probe, found in zip(probes, side_by_side, strict=True):
         assert [c.face_id for c in found] == _exact_ids(gallery, probe, 10)
         assert found[0].score == pytest.approx(float(gallery[int(found[0].face_id, 16)] @ probe))

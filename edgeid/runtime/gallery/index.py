@@ -32,12 +32,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeid.runtime.errors import BadInputError
-from edgeid.runtime.gallery import hnsw_state
+from edgeid.runtime.gallery import hnsw_state, walkers
 from edgeid.runtime.gallery.errors import GalleryError
 from edgeid.runtime.inference.types import FloatArray
 
@@ -58,6 +58,9 @@ Opener = Callable[[bytes], bytes]
 # The store's live faces of one model: their ids and templates (one row each).
 VectorSource = Callable[[], tuple[Sequence[str], FloatArray]]
 Labels = npt.NDArray[np.int64]
+# A candidate as (negated cosine score, hnswlib label): sorted ascending, best score first and
+# ties to the face added first.
+Ranked = tuple[float, int]
 
 SPACE = "cosine"
 # Graph degree: face templates are hard for HNSW (non-mated pairs score 0.66-0.97, little
@@ -158,7 +161,7 @@ class IndexParams:
             raise ValueError(f"an index is split into 1 to {MAX_SHARDS} graphs, not {self.shards}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """A face of the gallery and its exact cosine similarity to the probe."""
 
@@ -356,10 +359,7 @@ class GalleryIndex:
                 return []
             wanted = min(max(k, self.params.rerank), live)
             try:
-                labels, distances = self._walk(
-                    query, wanted, side_by_side=live >= SIDE_BY_SIDE_MIN_FACES
-                )
-                scores = 1.0 - distances.astype(np.float64)  # hnswlib's cosine distance
+                ranked = self._walk(query, wanted, side_by_side=live >= SIDE_BY_SIDE_MIN_FACES)
             except RuntimeError:
                 # Deleted elements can cut the graph's reach below `wanted`: score all live faces.
                 labels = np.asarray(
@@ -367,10 +367,11 @@ class GalleryIndex:
                     dtype=np.int64,
                 )
                 scores = self._vectors(labels).astype(np.float64) @ query.astype(np.float64)
-            # Both sides are unit vectors; float32 rounding can put a self-match a hair above 1.
-            scores = np.clip(scores, -1.0, 1.0)
-            order = np.lexsort((labels, -scores))[:k]
-            return [Candidate(self._ids[int(labels[i])], float(scores[i])) for i in order]
+                # Both sides are unit vectors; float32 rounding can put a self-match above 1.
+                scores = np.clip(scores, -1.0, 1.0)
+                ranked = list(zip((-scores).tolist(), labels.tolist(), strict=True))
+            # Best score first, ties to the face added first.
+            return [Candidate(self._ids[label], -negated) for negated, label in sorted(ranked)[:k]]
 
     def verify(self, probe: FloatArray, face_id: str, model_id: str) -> float:
         """1:1: the exact cosine similarity of the probe to one enrolled face."""
@@ -479,39 +480,36 @@ class GalleryIndex:
         return matrix
 
     def _probe(self, probe: FloatArray) -> FloatArray:
-        row: FloatArray = self._templates(np.reshape(probe, (1, -1)), 1)[0]
-        return row
+        row: FloatArray = np.asarray(probe, dtype=np.float32).reshape(-1)
+        # The common case checked in one dot product (a NaN or infinity fails it too); the
+        # full checks run only to name what is wrong (a search's fixed cost is on its p50).
+        squared = float(row @ row) if row.shape == (self.dim,) else math.nan
+        if abs(math.sqrt(squared) - 1.0) <= UNIT_NORM_TOLERANCE:
+            return row
+        checked: FloatArray = self._templates(row.reshape(1, -1), 1)[0]
+        return checked
 
     def _element_count(self) -> int:
         return sum(int(graph.get_current_count()) for graph in self._graphs)
 
-    def _walk(
-        self, query: FloatArray, wanted: int, *, side_by_side: bool
-    ) -> tuple[Labels, FloatArray]:
-        """Up to ``wanted`` candidates from each graph and their cosine distances; RuntimeError
-        when deleted elements cut a graph's reach below what is asked of it."""
+    def _walk(self, query: FloatArray, wanted: int, *, side_by_side: bool) -> list[Ranked]:
+        """Up to ``wanted`` candidates from each graph, unsorted; RuntimeError when deleted
+        elements cut a graph's reach below what is asked of it."""
         asks = [(graph, min(wanted, int(graph.get_current_count()))) for graph in self._graphs]
         asks = [(graph, k) for graph, k in asks if k > 0]
-
-        def walk(graph: Any, k: int) -> tuple[Labels, FloatArray]:
-            labels, distances = graph.knn_query(query, k=k, num_threads=1)
-            return labels[0], distances[0]
-
         if not side_by_side or len(asks) < 2:
-            found = [walk(graph, k) for graph, k in asks]
-        else:
-            others: list[Future[tuple[Labels, FloatArray]]] = [
-                _walkers().submit(walk, *ask) for ask in asks[1:]
-            ]
-            try:
-                found = [walk(*asks[0])]
-            finally:
-                wait(others)  # no walk outlives the lock that keeps its graph unchanged
-            found += [future.result() for future in others]
-        return (
-            np.concatenate([labels for labels, _ in found]).astype(np.int64),
-            np.concatenate([distances for _, distances in found]),
-        )
+            return [pair for graph, k in asks for pair in _ranked(*walkers.knn(graph, query, k))]
+        (first, first_k), *rest = asks
+        others = [walkers.hand_over(graph, query, k) for graph, k in rest]
+        try:
+            # Readied while the other walks may still run: after them is the critical path.
+            found = _ranked(*walkers.knn(first, query, first_k))
+        finally:
+            for walk in others:
+                walk.wait()  # no walk outlives the lock that keeps its graph unchanged
+        for walk in others:
+            found += _ranked(*walk.result())
+        return found
 
     def _labels_by_id(self) -> dict[str, int]:
         """Face id -> hnswlib label; built lazily so that opening an index stays fast."""
@@ -679,19 +677,16 @@ def _load_graphs(header: dict[str, Any], section: memoryview, dim: int) -> list[
     return graphs
 
 
-_walker_pool: ThreadPoolExecutor | None = None
-_walker_pool_lock = threading.Lock()
+def _ranked(labels: Labels, distances: FloatArray) -> list[Ranked]:
+    """hnswlib's candidates as (negated cosine score, label) pairs, which sort best first.
 
-
-def _walkers() -> ThreadPoolExecutor:
-    """The threads that walk the other graphs of large indexes, shared by every index."""
-    global _walker_pool
-    with _walker_pool_lock:
-        if _walker_pool is None:
-            _walker_pool = ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 1, thread_name_prefix="index-walk"
-            )
-        return _walker_pool
+    Both sides are unit vectors, so float32 rounding can take a self-match's distance a hair
+    below 0: clipped, as the exact path clips its scores. Plain Python on a few dozen
+    candidates: numpy's per-call costs were most of a search's own overhead."""
+    return [
+        (min(max(distance, 0.0), 2.0) - 1.0, label)
+        for distance, label in zip(distances.tolist(), labels.tolist(), strict=True)
+    ]
 
 
 def _hnsw_from_file_bytes(graph: memoryview | bytes, dim: int) -> Any:
