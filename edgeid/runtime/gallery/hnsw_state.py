@@ -53,10 +53,18 @@ def extent(lengths: list[int]) -> int:
     """Bytes that arrays of these lengths take when laid out from an aligned offset."""
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
         raise StateError("the array lengths are malformed")
-    offset = 0
+    return _placed(lengths)[1]
+
+
+def _placed(lengths: list[int]) -> tuple[list[int], int]:
+    """Where arrays of these lengths begin when laid out from an aligned offset (each padded
+    to the next multiple of ``ALIGNMENT``), and where the last one ends."""
+    starts: list[int] = []
+    end = 0
     for length in lengths:
-        offset = aligned(offset) + length
-    return offset
+        starts.append(aligned(end))
+        end = starts[-1] + length
+    return starts, end
 
 
 def export(hnsw: Any) -> tuple[dict[str, Any], list[npt.NDArray[Any]]]:
@@ -104,18 +112,16 @@ def restore(
 def _views(lengths: list[int], section: memoryview) -> dict[str, npt.NDArray[Any]]:
     if len(lengths) != len(ARRAYS) or not all(isinstance(n, int) and n >= 0 for n in lengths):
         raise StateError("the array lengths are malformed")
+    starts, end = _placed(lengths)
     arrays: dict[str, npt.NDArray[Any]] = {}
-    offset = 0
-    for (name, dtype), length in zip(ARRAYS, lengths, strict=True):
-        offset = aligned(offset)
+    for (name, dtype), length, start in zip(ARRAYS, lengths, starts, strict=True):
         size = np.dtype(dtype).itemsize
-        if length % size or offset + length > len(section):
+        if length % size or start + length > len(section):
             raise StateError(f"{name} runs past the index or splits an element")
-        array = np.frombuffer(section, dtype=dtype, count=length // size, offset=offset)
+        array = np.frombuffer(section, dtype=dtype, count=length // size, offset=start)
         # A plaintext buffer that is not itself 8-aligned: copy the (small) wide arrays.
         arrays[name] = array if array.flags.aligned else array.copy()
-        offset += length
-    if offset != len(section):
+    if end != len(section):
         raise StateError("bytes follow the last array")
     return arrays
 

@@ -186,7 +186,10 @@ class GalleryIndex:
         params: IndexParams | None = None,
         *,
         capacity: int = MIN_CAPACITY,
+        graphs: list[Any] | None = None,
     ) -> None:
+        """``graphs``: hnswlib graphs already holding faces (an opened index), else empty
+        ones with room for ``capacity`` faces."""
         if not model_id or dim < 1:
             raise ValueError("an index needs a model id and a dimension")
         self.model_id = model_id
@@ -198,7 +201,11 @@ class GalleryIndex:
         self._ids: list[str] = []
         self._label_of: dict[str, int] | None = {}  # built on first use after a load
         self._deleted: set[int] = set()
-        self._graphs = self._new_graphs(capacity)
+        if graphs is None:
+            graphs = self._new_graphs(capacity)
+        else:
+            self._set_beam(graphs)
+        self._graphs = graphs
 
     # -- building ------------------------------------------------------------------------
 
@@ -244,11 +251,7 @@ class GalleryIndex:
     ) -> None:
         """Rows of ``matrix`` into the graphs of their labels; labels below ``first_new`` are
         deleted ones added again (they take their old slot back, hnswlib replaces the vector)."""
-        shard_of = labels % len(graphs)
-        for shard, graph in enumerate(graphs):
-            rows = np.flatnonzero(shard_of == shard)
-            if not len(rows):
-                continue
+        for graph, rows in _rows_by_graph(labels, graphs):
             fresh = int(np.count_nonzero(labels[rows] >= first_new))
             needed = int(graph.get_current_count()) + fresh
             capacity = int(graph.get_max_elements())
@@ -446,9 +449,7 @@ class GalleryIndex:
         chosen = replace(
             params or IndexParams(), m=header["m"], ef_construction=header["ef_construction"]
         )
-        index = cls(model_id, dim, chosen)
-        index._graphs = _load_graphs(header, graph, dim)
-        index._set_beam(index._graphs)
+        index = cls(model_id, dim, chosen, graphs=_load_graphs(header, graph, dim))
         if index._element_count() != header["elements"]:
             raise IndexDamagedError("index element count does not match its header")
         index._ids = face_ids
@@ -527,11 +528,8 @@ class GalleryIndex:
         if not len(labels):
             return np.zeros((0, self.dim), dtype=np.float32)
         out = np.empty((len(labels), self.dim), dtype=np.float32)
-        shard_of = labels % len(self._graphs)
-        for shard, graph in enumerate(self._graphs):
-            rows = np.flatnonzero(shard_of == shard)
-            if len(rows):
-                out[rows] = graph.get_items(labels[rows])
+        for graph, rows in _rows_by_graph(labels, self._graphs):
+            out[rows] = graph.get_items(labels[rows])
         return out
 
 
@@ -675,6 +673,16 @@ def _load_graphs(header: dict[str, Any], section: memoryview, dim: int) -> list[
     except hnsw_state.StateError as exc:
         raise IndexDamagedError(f"index graph is inconsistent: {exc}") from exc
     return graphs
+
+
+def _rows_by_graph(labels: Labels, graphs: list[Any]) -> Iterator[tuple[Any, Labels]]:
+    """Each graph holding some of ``labels`` (label L lives in graph L mod the graph count)
+    with the positions in ``labels`` of the faces it holds."""
+    graph_of = labels % len(graphs)
+    for number, graph in enumerate(graphs):
+        rows = np.flatnonzero(graph_of == number)
+        if len(rows):
+            yield graph, rows
 
 
 def _ranked(labels: Labels, distances: FloatArray) -> list[Ranked]:
