@@ -5,16 +5,22 @@ every template lies in one 80-dimensional subspace. This script prints that matr
 values and the variance the LFW-fitted synthetic templates keep in their leading principal
 axes, then builds, over the same N templates (the search bench's generator, seed 0):
 
-- ``base``: the product's index as hnswlib builds it (128-d cosine, M=32, ef_construction 200);
+- ``base``: graphs as the product builds them (128-d cosine, M=32, ``--ef-construction``,
+  the product's 400 unless given; the first runs used 200);
 - ``pcaD`` for each D in ``--axes``: hnswlib over the templates' first D principal
   coordinates (Euclidean: on unit templates it ranks as cosine does), asking for R candidates
   and re-scoring them exactly on the full templates.
+
+Each layout is split over ``--shards`` graphs (face i in graph i mod shards; the product's
+default is 2), the first walked on the calling thread and the others handed to the product's
+walker threads, their candidates re-scored together.
 
 For each ef in ``--ef`` (and R in ``--rerank`` for the projected graphs) it measures recall@10
 against exact search on 1,000 probes and single-probe p50/p99 over 2,000, one after another in
 this process, and exact search's p50 (numpy float32, all cores) as the baseline.
 
     python -m benchmarks.projection_ab --size 1000000 --axes 48,64,80 --ef 250,350,450
+    python -m benchmarks.projection_ab --size 1000000 --shards 2 --axes 64 --ef 200,250,300
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from onnx import numpy_helper
 
 from benchmarks.graph_ab import Bench, Floats, Labels, Search, emit
 from benchmarks.search_bench import K
+from edgeid.runtime.gallery import walkers
 from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 FIT_SAMPLE = 50_000
+Graphs = list[hnswlib.Index]
 
 
 def last_layer_spectrum(models: Path) -> list[float]:
@@ -47,30 +55,39 @@ def last_layer_spectrum(models: Path) -> list[float]:
     return [float(v) for v in values / values[0]]
 
 
-def built(graph: hnswlib.Index, rows: Floats, name: str) -> hnswlib.Index:
-    graph.init_index(
-        len(rows), M=DEFAULT_M, ef_construction=DEFAULT_EF_CONSTRUCTION, random_seed=RANDOM_SEED
-    )
+def built(space: str, rows: Floats, name: str, shards: int, ef_construction: int) -> Graphs:
+    """``shards`` graphs over ``rows`` (row i, labelled i, in graph i mod ``shards``)."""
     started = time.perf_counter()
-    graph.add_items(rows, np.arange(len(rows)), num_threads=-1)
-    emit({"graph": name, "build_s": round(time.perf_counter() - started, 1)})
-    return graph
+    graphs = []
+    for shard in range(shards):
+        labels = np.arange(shard, len(rows), shards)
+        graph = hnswlib.Index(space=space, dim=rows.shape[1])
+        graph.init_index(
+            len(labels), M=DEFAULT_M, ef_construction=ef_construction, random_seed=RANDOM_SEED
+        )
+        graph.add_items(rows[labels], labels, num_threads=-1)
+        graphs.append(graph)
+    emit({"graph": name, "shards": shards, "build_s": round(time.perf_counter() - started, 1)})
+    return graphs
 
 
 def graph_search(
     bench: Bench,
-    graph: hnswlib.Index,
+    graphs: Graphs,
     *,
     rerank: int = K,
     project: Callable[[Floats], Floats] | None = None,
 ) -> Search:
-    """``rerank`` candidates from ``graph`` (walked on the projected probe), re-scored exactly
-    on the full templates."""
+    """``rerank`` candidates from each graph (walked on the projected probe; the other graphs
+    handed to the product's walker threads), re-scored exactly on the full templates."""
+    first, *others = graphs
+    wanted = max(K, rerank)
 
     def search(probe: Floats) -> Labels:
         query = probe if project is None else project(probe)
-        found = graph.knn_query(query, k=max(K, rerank), num_threads=1)
-        return bench.rescored(found[0][0].astype(np.int64), probe)
+        walks = [walkers.hand_over(graph, query, wanted) for graph in others]
+        found = [walkers.knn(first, query, wanted)[0], *(w.result()[0] for w in walks)]
+        return bench.rescored(np.concatenate(found).astype(np.int64), probe)
 
     return search
 
@@ -82,7 +99,12 @@ def main() -> int:
     parser.add_argument("--ef", default="250,350,450")
     parser.add_argument("--rerank", default="10,40", help="candidates re-scored (projected)")
     parser.add_argument("--models", type=Path, default=None)
+    parser.add_argument(
+        "--shards", type=int, default=1, help="graphs per layout, walked side by side"
+    )
+    parser.add_argument("--ef-construction", type=int, default=DEFAULT_EF_CONSTRUCTION)
     args = parser.parse_args()
+    graph_options = {"shards": args.shards, "ef_construction": args.ef_construction}
     models = args.models or Path(os.environ.get("EDGEID_HOME", "var")) / "models"
     efs = [int(v) for v in args.ef.split(",")]
     reranks = [int(v) for v in args.rerank.split(",")]
@@ -104,27 +126,29 @@ def main() -> int:
     )
     emit({"exact_p50_ms": bench.exact_p50_ms()})
 
-    base = built(hnswlib.Index(space="cosine", dim=gallery.shape[1]), gallery, "base")
+    base = built("cosine", gallery, "base", **graph_options)
 
     for ef in efs:
-        base.set_ef(ef)
+        for graph in base:
+            graph.set_ef(ef)
         emit({"graph": "base", "ef": ef, "rerank": K, **bench.measure(graph_search(bench, base))})
 
     for axes in [int(v) for v in args.axes.split(",")]:
         basis = vectors[:, order[:axes]].astype(np.float32)
         centre = mean.astype(np.float32)
-        graph = built(hnswlib.Index(space="l2", dim=axes), (gallery - centre) @ basis, f"pca{axes}")
+        graphs = built("l2", (gallery - centre) @ basis, f"pca{axes}", **graph_options)
 
         def project(probe: Floats, basis: Floats = basis, centre: Floats = centre) -> Floats:
             return np.asarray((probe - centre) @ basis, dtype=np.float32)
 
         for ef in efs:
             for rerank in reranks:
-                graph.set_ef(max(ef, rerank))
-                search = graph_search(bench, graph, rerank=rerank, project=project)
+                for graph in graphs:
+                    graph.set_ef(max(ef, rerank))
+                search = graph_search(bench, graphs, rerank=rerank, project=project)
                 figures = bench.measure(search)
                 emit({"graph": f"pca{axes}", "ef": ef, "rerank": rerank, **figures})
-        del graph
+        del graphs
     return 0
 
 
