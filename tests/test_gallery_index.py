@@ -668,11 +668,16 @@ def test_faces_are_split_over_the_graphs_and_walked_side_by_side_with_the_same_r
         assert [c.face_id for c in found] == _exact_ids(gallery, probe, 10)
         assert found[0].score == pytest.approx(float(gallery[int(found[0].face_id, 16)] @ probe))
     # A graph whose live faces fall below what is asked: every live face is scored instead.
-    small = GalleryIndex.build(EMBEDDER_MODEL, ids(30), gallery[:30], SMALL)
-    small.delete([ids(30)[row] for row in range(0, 12, 2)], compact_when_due=False)
-    alive = [row for row in range(30) if row >= 12 or row % 2]
-    found = [c.face_id for c in small.search(probes[0], EMBEDDER_MODEL, k=20)]
-    assert found == _exact_ids(gallery[alive], probes[0], 20, [ids(30)[row] for row in alive])
+    # Walked side by side too, the short graph being the caller's (even labels) or the
+    # walker thread's (odd ones): the walker's RuntimeError must reach the search.
+    for side_by_side_from, short_graph in [(len(gallery), 0), (1, 0), (1, 1)]:
+        monkeypatch.setattr(index_module, "SIDE_BY_SIDE_MIN_FACES", side_by_side_from)
+        small = GalleryIndex.build(EMBEDDER_MODEL, ids(30), gallery[:30], SMALL)
+        gone = list(range(short_graph, 12, 2))
+        small.delete([ids(30)[row] for row in gone], compact_when_due=False)
+        alive = [row for row in range(30) if row not in gone]
+        found = [c.face_id for c in small.search(probes[0], EMBEDDER_MODEL, k=20)]
+        assert found == _exact_ids(gallery[alive], probes[0], 20, [ids(30)[row] for row in alive])
 
 
 def test_an_index_of_one_graph_opens_with_a_wider_beam_and_is_split_at_compaction(
