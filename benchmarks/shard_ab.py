@@ -7,8 +7,8 @@ narrower beam finds its share of the top 10; the merged top 10 is re-scored exac
 as the product's index does.
 
 Over the same N templates (the search bench's generator, seed 0, the same probes), for every
-combination of ``--shards`` and ``--ef-construction`` this builds the graphs (face i in shard
-i mod S, M=32, every core) and, for each ef in ``--ef``, measures recall@10 against exact search
+combination of ``--m``, ``--ef-construction`` and ``--shards`` this builds the graphs (face i
+in shard i mod S, every core) and, for each ef in ``--ef``, measures recall@10 against exact search
 on 1,000 probes and single-probe p50/p99 over 2,000 (shard 0 on the calling thread, the others
 on a persistent pool), one configuration after another in this process, with exact search's
 p50 (numpy float32, all cores) as the baseline. One JSON line per figure. ``--one-thread-too``
@@ -16,11 +16,13 @@ also walks the shards one after another on the calling thread, as the product do
 ``SIDE_BY_SIDE_MIN_FACES``.
 
     python -m benchmarks.shard_ab --size 1000000 --shards 1,2 --ef 200,250,300,350,450
+    python -m benchmarks.shard_ab --size 1000000 --shards 2 --m 16,32 --ef 250,300,400,500
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +36,15 @@ from benchmarks.search_bench import K
 from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
 
 
-def build_shards(gallery: Floats, shards: int, ef_construction: int) -> list[hnswlib.Index]:
+def build_shards(
+    gallery: Floats, shards: int, ef_construction: int, m: int = DEFAULT_M
+) -> list[hnswlib.Index]:
     """Face i in shard i mod ``shards``, labelled by its row."""
     graphs = []
     for shard in range(shards):
         rows = np.arange(shard, len(gallery), shards, dtype=np.int64)
         graph = hnswlib.Index(space="cosine", dim=gallery.shape[1])
-        graph.init_index(
-            len(rows), M=DEFAULT_M, ef_construction=ef_construction, random_seed=RANDOM_SEED
-        )
+        graph.init_index(len(rows), M=m, ef_construction=ef_construction, random_seed=RANDOM_SEED)
         graph.add_items(gallery[rows], rows, num_threads=-1)
         graphs.append(graph)
     return graphs
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--shards", default="1,2", help="shard counts, comma-separated")
     parser.add_argument("--ef", default="250,350,450")
     parser.add_argument("--ef-construction", default=str(DEFAULT_EF_CONSTRUCTION))
+    parser.add_argument("--m", default=str(DEFAULT_M), help="hnswlib M values, comma-separated")
     parser.add_argument("--models", type=Path, default=None)
     parser.add_argument(
         "--one-thread-too",
@@ -83,30 +86,34 @@ def main() -> int:
     shard_counts = [int(v) for v in args.shards.split(",")]
     emit({"size": args.size, "exact_p50_ms": bench.exact_p50_ms()})
     with ThreadPoolExecutor(max(shard_counts)) as pool:
-        for ef_construction in [int(v) for v in args.ef_construction.split(",")]:
-            for shards in shard_counts:
-                started = time.perf_counter()
-                graphs = build_shards(bench.gallery, shards, ef_construction)
-                build_s = round(time.perf_counter() - started, 1)
-                walks: dict[str, ThreadPoolExecutor | None] = {"side_by_side": pool}
-                if args.one_thread_too and shards > 1:
-                    walks["one_thread"] = None
-                for ef in [int(v) for v in args.ef.split(",")]:
-                    for graph in graphs:
-                        graph.set_ef(ef)
-                    for walk, walkers in walks.items():
-                        figures = bench.measure(searcher(bench, graphs, walkers))
-                        emit(
-                            {
-                                "shards": shards,
-                                "walk": walk if shards > 1 else "one_thread",
-                                "ef_construction": ef_construction,
-                                "ef": ef,
-                                "build_s": build_s,
-                                **figures,
-                            }
-                        )
-                del graphs
+        for m, ef_construction, shards in itertools.product(
+            [int(v) for v in args.m.split(",")],
+            [int(v) for v in args.ef_construction.split(",")],
+            shard_counts,
+        ):
+            started = time.perf_counter()
+            graphs = build_shards(bench.gallery, shards, ef_construction, m)
+            build_s = round(time.perf_counter() - started, 1)
+            walks: dict[str, ThreadPoolExecutor | None] = {"side_by_side": pool}
+            if args.one_thread_too and shards > 1:
+                walks["one_thread"] = None
+            for ef in [int(v) for v in args.ef.split(",")]:
+                for graph in graphs:
+                    graph.set_ef(ef)
+                for walk, walkers in walks.items():
+                    figures = bench.measure(searcher(bench, graphs, walkers))
+                    emit(
+                        {
+                            "shards": shards,
+                            "walk": walk if shards > 1 else "one_thread",
+                            "m": m,
+                            "ef_construction": ef_construction,
+                            "ef": ef,
+                            "build_s": build_s,
+                            **figures,
+                        }
+                    )
+            del graphs
     emit({"exact_p50_ms_after": bench.exact_p50_ms()})
     return 0
 
