@@ -3,8 +3,8 @@
 hnswlib's ``knn_query`` releases the GIL, so a walk handed to another thread runs on another
 core. The hand-over is on the search's critical path twice (the walker waking up, then the
 searcher waking when it is done), so it is kept to C-level primitives: a ``SimpleQueue`` and
-one plain lock per walk, not a ``concurrent.futures.Future`` (whose ``Condition`` costs about
-twice the round trip here: ``python -m benchmarks.search_overhead``).
+one plain lock per walk, not a ``concurrent.futures.Future`` and its Python-level
+``Condition`` (``python -m benchmarks.search_overhead`` times both hand-overs).
 
 The threads are shared by every index of the process and started on first use, one per core.
 """
