@@ -1,5 +1,6 @@
-"""What the search A/B benchmarks share: one set of templates, probes and exact answers, and
-one way to measure a search function against them (``projection_ab``, ``shard_ab``).
+"""What the search A/B benchmarks share: one set of templates, probes and exact answers, one
+way to split them over graphs, and one way to measure a search function against them
+(``projection_ab``, ``shard_ab``).
 
 Templates and probes come from the search bench's generator (seed 0); recall@10 is measured
 against exact search on 1,000 probes and single-probe p50/p99 over 2,000, after 50 untimed
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import hnswlib
 import numpy as np
 import numpy.typing as npt
 
@@ -28,6 +30,7 @@ from benchmarks.search_bench import (
     exact_top,
     template_model,
 )
+from edgeid.runtime.gallery.index import DEFAULT_M, RANDOM_SEED
 
 Floats = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
@@ -84,6 +87,21 @@ class Bench:
             "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 3),
             "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 3),
         }
+
+
+def build_shards(
+    rows: Floats, shards: int, ef_construction: int, m: int = DEFAULT_M, space: str = "cosine"
+) -> list[hnswlib.Index]:
+    """``shards`` graphs over ``rows``, as the product splits them: row i, labelled i, in graph
+    i mod ``shards`` (built on every core)."""
+    graphs = []
+    for shard in range(shards):
+        labels = np.arange(shard, len(rows), shards, dtype=np.int64)
+        graph = hnswlib.Index(space=space, dim=rows.shape[1])
+        graph.init_index(len(labels), M=m, ef_construction=ef_construction, random_seed=RANDOM_SEED)
+        graph.add_items(rows[labels], labels, num_threads=-1)
+        graphs.append(graph)
+    return graphs
 
 
 def emit(record: dict[str, object]) -> None:

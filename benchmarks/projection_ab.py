@@ -37,10 +37,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from benchmarks.graph_ab import Bench, Floats, Labels, Search, emit
+from benchmarks.graph_ab import Bench, Floats, Labels, Search, build_shards, emit
 from benchmarks.search_bench import K
 from edgeid.runtime.gallery import walkers
-from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
+from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION
 from edgeid.runtime.inference.pipeline import EMBEDDER_MODEL
 
 FIT_SAMPLE = 50_000
@@ -56,17 +56,9 @@ def last_layer_spectrum(models: Path) -> list[float]:
 
 
 def built(space: str, rows: Floats, name: str, shards: int, ef_construction: int) -> Graphs:
-    """``shards`` graphs over ``rows`` (row i, labelled i, in graph i mod ``shards``)."""
+    """``shards`` graphs over ``rows`` (``graph_ab.build_shards``), their build time printed."""
     started = time.perf_counter()
-    graphs = []
-    for shard in range(shards):
-        labels = np.arange(shard, len(rows), shards)
-        graph = hnswlib.Index(space=space, dim=rows.shape[1])
-        graph.init_index(
-            len(labels), M=DEFAULT_M, ef_construction=ef_construction, random_seed=RANDOM_SEED
-        )
-        graph.add_items(rows[labels], labels, num_threads=-1)
-        graphs.append(graph)
+    graphs = build_shards(rows, shards, ef_construction, space=space)
     emit({"graph": name, "shards": shards, "build_s": round(time.perf_counter() - started, 1)})
     return graphs
 

@@ -31,23 +31,9 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from benchmarks.graph_ab import Bench, Floats, Labels, Search, emit
+from benchmarks.graph_ab import Bench, Floats, Labels, Search, build_shards, emit
 from benchmarks.search_bench import K
-from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, RANDOM_SEED
-
-
-def build_shards(
-    gallery: Floats, shards: int, ef_construction: int, m: int = DEFAULT_M
-) -> list[hnswlib.Index]:
-    """Face i in shard i mod ``shards``, labelled by its row."""
-    graphs = []
-    for shard in range(shards):
-        rows = np.arange(shard, len(gallery), shards, dtype=np.int64)
-        graph = hnswlib.Index(space="cosine", dim=gallery.shape[1])
-        graph.init_index(len(rows), M=m, ef_construction=ef_construction, random_seed=RANDOM_SEED)
-        graph.add_items(gallery[rows], rows, num_threads=-1)
-        graphs.append(graph)
-    return graphs
+from edgeid.runtime.gallery.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
 
 def searcher(bench: Bench, graphs: list[hnswlib.Index], pool: ThreadPoolExecutor | None) -> Search:
